@@ -1,0 +1,2 @@
+//! fleet-nri: the per-node daemon.
+pub mod nri;

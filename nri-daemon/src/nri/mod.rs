@@ -1,0 +1,2 @@
+//! NRI: the ttrpc plugin transport towards containerd / CRI-O.
+pub mod handler;

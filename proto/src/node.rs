@@ -1,0 +1,317 @@
+//! The node API: `fleet-cni`, `fleetctl` and the cluster controller talk to `fleet-nri` over a
+//! local unix socket (default [`DEFAULT_SOCKET`]).
+//!
+//! One connection carries one request: the client writes one JSON object and a newline, the
+//! daemon answers with one JSON object and a newline, then closes. A reply is either
+//! `{"ok": <result>}` or `{"error": {"code": N, "msg": "...", "details": "..."}}`; the codes are
+//! the CNI spec's error codes (see [`code`]) so `fleet-cni` can pass them through unchanged.
+//! `docs/node-api.md` documents every request with examples.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where `fleet-nri` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/fleetboard/node.sock";
+
+/// Error codes carried in [`NodeError::code`]. 1–99 are the CNI spec's, 100+ are ours.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const CONTAINER_UNKNOWN: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// The node's fleet subnet has no free address.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// Creating or configuring the pod's link failed; nothing was left behind.
+    pub const ATTACH_FAILED: u32 = 101;
+    /// CHECK found the pod's interface, address or routes not as allocated.
+    pub const CHECK_FAILED: u32 = 102;
+}
+
+/// Identity of one attachment as the runtime sees it: the CNI triple minus the network name,
+/// which is carried beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttachmentKey {
+    /// CNI_CONTAINERID; for containerd this is the pod sandbox id.
+    pub container_id: String,
+    /// CNI_IFNAME given to the chain (usually `eth0`), not the name of our interface.
+    pub ifname: String,
+}
+
+/// Pod identity and metadata. CNI supplies namespace/name/uid (from `CNI_ARGS`); NRI adds
+/// labels and annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Who created an attachment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `fleet-cni` ADD.
+    Cni,
+    /// `fleet-nri` repairing a pod that existed before it started (NRI Synchronize).
+    NriRepair,
+}
+
+/// One pod attachment on this node: what `ListAttachments` returns and what the daemon
+/// persists per allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub key: AttachmentKey,
+    /// Network name from the CNI config (`name`); NRI repairs use the daemon's network name.
+    pub network: String,
+    /// Path of the pod's network namespace.
+    pub netns: String,
+    /// Name of the interface inside the pod (`eth-fleet`).
+    pub interface: String,
+    /// MAC of the pod-side interface, `aa:bb:..`; empty until the link exists.
+    #[serde(default)]
+    pub mac: String,
+    /// The pod's fleet address.
+    pub address: Ipv4Addr,
+    /// Prefix length of the node subnet the address belongs to.
+    pub prefix_len: u8,
+    /// Name of the node-side veth end in the CNF netns.
+    pub host_veth: String,
+    pub pod: PodMeta,
+    pub origin: Origin,
+    /// Seconds since the Unix epoch when the address was reserved.
+    pub created_unix: u64,
+}
+
+/// A route installed inside the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRoute {
+    /// Destination CIDR, e.g. `100.96.0.0/12`.
+    pub dst: String,
+    pub gw: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub key: AttachmentKey,
+    pub network: String,
+    /// Path of the pod's network namespace (CNI_NETNS).
+    pub netns: String,
+    #[serde(default)]
+    pub pod: PodMeta,
+}
+
+/// What ADD produced, in the terms a CNI result needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachResult {
+    pub interface: String,
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub routes: Vec<PodRoute>,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachRequest {
+    pub key: AttachmentKey,
+    pub network: String,
+    /// May be empty: DEL must succeed without a netns.
+    #[serde(default)]
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest {
+    pub key: AttachmentKey,
+    pub network: String,
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRequest {
+    pub network: String,
+    /// `cni.dev/valid-attachments`: everything of this network not listed here is released.
+    pub valid: Vec<AttachmentKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResult {
+    pub released: Vec<AttachmentKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub ready: bool,
+    pub node_subnet: String,
+    pub fleet_cidr: String,
+    pub vip_range: String,
+    pub allocated: usize,
+    pub capacity: usize,
+}
+
+/// A request on the node socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+pub enum NodeRequest {
+    Attach(AttachRequest),
+    Detach(DetachRequest),
+    Check(CheckRequest),
+    Gc(GcRequest),
+    Status,
+    ListAttachments,
+}
+
+/// An error answered by the daemon, or produced by the client when the daemon can't be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{msg}: {details}")]
+pub struct NodeError {
+    pub code: u32,
+    pub msg: String,
+    #[serde(default)]
+    pub details: String,
+}
+
+impl NodeError {
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        NodeError { code, msg: msg.into(), details: details.into() }
+    }
+}
+
+/// A reply on the node socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeReply<T> {
+    Ok(T),
+    Error(NodeError),
+}
+
+/// Blocking client of the node API; small enough for a CNI plugin that lives a few ms.
+#[derive(Debug, Clone)]
+pub struct NodeClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl NodeClient {
+    pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
+        NodeClient { socket: socket.into(), timeout }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn attach(&self, req: AttachRequest) -> Result<AttachResult, NodeError> {
+        self.call(&NodeRequest::Attach(req))
+    }
+
+    pub fn detach(&self, req: DetachRequest) -> Result<(), NodeError> {
+        self.call(&NodeRequest::Detach(req))
+    }
+
+    pub fn check(&self, req: CheckRequest) -> Result<(), NodeError> {
+        self.call(&NodeRequest::Check(req))
+    }
+
+    pub fn gc(&self, req: GcRequest) -> Result<GcResult, NodeError> {
+        self.call(&NodeRequest::Gc(req))
+    }
+
+    pub fn status(&self) -> Result<StatusResult, NodeError> {
+        self.call(&NodeRequest::Status)
+    }
+
+    pub fn list_attachments(&self) -> Result<Vec<Attachment>, NodeError> {
+        self.call(&NodeRequest::ListAttachments)
+    }
+
+    /// Sends one request and reads its reply. A daemon that cannot be reached is
+    /// `TRY_AGAIN_LATER`: the runtime retries the pod, nothing was allocated.
+    pub fn call<T: for<'de> Deserialize<'de>>(&self, req: &NodeRequest) -> Result<T, NodeError> {
+        let unreachable = |e: std::io::Error| {
+            NodeError::new(
+                code::TRY_AGAIN_LATER,
+                "fleet-nri is not reachable; is the fleet-nri DaemonSet running on this node?",
+                format!("{}: {e}", self.socket.display()),
+            )
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        let mut line = serde_json::to_vec(req).expect("node requests always serialize");
+        line.push(b'\n');
+        stream.write_all(&line).map_err(unreachable)?;
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply).map_err(|e| {
+            NodeError::new(
+                code::TRY_AGAIN_LATER,
+                "fleet-nri did not answer in time",
+                format!("{}: {e}", self.socket.display()),
+            )
+        })?;
+        if reply.is_empty() {
+            return Err(NodeError::new(
+                code::TRY_AGAIN_LATER,
+                "fleet-nri closed the connection without an answer",
+                self.socket.display().to_string(),
+            ));
+        }
+        match serde_json::from_str::<NodeReply<T>>(&reply) {
+            Ok(NodeReply::Ok(v)) => Ok(v),
+            Ok(NodeReply::Error(e)) => Err(e),
+            Err(e) => Err(NodeError::new(
+                code::DECODE_FAILURE,
+                "fleet-nri sent a reply this client cannot decode (version skew?)",
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_shape_is_tagged() {
+        let req = NodeRequest::Detach(DetachRequest {
+            key: AttachmentKey { container_id: "abc".into(), ifname: "eth0".into() },
+            network: "fleet".into(),
+            netns: String::new(),
+        });
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(v["op"], "detach");
+        assert_eq!(v["args"]["key"]["container_id"], "abc");
+        let back: NodeRequest = serde_json::from_value(v).unwrap();
+        assert_eq!(back, req);
+        let status: NodeRequest = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
+        assert_eq!(status, NodeRequest::Status);
+    }
+
+    #[test]
+    fn unreachable_daemon_is_try_again_later() {
+        let dir = std::env::temp_dir().join(format!("fleet-proto-test-{}", std::process::id()));
+        let client = NodeClient::new(dir.join("missing.sock"), Duration::from_millis(200));
+        let err = client.status().unwrap_err();
+        assert_eq!(err.code, code::TRY_AGAIN_LATER);
+        assert!(err.details.contains("missing.sock"));
+    }
+}
