@@ -165,6 +165,10 @@ pub struct StatusResult {
     pub vip_range: String,
     pub allocated: usize,
     pub capacity: usize,
+    /// Whether the NRI plugin is currently registered with the runtime.
+    pub nri_registered: bool,
+    /// How many times the plugin has registered since the daemon started (reconnects + 1).
+    pub nri_registrations: u64,
 }
 
 /// A request on the node socket.
