@@ -1,1 +1,7 @@
-//! fleetboard core.
+//! fleetboard's core: the node's network plan, node IPAM, and the netns/netlink datapath that
+//! every daemon shares. Wire formats live in `fleet-proto`; this crate holds the model.
+
+pub mod config;
+pub mod datapath;
+pub mod ipam;
+pub mod netns;
