@@ -22,12 +22,22 @@ pub const POD_INTERFACE: &str = "eth-fleet";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("node subnet {subnet} is not inside the fleet CIDR {fleet}; give the node a block of the fleet CIDR")]
-    SubnetOutsideFleet { subnet: Ipv4Network, fleet: Ipv4Network },
-    #[error("node subnet {0} is too small: it needs a gateway and at least one pod address (/30 or larger)")]
+    #[error(
+        "node subnet {subnet} is not inside the fleet CIDR {fleet}; give the node a block of the fleet CIDR"
+    )]
+    SubnetOutsideFleet {
+        subnet: Ipv4Network,
+        fleet: Ipv4Network,
+    },
+    #[error(
+        "node subnet {0} is too small: it needs a gateway and at least one pod address (/30 or larger)"
+    )]
     SubnetTooSmall(Ipv4Network),
     #[error("VIP range {vip} overlaps the fleet CIDR {fleet}; pick a VIP range outside it")]
-    VipOverlapsFleet { vip: Ipv4Network, fleet: Ipv4Network },
+    VipOverlapsFleet {
+        vip: Ipv4Network,
+        fleet: Ipv4Network,
+    },
 }
 
 /// Address plan handed to a node (later by the cluster controller).
@@ -46,20 +56,27 @@ impl NodePlan {
     ) -> Result<Self, PlanError> {
         let node_subnet = Ipv4Network::new(node_subnet.network(), node_subnet.prefix())
             .expect("prefix came from a valid network");
-        if !fleet_cidr.contains(node_subnet.network())
-            || node_subnet.prefix() < fleet_cidr.prefix()
+        if !fleet_cidr.contains(node_subnet.network()) || node_subnet.prefix() < fleet_cidr.prefix()
         {
-            return Err(PlanError::SubnetOutsideFleet { subnet: node_subnet, fleet: fleet_cidr });
+            return Err(PlanError::SubnetOutsideFleet {
+                subnet: node_subnet,
+                fleet: fleet_cidr,
+            });
         }
         if node_subnet.prefix() > 30 {
             return Err(PlanError::SubnetTooSmall(node_subnet));
         }
-        if vip_range.contains(fleet_cidr.network())
-            || fleet_cidr.contains(vip_range.network())
-        {
-            return Err(PlanError::VipOverlapsFleet { vip: vip_range, fleet: fleet_cidr });
+        if vip_range.contains(fleet_cidr.network()) || fleet_cidr.contains(vip_range.network()) {
+            return Err(PlanError::VipOverlapsFleet {
+                vip: vip_range,
+                fleet: fleet_cidr,
+            });
         }
-        Ok(NodePlan { fleet_cidr, vip_range, node_subnet })
+        Ok(NodePlan {
+            fleet_cidr,
+            vip_range,
+            node_subnet,
+        })
     }
 
     /// The node's gateway on the CNF bridge: the subnet's first host address.
@@ -70,7 +87,10 @@ impl NodePlan {
     /// Addresses pods may get: every host address but the gateway.
     pub fn pod_range(&self) -> (Ipv4Addr, Ipv4Addr) {
         let size = 1u32 << (32 - self.node_subnet.prefix());
-        (nth_host(self.node_subnet, 2), nth_host(self.node_subnet, size - 2))
+        (
+            nth_host(self.node_subnet, 2),
+            nth_host(self.node_subnet, size - 2),
+        )
     }
 
     pub fn pod_capacity(&self) -> usize {
@@ -117,10 +137,17 @@ mod tests {
 
     #[test]
     fn plan_derives_gateway_and_range() {
-        let p = NodePlan::new(net(DEFAULT_FLEET_CIDR), net(DEFAULT_VIP_RANGE), net("100.96.3.0/24"))
-            .unwrap();
+        let p = NodePlan::new(
+            net(DEFAULT_FLEET_CIDR),
+            net(DEFAULT_VIP_RANGE),
+            net("100.96.3.0/24"),
+        )
+        .unwrap();
         assert_eq!(p.gateway(), Ipv4Addr::new(100, 96, 3, 1));
-        assert_eq!(p.pod_range(), (Ipv4Addr::new(100, 96, 3, 2), Ipv4Addr::new(100, 96, 3, 254)));
+        assert_eq!(
+            p.pod_range(),
+            (Ipv4Addr::new(100, 96, 3, 2), Ipv4Addr::new(100, 96, 3, 254))
+        );
         assert_eq!(p.pod_capacity(), 253);
     }
 

@@ -24,9 +24,12 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::config::{NodeLocal, NodePlan, POD_INTERFACE};
+use crate::ipam::is_host_veth_name;
 use crate::netns::{self, NetnsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +37,17 @@ pub enum DatapathError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("{what}: {source}")]
-    Netlink { what: String, source: rtnetlink::Error },
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
     #[error("{0}")]
     Check(String),
     #[error("cannot set {path}: {source}")]
-    Sysctl { path: String, source: std::io::Error },
+    Sysctl {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl DatapathError {
@@ -90,8 +99,14 @@ impl NodeDatapath {
     pub fn pod_routes(&self) -> Vec<PodRoute> {
         let gw = self.plan.gateway();
         vec![
-            PodRoute { dst: self.plan.fleet_cidr.to_string(), gw },
-            PodRoute { dst: self.plan.vip_range.to_string(), gw },
+            PodRoute {
+                dst: self.plan.fleet_cidr.to_string(),
+                gw,
+            },
+            PodRoute {
+                dst: self.plan.vip_range.to_string(),
+                gw,
+            },
         ]
     }
 
@@ -153,7 +168,11 @@ impl NodeDatapath {
 
     /// Gives the pod in `pod_netns` its `eth-fleet` with `att.address`, routes included.
     /// On failure nothing is left behind.
-    pub async fn attach(&self, pod_netns: &Path, att: &Attachment) -> Result<PodLink, DatapathError> {
+    pub async fn attach(
+        &self,
+        pod_netns: &Path,
+        att: &Attachment,
+    ) -> Result<PodLink, DatapathError> {
         let pod_file = netns::open(pod_netns)?;
         let bridge = self.local.bridge.clone();
         let host_veth = att.host_veth.clone();
@@ -162,67 +181,72 @@ impl NodeDatapath {
         let prefix = att.prefix_len;
         let routes = self.route_targets();
         let gw = self.plan.gateway();
-        netns::with_netlink(vec![self.cnf_path(), pod_netns.to_owned()], move |h| async move {
-            let (cnf, pod) = (&h[0], &h[1]);
-            let made = async {
-                // Leftovers of an attach that was interrupted (daemon killed mid-way).
-                delete_link(cnf, &host_veth).await?;
-                delete_link(pod, POD_INTERFACE).await?;
-                let br = link_by_name(cnf, &bridge).await?.ok_or_else(|| {
-                    DatapathError::Check(format!("bridge {bridge} missing in the CNF netns"))
-                })?;
-                let peer = LinkMessageBuilder::<LinkUnspec>::new()
-                    .name(POD_INTERFACE.to_string())
-                    .mtu(mtu)
-                    .address(pod_mac(address).to_vec())
-                    .setns_by_fd(pod_file.as_raw_fd())
-                    .build();
-                let veth = LinkVeth::new(&host_veth, POD_INTERFACE)
-                    .mtu(mtu)
-                    .controller(br.header.index)
-                    .up()
-                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                    .build();
-                cnf.link()
-                    .add(veth)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("create veth {host_veth} <-> {POD_INTERFACE}")))?;
-                let link = link_by_name(pod, POD_INTERFACE).await?.ok_or_else(|| {
-                    DatapathError::Check(format!("{POD_INTERFACE} did not appear in the pod netns"))
-                })?;
-                let idx = link.header.index;
-                pod.address()
-                    .add(idx, IpAddr::V4(address), prefix)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("add {address}/{prefix} to {POD_INTERFACE}")))?;
-                pod.link()
-                    .set(LinkUnspec::new_with_index(idx).up().build())
-                    .execute()
-                    .await
-                    .map_err(nl(format!("set {POD_INTERFACE} up")))?;
-                for dst in &routes {
-                    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                        .destination_prefix(dst.network(), dst.prefix())
-                        .gateway(gw)
-                        .output_interface(idx)
+        netns::with_netlink(
+            vec![self.cnf_path(), pod_netns.to_owned()],
+            move |h| async move {
+                let (cnf, pod) = (&h[0], &h[1]);
+                let made = async {
+                    // Leftovers of an attach that was interrupted (daemon killed mid-way).
+                    delete_link(cnf, &host_veth).await?;
+                    delete_link(pod, POD_INTERFACE).await?;
+                    let br = link_by_name(cnf, &bridge).await?.ok_or_else(|| {
+                        DatapathError::Check(format!("bridge {bridge} missing in the CNF netns"))
+                    })?;
+                    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                        .name(POD_INTERFACE.to_string())
+                        .mtu(mtu)
+                        .address(pod_mac(address).to_vec())
+                        .setns_by_fd(pod_file.as_raw_fd())
                         .build();
-                    match pod.route().add(route).execute().await {
-                        Ok(()) => {}
-                        Err(e) if errno(&e) == Some(libc_eexist()) => {}
-                        Err(e) => return Err(nl(format!("add route {dst} via {gw}"))(e)),
+                    let veth = LinkVeth::new(&host_veth, POD_INTERFACE)
+                        .mtu(mtu)
+                        .controller(br.header.index)
+                        .up()
+                        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                        .build();
+                    cnf.link()
+                        .add(veth)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("create veth {host_veth} <-> {POD_INTERFACE}")))?;
+                    let link = link_by_name(pod, POD_INTERFACE).await?.ok_or_else(|| {
+                        DatapathError::Check(format!(
+                            "{POD_INTERFACE} did not appear in the pod netns"
+                        ))
+                    })?;
+                    let idx = link.header.index;
+                    pod.address()
+                        .add(idx, IpAddr::V4(address), prefix)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("add {address}/{prefix} to {POD_INTERFACE}")))?;
+                    pod.link()
+                        .set(LinkUnspec::new_with_index(idx).up().build())
+                        .execute()
+                        .await
+                        .map_err(nl(format!("set {POD_INTERFACE} up")))?;
+                    for dst in &routes {
+                        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                            .destination_prefix(dst.network(), dst.prefix())
+                            .gateway(gw)
+                            .output_interface(idx)
+                            .build();
+                        match pod.route().add(route).execute().await {
+                            Ok(()) => {}
+                            Err(e) if errno(&e) == Some(libc_eexist()) => {}
+                            Err(e) => return Err(nl(format!("add route {dst} via {gw}"))(e)),
+                        }
                     }
+                    Ok(PodLink { mac: mac_of(&link) })
                 }
-                Ok(PodLink { mac: mac_of(&link) })
-            }
-            .await;
-            if made.is_err() {
-                let _ = delete_link(cnf, &host_veth).await;
-                let _ = delete_link(pod, POD_INTERFACE).await;
-            }
-            made
-        })
+                .await;
+                if made.is_err() {
+                    let _ = delete_link(cnf, &host_veth).await;
+                    let _ = delete_link(pod, POD_INTERFACE).await;
+                }
+                made
+            },
+        )
         .await?
     }
 
@@ -243,48 +267,62 @@ impl NodeDatapath {
         let (address, prefix) = (att.address, att.prefix_len);
         let routes = self.route_targets();
         let gw = self.plan.gateway();
-        netns::with_netlink(vec![self.cnf_path(), pod_netns.to_owned()], move |h| async move {
-            let (cnf, pod) = (&h[0], &h[1]);
-            let fail = |m: String| Err(DatapathError::Check(m));
-            let Some(link) = link_by_name(pod, POD_INTERFACE).await? else {
-                return fail(format!("{POD_INTERFACE} is missing in the pod netns"));
-            };
-            if !link.header.flags.contains(LinkFlags::Up) {
-                return fail(format!("{POD_INTERFACE} is down"));
-            }
-            if !has_address(pod, link.header.index, address, prefix).await? {
-                return fail(format!("{POD_INTERFACE} lacks {address}/{prefix}"));
-            }
-            let present = route_dsts_via(pod, link.header.index, gw).await?;
-            for dst in &routes {
-                if !present.contains(dst) {
-                    return fail(format!("route {dst} via {gw} dev {POD_INTERFACE} is missing"));
+        netns::with_netlink(
+            vec![self.cnf_path(), pod_netns.to_owned()],
+            move |h| async move {
+                let (cnf, pod) = (&h[0], &h[1]);
+                let fail = |m: String| Err(DatapathError::Check(m));
+                let Some(link) = link_by_name(pod, POD_INTERFACE).await? else {
+                    return fail(format!("{POD_INTERFACE} is missing in the pod netns"));
+                };
+                if !link.header.flags.contains(LinkFlags::Up) {
+                    return fail(format!("{POD_INTERFACE} is down"));
                 }
-            }
-            let Some(peer) = link_by_name(cnf, &host_veth).await? else {
-                return fail(format!("veth peer {host_veth} is missing in the CNF netns"));
-            };
-            let Some(br) = link_by_name(cnf, &bridge).await? else {
-                return fail(format!("bridge {bridge} is missing in the CNF netns"));
-            };
-            let on_bridge = peer
-                .attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::Controller(i) if *i == br.header.index));
-            if !on_bridge {
-                return fail(format!("{host_veth} is not attached to {bridge}"));
-            }
-            Ok(())
-        })
+                if !has_address(pod, link.header.index, address, prefix).await? {
+                    return fail(format!("{POD_INTERFACE} lacks {address}/{prefix}"));
+                }
+                let present = route_dsts_via(pod, link.header.index, gw).await?;
+                for dst in &routes {
+                    if !present.contains(dst) {
+                        return fail(format!(
+                            "route {dst} via {gw} dev {POD_INTERFACE} is missing"
+                        ));
+                    }
+                }
+                let Some(peer) = link_by_name(cnf, &host_veth).await? else {
+                    return fail(format!("veth peer {host_veth} is missing in the CNF netns"));
+                };
+                let Some(br) = link_by_name(cnf, &bridge).await? else {
+                    return fail(format!("bridge {bridge} is missing in the CNF netns"));
+                };
+                let on_bridge = peer
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Controller(i) if *i == br.header.index));
+                if !on_bridge {
+                    return fail(format!("{host_veth} is not attached to {bridge}"));
+                }
+                Ok(())
+            },
+        )
         .await?
     }
 
     /// Names of the pod veth ends present in the CNF netns (for leak checks and cleanup).
     pub async fn host_veths(&self) -> Result<Vec<String>, DatapathError> {
         netns::with_netlink(vec![self.cnf_path()], |h| async move {
-            let links: Vec<LinkMessage> =
-                h[0].link().get().execute().try_collect().await.map_err(nl("list links"))?;
-            Ok(links.iter().filter_map(link_name).filter(|n| n.starts_with("fl")).collect())
+            let links: Vec<LinkMessage> = h[0]
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("list links"))?;
+            Ok(links
+                .iter()
+                .filter_map(link_name)
+                .filter(|n| is_host_veth_name(n))
+                .collect())
         })
         .await?
     }
@@ -292,8 +330,10 @@ impl NodeDatapath {
     /// Deletes one veth end in the CNF netns by name (leak cleanup).
     pub async fn delete_host_veth(&self, name: &str) -> Result<(), DatapathError> {
         let name = name.to_owned();
-        netns::with_netlink(vec![self.cnf_path()], move |h| async move { delete_link(&h[0], &name).await })
-            .await?
+        netns::with_netlink(vec![self.cnf_path()], move |h| async move {
+            delete_link(&h[0], &name).await
+        })
+        .await?
     }
 
     fn route_targets(&self) -> Vec<Ipv4Network> {
@@ -323,16 +363,26 @@ fn mac_of(l: &LinkMessage) -> String {
     l.attributes
         .iter()
         .find_map(|a| match a {
-            LinkAttribute::Address(b) => {
-                Some(b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":"))
-            }
+            LinkAttribute::Address(b) => Some(
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
             _ => None,
         })
         .unwrap_or_default()
 }
 
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DatapathError> {
-    match h.link().get().match_name(name.to_string()).execute().try_next().await {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(l) => Ok(l),
         Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(None),
         Err(e) => Err(nl(format!("look up link {name}"))(e)),
@@ -340,7 +390,9 @@ async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, Dat
 }
 
 async fn delete_link(h: &Handle, name: &str) -> Result<(), DatapathError> {
-    let Some(l) = link_by_name(h, name).await? else { return Ok(()) };
+    let Some(l) = link_by_name(h, name).await? else {
+        return Ok(());
+    };
     match h.link().del(l.header.index).execute().await {
         Ok(()) => Ok(()),
         Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
@@ -348,7 +400,12 @@ async fn delete_link(h: &Handle, name: &str) -> Result<(), DatapathError> {
     }
 }
 
-async fn has_address(h: &Handle, idx: u32, addr: Ipv4Addr, prefix: u8) -> Result<bool, DatapathError> {
+async fn has_address(
+    h: &Handle,
+    idx: u32,
+    addr: Ipv4Addr,
+    prefix: u8,
+) -> Result<bool, DatapathError> {
     let addrs: Vec<_> = h
         .address()
         .get()
@@ -359,18 +416,32 @@ async fn has_address(h: &Handle, idx: u32, addr: Ipv4Addr, prefix: u8) -> Result
         .map_err(nl("list addresses"))?;
     Ok(addrs.iter().any(|m| {
         m.header.prefix_len == prefix
-            && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr))
+            && m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr))
     }))
 }
 
-async fn route_dsts_via(h: &Handle, idx: u32, gw: Ipv4Addr) -> Result<Vec<Ipv4Network>, DatapathError> {
+async fn route_dsts_via(
+    h: &Handle,
+    idx: u32,
+    gw: Ipv4Addr,
+) -> Result<Vec<Ipv4Network>, DatapathError> {
     let mut q = RouteMessageBuilder::<Ipv4Addr>::new().build();
     q.header.address_family = AddressFamily::Inet;
-    let routes: Vec<_> = h.route().get(q).execute().try_collect().await.map_err(nl("list routes"))?;
+    let routes: Vec<_> = h
+        .route()
+        .get(q)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list routes"))?;
     Ok(routes
         .iter()
         .filter(|r| {
-            r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx))
+            r.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx))
                 && r.attributes.iter().any(
                     |a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == gw),
                 )
@@ -388,5 +459,8 @@ async fn route_dsts_via(h: &Handle, idx: u32, gw: Ipv4Addr) -> Result<Vec<Ipv4Ne
 
 /// Writes a sysctl of the calling thread's netns (`/proc/sys/net` follows the opener's netns).
 fn write_sysctl(path: &str, value: &str) -> Result<(), DatapathError> {
-    std::fs::write(path, value).map_err(|source| DatapathError::Sysctl { path: path.into(), source })
+    std::fs::write(path, value).map_err(|source| DatapathError::Sysctl {
+        path: path.into(),
+        source,
+    })
 }

@@ -32,11 +32,17 @@ pub enum IpamError {
     #[error("node subnet {subnet} has no free address ({capacity} pod addresses, all in use)")]
     Exhausted { subnet: String, capacity: usize },
     #[error("IPAM store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IpamError + '_ {
-    move |source| IpamError::Io { path: path.to_owned(), source }
+    move |source| IpamError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 pub struct NodeIpam {
@@ -67,7 +73,9 @@ impl NodeIpam {
                 let _ = fs::remove_file(entry.path());
                 continue;
             }
-            let Ok(address) = name.parse::<Ipv4Addr>() else { continue };
+            let Ok(address) = name.parse::<Ipv4Addr>() else {
+                continue;
+            };
             match fs::read(entry.path()).map(|b| serde_json::from_slice::<Attachment>(&b)) {
                 Ok(Ok(record)) if record.address == address => {
                     by_address.insert(address, record);
@@ -85,7 +93,11 @@ impl NodeIpam {
         Ok(NodeIpam {
             dir: dir.to_owned(),
             plan,
-            state: Mutex::new(State { by_address, unreadable, cursor }),
+            state: Mutex::new(State {
+                by_address,
+                unreadable,
+                cursor,
+            }),
             tmp_seq: AtomicU64::new(0),
         })
     }
@@ -143,7 +155,11 @@ impl NodeIpam {
     }
 
     /// Releases the address of (`key`, `network`); `None` if it held none.
-    pub fn release(&self, key: &AttachmentKey, network: &str) -> Result<Option<Attachment>, IpamError> {
+    pub fn release(
+        &self,
+        key: &AttachmentKey,
+        network: &str,
+    ) -> Result<Option<Attachment>, IpamError> {
         let mut state = self.state.lock().expect("ipam lock");
         let Some(address) = state.find(key, network).map(|r| r.address) else {
             return Ok(None);
@@ -158,17 +174,32 @@ impl NodeIpam {
     }
 
     pub fn find(&self, key: &AttachmentKey, network: &str) -> Option<Attachment> {
-        self.state.lock().expect("ipam lock").find(key, network).cloned()
+        self.state
+            .lock()
+            .expect("ipam lock")
+            .find(key, network)
+            .cloned()
     }
 
     /// Every attachment of a pod sandbox (any network, any CNI ifname).
     pub fn find_by_container(&self, container_id: &str) -> Vec<Attachment> {
         let state = self.state.lock().expect("ipam lock");
-        state.by_address.values().filter(|r| r.key.container_id == container_id).cloned().collect()
+        state
+            .by_address
+            .values()
+            .filter(|r| r.key.container_id == container_id)
+            .cloned()
+            .collect()
     }
 
     pub fn list(&self) -> Vec<Attachment> {
-        self.state.lock().expect("ipam lock").by_address.values().cloned().collect()
+        self.state
+            .lock()
+            .expect("ipam lock")
+            .by_address
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn allocated(&self) -> usize {
@@ -192,7 +223,11 @@ impl NodeIpam {
 
     fn write_tmp(&self, record: &Attachment) -> Result<PathBuf, IpamError> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{}-{seq}", record.address, std::process::id()));
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{}-{}-{seq}",
+            record.address,
+            std::process::id()
+        ));
         let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         let body = serde_json::to_vec(record).expect("attachments serialize");
         f.write_all(&body).map_err(io_err(&tmp))?;
@@ -215,9 +250,16 @@ pub fn host_veth_name(address: Ipv4Addr) -> String {
     format!("fl{:08x}", u32::from(address))
 }
 
+/// True for names [`host_veth_name`] makes.
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 10 && name.starts_with("fl") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl State {
     fn find(&self, key: &AttachmentKey, network: &str) -> Option<&Attachment> {
-        self.by_address.values().find(|r| &r.key == key && r.network == network)
+        self.by_address
+            .values()
+            .find(|r| &r.key == key && r.network == network)
     }
 }
 
@@ -231,13 +273,20 @@ mod tests {
     use crate::config::{DEFAULT_FLEET_CIDR, DEFAULT_VIP_RANGE};
 
     fn plan(subnet: &str) -> NodePlan {
-        NodePlan::new(DEFAULT_FLEET_CIDR.parse().unwrap(), DEFAULT_VIP_RANGE.parse().unwrap(), subnet.parse().unwrap())
-            .unwrap()
+        NodePlan::new(
+            DEFAULT_FLEET_CIDR.parse().unwrap(),
+            DEFAULT_VIP_RANGE.parse().unwrap(),
+            subnet.parse().unwrap(),
+        )
+        .unwrap()
     }
 
     fn template(id: &str) -> Attachment {
         Attachment {
-            key: AttachmentKey { container_id: id.into(), ifname: "eth0".into() },
+            key: AttachmentKey {
+                container_id: id.into(),
+                ifname: "eth0".into(),
+            },
             network: "fleet".into(),
             netns: format!("/run/netns/{id}"),
             interface: "eth-fleet".into(),
@@ -283,9 +332,16 @@ mod tests {
             assert!(seen.insert(r.address));
         }
         let err = ipam.reserve(template("p5")).unwrap_err();
-        assert!(matches!(err, IpamError::Exhausted { capacity: 5, .. }), "{err}");
+        assert!(
+            matches!(err, IpamError::Exhausted { capacity: 5, .. }),
+            "{err}"
+        );
         assert_eq!(ipam.allocated(), 5);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 6, "5 records + cursor");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            6,
+            "5 records + cursor"
+        );
     }
 
     #[test]
@@ -303,7 +359,11 @@ mod tests {
         assert!(!dir.path().join(".tmp-100.96.1.5-1-0").exists());
         let (b, _) = ipam.reserve(template("b")).unwrap();
         assert_ne!(b.address, a.address);
-        assert_ne!(b.address, Ipv4Addr::new(100, 96, 1, 3), "unreadable record stays reserved");
+        assert_ne!(
+            b.address,
+            Ipv4Addr::new(100, 96, 1, 3),
+            "unreadable record stays reserved"
+        );
     }
 
     #[test]
@@ -314,11 +374,21 @@ mod tests {
             .map(|t| {
                 let ipam = ipam.clone();
                 std::thread::spawn(move || {
-                    (0..25).map(|i| ipam.reserve(template(&format!("t{t}-{i}"))).unwrap().0.address).collect::<Vec<_>>()
+                    (0..25)
+                        .map(|i| {
+                            ipam.reserve(template(&format!("t{t}-{i}")))
+                                .unwrap()
+                                .0
+                                .address
+                        })
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let all: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let all: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         let distinct: HashSet<_> = all.iter().collect();
         assert_eq!(distinct.len(), 200);
     }

@@ -18,13 +18,22 @@ pub const NETNS_DIR: &str = "/run/netns";
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("network namespace {path} does not exist: {source}")]
-    NotFound { path: PathBuf, source: std::io::Error },
+    NotFound {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open network namespace {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot enter network namespace {path}: {source}")]
     Enter { path: PathBuf, source: nix::Error },
     #[error("cannot open a netlink socket in {path}: {source}")]
-    Netlink { path: PathBuf, source: std::io::Error },
+    Netlink {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create network namespace {path}: {reason}")]
     Create { path: PathBuf, reason: String },
     #[error("netns worker thread for {path} failed: {reason}")]
@@ -40,9 +49,15 @@ pub fn named_path(name: &str) -> PathBuf {
 pub fn open(path: &Path) -> Result<File, NetnsError> {
     File::open(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            NetnsError::NotFound { path: path.to_owned(), source }
+            NetnsError::NotFound {
+                path: path.to_owned(),
+                source,
+            }
         } else {
-            NetnsError::Open { path: path.to_owned(), source }
+            NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            }
         }
     })
 }
@@ -67,8 +82,14 @@ where
         .spawn(move || {
             let _ = tx.send(run_on_this_thread(files, work));
         })
-        .map_err(|e| NetnsError::Thread { path: label.clone(), reason: e.to_string() })?;
-    rx.await.map_err(|_| NetnsError::Thread { path: label, reason: "worker panicked".into() })?
+        .map_err(|e| NetnsError::Thread {
+            path: label.clone(),
+            reason: e.to_string(),
+        })?;
+    rx.await.map_err(|_| NetnsError::Thread {
+        path: label,
+        reason: "worker panicked".into(),
+    })?
 }
 
 fn run_on_this_thread<T, F, Fut>(files: Vec<(PathBuf, File)>, work: F) -> Result<T, NetnsError>
@@ -79,14 +100,22 @@ where
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| NetnsError::Thread { path: PathBuf::new(), reason: e.to_string() })?;
+        .map_err(|e| NetnsError::Thread {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?;
     let _guard = rt.enter();
     let mut handles = Vec::with_capacity(files.len());
     for (path, file) in &files {
-        setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|source| NetnsError::Netlink { path: path.clone(), source })?;
+        setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: path.clone(),
+            source,
+        })?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetnsError::Netlink {
+                path: path.clone(),
+                source,
+            })?;
         rt.spawn(conn);
         handles.push(handle);
     }
@@ -100,7 +129,10 @@ pub fn ensure_named(name: &str) -> Result<PathBuf, NetnsError> {
     if is_netns_mount(&path) {
         return Ok(path);
     }
-    let err = |reason: String| NetnsError::Create { path: path.clone(), reason };
+    let err = |reason: String| NetnsError::Create {
+        path: path.clone(),
+        reason,
+    };
     std::fs::create_dir_all(NETNS_DIR).map_err(|e| err(format!("mkdir {NETNS_DIR}: {e}")))?;
     File::create(&path).map_err(|e| err(format!("create mount point: {e}")))?;
     let target = path.clone();
@@ -131,8 +163,10 @@ pub fn delete_named(name: &str) -> Result<(), NetnsError> {
         return Ok(());
     }
     let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
-    std::fs::remove_file(&path)
-        .map_err(|e| NetnsError::Create { path: path.clone(), reason: format!("remove: {e}") })
+    std::fs::remove_file(&path).map_err(|e| NetnsError::Create {
+        path: path.clone(),
+        reason: format!("remove: {e}"),
+    })
 }
 
 /// True when `path` is a mounted netns (and not just a leftover empty file).
