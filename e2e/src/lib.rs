@@ -1,0 +1,36 @@
+//! Test harness for fleetboard's end-to-end tests against the real runtime.
+//!
+//! What it owns:
+//! - [`netns`]: uniquely named network namespaces that delete themselves ([`TestNetns`]);
+//! - [`containerd`]: a private containerd per call (own root, state, sockets, NRI socket, CNI
+//!   dirs, runc root, cgroup parent), normally run inside a [`TestNetns`] ([`Containerd`]);
+//! - [`images`]: the static `pause` sandbox image and a busybox workload image, built locally
+//!   as docker-archive tarballs and imported with `ctr`;
+//! - [`cri`]: a small CRI client, async ([`cri::CriClient`]) and blocking ([`Cri`]);
+//! - [`cni`]: bridge + host-local conflists with optional chained plugins ([`BridgeNetwork`]);
+//! - [`bins`]: locating the workspace's built binaries ([`workspace_bin`]).
+//!
+//! **Run containerd inside a [`TestNetns`]** (`ContainerdOpts::new(..).netns(&ns)`): the CNI
+//! bridge plugin creates its bridge in whatever netns containerd runs in, so a containerd in
+//! the host netns would put a bridge and veths on the machine.
+//!
+//! Everything needs root; [`require_root`] fails a test loudly when it is not root.
+
+pub mod bins;
+pub mod cni;
+pub mod containerd;
+pub mod cri;
+mod error;
+pub mod images;
+pub mod mounts;
+pub mod netns;
+mod util;
+
+pub use bins::workspace_bin;
+pub use cni::BridgeNetwork;
+pub use containerd::{Containerd, ContainerdOpts};
+pub use cri::{ContainerSpec, Cri, ExecOutput, PodSpec};
+pub use error::{Error, Result};
+pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
+pub use netns::{TestNetns, ip_in};
+pub use util::{poll_until, process_alive, require_root, run_command};

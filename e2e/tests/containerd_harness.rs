@@ -1,0 +1,128 @@
+//! Proves the harness against the real containerd: pods get addresses from the conflist's
+//! subnet, survive a containerd restart, are torn down cleanly, and Drop leaves nothing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fleet_e2e::{
+    BridgeNetwork, Containerd, ContainerdOpts, PodSpec, TestNetns, process_alive, require_root,
+};
+
+const EXEC: Duration = Duration::from_secs(10);
+
+fn pid_alive(pid: u32) -> bool {
+    process_alive(pid)
+}
+
+fn host_links() -> String {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn busybox_pod_gets_subnet_address_survives_restart_and_is_cleaned_up() {
+    require_root("busybox_pod_gets_subnet_address_survives_restart_and_is_cleaned_up");
+    let node = TestNetns::new("fe2e-node");
+    let mut containerd = Containerd::start(ContainerdOpts::new("harness").netns(&node)).unwrap();
+    BridgeNetwork::new("podnet", "fe2e-br0", "10.244.7.0/24")
+        .write_to(&containerd)
+        .unwrap();
+    let cri = containerd.cri().unwrap();
+    cri.wait_network_ready(Duration::from_secs(10)).unwrap();
+
+    let pod = PodSpec::new("web").namespace("shop");
+    let (sandbox, container) = cri.run_busybox_pod(&pod).unwrap();
+
+    let out = cri
+        .exec_sync(&container, &["ip", "-4", "addr", "show", "eth0"], EXEC)
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert!(
+        out.stdout.contains("inet 10.244.7."),
+        "eth0 has no 10.244.7.x address: {}",
+        out.stdout
+    );
+    assert!(cri.pod_ip(&sandbox).unwrap().starts_with("10.244.7."));
+
+    // The bridge and the pod's veth are in the node's netns, not on the host.
+    let links = node.ip(&["-o", "link"]).unwrap();
+    assert!(links.contains("fe2e-br0"), "{links}");
+    assert!(links.contains("veth"), "{links}");
+    assert!(
+        !host_links().contains("fe2e-br0"),
+        "bridge leaked onto the host"
+    );
+    let netns = cri.pod_netns_path(&sandbox).unwrap();
+    assert!(
+        netns.starts_with(containerd.state_dir()),
+        "{}",
+        netns.display()
+    );
+
+    let old_pid = containerd.pid().unwrap();
+    drop(cri);
+    containerd.restart().unwrap();
+    assert!(!pid_alive(old_pid) || containerd.pid() == Some(old_pid));
+    let cri = containerd.cri().unwrap();
+    let pods = cri.list_pods().unwrap();
+    assert!(
+        pods.iter().any(|p| p.id == sandbox),
+        "sandbox {sandbox} not listed after restart: {pods:?}"
+    );
+    let out = cri
+        .exec_sync(&container, &["cat", "/proc/self/net/dev"], EXEC)
+        .unwrap();
+    assert!(out.stdout.contains("eth0"), "{out:?}");
+
+    cri.stop_pod(&sandbox).unwrap();
+    cri.remove_pod(&sandbox).unwrap();
+    assert!(cri.list_pods().unwrap().is_empty());
+    assert!(!netns.exists(), "pod netns {} still there", netns.display());
+    let links = node.ip(&["-o", "link"]).unwrap();
+    assert!(
+        !links.contains("veth"),
+        "veth left after RemovePodSandbox: {links}"
+    );
+
+    let dir = containerd.dir().to_path_buf();
+    let pid = containerd.pid().unwrap();
+    drop(cri);
+    drop(containerd);
+    assert!(!pid_alive(pid), "containerd {pid} still running");
+    assert!(fleet_e2e::mounts::mounts_under(&dir).unwrap().is_empty());
+    assert!(!dir.exists(), "{} not removed", dir.display());
+}
+
+#[test]
+fn drop_removes_running_pods_shims_mounts_and_own_netns() {
+    require_root("drop_removes_running_pods_shims_mounts_and_own_netns");
+    let containerd = Containerd::start(ContainerdOpts::new("dropper")).unwrap();
+    let netns = containerd.own_netns().expect("own netns by default").path();
+    BridgeNetwork::new("podnet", "fe2e-br1", "10.244.8.0/24")
+        .write_to(&containerd)
+        .unwrap();
+    let cri = containerd.cri().unwrap();
+    cri.wait_network_ready(Duration::from_secs(10)).unwrap();
+    let (_, container) = cri.run_busybox_pod(&PodSpec::new("left-running")).unwrap();
+    let out = cri
+        .exec_sync(&container, &["sh", "-c", "echo hello"], EXEC)
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "hello");
+    assert!(
+        !containerd.shim_pids().is_empty(),
+        "expected a running shim"
+    );
+
+    let dir = containerd.dir().to_path_buf();
+    let pid = containerd.pid().unwrap();
+    let shims = containerd.shim_pids();
+    drop(cri);
+    drop(containerd);
+    assert!(!pid_alive(pid), "containerd {pid} still running");
+    for shim in shims {
+        assert!(!pid_alive(shim as u32), "shim {shim} still running");
+    }
+    assert!(fleet_e2e::mounts::mounts_under(&dir).unwrap().is_empty());
+    assert!(!dir.exists(), "{} not removed", dir.display());
+    assert!(!netns.exists(), "own netns {} not removed", netns.display());
+}
