@@ -105,6 +105,7 @@ fn nth_host(net: Ipv4Network, n: u32) -> Ipv4Addr {
 
 /// Where this node's fleet datapath lives; local to the node, never handed out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeLocal {
     /// Name of the CNF netns (`/run/netns/<name>`) that holds the bridge and pod veth peers.
     pub cnf_netns: String,

@@ -1,1 +1,112 @@
-fn main() {}
+//! fleet-nri: parses flags, wires the node together, runs until SIGTERM/SIGINT.
+//!
+//! Stopping the daemon leaves every pod's link and address in place: pods keep working while
+//! it restarts, and the next start picks the allocations up from the data dir.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_core::datapath::NodeDatapath;
+use fleet_core::ipam::NodeIpam;
+use fleet_nri::config::DaemonConfig;
+use fleet_nri::node::{Node, NodeEvents};
+use fleet_nri::{api, nri};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-nri",
+    version,
+    about = "fleetboard node daemon (NRI plugin, node IPAM, node API)"
+)]
+struct Flags {
+    /// Config file (JSON); see docs/node-api.md.
+    #[arg(long, default_value = "/etc/fleetboard/node.json")]
+    config: PathBuf,
+    /// Override the runtime's NRI socket from the config.
+    #[arg(long)]
+    nri_socket: Option<PathBuf>,
+    /// Override the node API socket from the config.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Run without NRI (no runtime to talk to): only the node API for fleet-cni.
+    #[arg(long)]
+    no_nri: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    let mut cfg = DaemonConfig::load(&flags.config)?;
+    if let Some(s) = flags.nri_socket {
+        cfg.nri_socket = s;
+    }
+    if let Some(s) = flags.socket {
+        cfg.socket = s;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cfg, !flags.no_nri))
+}
+
+async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
+    let plan = cfg.node_plan()?;
+    let datapath = NodeDatapath::new(plan.clone(), cfg.local.clone());
+    datapath
+        .ensure_cnf()
+        .await
+        .context("cannot set up the CNF netns")?;
+    let ipam_dir = cfg.local.data_dir.join("ipam");
+    let ipam = NodeIpam::open(&ipam_dir, plan.clone())
+        .with_context(|| format!("cannot open IPAM store {}", ipam_dir.display()))?;
+    let status = nri::NriStatus::new();
+    let node = Arc::new(Node::new(
+        ipam,
+        datapath,
+        cfg.network.clone(),
+        status.clone(),
+    ));
+    let listener = api::bind(&cfg.socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tracing::info!(socket = %cfg.socket.display(), node_subnet = %plan.node_subnet, allocated = node.list().len(), "fleet-nri serving");
+
+    let api_task = tokio::spawn(api::serve(listener, node.clone(), stop_rx.clone()));
+    let nri_task = with_nri.then(|| {
+        let nri_cfg = nri::NriConfig {
+            socket: cfg.nri_socket.clone(),
+            plugin_idx: cfg.plugin_idx.clone(),
+            ..nri::NriConfig::default()
+        };
+        tokio::spawn(nri::run(
+            nri_cfg,
+            Arc::new(NodeEvents(node.clone())),
+            status,
+            stop_rx.clone(),
+        ))
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping; pods keep their links and addresses");
+    let _ = stop_tx.send(true);
+    let _ = api_task.await;
+    if let Some(t) = nri_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}

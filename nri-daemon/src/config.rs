@@ -1,0 +1,120 @@
+//! fleet-nri's configuration file (JSON).
+//!
+//! ```json
+//! {
+//!   "plan": { "fleet_cidr": "100.96.0.0/12", "vip_range": "100.112.0.0/16",
+//!             "node_subnet": "100.96.3.0/24" },
+//!   "local": { "cnf_netns": "fleet-cnf", "bridge": "fleet0", "mtu": 1370,
+//!              "data_dir": "/var/lib/fleetboard" },
+//!   "socket": "/run/fleetboard/node.sock",
+//!   "nri_socket": "/var/run/nri/nri.sock",
+//!   "network": "fleet"
+//! }
+//! ```
+//! `plan` is what the cluster controller will hand out later; the rest is local to the node.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fleet_core::config::{DEFAULT_FLEET_CIDR, DEFAULT_VIP_RANGE, NodeLocal, NodePlan};
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    #[serde(default = "default_fleet_cidr")]
+    pub fleet_cidr: Ipv4Network,
+    #[serde(default = "default_vip_range")]
+    pub vip_range: Ipv4Network,
+    pub node_subnet: Ipv4Network,
+}
+
+fn default_fleet_cidr() -> Ipv4Network {
+    DEFAULT_FLEET_CIDR.parse().expect("valid default")
+}
+
+fn default_vip_range() -> Ipv4Network {
+    DEFAULT_VIP_RANGE.parse().expect("valid default")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub plan: PlanConfig,
+    #[serde(default)]
+    pub local: NodeLocal,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_nri_socket")]
+    pub nri_socket: PathBuf,
+    /// Network name recorded for pods repaired through NRI (CNI ADDs carry their own).
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// NRI plugin index: orders fleet-nri among other NRI plugins.
+    #[serde(default = "default_plugin_idx")]
+    pub plugin_idx: String,
+}
+
+fn default_socket() -> PathBuf {
+    fleet_proto::node::DEFAULT_SOCKET.into()
+}
+
+fn default_nri_socket() -> PathBuf {
+    "/var/run/nri/nri.sock".into()
+}
+
+fn default_network() -> String {
+    "fleet".into()
+}
+
+fn default_plugin_idx() -> String {
+    "10".into()
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: DaemonConfig = serde_json::from_str(text)?;
+        cfg.node_plan()?;
+        Ok(cfg)
+    }
+
+    pub fn node_plan(&self) -> anyhow::Result<NodePlan> {
+        Ok(NodePlan::new(
+            self.plan.fleet_cidr,
+            self.plan.vip_range,
+            self.plan.node_subnet,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = DaemonConfig::parse(r#"{"plan":{"node_subnet":"100.96.3.0/24"}}"#).unwrap();
+        assert_eq!(cfg.plan.fleet_cidr.to_string(), DEFAULT_FLEET_CIDR);
+        assert_eq!(cfg.local.bridge, "fleet0");
+        assert_eq!(cfg.network, "fleet");
+    }
+
+    #[test]
+    fn bad_config_says_what_is_wrong() {
+        let err = DaemonConfig::parse(r#"{"plan":{"node_subnet":"10.0.0.0/24"}}"#).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not inside the fleet CIDR"),
+            "{err:#}"
+        );
+        let err = DaemonConfig::parse(r#"{"plan":{"node_subnet":"100.96.3.0/24"},"sokcet":"x"}"#)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+}
