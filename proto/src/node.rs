@@ -195,7 +195,11 @@ pub struct NodeError {
 
 impl NodeError {
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        NodeError { code, msg: msg.into(), details: details.into() }
+        NodeError {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
     }
 }
 
@@ -216,7 +220,10 @@ pub struct NodeClient {
 
 impl NodeClient {
     pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
-        NodeClient { socket: socket.into(), timeout }
+        NodeClient {
+            socket: socket.into(),
+            timeout,
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -258,8 +265,12 @@ impl NodeClient {
             )
         };
         let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
         let mut line = serde_json::to_vec(req).expect("node requests always serialize");
         line.push(b'\n');
         stream.write_all(&line).map_err(unreachable)?;
@@ -297,7 +308,10 @@ mod tests {
     #[test]
     fn request_wire_shape_is_tagged() {
         let req = NodeRequest::Detach(DetachRequest {
-            key: AttachmentKey { container_id: "abc".into(), ifname: "eth0".into() },
+            key: AttachmentKey {
+                container_id: "abc".into(),
+                ifname: "eth0".into(),
+            },
             network: "fleet".into(),
             netns: String::new(),
         });

@@ -49,6 +49,9 @@ pub trait NriHandler: Send + Sync + 'static {
     /// RemovePodSandbox.
     async fn pod_removed(&self, pod: PodSandboxInfo);
     /// CreateContainer: returns what to inject into the container.
-    async fn create_container(&self, pod: PodSandboxInfo, container: ContainerInfo)
-    -> ContainerAdjust;
+    async fn create_container(
+        &self,
+        pod: PodSandboxInfo,
+        container: ContainerInfo,
+    ) -> ContainerAdjust;
 }
