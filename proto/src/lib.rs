@@ -5,3 +5,5 @@
 //!   `fleet-nri`, JSON lines over a local unix socket.
 
 pub mod node;
+#[cfg(feature = "nri")]
+pub mod nri;
