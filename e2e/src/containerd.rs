@@ -37,8 +37,11 @@ pub struct ContainerdOpts {
     /// Short label used in directory, netns and cgroup names.
     pub name: String,
     pub netns: NetnsChoice,
-    /// Extra CNI plugin dirs (e.g. where fleet-cni is built); they win over `/usr/lib/cni`.
+    /// Extra CNI plugin dirs; their plugins win over `/usr/lib/cni`.
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// Single plugin binaries (e.g. `workspace_bin("fleet-cni")`), linked under their file
+    /// name; they win over the dirs.
+    pub cni_plugins: Vec<PathBuf>,
     /// Import the pause and busybox images at first start (default true).
     pub import_images: bool,
     pub start_timeout: Duration,
@@ -64,6 +67,7 @@ impl ContainerdOpts {
             name: name.to_string(),
             netns: NetnsChoice::Own,
             cni_bin_dirs: Vec::new(),
+            cni_plugins: Vec::new(),
             import_images: true,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -81,6 +85,12 @@ impl ContainerdOpts {
     /// Add a CNI plugin directory searched before `/usr/lib/cni`.
     pub fn cni_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cni_bin_dirs.push(dir.into());
+        self
+    }
+
+    /// Add one CNI plugin binary, e.g. `.cni_plugin(workspace_bin("fleet-cni"))`.
+    pub fn cni_plugin(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.cni_plugins.push(binary.into());
         self
     }
 }
@@ -285,6 +295,25 @@ impl Containerd {
             let path = entry.map_err(|e| Error::io("listing", &bin, e))?.path();
             let _ = fs::remove_file(&path);
         }
+        for plugin in &self.opts.cni_plugins {
+            let name = plugin.file_name().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "CNI plugin path {} has no file name",
+                    plugin.display()
+                ))
+            })?;
+            if !plugin.is_file() {
+                return Err(Error::Invalid(format!(
+                    "CNI plugin {} does not exist (build it first with cargo build --workspace --bins)",
+                    plugin.display()
+                )));
+            }
+            let dst = bin.join(name);
+            if !dst.exists() {
+                std::os::unix::fs::symlink(plugin, &dst)
+                    .map_err(|e| Error::io("linking CNI plugin", &dst, e))?;
+            }
+        }
         let mut dirs = self.opts.cni_bin_dirs.clone();
         dirs.push(PathBuf::from(SYSTEM_CNI_BIN_DIR));
         for dir in dirs {
@@ -384,7 +413,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         let log2 = log
             .try_clone()
             .map_err(|e| Error::io("duplicating", &log_path, e))?;
+        // Stale sockets from a previous run would make readiness checks pass too early.
         let _ = fs::remove_file(self.grpc_socket());
+        let _ = fs::remove_file(self.nri_socket());
 
         let config = self.dir.join("config.toml");
         let mut cmd = match &self.netns_path {
@@ -432,8 +463,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 exited = Some(status);
                 return Some(false);
             }
+            // `ctr` blocks while it retries a missing socket: only ask once the socket exists.
+            if !sock.exists() {
+                return None;
+            }
             let answers = Command::new("ctr")
-                .arg("-a")
+                .args(["--connect-timeout", "2s", "-a"])
                 .arg(&sock)
                 .arg("version")
                 .stdout(Stdio::null())
@@ -464,10 +499,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             Err(_) => return Err(fail(self, "containerd gRPC and NRI sockets".into())),
         }
         // CRI answers "server is not initialized yet" until its plugin has finished starting.
-        let cri = self.cri()?;
-        poll_until("CRI to answer Version", timeout, || cri.version().ok())
-            .map_err(|_| fail(self, "CRI to answer Version".into()))?;
-        Ok(())
+        // On its own thread so start() also works from inside an async test.
+        let config = self.cri_config();
+        let cri_ready = std::thread::spawn(move || -> Result<String> {
+            let cri = Cri::connect(config)?;
+            poll_until("CRI to answer Version", timeout, || cri.version().ok())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Invalid("CRI readiness thread panicked".into())));
+        match cri_ready {
+            Ok(_) => Ok(()),
+            Err(e) => Err(fail(self, format!("CRI to answer Version ({e})"))),
+        }
     }
 
     /// Best-effort removal of every pod through CRI, bounded in time, on its own thread so

@@ -189,6 +189,24 @@ impl CriClient {
             .unwrap_or(false))
     }
 
+    /// Polls `NetworkReady` until true (after writing a conflist), failing after `timeout`.
+    pub async fn wait_network_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.network_ready().await.unwrap_or(false) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "CRI NetworkReady (CNI config loaded)".into(),
+                    timeout,
+                    detail: format!(" on {}", self.config.socket.display()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Image references known to the runtime.
     pub async fn list_images(&self) -> Result<Vec<String>> {
         let images = self
@@ -514,10 +532,7 @@ impl Cri {
     }
     /// Polls `NetworkReady` until true (after writing a conflist), failing after `timeout`.
     pub fn wait_network_ready(&self, timeout: Duration) -> Result<()> {
-        crate::poll_until("CRI NetworkReady (CNI config loaded)", timeout, || {
-            self.network_ready().ok().filter(|r| *r)
-        })
-        .map(|_| ())
+        self.rt.block_on(self.client.wait_network_ready(timeout))
     }
     pub fn list_images(&self) -> Result<Vec<String>> {
         self.rt.block_on(self.client.list_images())

@@ -15,6 +15,26 @@
 //! the host netns would put a bridge and veths on the machine.
 //!
 //! Everything needs root; [`require_root`] fails a test loudly when it is not root.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use fleet_e2e::{BridgeNetwork, Containerd, ContainerdOpts, PodSpec, require_root};
+//!
+//! require_root("my_test");
+//! // Own netns, own dirs, pause + busybox imported, NRI socket at `nri_socket()`.
+//! let node = Containerd::start(ContainerdOpts::new("node-a")).unwrap();
+//! BridgeNetwork::new("podnet", "fe2e-br0", "10.244.1.0/24").write_to(&node).unwrap();
+//! let cri = node.cri().unwrap(); // blocking client; `node.cri_async().await` in async tests
+//! cri.wait_network_ready(Duration::from_secs(10)).unwrap();
+//! let (sandbox, container) = cri.run_busybox_pod(&PodSpec::new("web")).unwrap();
+//! let out = cri.exec_sync(&container, &["ip", "-4", "addr", "show", "eth0"], Duration::from_secs(10)).unwrap();
+//! assert!(out.stdout.contains("10.244.1."));
+//! # let _ = sandbox;
+//! ```
+//!
+//! Workload image notes: containers run unprivileged but keep containerd's default
+//! capabilities (incl. NET_RAW) and `enable_unprivileged_icmp` is on, so `ping` works. Do not
+//! use `wget -T` (Debian's busybox-static 1.35 wget segfaults on it): `timeout 5 wget ...`.
 
 pub mod bins;
 pub mod cni;

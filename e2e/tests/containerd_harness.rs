@@ -1,6 +1,7 @@
 //! Proves the harness against the real containerd: pods get addresses from the conflist's
 //! subnet, survive a containerd restart, are torn down cleanly, and Drop leaves nothing.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -125,4 +126,33 @@ fn drop_removes_running_pods_shims_mounts_and_own_netns() {
     assert!(fleet_e2e::mounts::mounts_under(&dir).unwrap().is_empty());
     assert!(!dir.exists(), "{} not removed", dir.display());
     assert!(!netns.exists(), "own netns {} not removed", netns.display());
+}
+
+#[test]
+fn failed_start_reports_the_exit_and_log_and_cleans_up() {
+    require_root("failed_start_reports_the_exit_and_log_and_cleans_up");
+    let mut opts = ContainerdOpts::new("broken");
+    opts.netns = fleet_e2e::containerd::NetnsChoice::Path("/run/netns/fe2e-no-such-netns".into());
+    opts.start_timeout = Duration::from_secs(5);
+    let err = Containerd::start(opts).unwrap_err().to_string();
+    assert!(err.contains("exited with"), "{err}");
+    assert!(err.contains("fe2e-no-such-netns"), "{err}");
+    // The instance dir (named in the error, with its log) is removed by Drop.
+    let log = err
+        .split("; log ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap();
+    let dir = Path::new(log).parent().unwrap();
+    assert!(dir.starts_with(std::env::temp_dir()), "{}", dir.display());
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn missing_cni_plugin_binary_is_named() {
+    require_root("missing_cni_plugin_binary_is_named");
+    let opts = ContainerdOpts::new("noplugin").cni_plugin("/nonexistent/fleet-cni");
+    let err = Containerd::start(opts).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/fleet-cni"), "{err}");
+    assert!(err.contains("cargo build --workspace --bins"), "{err}");
 }
