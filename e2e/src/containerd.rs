@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::images::{self, PAUSE_IMAGE};
 use crate::mounts;
 use crate::netns::TestNetns;
-use crate::util::{describe, poll_until, run_command};
+use crate::reap;
+use crate::util::{describe, poll_until};
 
 /// Debian's CNI plugin directory, always searched after the caller's extra dirs.
 pub const SYSTEM_CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -112,6 +113,7 @@ impl Containerd {
     /// serves gRPC, CRI and NRI, and imports the test images.
     pub fn start(opts: ContainerdOpts) -> Result<Containerd> {
         crate::require_root("Containerd::start");
+        reap::reap_stale_instances_once();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let label: String = opts
             .name
@@ -121,14 +123,14 @@ impl Containerd {
             .collect();
         let id = format!("{label}-{}-{n}", std::process::id());
         // Short path: unix socket paths are limited to 108 bytes.
-        let dir = std::env::temp_dir().join(format!("fe2e-{id}"));
+        let dir = reap::instance_dir(&id);
         if dir.exists() {
             let _ = mounts::unmount_all_under(&dir);
             fs::remove_dir_all(&dir)
                 .map_err(|e| Error::io("removing stale instance dir", &dir, e))?;
         }
         let own_netns = match opts.netns {
-            NetnsChoice::Own => Some(TestNetns::try_new(&format!("fe2e-{label}"))?),
+            NetnsChoice::Own => Some(TestNetns::try_new(&label)?),
             _ => None,
         };
         let netns_path = match (&opts.netns, &own_netns) {
@@ -141,7 +143,7 @@ impl Containerd {
             dir,
             netns_path,
             child: None,
-            cgroup_parent: format!("/fleet-e2e-{id}"),
+            cgroup_parent: reap::cgroup_parent(&id),
             own_netns,
         };
         c.prepare()?;
@@ -530,89 +532,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
     }
 
-    /// Kills and deletes the runc containers under this instance's runc root.
-    fn kill_leftover_containers(&self) {
-        let Ok(namespaces) = fs::read_dir(self.runc_root()) else {
-            return;
-        };
-        for ns in namespaces.flatten() {
-            let root = ns.path();
-            let Ok(out) = run_command(
-                Command::new("runc")
-                    .arg("--root")
-                    .arg(&root)
-                    .args(["list", "-q"]),
-            ) else {
-                continue;
-            };
-            for id in String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-            {
-                let _ = run_command(
-                    Command::new("runc")
-                        .arg("--root")
-                        .arg(&root)
-                        .args(["kill", "--all", id, "KILL"]),
-                );
-                let _ = run_command(
-                    Command::new("runc")
-                        .arg("--root")
-                        .arg(&root)
-                        .args(["delete", "--force", id]),
-                );
-            }
-        }
-    }
-
     /// Shims of this instance: processes whose argv has `-address <our grpc socket>`.
     pub fn shim_pids(&self) -> Vec<i32> {
-        let sock = self.grpc_socket().display().to_string();
-        let mut pids = Vec::new();
-        let Ok(procs) = fs::read_dir("/proc") else {
-            return pids;
-        };
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args
-                .windows(2)
-                .any(|w| w[0] == b"-address" && w[1] == sock.as_bytes())
-            {
-                pids.push(pid);
-            }
-        }
-        pids
+        reap::shim_pids(&self.grpc_socket())
     }
-
-    fn remove_cgroups(&self) {
-        let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
-            return;
-        };
-        let rel = self.cgroup_parent.trim_start_matches('/');
-        for h in hierarchies.flatten() {
-            let top = h.path().join(rel);
-            if top.is_dir() {
-                remove_cgroup_tree(&top);
-            }
-        }
-    }
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
 }
 
 impl Drop for Containerd {
@@ -626,25 +549,7 @@ impl Drop for Containerd {
                 self.dir.display()
             );
         }
-        self.kill_leftover_containers();
-        for pid in self.shim_pids() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        let _ = poll_until("shims to exit", Duration::from_secs(5), || {
-            self.shim_pids().is_empty().then_some(())
-        });
-        let failed = mounts::unmount_all_under(&self.dir);
-        self.remove_cgroups();
-        if failed.is_empty() {
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                eprintln!("fleet-e2e: removing {}: {e}", self.dir.display());
-            }
-        } else {
-            eprintln!(
-                "fleet-e2e: leaving {} in place, mounts remain: {failed:?}",
-                self.dir.display()
-            );
-        }
+        reap::tear_down_instance_dir(&self.dir, &self.cgroup_parent);
     }
 }
 

@@ -44,6 +44,7 @@ mod error;
 pub mod images;
 pub mod mounts;
 pub mod netns;
+pub mod reap;
 mod util;
 
 pub use bins::workspace_bin;

@@ -9,7 +9,7 @@ use crate::util::run_command;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A uniquely named netns (`/run/netns/<prefix>-<pid>-<n>`) with `lo` up.
+/// A uniquely named netns (`/run/netns/fe2e-<prefix>-<pid>-<n>`) with `lo` up.
 /// Dropping it deletes the netns; links inside it go with it once no process holds it.
 #[derive(Debug)]
 pub struct TestNetns {
@@ -23,8 +23,10 @@ impl TestNetns {
     }
 
     pub fn try_new(prefix: &str) -> Result<TestNetns> {
+        // Always `fe2e-...-<pid>-<n>`: unique, and reapable if this process dies without Drop.
+        let prefix = prefix.strip_prefix("fe2e-").unwrap_or(prefix);
         let name = format!(
-            "{prefix}-{}-{}",
+            "fe2e-{prefix}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
