@@ -156,3 +156,21 @@ fn missing_cni_plugin_binary_is_named() {
     assert!(err.contains("/nonexistent/fleet-cni"), "{err}");
     assert!(err.contains("cargo build --workspace --bins"), "{err}");
 }
+
+#[test]
+fn chained_plugin_entries_run_after_bridge() {
+    require_root("chained_plugin_entries_run_after_bridge");
+    let containerd = Containerd::start(ContainerdOpts::new("chain")).unwrap();
+    // Debian's `tuning` as the chained plugin: its effect (the MAC) is visible in the pod.
+    BridgeNetwork::new("podnet", "fe2e-br4", "10.244.11.0/24")
+        .chain(serde_json::json!({"type": "tuning", "mac": "02:fe:e2:00:00:42"}))
+        .write_to(&containerd)
+        .unwrap();
+    let cri = containerd.cri().unwrap();
+    cri.wait_network_ready(Duration::from_secs(10)).unwrap();
+    let (_, container) = cri.run_busybox_pod(&PodSpec::new("tuned")).unwrap();
+    let out = cri
+        .exec_sync(&container, &["ip", "link", "show", "eth0"], EXEC)
+        .unwrap();
+    assert!(out.stdout.contains("02:fe:e2:00:00:42"), "{out:?}");
+}
