@@ -8,7 +8,9 @@
 //!   as docker-archive tarballs and imported with `ctr`;
 //! - [`cri`]: a small CRI client, async ([`cri::CriClient`]) and blocking ([`Cri`]);
 //! - [`cni`]: bridge + host-local conflists with optional chained plugins ([`BridgeNetwork`]);
-//! - [`bins`]: locating the workspace's built binaries ([`workspace_bin`]).
+//! - [`bins`]: locating the workspace's built binaries ([`workspace_bin`]);
+//! - [`reap`]: teardown by PID/socket/path, and reaping what killed test processes left
+//!   (run once per process at the first `Containerd::start`).
 //!
 //! **Run containerd inside a [`TestNetns`]** (`ContainerdOpts::new(..).netns(&ns)`): the CNI
 //! bridge plugin creates its bridge in whatever netns containerd runs in, so a containerd in
@@ -49,8 +51,8 @@ mod util;
 
 pub use bins::workspace_bin;
 pub use cni::BridgeNetwork;
-pub use containerd::{Containerd, ContainerdOpts};
-pub use cri::{ContainerSpec, Cri, ExecOutput, PodSpec};
+pub use containerd::{Containerd, ContainerdOpts, NetnsChoice};
+pub use cri::{ContainerSpec, Cri, CriClient, CriConfig, ExecOutput, PodSpec};
 pub use error::{Error, Result};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use netns::{TestNetns, ip_in};
