@@ -85,7 +85,9 @@ pub struct CniEnv {
     pub container_id: Option<String>,
     pub netns: Option<String>,
     pub ifname: Option<String>,
-    pub pod: PodArgs,
+    /// CNI_ARGS as given; parsed by [`CniEnv::pod`] only where it is used (ADD), so a runtime
+    /// sending odd args can still DEL.
+    pub args: Option<String>,
     /// CNI_PATH: fleet-cni never executes another plugin, so it is kept for logs only.
     pub path: Option<String>,
 }
@@ -117,18 +119,20 @@ impl CniEnv {
                 ));
             }
         };
-        let pod = match get("CNI_ARGS")? {
-            Some(a) => PodArgs::parse(&a)?,
-            None => PodArgs::default(),
-        };
         Ok(CniEnv {
             command,
             container_id: get("CNI_CONTAINERID")?,
             netns: get("CNI_NETNS")?,
             ifname: get("CNI_IFNAME")?,
-            pod,
+            args: get("CNI_ARGS")?,
             path: get("CNI_PATH")?,
         })
+    }
+
+    pub fn pod(&self) -> Result<PodArgs, CniError> {
+        self.args
+            .as_deref()
+            .map_or(Ok(PodArgs::default()), PodArgs::parse)
     }
 
     pub fn require_container_id(&self) -> Result<&str, CniError> {
@@ -223,7 +227,7 @@ mod tests {
         assert_eq!(e.require_ifname().unwrap(), "eth0");
         assert_eq!(e.require_netns().unwrap(), "/var/run/netns/x");
         assert_eq!(
-            e.pod,
+            e.pod().unwrap(),
             PodArgs {
                 namespace: "default".into(),
                 name: "web-0".into(),
@@ -236,11 +240,11 @@ mod tests {
     fn missing_or_bad_env_is_code_4() {
         assert_eq!(env(&[]).unwrap_err().code, 4);
         assert_eq!(env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code, 4);
+        let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_ARGS", "novalue")]).unwrap();
         assert_eq!(
-            env(&[("CNI_COMMAND", "ADD"), ("CNI_ARGS", "novalue")])
-                .unwrap_err()
-                .code,
-            4
+            e.pod().unwrap_err().code,
+            4,
+            "malformed CNI_ARGS fails only where it is used"
         );
         let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "-bad")]).unwrap();
         assert_eq!(e.require_container_id().unwrap_err().code, 4);

@@ -93,13 +93,12 @@ fn debug_log(path: &Path, env: Option<&CniEnv>, outcome: &Result<(), CniError>, 
         || "env=invalid".to_string(),
         |e| {
             format!(
-                "{} container={} ifname={} netns={} pod={}/{}",
+                "{} container={} ifname={} netns={} args={}",
                 e.command.as_str(),
                 e.container_id.as_deref().unwrap_or("-"),
                 e.ifname.as_deref().unwrap_or("-"),
                 e.netns.as_deref().unwrap_or("-"),
-                e.pod.namespace,
-                e.pod.name
+                e.args.as_deref().unwrap_or("-")
             )
         },
     );

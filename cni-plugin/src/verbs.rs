@@ -102,10 +102,11 @@ fn add(env: &CniEnv, conf: &NetConf, node: &impl NodeApi) -> Result<Output, CniE
     let prev = validate_prev_result(conf.prev_result.as_ref(), conf.cni_version)?;
     require_netns_exists(netns)?;
 
+    let args = env.pod()?;
     let pod = PodMeta {
-        namespace: env.pod.namespace.clone(),
-        name: env.pod.name.clone(),
-        uid: env.pod.uid.clone(),
+        namespace: args.namespace,
+        name: args.name,
+        uid: args.uid,
         ..PodMeta::default()
     };
     let ours = node.attach(AttachRequest {

@@ -529,3 +529,30 @@ fn debug_log_goes_to_the_configured_file_only() {
         "{text}"
     );
 }
+
+#[test]
+fn del_tolerates_malformed_cni_args_add_does_not() {
+    let daemon =
+        ScriptedNodeDaemon::start(&[("attach", attach_ok()), ("detach", json!({"ok": null}))]);
+    let with_bad_args = |cmd| -> Vec<(&str, &str)> {
+        cni_env(cmd, NETNS)
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "CNI_ARGS" {
+                    (k, "no-equals-sign")
+                } else {
+                    (k, v)
+                }
+            })
+            .collect()
+    };
+    let out = fleet_cni(
+        &with_bad_args("DEL"),
+        &config("1.0.0", &daemon.socket, None),
+    );
+    assert_eq!(out.exit, 0, "{}", out.stdout);
+    let stdin = config("1.0.0", &daemon.socket, Some(fixture("1.0.0")));
+    fleet_cni(&with_bad_args("ADD"), &stdin).cni_error(4);
+    let ops: Vec<Value> = daemon.requests().iter().map(|r| r["op"].clone()).collect();
+    assert_eq!(ops, ["detach"], "ADD refused before calling the daemon");
+}
