@@ -28,6 +28,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   containerd/trixie runc containernetworking-plugins \
-  iproute2 nftables busybox-static protobuf-compiler iperf3 socat procps \
+  iproute2 nftables busybox-static protobuf-compiler iperf3 socat procps gcc libc6-dev \
   >/dev/null
 containerd --version

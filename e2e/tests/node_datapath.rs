@@ -1,0 +1,360 @@
+//! The node datapath end to end: real containerd 1.7 with Debian's bridge + host-local as the
+//! primary CNI, fleet-cni chained after them, fleet-nri registered over NRI. Needs root.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet_e2e::{
+    BridgeNetwork, Containerd, ContainerdOpts, Cri, FleetNri, PodSpec, TestNetns, poll_until,
+    require_root, workspace_bin,
+};
+use fleet_proto::node::{Attachment, Origin};
+
+const EXEC: Duration = Duration::from_secs(10);
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One node: containerd in its own netns, fleet-nri on its NRI socket. Field order is drop
+/// order: pods go (CNI DEL reaches a live fleet-nri) before the daemon and the netns.
+struct Node {
+    cri: Option<Cri>,
+    containerd: Containerd,
+    nri: Option<FleetNri>,
+    subnet: String,
+    _netns: TestNetns,
+}
+
+impl Node {
+    /// `chained`: put fleet-cni in the conflist. `start_nri`: start fleet-nri now.
+    fn new(tag: &str, fleet_subnet: &str, chained: bool, start_nri: bool) -> Node {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let netns = TestNetns::new(tag);
+        let containerd = Containerd::start(
+            ContainerdOpts::new(tag)
+                .netns(&netns)
+                .cni_plugin(workspace_bin("fleet-cni")),
+        )
+        .unwrap();
+        let mut node = Node {
+            cri: None,
+            containerd,
+            nri: None,
+            subnet: fleet_subnet.to_string(),
+            _netns: netns,
+        };
+        let mut net = BridgeNetwork::new("podnet", &format!("fe2e-br{n}"), "10.244.1.0/24");
+        if start_nri || chained {
+            node.start_nri();
+        }
+        if chained {
+            net = net.chain(node.nri().cni_entry());
+        }
+        net.write_to(&node.containerd).unwrap();
+        let cri = node.containerd.cri().unwrap();
+        cri.wait_network_ready(Duration::from_secs(15)).unwrap();
+        node.cri = Some(cri);
+        node
+    }
+
+    fn start_nri(&mut self) {
+        let nri = FleetNri::start(&self.subnet, Some(&self.containerd.nri_socket())).unwrap();
+        poll_until(
+            "fleet-nri to register over NRI",
+            Duration::from_secs(15),
+            || nri.status().ok().filter(|s| s.nri_registered),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", nri.log()));
+        self.nri = Some(nri);
+    }
+
+    fn nri(&self) -> &FleetNri {
+        self.nri.as_ref().expect("fleet-nri started")
+    }
+
+    fn cri(&self) -> &Cri {
+        self.cri.as_ref().expect("cri connected")
+    }
+
+    fn exec(&self, container: &str, cmd: &[&str]) -> String {
+        let out = self.cri().exec_sync(container, cmd, EXEC).unwrap();
+        assert!(out.success(), "{cmd:?} failed: {out:?}");
+        out.stdout
+    }
+
+    fn attachment_of(&self, sandbox: &str) -> Option<Attachment> {
+        self.nri()
+            .client()
+            .list_attachments()
+            .unwrap()
+            .into_iter()
+            .find(|a| a.key.container_id == sandbox)
+    }
+
+    fn remove_pod(&self, sandbox: &str) {
+        self.cri().stop_pod(sandbox).unwrap();
+        self.cri().remove_pod(sandbox).unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(cri) = self.cri.take() {
+            // Remove pods while fleet-nri still answers CNI DEL.
+            for pod in cri.list_pods().unwrap_or_default() {
+                let _ = cri.stop_pod(&pod.id);
+                let _ = cri.remove_pod(&pod.id);
+            }
+        }
+    }
+}
+
+/// The fleet IP on eth-fleet inside a container, from `ip -4 -o addr`.
+fn fleet_ip(node: &Node, container: &str) -> String {
+    let out = node.exec(container, &["ip", "-4", "-o", "addr", "show", "eth-fleet"]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_else(|| panic!("no inet on eth-fleet: {out}"))
+        .to_string()
+}
+
+#[test]
+fn pods_get_eth_fleet_the_fleet_ip_in_env_and_reach_each_other() {
+    require_root("pods_get_eth_fleet_the_fleet_ip_in_env_and_reach_each_other");
+    let node = Node::new("dp", "100.96.20.0/24", true, true);
+    let web = PodSpec::new("web").namespace("shop").label("app", "web");
+    let (web_sb, web_c) = node.cri().run_busybox_pod(&web).unwrap();
+    let (cli_sb, cli_c) = node
+        .cri()
+        .run_busybox_pod(&PodSpec::new("client").namespace("shop"))
+        .unwrap();
+
+    // eth0 from the primary CNI, untouched; eth-fleet from fleetboard.
+    let eth0 = node.exec(&web_c, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+    assert!(eth0.contains("inet 10.244.1."), "{eth0}");
+    let web_ip = fleet_ip(&node, &web_c);
+    assert!(web_ip.starts_with("100.96.20."), "{web_ip}");
+    let routes = node.exec(&web_c, &["ip", "-4", "route"]);
+    assert!(
+        routes.contains("default via 10.244.1.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("100.96.0.0/12 via 100.96.20.1 dev eth-fleet"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("100.112.0.0/16 via 100.96.20.1 dev eth-fleet"),
+        "{routes}"
+    );
+
+    // The container sees its fleet address, injected through NRI CreateContainer.
+    let env = node.exec(&web_c, &["env"]);
+    assert!(env.contains(&format!("FLEETBOARD_IP={web_ip}")), "{env}");
+
+    // The node's allocations carry the pod's identity and NRI's labels.
+    let att = poll_until(
+        "labels from NRI on the attachment",
+        Duration::from_secs(10),
+        || {
+            node.attachment_of(&web_sb)
+                .filter(|a| a.pod.labels.get("app").map(String::as_str) == Some("web"))
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (att.pod.namespace.as_str(), att.pod.name.as_str()),
+        ("shop", "web")
+    );
+    assert_eq!(att.address.to_string(), web_ip);
+    assert_eq!(att.origin, Origin::Cni);
+
+    // Two pods on the node reach each other over eth-fleet: ICMP and TCP.
+    let cli_ip = fleet_ip(&node, &cli_c);
+    assert_ne!(cli_ip, web_ip);
+    node.exec(
+        &cli_c,
+        &["ping", "-c", "1", "-W", "3", "-I", "eth-fleet", &web_ip],
+    );
+    node.exec(
+        &web_c,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo fleet-hello > /www/index.html && httpd -p 8080 -h /www",
+        ],
+    );
+    let page = node.exec(
+        &cli_c,
+        &[
+            "timeout",
+            "5",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{web_ip}:8080/"),
+        ],
+    );
+    assert_eq!(page.trim(), "fleet-hello");
+
+    // The host netns and the node's netns hold none of the fleet's links.
+    let host = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&host.stdout).contains("fl6460"));
+    assert_eq!(node.nri().host_veths().len(), 2);
+
+    // Deleting a pod leaves no veth and no allocation.
+    node.remove_pod(&web_sb);
+    assert!(node.attachment_of(&web_sb).is_none());
+    assert!(
+        !node.nri().host_veths().contains(&att.host_veth),
+        "{:?}",
+        node.nri().host_veths()
+    );
+    assert!(!node.nri().data_dir().join("ipam").join(&web_ip).exists());
+    node.remove_pod(&cli_sb);
+    assert!(node.nri().host_veths().is_empty());
+    assert_eq!(node.nri().status().unwrap().allocated, 0);
+}
+
+#[test]
+fn a_pod_started_before_fleet_nri_gets_eth_fleet_when_it_starts() {
+    require_root("a_pod_started_before_fleet_nri_gets_eth_fleet_when_it_starts");
+    // The conflist has no fleet-cni: this pod can only get eth-fleet through NRI repair.
+    let mut node = Node::new("repair", "100.96.21.0/24", false, false);
+    let (sb, c) = node
+        .cri()
+        .run_busybox_pod(&PodSpec::new("early").label("tier", "db"))
+        .unwrap();
+    let before = node
+        .cri()
+        .exec_sync(&c, &["ip", "link", "show", "eth-fleet"], EXEC)
+        .unwrap();
+    assert!(!before.success(), "no eth-fleet before the daemon runs");
+
+    node.start_nri();
+    let ip = poll_until(
+        "eth-fleet to appear in the running pod",
+        Duration::from_secs(20),
+        || {
+            let out = node
+                .cri()
+                .exec_sync(&c, &["ip", "-4", "-o", "addr", "show", "eth-fleet"], EXEC)
+                .ok()?;
+            out.success().then_some(()).map(|_| fleet_ip(&node, &c))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.nri().log()));
+    assert!(ip.starts_with("100.96.21."), "{ip}");
+    let att = node.attachment_of(&sb).unwrap();
+    assert_eq!(att.origin, Origin::NriRepair);
+    assert_eq!(att.pod.labels.get("tier").map(String::as_str), Some("db"));
+    let routes = node.exec(&c, &["ip", "-4", "route"]);
+    assert!(
+        routes.contains("100.96.0.0/12 via 100.96.21.1 dev eth-fleet"),
+        "{routes}"
+    );
+
+    // Removing the pod releases the repaired attachment (NRI RemovePodSandbox).
+    node.remove_pod(&sb);
+    poll_until(
+        "the repaired pod's release",
+        Duration::from_secs(10),
+        || {
+            (node.nri().status().ok()?.allocated == 0 && node.nri().host_veths().is_empty())
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn fleet_nri_registers_again_within_2s_of_a_containerd_restart() {
+    require_root("fleet_nri_registers_again_within_2s_of_a_containerd_restart");
+    let mut node = Node::new("restart", "100.96.22.0/24", true, true);
+    let before = node.nri().status().unwrap().nri_registrations;
+    node.cri = None;
+    node.containerd.restart().unwrap();
+    let restarted = Instant::now();
+    poll_until(
+        "re-registration after containerd restart",
+        Duration::from_secs(2),
+        || {
+            node.nri()
+                .status()
+                .ok()
+                .filter(|s| s.nri_registered && s.nri_registrations > before)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.nri().log()));
+    eprintln!(
+        "re-registered {:?} after containerd answered again",
+        restarted.elapsed()
+    );
+
+    // And it works: a new pod's container gets its fleet IP injected.
+    node.cri = Some(node.containerd.cri().unwrap());
+    node.cri()
+        .wait_network_ready(Duration::from_secs(15))
+        .unwrap();
+    let (_, c) = node.cri().run_busybox_pod(&PodSpec::new("after")).unwrap();
+    let ip = fleet_ip(&node, &c);
+    assert!(
+        node.exec(&c, &["env"])
+            .contains(&format!("FLEETBOARD_IP={ip}"))
+    );
+}
+
+#[test]
+fn fleet_nri_kill_9_keeps_pods_and_addresses_and_never_duplicates() {
+    require_root("fleet_nri_kill_9_keeps_pods_and_addresses_and_never_duplicates");
+    let mut node = Node::new("kill", "100.96.23.0/24", true, true);
+    let (a_sb, a_c) = node.cri().run_busybox_pod(&PodSpec::new("a")).unwrap();
+    let a_ip = fleet_ip(&node, &a_c);
+
+    node.nri.as_mut().unwrap().kill9();
+    // While the daemon is down a new pod fails cleanly (CNI 11: try again later).
+    let err = node
+        .cri()
+        .run_pod(&PodSpec::new("while-down"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fleet-nri is not reachable") || err.contains("try again"),
+        "{err}"
+    );
+    // The running pod keeps its link.
+    assert_eq!(fleet_ip(&node, &a_c), a_ip);
+
+    node.nri.as_mut().unwrap().spawn().unwrap();
+    poll_until(
+        "re-registration after kill -9",
+        Duration::from_secs(10),
+        || node.nri().status().ok().filter(|s| s.nri_registered),
+    )
+    .unwrap();
+    let att = node
+        .attachment_of(&a_sb)
+        .expect("allocation survives kill -9");
+    assert_eq!(att.address.to_string(), a_ip);
+    let (_, b_c) = node.cri().run_busybox_pod(&PodSpec::new("b")).unwrap();
+    let b_ip = fleet_ip(&node, &b_c);
+    assert_ne!(b_ip, a_ip, "the next pod gets a fresh address");
+    node.exec(
+        &b_c,
+        &["ping", "-c", "1", "-W", "3", "-I", "eth-fleet", &a_ip],
+    );
+    // Exactly the two live pods hold addresses: the failed pod left nothing.
+    poll_until(
+        "only live pods hold addresses",
+        Duration::from_secs(10),
+        || {
+            (node.nri().status().ok()?.allocated == 2 && node.nri().host_veths().len() == 2)
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", node.nri().client().list_attachments()));
+}
