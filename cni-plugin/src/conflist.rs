@@ -222,6 +222,15 @@ pub fn add_in_dir(dir: &Path, socket: &str) -> Result<(PathBuf, Change), Conflis
     let mut list = conf_to_conflist(doc).map_err(not_a_config(&active))?;
     let change = add_entry(&mut list, socket).map_err(not_a_config(&active))?;
     let target = active.with_extension("conflist");
+    if target.exists() {
+        return Err(ConflistError::NotAConfig {
+            path: active.clone(),
+            why: format!(
+                "it is the active config but {} exists too; remove the one you do not use",
+                target.display()
+            ),
+        });
+    }
     write_json(&target, &list, mode_of(&active))?;
     let backup = PathBuf::from(format!("{}.fleet-cni-orig", active.display()));
     fs::rename(&active, &backup).map_err(|source| ConflistError::Write {

@@ -152,6 +152,22 @@ fn conf_dir_picks_the_lexically_first_and_converts_a_conf() {
         bridge_conflist(),
         "only the active file is edited"
     );
+
+    // A .conf shadowing a .conflist of the same stem is refused rather than overwritten.
+    fs::write(dir.path().join("05-twin.conf"), text(&conf)).unwrap();
+    fs::write(dir.path().join("05-twin.conflist"), "precious").unwrap();
+    let out = fleet_cni(&[
+        "conflist",
+        "add",
+        "--conf-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("05-twin.conflist exists too"));
+    assert_eq!(
+        fs::read_to_string(dir.path().join("05-twin.conflist")).unwrap(),
+        "precious"
+    );
 }
 
 #[test]
