@@ -23,24 +23,37 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// Path of a built workspace binary, from `target/debug` then `target/release`.
-/// Panics with what to do when it is not built.
+/// Path of a built workspace binary: beside the running executable first (so a release
+/// `fleet-sandbox` or bench uses release binaries, a test uses its profile's), then
+/// `target/debug`, then `target/release`. Panics with what to do when it is not built.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let target = target_dir();
-    let candidates = [
-        target.join("debug").join(name),
-        target.join("release").join(name),
-    ];
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from));
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe_dir {
+        candidates.push(dir.join(name));
+        // Tests run from <profile>/deps.
+        if let Some(profile) = dir.parent().filter(|_| dir.ends_with("deps")) {
+            candidates.push(profile.join(name));
+        }
+    }
+    candidates.push(target.join("debug").join(name));
+    candidates.push(target.join("release").join(name));
     for c in &candidates {
         if c.is_file() {
             return c.clone();
         }
     }
     panic!(
-        "binary `{name}` not found (looked in {} and {}): build it first with \
+        "binary `{name}` not found (looked in {}): build it first with \
          cargo build --workspace --bins",
-        candidates[0].display(),
-        candidates[1].display()
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
 

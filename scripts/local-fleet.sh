@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install the runtime pieces, build fleetboard, and run a local
+# fleet node (containerd + fleet-cni + fleet-nri, pods with eth-fleet) until Ctrl-C.
+# Pass --once to tear down right after the demo, --pods N for more pods.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "local-fleet.sh: run as root (it installs packages, creates netns and runs containerd)" >&2
+  exit 1
+fi
+bash scripts/install-deps.sh
+if [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+cargo build --release --workspace --bins
+exec target/release/fleet-sandbox "$@"
