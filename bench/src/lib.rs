@@ -6,6 +6,7 @@
 //! - [`cni_bench`]: the `cni-add` / `cni-del` benchmark;
 //! - [`cni`]: invoking a CNI plugin binary from inside a chosen netns, timed;
 //! - [`daemon`]: a `fleet-nri` process with its own dirs and CNF netns, stopped by PID;
+//! - [`node`]: a private containerd with or without fleetboard chained (`pod-start`, `nri-memory`);
 //! - [`bins`]: the release binaries under test.
 //!
 //! Everything runs in network namespaces the benchmark creates; guards delete them, stop the
@@ -15,6 +16,7 @@ pub mod bins;
 pub mod cni;
 pub mod cni_bench;
 pub mod daemon;
+pub mod node;
 pub mod stats;
 
 /// Fails with what to do when not root (netns, mounts and containerd need it).

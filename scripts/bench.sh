@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the release binaries and runs every benchmark under bench/, as root, tee-ing all
+# output into bench/results/latest.txt. Each benchmark ends with one line
+#   bench <name> ours=<x> baseline=<y> ratio=<r> target=<t>
+# and the summary at the end repeats those lines. Benchmarks never fail on a missed target;
+# a benchmark that cannot run fails this script.
+#
+#   scripts/bench.sh                 # all of them
+#   scripts/bench.sh cni-add pod-start
+#   BENCH_ARGS_cni_add="--iterations 50" scripts/bench.sh cni-add
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/bench.sh: the benchmarks create network namespaces and run containerd: run as root" >&2
+  exit 1
+fi
+for tool in containerd runc ctr nsenter ip /usr/lib/cni/bridge /usr/lib/cni/host-local; do
+  command -v "$tool" >/dev/null || [ -x "$tool" ] || {
+    echo "scripts/bench.sh: $tool is missing; run scripts/install-deps.sh first" >&2
+    exit 1
+  }
+done
+
+benches=("$@")
+[ ${#benches[@]} -gt 0 ] || benches=(cni-add cni-del pod-start nri-memory)
+
+cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench
+
+mkdir -p bench/results
+out=bench/results/latest.txt
+target_dir=${CARGO_TARGET_DIR:-target}
+{
+  echo "# scripts/bench.sh $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# $(uname -sr), $(nproc) cpus, load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$out"
+for b in "${benches[@]}"; do
+  var="BENCH_ARGS_${b//-/_}"
+  echo "## $b ${!var:-}" | tee -a "$out"
+  # shellcheck disable=SC2086 # the extra args are meant to split
+  "$target_dir/release/$b" ${!var:-} 2>&1 | tee -a "$out"
+done
+{
+  echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# summary"
+  grep '^bench ' "$out"
+} | tee -a "$out.tmp"
+cat "$out.tmp" >> "$out" && rm -f "$out.tmp"
