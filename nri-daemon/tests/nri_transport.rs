@@ -330,7 +330,7 @@ mod fake_runtime {
     use fleet_nri::nri::mux;
     use fleet_proto::nri::{api, api_ttrpc};
     use futures::StreamExt as _;
-    use tokio::io::AsyncWriteExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::UnixListener;
     use ttrpc::r#async::transport::{Listener, Socket};
     use ttrpc::r#async::{Client, Server, TtrpcContext};
@@ -465,7 +465,12 @@ mod fake_runtime {
             ..Default::default()
         };
         plugin.state_change(ctx(), &big).await.unwrap();
-        recorder.wait_for_async("pod_started d").await;
+        recorder
+            .wait_for_async(
+                "pod_started d",
+                |s| matches!(s, Seen::Started(p) if p.id == "d"),
+            )
+            .await;
         assert!(status.registered());
 
         // Garbage on the trunk: the plugin drops the connection and connects again.
@@ -481,10 +486,42 @@ mod fake_runtime {
             .write_all(b"\x00\x00\x00\x01\xff\xff\xff\xffnot a frame")
             .await
             .unwrap();
-        let (_conn3, _) = tokio::time::timeout(WAIT, listener.accept())
+        let (conn3, _) = tokio::time::timeout(WAIT, listener.accept())
             .await
             .expect("plugin did not reconnect after garbage")
             .unwrap();
+
+        // Well-framed garbage inside connection 1: a ttrpc request whose payload is not a
+        // protobuf Request. The plugin answers with an error status and keeps serving.
+        let mut m = mux::spawn(conn3);
+        let mut plugin_conn = m.plugin.take().unwrap();
+        let garbage = [0xffu8, 0xff, 0xff];
+        let mut msg = (garbage.len() as u32).to_be_bytes().to_vec();
+        msg.extend_from_slice(&1u32.to_be_bytes()); // stream id 1
+        msg.extend_from_slice(&[1, 0]); // type request, no flags
+        msg.extend_from_slice(&garbage);
+        plugin_conn.write_all(&msg).await.unwrap();
+        let mut header = [0u8; 10];
+        tokio::time::timeout(WAIT, plugin_conn.read_exact(&mut header))
+            .await
+            .expect("no answer to a malformed request")
+            .unwrap();
+        assert_eq!(&header[4..8], &1u32.to_be_bytes(), "answer for stream 1");
+        assert_eq!(header[8], 2, "a response message");
+        let len = u32::from_be_bytes(header[0..4].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        plugin_conn.read_exact(&mut body).await.unwrap();
+        let resp = <ttrpc::Response as protobuf::Message>::parse_from_bytes(&body).unwrap();
+        assert_ne!(resp.status.code(), ttrpc::Code::OK, "{resp:?}");
+        let client = Client::new(Socket::new(plugin_conn));
+        let plugin = api_ttrpc::PluginClient::new(client);
+        let cfg = plugin.configure(ctx(), &Default::default()).await.unwrap();
+        assert_eq!(
+            cfg.events, 0b1111,
+            "plugin still serves after the malformed request"
+        );
+        drop(plugin);
+        drop(m);
         assert_eq!(status.registrations(), 1);
         assert!(!run.is_finished(), "run ended on garbage");
 
@@ -497,16 +534,10 @@ mod fake_runtime {
     }
 
     impl Recorder {
-        async fn wait_for_async(&self, what: &str) {
+        /// `wait_for` for async tests: polls without blocking the runtime.
+        async fn wait_for_async(&self, what: &str, pick: impl Fn(&Seen) -> bool) {
             let deadline = Instant::now() + WAIT;
-            loop {
-                if self
-                    .seen()
-                    .iter()
-                    .any(|s| matches!(s, Seen::Started(p) if p.id == "d"))
-                {
-                    return;
-                }
+            while !self.seen().iter().any(&pick) {
                 assert!(
                     Instant::now() < deadline,
                     "timed out waiting for {what}: {:?}",

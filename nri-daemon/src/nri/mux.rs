@@ -42,6 +42,8 @@ pub enum MuxError {
     Oversized { conn: u32, len: usize },
     #[error("NRI peer closed the connection in the middle of a frame")]
     Truncated,
+    #[error("the local ttrpc side of NRI connection {conn} closed (protocol error on it)")]
+    LocalClosed { conn: u32 },
 }
 
 /// Appends `data` to `out` as frames for `conn`, none with more than [`MAX_WRITE_PAYLOAD`]
@@ -164,9 +166,8 @@ where
                     continue;
                 }
             };
-            if let Err(e) = pipe.write_all(&payload).await {
-                // ttrpc closed its end; the session is going away anyway.
-                tracing::debug!(conn, error = %e, "NRI frame for a closed local connection dropped");
+            if pipe.write_all(&payload).await.is_err() {
+                return Err(MuxError::LocalClosed { conn });
             }
         }
         tracing::debug!("NRI runtime closed the connection");
@@ -180,8 +181,9 @@ where
     }
 }
 
-/// Copies what ttrpc writes on one logical connection into frames on the trunk. Returns only
-/// on a trunk write error; when ttrpc closes its end the pump idles until the mux ends.
+/// Copies what ttrpc writes on one logical connection into frames on the trunk. Returns on a
+/// trunk write error, or when ttrpc closes its end: ttrpc only does that after a protocol
+/// error, and a session with one dead connection must be replaced, not kept.
 async fn pump<R, W>(conn: u32, mut from: R, trunk: Arc<Mutex<WriteHalf<W>>>) -> Result<(), MuxError>
 where
     R: AsyncRead + Unpin,
@@ -191,7 +193,7 @@ where
     let mut frame = Vec::with_capacity(HEADER_LEN + MAX_WRITE_PAYLOAD);
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return Err(MuxError::LocalClosed { conn }),
             Ok(n) => n,
         };
         frame.clear();
@@ -200,8 +202,6 @@ where
         w.write_all(&frame).await?;
         w.flush().await?;
     }
-    std::future::pending::<()>().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -337,6 +337,20 @@ mod tests {
             .expect("plugin pipe did not end")
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn closing_a_local_connection_ends_the_mux() {
+        let (_runtime_side, trunk) = tokio::io::duplex(4096);
+        let mut mux = spawn(trunk);
+        drop(mux.runtime.take());
+        let r = tokio::time::timeout(WAIT, mux.closed())
+            .await
+            .expect("mux hung");
+        assert!(
+            matches!(r, Err(MuxError::LocalClosed { conn: RUNTIME_CONN })),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
