@@ -6,9 +6,14 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=nri/api.proto");
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var_os("CARGO_FEATURE_NRI").is_none() {
-        return;
-    }
+    generate();
+}
+
+#[cfg(not(feature = "nri"))]
+fn generate() {}
+
+#[cfg(feature = "nri")]
+fn generate() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nri");
     std::fs::create_dir_all(&out).expect("create OUT_DIR/nri");
     ttrpc_codegen::Codegen::new()

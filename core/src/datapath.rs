@@ -29,7 +29,7 @@ use rtnetlink::{
 };
 
 use crate::config::{NodeLocal, NodePlan, POD_INTERFACE};
-use crate::ipam::is_host_veth_name;
+use crate::ipam::{is_host_veth_name, pod_mac};
 use crate::netns::{self, NetnsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -339,13 +339,6 @@ impl NodeDatapath {
     fn route_targets(&self) -> Vec<Ipv4Network> {
         vec![self.plan.fleet_cidr, self.plan.vip_range]
     }
-}
-
-/// MAC of a pod's `eth-fleet`: derived from its fleet address (unique fleet-wide), locally
-/// administered, so a re-attached pod keeps its MAC and neighbours' caches stay valid.
-pub fn pod_mac(address: Ipv4Addr) -> [u8; 6] {
-    let o = address.octets();
-    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
 fn libc_eexist() -> i32 {

@@ -128,6 +128,7 @@ impl NodeIpam {
             }
             record.address = candidate;
             record.host_veth = host_veth_name(candidate);
+            record.mac = format_mac(pod_mac(candidate));
             if self.claim(&record)? {
                 state.cursor = candidate;
                 self.write_cursor(candidate);
@@ -248,6 +249,20 @@ impl NodeIpam {
 /// address is, and within the 15 bytes Linux allows.
 pub fn host_veth_name(address: Ipv4Addr) -> String {
     format!("fl{:08x}", u32::from(address))
+}
+
+/// MAC of a pod's `eth-fleet`: derived from its fleet address (unique fleet-wide), locally
+/// administered, so a re-attached pod keeps its MAC and neighbours' caches stay valid.
+pub fn pod_mac(address: Ipv4Addr) -> [u8; 6] {
+    let o = address.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// True for names [`host_veth_name`] makes.

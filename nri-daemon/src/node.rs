@@ -133,19 +133,15 @@ impl Node {
                 let changed = att.mac != link.mac || att.netns != req.netns;
                 att.mac = link.mac;
                 att.netns = req.netns.clone();
-                if changed {
-                    if let Err(e) = self.ipam.update(&att) {
-                        tracing::warn!(error = %e, address = %att.address, "cannot record the pod's MAC; the allocation stands");
-                    }
+                if changed && let Err(e) = self.ipam.update(&att) {
+                    tracing::warn!(error = %e, address = %att.address, "cannot record the pod's link; the allocation stands");
                 }
                 tracing::info!(container = %att.key.container_id, pod = %att.pod.name, namespace = %att.pod.namespace, address = %att.address, ?origin, "pod attached");
                 Ok(self.result_of(&att))
             }
             Err(e) => {
-                if new {
-                    if let Err(re) = self.ipam.release(&att.key, &att.network) {
-                        tracing::error!(error = %re, address = %att.address, "cannot release after a failed attach");
-                    }
+                if new && let Err(re) = self.ipam.release(&att.key, &att.network) {
+                    tracing::error!(error = %re, address = %att.address, "cannot release after a failed attach");
                 }
                 let code = if e.is_netns_missing() {
                     code::CONTAINER_UNKNOWN
