@@ -358,3 +358,62 @@ fn fleet_nri_kill_9_keeps_pods_and_addresses_and_never_duplicates() {
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}", node.nri().client().list_attachments()));
 }
+
+#[test]
+fn allocations_of_pods_that_vanished_while_fleet_nri_was_down_are_released_on_sync() {
+    require_root("allocations_of_pods_that_vanished_while_fleet_nri_was_down_are_released_on_sync");
+    let mut node = Node::new("vanish", "100.96.24.0/24", true, true);
+    let (live_sb, live_c) = node.cri().run_busybox_pod(&PodSpec::new("live")).unwrap();
+    let live_ip = fleet_ip(&node, &live_c);
+    node.nri.as_mut().unwrap().stop();
+
+    // While the daemon is down, a pod it allocated for disappears without a CNI DEL (its
+    // runtime state was lost): its record and veth stay behind. Build that leftover from a
+    // real record, aged past the reconcile grace period.
+    let ipam = node.nri().data_dir().join("ipam");
+    let mut ghost: Attachment =
+        serde_json::from_slice(&std::fs::read(ipam.join(&live_ip)).unwrap()).unwrap();
+    ghost.key.container_id = "ghost-sandbox".into();
+    ghost.address = "100.96.24.200".parse().unwrap();
+    ghost.host_veth = "fl646018c8".into();
+    ghost.created_unix = 0;
+    std::fs::write(
+        ipam.join("100.96.24.200"),
+        serde_json::to_vec(&ghost).unwrap(),
+    )
+    .unwrap();
+    let cnf = node.nri().cnf_netns().to_string();
+    fleet_e2e::ip_in(
+        &cnf,
+        &[
+            "link",
+            "add",
+            "fl646018c8",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ghost-peer",
+        ],
+    )
+    .unwrap();
+
+    node.nri.as_mut().unwrap().spawn().unwrap();
+    poll_until(
+        "the vanished pod's release on Synchronize",
+        Duration::from_secs(15),
+        || {
+            let listed = node.nri().client().list_attachments().ok()?;
+            let veths = node.nri().host_veths();
+            (listed.len() == 1 && !veths.contains(&"fl646018c8".to_string())).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.nri().log()));
+    // The live pod is untouched.
+    assert_eq!(
+        node.attachment_of(&live_sb).unwrap().address.to_string(),
+        live_ip
+    );
+    assert_eq!(fleet_ip(&node, &live_c), live_ip);
+    assert!(!ipam.join("100.96.24.200").exists());
+}
