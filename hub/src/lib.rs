@@ -1,0 +1,12 @@
+//! fleetboard's hub: the registry of member clusters, their fleet blocks, WireGuard keys and
+//! published records, and the join tokens — kept in a revisioned [`store::Store`] (an embedded
+//! file by default, etcd for several hub replicas).
+//!
+//! - [`store`]: the store trait and its two backends;
+//! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership).
+
+pub mod registry;
+pub mod store;
+
+pub use registry::{Registry, RegistryError};
+pub use store::{Store, StoreError};

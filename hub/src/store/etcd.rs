@@ -1,0 +1,332 @@
+//! The etcd store: for several hub replicas sharing one state.
+//!
+//! Every key lives under a namespace prefix (default `/fleetboard/`), so the hub can share an
+//! etcd with others. Revisions are etcd's own (mod revisions), so they are global to the etcd
+//! cluster: monotonic, but not contiguous for our keys. Watch resume maps to etcd's
+//! `start_revision`; a compacted start is etcd's `compact_revision` answer, reported as
+//! [`StoreError::Compacted`]. A watch stream that loses its connection re-creates itself
+//! from the last revision it delivered, so a short etcd outage costs no changes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp,
+    WatchOptions,
+};
+
+use super::{
+    Change, Condition, KeyValue, Listing, Op, Revision, Store, StoreError, Txn, TxnOutcome,
+    WatchStream,
+};
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Prepended to every key; ends in `/`.
+    pub namespace: String,
+    /// Deadline of every unary request.
+    pub request_timeout: Duration,
+    /// How long a watch keeps trying to re-establish itself before it reports the failure.
+    pub watch_retry_for: Duration,
+}
+
+impl EtcdOptions {
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        EtcdOptions {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            namespace: "/fleetboard/".into(),
+            request_timeout: Duration::from_secs(5),
+            watch_retry_for: Duration::from_secs(30),
+        }
+    }
+
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+}
+
+/// The etcd-backed [`Store`]. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    options: EtcdOptions,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.options.namespace)
+            .finish()
+    }
+}
+
+fn rev_i64(rev: Revision) -> i64 {
+    i64::try_from(rev).unwrap_or(i64::MAX)
+}
+
+fn rev_u64(rev: i64) -> Revision {
+    rev.max(0) as Revision
+}
+
+impl EtcdStore {
+    /// Connects and checks that etcd answers within the request timeout.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        let endpoints = options.endpoints.join(",");
+        let connect = Client::connect(
+            &options.endpoints,
+            Some(ConnectOptions::new().with_connect_timeout(options.request_timeout)),
+        );
+        let client = match tokio::time::timeout(options.request_timeout, connect).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(source)) => {
+                return Err(StoreError::Etcd {
+                    endpoints,
+                    operation: "connect",
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(StoreError::Timeout {
+                    endpoints,
+                    operation: "connect",
+                    timeout_ms: options.request_timeout.as_millis(),
+                });
+            }
+        };
+        let store = EtcdStore {
+            client,
+            options,
+            endpoints,
+        };
+        let revision = store.revision().await?;
+        tracing::info!(endpoints = %store.endpoints, namespace = %store.options.namespace, revision, "connected to etcd");
+        Ok(store)
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.options.namespace)
+    }
+
+    fn strip(&self, key: &[u8]) -> String {
+        let key = String::from_utf8_lossy(key);
+        key.strip_prefix(self.options.namespace.as_str())
+            .unwrap_or(&key)
+            .to_string()
+    }
+
+    fn kv(&self, kv: &etcd_client::KeyValue) -> KeyValue {
+        KeyValue {
+            key: self.strip(kv.key()),
+            value: kv.value().to_vec(),
+            create_revision: rev_u64(kv.create_revision()),
+            mod_revision: rev_u64(kv.mod_revision()),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.options.request_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(StoreError::Etcd {
+                endpoints: self.endpoints.clone(),
+                operation,
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                endpoints: self.endpoints.clone(),
+                operation,
+                timeout_ms: self.options.request_timeout.as_millis(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .call("get", client.get(self.full_key(key), None))
+            .await?;
+        Ok(resp.kvs().first().map(|kv| self.kv(kv)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .call(
+                "list",
+                client.get(self.full_key(prefix), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut items: Vec<KeyValue> = resp.kvs().iter().map(|kv| self.kv(kv)).collect();
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Listing {
+            items,
+            revision: rev_u64(resp.header().map_or(0, |h| h.revision())),
+        })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        txn.check_keys()?;
+        let compares: Vec<Compare> = txn
+            .conditions
+            .iter()
+            .map(|c| match c {
+                Condition::Absent(key) => {
+                    Compare::create_revision(self.full_key(key), CompareOp::Equal, 0)
+                }
+                Condition::Exists(key) => {
+                    Compare::create_revision(self.full_key(key), CompareOp::Greater, 0)
+                }
+                Condition::ModRevision(key, rev) => {
+                    Compare::mod_revision(self.full_key(key), CompareOp::Equal, rev_i64(*rev))
+                }
+            })
+            .collect();
+        let ops: Vec<TxnOp> = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(self.full_key(key), value.clone(), None),
+                Op::Delete { key } => TxnOp::delete(self.full_key(key), None),
+            })
+            .collect();
+        let mut client = self.client.clone();
+        let resp = self
+            .call(
+                "txn",
+                client.txn(etcd_client::Txn::new().when(compares).and_then(ops)),
+            )
+            .await?;
+        if !resp.succeeded() {
+            return Ok(TxnOutcome::ConditionFailed);
+        }
+        Ok(TxnOutcome::Committed {
+            revision: rev_u64(resp.header().map_or(0, |h| h.revision())),
+        })
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
+        let store = self.clone();
+        let prefix = prefix.to_string();
+        let full_prefix = self.full_key(&prefix);
+        Ok(Box::pin(async_stream::stream! {
+            let mut last = after;
+            let mut retry_since: Option<tokio::time::Instant> = None;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev_i64(last.saturating_add(1)));
+                let mut client = store.client.clone();
+                let opened = store.call("watch", client.watch(full_prefix.clone(), Some(options))).await;
+                let failure = match opened {
+                    Err(e) => e,
+                    Ok(mut stream) => loop {
+                        // No deadline here: a watch waits for changes as long as its consumer
+                        // keeps it; dropping the stream cancels it.
+                        match stream.message().await {
+                            Ok(Some(resp)) => {
+                                if resp.compact_revision() > 0 {
+                                    yield Err(StoreError::Compacted {
+                                        after: last,
+                                        compacted: rev_u64(resp.compact_revision()),
+                                    });
+                                    return;
+                                }
+                                if resp.canceled() {
+                                    yield Err(StoreError::WatchCancelled {
+                                        prefix: prefix.clone(),
+                                        reason: resp.cancel_reason().to_string(),
+                                    });
+                                    return;
+                                }
+                                retry_since = None;
+                                backoff = Duration::from_millis(100);
+                                for event in resp.events() {
+                                    let Some(kv) = event.kv() else { continue };
+                                    let revision = rev_u64(kv.mod_revision());
+                                    if revision <= last && revision != 0 {
+                                        // Already delivered before a reconnect.
+                                        continue;
+                                    }
+                                    let change = match event.event_type() {
+                                        EventType::Put => Change::Put(store.kv(kv)),
+                                        EventType::Delete => Change::Delete {
+                                            key: store.strip(kv.key()),
+                                            revision,
+                                        },
+                                    };
+                                    yield Ok(change);
+                                }
+                                // Events of one revision come in one response: advance after it.
+                                if let Some(rev) = resp.events().iter().filter_map(|e| e.kv()).map(|kv| rev_u64(kv.mod_revision())).max() {
+                                    last = last.max(rev);
+                                }
+                            }
+                            Ok(None) => {
+                                break StoreError::WatchCancelled {
+                                    prefix: prefix.clone(),
+                                    reason: "etcd closed the watch stream".into(),
+                                };
+                            }
+                            Err(source) => {
+                                break StoreError::Etcd {
+                                    endpoints: store.endpoints.clone(),
+                                    operation: "watch",
+                                    source,
+                                };
+                            }
+                        }
+                    },
+                };
+                let since = *retry_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= store.options.watch_retry_for {
+                    yield Err(failure);
+                    return;
+                }
+                tracing::warn!(prefix, last, error = %failure, "etcd watch interrupted; resuming from the last delivered revision");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        self.call(
+            "compact",
+            client.compact(
+                rev_i64(revision),
+                Some(CompactionOptions::new().with_physical()),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .call(
+                "revision",
+                client.get(
+                    self.options.namespace.clone(),
+                    Some(GetOptions::new().with_count_only()),
+                ),
+            )
+            .await?;
+        Ok(rev_u64(resp.header().map_or(0, |h| h.revision())))
+    }
+}

@@ -1,0 +1,393 @@
+//! The registry suite, run on each store backend. Each function gets two handles on one fresh
+//! store: the same handle for the embedded store, two separate etcd connections ("two hub
+//! replicas") for etcd.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fleet_hub::registry::{
+    ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, JoinToken, ManualClock,
+    PublicKey, Registry, RegistryError, RegistryEvent, SystemClock,
+};
+use fleet_hub::store::Store;
+use futures::StreamExt;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn id(s: &str) -> ClusterId {
+    ClusterId::new(s).unwrap()
+}
+
+fn key(n: u8) -> PublicKey {
+    PublicKey::from_bytes([n; 32])
+}
+
+fn request(cluster: &str, n: u8) -> JoinRequest {
+    JoinRequest {
+        cluster: id(cluster),
+        public_key: key(n),
+        endpoint: None,
+    }
+}
+
+async fn registry(store: Arc<dyn Store>, layout: FleetLayout) -> Registry {
+    Registry::open(store, layout, Arc::new(SystemClock))
+        .await
+        .unwrap()
+}
+
+fn small_layout() -> FleetLayout {
+    // 4 blocks of /30.
+    FleetLayout::new("198.18.0.0/28".parse().unwrap(), 30).unwrap()
+}
+
+pub async fn join_allocates_blocks_and_rejoin_keeps_them(store: Arc<dyn Store>, _: Arc<dyn Store>) {
+    let reg = registry(store, FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "test").await.unwrap();
+    let aa = reg.join(&token, request("aa", 1)).await.unwrap();
+    let bb = reg.join(&token, request("bb", 2)).await.unwrap();
+    assert_eq!(aa.block.to_string(), "100.96.0.0/20");
+    assert_eq!(bb.block.to_string(), "100.96.16.0/20");
+    assert_eq!(aa.gateway, GatewayState::Pending);
+
+    // A restarted member re-joins: same block; a new key or endpoint is taken.
+    let again = reg.join(&token, request("aa", 1)).await.unwrap();
+    assert_eq!(again, aa);
+    let mut moved = request("aa", 9);
+    moved.endpoint = Some("203.0.113.7:51820".parse().unwrap());
+    let again = reg.join(&token, moved).await.unwrap();
+    assert_eq!(again.block, aa.block);
+    assert_eq!(again.public_key, key(9));
+    assert_eq!(
+        reg.get_cluster(&id("aa")).await.unwrap().unwrap().endpoint,
+        Some("203.0.113.7:51820".parse().unwrap())
+    );
+    let (clusters, _) = reg.list_clusters().await.unwrap();
+    assert_eq!(clusters.len(), 2);
+}
+
+/// Two registries (two hub replicas) join 24 clusters concurrently: all blocks distinct.
+pub async fn concurrent_joins_get_distinct_blocks(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
+    let one = registry(store, FleetLayout::default()).await;
+    let two = registry(replica, FleetLayout::default()).await;
+    let (token, _) = one.create_token(DAY, "race").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..24u8 {
+        let reg = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            reg.join(&token, request(&format!("c{i}"), i))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut blocks = HashSet::new();
+    for t in tasks {
+        let record = t.await.unwrap();
+        assert!(
+            FleetLayout::default()
+                .fleet_cidr
+                .contains(record.block.network()),
+            "{record:?}"
+        );
+        assert!(
+            blocks.insert(record.block),
+            "block {} handed out twice",
+            record.block
+        );
+    }
+    assert_eq!(blocks.len(), 24);
+    let (clusters, _) = two.list_clusters().await.unwrap();
+    assert_eq!(clusters.len(), 24);
+}
+
+pub async fn exhausted_fleet_is_a_clear_error_without_change(
+    store: Arc<dyn Store>,
+    _: Arc<dyn Store>,
+) {
+    let reg = registry(store.clone(), small_layout()).await;
+    let (token, _) = reg.create_token(DAY, "small").await.unwrap();
+    for i in 0..4u8 {
+        reg.join(&token, request(&format!("m{i}"), i))
+            .await
+            .unwrap();
+    }
+    let before = store.revision().await.unwrap();
+    let (clusters_before, _) = reg.list_clusters().await.unwrap();
+    let err = reg.join(&token, request("late", 99)).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::FleetExhausted { blocks: 4, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("198.18.0.0/28"), "{err}");
+    assert_eq!(store.revision().await.unwrap(), before, "no state change");
+    assert_eq!(reg.list_clusters().await.unwrap().0, clusters_before);
+    assert_eq!(reg.get_cluster(&id("late")).await.unwrap(), None);
+
+    // A member already in keeps its block even when the fleet is full.
+    reg.join(&token, request("m2", 2)).await.unwrap();
+
+    // Removing a cluster frees its block for the next join.
+    let freed = reg.get_cluster(&id("m1")).await.unwrap().unwrap().block;
+    assert!(reg.remove_cluster(&id("m1")).await.unwrap());
+    let late = reg.join(&token, request("late", 99)).await.unwrap();
+    assert_eq!(late.block, freed);
+}
+
+pub async fn tokens_verify_expire_and_revoke(store: Arc<dyn Store>, _: Arc<dyn Store>) {
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+    ));
+    let reg = Registry::open(store.clone(), FleetLayout::default(), clock.clone())
+        .await
+        .unwrap();
+    let (short, short_info) = reg
+        .create_token(Duration::from_secs(60), "short")
+        .await
+        .unwrap();
+    let (long, _) = reg.create_token(DAY, "long").await.unwrap();
+    let (revoked, _) = reg.create_token(DAY, "to revoke").await.unwrap();
+
+    assert_eq!(reg.verify_token(&short).await.unwrap(), short_info);
+
+    // Listing shows ids and metadata, never a secret or its hash; neither does the store.
+    let listed = reg.list_tokens().await.unwrap();
+    assert_eq!(listed.len(), 3);
+    let listed_json = serde_json::to_string(&listed).unwrap();
+    let stored = store.list("tokens/").await.unwrap();
+    for token in [&short, &long, &revoked] {
+        let text = token.expose_secret();
+        let secret = text.split_once('.').unwrap().1;
+        assert!(!listed_json.contains(secret));
+        assert!(!format!("{token:?}").contains(secret), "Debug redacts");
+        for kv in &stored.items {
+            assert!(
+                !String::from_utf8_lossy(&kv.value).contains(secret),
+                "stored as a hash only"
+            );
+        }
+    }
+    assert!(!listed_json.contains("sha256"));
+
+    // Wrong secret and unknown id: invalid.
+    let forged = JoinToken::parse(&format!("{}.{}", short.id(), "0".repeat(64))).unwrap();
+    assert!(matches!(
+        reg.verify_token(&forged).await,
+        Err(RegistryError::TokenInvalid { .. })
+    ));
+    let unknown = JoinToken::parse(&format!("{}.{}", "f".repeat(12), "0".repeat(64))).unwrap();
+    assert!(matches!(
+        reg.verify_token(&unknown).await,
+        Err(RegistryError::TokenInvalid { .. })
+    ));
+
+    // Revoked.
+    let info = reg.revoke_token(revoked.id()).await.unwrap();
+    assert!(info.revoked_at.is_some());
+    assert!(matches!(
+        reg.verify_token(&revoked).await,
+        Err(RegistryError::TokenRevoked { .. })
+    ));
+    assert!(matches!(
+        reg.revoke_token("ffffffffffff").await,
+        Err(RegistryError::TokenNotFound(_))
+    ));
+
+    // Expired once the clock passes its lifetime; the long one still works.
+    clock.advance(Duration::from_secs(61));
+    let err = reg.verify_token(&short).await.unwrap_err();
+    assert!(matches!(err, RegistryError::TokenExpired { .. }), "{err}");
+    assert!(!err.to_string().contains(&short.expose_secret()));
+    reg.verify_token(&long).await.unwrap();
+
+    // None of the bad tokens joins, and a refused join changes nothing.
+    let before = store.revision().await.unwrap();
+    for bad in [&short, &revoked, &forged, &unknown] {
+        assert!(reg.join(bad, request("aa", 1)).await.is_err());
+    }
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert_eq!(reg.get_cluster(&id("aa")).await.unwrap(), None);
+    reg.join(&long, request("aa", 1)).await.unwrap();
+}
+
+pub async fn members_write_only_their_own_records(store: Arc<dyn Store>, _: Arc<dyn Store>) {
+    let reg = registry(store.clone(), FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    let aa = id("aa");
+    let bb = id("bb");
+    reg.join(&token, request("aa", 1)).await.unwrap();
+    let bb_record = reg.join(&token, request("bb", 2)).await.unwrap();
+    reg.publish(&bb, &bb, "svc/web", b"bb's".to_vec())
+        .await
+        .unwrap();
+    let before = store.revision().await.unwrap();
+
+    let up = ClusterUpdate {
+        gateway: Some(GatewayState::Up),
+        ..Default::default()
+    };
+    let not_owner = |r: Result<_, RegistryError>| match r {
+        Err(RegistryError::NotOwner { writer, target }) => {
+            assert_eq!((writer.as_str(), target.as_str()), ("aa", "bb"))
+        }
+        Err(other) => panic!("expected NotOwner, got {other}"),
+        Ok(_) => panic!("expected NotOwner, got success"),
+    };
+    not_owner(reg.update_cluster(&aa, &bb, up.clone()).await.map(|_| ()));
+    not_owner(
+        reg.publish(&aa, &bb, "svc/web", b"hijack".to_vec())
+            .await
+            .map(|_| ()),
+    );
+    not_owner(reg.unpublish(&aa, &bb, "svc/web").await.map(|_| ()));
+    not_owner(reg.leave(&aa, &bb).await.map(|_| ()));
+    let err = reg.update_cluster(&aa, &bb, up.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("may not write"), "{err}");
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before,
+        "refused writes change nothing"
+    );
+    assert_eq!(reg.get_cluster(&bb).await.unwrap().unwrap(), bb_record);
+
+    // Its own records: fine.
+    let updated = reg.update_cluster(&aa, &aa, up).await.unwrap();
+    assert_eq!(updated.gateway, GatewayState::Up);
+    reg.publish(&aa, &aa, "svc/api", b"aa's".to_vec())
+        .await
+        .unwrap();
+    assert!(reg.unpublish(&aa, &aa, "svc/api").await.unwrap());
+
+    // A cluster that has not joined cannot publish.
+    let cc = id("cc");
+    assert!(matches!(
+        reg.publish(&cc, &cc, "svc/x", vec![]).await,
+        Err(RegistryError::NotJoined(_))
+    ));
+}
+
+pub async fn view_and_watch_follow_the_fleet(store: Arc<dyn Store>, _: Arc<dyn Store>) {
+    let reg = registry(store, FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    let aa = id("aa");
+    reg.join(&token, request("aa", 1)).await.unwrap();
+    reg.publish(&aa, &aa, "svc/one", b"1".to_vec())
+        .await
+        .unwrap();
+    let view = reg.view().await.unwrap();
+    assert_eq!(view.clusters.len(), 1);
+    assert_eq!(view.records.len(), 1);
+    assert_eq!(view.records[0].name, "svc/one");
+
+    let mut events = Box::pin(reg.watch(view.revision).await.unwrap());
+    let bb = reg.join(&token, request("bb", 2)).await.unwrap();
+    let bb_id = id("bb");
+    reg.publish(&bb_id, &bb_id, "svc/two", b"2".to_vec())
+        .await
+        .unwrap();
+    reg.create_token(DAY, "tokens are not member events")
+        .await
+        .unwrap();
+    reg.remove_cluster(&bb_id).await.unwrap();
+
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event within 10 s")
+            .expect("stream open")
+            .unwrap()
+    };
+    match next().await {
+        RegistryEvent::ClusterUpserted { record, .. } => assert_eq!(record, bb),
+        e => panic!("{e:?}"),
+    }
+    match next().await {
+        RegistryEvent::RecordPut {
+            owner, name, value, ..
+        } => {
+            assert_eq!(
+                (owner.as_str(), name.as_str(), value.as_slice()),
+                ("bb", "svc/two", &b"2"[..])
+            )
+        }
+        e => panic!("{e:?}"),
+    }
+    // Removal: the cluster and its records go in one revision.
+    let mut removed = Vec::new();
+    for _ in 0..2 {
+        removed.push(next().await);
+    }
+    assert_eq!(removed[0].revision(), removed[1].revision());
+    assert!(
+        removed
+            .iter()
+            .any(|e| matches!(e, RegistryEvent::ClusterRemoved { id, .. } if id.as_str() == "bb"))
+    );
+    assert!(
+        removed
+            .iter()
+            .any(|e| matches!(e, RegistryEvent::RecordDeleted { name, .. } if name == "svc/two"))
+    );
+}
+
+pub async fn a_different_layout_is_refused(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
+    registry(store, FleetLayout::default()).await;
+    let err = Registry::open(replica, small_layout(), Arc::new(SystemClock))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::LayoutMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("100.96.0.0/12"), "{err}");
+}
+
+#[macro_export]
+macro_rules! registry_suite {
+    ($setup:path) => {
+        mod registry_suite_tests {
+            use super::*;
+            use $crate::common::registry_suite as suite;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn join_allocates_blocks_and_rejoin_keeps_them() {
+                let (store, replica, _guard) = $setup().await;
+                suite::join_allocates_blocks_and_rejoin_keeps_them(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_joins_get_distinct_blocks() {
+                let (store, replica, _guard) = $setup().await;
+                suite::concurrent_joins_get_distinct_blocks(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn exhausted_fleet_is_a_clear_error_without_change() {
+                let (store, replica, _guard) = $setup().await;
+                suite::exhausted_fleet_is_a_clear_error_without_change(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tokens_verify_expire_and_revoke() {
+                let (store, replica, _guard) = $setup().await;
+                suite::tokens_verify_expire_and_revoke(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn members_write_only_their_own_records() {
+                let (store, replica, _guard) = $setup().await;
+                suite::members_write_only_their_own_records(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn view_and_watch_follow_the_fleet() {
+                let (store, replica, _guard) = $setup().await;
+                suite::view_and_watch_follow_the_fleet(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_different_layout_is_refused() {
+                let (store, replica, _guard) = $setup().await;
+                suite::a_different_layout_is_refused(store, replica).await;
+            }
+        }
+    };
+}
