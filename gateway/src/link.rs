@@ -1,0 +1,230 @@
+//! The device's link inside its netns, shared by both backends: MTU, addresses, up, and one
+//! route per allowed IP (`<prefix> dev <wg> proto fleet`), kept equal to the peers' set.
+//!
+//! Routes carry their own protocol number so a sync touches only the routes it made.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkMessage;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::{GatewayError, Result};
+
+/// The routing protocol number on the routes the gateway installs (`ip route ... proto 0xfb`),
+/// outside the numbers iproute2 and routing daemons use.
+pub const ROUTE_PROTOCOL: u8 = 0xfb;
+
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> GatewayError {
+    let op = op.into();
+    move |source| GatewayError::Netlink { op, source }
+}
+
+pub(crate) async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(l) => Ok(l),
+        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(None),
+        Err(e) => Err(nl(format!("look up link {name}"))(e)),
+    }
+}
+
+async fn index_of(h: &Handle, name: &str) -> Result<u32> {
+    link_by_name(h, name)
+        .await?
+        .map(|l| l.header.index)
+        .ok_or_else(|| GatewayError::Netlink {
+            op: format!("find link {name}"),
+            source: rtnetlink::Error::RequestFailed,
+        })
+}
+
+/// Sets the MTU, adds the addresses (keeping ones already there) and brings `name` up.
+pub(crate) async fn configure(
+    h: &Handle,
+    name: &str,
+    mtu: u32,
+    addresses: &[IpNetwork],
+) -> Result<()> {
+    let idx = index_of(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).mtu(mtu).build())
+        .execute()
+        .await
+        .map_err(nl(format!("set mtu {mtu} on {name}")))?;
+    let present = addresses_of(h, idx).await?;
+    for addr in addresses {
+        if present.contains(addr) {
+            continue;
+        }
+        match h
+            .address()
+            .add(idx, addr.ip(), addr.prefix())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(nix::errno::Errno::EEXIST as i32) => {}
+            Err(e) => return Err(nl(format!("add address {addr} to {name}"))(e)),
+        }
+    }
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("set {name} up")))
+}
+
+async fn addresses_of(h: &Handle, idx: u32) -> Result<Vec<IpNetwork>> {
+    let msgs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(idx)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => IpNetwork::new(*ip, m.header.prefix_len).ok(),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// The prefixes routed to `name` by the gateway (its protocol number), IPv4 and IPv6.
+pub async fn gateway_routes(h: &Handle, name: &str) -> Result<Vec<IpNetwork>> {
+    let Some(link) = link_by_name(h, name).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(owned_routes(h, link.header.index)
+        .await?
+        .into_iter()
+        .map(|(net, _)| net)
+        .collect())
+}
+
+async fn owned_routes(h: &Handle, idx: u32) -> Result<Vec<(IpNetwork, RouteMessage)>> {
+    let mut out = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut q = RouteMessageBuilder::<IpAddr>::new().build();
+        q.header.address_family = family;
+        let routes: Vec<RouteMessage> = h
+            .route()
+            .get(q)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list routes"))?;
+        for r in routes {
+            if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                continue;
+            }
+            let on_link = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx));
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            let dst = match (dst, family) {
+                (Some(ip), _) => ip,
+                (None, AddressFamily::Inet6) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                (None, _) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            };
+            if let (true, Ok(net)) = (
+                on_link,
+                IpNetwork::new(dst, r.header.destination_prefix_length),
+            ) {
+                out.push((net, r));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes the gateway's routes on `name` exactly `desired`: removes the others, adds the
+/// missing ones. A prefix the kernel already routes to the device (its own connected
+/// prefix) is left to the kernel.
+pub(crate) async fn sync_routes(h: &Handle, name: &str, desired: &[IpNetwork]) -> Result<()> {
+    let idx = index_of(h, name).await?;
+    let present = owned_routes(h, idx).await?;
+    for (net, msg) in &present {
+        if !desired.contains(net) {
+            match h.route().del(msg.clone()).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(nix::errno::Errno::ESRCH as i32) => {}
+                Err(e) => return Err(nl(format!("delete route {net} dev {name}"))(e)),
+            }
+        }
+    }
+    for net in desired {
+        if present.iter().any(|(p, _)| p == net) {
+            continue;
+        }
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(net.network(), net.prefix())
+            .map_err(|e| GatewayError::InvalidConfig {
+                name: name.into(),
+                reason: format!("allowed IP {net}: {e}"),
+            })?
+            .output_interface(idx)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build();
+        match h.route().add(route).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(nix::errno::Errno::EEXIST as i32) => {}
+            Err(e) => return Err(nl(format!("add route {net} dev {name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn delete(h: &Handle, name: &str) -> Result<()> {
+    let Some(l) = link_by_name(h, name).await? else {
+        return Ok(());
+    };
+    match h.link().del(l.header.index).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
+        Err(e) => Err(nl(format!("delete link {name}"))(e)),
+    }
+}
+
+/// Runs `work` with an rtnetlink handle inside `netns`, on a dedicated thread (never on the
+/// caller's tokio worker).
+pub(crate) async fn in_netns<T, F, Fut>(netns: PathBuf, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+{
+    fleet_core::netns::with_netlink(vec![netns], move |mut handles| {
+        let h = handles.remove(0);
+        async move { work(h).await }
+    })
+    .await?
+}

@@ -1,0 +1,308 @@
+//! Userspace WireGuard: gotatun in-process, on a TUN device inside the device's netns.
+//!
+//! Each device owns one OS thread that enters the netns (so the TUN device, its UDP socket
+//! and its netlink socket all live there) and runs a single-threaded tokio runtime: on two
+//! cores one thread doing crypto and I/O beats a pool (see `bench/src/bin/tunnel-throughput.rs`).
+//! The rest of the process talks to it over a command channel. It serves the standard UAPI
+//! socket `/var/run/wireguard/<name>.sock`, so `wg show <name>` works from any netns.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use gotatun::device::uapi::UapiServer;
+use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder};
+use gotatun::x25519;
+use nix::sched::{CloneFlags, setns};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    BackendKind, DeviceConfig, GatewayError, Peer, PeerStats, PublicKey, Result, WireguardDevice,
+    check_peers, link, routed_prefixes,
+};
+
+/// Where gotatun (and wireguard-go, and `wg`) put UAPI sockets.
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+pub fn uapi_socket(name: &str) -> PathBuf {
+    PathBuf::from(UAPI_DIR).join(format!("{name}.sock"))
+}
+
+enum Command {
+    SetPeers(Vec<Peer>, oneshot::Sender<Result<()>>),
+    Stats(oneshot::Sender<Result<Vec<PeerStats>>>),
+    Stop(oneshot::Sender<Result<()>>),
+}
+
+/// A running userspace device. Dropping it stops the device thread (the TUN device, and with
+/// it the routes, go away when the thread closes it); [`WireguardDevice::delete`] waits for that.
+#[derive(Debug)]
+pub struct UserspaceDevice {
+    name: String,
+    public_key: PublicKey,
+    listen_port: u16,
+    commands: mpsc::Sender<Command>,
+}
+
+impl UserspaceDevice {
+    pub async fn create(config: DeviceConfig) -> Result<Self> {
+        config.validate()?;
+        let netns = fleet_core::netns::open(&config.netns)?;
+        let name = config.name.clone();
+        let public_key = config.private_key.public_key();
+        let listen_port = config.listen_port;
+        let (commands, rx) = mpsc::channel(16);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_err = |reason: String| GatewayError::Userspace {
+            name: name.clone(),
+            op: "start the device thread".into(),
+            reason,
+        };
+        std::thread::Builder::new()
+            .name(format!("wg-{name}"))
+            .spawn(move || {
+                if let Err(e) = setns(netns.as_fd(), CloneFlags::CLONE_NEWNET) {
+                    let _ = ready_tx.send(Err(GatewayError::Userspace {
+                        name: config.name.clone(),
+                        op: format!("enter netns {}", config.netns.display()),
+                        reason: e.to_string(),
+                    }));
+                    return;
+                }
+                drop(netns);
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(GatewayError::Userspace {
+                            name: config.name.clone(),
+                            op: "build its runtime".into(),
+                            reason: e.to_string(),
+                        }));
+                        return;
+                    }
+                };
+                rt.block_on(run(config, ready_tx, rx));
+            })
+            .map_err(|e| thread_err(e.to_string()))?;
+        ready_rx
+            .await
+            .map_err(|_| thread_err("the thread exited before the device was up".into()))??;
+        tracing::info!(device = %name, port = listen_port, %public_key, "userspace WireGuard device up");
+        Ok(Self {
+            name,
+            public_key,
+            listen_port,
+            commands,
+        })
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+        let gone = || GatewayError::DeviceGone {
+            name: self.name.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(cmd(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+#[async_trait::async_trait]
+impl WireguardDevice for UserspaceDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> BackendKind {
+        BackendKind::Userspace
+    }
+    fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+    fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+    async fn set_peers(&self, peers: &[Peer]) -> Result<()> {
+        check_peers(&self.name, peers)?;
+        self.call(|tx| Command::SetPeers(peers.to_vec(), tx)).await
+    }
+    async fn stats(&self) -> Result<Vec<PeerStats>> {
+        self.call(Command::Stats).await
+    }
+    async fn delete(&self) -> Result<()> {
+        match self.call(Command::Stop).await {
+            Err(GatewayError::DeviceGone { .. }) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+type GotaDevice = Device<DefaultDeviceTransports>;
+
+/// The device thread: bring the device up, report, then serve commands until told to stop or
+/// every handle is dropped.
+async fn run(
+    config: DeviceConfig,
+    ready: oneshot::Sender<Result<()>>,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let (conn, h, _) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(fail(&config.name, "open a netlink socket", e)));
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    let device = match start(&config, &h).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = link::delete(&h, &config.name).await;
+            let _ = std::fs::remove_file(uapi_socket(&config.name));
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        device.stop().await;
+        let _ = std::fs::remove_file(uapi_socket(&config.name));
+        return;
+    }
+    let name = config.name.clone();
+    let mut stopped = None;
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            Command::SetPeers(peers, reply) => {
+                let _ = reply.send(set_peers(&device, &h, &name, peers).await);
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(Ok(stats(&device).await));
+            }
+            Command::Stop(reply) => {
+                stopped = Some(reply);
+                break;
+            }
+        }
+    }
+    device.stop().await;
+    // The TUN device is not persistent: closing it (the device is dropped now) removes the
+    // link and its routes; delete explicitly in case another handle keeps it open.
+    let result = link::delete(&h, &name).await;
+    let _ = std::fs::remove_file(uapi_socket(&name));
+    tracing::info!(device = %name, "userspace WireGuard device stopped");
+    if let Some(reply) = stopped {
+        let _ = reply.send(result);
+    }
+}
+
+async fn start(config: &DeviceConfig, h: &rtnetlink::Handle) -> Result<GotaDevice> {
+    let name = &config.name;
+    let uapi = UapiServer::default_unix_socket(name, None, None).map_err(|e| {
+        fail(
+            name,
+            format!("serve UAPI on {}", uapi_socket(name).display()),
+            e,
+        )
+    })?;
+    let device = DeviceBuilder::new()
+        .with_default_udp()
+        .create_tun(name)
+        .map_err(|e| fail(name, "create the TUN device", e))?
+        .with_listen_port(config.listen_port)
+        .with_uapi(uapi)
+        .build()
+        .await
+        .map_err(|e| fail(name, "build the device", e))?;
+    // Setting the key on a built device binds the UDP socket and starts the tunnel tasks
+    // (the builder only does that when it is given peers).
+    device
+        .set_private_key(x25519::StaticSecret::from(*config.private_key.as_bytes()))
+        .await
+        .map_err(|e| {
+            fail(
+                name,
+                format!("bind UDP port {} and start", config.listen_port),
+                e,
+            )
+        })?;
+    link::configure(h, name, config.mtu, &config.addresses).await?;
+    Ok(device)
+}
+
+async fn set_peers(
+    device: &GotaDevice,
+    h: &rtnetlink::Handle,
+    name: &str,
+    peers: Vec<Peer>,
+) -> Result<()> {
+    let routes = routed_prefixes(&peers);
+    let desired: Vec<x25519::PublicKey> = peers
+        .iter()
+        .map(|p| x25519::PublicKey::from(*p.public_key.as_bytes()))
+        .collect();
+    device
+        .write(async |w| {
+            for stale in w
+                .peers()
+                .await
+                .into_iter()
+                .map(|s| s.peer.public_key)
+                .filter(|k| !desired.contains(k))
+            {
+                w.remove_peer(&stale).await;
+            }
+            for p in peers {
+                let key = x25519::PublicKey::from(*p.public_key.as_bytes());
+                let updated = w
+                    .modify_peer(&key, |m| {
+                        m.clear_allowed_ips();
+                        m.add_allowed_ips(p.allowed_ips.iter().copied());
+                        // An unset endpoint keeps the one learned from the peer's handshakes.
+                        if p.endpoint.is_some() {
+                            m.set_endpoint(p.endpoint);
+                        }
+                        m.set_keepalive(p.persistent_keepalive);
+                    })
+                    .await;
+                if !updated {
+                    let mut new = gotatun::device::Peer::new(key)
+                        .with_allowed_ips(p.allowed_ips.iter().copied());
+                    new.endpoint = p.endpoint;
+                    new.keepalive = p.persistent_keepalive;
+                    w.add_peer(new);
+                }
+            }
+        })
+        .await
+        .map_err(|e| fail(name, "apply the peer set", e))?;
+    link::sync_routes(h, name, &routes).await
+}
+
+async fn stats(device: &GotaDevice) -> Vec<PeerStats> {
+    let now = SystemTime::now();
+    device
+        .peers()
+        .await
+        .into_iter()
+        .map(|s| PeerStats {
+            public_key: PublicKey::from_bytes(s.peer.public_key.to_bytes()),
+            endpoint: s.peer.endpoint,
+            allowed_ips: s.peer.allowed_ips.clone(),
+            last_handshake: s
+                .stats
+                .last_handshake
+                .and_then(|ago: Duration| now.checked_sub(ago)),
+            rx_bytes: s.stats.rx_bytes as u64,
+            tx_bytes: s.stats.tx_bytes as u64,
+        })
+        .collect()
+}
+
+fn fail(name: &str, op: impl Into<String>, e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Userspace {
+        name: name.into(),
+        op: op.into(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,260 @@
+//! Test topology: network namespaces this test creates, joined by a veth on 192.0.2.0/24
+//! (TEST-NET-1, the simulated internet). Nothing touches the host's interfaces; guards delete
+//! the netns and stop the processes they started (by PID), also when a test fails.
+
+#![allow(dead_code)]
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_gateway::{DeviceConfig, Peer, PrivateKey, PublicKey};
+
+pub const PORT: u16 = 51820;
+pub const MTU: u32 = 1420;
+
+/// Fails (never skips) when not root: these tests need netns, veth and TUN.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates network namespaces and TUN devices: run it as root (CI is root)"
+    );
+}
+
+/// A named netns, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("fgw-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip netns exec <ns> <cmd>`; output of a command that must succeed.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend(cmd);
+        run("ip", &args)
+    }
+
+    pub fn exec_ok(&self, cmd: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args);
+        run("ip", &all)
+    }
+
+    pub fn ping(&self, addr: &str) -> bool {
+        // busybox-static is installed by scripts/install-deps.sh; iputils-ping is not.
+        self.exec_ok(&["busybox", "ping", "-q", "-c", "1", "-W", "1", addr])
+    }
+
+    /// Runs `f` on a thread inside this netns (sockets it opens live there).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two netns joined by a veth `ul0`: `a` is 192.0.2.1/24, `b` is 192.0.2.2/24.
+pub struct Underlay {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+impl Underlay {
+    pub fn new(tag: &str) -> Self {
+        let a = Netns::new(&format!("{tag}a"));
+        let b = Netns::new(&format!("{tag}b"));
+        a.ip(&[
+            "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.name,
+        ]);
+        for (ns, addr) in [(&a, "192.0.2.1/24"), (&b, "192.0.2.2/24")] {
+            ns.ip(&["addr", "add", addr, "dev", "ul0"]);
+            ns.ip(&["link", "set", "ul0", "up"]);
+        }
+        Self { a, b }
+    }
+}
+
+/// A WireGuard interface name unique on this host (UAPI sockets are shared by all netns).
+pub fn wg_name(tag: &str) -> String {
+    format!("fg{tag}{}", std::process::id())
+}
+
+pub fn config(name: &str, ns: &Netns, key: PrivateKey, address: &str) -> DeviceConfig {
+    DeviceConfig {
+        name: name.into(),
+        netns: ns.path(),
+        private_key: key,
+        listen_port: PORT,
+        mtu: MTU,
+        addresses: vec![address.parse().unwrap()],
+    }
+}
+
+pub fn peer(key: PublicKey, endpoint: &str, allowed: &str) -> Peer {
+    Peer {
+        public_key: key,
+        endpoint: Some(endpoint.parse().unwrap()),
+        allowed_ips: vec![allowed.parse().unwrap()],
+        persistent_keepalive: None,
+    }
+}
+
+/// Polls `f` until it is true or `within` has passed.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process stopped by PID on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.id() as i32)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends `msg` over TCP from `client` to `server_addr` (bound in `server`) and returns what
+/// the server read and what the client got back.
+pub fn tcp_exchange(
+    server: &Netns,
+    client: &Netns,
+    server_addr: &str,
+    msg: &str,
+) -> (String, String) {
+    use std::io::{Read, Write};
+    let listener = server.run_in({
+        let addr = format!("{server_addr}:7000");
+        move || std::net::TcpListener::bind(addr).unwrap()
+    });
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = vec![0; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]).to_string();
+        s.write_all(format!("ack:{got}").as_bytes()).unwrap();
+        got
+    });
+    let target: std::net::SocketAddr = format!("{server_addr}:7000").parse().unwrap();
+    let msg = msg.to_string();
+    let reply = client.run_in(move || {
+        let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0; 4096];
+        let n = c.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    });
+    (srv.join().unwrap(), reply)
+}
+
+/// `tcpdump -w` on `dev` in `ns`, started and confirmed listening.
+pub fn capture(ns: &Netns, dev: &str, file: &Path) -> Proc {
+    let log = file.with_extension("log");
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            dev,
+            "-n",
+            "-U",
+            "-w",
+        ])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("tcpdump (scripts/install-deps.sh installs it)");
+    let p = Proc(child);
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")),
+        "tcpdump did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    p
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
