@@ -107,6 +107,7 @@ pub fn run(op: Op, flags: &Flags) -> anyhow::Result<()> {
             println!("stopping after {:?} (--max-seconds)", started.elapsed());
             break;
         }
+        crate::check_interrupted()?;
         let record = i >= flags.warmup;
         sides.iteration(i, record, &mut s)?;
     }
@@ -296,6 +297,7 @@ fn breakdown(n: usize, sides: &Sides, daemon: &FleetNri) -> anyhow::Result<()> {
     let client = daemon.client();
     let pid = std::process::id();
     for i in 0..n {
+        crate::check_interrupted()?;
         let ns = TestNetns::try_new("fbpd")?;
         for (plugin, samples) in [
             (sides.fleet, &mut exec_fleet),

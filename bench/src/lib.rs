@@ -19,10 +19,45 @@ pub mod daemon;
 pub mod node;
 pub mod stats;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
 /// Fails with what to do when not root (netns, mounts and containerd need it).
+/// Also installs the interrupt handler: every benchmark calls this first.
 pub fn require_root(bench: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("{bench}: needs root (network namespaces, containerd); run it as root");
+    }
+    install_interrupt_handler()
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGINT/SIGTERM into a flag the measuring loops check between iterations, so an
+/// interrupted run still unwinds through its guards (netns, daemons, containerd) instead of
+/// dying with them in place. A second signal while cleaning up is ignored the same way.
+pub fn install_interrupt_handler() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(())
+}
+
+/// Fails once SIGINT/SIGTERM arrived (see [`install_interrupt_handler`]).
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        anyhow::bail!("interrupted; cleaning up what this run created");
     }
     Ok(())
 }

@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             println!("stopping after {:?} (--max-seconds)", started.elapsed());
             break;
         }
+        fleet_bench::check_interrupted()?;
         let pod = PodSpec::new(&format!("mem-{i}")).namespace("bench");
         node.cri().run_pod(&pod)?;
         ran += 1;

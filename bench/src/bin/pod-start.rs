@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             println!("stopping after {:?} (--max-seconds)", started.elapsed());
             break;
         }
+        fleet_bench::check_interrupted()?;
         let record = i >= flags.warmup;
         if i % 2 == 0 {
             ours.one(i, record)?;
