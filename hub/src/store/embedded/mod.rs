@@ -6,22 +6,24 @@
 //! from it on open. The format (see [`log`]) is small enough to test exhaustively for torn
 //! writes, and snapshotting (temp file + fsync + atomic rename) bounds its size.
 //!
-//! Concurrency: writers are serialised by the log writer's mutex, and each commit (check
-//! conditions, append + fsync, apply, notify watchers) runs to completion on a blocking
-//! thread, so a caller that is cancelled mid-write cannot leave memory and file disagreeing.
-//! A second process opening the same data dir is refused by an exclusive `flock` on `LOCK`.
+//! Concurrency: one committer thread owns the log. Writers queue their transactions to it; it
+//! takes everything queued (group commit), checks each transaction in order, appends all their
+//! frames with one write and one fsync, then applies them, notifies watchers and answers. So a
+//! cancelled caller cannot leave memory and file disagreeing, and concurrent writers share
+//! fsyncs. Reads never wait for the disk. A second process opening the same data dir is
+//! refused by an exclusive `flock` on `LOCK`, held by the committer until it exits.
 
 mod log;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock, mpsc};
 
 use async_trait::async_trait;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use self::log::{LogWriter, Record, io_err, read_log, write_snapshot};
 use super::{
@@ -136,13 +138,42 @@ impl State {
     }
 }
 
-struct Inner {
-    dir: PathBuf,
-    options: EmbeddedOptions,
-    /// Also the writers' lock: every commit and snapshot holds it.
-    log: Mutex<LogWriter>,
+/// What readers and watchers share with the committer.
+struct Shared {
     state: RwLock<State>,
     changes: broadcast::Sender<Arc<Vec<Change>>>,
+}
+
+enum Command {
+    Txn(Txn, oneshot::Sender<Result<TxnOutcome, StoreError>>),
+    Compact(Revision, oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct Inner {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    commands: Option<mpsc::Sender<Command>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue stops the committer after the work already queued; joining it
+        // means the data dir lock is released when the last handle is gone.
+        self.commands.take();
+        if let Some(handle) = self.committer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Most transactions one fsync covers.
+const MAX_BATCH: usize = 512;
+
+struct Committer {
+    shared: Arc<Shared>,
+    options: EmbeddedOptions,
+    log: LogWriter,
     _lock: Flock<File>,
 }
 
@@ -293,14 +324,27 @@ impl EmbeddedStore {
         );
         let log = LogWriter::open(&path, contents.valid_len, commits)?;
         let (changes, _) = broadcast::channel(options.watch_buffer.max(1));
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            changes,
+        });
+        let (commands, queue) = mpsc::channel();
+        let committer = Committer {
+            shared: shared.clone(),
+            options,
+            log,
+            _lock: lock,
+        };
+        let handle = std::thread::Builder::new()
+            .name("fleet-hub-store".into())
+            .spawn(move || committer.run(queue))
+            .map_err(|e| io_err(&dir, e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 dir,
-                options,
-                log: Mutex::new(log),
-                state: RwLock::new(state),
-                changes,
-                _lock: lock,
+                shared,
+                commands: Some(commands),
+                committer: Some(handle),
             }),
         })
     }
@@ -310,98 +354,204 @@ impl EmbeddedStore {
         &self.inner.dir
     }
 
-    async fn blocking<T: Send + 'static>(
+    async fn send<T>(
         &self,
-        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| StoreError::Io {
-                path: inner_path(&self.inner),
-                source: std::io::Error::other(e),
-            })?
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commands
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(command(reply))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.inner
+            .shared
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn inner_path(inner: &Inner) -> String {
-    inner.dir.join(LOG_FILE).display().to_string()
+/// A transaction checked against the state plus the batch's earlier transactions.
+struct Pending {
+    reply: oneshot::Sender<Result<TxnOutcome, StoreError>>,
+    outcome: TxnOutcome,
+    changes: Vec<Change>,
 }
 
-impl Inner {
-    fn commit(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        txn.check_keys()?;
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let (revision, changes) = {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            let holds = txn.conditions.iter().all(|c| match c {
-                Condition::Absent(key) => !state.entries.contains_key(key),
-                Condition::Exists(key) => state.entries.contains_key(key),
-                Condition::ModRevision(key, rev) => state
-                    .entries
-                    .get(key)
-                    .is_some_and(|kv| kv.mod_revision == *rev),
-            });
-            if !holds {
-                return Ok(TxnOutcome::ConditionFailed);
+impl Committer {
+    fn run(mut self, queue: mpsc::Receiver<Command>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
             }
-            let revision = state.revision + 1;
-            let changes: Vec<Change> = txn
-                .ops
-                .into_iter()
-                .filter_map(|op| match op {
-                    Op::Put { key, value } => {
-                        let create_revision = state
-                            .entries
-                            .get(&key)
-                            .map_or(revision, |kv| kv.create_revision);
-                        Some(Change::Put(KeyValue {
-                            key,
-                            value,
-                            create_revision,
-                            mod_revision: revision,
-                        }))
+            let mut txns = Vec::new();
+            for command in batch {
+                match command {
+                    Command::Txn(txn, reply) => txns.push((txn, reply)),
+                    Command::Compact(revision, reply) => {
+                        self.commit(std::mem::take(&mut txns));
+                        let _ = reply.send(self.compact(revision));
                     }
-                    Op::Delete { key } => state
-                        .entries
-                        .contains_key(&key)
-                        .then_some(Change::Delete { key, revision }),
-                })
-                .collect();
-            if changes.is_empty() {
-                return Ok(TxnOutcome::Committed {
-                    revision: state.revision,
+                }
+            }
+            self.commit(txns);
+        }
+        tracing::debug!(path = %self.log.path().display(), "embedded store committer stopped");
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.shared.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks, logs (one write, one fsync), applies and answers a batch of transactions.
+    fn commit(&mut self, txns: Vec<(Txn, oneshot::Sender<Result<TxnOutcome, StoreError>>)>) {
+        if txns.is_empty() {
+            return;
+        }
+        let mut pending = Vec::with_capacity(txns.len());
+        {
+            let state = self.read();
+            // Writes of earlier transactions in this batch, not yet in `state`.
+            let mut overlay: HashMap<String, Option<KeyValue>> = HashMap::new();
+            let mut revision = state.revision;
+            for (txn, reply) in txns {
+                if let Err(e) = txn.check_keys() {
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+                let current = |key: &str| -> Option<KeyValue> {
+                    match overlay.get(key) {
+                        Some(v) => v.clone(),
+                        None => state.entries.get(key).cloned(),
+                    }
+                };
+                let holds = txn.conditions.iter().all(|c| match c {
+                    Condition::Absent(key) => current(key).is_none(),
+                    Condition::Exists(key) => current(key).is_some(),
+                    Condition::ModRevision(key, rev) => {
+                        current(key).is_some_and(|kv| kv.mod_revision == *rev)
+                    }
+                });
+                if !holds {
+                    pending.push(Pending {
+                        reply,
+                        outcome: TxnOutcome::ConditionFailed,
+                        changes: vec![],
+                    });
+                    continue;
+                }
+                let next = revision + 1;
+                let changes: Vec<Change> = txn
+                    .ops
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        Op::Put { key, value } => {
+                            let create_revision =
+                                current(&key).map_or(next, |kv| kv.create_revision);
+                            Some(Change::Put(KeyValue {
+                                key,
+                                value,
+                                create_revision,
+                                mod_revision: next,
+                            }))
+                        }
+                        Op::Delete { key } => current(&key).is_some().then_some(Change::Delete {
+                            key,
+                            revision: next,
+                        }),
+                    })
+                    .collect();
+                if !changes.is_empty() {
+                    revision = next;
+                    for change in &changes {
+                        let value = match change {
+                            Change::Put(kv) => Some(kv.clone()),
+                            Change::Delete { .. } => None,
+                        };
+                        overlay.insert(change.key().to_string(), value);
+                    }
+                }
+                pending.push(Pending {
+                    reply,
+                    outcome: TxnOutcome::Committed { revision },
+                    changes,
                 });
             }
-            (revision, changes)
-        };
-        log.append(&Record::Commit(changes.clone()).frame())?;
-        log.commits_since_snapshot += 1;
-        {
-            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-            state.apply(&changes);
-            state.trim_history(self.options.history_limit);
-            // Sent under the state lock: a watcher subscribes under it too, so it sees each
-            // revision either in its replay or on the channel, never neither.
-            let _ = self.changes.send(Arc::new(changes));
         }
-        if log.commits_since_snapshot >= self.options.snapshot_every {
-            if let Err(error) = self.snapshot(&mut log) {
-                // The commit itself is durable; a failed snapshot only leaves the log longer.
+        let frames: Vec<u8> = pending
+            .iter()
+            .filter(|p| !p.changes.is_empty())
+            .flat_map(|p| Record::Commit(p.changes.clone()).frame())
+            .collect();
+        if !frames.is_empty() {
+            if let Err(error) = self.log.append(&frames) {
+                tracing::error!(%error, batch = pending.len(), "store commit failed; nothing of the batch was applied");
+                for p in pending {
+                    let _ = p.reply.send(Err(StoreError::Io {
+                        path: self.log.path().display().to_string(),
+                        source: std::io::Error::other(error.to_string()),
+                    }));
+                }
+                return;
+            }
+            let commits = pending.iter().filter(|p| !p.changes.is_empty()).count();
+            self.log.commits_since_snapshot += commits as u64;
+            let mut state = self.write();
+            for p in &pending {
+                if p.changes.is_empty() {
+                    continue;
+                }
+                state.apply(&p.changes);
+                // Sent under the state lock: a watcher subscribes under it too, so it sees
+                // each revision either in its replay or on the channel, never neither.
+                let _ = self.shared.changes.send(Arc::new(p.changes.clone()));
+            }
+            state.trim_history(self.options.history_limit);
+        }
+        for p in pending {
+            let _ = p.reply.send(Ok(p.outcome));
+        }
+        if self.log.commits_since_snapshot >= self.options.snapshot_every {
+            if let Err(error) = self.snapshot() {
+                // The commits themselves are durable; a failed snapshot only leaves the log longer.
                 tracing::warn!(%error, "store snapshot failed; will retry after the next commit");
             }
         }
-        Ok(TxnOutcome::Committed { revision })
     }
 
-    /// Rewrites the log as a snapshot of the current state; caller holds the log lock.
-    fn snapshot(&self, log: &mut LogWriter) -> Result<(), StoreError> {
-        let path = log.path().to_path_buf();
-        let len = {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            write_snapshot(&path, state.snapshot_records())?
-        };
-        *log = LogWriter::open(&path, len, 0)?;
+    fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
+        {
+            let mut state = self.write();
+            if revision > state.revision {
+                return Err(StoreError::InvalidTxn(format!(
+                    "cannot compact at revision {revision}: the store is at revision {}",
+                    state.revision
+                )));
+            }
+            state.compact(revision);
+        }
+        self.snapshot()
+    }
+
+    /// Rewrites the log as a snapshot of the current state.
+    fn snapshot(&mut self) -> Result<(), StoreError> {
+        let path = self.log.path().to_path_buf();
+        let len = write_snapshot(&path, self.read().snapshot_records())?;
+        self.log = LogWriter::open(&path, len, 0)?;
         tracing::debug!(path = %path.display(), len, "store log rewritten as a snapshot");
         Ok(())
     }
@@ -410,12 +560,11 @@ impl Inner {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let state = self.inner.state.read().unwrap_or_else(|p| p.into_inner());
-        Ok(state.entries.get(key).cloned())
+        Ok(self.state().entries.get(key).cloned())
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let state = self.inner.state.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state();
         let items = state
             .entries
             .range(prefix.to_string()..)
@@ -429,15 +578,19 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        self.blocking(move |inner| inner.commit(txn)).await
+        self.send(|reply| Command::Txn(txn, reply)).await
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
-        let inner = self.inner.clone();
+        // Watchers hold the store weakly: dropping the store ends their streams.
+        let shared = Arc::downgrade(&self.inner.shared);
         let prefix = prefix.to_string();
         let (replay, rx) = {
-            let state = inner.state.read().unwrap_or_else(|p| p.into_inner());
-            (state.replay(&prefix, after), inner.changes.subscribe())
+            let state = self.state();
+            (
+                state.replay(&prefix, after),
+                self.inner.shared.changes.subscribe(),
+            )
         };
         Ok(Box::pin(async_stream::stream! {
             let mut rx = rx;
@@ -468,10 +621,13 @@ impl Store for EmbeddedStore {
                         // Too slow for the live channel: catch up from history, resubscribing
                         // under the same lock so nothing falls between the two.
                         tracing::debug!(prefix, missed, last, "watcher lagged; replaying history");
-                        let replay = {
-                            let state = inner.state.read().unwrap_or_else(|p| p.into_inner());
-                            rx = inner.changes.subscribe();
-                            state.replay(&prefix, last)
+                        let replay = match shared.upgrade() {
+                            None => Err(StoreError::Closed),
+                            Some(shared) => {
+                                let state = shared.state.read().unwrap_or_else(|p| p.into_inner());
+                                rx = shared.changes.subscribe();
+                                state.replay(&prefix, last)
+                            }
                         };
                         match replay {
                             Ok(changes) => pending = changes,
@@ -491,30 +647,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.blocking(move |inner| {
-            let mut log = inner.log.lock().unwrap_or_else(|p| p.into_inner());
-            {
-                let mut state = inner.state.write().unwrap_or_else(|p| p.into_inner());
-                if revision > state.revision {
-                    return Err(StoreError::InvalidTxn(format!(
-                        "cannot compact at revision {revision}: the store is at revision {}",
-                        state.revision
-                    )));
-                }
-                state.compact(revision);
-            }
-            inner.snapshot(&mut log)
-        })
-        .await
+        self.send(|reply| Command::Compact(revision, reply)).await
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
-        Ok(self
-            .inner
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .revision)
+        Ok(self.state().revision)
     }
 }
 
