@@ -357,6 +357,15 @@ impl Registry {
 
     /// Checks `token`: it must exist with this secret, not be revoked, not be expired.
     pub async fn verify_token(&self, token: &JoinToken) -> Result<TokenInfo, RegistryError> {
+        Ok(self.check_token(token).await?.0)
+    }
+
+    /// [`Registry::verify_token`], also returning the token record's key and revision so a
+    /// join can require that the token did not change (was not revoked) until it commits.
+    async fn check_token(
+        &self,
+        token: &JoinToken,
+    ) -> Result<(TokenInfo, Condition), RegistryError> {
         let key = format!("{TOKENS}{}", token.id());
         let invalid = || RegistryError::TokenInvalid {
             id: token.id().to_string(),
@@ -364,6 +373,7 @@ impl Registry {
         let kv = self.store.get(&key).await?.ok_or_else(invalid)?;
         let record: TokenRecord = decode(&key, &kv.value)?;
         if !constant_time_eq(&record.secret_sha256, &token.secret_hash()) {
+            tracing::warn!(token_id = %token.id(), "join token with a wrong secret refused");
             return Err(invalid());
         }
         if let Some(revoked_at) = record.revoked_at {
@@ -378,7 +388,7 @@ impl Registry {
                 expired_at: record.expires_at,
             });
         }
-        Ok(record.info())
+        Ok((record.info(), Condition::ModRevision(key, kv.mod_revision)))
     }
 
     // ---- clusters ----------------------------------------------------------------------
@@ -391,9 +401,11 @@ impl Registry {
         token: &JoinToken,
         request: JoinRequest,
     ) -> Result<ClusterRecord, RegistryError> {
-        let info = self.verify_token(token).await?;
         let key = cluster_key(&request.cluster);
         for _ in 0..MAX_CONTENDED_RETRIES {
+            // Checked on every attempt and made a condition of the write: a token revoked
+            // while a join is in flight stops it.
+            let (info, token_unchanged) = self.check_token(token).await?;
             if let Some(kv) = self.store.get(&key).await? {
                 let mut record: ClusterRecord = decode(&key, &kv.value)?;
                 if record.public_key == request.public_key && record.endpoint == request.endpoint {
@@ -402,12 +414,11 @@ impl Registry {
                 }
                 record.public_key = request.public_key;
                 record.endpoint = request.endpoint;
-                if self
-                    .store
-                    .compare_and_swap(&key, kv.mod_revision, encode(&record))
-                    .await?
-                    .is_some()
-                {
+                let txn = Txn::new()
+                    .when(token_unchanged)
+                    .when(Condition::ModRevision(key.clone(), kv.mod_revision))
+                    .put(key.clone(), encode(&record));
+                if self.store.txn(txn).await?.committed().is_some() {
                     tracing::info!(cluster = %record.id, block = %record.block, "cluster re-joined with a new key or endpoint");
                     return Ok(record);
                 }
@@ -443,6 +454,7 @@ impl Registry {
                 token_id: info.id.clone(),
             };
             let txn = Txn::new()
+                .when(token_unchanged)
                 .when(Condition::Absent(key.clone()))
                 .when(Condition::Absent(block_key(block)))
                 .put(

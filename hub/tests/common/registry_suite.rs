@@ -329,6 +329,24 @@ pub async fn view_and_watch_follow_the_fleet(store: Arc<dyn Store>, _: Arc<dyn S
             .iter()
             .any(|e| matches!(e, RegistryEvent::RecordDeleted { name, .. } if name == "svc/two"))
     );
+
+    // A member that reconnects resumes from the last revision it saw: only what it missed.
+    let last = removed[1].revision();
+    drop(events);
+    let r = reg
+        .publish(&aa, &aa, "svc/three", b"3".to_vec())
+        .await
+        .unwrap();
+    let mut resumed = Box::pin(reg.watch(last).await.unwrap());
+    let event = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+        .await
+        .expect("event within 10 s")
+        .expect("stream open")
+        .unwrap();
+    assert!(
+        matches!(&event, RegistryEvent::RecordPut { name, revision, .. } if name == "svc/three" && *revision == r),
+        "{event:?}"
+    );
 }
 
 pub async fn a_different_layout_is_refused(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
