@@ -67,6 +67,22 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 500;
+
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
 fn rev_i64(rev: Revision) -> i64 {
     i64::try_from(rev).unwrap_or(i64::MAX)
 }
@@ -162,19 +178,57 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let mut client = self.client.clone();
-        let resp = self
-            .call(
-                "list",
-                client.get(self.full_key(prefix), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        let mut items: Vec<KeyValue> = resp.kvs().iter().map(|kv| self.kv(kv)).collect();
-        items.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(Listing {
-            items,
-            revision: rev_u64(resp.header().map_or(0, |h| h.revision())),
-        })
+        // Paged (a large fleet's listing exceeds gRPC's message limit), every page read at the
+        // first page's revision so the listing is one consistent snapshot.
+        let full_prefix = self.full_key(prefix).into_bytes();
+        let range_end = prefix_range_end(&full_prefix);
+        let mut attempts = 0;
+        'listing: loop {
+            attempts += 1;
+            let mut items = Vec::new();
+            let mut revision = 0i64;
+            let mut from = full_prefix.clone();
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(range_end.clone())
+                    .with_limit(LIST_PAGE);
+                if revision > 0 {
+                    options = options.with_revision(revision);
+                }
+                let mut client = self.client.clone();
+                let resp = match self
+                    .call("list", client.get(from.clone(), Some(options)))
+                    .await
+                {
+                    Ok(resp) => resp,
+                    // The snapshot revision was compacted between pages: start over.
+                    Err(StoreError::Etcd { source, .. })
+                        if revision > 0
+                            && attempts < 3
+                            && source.to_string().contains("compacted") =>
+                    {
+                        continue 'listing;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if revision == 0 {
+                    revision = resp.header().map_or(0, |h| h.revision());
+                }
+                items.extend(resp.kvs().iter().map(|kv| self.kv(kv)));
+                match resp.kvs().last() {
+                    Some(last) if resp.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
+            }
+            items.sort_by(|a, b| a.key.cmp(&b.key));
+            return Ok(Listing {
+                items,
+                revision: rev_u64(revision),
+            });
+        }
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
@@ -328,5 +382,17 @@ impl Store for EtcdStore {
             )
             .await?;
         Ok(rev_u64(resp.header().map_or(0, |h| h.revision())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_range_end;
+
+    #[test]
+    fn prefix_range_end_covers_exactly_the_prefix() {
+        assert_eq!(prefix_range_end(b"/fleetboard/"), b"/fleetboard0");
+        assert_eq!(prefix_range_end(b"a\xff"), b"b");
+        assert_eq!(prefix_range_end(b"\xff\xff"), b"\0");
     }
 }

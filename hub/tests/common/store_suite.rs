@@ -69,6 +69,30 @@ pub async fn list_returns_prefix_sorted_with_revision(store: Arc<dyn Store>) {
     assert_eq!(store.list("nothing/").await.unwrap().items, vec![]);
 }
 
+/// More keys than one etcd page (and one gRPC message at hub scale would hold).
+pub async fn list_pages_through_many_keys(store: Arc<dyn Store>) {
+    let mut last = 0;
+    for batch in 0..12 {
+        let mut txn = Txn::new();
+        for i in 0..100 {
+            txn = txn.put(format!("many/{batch:02}-{i:03}"), vec![b'v'; 32]);
+        }
+        last = store.txn(txn).await.unwrap().committed().unwrap();
+    }
+    store
+        .put("many0", b"not under many/".to_vec())
+        .await
+        .unwrap();
+    let listing = store.list("many/").await.unwrap();
+    assert_eq!(listing.items.len(), 1200);
+    assert!(
+        listing.items.windows(2).all(|w| w[0].key < w[1].key),
+        "sorted"
+    );
+    assert!(listing.items.iter().all(|kv| kv.mod_revision <= last));
+    assert!(listing.revision >= last);
+}
+
 pub async fn conditional_writes(store: Arc<dyn Store>) {
     let r1 = store
         .create("k", b"v1".to_vec())
@@ -349,6 +373,12 @@ macro_rules! store_suite {
             async fn list_returns_prefix_sorted_with_revision() {
                 let (store, _guard) = $setup().await;
                 suite::list_returns_prefix_sorted_with_revision(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn list_pages_through_many_keys() {
+                let (store, _guard) = $setup().await;
+                suite::list_pages_through_many_keys(store).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
