@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp,
-    WatchOptions,
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient,
+    TxnOp, WatchClient, WatchOptions,
 };
 
 use super::{
@@ -53,7 +53,8 @@ impl EtcdOptions {
 /// The etcd-backed [`Store`]. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    kv_api: KvClient,
+    watch_api: WatchClient,
     options: EtcdOptions,
     endpoints: String,
 }
@@ -66,6 +67,10 @@ impl std::fmt::Debug for EtcdStore {
             .finish()
     }
 }
+
+/// Largest response accepted (gRPC's default is 4 MiB; a watch catching up on many
+/// revisions can send more in one message).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Keys per page of a listing.
 const LIST_PAGE: i64 = 500;
@@ -117,7 +122,8 @@ impl EtcdStore {
             }
         };
         let store = EtcdStore {
-            client,
+            kv_api: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+            watch_api: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
             options,
             endpoints,
         };
@@ -170,7 +176,7 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut client = self.client.clone();
+        let mut client = self.kv_api.clone();
         let resp = self
             .call("get", client.get(self.full_key(key), None))
             .await?;
@@ -195,7 +201,7 @@ impl Store for EtcdStore {
                 if revision > 0 {
                     options = options.with_revision(revision);
                 }
-                let mut client = self.client.clone();
+                let mut client = self.kv_api.clone();
                 let resp = match self
                     .call("list", client.get(from.clone(), Some(options)))
                     .await
@@ -256,7 +262,7 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(self.full_key(key), None),
             })
             .collect();
-        let mut client = self.client.clone();
+        let mut client = self.kv_api.clone();
         let resp = self
             .call(
                 "txn",
@@ -283,7 +289,7 @@ impl Store for EtcdStore {
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(rev_i64(last.saturating_add(1)));
-                let mut client = store.client.clone();
+                let mut client = store.watch_api.clone();
                 let opened = store.call("watch", client.watch(full_prefix.clone(), Some(options))).await;
                 let failure = match opened {
                     Err(e) => e,
@@ -358,7 +364,7 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+        let mut client = self.kv_api.clone();
         self.call(
             "compact",
             client.compact(
@@ -371,7 +377,7 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
-        let mut client = self.client.clone();
+        let mut client = self.kv_api.clone();
         let resp = self
             .call(
                 "revision",
