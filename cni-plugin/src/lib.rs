@@ -5,11 +5,11 @@
 //! to the primary plugin's result. Blocking std I/O only: it lives a few milliseconds.
 
 pub mod cli;
+pub mod cni_result;
 pub mod config;
 pub mod conflist;
 pub mod env;
 pub mod error;
-pub mod result;
 pub mod verbs;
 
 use std::io::{Read, Write};

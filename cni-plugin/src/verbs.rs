@@ -9,10 +9,10 @@ use fleet_proto::node::{
 };
 use serde_json::Value;
 
+use crate::cni_result::{validate_attach_result, validate_prev_result};
 use crate::config::{CniVersion, NetConf, invalid, kind, parse_config, version_reply};
 use crate::env::{CniEnv, Command};
 use crate::error::{CniError, code};
-use crate::result::{validate_attach_result, validate_prev_result};
 
 /// The node API as fleet-cni uses it; [`NodeClient`] in production.
 pub trait NodeApi {
@@ -482,7 +482,7 @@ mod tests {
             attachments: vec![attachment],
             ..Default::default()
         };
-        let added = crate::result::validate_prev_result(Some(&json!({})), CniVersion::V1_0_0)
+        let added = crate::cni_result::validate_prev_result(Some(&json!({})), CniVersion::V1_0_0)
             .unwrap()
             .with_attachment(&ours(), NETNS);
         run(&env("CHECK", NETNS), &conf("1.0.0", Some(added)), |_| &node).unwrap();

@@ -3,10 +3,10 @@
 
 use std::cell::Cell;
 
+use fleet_cni::cni_result::validate_prev_result;
 use fleet_cni::config::{CniVersion, parse_config};
 use fleet_cni::env::CniEnv;
 use fleet_cni::error::code;
-use fleet_cni::result::validate_prev_result;
 use fleet_cni::verbs::{NodeApi, run};
 use fleet_proto::node::{
     AttachRequest, AttachResult, Attachment, CheckRequest, DetachRequest, GcRequest, GcResult,
