@@ -254,77 +254,117 @@ async fn a_lagging_watcher_catches_up_from_history() {
 }
 
 const CHILD_DIR_ENV: &str = "FLEET_HUB_CRASH_WRITER_DIR";
+const CHILD_ROUND_ENV: &str = "FLEET_HUB_CRASH_WRITER_ROUND";
+
+/// Options that make the writer child snapshot often, so kills also land mid-snapshot.
+fn crash_options() -> EmbeddedOptions {
+    EmbeddedOptions {
+        snapshot_every: 25,
+        history_limit: 200,
+        ..Default::default()
+    }
+}
 
 /// Not a test on its own: the writer process that `kill_9_loses_no_acknowledged_write` runs
 /// (this test binary re-executed) and kills. Without the env var it does nothing.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_writer_child_process() {
     let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
         return;
     };
-    let store = EmbeddedStore::open(&dir).await.unwrap();
-    let mut out = std::io::stdout();
-    for i in 0u64.. {
-        let rev = store.put(&format!("crash/{i}"), vec![7; 64]).await.unwrap();
-        writeln!(out, "acked {i} {rev}").unwrap();
-        out.flush().unwrap();
+    let round = std::env::var(CHILD_ROUND_ENV).unwrap();
+    let store = EmbeddedStore::open_with(&dir, crash_options())
+        .await
+        .unwrap();
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    // Concurrent writers, so the kill also lands inside group commits of several frames.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (store, out, round) = (store.clone(), out.clone(), round.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let key = format!("crash/{round}/{w}/{i}");
+                let rev = store.put(&key, vec![7; 64]).await.unwrap();
+                let mut out = out.lock().unwrap();
+                writeln!(out, "acked {key} {rev}").unwrap();
+                out.flush().unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
     }
 }
 
+/// Three rounds on one data dir: a writer process is SIGKILLed mid-stream; on reopen every
+/// write it acknowledged is there (including those of earlier rounds).
 #[tokio::test]
 async fn kill_9_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_writer_child_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut acked: Option<(u64, u64)> = None;
-    // Kill it mid-stream, after a few hundred acknowledged writes.
-    while acked.is_none_or(|(i, _)| i < 300) {
-        assert!(Instant::now() < deadline, "writer child too slow");
-        let Some(Ok(line)) = lines.next() else {
-            panic!("writer child exited early")
+    let mut acked: Vec<String> = Vec::new();
+    let mut max_rev = 0u64;
+    for round in 0..3 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_writer_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR_ENV, dir.path())
+            .env(CHILD_ROUND_ENV, round.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut record = |line: &str, acked: &mut Vec<String>| {
+            if let Some(rest) = line.strip_prefix("acked ") {
+                let (key, rev) = rest.split_once(' ').unwrap();
+                acked.push(key.to_string());
+                max_rev = max_rev.max(rev.parse().unwrap());
+            }
         };
-        if let Some(rest) = line.strip_prefix("acked ") {
-            let (i, rev) = rest.split_once(' ').unwrap();
-            acked = Some((i.parse().unwrap(), rev.parse().unwrap()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Kill it mid-stream, after a few hundred acknowledged writes in this round.
+        let before = acked.len();
+        while acked.len() - before < 200 + 37 * round {
+            assert!(Instant::now() < deadline, "writer child too slow");
+            let Some(Ok(line)) = lines.next() else {
+                panic!("writer child exited early")
+            };
+            record(&line, &mut acked);
         }
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    child.wait().unwrap();
-    // Lines the child wrote before dying are acknowledged writes too.
-    for line in lines.map_while(Result::ok) {
-        if let Some(rest) = line.strip_prefix("acked ") {
-            let (i, rev) = rest.split_once(' ').unwrap();
-            acked = Some((i.parse().unwrap(), rev.parse().unwrap()));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        // Lines the child wrote before dying are acknowledged writes too.
+        for line in lines.map_while(Result::ok) {
+            record(&line, &mut acked);
         }
-    }
-    let (last_i, last_rev) = acked.unwrap();
 
-    let store = EmbeddedStore::open(dir.path()).await.unwrap();
-    let items = store.list("crash/").await.unwrap().items;
-    for i in 0..=last_i {
+        let store = EmbeddedStore::open_with(dir.path(), crash_options())
+            .await
+            .unwrap();
+        let items = store.list("crash/").await.unwrap().items;
+        let present: std::collections::HashSet<&str> =
+            items.iter().map(|kv| kv.key.as_str()).collect();
+        for key in &acked {
+            assert!(
+                present.contains(key.as_str()),
+                "round {round}: acknowledged {key} lost"
+            );
+        }
+        // At most the writes in flight at each kill (one per writer and round) are extra.
+        assert!(items.len() <= acked.len() + 4 * (round + 1));
+        assert!(store.revision().await.unwrap() >= max_rev);
         assert!(
-            items.iter().any(|kv| kv.key == format!("crash/{i}")),
-            "acknowledged write crash/{i} lost (last acked {last_i})"
+            !dir.path().join("store.log.tmp").exists(),
+            "a stale snapshot is cleaned up"
         );
     }
-    // At most the one in flight when it died is extra.
-    assert!(items.len() as u64 <= last_i + 2);
-    assert!(store.revision().await.unwrap() >= last_rev);
 }
