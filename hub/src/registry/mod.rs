@@ -119,7 +119,7 @@ pub enum RegistryError {
         operation: &'static str,
         attempts: usize,
     },
-    #[error("no randomness for a join token: {0}")]
+    #[error("no randomness from the OS: {0}")]
     Random(String),
 }
 
@@ -402,7 +402,7 @@ impl Registry {
         request: JoinRequest,
     ) -> Result<ClusterRecord, RegistryError> {
         let key = cluster_key(&request.cluster);
-        for _ in 0..MAX_CONTENDED_RETRIES {
+        for attempt in 0..MAX_CONTENDED_RETRIES {
             // Checked on every attempt and made a condition of the write: a token revoked
             // while a join is in flight stops it.
             let (info, token_unchanged) = self.check_token(token).await?;
@@ -432,10 +432,19 @@ impl Registry {
                 .into_iter()
                 .map(|kv| kv.key)
                 .collect();
+            // First free block; after losing a race, a random free one, so many concurrent
+            // joins spread out instead of all retrying on the same next block.
+            let free = self.layout.block_count() - taken.len() as u64;
+            let skip = if attempt == 0 || free == 0 {
+                0
+            } else {
+                random_below(free)?
+            };
             let Some(block) = self
                 .layout
                 .blocks()
-                .find(|b| !taken.contains(&block_key(*b)))
+                .filter(|b| !taken.contains(&block_key(*b)))
+                .nth(skip as usize)
             else {
                 tracing::warn!(cluster = %request.cluster, fleet_cidr = %self.layout.fleet_cidr, "join refused: fleet CIDR exhausted");
                 return Err(RegistryError::FleetExhausted {
@@ -659,6 +668,12 @@ impl Registry {
             }
         }))
     }
+}
+
+fn random_below(n: u64) -> Result<u64, RegistryError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| RegistryError::Random(e.to_string()))?;
+    Ok(u64::from_le_bytes(bytes) % n)
 }
 
 fn split_record_key(key: &str) -> Option<(ClusterId, String)> {

@@ -102,6 +102,38 @@ pub async fn concurrent_joins_get_distinct_blocks(store: Arc<dyn Store>, replica
     assert_eq!(clusters.len(), 24);
 }
 
+/// As many concurrent joins (over two replicas) as the fleet has blocks: every one succeeds,
+/// no block twice, and the next join finds the fleet full.
+pub async fn a_fleet_fills_exactly_under_concurrent_joins(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let layout = FleetLayout::new("10.0.0.0/18".parse().unwrap(), 24).unwrap();
+    assert_eq!(layout.block_count(), 64);
+    let one = registry(store, layout).await;
+    let two = registry(replica, layout).await;
+    let (token, _) = one.create_token(DAY, "fill").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64u8 {
+        let reg = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            reg.join(&token, request(&format!("f{i}"), i)).await
+        }));
+    }
+    let mut blocks = HashSet::new();
+    for t in tasks {
+        let record = t.await.unwrap().expect("every join fits");
+        assert!(blocks.insert(record.block), "block {} twice", record.block);
+    }
+    assert_eq!(blocks.len(), 64);
+    let err = two
+        .join(&token, request("one-too-many", 200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::FleetExhausted { .. }), "{err}");
+}
+
 pub async fn exhausted_fleet_is_a_clear_error_without_change(
     store: Arc<dyn Store>,
     _: Arc<dyn Store>,
@@ -375,6 +407,12 @@ macro_rules! registry_suite {
             async fn concurrent_joins_get_distinct_blocks() {
                 let (store, replica, _guard) = $setup().await;
                 suite::concurrent_joins_get_distinct_blocks(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_fleet_fills_exactly_under_concurrent_joins() {
+                let (store, replica, _guard) = $setup().await;
+                suite::a_fleet_fills_exactly_under_concurrent_joins(store, replica).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
