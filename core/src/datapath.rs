@@ -259,6 +259,33 @@ impl NodeDatapath {
         .await?
     }
 
+    /// Index of the pod's veth end in the CNF netns, if it exists. Deleting by this index
+    /// later can never hit a newer link that re-uses the name (the kernel does not re-use
+    /// indexes of a netns while it lives).
+    pub async fn host_veth_index(&self, att: &Attachment) -> Result<Option<u32>, DatapathError> {
+        let host_veth = att.host_veth.clone();
+        netns::with_netlink(vec![self.cnf_path()], move |h| async move {
+            Ok(link_by_name(&h[0], &host_veth)
+                .await?
+                .map(|l| l.header.index))
+        })
+        .await?
+    }
+
+    /// Deletes a link of the CNF netns by index; already gone is fine. Deleting a veth waits
+    /// for the kernel's RCU grace period (~10–20 ms), which is why callers run it off the
+    /// request path.
+    pub async fn delete_link_index(&self, index: u32) -> Result<(), DatapathError> {
+        netns::with_netlink(vec![self.cnf_path()], move |h| async move {
+            match h[0].link().del(index).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
+                Err(e) => Err(nl(format!("delete link #{index}"))(e)),
+            }
+        })
+        .await?
+    }
+
     /// Verifies the pod's `eth-fleet`: exists, up, holds the address, has the routes; and its
     /// veth peer sits on the bridge.
     pub async fn check(&self, pod_netns: &Path, att: &Attachment) -> Result<(), DatapathError> {

@@ -145,6 +145,17 @@ impl FleetNri {
             .collect()
     }
 
+    /// Waits until exactly `n` pod veths remain in the CNF netns: a released pod's link is
+    /// deleted in the background (the kernel's veth teardown is off CNI DEL's path).
+    pub fn await_host_veths(&self, n: usize) -> Result<()> {
+        poll_until(
+            "pod veths in the CNF netns",
+            Duration::from_secs(10),
+            || (self.host_veths().len() == n).then_some(()),
+        )
+        .map_err(|e| Error::Invalid(format!("{e}: {:?}", self.host_veths())))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("fleet-nri.log")).unwrap_or_default()
     }

@@ -118,7 +118,7 @@ fn sixty_four_concurrent_adds_get_distinct_addresses_check_and_release() {
         }
     });
     assert_eq!(nri.status().unwrap().allocated, 0);
-    assert!(nri.host_veths().is_empty(), "{:?}", nri.host_veths());
+    nri.await_host_veths(0).unwrap();
     for ns in &pods {
         let links = ns.ip(&["-o", "link"]).unwrap();
         assert!(!links.contains("eth-fleet"), "{links}");
@@ -179,5 +179,5 @@ fn exhausted_subnet_and_daemon_down_are_cni_errors_that_leave_nothing() {
     let (ok, out) = cni("GC", "", "", &gc);
     assert!(ok, "{out}");
     assert_eq!(nri.status().unwrap().allocated, 0);
-    assert!(nri.host_veths().is_empty());
+    nri.await_host_veths(0).unwrap();
 }

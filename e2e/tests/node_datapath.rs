@@ -209,14 +209,11 @@ fn pods_get_eth_fleet_the_fleet_ip_in_env_and_reach_each_other() {
     // Deleting a pod leaves no veth and no allocation.
     node.remove_pod(&web_sb);
     assert!(node.attachment_of(&web_sb).is_none());
-    assert!(
-        !node.nri().host_veths().contains(&att.host_veth),
-        "{:?}",
-        node.nri().host_veths()
-    );
+    node.nri().await_host_veths(1).unwrap();
+    assert!(!node.nri().host_veths().contains(&att.host_veth));
     assert!(!node.nri().data_dir().join("ipam").join(&web_ip).exists());
     node.remove_pod(&cli_sb);
-    assert!(node.nri().host_veths().is_empty());
+    node.nri().await_host_veths(0).unwrap();
     assert_eq!(node.nri().status().unwrap().allocated, 0);
 }
 

@@ -175,11 +175,16 @@ impl Node {
         Ok(())
     }
 
+    /// Releases the address, then deletes the pod's link in the background: the kernel's
+    /// veth teardown waits an RCU grace period that CNI DEL need not wait for. The link is
+    /// found by index first, so the background delete can never hit a newer link of a pod
+    /// that re-used the address; a daemon killed before it runs leaves a veth that the next
+    /// Synchronize deletes (no owner).
     async fn release(&self, att: &Attachment) -> Result<(), NodeError> {
-        self.datapath.detach(att).await.map_err(|e| {
+        let index = self.datapath.host_veth_index(att).await.map_err(|e| {
             NodeError::new(
                 code::IO_FAILURE,
-                "cannot remove the pod's eth-fleet link; retry",
+                "cannot look up the pod's eth-fleet link; retry",
                 e.to_string(),
             )
         })?;
@@ -190,6 +195,15 @@ impl Node {
                 e.to_string(),
             )
         })?;
+        if let Some(index) = index {
+            let datapath = self.datapath.clone();
+            let name = att.host_veth.clone();
+            tokio::spawn(async move {
+                if let Err(e) = datapath.delete_link_index(index).await {
+                    tracing::warn!(link = %name, error = %e, "cannot delete a released pod's veth; Synchronize will retry");
+                }
+            });
+        }
         tracing::info!(container = %att.key.container_id, address = %att.address, "pod released");
         Ok(())
     }

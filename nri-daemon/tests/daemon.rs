@@ -110,6 +110,19 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Waits until no pod veth is left (released links are deleted in the background).
+    fn await_no_pod_veths(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cnf_links().contains(": fl64") {
+            assert!(
+                Instant::now() < deadline,
+                "pod veths left: {}",
+                self.cnf_links()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn cnf_links(&self) -> String {
         let out = Command::new("ip")
             .args(["-n", &self.cnf, "-o", "link"])
@@ -201,11 +214,7 @@ fn allocations_survive_kill_9_and_are_never_duplicated() {
     // DEL is idempotent, also without a netns.
     d.client().detach(detach_req("a", "")).unwrap();
     assert!(d.client().list_attachments().unwrap().is_empty());
-    assert!(
-        !d.cnf_links().contains(": fl64"),
-        "no veth left: {}",
-        d.cnf_links()
-    );
+    d.await_no_pod_veths();
 }
 
 #[test]
@@ -243,11 +252,7 @@ fn sixty_four_concurrent_attaches_get_distinct_addresses_and_release_cleanly() {
         }
     });
     assert_eq!(d.client().status().unwrap().allocated, 0);
-    assert!(
-        !d.cnf_links().contains(": fl64"),
-        "no veth left: {}",
-        d.cnf_links()
-    );
+    d.await_no_pod_veths();
 }
 
 #[test]
@@ -294,7 +299,7 @@ fn bad_requests_are_clear_errors_that_change_nothing() {
         .unwrap();
     assert_eq!(gc.released.len(), 1);
     assert_eq!(d.client().status().unwrap().allocated, 0);
-    assert!(!d.cnf_links().contains(": fl64"));
+    d.await_no_pod_veths();
 }
 
 fn raw(socket: &Path, bytes: &[u8]) -> String {
