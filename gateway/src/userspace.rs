@@ -138,6 +138,16 @@ impl WireguardDevice for UserspaceDevice {
     }
 }
 
+impl Drop for UserspaceDevice {
+    fn drop(&mut self) {
+        // The thread stops on its own once the channel closes, but the process may exit
+        // before it gets there: do not leave a dead UAPI socket behind.
+        if !self.commands.is_closed() {
+            let _ = std::fs::remove_file(uapi_socket(&self.name));
+        }
+    }
+}
+
 type GotaDevice = Device<DefaultDeviceTransports>;
 
 /// The device thread: bring the device up, report, then serve commands until told to stop or
