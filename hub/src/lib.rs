@@ -3,8 +3,10 @@
 //! file by default, etcd for several hub replicas).
 //!
 //! - [`store`]: the store trait and its two backends;
-//! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership).
+//! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership);
+//! - [`admin`]: the operator commands of the `fleet-hub` binary.
 
+pub mod admin;
 pub mod registry;
 pub mod store;
 

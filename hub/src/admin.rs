@@ -1,0 +1,161 @@
+//! Operator commands on the registry (what `fleet-hub token ...` and `fleet-hub clusters` do),
+//! writing human-readable output; the binary only parses flags and opens the store.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::registry::{FleetLayout, Registry, RegistryError, SystemClock};
+use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+
+/// Where the hub's state lives.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// The embedded store in this data dir (only one process may open it).
+    Embedded(std::path::PathBuf),
+    /// etcd at these client URLs, under this key namespace.
+    Etcd {
+        endpoints: Vec<String>,
+        namespace: String,
+    },
+}
+
+/// Opens the store and the registry on it.
+pub async fn open_registry(
+    location: &StoreLocation,
+    layout: FleetLayout,
+) -> Result<Registry, RegistryError> {
+    let store: Arc<dyn Store> = match location {
+        StoreLocation::Embedded(dir) => Arc::new(EmbeddedStore::open(dir.clone()).await?),
+        StoreLocation::Etcd {
+            endpoints,
+            namespace,
+        } => Arc::new(
+            EtcdStore::connect(EtcdOptions::new(endpoints.clone()).namespace(namespace.clone()))
+                .await?,
+        ),
+    };
+    Registry::open(store, layout, Arc::new(SystemClock)).await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("writing output failed: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("invalid duration {0:?}: use a number with s, m, h or d (e.g. 90m, 24h, 7d)")]
+    Duration(String),
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, AdminError> {
+    let bad = || AdminError::Duration(text.to_string());
+    let text = text.trim();
+    let split = text.len().checked_sub(1).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(bad()),
+    };
+    if secs == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// Creates a join token; the token text is the only thing on `out` (for scripts), the rest
+/// goes to `info`.
+pub async fn token_create(
+    registry: &Registry,
+    ttl: Duration,
+    description: &str,
+    out: &mut impl Write,
+    info: &mut impl Write,
+) -> Result<(), AdminError> {
+    let (token, meta) = registry.create_token(ttl, description).await?;
+    writeln!(out, "{}", token.expose_secret())?;
+    writeln!(
+        info,
+        "join token {} created; expires at unix time {}; it is shown only now",
+        meta.id, meta.expires_at
+    )?;
+    Ok(())
+}
+
+pub async fn token_list(registry: &Registry, out: &mut impl Write) -> Result<(), AdminError> {
+    writeln!(
+        out,
+        "{:<14} {:<12} {:<12} {:<8} DESCRIPTION",
+        "ID", "CREATED", "EXPIRES", "STATE"
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for t in registry.list_tokens().await? {
+        let state = match t.revoked_at {
+            Some(_) => "revoked",
+            None if now >= t.expires_at => "expired",
+            None => "valid",
+        };
+        writeln!(
+            out,
+            "{:<14} {:<12} {:<12} {:<8} {}",
+            t.id, t.created_at, t.expires_at, state, t.description
+        )?;
+    }
+    Ok(())
+}
+
+pub async fn token_revoke(
+    registry: &Registry,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    registry.revoke_token(id).await?;
+    writeln!(out, "join token {id} revoked")?;
+    Ok(())
+}
+
+pub async fn clusters(registry: &Registry, out: &mut impl Write) -> Result<(), AdminError> {
+    let (clusters, revision) = registry.list_clusters().await?;
+    writeln!(
+        out,
+        "{:<20} {:<18} {:<9} {:<22} PUBLIC KEY",
+        "CLUSTER", "BLOCK", "GATEWAY", "ENDPOINT"
+    )?;
+    for c in clusters {
+        let endpoint = c.endpoint.map_or("-".to_string(), |e| e.to_string());
+        let gateway = format!("{:?}", c.gateway).to_lowercase();
+        writeln!(
+            out,
+            "{:<20} {:<18} {:<9} {:<22} {}",
+            c.id.as_str(),
+            c.block.to_string(),
+            gateway,
+            endpoint,
+            c.public_key
+        )?;
+    }
+    writeln!(out, "(store revision {revision})")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "h", "0h", "10", "5w", "-1h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! fleet-hub: parses flags, opens the hub's store, runs an operator command.
+//!
+//! Serving the member API comes with the hub's TLS API; today the binary manages join tokens
+//! and lists clusters. With the embedded store it must run while no hub holds the data dir.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_hub::admin::{self, StoreLocation};
+use fleet_hub::registry::{DEFAULT_BLOCK_PREFIX, FleetLayout};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-hub",
+    version,
+    about = "fleetboard hub: registry of member clusters"
+)]
+struct Flags {
+    /// Data dir of the embedded store (ignored with --etcd).
+    #[arg(long, default_value = "/var/lib/fleetboard/hub")]
+    data_dir: PathBuf,
+    /// etcd client URLs (comma-separated) for a replicated hub, instead of the embedded store.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key namespace in etcd.
+    #[arg(long, default_value = "/fleetboard/")]
+    etcd_namespace: String,
+    /// The fleet CIDR that cluster blocks are cut from (fixed for the life of a fleet).
+    #[arg(long, default_value = fleet_core::config::DEFAULT_FLEET_CIDR)]
+    fleet_cidr: ipnetwork::Ipv4Network,
+    /// Prefix length of each cluster's block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_PREFIX)]
+    block_prefix: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List member clusters.
+    Clusters,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token and print it (once) on stdout.
+    Create {
+        /// Lifetime: 90m, 24h, 7d...
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(flags))
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    let location = if flags.etcd.is_empty() {
+        StoreLocation::Embedded(flags.data_dir.clone())
+    } else {
+        StoreLocation::Etcd {
+            endpoints: flags.etcd.clone(),
+            namespace: flags.etcd_namespace.clone(),
+        }
+    };
+    let layout = FleetLayout::new(flags.fleet_cidr, flags.block_prefix)?;
+    let registry = admin::open_registry(&location, layout)
+        .await
+        .with_context(|| format!("opening the hub store ({location:?})"))?;
+    let mut out = std::io::stdout().lock();
+    match flags.command {
+        Command::Token(TokenCommand::Create { ttl, description }) => {
+            let ttl = admin::parse_duration(&ttl)?;
+            admin::token_create(
+                &registry,
+                ttl,
+                &description,
+                &mut out,
+                &mut std::io::stderr(),
+            )
+            .await?
+        }
+        Command::Token(TokenCommand::List) => admin::token_list(&registry, &mut out).await?,
+        Command::Token(TokenCommand::Revoke { id }) => {
+            admin::token_revoke(&registry, &id, &mut out).await?
+        }
+        Command::Clusters => admin::clusters(&registry, &mut out).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The `fleet-hub` binary's operator commands on a real data dir and a real etcd.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::etcd::EtcdServer;
+
+fn fleet_hub(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleet-hub"))
+        .args(args)
+        .output()
+        .expect("run fleet-hub")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// create → list (no secret) → revoke → list shows it revoked; bad input is a clear error.
+fn token_lifecycle(store_args: &[&str]) {
+    let with = |rest: &[&str]| {
+        let mut args: Vec<&str> = store_args.to_vec();
+        args.extend_from_slice(rest);
+        fleet_hub(&args)
+    };
+    let created = with(&["token", "create", "--ttl", "2h", "--description", "for aa"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let token = stdout(&created).trim().to_string();
+    let (id, secret) = token.split_once('.').expect("token is <id>.<secret>");
+    assert_eq!(secret.len(), 64);
+    assert!(
+        !stderr(&created).contains(secret),
+        "the secret goes to stdout only"
+    );
+
+    let listed = with(&["token", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    assert!(
+        text.contains(id) && text.contains("valid") && text.contains("for aa"),
+        "{text}"
+    );
+    assert!(!text.contains(secret), "{text}");
+
+    let revoked = with(&["token", "revoke", id]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let text = stdout(&with(&["token", "list"]));
+    assert!(text.contains("revoked"), "{text}");
+
+    let unknown = with(&["token", "revoke", "ffffffffffff"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("no join token with id ffffffffffff"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let bad_ttl = with(&["token", "create", "--ttl", "soon"]);
+    assert!(!bad_ttl.status.success());
+    assert!(
+        stderr(&bad_ttl).contains("invalid duration"),
+        "{}",
+        stderr(&bad_ttl)
+    );
+
+    let clusters = with(&["clusters"]);
+    assert!(clusters.status.success(), "{}", stderr(&clusters));
+    assert!(
+        stdout(&clusters).starts_with("CLUSTER"),
+        "{}",
+        stdout(&clusters)
+    );
+}
+
+#[test]
+fn tokens_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap().to_string();
+    token_lifecycle(&["--data-dir", &data_dir]);
+
+    // A fleet's layout is fixed: another block size on the same data dir is refused.
+    let other = fleet_hub(&["--data-dir", &data_dir, "--block-prefix", "22", "clusters"]);
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("layout of a fleet cannot change"),
+        "{}",
+        stderr(&other)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_on_etcd() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    tokio::task::spawn_blocking(move || token_lifecycle(&["--etcd", &endpoint]))
+        .await
+        .unwrap();
+}
