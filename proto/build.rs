@@ -1,8 +1,6 @@
 //! Generates the NRI ttrpc bindings from `nri/api.proto`, only when the `nri` feature is on so
 //! that `fleet-cni` (which depends on this crate without it) builds no protobuf code.
 
-use std::path::PathBuf;
-
 fn main() {
     println!("cargo:rerun-if-changed=nri/api.proto");
     println!("cargo:rerun-if-changed=build.rs");
@@ -14,7 +12,7 @@ fn generate() {}
 
 #[cfg(feature = "nri")]
 fn generate() {
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nri");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nri");
     std::fs::create_dir_all(&out).expect("create OUT_DIR/nri");
     ttrpc_codegen::Codegen::new()
         .out_dir(&out)
