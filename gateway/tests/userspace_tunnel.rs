@@ -116,8 +116,38 @@ async fn userspace_tunnel_carries_ping_and_tcp_encrypted_and_forgets_removed_pee
         )
     );
 
-    // Removing the peer removes its route and stops the traffic.
+    // Changing a peer updates it in place: new allowed IP routed, same session kept.
+    let before = b.stats().await.unwrap()[0].last_handshake;
+    let mut grown = peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32");
+    grown.allowed_ips.push("203.0.113.0/24".parse().unwrap());
+    grown.persistent_keepalive = Some(25);
+    b.set_peers(&[grown]).await.unwrap();
+    let after = b.stats().await.unwrap();
+    // (Userspace handshake times are derived from "seconds ago": allow clock jitter.)
+    let (t0, t1) = (
+        before.unwrap(),
+        after[0].last_handshake.expect("the session was dropped"),
+    );
+    let drift = t1.duration_since(t0).unwrap_or_else(|e| e.duration());
+    assert!(
+        drift < Duration::from_millis(500),
+        "a new session: {t0:?} -> {t1:?}"
+    );
+    assert_eq!(after[0].allowed_ips.len(), 2, "{after:?}");
+    assert!(
+        net.b
+            .ip(&["route", "show", "dev", &name_b])
+            .contains("203.0.113.0/24")
+    );
+    assert!(net.a.ping("198.51.100.2"));
+
+    // Removing the peer removes its routes and stops the traffic.
     b.set_peers(&[]).await.unwrap();
+    assert!(
+        !net.b
+            .ip(&["route", "show", "dev", &name_b])
+            .contains("203.0.113.0/24")
+    );
     assert!(b.stats().await.unwrap().is_empty());
     assert!(
         !net.b

@@ -10,7 +10,7 @@
 //! ```
 //! `plain` runs iperf3 straight over the veth. With `--candidates`, boringtun 0.7 (1 thread,
 //! no multiqueue: its defaults lose on 2 cores) runs in the same topology too: that is how
-//! the userspace implementation was chosen (see the gateway README).
+//! the userspace implementation was chosen (numbers and reasons in gateway/README.md).
 //!
 //! Last line: `bench tunnel-throughput ours=<Gbit/s> baseline=<wireguard-go Gbit/s> ratio=..
 //! target=1.5`. Everything lives in netns this binary creates (documentation ranges only);
