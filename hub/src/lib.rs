@@ -4,9 +4,13 @@
 //!
 //! - [`store`]: the store trait and its two backends;
 //! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership);
+//! - [`api`]: the TLS API members and operators call (and `fleet-hub serve`);
+//! - [`client`]: the API's client library;
 //! - [`admin`]: the operator commands of the `fleet-hub` binary.
 
 pub mod admin;
+pub mod api;
+pub mod client;
 pub mod registry;
 pub mod store;
 

@@ -1,13 +1,15 @@
 //! fleet-hub: parses flags, opens the hub's store, runs an operator command.
 //!
-//! Serving the member API comes with the hub's TLS API; today the binary manages join tokens
-//! and lists clusters. With the embedded store it must run while no hub holds the data dir.
+//! `serve` runs the TLS API (see `fleet_hub::api`); the other commands manage join tokens and
+//! list clusters directly on the store (with the embedded store, only while no hub holds the
+//! data dir; against a serving hub use the API's admin calls).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_hub::admin::{self, StoreLocation};
+use fleet_hub::api::server::{ServerOptions, serve_until_signal};
 use fleet_hub::registry::{DEFAULT_BLOCK_PREFIX, FleetLayout};
 
 #[derive(Parser, Debug)]
@@ -43,6 +45,12 @@ enum Command {
     Token(TokenCommand),
     /// List member clusters.
     Clusters,
+    /// Serve the hub's TLS API (CA, server certificate and admin credential in --data-dir).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,14 +70,19 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    // A serving hub reports what it does; an operator command only its warnings.
+    let default_level = match flags.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let flags = Flags::parse();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -90,8 +103,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let registry = admin::open_registry(&location, layout)
         .await
         .with_context(|| format!("opening the hub store ({location:?})"))?;
+    if let Command::Serve { listen } = flags.command {
+        let options = ServerOptions::new(listen, flags.data_dir.clone());
+        return serve_until_signal(registry, options).await;
+    }
     let mut out = std::io::stdout().lock();
     match flags.command {
+        Command::Serve { .. } => unreachable!("handled above"),
         Command::Token(TokenCommand::Create { ttl, description }) => {
             let ttl = admin::parse_duration(&ttl)?;
             admin::token_create(

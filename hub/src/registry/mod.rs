@@ -13,6 +13,7 @@
 //! blocks/<addr>_<prefix>    owning cluster id: the allocation marker that makes blocks unique
 //! tokens/<token id>         token record (secret as SHA-256 only)
 //! records/<id>/<name>       a record published by cluster <id>
+//! credentials/<id>          SHA-256 of the cluster's API credential secret (set at join)
 //! ```
 //! Ownership: every member write names the writer's cluster id; a writer may only touch its own
 //! cluster's records ([`RegistryError::NotOwner`] otherwise). Admin operations (tokens,
@@ -37,13 +38,15 @@ pub use model::{
 pub use token::{Clock, JoinToken, ManualClock, SystemClock, TokenInfo};
 
 use crate::store::{Change, Condition, Revision, Store, StoreError, Txn, TxnOutcome};
-use token::{TokenRecord, constant_time_eq, unix_secs};
+use token::{TokenRecord, unix_secs};
+pub(crate) use token::{constant_time_eq, hex, sha256_hex};
 
 const LAYOUT_KEY: &str = "meta/layout";
 const CLUSTERS: &str = "clusters/";
 const BLOCKS: &str = "blocks/";
 const TOKENS: &str = "tokens/";
 const RECORDS: &str = "records/";
+const CREDENTIALS: &str = "credentials/";
 
 /// Conflicting writers retry; past this many lost races something is wrong.
 const MAX_CONTENDED_RETRIES: usize = 64;
@@ -110,6 +113,13 @@ pub enum RegistryError {
         writer: ClusterId,
         target: ClusterId,
     },
+    #[error(
+        "cluster {0} is already a member: re-join with its credential, or have the hub's \
+         operator remove it before joining it again with a token"
+    )]
+    AlreadyJoined(ClusterId),
+    #[error("invalid or unknown credential for cluster {0}; join again with a new token")]
+    BadCredential(ClusterId),
     #[error("cluster {0} has not joined the fleet (or was removed); join with a token first")]
     NotJoined(ClusterId),
     #[error("store key {key} holds an unreadable value: {reason}")]
@@ -401,12 +411,56 @@ impl Registry {
         token: &JoinToken,
         request: JoinRequest,
     ) -> Result<ClusterRecord, RegistryError> {
+        self.join_inner(token, request, None).await
+    }
+
+    /// A new cluster joins through the API: like [`Registry::join`], but the cluster must not
+    /// be a member yet ([`RegistryError::AlreadyJoined`]: a token alone never takes over an
+    /// existing cluster) and the SHA-256 of its API credential is stored in the same
+    /// transaction as its block.
+    pub async fn join_with_credential(
+        &self,
+        token: &JoinToken,
+        request: JoinRequest,
+        credential_sha256: String,
+    ) -> Result<ClusterRecord, RegistryError> {
+        self.join_inner(token, request, Some(credential_sha256))
+            .await
+    }
+
+    /// Checks a member's API credential (its secret's SHA-256) against the stored one.
+    pub async fn authenticate_member(
+        &self,
+        id: &ClusterId,
+        credential_sha256: &str,
+    ) -> Result<(), RegistryError> {
+        let key = format!("{CREDENTIALS}{id}");
+        let stored = self.store.get(&key).await?;
+        match stored {
+            Some(kv)
+                if constant_time_eq(&String::from_utf8_lossy(&kv.value), credential_sha256) =>
+            {
+                Ok(())
+            }
+            _ => Err(RegistryError::BadCredential(id.clone())),
+        }
+    }
+
+    async fn join_inner(
+        &self,
+        token: &JoinToken,
+        request: JoinRequest,
+        credential_sha256: Option<String>,
+    ) -> Result<ClusterRecord, RegistryError> {
         let key = cluster_key(&request.cluster);
         for attempt in 0..MAX_CONTENDED_RETRIES {
             // Checked on every attempt and made a condition of the write: a token revoked
             // while a join is in flight stops it.
             let (info, token_unchanged) = self.check_token(token).await?;
             if let Some(kv) = self.store.get(&key).await? {
+                if credential_sha256.is_some() {
+                    return Err(RegistryError::AlreadyJoined(request.cluster.clone()));
+                }
                 let mut record: ClusterRecord = decode(&key, &kv.value)?;
                 if record.public_key == request.public_key && record.endpoint == request.endpoint {
                     tracing::info!(cluster = %record.id, block = %record.block, "cluster re-joined");
@@ -462,7 +516,7 @@ impl Registry {
                 joined_at: self.now(),
                 token_id: info.id.clone(),
             };
-            let txn = Txn::new()
+            let mut txn = Txn::new()
                 .when(token_unchanged)
                 .when(Condition::Absent(key.clone()))
                 .when(Condition::Absent(block_key(block)))
@@ -471,6 +525,12 @@ impl Registry {
                     request.cluster.as_str().as_bytes().to_vec(),
                 )
                 .put(key.clone(), encode(&record));
+            if let Some(hash) = &credential_sha256 {
+                txn = txn.put(
+                    format!("{CREDENTIALS}{}", request.cluster),
+                    hash.as_bytes().to_vec(),
+                );
+            }
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
                     tracing::info!(cluster = %record.id, block = %block, token_id = %info.id, revision, "cluster joined");
@@ -574,7 +634,8 @@ impl Registry {
             let mut txn = Txn::new()
                 .when(Condition::ModRevision(key.clone(), kv.mod_revision))
                 .delete(key.clone())
-                .delete(block_key(record.block));
+                .delete(block_key(record.block))
+                .delete(format!("{CREDENTIALS}{id}"));
             for item in self.store.list(&prefix).await?.items {
                 txn = txn.delete(item.key);
             }

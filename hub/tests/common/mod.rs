@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod hub;
 pub mod registry_suite;
 pub mod store_suite;

@@ -1,0 +1,558 @@
+//! The API server: TLS accept loop, HTTP/1.1 connections, routing, authentication, and the
+//! watch streams. Limits: request bodies of [`MAX_REQUEST_BYTES`], a TLS handshake and a
+//! request header within [`ServerOptions::handshake_timeout`], every call within
+//! [`ServerOptions::request_timeout`], at most [`ServerOptions::max_connections`] connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::{
+    Credential, EndpointUpdate, ErrorBody, ErrorCode, HubIdentity, JoinCall, JoinReply, JoinString,
+    ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RemovedReply, RevisionReply,
+    TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall,
+    WatchLine, decode_b64,
+};
+use crate::registry::{ClusterId, ClusterUpdate, JoinRequest, JoinToken, Registry, RegistryError};
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub request_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// A watch with nothing to say sends a heartbeat this often.
+    pub heartbeat: Duration,
+    pub max_connections: usize,
+    /// How long shutdown waits for connections to finish.
+    pub drain_timeout: Duration,
+}
+
+impl ServerOptions {
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        ServerOptions {
+            listen,
+            data_dir: data_dir.into(),
+            request_timeout: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(5),
+            max_connections: 16_384,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct State {
+    registry: Registry,
+    identity: HubIdentity,
+    options: ServerOptions,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running API server; [`HubServer::shutdown`] stops it gracefully.
+pub struct HubServer {
+    local_addr: SocketAddr,
+    ca_hash: super::CaHash,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HubServer {
+    /// Loads (or creates) the hub's TLS identity in the data dir, binds, and serves.
+    pub async fn start(registry: Registry, options: ServerOptions) -> anyhow::Result<HubServer> {
+        let identity = HubIdentity::load_or_create(&options.data_dir)?;
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
+        let local_addr = listener.local_addr()?;
+        let ca_hash = identity.ca_hash;
+        tracing::info!(listen = %local_addr, ca_sha256 = %ca_hash, admin_credential = %identity.admin_credential_path.display(), "hub API serving");
+        let (stop, shutdown) = watch::channel(false);
+        let state = Arc::new(State {
+            registry,
+            identity,
+            options,
+            shutdown,
+        });
+        let task = tokio::spawn(accept_loop(listener, state));
+        Ok(HubServer {
+            local_addr,
+            ca_hash,
+            stop,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn ca_hash(&self) -> super::CaHash {
+        self.ca_hash
+    }
+
+    /// Stops accepting, ends watch streams, lets calls in flight finish (bounded), returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let slots = Arc::new(Semaphore::new(state.options.max_connections));
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.identity.server_config.clone());
+    let mut shutdown = state.shutdown.clone();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection refused: too many connections");
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let state = state.clone();
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    serve_connection(state, acceptor, tcp, peer).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let drain = state.options.drain_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            remaining = connections.len(),
+            "connections did not drain in time; closing them"
+        );
+        connections.shutdown().await;
+    }
+    tracing::info!("hub API stopped");
+}
+
+async fn serve_connection(
+    state: Arc<State>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let tls =
+        match tokio::time::timeout(state.options.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed; connection closed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out; connection closed");
+                return;
+            }
+        };
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let state = service_state.clone();
+        async move { Ok::<_, Infallible>(handle(state, req).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.options.handshake_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let mut shutdown = state.shutdown.clone();
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(state.options.drain_timeout, connection).await;
+        }
+    }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).expect("API replies serialise");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(bytes))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .expect("static response parts")
+}
+
+fn error_response(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        &ErrorBody {
+            code,
+            message: message.into(),
+        },
+    )
+}
+
+/// A failed call: the code and message the caller sees.
+struct CallError(ErrorCode, String);
+
+impl From<RegistryError> for CallError {
+    fn from(e: RegistryError) -> Self {
+        CallError(ErrorCode::of(&e), e.to_string())
+    }
+}
+
+fn bad(message: impl Into<String>) -> CallError {
+    CallError(ErrorCode::InvalidArgument, message.into())
+}
+
+async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, CallError> {
+    let bytes = Limited::new(body, MAX_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                CallError(
+                    ErrorCode::TooLarge,
+                    format!("request body exceeds {MAX_REQUEST_BYTES} bytes"),
+                )
+            } else {
+                CallError(
+                    ErrorCode::InvalidArgument,
+                    format!("reading the request body: {e}"),
+                )
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON request: {e}")))
+}
+
+/// Who is calling, from the `Authorization: Bearer` header.
+enum Caller {
+    Member(ClusterId),
+    Admin,
+}
+
+async fn authenticate(state: &State, req: &Request<Incoming>) -> Result<Caller, CallError> {
+    let unauthenticated = |m: &str| CallError(ErrorCode::Unauthenticated, m.to_string());
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthenticated("this call needs `Authorization: Bearer <credential>`"))?;
+    let text = header
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthenticated("the Authorization header must be `Bearer <credential>`"))?;
+    let credential =
+        Credential::parse(text).ok_or_else(|| unauthenticated("malformed credential"))?;
+    match &credential {
+        Credential::Admin(_) => {
+            if crate::registry::constant_time_eq(
+                &credential.secret_sha256(),
+                &state.identity.admin_secret_sha256,
+            ) {
+                Ok(Caller::Admin)
+            } else {
+                tracing::warn!("refused a wrong admin credential");
+                Err(unauthenticated("wrong admin credential"))
+            }
+        }
+        Credential::Member { cluster, .. } => {
+            state
+                .registry
+                .authenticate_member(cluster, &credential.secret_sha256())
+                .await?;
+            Ok(Caller::Member(cluster.clone()))
+        }
+    }
+}
+
+fn member(caller: Caller) -> Result<ClusterId, CallError> {
+    match caller {
+        Caller::Member(id) => Ok(id),
+        Caller::Admin => Err(CallError(
+            ErrorCode::PermissionDenied,
+            "this call is for member clusters (use the member's credential)".into(),
+        )),
+    }
+}
+
+fn admin(caller: Caller) -> Result<(), CallError> {
+    match caller {
+        Caller::Admin => Ok(()),
+        Caller::Member(id) => Err(CallError(
+            ErrorCode::PermissionDenied,
+            format!(
+                "cluster {id} may not manage join tokens: this call needs the admin credential"
+            ),
+        )),
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != hyper::Method::POST {
+        return error_response(ErrorCode::NotFound, "every call is POST /v1/<call>");
+    }
+    let path = req.uri().path().to_string();
+    if path == "/v1/watch" {
+        return match watch(state, req).await {
+            Ok(response) => response,
+            Err(CallError(code, message)) => error_response(code, message),
+        };
+    }
+    let timeout = state.options.request_timeout;
+    match tokio::time::timeout(timeout, call(&state, &path, req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(CallError(code, message))) => {
+            tracing::debug!(%path, ?code, "call failed");
+            error_response(code, message)
+        }
+        Err(_) => error_response(
+            ErrorCode::Timeout,
+            format!(
+                "{path} did not finish within {} ms; retry",
+                timeout.as_millis()
+            ),
+        ),
+    }
+}
+
+async fn call(
+    state: &State,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, CallError> {
+    let registry = &state.registry;
+    let ok = |v: &dyn erased::Json| Ok(v.response());
+    match path {
+        "/v1/join" => {
+            let call: JoinCall = read_json(req.into_body()).await?;
+            let token = JoinToken::parse(&call.token)?;
+            let secret = super::tls::random_secret()
+                .map_err(|e| CallError(ErrorCode::Internal, e.to_string()))?;
+            let credential = Credential::Member {
+                cluster: call.cluster.clone(),
+                secret,
+            };
+            let record = registry
+                .join_with_credential(
+                    &token,
+                    JoinRequest {
+                        cluster: call.cluster,
+                        public_key: call.public_key,
+                        endpoint: call.endpoint,
+                    },
+                    credential.secret_sha256(),
+                )
+                .await?;
+            ok(&JoinReply {
+                record,
+                credential: credential.expose(),
+            })
+        }
+        "/v1/rejoin" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: RejoinCall = read_json(req.into_body()).await?;
+            let update = ClusterUpdate {
+                public_key: Some(call.public_key),
+                endpoint: Some(call.endpoint),
+                gateway: None,
+            };
+            let record = registry.update_cluster(&id, &id, update).await?;
+            tracing::info!(cluster = %id, block = %record.block, "cluster re-joined with its credential");
+            ok(&record)
+        }
+        "/v1/update" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: UpdateCall = read_json(req.into_body()).await?;
+            let target = call.cluster.unwrap_or_else(|| id.clone());
+            let update = ClusterUpdate {
+                public_key: call.public_key,
+                endpoint: call.endpoint.map(|e| match e {
+                    EndpointUpdate::Set(addr) => Some(addr),
+                    EndpointUpdate::Clear => None,
+                }),
+                gateway: call.gateway,
+            };
+            ok(&registry.update_cluster(&id, &target, update).await?)
+        }
+        "/v1/publish" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: RecordCall = read_json(req.into_body()).await?;
+            let value = decode_b64(call.value.as_deref().unwrap_or_default()).map_err(bad)?;
+            let revision = registry
+                .publish(&id, &call.owner, &call.name, value)
+                .await?;
+            ok(&RevisionReply { revision })
+        }
+        "/v1/unpublish" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: RecordCall = read_json(req.into_body()).await?;
+            let removed = registry.unpublish(&id, &call.owner, &call.name).await?;
+            ok(&RemovedReply { removed })
+        }
+        "/v1/list" => {
+            authenticate(state, &req).await?;
+            let view = registry.view().await?;
+            ok(&ListReply {
+                clusters: view.clusters,
+                records: view.records.into_iter().map(RecordWire::from).collect(),
+                revision: view.revision,
+            })
+        }
+        "/v1/tokens/create" => {
+            admin(authenticate(state, &req).await?)?;
+            let call: TokenCreateCall = read_json(req.into_body()).await?;
+            let (token, info) = registry
+                .create_token(Duration::from_secs(call.ttl_secs), &call.description)
+                .await?;
+            let join = JoinString {
+                token,
+                ca_hash: state.identity.ca_hash,
+            };
+            ok(&TokenCreateReply {
+                join: join.expose_secret(),
+                info,
+            })
+        }
+        "/v1/tokens/list" => {
+            admin(authenticate(state, &req).await?)?;
+            ok(&TokenListReply {
+                tokens: registry.list_tokens().await?,
+            })
+        }
+        "/v1/tokens/revoke" => {
+            admin(authenticate(state, &req).await?)?;
+            let call: TokenRevokeCall = read_json(req.into_body()).await?;
+            ok(&registry.revoke_token(&call.id).await?)
+        }
+        _ => Err(CallError(ErrorCode::NotFound, format!("no call {path}"))),
+    }
+}
+
+/// Type-erased "serialise me as a 200 JSON reply", so `call`'s arms stay one line.
+mod erased {
+    use super::*;
+    pub trait Json {
+        fn response(&self) -> Response<Body>;
+    }
+    impl<T: Serialize> Json for T {
+        fn response(&self) -> Response<Body> {
+            json_response(StatusCode::OK, self)
+        }
+    }
+}
+
+fn line(value: &WatchLine) -> Result<Frame<Bytes>, std::io::Error> {
+    let mut bytes = serde_json::to_vec(value).expect("watch lines serialise");
+    bytes.push(b'\n');
+    Ok(Frame::data(Bytes::from(bytes)))
+}
+
+async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, CallError> {
+    let timeout = state.options.request_timeout;
+    let (caller, call) = tokio::time::timeout(timeout, async {
+        let caller = authenticate(&state, &req).await?;
+        let call: WatchCall = read_json(req.into_body()).await?;
+        Ok::<_, CallError>((caller, call))
+    })
+    .await
+    .map_err(|_| CallError(ErrorCode::Timeout, "watch request timed out".into()))??;
+    let events = tokio::time::timeout(timeout, state.registry.watch(call.after))
+        .await
+        .map_err(|_| {
+            CallError(
+                ErrorCode::Timeout,
+                "opening the watch timed out; retry".into(),
+            )
+        })??;
+    let who = match caller {
+        Caller::Member(id) => id.to_string(),
+        Caller::Admin => "admin".to_string(),
+    };
+    tracing::debug!(caller = %who, after = call.after, "watch opened");
+    let heartbeat = state.options.heartbeat;
+    let mut shutdown = state.shutdown.clone();
+    let stream = async_stream::stream! {
+        let mut events = Box::pin(events);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                next = tokio::time::timeout(heartbeat, events.next()) => match next {
+                    Err(_) => yield line(&WatchLine::Heartbeat),
+                    Ok(None) => break,
+                    Ok(Some(Ok(event))) => yield line(&WatchLine::from(event)),
+                    Ok(Some(Err(e))) => {
+                        tracing::debug!(caller = %who, error = %e, "watch ended with an error");
+                        yield line(&WatchLine::Error(ErrorBody {
+                            code: ErrorCode::of(&e),
+                            message: e.to_string(),
+                        }));
+                        break;
+                    }
+                },
+            }
+        }
+    };
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .expect("static response parts"))
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully (what `fleet-hub serve` runs).
+pub async fn serve_until_signal(registry: Registry, options: ServerOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let server = HubServer::start(registry, options).await?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; shutting down");
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The hub's TLS identity and the members' trust in it.
+//!
+//! Server side ([`HubIdentity`]): on first start the hub generates a self-signed CA (ECDSA
+//! P-256) into its data dir (`ca.pem`, `ca.key` 0600) and an admin credential
+//! (`admin.credential`, 0600). On every start it issues itself a fresh server certificate
+//! signed by that CA for the name [`HUB_SERVER_NAME`], and serves the chain `[server, CA]`.
+//! Several replicas share one CA by sharing those three files.
+//!
+//! Client side ([`CaHash`], [`pinned_client_config`]): like kubeadm's discovery token CA hash, a
+//! member knows only the SHA-256 of the CA certificate (carried in the join string). It accepts
+//! a server only if the chain it presents contains a certificate with exactly that hash, and the
+//! server certificate verifies (signature, validity, name) against that certificate as the sole
+//! root.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::registry::hex;
+
+/// The name in the hub's server certificate; clients verify against it whatever address they
+/// dialled (the pinned CA is what identifies the hub).
+pub const HUB_SERVER_NAME: &str = "fleet-hub";
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+const ADMIN_CREDENTIAL: &str = "admin.credential";
+const CA_COMMON_NAME: &str = "fleetboard hub CA";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("hub TLS file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "hub TLS material in {path} is unusable ({reason}); restore it or move the data dir's ca.* aside to make a new CA (members must then get new join strings)"
+    )]
+    Bad { path: PathBuf, reason: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("invalid CA hash {0:?}: expected 64 hex digits (the CA certificate's SHA-256)")]
+    BadCaHash(String),
+}
+
+/// The SHA-256 of the hub CA's certificate (DER): what a member pins.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CaHash(pub [u8; 32]);
+
+impl CaHash {
+    pub fn of_der(der: &[u8]) -> Self {
+        CaHash(Sha256::digest(der).into())
+    }
+
+    /// The hash of the first certificate in a PEM file's text.
+    pub fn of_pem(pem: &str) -> Result<Self, TlsError> {
+        let der = first_cert_der(pem).map_err(|reason| TlsError::Bad {
+            path: PathBuf::from("<pem>"),
+            reason,
+        })?;
+        Ok(CaHash::of_der(&der))
+    }
+}
+
+impl std::str::FromStr for CaHash {
+    type Err = TlsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().strip_prefix("sha256:").unwrap_or(s.trim());
+        let bad = || TlsError::BadCaHash(s.to_string());
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(CaHash(out))
+    }
+}
+
+impl fmt::Display for CaHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for CaHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaHash(sha256:{self})")
+    }
+}
+
+fn first_cert_der(pem: &str) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| "no CERTIFICATE block".to_string())?
+        .map(|c| c.to_vec())
+        .map_err(|e| format!("bad PEM: {e:?}"))
+}
+
+/// The crypto provider used on both ends (aws-lc-rs, as the rest of the workspace).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The hub's CA, its server certificate for this start, and the admin credential's hash.
+pub struct HubIdentity {
+    pub ca_hash: CaHash,
+    pub server_config: Arc<rustls::ServerConfig>,
+    /// SHA-256 (hex) of the admin credential's secret.
+    pub admin_secret_sha256: String,
+    /// Where the admin credential lives (for operators; its text is never logged).
+    pub admin_credential_path: PathBuf,
+}
+
+impl fmt::Debug for HubIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubIdentity")
+            .field("ca_hash", &self.ca_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // Ten years: the CA is the fleet's identity; rotating it means new join strings.
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    Ok(params)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600 (atomically: temp file + rename).
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    file.write_all(contents).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A fresh random secret, 32 bytes as hex.
+pub(crate) fn random_secret() -> Result<String, std::io::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(hex(&bytes))
+}
+
+impl HubIdentity {
+    /// Loads the CA and admin credential from `data_dir`, generating them on first start, and
+    /// issues this start's server certificate.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, TlsError> {
+        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        let cert_path = data_dir.join(CA_CERT);
+        let key_path = data_dir.join(CA_KEY);
+        if !cert_path.exists() || !key_path.exists() {
+            let key = KeyPair::generate()?;
+            let cert = ca_params()?.self_signed(&key)?;
+            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            write_private(&cert_path, cert.pem().as_bytes())?;
+            tracing::info!(dir = %data_dir.display(), "generated the hub CA");
+        }
+        let ca_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let ca_key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let ca_der = first_cert_der(&ca_pem).map_err(|reason| TlsError::Bad {
+            path: cert_path.clone(),
+            reason,
+        })?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Bad {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+
+        let admin_path = data_dir.join(ADMIN_CREDENTIAL);
+        if !admin_path.exists() {
+            let secret = random_secret().map_err(io_err(&admin_path))?;
+            write_private(
+                &admin_path,
+                format!("{}\n", super::Credential::Admin(secret).expose()).as_bytes(),
+            )?;
+        }
+        let admin_text = std::fs::read_to_string(&admin_path).map_err(io_err(&admin_path))?;
+        let admin_secret_sha256 = match super::Credential::parse(admin_text.trim()) {
+            Some(super::Credential::Admin(secret)) => {
+                crate::registry::sha256_hex(secret.as_bytes())
+            }
+            _ => {
+                return Err(TlsError::Bad {
+                    path: admin_path,
+                    reason: "not an admin credential".into(),
+                });
+            }
+        };
+
+        // This start's server certificate, signed by the CA.
+        let issuer = Issuer::new(ca_params()?, &ca_key);
+        let server_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![HUB_SERVER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, HUB_SERVER_NAME);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let server_cert = params.signed_by(&server_key, &issuer)?;
+        let chain = vec![
+            server_cert.der().clone(),
+            CertificateDer::from(ca_der.clone()),
+        ];
+        let key =
+            PrivateKeyDer::try_from(server_key.serialize_der()).map_err(|e| TlsError::Bad {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(HubIdentity {
+            ca_hash: CaHash::of_der(&ca_der),
+            server_config: Arc::new(config),
+            admin_secret_sha256,
+            admin_credential_path: admin_path,
+        })
+    }
+}
+
+/// A client TLS config that trusts only a hub whose CA has `pin` as its SHA-256.
+pub fn pinned_client_config(pin: CaHash) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin,
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts a chain only if it carries the pinned CA and the server certificate verifies
+/// against that CA (webpki: signature, validity, name).
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: CaHash,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| CaHash::of_der(c.as_ref()) == self.pin)
+        else {
+            return Err(rustls::Error::General(format!(
+                "the hub's CA does not match the pinned hash sha256:{} (wrong hub, or a \
+                 join string for another hub)",
+                self.pin
+            )));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

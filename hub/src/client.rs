@@ -1,0 +1,680 @@
+//! The hub's client library: what a member's controller and `fleetctl` use.
+//!
+//! [`HubClient`] dials one of the hub's addresses over TLS, trusting only the CA whose SHA-256
+//! it was given (from the join string), and fails over to the next address when one is down.
+//! Calls share one kept-alive connection; each [`HubClient::watch`] has its own, reconnects
+//! with backoff, and resumes after the last change it delivered — nothing missed, nothing
+//! repeated — until the hub says the history is gone ([`HubError::Relist`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
+
+use crate::api::tls::{HUB_SERVER_NAME, pinned_client_config};
+use crate::api::{
+    CaHash, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall, JoinReply, JoinString,
+    ListReply, RecordCall, RejoinCall, RemovedReply, RevisionReply, TokenCreateCall,
+    TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine,
+    decode_b64, encode_b64,
+};
+use crate::registry::{
+    ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, TokenInfo,
+};
+use crate::store::Revision;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The hub refused the call; `code` says why.
+    #[error("hub refused {call}: {message} ({code:?})")]
+    Api {
+        call: &'static str,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The watch's position is no longer in the hub's history: list again, then watch from
+    /// the listing's revision.
+    #[error("the hub no longer has the changes after revision {after}: relist and watch again")]
+    Relist { after: Revision },
+    #[error("no hub reachable at {endpoints}: {last_error}")]
+    Unreachable {
+        endpoints: String,
+        last_error: String,
+    },
+    #[error("hub call {call} failed in transit: {reason}")]
+    Transport { call: &'static str, reason: String },
+    #[error("hub call {call} did not answer within {timeout_ms} ms")]
+    Timeout {
+        call: &'static str,
+        timeout_ms: u128,
+    },
+    #[error("hub answered {call} with something unreadable: {reason}")]
+    Protocol { call: &'static str, reason: String },
+    #[error("this client has no credential: join first, or give it one")]
+    NoCredential,
+    #[error("invalid client setup: {0}")]
+    Setup(String),
+}
+
+impl HubError {
+    /// The hub's error code, if the hub answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            HubError::Api { code, .. } => Some(*code),
+            HubError::Relist { .. } => Some(ErrorCode::Compacted),
+            _ => None,
+        }
+    }
+}
+
+/// Timeouts and backoff of a client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    pub call_timeout: Duration,
+    /// A watch that hears nothing (not even a heartbeat) this long reconnects.
+    pub watch_idle_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(20),
+            watch_idle_timeout: Duration::from_secs(20),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a join returns.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    pub record: ClusterRecord,
+    /// Keep it (0600): it is the cluster's identity at the hub, for re-joins and every call.
+    pub credential: Credential,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    tls: tokio_rustls::TlsConnector,
+    options: ClientOptions,
+    credential: std::sync::RwLock<Option<Credential>>,
+    /// Index of the endpoint that last worked.
+    current: AtomicUsize,
+    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+/// A client of the hub's API. Cheap to clone; clones share the connection and credential.
+#[derive(Clone)]
+pub struct HubClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HubClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubClient")
+            .field("endpoints", &self.inner.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+impl HubClient {
+    /// A client of the hub at `endpoints` (`host:port`, tried in turn), trusting only the CA
+    /// with hash `ca`.
+    pub fn new(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        ca: CaHash,
+        options: ClientOptions,
+    ) -> Result<HubClient, HubError> {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if endpoints.is_empty() {
+            return Err(HubError::Setup("no hub address given".into()));
+        }
+        let config = pinned_client_config(ca).map_err(|e| HubError::Setup(e.to_string()))?;
+        Ok(HubClient {
+            inner: Arc::new(Inner {
+                endpoints,
+                tls: tokio_rustls::TlsConnector::from(config),
+                options,
+                credential: std::sync::RwLock::new(None),
+                current: AtomicUsize::new(0),
+                connection: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// A client of the same hub using `credential` (a member's from its join, or the hub's
+    /// admin credential); it does not share connections or credential with `self`.
+    pub fn with_credential(&self, credential: Credential) -> Self {
+        HubClient {
+            inner: Arc::new(Inner {
+                endpoints: self.inner.endpoints.clone(),
+                tls: self.inner.tls.clone(),
+                options: self.inner.options.clone(),
+                credential: std::sync::RwLock::new(Some(credential)),
+                current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
+                connection: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn credential(&self) -> Option<Credential> {
+        self.inner.credential.read().unwrap().clone()
+    }
+
+    fn endpoints_text(&self) -> String {
+        self.inner.endpoints.join(",")
+    }
+
+    /// A new TLS connection to the first endpoint that answers, starting at the last good one.
+    async fn connect(&self) -> Result<Sender, HubError> {
+        let n = self.inner.endpoints.len();
+        let start = self.inner.current.load(Ordering::Relaxed);
+        let mut last_error = String::new();
+        for i in 0..n {
+            let index = (start + i) % n;
+            let endpoint = &self.inner.endpoints[index];
+            match tokio::time::timeout(self.inner.options.connect_timeout, self.dial(endpoint))
+                .await
+            {
+                Ok(Ok(sender)) => {
+                    self.inner.current.store(index, Ordering::Relaxed);
+                    return Ok(sender);
+                }
+                Ok(Err(e)) => last_error = format!("{endpoint}: {e}"),
+                Err(_) => last_error = format!("{endpoint}: connect timed out"),
+            }
+            tracing::debug!(%endpoint, error = %last_error, "hub endpoint unusable");
+        }
+        Err(HubError::Unreachable {
+            endpoints: self.endpoints_text(),
+            last_error,
+        })
+    }
+
+    async fn dial(&self, endpoint: &str) -> Result<Sender, String> {
+        let tcp = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(HUB_SERVER_NAME).expect("valid name");
+        let tls = self
+            .inner
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "hub connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn request(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        auth: bool,
+    ) -> Result<hyper::Request<Full<Bytes>>, HubError> {
+        let mut builder = hyper::Request::post(path)
+            .header(hyper::header::HOST, HUB_SERVER_NAME)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if auth {
+            let credential = self.credential().ok_or(HubError::NoCredential)?;
+            builder = builder.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", credential.expose()),
+            );
+        }
+        builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| HubError::Setup(e.to_string()))
+    }
+
+    /// One call on the shared connection. `retry` calls (idempotent ones) are sent again on a
+    /// fresh connection (possibly another replica) if the first attempt fails in transit.
+    async fn call<T: Serialize, R: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        path: &str,
+        body: &T,
+        auth: bool,
+        retry: bool,
+    ) -> Result<R, HubError> {
+        let body = serde_json::to_vec(body).expect("API calls serialise");
+        let timeout = self.inner.options.call_timeout;
+        let attempts = if retry {
+            1 + self.inner.endpoints.len()
+        } else {
+            1
+        };
+        let mut last = None;
+        for _ in 0..attempts {
+            let request = self.request(path, body.clone(), auth)?;
+            let once = async {
+                let mut slot = self.inner.connection.lock().await;
+                let cached = match slot.take() {
+                    Some(mut s) => s.ready().await.is_ok().then_some(s),
+                    None => None,
+                };
+                let mut sender = match cached {
+                    Some(s) => s,
+                    None => self.connect().await?,
+                };
+                let result = sender.send_request(request).await;
+                if result.is_ok() {
+                    *slot = Some(sender);
+                }
+                drop(slot);
+                let response = result.map_err(|e| HubError::Transport {
+                    call: name,
+                    reason: e.to_string(),
+                })?;
+                let status = response.status();
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| HubError::Transport {
+                        call: name,
+                        reason: e.to_string(),
+                    })?
+                    .to_bytes();
+                decode_reply(name, status, &bytes)
+            };
+            match tokio::time::timeout(timeout, once).await {
+                Ok(Err(e @ (HubError::Transport { .. } | HubError::Unreachable { .. }))) => {
+                    last = Some(e)
+                }
+                Ok(result) => return result,
+                Err(_) => {
+                    *self.inner.connection.lock().await = None;
+                    last = Some(HubError::Timeout {
+                        call: name,
+                        timeout_ms: timeout.as_millis(),
+                    })
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// Joins the fleet with a join string; the client keeps the returned credential.
+    pub async fn join(&self, join: &JoinString, request: JoinRequest) -> Result<Joined, HubError> {
+        let call = JoinCall {
+            token: join.token.expose_secret(),
+            cluster: request.cluster,
+            public_key: request.public_key,
+            endpoint: request.endpoint,
+        };
+        let reply: JoinReply = self.call("join", "/v1/join", &call, false, false).await?;
+        let credential =
+            Credential::parse(&reply.credential).ok_or_else(|| HubError::Protocol {
+                call: "join",
+                reason: "malformed credential".into(),
+            })?;
+        *self.inner.credential.write().unwrap() = Some(credential.clone());
+        Ok(Joined {
+            record: reply.record,
+            credential,
+        })
+    }
+
+    /// Re-joins with this client's credential: same id and block, new key and endpoint.
+    pub async fn rejoin(
+        &self,
+        public_key: crate::registry::PublicKey,
+        endpoint: Option<std::net::SocketAddr>,
+    ) -> Result<ClusterRecord, HubError> {
+        let call = RejoinCall {
+            public_key,
+            endpoint,
+        };
+        self.call("rejoin", "/v1/rejoin", &call, true, true).await
+    }
+
+    /// Changes cluster `target`'s record (the hub allows only the caller's own).
+    pub async fn update(
+        &self,
+        target: &ClusterId,
+        update: ClusterUpdate,
+    ) -> Result<ClusterRecord, HubError> {
+        let call = UpdateCall {
+            cluster: Some(target.clone()),
+            public_key: update.public_key,
+            endpoint: update.endpoint.map(|e| match e {
+                Some(addr) => EndpointUpdate::Set(addr),
+                None => EndpointUpdate::Clear,
+            }),
+            gateway: update.gateway,
+        };
+        self.call("update", "/v1/update", &call, true, true).await
+    }
+
+    /// Publishes record `name` of cluster `owner` (the hub allows only the caller's own).
+    pub async fn publish(
+        &self,
+        owner: &ClusterId,
+        name: &str,
+        value: &[u8],
+    ) -> Result<Revision, HubError> {
+        let call = RecordCall {
+            owner: owner.clone(),
+            name: name.to_string(),
+            value: Some(encode_b64(value)),
+        };
+        let reply: RevisionReply = self
+            .call("publish", "/v1/publish", &call, true, true)
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// Withdraws a record; false if it did not exist.
+    pub async fn unpublish(&self, owner: &ClusterId, name: &str) -> Result<bool, HubError> {
+        let call = RecordCall {
+            owner: owner.clone(),
+            name: name.to_string(),
+            value: None,
+        };
+        let reply: RemovedReply = self
+            .call("unpublish", "/v1/unpublish", &call, true, true)
+            .await?;
+        Ok(reply.removed)
+    }
+
+    /// Every cluster and record, at one revision (watch from it).
+    pub async fn list(&self) -> Result<FleetView, HubError> {
+        let reply: ListReply = self.call("list", "/v1/list", &(), true, true).await?;
+        Ok(FleetView {
+            clusters: reply.clusters,
+            records: reply
+                .records
+                .into_iter()
+                .map(|r| r.into_record())
+                .collect::<Result<_, _>>()
+                .map_err(|reason| HubError::Protocol {
+                    call: "list",
+                    reason,
+                })?,
+            revision: reply.revision,
+        })
+    }
+
+    /// Admin: creates a join token; returns the join string (token + this hub's CA hash).
+    pub async fn create_token(
+        &self,
+        ttl: Duration,
+        description: &str,
+    ) -> Result<(JoinString, TokenInfo), HubError> {
+        let call = TokenCreateCall {
+            ttl_secs: ttl.as_secs(),
+            description: description.to_string(),
+        };
+        let reply: TokenCreateReply = self
+            .call("create token", "/v1/tokens/create", &call, true, false)
+            .await?;
+        let join = JoinString::parse(&reply.join).map_err(|e| HubError::Protocol {
+            call: "create token",
+            reason: e.to_string(),
+        })?;
+        Ok((join, reply.info))
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, HubError> {
+        let reply: TokenListReply = self
+            .call("list tokens", "/v1/tokens/list", &(), true, true)
+            .await?;
+        Ok(reply.tokens)
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, HubError> {
+        let call = TokenRevokeCall { id: id.to_string() };
+        self.call("revoke token", "/v1/tokens/revoke", &call, true, true)
+            .await
+    }
+
+    /// Every change after revision `after`, in order, each once — across dropped connections
+    /// and hub restarts or fail-overs. Ends after an error it cannot retry: [`HubError::Relist`]
+    /// (history gone), or the hub refusing the credential.
+    pub fn watch(
+        &self,
+        after: Revision,
+    ) -> impl Stream<Item = Result<RegistryEvent, HubError>> + Send + 'static + use<> {
+        let client = self.clone();
+        async_stream::stream! {
+            let options = client.inner.options.clone();
+            // Position: everything up to `last` delivered, except that of the changes at
+            // `last` itself only `seen_at_last` were (one transaction shares a revision).
+            let mut last = after;
+            let mut seen_at_last = 0usize;
+            let mut backoff = options.backoff_min;
+            loop {
+                let from = if seen_at_last > 0 { last - 1 } else { last };
+                let mut skip = seen_at_last;
+                let mut stream = match client.open_watch(from).await {
+                    Ok(s) => s,
+                    Err(e) if retryable(&e) => {
+                        tracing::debug!(error = %e, after = last, "watch: hub unavailable; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(options.backoff_max);
+                        continue;
+                    }
+                    Err(e) => { yield Err(e); return; }
+                };
+                backoff = options.backoff_min;
+                loop {
+                    let line = match tokio::time::timeout(options.watch_idle_timeout, stream.next_line()).await {
+                        Err(_) => { tracing::debug!("watch: hub silent; reconnecting"); break; }
+                        Ok(Err(e)) => { tracing::debug!(error = %e, "watch: stream broke; reconnecting"); break; }
+                        Ok(Ok(None)) => { tracing::debug!("watch: hub ended the stream; reconnecting"); break; }
+                        Ok(Ok(Some(line))) => line,
+                    };
+                    let event = match line {
+                        WatchLine::Heartbeat => continue,
+                        WatchLine::Error(body) => {
+                            let e = api_error("watch", body, last);
+                            if retryable(&e) { break; }
+                            yield Err(e);
+                            return;
+                        }
+                        other => match to_event(other) {
+                            Ok(event) => event,
+                            Err(reason) => { yield Err(HubError::Protocol { call: "watch", reason }); return; }
+                        },
+                    };
+                    let revision = event.revision();
+                    if revision == last && skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    if revision < last || (revision == last && seen_at_last == 0) {
+                        // Cannot happen with a correct hub; never deliver twice.
+                        continue;
+                    }
+                    if revision == last {
+                        seen_at_last += 1;
+                    } else {
+                        last = revision;
+                        seen_at_last = 1;
+                    }
+                    yield Ok(event);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(options.backoff_max);
+            }
+        }
+    }
+
+    async fn open_watch(&self, after: Revision) -> Result<LineReader, HubError> {
+        let mut sender = self.connect().await?;
+        let body = serde_json::to_vec(&WatchCall { after }).expect("serialises");
+        let request = self.request("/v1/watch", body, true)?;
+        let timeout = self.inner.options.call_timeout;
+        let response = tokio::time::timeout(timeout, sender.send_request(request))
+            .await
+            .map_err(|_| HubError::Timeout {
+                call: "watch",
+                timeout_ms: timeout.as_millis(),
+            })?
+            .map_err(|e| HubError::Transport {
+                call: "watch",
+                reason: e.to_string(),
+            })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let bytes = tokio::time::timeout(timeout, response.into_body().collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let e = decode_reply::<()>("watch", status, &bytes).unwrap_err();
+            return Err(match e {
+                HubError::Api {
+                    code: ErrorCode::Compacted,
+                    ..
+                } => HubError::Relist { after },
+                e => e,
+            });
+        }
+        Ok(LineReader {
+            body: response.into_body(),
+            buffer: Vec::new(),
+            _sender: sender,
+        })
+    }
+}
+
+fn retryable(e: &HubError) -> bool {
+    match e {
+        HubError::Api { code, .. } => matches!(
+            code,
+            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal
+        ),
+        HubError::Unreachable { .. } | HubError::Transport { .. } | HubError::Timeout { .. } => {
+            true
+        }
+        _ => false,
+    }
+}
+
+fn api_error(call: &'static str, body: ErrorBody, after: Revision) -> HubError {
+    if body.code == ErrorCode::Compacted {
+        return HubError::Relist { after };
+    }
+    HubError::Api {
+        call,
+        code: body.code,
+        message: body.message,
+    }
+}
+
+fn decode_reply<R: DeserializeOwned>(
+    call: &'static str,
+    status: hyper::StatusCode,
+    bytes: &[u8],
+) -> Result<R, HubError> {
+    if status.is_success() {
+        return serde_json::from_slice(bytes).map_err(|e| HubError::Protocol {
+            call,
+            reason: e.to_string(),
+        });
+    }
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => Err(HubError::Api {
+            call,
+            code: body.code,
+            message: body.message,
+        }),
+        Err(_) => Err(HubError::Protocol {
+            call,
+            reason: format!("HTTP {status} without an error body"),
+        }),
+    }
+}
+
+fn to_event(line: WatchLine) -> Result<RegistryEvent, String> {
+    Ok(match line {
+        WatchLine::ClusterUpserted { record, revision } => {
+            RegistryEvent::ClusterUpserted { record, revision }
+        }
+        WatchLine::ClusterRemoved { id, revision } => {
+            RegistryEvent::ClusterRemoved { id, revision }
+        }
+        WatchLine::RecordPut {
+            owner,
+            name,
+            value,
+            revision,
+        } => RegistryEvent::RecordPut {
+            value: decode_b64(&value)?,
+            owner,
+            name,
+            revision,
+        },
+        WatchLine::RecordDeleted {
+            owner,
+            name,
+            revision,
+        } => RegistryEvent::RecordDeleted {
+            owner,
+            name,
+            revision,
+        },
+        WatchLine::Heartbeat | WatchLine::Error(_) => return Err("not an event".into()),
+    })
+}
+
+/// Newline-delimited JSON from a streaming response body.
+struct LineReader {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+    /// Keeps the connection's request side alive while the body streams.
+    _sender: Sender,
+}
+
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+impl LineReader {
+    async fn next_line(&mut self) -> Result<Option<WatchLine>, String> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line[..end])
+                    .map(Some)
+                    .map_err(|e| format!("bad watch line: {e}"));
+            }
+            if self.buffer.len() > MAX_LINE {
+                return Err("watch line too long".into());
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}

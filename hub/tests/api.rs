@@ -1,0 +1,498 @@
+//! The hub's TLS API over real sockets on 127.0.0.1: joins and tokens, ownership, bad input on
+//! the port, CA pinning, an exhausted fleet, watch resume across a hub restart, and two hub
+//! replicas on one real etcd with one killed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::etcd::EtcdServer;
+use common::hub::{HubProcess, copy_identity, quick_options};
+use fleet_hub::api::server::{HubServer, ServerOptions};
+use fleet_hub::api::{CaHash, Credential, ErrorCode, JoinString};
+use fleet_hub::client::{HubClient, HubError};
+use fleet_hub::registry::{
+    ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, ManualClock, PublicKey,
+    Registry, RegistryEvent,
+};
+use fleet_hub::store::{EmbeddedStore, Store};
+use futures::{Stream, StreamExt};
+
+/// An in-process hub on an embedded store with a clock the test moves.
+struct Hub {
+    server: Option<HubServer>,
+    registry: Registry,
+    clock: Arc<ManualClock>,
+    dir: tempfile::TempDir,
+}
+
+impl Hub {
+    async fn start(layout: FleetLayout) -> Hub {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-hub-api-")
+            .tempdir()
+            .unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(dir.path().join("store")).await.unwrap());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let registry = Registry::open(store, layout, clock.clone()).await.unwrap();
+        let options = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
+        let server = HubServer::start(registry.clone(), options).await.unwrap();
+        Hub {
+            server: Some(server),
+            registry,
+            clock,
+            dir,
+        }
+    }
+
+    fn server(&self) -> &HubServer {
+        self.server.as_ref().unwrap()
+    }
+
+    fn endpoint(&self) -> String {
+        self.server().local_addr().to_string()
+    }
+
+    fn client(&self) -> HubClient {
+        HubClient::new([self.endpoint()], self.server().ca_hash(), quick_options()).unwrap()
+    }
+
+    fn admin(&self) -> HubClient {
+        let text = std::fs::read_to_string(self.dir.path().join("data/admin.credential")).unwrap();
+        self.client()
+            .with_credential(Credential::parse(&text).unwrap())
+    }
+
+    async fn revision(&self) -> u64 {
+        self.registry.store().revision().await.unwrap()
+    }
+}
+
+fn key(n: u8) -> PublicKey {
+    PublicKey::from_bytes([n; 32])
+}
+
+fn id(s: &str) -> ClusterId {
+    ClusterId::new(s).unwrap()
+}
+
+fn request(cluster: &str, n: u8) -> JoinRequest {
+    JoinRequest {
+        cluster: id(cluster),
+        public_key: key(n),
+        endpoint: None,
+    }
+}
+
+fn code(result: Result<impl std::fmt::Debug, HubError>) -> ErrorCode {
+    let e = result.expect_err("the call must fail");
+    e.code().unwrap_or_else(|| panic!("not an API error: {e}"))
+}
+
+/// The next event, within 10 s.
+async fn next_event<S>(watch: &mut S) -> RegistryEvent
+where
+    S: Stream<Item = Result<RegistryEvent, HubError>> + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the watch goes on")
+        .expect("no watch error")
+}
+
+/// Nothing more arrives within `quiet`.
+async fn assert_no_event<S>(watch: &mut S, quiet: Duration)
+where
+    S: Stream<Item = Result<RegistryEvent, HubError>> + Unpin,
+{
+    if let Ok(Some(event)) = tokio::time::timeout(quiet, watch.next()).await {
+        panic!("unexpected event {event:?}");
+    }
+}
+
+fn put_name(event: &RegistryEvent) -> String {
+    match event {
+        RegistryEvent::RecordPut { owner, name, .. } => format!("{owner}/{name}"),
+        other => panic!("expected a record put, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_with_a_token_then_rejoin_with_the_credential() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, info) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "for aa")
+        .await
+        .unwrap();
+    assert_eq!(
+        join.ca_hash,
+        hub.server().ca_hash(),
+        "the join string pins this hub's CA"
+    );
+    assert_eq!(hub.admin().list_tokens().await.unwrap()[0].id, info.id);
+
+    let member = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let joined = member.join(&join, request("aa", 1)).await.unwrap();
+    assert_eq!(joined.record.id, id("aa"));
+    assert_eq!(joined.record.block.to_string(), "100.96.0.0/20");
+    assert!(
+        matches!(&joined.credential, Credential::Member { cluster, .. } if cluster == &id("aa"))
+    );
+
+    // A restarted member: a new client with the stored credential keeps id and block.
+    let again = HubClient::new([hub.endpoint()], join.ca_hash, quick_options())
+        .unwrap()
+        .with_credential(joined.credential.clone());
+    let endpoint = "192.0.2.10:51820".parse().unwrap();
+    let record = again.rejoin(key(9), Some(endpoint)).await.unwrap();
+    assert_eq!(record.block, joined.record.block);
+    assert_eq!(record.public_key, key(9));
+    let updated = again
+        .update(
+            &id("aa"),
+            ClusterUpdate {
+                gateway: Some(GatewayState::Up),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (updated.gateway, updated.endpoint),
+        (GatewayState::Up, Some(endpoint))
+    );
+
+    // A token alone never takes over an existing cluster.
+    let before = hub.revision().await;
+    let thief = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    assert_eq!(
+        code(thief.join(&join, request("aa", 7)).await),
+        ErrorCode::AlreadyJoined
+    );
+    assert_eq!(hub.revision().await, before);
+
+    // A member reads everyone's records.
+    member
+        .publish(&id("aa"), "svc/web", b"10.0.0.1")
+        .await
+        .unwrap();
+    let view = member.list().await.unwrap();
+    assert_eq!(view.clusters.len(), 1);
+    assert_eq!(view.records[0].value, b"10.0.0.1");
+    assert!(member.unpublish(&id("aa"), "svc/web").await.unwrap());
+    assert!(!member.unpublish(&id("aa"), "svc/web").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_expired_and_revoked_tokens_are_distinct_errors_and_change_nothing() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    let (good, _) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let (short, _) = admin
+        .create_token(Duration::from_secs(60), "")
+        .await
+        .unwrap();
+    let (revoked, info) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    admin.revoke_token(&info.id).await.unwrap();
+    hub.clock.advance(Duration::from_secs(120));
+
+    let wrong_secret = JoinString::parse(&format!(
+        "{}.{}.{}",
+        good.token.id(),
+        "0".repeat(64),
+        good.ca_hash
+    ))
+    .unwrap();
+    let client = HubClient::new([hub.endpoint()], good.ca_hash, quick_options()).unwrap();
+    let before = hub.revision().await;
+    assert_eq!(
+        code(client.join(&wrong_secret, request("aa", 1)).await),
+        ErrorCode::TokenInvalid
+    );
+    assert_eq!(
+        code(client.join(&short, request("aa", 1)).await),
+        ErrorCode::TokenExpired
+    );
+    let err = client.join(&revoked, request("aa", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TokenRevoked));
+    assert!(err.to_string().contains("revoked"), "{err}");
+    assert_eq!(hub.revision().await, before, "failed joins write nothing");
+    assert!(hub.registry.list_clusters().await.unwrap().0.is_empty());
+    assert!(client.credential().is_none());
+
+    // Calls without, or with a made-up, credential are refused.
+    assert!(matches!(client.list().await, Err(HubError::NoCredential)));
+    let forged =
+        client.with_credential(Credential::parse(&format!("m.aa.{}", "1".repeat(64))).unwrap());
+    assert_eq!(
+        code(forged.list().await.map(|_| ())),
+        ErrorCode::Unauthenticated
+    );
+    let fake_admin =
+        client.with_credential(Credential::parse(&format!("a.{}", "2".repeat(64))).unwrap());
+    assert_eq!(
+        code(fake_admin.list_tokens().await),
+        ErrorCode::Unauthenticated
+    );
+
+    client.join(&good, request("aa", 1)).await.unwrap();
+    assert_eq!(
+        code(client.list_tokens().await),
+        ErrorCode::PermissionDenied,
+        "members cannot manage tokens"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_write_another_clusters_records() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let bb_record = bb.join(&join, request("bb", 2)).await.unwrap().record;
+    bb.publish(&id("bb"), "svc", b"mine").await.unwrap();
+    let before = hub.revision().await;
+
+    let evil = ClusterUpdate {
+        public_key: Some(key(66)),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(aa.update(&id("bb"), evil).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(aa.publish(&id("bb"), "svc", b"stolen").await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(aa.unpublish(&id("bb"), "svc").await),
+        ErrorCode::PermissionDenied
+    );
+
+    assert_eq!(
+        hub.revision().await,
+        before,
+        "refused writes change nothing"
+    );
+    let view = bb.list().await.unwrap();
+    let stored = view.clusters.iter().find(|c| c.id == id("bb")).unwrap();
+    assert_eq!(stored, &bb_record);
+    assert_eq!(view.records.len(), 1);
+    assert_eq!(view.records[0].value, b"mine");
+}
+
+/// Reads until the server closes the connection (EOF or reset), within 5 s.
+fn assert_closed_by_server(mut stream: std::net::TcpStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue, // a TLS alert, perhaps
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the server did not close the connection: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_plain_http_are_refused_while_others_are_served() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    admin.list_tokens().await.unwrap();
+    let addr = hub.server().local_addr();
+    let inputs: [&[u8]; 4] = [
+        b"GET /v1/list HTTP/1.1\r\nHost: fleet-hub\r\n\r\n",
+        b"POST /v1/join HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        &[
+            0xde, 0xad, 0xbe, 0xef, 0x00, 0xff, 0x16, 0x03, 0x01, 0xff, 0xff,
+        ],
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5],
+    ];
+    for input in inputs {
+        let stream = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(input).unwrap();
+            stream
+        })
+        .await
+        .unwrap();
+        tokio::task::spawn_blocking(move || assert_closed_by_server(stream))
+            .await
+            .unwrap();
+    }
+    // A client that connects and says nothing is dropped after the handshake timeout, and
+    // meanwhile everyone else is served.
+    let silent = std::net::TcpStream::connect(addr).unwrap();
+    let tokens = admin.list_tokens().await.unwrap();
+    assert!(tokens.is_empty());
+    drop(silent);
+    admin
+        .create_token(Duration::from_secs(60), "still serving")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_the_wrong_ca_pin_refuses_the_hub() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let wrong = CaHash([0x42; 32]);
+    let client = HubClient::new([hub.endpoint()], wrong, quick_options()).unwrap();
+    let before = hub.revision().await;
+    let err = client.join(&join, request("aa", 1)).await.unwrap_err();
+    assert!(matches!(err, HubError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("pinned"), "{err}");
+    assert_eq!(
+        hub.revision().await,
+        before,
+        "the token never reached the hub"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_fleet_cidr_is_a_clear_error_and_changes_nothing() {
+    let layout = FleetLayout::new("10.200.0.0/23".parse().unwrap(), 24).unwrap();
+    let hub = Hub::start(layout).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    for (i, name) in ["aa", "bb"].into_iter().enumerate() {
+        let c = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+        c.join(&join, request(name, i as u8)).await.unwrap();
+    }
+    let before = hub.revision().await;
+    let cc = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let err = cc.join(&join, request("cc", 3)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::FleetExhausted));
+    assert!(err.to_string().contains("10.200.0.0/23"), "{err}");
+    assert_eq!(hub.revision().await, before);
+    assert_eq!(hub.registry.list_clusters().await.unwrap().0.len(), 2);
+}
+
+/// A watch open across a hub restart (embedded store, the real `fleet-hub serve`): changes
+/// made before, during the watcher's reconnect, and after arrive once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_across_a_hub_restart_without_gaps_or_duplicates() {
+    let mut hub = HubProcess::start(&[]).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    let view = bb.list().await.unwrap();
+    let mut watch = Box::pin(bb.watch(view.revision));
+
+    aa.publish(&id("aa"), "r1", b"1").await.unwrap();
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/r1");
+
+    hub.stop();
+    hub.restart().await;
+    // Written while the watcher is still reconnecting.
+    aa.publish(&id("aa"), "r2", b"2").await.unwrap();
+    aa.publish(&id("aa"), "r3", b"3").await.unwrap();
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/r2");
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/r3");
+
+    // A crash this time.
+    hub.kill();
+    hub.restart().await;
+    aa.publish(&id("aa"), "r4", b"4").await.unwrap();
+    let event = next_event(&mut watch).await;
+    assert_eq!(put_name(&event), "aa/r4");
+    assert_no_event(&mut watch, Duration::from_millis(500)).await;
+    assert!(hub.log().contains("hub API serving"));
+    assert!(
+        !hub.log().contains(&join.token.expose_secret()),
+        "the hub never logs a token"
+    );
+}
+
+/// Two `fleet-hub serve` replicas on one real etcd sharing a CA; the one a member uses is
+/// killed; the member's client lists, publishes and watches through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_etcd_one_killed_the_member_keeps_working() {
+    let etcd = EtcdServer::start().await;
+    let store_flags = ["--etcd", &etcd.endpoint()];
+    let mut one = HubProcess::start(&store_flags).await;
+    let dir_two = tempfile::Builder::new()
+        .prefix("fleet-hub-api-")
+        .tempdir()
+        .unwrap();
+    copy_identity(&one.data_dir(), &dir_two.path().join("data"));
+    let two = HubProcess::start_in(dir_two, &store_flags).await;
+    assert_eq!(one.ca_hash(), two.ca_hash());
+
+    let (join, _) = one
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let endpoints = [one.endpoint(), two.endpoint()];
+    let aa = HubClient::new(endpoints.clone(), join.ca_hash, quick_options()).unwrap();
+    let bb = HubClient::new(endpoints.clone(), join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    let view = bb.list().await.unwrap();
+    assert_eq!(view.clusters.len(), 2);
+    let mut watch = Box::pin(bb.watch(view.revision));
+    aa.publish(&id("aa"), "before", b"x").await.unwrap();
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/before");
+
+    one.kill();
+    let started = Instant::now();
+    aa.publish(&id("aa"), "after", b"y")
+        .await
+        .expect("publish through the other replica");
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/after");
+    let view = aa.list().await.expect("list through the other replica");
+    assert_eq!(view.records.len(), 2);
+    bb.update(
+        &id("bb"),
+        ClusterUpdate {
+            gateway: Some(GatewayState::Up),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let event = next_event(&mut watch).await;
+    assert!(
+        matches!(event, RegistryEvent::ClusterUpserted { ref record, .. } if record.gateway == GatewayState::Up),
+        "{event:?}"
+    );
+    assert_no_event(&mut watch, Duration::from_millis(500)).await;
+    eprintln!(
+        "fail-over to the second replica took {:?}",
+        started.elapsed()
+    );
+}
