@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_FLEET_CIDR: &str = "100.96.0.0/12";
 /// Default service VIP range for ClusterSetIPs; outside the fleet CIDR so routes stay distinct.
 pub const DEFAULT_VIP_RANGE: &str = "100.112.0.0/16";
+/// VNI of the intra-cluster VXLAN overlay.
+pub const DEFAULT_OVERLAY_VNI: u32 = 9600;
+/// UDP port of the intra-cluster VXLAN overlay: IANA's VXLAN port.
+pub const DEFAULT_OVERLAY_PORT: u16 = 4789;
 /// Name of the pod-side interface.
 pub const POD_INTERFACE: &str = "eth-fleet";
 
@@ -113,8 +117,14 @@ pub struct NodeLocal {
     pub bridge: String,
     /// MTU of pod interfaces and the bridge; leaves room for WireGuard + overlay headers.
     pub mtu: u32,
-    /// Directory of persistent state (IPAM records).
+    /// Directory of persistent state (IPAM records, the plan, the peers).
     pub data_dir: PathBuf,
+    /// VXLAN network identifier of the intra-cluster overlay; the same on every node of a
+    /// cluster.
+    pub overlay_vni: u32,
+    /// UDP port of the intra-cluster overlay (the socket lives in the node's own netns); the
+    /// same on every node of a cluster.
+    pub overlay_port: u16,
 }
 
 impl Default for NodeLocal {
@@ -124,6 +134,8 @@ impl Default for NodeLocal {
             bridge: "fleet0".into(),
             mtu: 1370,
             data_dir: PathBuf::from("/var/lib/fleetboard"),
+            overlay_vni: DEFAULT_OVERLAY_VNI,
+            overlay_port: DEFAULT_OVERLAY_PORT,
         }
     }
 }

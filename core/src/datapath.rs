@@ -21,7 +21,7 @@ use fleet_proto::node::{Attachment, PodRoute};
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{
@@ -57,12 +57,12 @@ impl DatapathError {
     }
 }
 
-fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DatapathError {
+pub(crate) fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DatapathError {
     let what = what.into();
     move |source| DatapathError::Netlink { what, source }
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
         _ => None,
@@ -151,6 +151,14 @@ impl NodeDatapath {
                 .execute()
                 .await
                 .map_err(nl(format!("set {bridge} up")))?;
+            // A plan change leaves the old gateway address behind: drop every other one.
+            for (stale, stale_prefix, msg) in addresses(h, idx).await? {
+                if (stale, stale_prefix) != (gw, prefix) {
+                    h.address().del(msg).execute().await.map_err(nl(format!(
+                        "remove stale {stale}/{stale_prefix} from {bridge}"
+                    )))?;
+                }
+            }
             if !has_address(h, idx, gw, prefix).await? {
                 h.address()
                     .add(idx, IpAddr::V4(gw), prefix)
@@ -394,7 +402,10 @@ fn mac_of(l: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DatapathError> {
+pub(crate) async fn link_by_name(
+    h: &Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, DatapathError> {
     match h
         .link()
         .get()
@@ -418,6 +429,31 @@ async fn delete_link(h: &Handle, name: &str) -> Result<(), DatapathError> {
         Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
         Err(e) => Err(nl(format!("delete link {name}"))(e)),
     }
+}
+
+/// The IPv4 addresses on link `idx`, with the messages that delete them.
+async fn addresses(
+    h: &Handle,
+    idx: u32,
+) -> Result<Vec<(Ipv4Addr, u8, AddressMessage)>, DatapathError> {
+    let msgs: Vec<AddressMessage> = h
+        .address()
+        .get()
+        .set_link_index_filter(idx)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    Ok(msgs
+        .into_iter()
+        .filter_map(|m| {
+            let a = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            })?;
+            Some((a, m.header.prefix_len, m))
+        })
+        .collect())
 }
 
 async fn has_address(

@@ -5,3 +5,5 @@ pub mod config;
 pub mod datapath;
 pub mod ipam;
 pub mod netns;
+pub mod overlay;
+pub mod state;

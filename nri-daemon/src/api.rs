@@ -99,6 +99,10 @@ async fn dispatch(req: NodeRequest, node: &Node) -> String {
         NodeRequest::Gc(r) => line(node.gc(r).await),
         NodeRequest::Status => line(Ok(node.status())),
         NodeRequest::ListAttachments => line(Ok(node.list())),
+        NodeRequest::SetPlan(r) => line(node.set_plan(r).await),
+        NodeRequest::GetPlan => line(Ok(node.plan())),
+        NodeRequest::SetPeers(r) => line(node.set_peers(r.peers).await),
+        NodeRequest::ListPeers => line(Ok(node.peers())),
     }
 }
 

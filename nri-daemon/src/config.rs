@@ -11,7 +11,9 @@
 //!   "network": "fleet"
 //! }
 //! ```
-//! `plan` is what the cluster controller will hand out later; the rest is local to the node.
+//! `plan` is what the cluster controller hands out with `set_plan`. It may be left out: the
+//! node then waits for the controller (ADD answers code 11 until then). A plan the controller
+//! sent (persisted in `data_dir`) overrides the config's. The rest is local to the node.
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +43,8 @@ fn default_vip_range() -> Ipv4Network {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
-    pub plan: PlanConfig,
+    #[serde(default)]
+    pub plan: Option<PlanConfig>,
     #[serde(default)]
     pub local: NodeLocal,
     #[serde(default = "default_socket")]
@@ -85,12 +88,16 @@ impl DaemonConfig {
         Ok(cfg)
     }
 
-    pub fn node_plan(&self) -> anyhow::Result<NodePlan> {
-        Ok(NodePlan::new(
-            self.plan.fleet_cidr,
-            self.plan.vip_range,
-            self.plan.node_subnet,
-        )?)
+    /// The config's plan, if it has one (`None`: wait for the controller's `set_plan`).
+    pub fn node_plan(&self) -> anyhow::Result<Option<NodePlan>> {
+        let Some(p) = &self.plan else {
+            return Ok(None);
+        };
+        Ok(Some(NodePlan::new(
+            p.fleet_cidr,
+            p.vip_range,
+            p.node_subnet,
+        )?))
     }
 }
 
@@ -101,9 +108,19 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let cfg = DaemonConfig::parse(r#"{"plan":{"node_subnet":"100.96.3.0/24"}}"#).unwrap();
-        assert_eq!(cfg.plan.fleet_cidr.to_string(), DEFAULT_FLEET_CIDR);
+        assert_eq!(
+            cfg.plan.as_ref().unwrap().fleet_cidr.to_string(),
+            DEFAULT_FLEET_CIDR
+        );
+        assert_eq!(cfg.local.overlay_port, 4789);
         assert_eq!(cfg.local.bridge, "fleet0");
         assert_eq!(cfg.network, "fleet");
+    }
+
+    #[test]
+    fn the_plan_may_be_left_to_the_controller() {
+        let cfg = DaemonConfig::parse(r#"{"local":{"data_dir":"/tmp/x"}}"#).unwrap();
+        assert!(cfg.node_plan().unwrap().is_none());
     }
 
     #[test]

@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use fleet_core::datapath::NodeDatapath;
-use fleet_core::ipam::NodeIpam;
 use fleet_nri::config::DaemonConfig;
 use fleet_nri::node::{Node, NodeEvents};
 use fleet_nri::{api, nri};
@@ -60,25 +58,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
-    let plan = cfg.node_plan()?;
-    let datapath = NodeDatapath::new(plan.clone(), cfg.local.clone());
-    datapath
-        .ensure_cnf()
-        .await
-        .context("cannot set up the CNF netns")?;
-    let ipam_dir = cfg.local.data_dir.join("ipam");
-    let ipam = NodeIpam::open(&ipam_dir, plan.clone())
-        .with_context(|| format!("cannot open IPAM store {}", ipam_dir.display()))?;
     let status = nri::NriStatus::new();
     let node = Arc::new(Node::new(
-        ipam,
-        datapath,
+        cfg.local.clone(),
         cfg.network.clone(),
         status.clone(),
     ));
+    node.restore(cfg.node_plan()?)
+        .await
+        .context("cannot restore the node's state")?;
     let listener = api::bind(&cfg.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tracing::info!(socket = %cfg.socket.display(), node_subnet = %plan.node_subnet, allocated = node.list().len(), "fleet-nri serving");
+    let node_subnet = node.status().node_subnet;
+    tracing::info!(socket = %cfg.socket.display(), node_subnet = %node_subnet, plan_set = !node_subnet.is_empty(), peers = node.peers().len(), allocated = node.list().len(), "fleet-nri serving");
 
     let api_task = tokio::spawn(api::serve(listener, node.clone(), stop_rx.clone()));
     let nri_task = with_nri.then(|| {

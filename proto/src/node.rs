@@ -35,6 +35,11 @@ pub mod code {
     pub const ATTACH_FAILED: u32 = 101;
     /// CHECK found the pod's interface, address or routes not as allocated.
     pub const CHECK_FAILED: u32 = 102;
+    /// `set_plan` would change the plan of a node that still has live allocations.
+    pub const PLAN_CONFLICT: u32 = 103;
+    /// Programming the intra-cluster overlay (VXLAN link, routes, neighbours) failed; the
+    /// requested peers are recorded and re-applied on the next request or restart.
+    pub const OVERLAY_FAILED: u32 = 104;
 }
 
 /// Identity of one attachment as the runtime sees it: the CNI triple minus the network name,
@@ -171,6 +176,48 @@ pub struct StatusResult {
     pub nri_registrations: u64,
 }
 
+/// The node's address plan, as the cluster controller hands it out (`set_plan`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPlanRequest {
+    /// The fleet's global CIDR, e.g. `100.96.0.0/12`.
+    pub fleet_cidr: String,
+    /// The cluster's service VIP range, e.g. `100.112.0.0/16`.
+    pub vip_range: String,
+    /// This node's block of the fleet CIDR, e.g. `100.96.3.0/24`.
+    pub node_subnet: String,
+}
+
+/// What `set_plan` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanChange {
+    /// The node already had exactly this plan.
+    Unchanged,
+    /// The plan was stored and the datapath follows it.
+    Applied,
+}
+
+/// Another node of the same cluster, reached over the intra-cluster overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerNode {
+    /// The peer's node name (unique within the cluster).
+    pub name: String,
+    /// The peer's address on the cluster's node network (where its overlay UDP socket is).
+    pub underlay_ip: Ipv4Addr,
+    /// The peer's node subnet (a block of the fleet CIDR).
+    pub node_subnet: String,
+    /// Further CIDRs routed to this peer, e.g. other clusters' blocks behind the cluster's
+    /// gateway node. Empty for an ordinary node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routed_cidrs: Vec<String>,
+}
+
+/// The complete set of other nodes of this cluster; it replaces the previous set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPeersRequest {
+    pub peers: Vec<PeerNode>,
+}
+
 /// A request on the node socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
@@ -181,6 +228,14 @@ pub enum NodeRequest {
     Gc(GcRequest),
     Status,
     ListAttachments,
+    /// The controller hands the node its plan; persisted in the data dir.
+    SetPlan(SetPlanRequest),
+    /// The controller hands the node the other nodes of its cluster; persisted.
+    SetPeers(SetPeersRequest),
+    /// The plan the node has (`null` before it has one).
+    GetPlan,
+    /// The peers the node currently programs.
+    ListPeers,
 }
 
 /// An error answered by the daemon, or produced by the client when the daemon can't be reached.
@@ -254,6 +309,22 @@ impl NodeClient {
         self.call(&NodeRequest::ListAttachments)
     }
 
+    pub fn set_plan(&self, req: SetPlanRequest) -> Result<PlanChange, NodeError> {
+        self.call(&NodeRequest::SetPlan(req))
+    }
+
+    pub fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError> {
+        self.call(&NodeRequest::SetPeers(SetPeersRequest { peers }))
+    }
+
+    pub fn get_plan(&self) -> Result<Option<SetPlanRequest>, NodeError> {
+        self.call(&NodeRequest::GetPlan)
+    }
+
+    pub fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError> {
+        self.call(&NodeRequest::ListPeers)
+    }
+
     /// Sends one request and reads its reply. A daemon that cannot be reached is
     /// `TRY_AGAIN_LATER`: the runtime retries the pod, nothing was allocated.
     pub fn call<T: for<'de> Deserialize<'de>>(&self, req: &NodeRequest) -> Result<T, NodeError> {
@@ -322,6 +393,24 @@ mod tests {
         assert_eq!(back, req);
         let status: NodeRequest = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
         assert_eq!(status, NodeRequest::Status);
+    }
+
+    #[test]
+    fn new_requests_and_fields_are_additive() {
+        let req: NodeRequest = serde_json::from_str(
+            r#"{"op":"set_peers","args":{"peers":[{"name":"b","underlay_ip":"192.0.2.2","node_subnet":"100.96.4.0/24"}]}}"#,
+        )
+        .unwrap();
+        let NodeRequest::SetPeers(p) = req else {
+            panic!("{req:?}")
+        };
+        assert!(p.peers[0].routed_cidrs.is_empty());
+        let plan = NodeRequest::SetPlan(SetPlanRequest {
+            fleet_cidr: "100.96.0.0/12".into(),
+            vip_range: "100.112.0.0/16".into(),
+            node_subnet: "100.96.3.0/24".into(),
+        });
+        assert_eq!(serde_json::to_value(&plan).unwrap()["op"], "set_plan");
     }
 
     #[test]
