@@ -1,6 +1,9 @@
 //! A real `fleet-nri` process for tests: its own config, data dir, node socket and CNF netns
 //! (named `fe2e-cnf-<pid>-<n>` so the reaper cleans up after a killed test). Stopped by PID;
 //! Drop kills it, deletes its CNF netns and removes its dir.
+//!
+//! [`FleetNriOpts`] starts it inside a node's netns (as a DaemonSet pod with the host network
+//! runs) and/or without a plan, for the controller-driven tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,24 +21,38 @@ pub struct FleetNri {
     dir: PathBuf,
     cnf: String,
     nri_socket: Option<PathBuf>,
+    netns: Option<PathBuf>,
     child: Option<Child>,
 }
 
+/// How to start a [`FleetNri`].
+#[derive(Debug, Clone, Default)]
+pub struct FleetNriOpts {
+    /// The config's plan; `None` leaves it to `set_plan` (the controller's request).
+    pub node_subnet: Option<String>,
+    /// The runtime's NRI socket; `None` runs with `--no-nri`.
+    pub nri_socket: Option<PathBuf>,
+    /// Run inside this netns (`nsenter --net=`): the node's own network, where the overlay's
+    /// UDP socket is opened. `None`: the test process's netns.
+    pub netns: Option<PathBuf>,
+}
+
 impl FleetNri {
-    /// Starts fleet-nri for `node_subnet` (a block of 100.96.0.0/12). With `nri_socket` it
-    /// registers with that runtime; without, it serves only the node API (`--no-nri`).
-    pub fn start(node_subnet: &str, nri_socket: Option<&Path>) -> Result<FleetNri> {
+    /// Starts fleet-nri as `opts` says.
+    pub fn start_with(opts: FleetNriOpts) -> Result<FleetNri> {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("fe2e-nri-{id}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let cnf = format!("fe2e-cnf-{id}");
         let mut cfg = serde_json::json!({
-            "plan": {"node_subnet": node_subnet},
             "local": {"cnf_netns": cnf, "data_dir": dir.join("data")},
             "socket": dir.join("node.sock"),
         });
-        if let Some(s) = nri_socket {
+        if let Some(subnet) = &opts.node_subnet {
+            cfg["plan"] = serde_json::json!({"node_subnet": subnet});
+        }
+        if let Some(s) = &opts.nri_socket {
             cfg["nri_socket"] = serde_json::json!(s);
         }
         let cfg_path = dir.join("node.json");
@@ -43,11 +60,22 @@ impl FleetNri {
         let mut d = FleetNri {
             dir,
             cnf,
-            nri_socket: nri_socket.map(Path::to_owned),
+            nri_socket: opts.nri_socket,
+            netns: opts.netns,
             child: None,
         };
         d.spawn()?;
         Ok(d)
+    }
+
+    /// Starts fleet-nri for `node_subnet` (a block of 100.96.0.0/12). With `nri_socket` it
+    /// registers with that runtime; without, it serves only the node API (`--no-nri`).
+    pub fn start(node_subnet: &str, nri_socket: Option<&Path>) -> Result<FleetNri> {
+        Self::start_with(FleetNriOpts {
+            node_subnet: Some(node_subnet.to_string()),
+            nri_socket: nri_socket.map(Path::to_owned),
+            netns: None,
+        })
     }
 
     /// Starts the process again with the same config and data (after `kill9` or `stop`).
@@ -58,7 +86,17 @@ impl FleetNri {
             .append(true)
             .open(&log_path)
             .map_err(|e| Error::io("open", &log_path, e))?;
-        let mut cmd = Command::new(workspace_bin("fleet-nri"));
+        let mut cmd = match &self.netns {
+            // nsenter execs fleet-nri in place: the child's PID is fleet-nri's.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(workspace_bin("fleet-nri"));
+                c
+            }
+            None => Command::new(workspace_bin("fleet-nri")),
+        };
         cmd.arg("--config").arg(self.dir.join("node.json"));
         if self.nri_socket.is_none() {
             cmd.arg("--no-nri");
@@ -129,6 +167,16 @@ impl FleetNri {
     /// The conflist entry that chains fleet-cni to this daemon.
     pub fn cni_entry(&self) -> serde_json::Value {
         serde_json::json!({"type": "fleet-cni", "socket": self.socket()})
+    }
+
+    /// Runs `ip -n <CNF netns> <args>` and returns its stdout (empty on failure).
+    pub fn ip_cnf(&self, args: &[&str]) -> String {
+        Command::new("ip")
+            .args(["-n", &self.cnf])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     /// Pod veth ends present in the CNF netns.

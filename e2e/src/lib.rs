@@ -55,7 +55,7 @@ pub use cni::BridgeNetwork;
 pub use containerd::{Containerd, ContainerdOpts, NetnsChoice};
 pub use cri::{ContainerSpec, Cri, CriClient, CriConfig, ExecOutput, PodSpec};
 pub use error::{Error, Result};
-pub use fleet_nri::FleetNri;
+pub use fleet_nri::{FleetNri, FleetNriOpts};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use netns::{TestNetns, ip_in};
 pub use util::{poll_until, process_alive, require_root, run_command};
