@@ -5,7 +5,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::registry::{FleetLayout, Registry, RegistryError, SystemClock};
+use crate::api::{CaHash, Credential, JoinString};
+use crate::client::{ClientOptions, HubClient, HubError};
+use crate::registry::{FleetLayout, Registry, RegistryError, SystemClock, TokenInfo};
 use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 
 /// Where the hub's state lives.
@@ -44,6 +46,16 @@ pub enum AdminError {
     Registry(#[from] RegistryError),
     #[error("writing output failed: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(
+        "reading the hub's {what} from {path}: {reason} (run this where the hub's data dir is)"
+    )]
+    Identity {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("invalid duration {0:?}: use a number with s, m, h or d (e.g. 90m, 24h, 7d)")]
     Duration(String),
 }
@@ -69,16 +81,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, AdminError> {
 }
 
 /// Creates a join token; the token text is the only thing on `out` (for scripts), the rest
-/// goes to `info`.
+/// goes to `info`. With the hub's CA in `data_dir` the text is the join string (token + CA
+/// hash) a member needs; without it, the bare token.
 pub async fn token_create(
     registry: &Registry,
     ttl: Duration,
     description: &str,
+    data_dir: &std::path::Path,
     out: &mut impl Write,
     info: &mut impl Write,
 ) -> Result<(), AdminError> {
     let (token, meta) = registry.create_token(ttl, description).await?;
-    writeln!(out, "{}", token.expose_secret())?;
+    match std::fs::read_to_string(data_dir.join("ca.pem"))
+        .ok()
+        .and_then(|pem| CaHash::of_pem(&pem).ok())
+    {
+        Some(ca_hash) => writeln!(out, "{}", JoinString { token, ca_hash }.expose_secret())?,
+        None => {
+            writeln!(out, "{}", token.expose_secret())?;
+            writeln!(
+                info,
+                "no hub CA in {} yet (start `fleet-hub serve` once): this is the bare token; a \
+                 member needs it followed by `.<CA SHA-256>`",
+                data_dir.display()
+            )?;
+        }
+    }
     writeln!(
         info,
         "join token {} created; expires at unix time {}; it is shown only now",
@@ -88,6 +116,10 @@ pub async fn token_create(
 }
 
 pub async fn token_list(registry: &Registry, out: &mut impl Write) -> Result<(), AdminError> {
+    print_tokens(&registry.list_tokens().await?, out)
+}
+
+fn print_tokens(tokens: &[TokenInfo], out: &mut impl Write) -> Result<(), AdminError> {
     writeln!(
         out,
         "{:<14} {:<12} {:<12} {:<8} DESCRIPTION",
@@ -96,7 +128,7 @@ pub async fn token_list(registry: &Registry, out: &mut impl Write) -> Result<(),
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    for t in registry.list_tokens().await? {
+    for t in tokens {
         let state = match t.revoked_at {
             Some(_) => "revoked",
             None if now >= t.expires_at => "expired",
@@ -117,6 +149,60 @@ pub async fn token_revoke(
     out: &mut impl Write,
 ) -> Result<(), AdminError> {
     registry.revoke_token(id).await?;
+    writeln!(out, "join token {id} revoked")?;
+    Ok(())
+}
+
+/// A client of a serving hub with the admin credential and CA from its data dir.
+pub fn admin_client(hub: &str, data_dir: &std::path::Path) -> Result<HubClient, AdminError> {
+    let read = |name: &str, what: &'static str| {
+        let path = data_dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| AdminError::Identity {
+            what,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let bad = |what: &'static str, name: &str, reason: String| AdminError::Identity {
+        what,
+        path: data_dir.join(name).display().to_string(),
+        reason,
+    };
+    let ca = CaHash::of_pem(&read("ca.pem", "CA certificate")?)
+        .map_err(|e| bad("CA certificate", "ca.pem", e.to_string()))?;
+    let credential = Credential::parse(&read("admin.credential", "admin credential")?)
+        .ok_or_else(|| bad("admin credential", "admin.credential", "malformed".into()))?;
+    Ok(HubClient::new([hub], ca, ClientOptions::default())?.with_credential(credential))
+}
+
+/// `token create` against a serving hub: the join string on `out`.
+pub async fn api_token_create(
+    client: &HubClient,
+    ttl: Duration,
+    description: &str,
+    out: &mut impl Write,
+    info: &mut impl Write,
+) -> Result<(), AdminError> {
+    let (join, meta) = client.create_token(ttl, description).await?;
+    writeln!(out, "{}", join.expose_secret())?;
+    writeln!(
+        info,
+        "join token {} created; expires at unix time {}; it is shown only now",
+        meta.id, meta.expires_at
+    )?;
+    Ok(())
+}
+
+pub async fn api_token_list(client: &HubClient, out: &mut impl Write) -> Result<(), AdminError> {
+    print_tokens(&client.list_tokens().await?, out)
+}
+
+pub async fn api_token_revoke(
+    client: &HubClient,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    client.revoke_token(id).await?;
     writeln!(out, "join token {id} revoked")?;
     Ok(())
 }

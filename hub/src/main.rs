@@ -31,6 +31,10 @@ struct Flags {
     /// The fleet CIDR that cluster blocks are cut from (fixed for the life of a fleet).
     #[arg(long, default_value = fleet_core::config::DEFAULT_FLEET_CIDR)]
     fleet_cidr: ipnetwork::Ipv4Network,
+    /// Token commands go through this serving hub's API (host:port), with the admin
+    /// credential and CA from --data-dir, instead of opening the store.
+    #[arg(long)]
+    hub: Option<String>,
     /// Prefix length of each cluster's block.
     #[arg(long, default_value_t = DEFAULT_BLOCK_PREFIX)]
     block_prefix: u8,
@@ -99,6 +103,20 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             namespace: flags.etcd_namespace.clone(),
         }
     };
+    if let (Some(hub), Command::Token(command)) = (&flags.hub, &flags.command) {
+        let client = admin::admin_client(hub, &flags.data_dir)?;
+        let mut out = std::io::stdout().lock();
+        match command {
+            TokenCommand::Create { ttl, description } => {
+                let ttl = admin::parse_duration(ttl)?;
+                admin::api_token_create(&client, ttl, description, &mut out, &mut std::io::stderr())
+                    .await?
+            }
+            TokenCommand::List => admin::api_token_list(&client, &mut out).await?,
+            TokenCommand::Revoke { id } => admin::api_token_revoke(&client, id, &mut out).await?,
+        }
+        return Ok(());
+    }
     let layout = FleetLayout::new(flags.fleet_cidr, flags.block_prefix)?;
     let registry = admin::open_registry(&location, layout)
         .await
@@ -116,6 +134,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
                 &registry,
                 ttl,
                 &description,
+                &flags.data_dir,
                 &mut out,
                 &mut std::io::stderr(),
             )

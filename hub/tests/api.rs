@@ -496,3 +496,101 @@ async fn two_replicas_on_etcd_one_killed_the_member_keeps_working() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_compacted_revision_is_a_relist_error() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let old = aa.list().await.unwrap().revision;
+    for i in 0..5 {
+        aa.publish(&id("aa"), &format!("r{i}"), b"v").await.unwrap();
+    }
+    let now = hub.revision().await;
+    hub.registry.store().compact(now).await.unwrap();
+
+    let mut watch = Box::pin(aa.watch(old));
+    let err = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("an item")
+        .unwrap_err();
+    assert!(
+        matches!(err, HubError::Relist { after } if after == old),
+        "{err}"
+    );
+    assert!(err.to_string().contains("relist"), "{err}");
+    assert!(
+        watch.next().await.is_none(),
+        "the watch ends after a relist error"
+    );
+
+    // The way out: list, then watch from the listing's revision.
+    let view = aa.list().await.unwrap();
+    assert_eq!(view.records.len(), 5);
+    let mut watch = Box::pin(aa.watch(view.revision));
+    aa.publish(&id("aa"), "r5", b"v").await.unwrap();
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/r5");
+}
+
+/// One transaction, several changes at one revision (removing a cluster deletes its record
+/// and its published records): all arrive, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_sharing_a_revision_all_arrive_once() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    for name in ["x", "y"] {
+        aa.publish(&id("aa"), name, b"v").await.unwrap();
+    }
+    let mut watch = Box::pin(bb.watch(bb.list().await.unwrap().revision));
+    assert!(hub.registry.remove_cluster(&id("aa")).await.unwrap());
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next_event(&mut watch).await);
+    }
+    let revision = seen[0].revision();
+    assert!(seen.iter().all(|e| e.revision() == revision), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, RegistryEvent::ClusterRemoved { id: c, .. } if c == &id("aa")))
+    );
+    assert_no_event(&mut watch, Duration::from_millis(300)).await;
+    // The removed member's credential no longer works.
+    assert_eq!(
+        code(aa.list().await.map(|_| ())),
+        ErrorCode::Unauthenticated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_refused_and_changes_nothing() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let before = hub.revision().await;
+    let huge = vec![0u8; 2 * 1024 * 1024];
+    assert_eq!(
+        code(aa.publish(&id("aa"), "big", &huge).await),
+        ErrorCode::TooLarge
+    );
+    assert_eq!(hub.revision().await, before);
+    aa.publish(&id("aa"), "small", b"ok").await.unwrap();
+}

@@ -101,3 +101,63 @@ async fn tokens_on_etcd() {
         .await
         .unwrap();
 }
+
+/// Against a serving hub (whose embedded store it cannot open), `--hub` makes the token
+/// commands use the admin API; the printed join string lets a member pin the CA and join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_commands_through_a_serving_hub() {
+    use fleet_hub::api::JoinString;
+    use fleet_hub::client::HubClient;
+    use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+
+    let hub = common::hub::HubProcess::start(&[]).await;
+    let data_dir = hub.data_dir();
+    let endpoint = hub.endpoint();
+    let args = |rest: &[&str]| {
+        let mut args = vec!["--data-dir", data_dir.to_str().unwrap(), "--hub", &endpoint];
+        args.extend_from_slice(rest);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_fleet-hub"))
+            .args(a)
+            .output()
+            .unwrap()
+    };
+    let created = tokio::task::spawn_blocking({
+        let a = args(&["token", "create", "--ttl", "1h", "--description", "via api"]);
+        move || run(a)
+    })
+    .await
+    .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let join = JoinString::parse(&stdout(&created)).expect("a join string on stdout");
+    assert_eq!(join.ca_hash, hub.ca_hash());
+
+    let member =
+        HubClient::new([hub.endpoint()], join.ca_hash, common::hub::quick_options()).unwrap();
+    let joined = member
+        .join(
+            &join,
+            JoinRequest {
+                cluster: ClusterId::new("aa").unwrap(),
+                public_key: PublicKey::from_bytes([1; 32]),
+                endpoint: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(joined.record.id.as_str(), "aa");
+
+    let listed = tokio::task::spawn_blocking({
+        let a = args(&["token", "list"]);
+        move || run(a)
+    })
+    .await
+    .unwrap();
+    assert!(stdout(&listed).contains("via api"), "{}", stdout(&listed));
+    assert!(
+        !hub.log().contains(&join.token.expose_secret()),
+        "never logged"
+    );
+}
