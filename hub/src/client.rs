@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -113,7 +113,8 @@ struct Inner {
     credential: std::sync::RwLock<Option<Credential>>,
     /// Index of the endpoint that last worked.
     current: AtomicUsize,
-    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+    /// The kept-alive call connection and when it was last used.
+    connection: Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>,
 }
 
 /// A client of the hub's API. Cheap to clone; clones share the connection and credential.
@@ -131,6 +132,9 @@ impl std::fmt::Debug for HubClient {
 }
 
 type Sender = SendRequest<Full<Bytes>>;
+
+/// The hub drops a connection that sends no request header for 10 s; reuse one for less.
+const REUSE_IDLE_CONNECTION_FOR: Duration = Duration::from_secs(5);
 
 impl HubClient {
     /// A client of the hub at `endpoints` (`host:port`, tried in turn), trusting only the CA
@@ -272,9 +276,12 @@ impl HubClient {
             let request = self.request(path, body.clone(), auth)?;
             let once = async {
                 let mut slot = self.inner.connection.lock().await;
+                // A connection idle longer than the hub's header timeout may be closing under us.
                 let cached = match slot.take() {
-                    Some(mut s) => s.ready().await.is_ok().then_some(s),
-                    None => None,
+                    Some((mut s, used)) if used.elapsed() < REUSE_IDLE_CONNECTION_FOR => {
+                        s.ready().await.is_ok().then_some(s)
+                    }
+                    _ => None,
                 };
                 let mut sender = match cached {
                     Some(s) => s,
@@ -282,7 +289,7 @@ impl HubClient {
                 };
                 let result = sender.send_request(request).await;
                 if result.is_ok() {
-                    *slot = Some(sender);
+                    *slot = Some((sender, Instant::now()));
                 }
                 drop(slot);
                 let response = result.map_err(|e| HubError::Transport {

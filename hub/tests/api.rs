@@ -594,3 +594,34 @@ async fn an_oversized_request_is_refused_and_changes_nothing() {
     assert_eq!(hub.revision().await, before);
     aa.publish(&id("aa"), "small", b"ok").await.unwrap();
 }
+
+/// Shutdown ends open watch streams and returns promptly; the watcher keeps retrying (it is
+/// not told anything false) until it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_prompt_with_open_watches() {
+    let mut hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let mut watch = Box::pin(aa.watch(aa.list().await.unwrap().revision));
+    aa.publish(&id("aa"), "r", b"v").await.unwrap();
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/r");
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hub.server.take().unwrap().shutdown(),
+    )
+    .await
+    .expect("shutdown within 10 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_no_event(&mut watch, Duration::from_millis(300)).await;
+    assert!(matches!(aa.list().await, Err(HubError::Unreachable { .. })));
+}
