@@ -1,10 +1,10 @@
 //! The node's network plan: the fleet CIDR, this node's subnet of it, the service VIP range,
 //! and where the node's fleet datapath lives.
 //!
-//! Today the plan comes from `fleet-nri`'s config file; once the cluster controller exists it
-//! hands out `node_subnet` (and the CIDRs) and the daemon stores what it was given. Everything
-//! that is *planned* (CIDRs) is separate from what is *local* (netns name, bridge, data dir) so
-//! the controller only ever has to send the first half.
+//! The plan comes from the cluster controller (`set_plan` on the node API, persisted by
+//! `state::NodeStateStore`) or, for a node without a controller, from `fleet-nri`'s config.
+//! Everything that is *planned* (CIDRs) is separate from what is *local* (netns name, bridge,
+//! data dir, overlay VNI/port) so the controller only ever has to send the first half.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

@@ -5,8 +5,8 @@
 //!   eth0  ── primary CNI ──────────────────────────────────────────────▶ (untouched)
 //!   eth-fleet 100.96.3.7/24 ◀─veth─▶ fl6460_0307 ──┐
 //!     route 100.96.0.0/12 via .1                    ├─ fleet0 100.96.3.1/24 (bridge)
-//!     route 100.112.0.0/16 via .1   other pods ─────┘   ip_forward=1 (towards other nodes,
-//!   default route stays on eth0                          clusters: later issues)
+//!     route 100.112.0.0/16 via .1   other pods ─────┘   ip_forward=1 (towards other nodes:
+//!   default route stays on eth0                          fleetvx, see `overlay`)
 //! ```
 //!
 //! Nothing is created in the host netns. The veth is created from inside the CNF netns with

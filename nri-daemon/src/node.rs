@@ -46,6 +46,9 @@ pub struct Node {
     peers: Mutex<Vec<PeerNode>>,
     /// Serializes plan and peer changes.
     control: tokio::sync::Mutex<()>,
+    /// ADD holds it shared, `set_plan` exclusively: a plan cannot change between its check
+    /// for live allocations and its swap while an ADD reserves an address.
+    plan_gate: tokio::sync::RwLock<()>,
     /// Network name recorded for NRI repairs.
     network: String,
     nri: NriStatus,
@@ -84,6 +87,7 @@ impl Node {
             planned: std::sync::RwLock::new(None),
             peers: Mutex::new(Vec::new()),
             control: tokio::sync::Mutex::new(()),
+            plan_gate: tokio::sync::RwLock::new(()),
             network,
             nri,
             pod_locks: Mutex::new(HashMap::new()),
@@ -176,6 +180,7 @@ impl Node {
         )
         .map_err(|e| NodeError::new(code::INVALID_CONFIG, "invalid plan", e.to_string()))?;
         let _control = self.control.lock().await;
+        let _gate = self.plan_gate.write().await;
         let current = self.planned_now();
         let allocated = current.as_ref().map_or(0, |p| p.ipam.allocated());
         let change = check_plan_change(
@@ -302,6 +307,7 @@ impl Node {
                 format!("{:?}", req.key),
             ));
         }
+        let _gate = self.plan_gate.read().await;
         let p = self.planned()?;
         let _guard = self.lock_pod(&req.key.container_id).await;
         let netns_path = Path::new(&req.netns);
