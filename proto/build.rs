@@ -12,7 +12,8 @@ fn generate() {}
 
 #[cfg(feature = "nri")]
 fn generate() {
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nri");
+    let out =
+        std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("nri");
     std::fs::create_dir_all(&out).expect("create OUT_DIR/nri");
     ttrpc_codegen::Codegen::new()
         .out_dir(&out)
