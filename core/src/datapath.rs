@@ -30,6 +30,7 @@ use rtnetlink::{
 
 use crate::config::{NodeLocal, NodePlan, POD_INTERFACE};
 use crate::ipam::{is_host_veth_name, pod_mac};
+use crate::netlink;
 use crate::netns::{self, NetnsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +63,7 @@ pub(crate) fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Da
     move |source| DatapathError::Netlink { what, source }
 }
 
-pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
+pub(crate) use crate::netlink::errno;
 
 /// The node datapath: one per node daemon.
 #[derive(Debug, Clone)]
@@ -406,29 +402,15 @@ pub(crate) async fn link_by_name(
     h: &Handle,
     name: &str,
 ) -> Result<Option<LinkMessage>, DatapathError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
+    netlink::find_link(h, name)
         .await
-    {
-        Ok(l) => Ok(l),
-        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(None),
-        Err(e) => Err(nl(format!("look up link {name}"))(e)),
-    }
+        .map_err(nl(format!("look up link {name}")))
 }
 
 async fn delete_link(h: &Handle, name: &str) -> Result<(), DatapathError> {
-    let Some(l) = link_by_name(h, name).await? else {
-        return Ok(());
-    };
-    match h.link().del(l.header.index).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
-        Err(e) => Err(nl(format!("delete link {name}"))(e)),
-    }
+    netlink::delete_link(h, name)
+        .await
+        .map_err(nl(format!("delete link {name}")))
 }
 
 /// The IPv4 addresses on link `idx`, with the messages that delete them.

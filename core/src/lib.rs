@@ -4,6 +4,7 @@
 pub mod config;
 pub mod datapath;
 pub mod ipam;
+pub mod netlink;
 pub mod netns;
 pub mod overlay;
 pub mod state;

@@ -20,12 +20,7 @@ use crate::{GatewayError, Result};
 /// outside the numbers iproute2 and routing daemons use.
 pub const ROUTE_PROTOCOL: u8 = 0xfb;
 
-pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
+pub(crate) use fleet_core::netlink::errno;
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> GatewayError {
     let op = op.into();
@@ -33,18 +28,9 @@ fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> GatewayError {
 }
 
 pub(crate) async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
+    fleet_core::netlink::find_link(h, name)
         .await
-    {
-        Ok(l) => Ok(l),
-        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(None),
-        Err(e) => Err(nl(format!("look up link {name}"))(e)),
-    }
+        .map_err(nl(format!("look up link {name}")))
 }
 
 async fn index_of(h: &Handle, name: &str) -> Result<u32> {
@@ -204,14 +190,9 @@ pub(crate) async fn sync_routes(h: &Handle, name: &str, desired: &[IpNetwork]) -
 }
 
 pub(crate) async fn delete(h: &Handle, name: &str) -> Result<()> {
-    let Some(l) = link_by_name(h, name).await? else {
-        return Ok(());
-    };
-    match h.link().del(l.header.index).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
-        Err(e) => Err(nl(format!("delete link {name}"))(e)),
-    }
+    fleet_core::netlink::delete_link(h, name)
+        .await
+        .map_err(nl(format!("delete link {name}")))
 }
 
 /// Runs `work` with an rtnetlink handle inside `netns`, on a dedicated thread (never on the
