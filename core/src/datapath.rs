@@ -21,7 +21,7 @@ use fleet_proto::node::{Attachment, PodRoute};
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{
@@ -418,22 +418,14 @@ async fn addresses(
     h: &Handle,
     idx: u32,
 ) -> Result<Vec<(Ipv4Addr, u8, AddressMessage)>, DatapathError> {
-    let msgs: Vec<AddressMessage> = h
-        .address()
-        .get()
-        .set_link_index_filter(idx)
-        .execute()
-        .try_collect()
+    let msgs = netlink::link_addresses(h, idx)
         .await
         .map_err(nl("list addresses"))?;
     Ok(msgs
         .into_iter()
-        .filter_map(|m| {
-            let a = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
-                _ => None,
-            })?;
-            Some((a, m.header.prefix_len, m))
+        .filter_map(|m| match netlink::address_of(&m)? {
+            IpAddr::V4(a) => Some((a, m.header.prefix_len, m)),
+            IpAddr::V6(_) => None,
         })
         .collect())
 }
@@ -444,20 +436,10 @@ async fn has_address(
     addr: Ipv4Addr,
     prefix: u8,
 ) -> Result<bool, DatapathError> {
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(idx)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list addresses"))?;
-    Ok(addrs.iter().any(|m| {
-        m.header.prefix_len == prefix
-            && m.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr))
-    }))
+    Ok(addresses(h, idx)
+        .await?
+        .iter()
+        .any(|(a, p, _)| *a == addr && *p == prefix))
 }
 
 async fn route_dsts_via(

@@ -2,7 +2,10 @@
 //! overlay, the gateway): they return rtnetlink's own error so each caller wraps it in its
 //! typed error with its own context.
 
+use std::net::IpAddr;
+
 use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::LinkMessage;
 use rtnetlink::Handle;
 
@@ -44,4 +47,25 @@ pub async fn delete_link(h: &Handle, name: &str) -> Result<(), rtnetlink::Error>
         Err(e) if !is_errno(&e, nix::errno::Errno::ENODEV) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Every address on link `index`, as the kernel reports it (the messages delete them too).
+pub async fn link_addresses(
+    h: &Handle,
+    index: u32,
+) -> Result<Vec<AddressMessage>, rtnetlink::Error> {
+    h.address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+}
+
+/// The address an address message carries.
+pub fn address_of(m: &AddressMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })
 }

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkMessage;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -80,21 +79,13 @@ pub(crate) async fn configure(
 }
 
 async fn addresses_of(h: &Handle, idx: u32) -> Result<Vec<IpNetwork>> {
-    let msgs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(idx)
-        .execute()
-        .try_collect()
+    let msgs = fleet_core::netlink::link_addresses(h, idx)
         .await
         .map_err(nl("list addresses"))?;
     Ok(msgs
         .iter()
         .filter_map(|m| {
-            m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => IpNetwork::new(*ip, m.header.prefix_len).ok(),
-                _ => None,
-            })
+            IpNetwork::new(fleet_core::netlink::address_of(m)?, m.header.prefix_len).ok()
         })
         .collect())
 }
