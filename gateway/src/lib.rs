@@ -39,6 +39,9 @@ pub struct DeviceConfig {
     pub name: String,
     /// The netns the device lives in (the node's CNF netns in the product).
     pub netns: PathBuf,
+    /// The netns whose network carries the encrypted UDP (the node's own netns in the
+    /// product, so the CNF netns needs no route out). `None`: the same as `netns`.
+    pub underlay_netns: Option<PathBuf>,
     pub private_key: PrivateKey,
     /// UDP port the device listens on (not 0: peers are told this port).
     pub listen_port: u16,
@@ -279,6 +282,7 @@ mod tests {
         let cfg = DeviceConfig {
             name: "a-name-that-is-too-long".into(),
             netns: "/run/netns/x".into(),
+            underlay_netns: None,
             private_key: PrivateKey::generate(),
             listen_port: 51820,
             mtu: 1420,

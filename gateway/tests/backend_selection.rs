@@ -88,6 +88,7 @@ async fn a_missing_netns_is_named_in_the_error() {
         fleet_gateway::DeviceConfig {
             name: "fgmissing".into(),
             netns: "/run/netns/fgw-does-not-exist".into(),
+            underlay_netns: None,
             private_key: PrivateKey::generate(),
             listen_port: PORT,
             mtu: MTU,

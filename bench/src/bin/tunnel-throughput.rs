@@ -228,6 +228,7 @@ impl Setup {
                         DeviceConfig {
                             name: name.clone(),
                             netns: ns.path(),
+                            underlay_netns: None,
                             private_key: key.clone(),
                             listen_port: PORT,
                             mtu: MTU,

@@ -121,6 +121,7 @@ pub fn config(name: &str, ns: &Netns, key: PrivateKey, address: &str) -> DeviceC
     DeviceConfig {
         name: name.into(),
         netns: ns.path(),
+        underlay_netns: None,
         private_key: key,
         listen_port: PORT,
         mtu: MTU,
