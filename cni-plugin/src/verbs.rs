@@ -553,6 +553,7 @@ mod tests {
             capacity: 0,
             nri_registered: true,
             nri_registrations: 1,
+            cnf_netns: String::new(),
         };
         let node = FakeNode {
             status: Some(Ok(s.clone())),

@@ -495,6 +495,9 @@ impl Node {
             capacity: plan.map_or(0, NodePlan::pod_capacity),
             nri_registered: self.nri.registered(),
             nri_registrations: self.nri.registrations(),
+            cnf_netns: netns::named_path(&self.local.cnf_netns)
+                .display()
+                .to_string(),
         }
     }
 

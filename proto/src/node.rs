@@ -174,6 +174,10 @@ pub struct StatusResult {
     pub nri_registered: bool,
     /// How many times the plugin has registered since the daemon started (reconnects + 1).
     pub nri_registrations: u64,
+    /// Path of the CNF netns the daemon programs (e.g. `/run/netns/fleet-cnf`): where the
+    /// cluster controller puts the gateway's WireGuard interface. Empty from older daemons.
+    #[serde(default)]
+    pub cnf_netns: String,
 }
 
 /// The node's address plan, as the cluster controller hands it out (`set_plan`).
