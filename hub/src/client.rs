@@ -21,11 +21,12 @@ use tokio::sync::Mutex;
 
 use crate::api::tls::{HUB_SERVER_NAME, pinned_client_config};
 use crate::api::{
-    CaHash, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall, JoinReply, JoinString,
-    ListReply, RecordCall, RejoinCall, RemovedReply, RevisionReply, TokenCreateCall,
-    TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine,
-    decode_b64, encode_b64,
+    CaHash, ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall,
+    JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall,
+    RejoinCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
+    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
 };
+pub use crate::registry::Lease;
 use crate::registry::{
     ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, TokenInfo,
 };
@@ -412,6 +413,8 @@ impl HubClient {
     pub async fn list(&self) -> Result<FleetView, HubError> {
         let reply: ListReply = self.call("list", "/v1/list", &(), true, true).await?;
         Ok(FleetView {
+            fleet_cidr: reply.fleet_cidr,
+            relays: reply.relays,
             clusters: reply.clusters,
             records: reply
                 .records
@@ -424,6 +427,51 @@ impl HubClient {
                 })?,
             revision: reply.revision,
         })
+    }
+
+    /// Acquires (or renews) this member's cluster lease for `holder` for `ttl`; refused
+    /// (`granted: false`) while another holder's lease runs. Safe to retry: a retried
+    /// acquire by the same holder is a renewal.
+    pub async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Lease, HubError> {
+        let call = LeaseCall {
+            holder: holder.to_string(),
+            ttl_ms: ttl.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        let reply: LeaseReply = self.call("lease", "/v1/lease", &call, true, true).await?;
+        Ok(Lease {
+            granted: reply.granted,
+            holder: reply.holder,
+            generation: reply.generation,
+            ttl: Duration::from_millis(reply.ttl_ms),
+        })
+    }
+
+    /// Gives this member's cluster lease up if `holder` holds it (else nothing changes).
+    pub async fn release_lease(&self, holder: &str) -> Result<(), HubError> {
+        let call = LeaseReleaseCall {
+            holder: holder.to_string(),
+        };
+        let _: ReleasedReply = self
+            .call("release lease", "/v1/lease/release", &call, true, true)
+            .await?;
+        Ok(())
+    }
+
+    /// This member leaves the fleet: its cluster record, block, credential, lease and
+    /// published records go. False if it was already gone.
+    pub async fn leave(&self) -> Result<bool, HubError> {
+        let reply: RemovedReply = self.call("leave", "/v1/leave", &(), true, true).await?;
+        Ok(reply.removed)
+    }
+
+    /// Admin: removes cluster `id` (as [`HubClient::leave`] does for itself). False if it was
+    /// not a member.
+    pub async fn remove_cluster(&self, id: &ClusterId) -> Result<bool, HubError> {
+        let call = ClusterRemoveCall { id: id.clone() };
+        let reply: RemovedReply = self
+            .call("remove cluster", "/v1/clusters/remove", &call, true, true)
+            .await?;
+        Ok(reply.removed)
     }
 
     /// Admin: creates a join token; returns the join string (token + this hub's CA hash).
@@ -647,6 +695,10 @@ fn to_event(line: WatchLine) -> Result<RegistryEvent, String> {
             name,
             revision,
         },
+        WatchLine::RelayUpserted { record, revision } => {
+            RegistryEvent::RelayUpserted { record, revision }
+        }
+        WatchLine::RelayRemoved { id, revision } => RegistryEvent::RelayRemoved { id, revision },
         WatchLine::Heartbeat | WatchLine::Error(_) => return Err("not an event".into()),
     })
 }

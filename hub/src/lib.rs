@@ -14,5 +14,5 @@ pub mod client;
 pub mod registry;
 pub mod store;
 
-pub use registry::{Registry, RegistryError};
+pub use registry::{Lease, Registry, RegistryError, RelayRecord};
 pub use store::{Store, StoreError};

@@ -625,3 +625,58 @@ async fn shutdown_is_prompt_with_open_watches() {
     assert_no_event(&mut watch, Duration::from_millis(300)).await;
     assert!(matches!(aa.list().await, Err(HubError::Unreachable { .. })));
 }
+
+/// The lease over the API: a member's lease is its own cluster's; another member's holders
+/// do not compete with it; the admin has no lease; release frees it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_over_the_api_are_per_member_cluster() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    let ttl = Duration::from_secs(3);
+
+    let first = aa.acquire_lease("aa-ctl-1", ttl).await.unwrap();
+    assert!(first.granted && first.generation == 1, "{first:?}");
+    assert_eq!(first.ttl, ttl);
+    // A second replica of aa's controller (same credential, another holder): refused.
+    let standby = aa.with_credential(aa.credential().unwrap());
+    let refused = standby.acquire_lease("aa-ctl-2", ttl).await.unwrap();
+    assert!(
+        !refused.granted && refused.holder == "aa-ctl-1",
+        "{refused:?}"
+    );
+    // bb's lease is bb's own, whatever the holder is called.
+    let bb_lease = bb.acquire_lease("aa-ctl-2", ttl).await.unwrap();
+    assert!(bb_lease.granted, "{bb_lease:?}");
+
+    // Expiry by the hub's clock: the standby takes over with the next generation.
+    hub.clock.advance(Duration::from_millis(3_001));
+    let taken = standby.acquire_lease("aa-ctl-2", ttl).await.unwrap();
+    assert!(taken.granted && taken.generation == 2, "{taken:?}");
+    standby.release_lease("aa-ctl-2").await.unwrap();
+    let back = aa.acquire_lease("aa-ctl-1", ttl).await.unwrap();
+    assert!(back.granted && back.generation == 3, "{back:?}");
+
+    // Bad input and the wrong caller: clear errors, no change.
+    let before = hub.revision().await;
+    assert_eq!(
+        code(aa.acquire_lease("", ttl).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(aa.acquire_lease("x", Duration::ZERO).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(hub.admin().acquire_lease("admin", ttl).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(hub.revision().await, before);
+}

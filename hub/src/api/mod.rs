@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::registry::{
     ClusterId, ClusterRecord, GatewayState, JoinToken, MemberRecord, PublicKey, RegistryError,
-    RegistryEvent, TokenInfo,
+    RegistryEvent, RelayRecord, TokenInfo,
 };
 use crate::store::Revision;
 pub use tls::{CaHash, HubIdentity};
@@ -192,7 +192,10 @@ impl ErrorCode {
             RegistryError::InvalidClusterId(_)
             | RegistryError::InvalidPublicKey(_)
             | RegistryError::InvalidRecordName(_)
-            | RegistryError::InvalidTokenTtl => ErrorCode::InvalidArgument,
+            | RegistryError::InvalidTokenTtl
+            | RegistryError::InvalidLeaseHolder(_)
+            | RegistryError::InvalidLeaseTtl(_)
+            | RegistryError::InvalidRelayId(_) => ErrorCode::InvalidArgument,
             RegistryError::Store(StoreError::Compacted { .. }) => ErrorCode::Compacted,
             RegistryError::Store(_) | RegistryError::Contended { .. } => ErrorCode::Unavailable,
             RegistryError::InvalidLayout { .. }
@@ -310,9 +313,44 @@ impl RecordWire {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ListReply {
+    pub fleet_cidr: ipnetwork::Ipv4Network,
     pub clusters: Vec<ClusterRecord>,
     pub records: Vec<RecordWire>,
+    #[serde(default)]
+    pub relays: Vec<RelayRecord>,
     pub revision: Revision,
+}
+
+/// Acquire or renew the caller's cluster lease for `holder`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseCall {
+    pub holder: String,
+    pub ttl_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseReply {
+    pub granted: bool,
+    pub holder: String,
+    pub generation: u64,
+    /// Granted: the TTL granted; refused: what remains of the holder's lease.
+    pub ttl_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseReleaseCall {
+    pub holder: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReleasedReply {
+    pub released: bool,
+}
+
+/// Admin: remove cluster `id` (its record, block, credential, lease and records).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterRemoveCall {
+    pub id: ClusterId,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -342,6 +380,14 @@ pub enum WatchLine {
     RecordDeleted {
         owner: ClusterId,
         name: String,
+        revision: Revision,
+    },
+    RelayUpserted {
+        record: RelayRecord,
+        revision: Revision,
+    },
+    RelayRemoved {
+        id: String,
         revision: Revision,
     },
     /// Sent when nothing changed for a while, so a client can tell a quiet hub from a dead one.
@@ -379,6 +425,12 @@ impl From<RegistryEvent> for WatchLine {
                 name,
                 revision,
             },
+            RegistryEvent::RelayUpserted { record, revision } => {
+                WatchLine::RelayUpserted { record, revision }
+            }
+            RegistryEvent::RelayRemoved { id, revision } => {
+                WatchLine::RelayRemoved { id, revision }
+            }
         }
     }
 }

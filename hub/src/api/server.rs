@@ -23,8 +23,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::{
-    Credential, EndpointUpdate, ErrorBody, ErrorCode, HubIdentity, JoinCall, JoinReply, JoinString,
-    ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RemovedReply, RevisionReply,
+    ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, HubIdentity, JoinCall,
+    JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, MAX_REQUEST_BYTES,
+    RecordCall, RecordWire, RejoinCall, ReleasedReply, RemovedReply, RevisionReply,
     TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall,
     WatchLine, decode_b64,
 };
@@ -318,14 +319,12 @@ fn member(caller: Caller) -> Result<ClusterId, CallError> {
     }
 }
 
-fn admin(caller: Caller) -> Result<(), CallError> {
+fn admin(caller: Caller, what: &str) -> Result<(), CallError> {
     match caller {
         Caller::Admin => Ok(()),
         Caller::Member(id) => Err(CallError(
             ErrorCode::PermissionDenied,
-            format!(
-                "cluster {id} may not manage join tokens: this call needs the admin credential"
-            ),
+            format!("cluster {id} may not {what}: this call needs the admin credential"),
         )),
     }
 }
@@ -436,13 +435,50 @@ async fn call(
             authenticate(state, &req).await?;
             let view = registry.view().await?;
             ok(&ListReply {
+                fleet_cidr: view.fleet_cidr,
                 clusters: view.clusters,
                 records: view.records.into_iter().map(RecordWire::from).collect(),
+                relays: view.relays,
                 revision: view.revision,
             })
         }
+        "/v1/lease" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: LeaseCall = read_json(req.into_body()).await?;
+            let lease = registry
+                .acquire_lease(&id, &call.holder, Duration::from_millis(call.ttl_ms))
+                .await?;
+            ok(&LeaseReply {
+                granted: lease.granted,
+                holder: lease.holder,
+                generation: lease.generation,
+                ttl_ms: lease.ttl.as_millis().try_into().unwrap_or(u64::MAX),
+            })
+        }
+        "/v1/lease/release" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let call: LeaseReleaseCall = read_json(req.into_body()).await?;
+            let released = registry.release_lease(&id, &call.holder).await?;
+            ok(&ReleasedReply { released })
+        }
+        "/v1/leave" => {
+            let id = member(authenticate(state, &req).await?)?;
+            let removed = registry.leave(&id, &id).await?;
+            tracing::info!(cluster = %id, removed, "member left the fleet");
+            ok(&RemovedReply { removed })
+        }
+        "/v1/clusters/remove" => {
+            let caller = authenticate(state, &req).await?;
+            let call: ClusterRemoveCall = read_json(req.into_body()).await?;
+            let removed = match caller {
+                Caller::Admin => registry.remove_cluster(&call.id).await?,
+                // A member may remove only itself (the registry refuses another cluster).
+                Caller::Member(id) => registry.leave(&id, &call.id).await?,
+            };
+            ok(&RemovedReply { removed })
+        }
         "/v1/tokens/create" => {
-            admin(authenticate(state, &req).await?)?;
+            admin(authenticate(state, &req).await?, "manage join tokens")?;
             let call: TokenCreateCall = read_json(req.into_body()).await?;
             let (token, info) = registry
                 .create_token(Duration::from_secs(call.ttl_secs), &call.description)
@@ -457,13 +493,13 @@ async fn call(
             })
         }
         "/v1/tokens/list" => {
-            admin(authenticate(state, &req).await?)?;
+            admin(authenticate(state, &req).await?, "manage join tokens")?;
             ok(&TokenListReply {
                 tokens: registry.list_tokens().await?,
             })
         }
         "/v1/tokens/revoke" => {
-            admin(authenticate(state, &req).await?)?;
+            admin(authenticate(state, &req).await?, "manage join tokens")?;
             let call: TokenRevokeCall = read_json(req.into_body()).await?;
             ok(&registry.revoke_token(&call.id).await?)
         }

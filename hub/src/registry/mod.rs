@@ -14,12 +14,16 @@
 //! tokens/<token id>         token record (secret as SHA-256 only)
 //! records/<id>/<name>       a record published by cluster <id>
 //! credentials/<id>          SHA-256 of the cluster's API credential secret (set at join)
+//! leases/<id>               the cluster's controller lease (holder, generation, expiry)
+//! relays/<replica id>       a hub replica's relay (WireGuard key + endpoint)
 //! ```
 //! Ownership: every member write names the writer's cluster id; a writer may only touch its own
 //! cluster's records ([`RegistryError::NotOwner`] otherwise). Admin operations (tokens,
 //! removing a cluster) take no writer; the API layer decides who may call them.
 
+mod lease;
 mod model;
+mod relay;
 mod token;
 
 use std::collections::HashSet;
@@ -31,10 +35,12 @@ use ipnetwork::Ipv4Network;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use lease::{Lease, MAX_LEASE_TTL};
 pub use model::{
     ClusterId, ClusterRecord, ClusterUpdate, DEFAULT_BLOCK_PREFIX, FleetLayout, GatewayState,
     JoinRequest, PublicKey,
 };
+pub use relay::RelayRecord;
 pub use token::{Clock, JoinToken, ManualClock, SystemClock, TokenInfo};
 
 use crate::store::{Change, Condition, Revision, Store, StoreError, Txn, TxnOutcome};
@@ -131,6 +137,12 @@ pub enum RegistryError {
     },
     #[error("no randomness from the OS: {0}")]
     Random(String),
+    #[error("invalid lease holder {0:?}: use 1-253 printable characters")]
+    InvalidLeaseHolder(String),
+    #[error("invalid lease TTL {0:?}: it must be positive and at most an hour")]
+    InvalidLeaseTtl(Duration),
+    #[error("invalid relay id {0:?}: use 1-63 letters, digits or '-'")]
+    InvalidRelayId(String),
 }
 
 /// One change to the fleet as a member sees it (tokens and internals are not shown).
@@ -155,6 +167,14 @@ pub enum RegistryEvent {
         name: String,
         revision: Revision,
     },
+    RelayUpserted {
+        record: RelayRecord,
+        revision: Revision,
+    },
+    RelayRemoved {
+        id: String,
+        revision: Revision,
+    },
 }
 
 impl RegistryEvent {
@@ -163,7 +183,9 @@ impl RegistryEvent {
             RegistryEvent::ClusterUpserted { revision, .. }
             | RegistryEvent::ClusterRemoved { revision, .. }
             | RegistryEvent::RecordPut { revision, .. }
-            | RegistryEvent::RecordDeleted { revision, .. } => *revision,
+            | RegistryEvent::RecordDeleted { revision, .. }
+            | RegistryEvent::RelayUpserted { revision, .. }
+            | RegistryEvent::RelayRemoved { revision, .. } => *revision,
         }
     }
 }
@@ -180,8 +202,12 @@ pub struct MemberRecord {
 /// Everything a member may read, at one revision: watch from `revision` to follow it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetView {
+    /// The fleet CIDR every cluster's block is cut from (what members route to the relay).
+    pub fleet_cidr: Ipv4Network,
     pub clusters: Vec<ClusterRecord>,
     pub records: Vec<MemberRecord>,
+    /// The hub's relays (one per replica that runs one).
+    pub relays: Vec<RelayRecord>,
     pub revision: Revision,
 }
 
@@ -621,8 +647,8 @@ impl Registry {
         self.remove_cluster(target).await
     }
 
-    /// Admin: removes a cluster, frees its block and deletes its published records.
-    /// Returns false if it was not a member.
+    /// Admin: removes a cluster, frees its block and deletes its credential, lease and
+    /// published records. Returns false if it was not a member.
     pub async fn remove_cluster(&self, id: &ClusterId) -> Result<bool, RegistryError> {
         let key = cluster_key(id);
         let prefix = format!("{RECORDS}{id}/");
@@ -635,7 +661,8 @@ impl Registry {
                 .when(Condition::ModRevision(key.clone(), kv.mod_revision))
                 .delete(key.clone())
                 .delete(block_key(record.block))
-                .delete(format!("{CREDENTIALS}{id}"));
+                .delete(format!("{CREDENTIALS}{id}"))
+                .delete(lease::lease_key(id));
             for item in self.store.list(&prefix).await?.items {
                 txn = txn.delete(item.key);
             }
@@ -693,13 +720,17 @@ impl Registry {
         // One listing of both prefixes' parent, so both halves are at the same revision.
         let listing = self.store.list("").await?;
         let mut view = FleetView {
+            fleet_cidr: self.layout.fleet_cidr,
             clusters: Vec::new(),
             records: Vec::new(),
+            relays: Vec::new(),
             revision: listing.revision,
         };
         for kv in listing.items {
             if kv.key.starts_with(CLUSTERS) {
                 view.clusters.push(decode(&kv.key, &kv.value)?);
+            } else if kv.key.starts_with(relay::RELAYS) {
+                view.relays.push(decode(&kv.key, &kv.value)?);
             } else if let Some((owner, name)) = split_record_key(&kv.key) {
                 view.records.push(MemberRecord {
                     owner,
@@ -754,6 +785,18 @@ fn to_event(change: Change) -> Result<Option<RegistryEvent>, RegistryError> {
             ClusterId::new(&key[CLUSTERS.len()..])
                 .ok()
                 .map(|id| RegistryEvent::ClusterRemoved { id, revision })
+        }
+        Change::Put(kv) if kv.key.starts_with(relay::RELAYS) => {
+            Some(RegistryEvent::RelayUpserted {
+                record: decode(&kv.key, &kv.value)?,
+                revision,
+            })
+        }
+        Change::Delete { key, .. } if key.starts_with(relay::RELAYS) => {
+            Some(RegistryEvent::RelayRemoved {
+                id: key[relay::RELAYS.len()..].to_string(),
+                revision,
+            })
         }
         Change::Put(kv) => {
             split_record_key(&kv.key).map(|(owner, name)| RegistryEvent::RecordPut {

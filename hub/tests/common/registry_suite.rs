@@ -390,6 +390,154 @@ pub async fn a_different_layout_is_refused(store: Arc<dyn Store>, replica: Arc<d
     assert!(err.to_string().contains("100.96.0.0/12"), "{err}");
 }
 
+async fn lease_layout_registries(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) -> (Registry, Registry, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000),
+    ));
+    let one = Registry::open(store, FleetLayout::default(), clock.clone())
+        .await
+        .unwrap();
+    let two = Registry::open(replica, FleetLayout::default(), clock.clone())
+        .await
+        .unwrap();
+    (one, two, clock)
+}
+
+/// One lease per cluster, over two replicas: grant, renewal by the holder, refusal to another
+/// holder while live (nothing written), takeover after expiry (generation + 1), release.
+pub async fn leases_grant_renew_refuse_take_over_and_release(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let (one, two, clock) = lease_layout_registries(store.clone(), replica).await;
+    let (token, _) = one.create_token(DAY, "t").await.unwrap();
+    one.join(&token, request("aa", 1)).await.unwrap();
+    one.join(&token, request("bb", 2)).await.unwrap();
+    let (aa, bb) = (id("aa"), id("bb"));
+    let ttl = Duration::from_secs(3);
+
+    let lease = one.acquire_lease(&aa, "ctl-1", ttl).await.unwrap();
+    assert_eq!(
+        (
+            lease.granted,
+            lease.holder.as_str(),
+            lease.generation,
+            lease.ttl
+        ),
+        (true, "ctl-1", 1, ttl)
+    );
+    clock.advance(Duration::from_secs(2));
+    let renewed = two.acquire_lease(&aa, "ctl-1", ttl).await.unwrap();
+    assert!(renewed.granted && renewed.generation == 1, "{renewed:?}");
+
+    // Another holder while the lease runs: refused, told who holds it and for how long.
+    clock.advance(Duration::from_secs(2));
+    let before = store.revision().await.unwrap();
+    let refused = two.acquire_lease(&aa, "ctl-2", ttl).await.unwrap();
+    assert!(!refused.granted, "{refused:?}");
+    assert_eq!((refused.holder.as_str(), refused.generation), ("ctl-1", 1));
+    assert_eq!(
+        refused.ttl,
+        Duration::from_secs(1),
+        "renewed at t=2 for 3 s"
+    );
+    assert_eq!(
+        store.revision().await.unwrap(),
+        before,
+        "a refusal writes nothing"
+    );
+
+    // Leases are per cluster.
+    let other = one.acquire_lease(&bb, "ctl-2", ttl).await.unwrap();
+    assert!(other.granted && other.generation == 1, "{other:?}");
+
+    // Expired: another holder takes over with the next generation; the old one is refused.
+    clock.advance(Duration::from_millis(1_001));
+    let taken = two.acquire_lease(&aa, "ctl-2", ttl).await.unwrap();
+    assert!(taken.granted && taken.generation == 2, "{taken:?}");
+    let late = one.acquire_lease(&aa, "ctl-1", ttl).await.unwrap();
+    assert!(!late.granted && late.holder == "ctl-2", "{late:?}");
+
+    // Release: only by the holder; then free at once, and the generation keeps counting.
+    assert!(!one.release_lease(&aa, "ctl-1").await.unwrap());
+    assert!(two.release_lease(&aa, "ctl-2").await.unwrap());
+    assert!(
+        !two.release_lease(&aa, "ctl-2").await.unwrap(),
+        "idempotent"
+    );
+    let next = one.acquire_lease(&aa, "ctl-1", ttl).await.unwrap();
+    assert!(next.granted && next.generation == 3, "{next:?}");
+
+    // Bad input: clear errors, no change.
+    let before = store.revision().await.unwrap();
+    for (holder, ttl) in [
+        ("", ttl),
+        ("bad\nholder", ttl),
+        ("ctl-1", Duration::ZERO),
+        ("ctl-1", Duration::from_secs(7200)),
+    ] {
+        let err = one.acquire_lease(&aa, holder, ttl).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RegistryError::InvalidLeaseHolder(_) | RegistryError::InvalidLeaseTtl(_)
+            ),
+            "{err}"
+        );
+    }
+    let cc = id("cc");
+    assert!(matches!(
+        one.acquire_lease(&cc, "ctl-1", ttl).await,
+        Err(RegistryError::NotJoined(_))
+    ));
+    assert_eq!(store.revision().await.unwrap(), before);
+
+    // A removed cluster's lease goes with it.
+    assert!(store.get("leases/aa").await.unwrap().is_some());
+    assert!(two.remove_cluster(&aa).await.unwrap());
+    assert!(store.get("leases/aa").await.unwrap().is_none());
+    assert!(matches!(
+        one.acquire_lease(&aa, "ctl-1", ttl).await,
+        Err(RegistryError::NotJoined(_))
+    ));
+}
+
+/// Many acquirers with different holders at once, over two replicas: exactly one wins, and
+/// every loser is told the winner.
+pub async fn concurrent_lease_acquirers_exactly_one_wins(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let (one, two, _clock) = lease_layout_registries(store, replica).await;
+    let (token, _) = one.create_token(DAY, "t").await.unwrap();
+    one.join(&token, request("aa", 1)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let reg = if i % 2 == 0 { one.clone() } else { two.clone() };
+        tasks.push(tokio::spawn(async move {
+            reg.acquire_lease(&id("aa"), &format!("ctl-{i}"), Duration::from_secs(10))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.push(t.await.unwrap());
+    }
+    let winners: Vec<_> = leases.iter().filter(|l| l.granted).collect();
+    assert_eq!(winners.len(), 1, "{leases:?}");
+    let winner = &winners[0].holder;
+    assert!(
+        leases
+            .iter()
+            .all(|l| &l.holder == winner && l.generation == 1),
+        "{leases:?}"
+    );
+}
+
 #[macro_export]
 macro_rules! registry_suite {
     ($setup:path) => {
@@ -443,6 +591,17 @@ macro_rules! registry_suite {
             async fn a_different_layout_is_refused() {
                 let (store, replica, _guard) = $setup().await;
                 suite::a_different_layout_is_refused(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn leases_grant_renew_refuse_take_over_and_release() {
+                let (store, replica, _guard) = $setup().await;
+                suite::leases_grant_renew_refuse_take_over_and_release(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_lease_acquirers_exactly_one_wins() {
+                let (store, replica, _guard) = $setup().await;
+                suite::concurrent_lease_acquirers_exactly_one_wins(store, replica).await;
             }
         }
     };

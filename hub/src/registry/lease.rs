@@ -1,0 +1,183 @@
+//! One lease per member cluster: which of the cluster's controller replicas is active.
+//!
+//! `leases/<cluster id>` holds a [`LeaseRecord`]. Every change is a compare-and-swap on the
+//! record's revision that also requires the cluster to exist, so two acquirers — on one hub or
+//! on two replicas sharing an etcd — never both win, and a removed cluster's lease cannot come
+//! back. Expiry is by the hub's clock (milliseconds); replicas' clocks should agree to well
+//! under a lease's TTL. A release keeps the record (expired) so the generation keeps counting:
+//! a holder change always makes the generation grow, never repeat.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CLUSTERS, ClusterId, MAX_CONTENDED_RETRIES, Registry, RegistryError, decode, encode};
+use crate::store::{Condition, Txn};
+
+pub(super) const LEASES: &str = "leases/";
+
+/// The longest lease the hub grants: a dead holder blocks its standbys at most this long.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// What the store keeps per cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct LeaseRecord {
+    pub holder: String,
+    /// Starts at 1; +1 whenever the holder changes.
+    pub generation: u64,
+    /// Unix milliseconds (hub clock) after which the lease is free; 0 once released.
+    pub expires_at_ms: u64,
+}
+
+/// The answer to an acquire (or renew).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// True when the caller holds the lease now.
+    pub granted: bool,
+    /// Who holds it (the caller when granted).
+    pub holder: String,
+    /// The holder's generation: grows whenever the holder changes.
+    pub generation: u64,
+    /// Granted: the TTL just granted. Refused: how long the current holder's lease still runs.
+    pub ttl: Duration,
+}
+
+pub(super) fn lease_key(id: &ClusterId) -> String {
+    format!("{LEASES}{id}")
+}
+
+fn check_holder(holder: &str) -> Result<(), RegistryError> {
+    if holder.is_empty() || holder.len() > 253 || holder.chars().any(char::is_control) {
+        return Err(RegistryError::InvalidLeaseHolder(holder.to_string()));
+    }
+    Ok(())
+}
+
+impl Registry {
+    fn now_ms(&self) -> u64 {
+        self.clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Member `writer` asks for its cluster's lease for `holder`, for `ttl`. Granted when the
+    /// lease is free, expired, released, or already `holder`'s (a renewal); otherwise refused
+    /// with the current holder and its remaining time. Nothing is written when refused.
+    pub async fn acquire_lease(
+        &self,
+        writer: &ClusterId,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, RegistryError> {
+        check_holder(holder)?;
+        if ttl.is_zero() || ttl > MAX_LEASE_TTL {
+            return Err(RegistryError::InvalidLeaseTtl(ttl));
+        }
+        let key = lease_key(writer);
+        let cluster = format!("{CLUSTERS}{writer}");
+        for _ in 0..MAX_CONTENDED_RETRIES {
+            let now = self.now_ms();
+            let current = self.store.get(&key).await?;
+            let (next, condition) = match &current {
+                None => (
+                    LeaseRecord {
+                        holder: holder.to_string(),
+                        generation: 1,
+                        expires_at_ms: 0,
+                    },
+                    Condition::Absent(key.clone()),
+                ),
+                Some(kv) => {
+                    let record: LeaseRecord = decode(&key, &kv.value)?;
+                    let live = record.expires_at_ms > now;
+                    if live && record.holder != holder {
+                        return Ok(Lease {
+                            granted: false,
+                            ttl: Duration::from_millis(record.expires_at_ms - now),
+                            holder: record.holder,
+                            generation: record.generation,
+                        });
+                    }
+                    let generation = if record.holder == holder {
+                        record.generation
+                    } else {
+                        record.generation + 1
+                    };
+                    (
+                        LeaseRecord {
+                            holder: holder.to_string(),
+                            generation,
+                            expires_at_ms: 0,
+                        },
+                        Condition::ModRevision(key.clone(), kv.mod_revision),
+                    )
+                }
+            };
+            let next = LeaseRecord {
+                expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+                ..next
+            };
+            let txn = Txn::new()
+                .when(Condition::Exists(cluster.clone()))
+                .when(condition)
+                .put(key.clone(), encode(&next));
+            if self.store.txn(txn).await?.committed().is_some() {
+                let previous = current
+                    .as_ref()
+                    .and_then(|kv| decode::<LeaseRecord>(&key, &kv.value).ok());
+                if previous.as_ref().is_none_or(|p| p.holder != holder) {
+                    tracing::info!(cluster = %writer, holder, generation = next.generation, "lease granted to a new holder");
+                }
+                return Ok(Lease {
+                    granted: true,
+                    holder: next.holder,
+                    generation: next.generation,
+                    ttl,
+                });
+            }
+            // Raced with another acquirer (or the cluster went away): look again.
+            if self.store.get(&cluster).await?.is_none() {
+                return Err(RegistryError::NotJoined(writer.clone()));
+            }
+        }
+        Err(RegistryError::Contended {
+            operation: "acquire a lease",
+            attempts: MAX_CONTENDED_RETRIES,
+        })
+    }
+
+    /// Member `writer`'s `holder` gives its cluster's lease up at once (a clean stop). True if
+    /// `holder` held it; a lease held by someone else (or nobody) is left as it is.
+    pub async fn release_lease(
+        &self,
+        writer: &ClusterId,
+        holder: &str,
+    ) -> Result<bool, RegistryError> {
+        check_holder(holder)?;
+        let key = lease_key(writer);
+        for _ in 0..MAX_CONTENDED_RETRIES {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut record: LeaseRecord = decode(&key, &kv.value)?;
+            if record.holder != holder || record.expires_at_ms == 0 {
+                return Ok(false);
+            }
+            record.expires_at_ms = 0;
+            if self
+                .store
+                .compare_and_swap(&key, kv.mod_revision, encode(&record))
+                .await?
+                .is_some()
+            {
+                tracing::info!(cluster = %writer, holder, generation = record.generation, "lease released");
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Contended {
+            operation: "release a lease",
+            attempts: MAX_CONTENDED_RETRIES,
+        })
+    }
+}
