@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::api::{CaHash, Credential, JoinString};
 use crate::client::{ClientOptions, HubClient, HubError};
-use crate::registry::{FleetLayout, Registry, RegistryError, SystemClock, TokenInfo};
+use crate::registry::{ClusterId, FleetLayout, Registry, RegistryError, SystemClock, TokenInfo};
 use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 
 /// Where the hub's state lives.
@@ -58,6 +58,8 @@ pub enum AdminError {
     },
     #[error("invalid duration {0:?}: use a number with s, m, h or d (e.g. 90m, 24h, 7d)")]
     Duration(String),
+    #[error("no cluster {0} in the fleet (see `fleet-hub clusters`)")]
+    NoSuchCluster(ClusterId),
 }
 
 /// Parses `90s`, `30m`, `24h`, `7d`.
@@ -209,6 +211,62 @@ pub async fn api_token_revoke(
 
 pub async fn clusters(registry: &Registry, out: &mut impl Write) -> Result<(), AdminError> {
     let (clusters, revision) = registry.list_clusters().await?;
+    print_clusters(&clusters, revision, out)
+}
+
+/// `clusters` against a serving hub.
+pub async fn api_clusters(client: &HubClient, out: &mut impl Write) -> Result<(), AdminError> {
+    let view = client.list().await?;
+    print_clusters(&view.clusters, view.revision, out)?;
+    for relay in &view.relays {
+        writeln!(
+            out,
+            "relay {} at {} (public key {})",
+            relay.id, relay.endpoint, relay.public_key
+        )?;
+    }
+    Ok(())
+}
+
+/// `cluster remove <id>` on the store.
+pub async fn cluster_remove(
+    registry: &Registry,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let id = ClusterId::new(id)?;
+    let removed = registry.remove_cluster(&id).await?;
+    report_removal(&id, removed, out)
+}
+
+/// `cluster remove <id>` against a serving hub.
+pub async fn api_cluster_remove(
+    client: &HubClient,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
+    let id = ClusterId::new(id)?;
+    let removed = client.remove_cluster(&id).await?;
+    report_removal(&id, removed, out)
+}
+
+fn report_removal(id: &ClusterId, removed: bool, out: &mut impl Write) -> Result<(), AdminError> {
+    if removed {
+        writeln!(
+            out,
+            "cluster {id} removed: its block, credential, lease and records are gone"
+        )?;
+        Ok(())
+    } else {
+        Err(AdminError::NoSuchCluster(id.clone()))
+    }
+}
+
+fn print_clusters(
+    clusters: &[crate::registry::ClusterRecord],
+    revision: crate::store::Revision,
+    out: &mut impl Write,
+) -> Result<(), AdminError> {
     writeln!(
         out,
         "{:<20} {:<18} {:<9} {:<22} PUBLIC KEY",

@@ -31,8 +31,9 @@ struct Flags {
     /// The fleet CIDR that cluster blocks are cut from (fixed for the life of a fleet).
     #[arg(long, default_value = fleet_core::config::DEFAULT_FLEET_CIDR)]
     fleet_cidr: ipnetwork::Ipv4Network,
-    /// Token commands go through this serving hub's API (host:port), with the admin
-    /// credential and CA from --data-dir, instead of opening the store.
+    /// Operator commands (token, clusters, cluster) go through this serving hub's API
+    /// (host:port), with the admin credential and CA from --data-dir, instead of opening the
+    /// store.
     #[arg(long)]
     hub: Option<String>,
     /// Prefix length of each cluster's block.
@@ -47,14 +48,23 @@ enum Command {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// List member clusters.
+    /// List member clusters (and, through --hub, the relays).
     Clusters,
+    /// Manage one member cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Serve the hub's TLS API (CA, server certificate and admin credential in --data-dir).
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Remove a cluster: its record, block, credential, lease and published records.
+    Remove { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,17 +113,26 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             namespace: flags.etcd_namespace.clone(),
         }
     };
-    if let (Some(hub), Command::Token(command)) = (&flags.hub, &flags.command) {
+    if let Some(hub) = &flags.hub
+        && !matches!(flags.command, Command::Serve { .. })
+    {
         let client = admin::admin_client(hub, &flags.data_dir)?;
         let mut out = std::io::stdout().lock();
-        match command {
-            TokenCommand::Create { ttl, description } => {
+        match &flags.command {
+            Command::Serve { .. } => unreachable!("excluded above"),
+            Command::Token(TokenCommand::Create { ttl, description }) => {
                 let ttl = admin::parse_duration(ttl)?;
                 admin::api_token_create(&client, ttl, description, &mut out, &mut std::io::stderr())
                     .await?
             }
-            TokenCommand::List => admin::api_token_list(&client, &mut out).await?,
-            TokenCommand::Revoke { id } => admin::api_token_revoke(&client, id, &mut out).await?,
+            Command::Token(TokenCommand::List) => admin::api_token_list(&client, &mut out).await?,
+            Command::Token(TokenCommand::Revoke { id }) => {
+                admin::api_token_revoke(&client, id, &mut out).await?
+            }
+            Command::Clusters => admin::api_clusters(&client, &mut out).await?,
+            Command::Cluster(ClusterCommand::Remove { id }) => {
+                admin::api_cluster_remove(&client, id, &mut out).await?
+            }
         }
         return Ok(());
     }
@@ -145,6 +164,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             admin::token_revoke(&registry, &id, &mut out).await?
         }
         Command::Clusters => admin::clusters(&registry, &mut out).await?,
+        Command::Cluster(ClusterCommand::Remove { id }) => {
+            admin::cluster_remove(&registry, &id, &mut out).await?
+        }
     }
     Ok(())
 }

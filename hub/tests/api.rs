@@ -680,3 +680,92 @@ async fn leases_over_the_api_are_per_member_cluster() {
     );
     assert_eq!(hub.revision().await, before);
 }
+
+/// A member leaves; the admin removes another; a member cannot remove someone else. Watchers
+/// see the removals; removed members' credentials and leases are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_leave_admins_remove_and_members_cannot_remove_others() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    let (join, _) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let client = || HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let (aa, bb, cc) = (client(), client(), client());
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    cc.join(&join, request("cc", 3)).await.unwrap();
+    bb.publish(&id("bb"), "svc", b"v").await.unwrap();
+    aa.acquire_lease("aa-ctl", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut watch = Box::pin(cc.watch(cc.list().await.unwrap().revision));
+
+    // A member removing another: refused, clearly, and nothing changes.
+    let before = hub.revision().await;
+    let err = aa.remove_cluster(&id("bb")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PermissionDenied), "{err}");
+    assert!(
+        err.to_string().contains("aa") && err.to_string().contains("bb"),
+        "{err}"
+    );
+    assert_eq!(hub.revision().await, before);
+    assert_eq!(bb.list().await.unwrap().clusters.len(), 3);
+
+    // The admin removes bb: watchers see it, bb's credential is refused afterwards.
+    assert!(admin.remove_cluster(&id("bb")).await.unwrap());
+    let mut removal = vec![next_event(&mut watch).await, next_event(&mut watch).await];
+    removal.sort_by_key(|e| matches!(e, RegistryEvent::RecordDeleted { .. }));
+    assert!(
+        matches!(&removal[0], RegistryEvent::ClusterRemoved { id: c, .. } if c == &id("bb")),
+        "{removal:?}"
+    );
+    assert!(matches!(&removal[1], RegistryEvent::RecordDeleted { name, .. } if name == "svc"));
+    assert_eq!(
+        code(bb.list().await.map(|_| ())),
+        ErrorCode::Unauthenticated
+    );
+    assert_eq!(
+        code(bb.acquire_lease("bb-ctl", Duration::from_secs(3)).await),
+        ErrorCode::Unauthenticated
+    );
+    assert!(
+        !admin.remove_cluster(&id("bb")).await.unwrap(),
+        "already gone"
+    );
+
+    // aa leaves by itself: record, credential and lease go.
+    assert!(
+        hub.registry
+            .store()
+            .get("leases/aa")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(aa.leave().await.unwrap());
+    let event = next_event(&mut watch).await;
+    assert!(
+        matches!(&event, RegistryEvent::ClusterRemoved { id: c, .. } if c == &id("aa")),
+        "{event:?}"
+    );
+    assert!(
+        hub.registry
+            .store()
+            .get("leases/aa")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(code(aa.leave().await), ErrorCode::Unauthenticated);
+    let view = cc.list().await.unwrap();
+    assert_eq!(
+        view.clusters
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        ["cc"]
+    );
+    assert_eq!(code(admin.leave().await), ErrorCode::PermissionDenied);
+}

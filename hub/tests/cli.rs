@@ -75,6 +75,21 @@ fn token_lifecycle(store_args: &[&str]) {
         "{}",
         stdout(&clusters)
     );
+
+    let missing = with(&["cluster", "remove", "nope"]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("no cluster nope"),
+        "{}",
+        stderr(&missing)
+    );
+    let bad = with(&["cluster", "remove", "Not/An/Id"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("invalid cluster id"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 #[test]
@@ -160,4 +175,72 @@ async fn token_commands_through_a_serving_hub() {
         !hub.log().contains(&join.token.expose_secret()),
         "never logged"
     );
+}
+
+/// `clusters` and `cluster remove` through a serving hub: the member is listed, removed, its
+/// credential refused afterwards; removing it again (or a bad id) is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_commands_through_a_serving_hub() {
+    use fleet_hub::api::ErrorCode;
+    use fleet_hub::client::HubClient;
+    use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+
+    let hub = common::hub::HubProcess::start(&[]).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(std::time::Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let member =
+        HubClient::new([hub.endpoint()], join.ca_hash, common::hub::quick_options()).unwrap();
+    member
+        .join(
+            &join,
+            JoinRequest {
+                cluster: ClusterId::new("aa").unwrap(),
+                public_key: PublicKey::from_bytes([1; 32]),
+                endpoint: None,
+            },
+        )
+        .await
+        .unwrap();
+    let data_dir = hub.data_dir().to_str().unwrap().to_string();
+    let endpoint = hub.endpoint();
+    let run = move |rest: &[&str]| {
+        let mut args = vec!["--data-dir", data_dir.as_str(), "--hub", endpoint.as_str()];
+        args.extend_from_slice(rest);
+        fleet_hub(&args)
+    };
+    let (listed, removed, again, bad) = tokio::task::spawn_blocking(move || {
+        (
+            run(&["clusters"]),
+            run(&["cluster", "remove", "aa"]),
+            run(&["cluster", "remove", "aa"]),
+            run(&["cluster", "remove", "x-"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(stdout(&listed).contains("aa "), "{}", stdout(&listed));
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert!(
+        stdout(&removed).contains("cluster aa removed"),
+        "{}",
+        stdout(&removed)
+    );
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("no cluster aa"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("invalid cluster id"),
+        "{}",
+        stderr(&bad)
+    );
+    let err = member.list().await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthenticated), "{err}");
 }
