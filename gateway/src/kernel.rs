@@ -198,29 +198,30 @@ pub struct KernelDevice {
 }
 
 impl KernelDevice {
+    /// Creates the link (in the underlay netns when one is set, then moved into `netns`: the
+    /// kernel binds a WireGuard device's UDP socket in the netns the link was created in, and
+    /// keeps it there when the link moves), sets key and port, then addresses, MTU and up.
     pub async fn create(config: DeviceConfig) -> Result<Self> {
         config.validate()?;
         let name = config.name.clone();
         let netns = config.netns.clone();
         let public_key = config.private_key.public_key();
         let listen_port = config.listen_port;
-        link::in_netns(netns.clone(), move |h| async move {
+        // The device's netns last: the worker thread ends up there, so the generic netlink
+        // socket opened below addresses the link after its move.
+        let mut namespaces: Vec<PathBuf> = config.underlay_netns.iter().cloned().collect();
+        namespaces.push(netns.clone());
+        // Every netns is opened before anything is created: a missing one changes nothing.
+        fleet_core::netns::with_netlink(namespaces, move |mut handles| async move {
+            let h = handles.pop().expect("one handle per netns");
+            let underlay = handles.pop().zip(config.underlay_netns.clone());
             let name = &config.name;
-            match h
-                .link()
-                .add(LinkWireguard::new(name).build())
-                .execute()
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if link::errno(&e) == Some(nix::errno::Errno::EEXIST as i32) => {}
-                Err(e) => {
-                    return Err(GatewayError::KernelUnavailable {
-                        name: name.clone(),
-                        reason: format!("creating a link of kind wireguard failed: {e}"),
-                    });
-                }
-            }
+            create_link(
+                &h,
+                underlay.as_ref().map(|(uh, p)| (uh, p.as_path())),
+                &config,
+            )
+            .await?;
             let msg = device_message(name, &config.private_key, config.listen_port);
             if let Err(e) = genl_set(msg, "set private key and listen port").await {
                 let _ = link::delete(&h, name).await;
@@ -228,7 +229,7 @@ impl KernelDevice {
             }
             link::configure(&h, name, config.mtu, &config.addresses).await
         })
-        .await?;
+        .await??;
         tracing::info!(device = %name, port = listen_port, %public_key, "kernel WireGuard device up");
         Ok(Self {
             name,
@@ -236,6 +237,62 @@ impl KernelDevice {
             public_key,
             listen_port,
         })
+    }
+}
+
+/// Makes sure a WireGuard link called `config.name` is in the device's netns (`h`). A link
+/// already there is kept (a restart). With an underlay netns (`underlay`: its handle and path)
+/// the link is created there and moved; a WireGuard link of that name left there (a crash
+/// between the two steps) is moved too, any other link of that name is refused untouched.
+async fn create_link(
+    h: &rtnetlink::Handle,
+    underlay: Option<(&rtnetlink::Handle, &Path)>,
+    config: &DeviceConfig,
+) -> Result<()> {
+    let name = &config.name;
+    let Some((uh, upath)) = underlay else {
+        return add_wireguard_link(h, name).await.map(|_| ());
+    };
+    if link::link_by_name(h, name).await?.is_some() {
+        return Ok(());
+    }
+    let created = match link::link_by_name(uh, name).await? {
+        Some(existing) if link::is_wireguard(&existing) => false,
+        Some(_) => {
+            return Err(GatewayError::InvalidConfig {
+                name: name.clone(),
+                reason: format!(
+                    "the underlay netns {} already has a link called {name} that is not \
+                     WireGuard; choose another name",
+                    upath.display()
+                ),
+            });
+        }
+        None => add_wireguard_link(uh, name).await?,
+    };
+    if let Err(e) = link::move_to_netns(uh, name, &config.netns).await {
+        if created {
+            let _ = link::delete(uh, name).await;
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Adds a link of kind `wireguard`; `Ok(false)` when one of that name was already there.
+async fn add_wireguard_link(h: &rtnetlink::Handle, name: &str) -> Result<bool> {
+    match h
+        .link()
+        .add(LinkWireguard::new(name).build())
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if link::errno(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(false),
+        Err(e) => Err(GatewayError::KernelUnavailable {
+            name: name.into(),
+            reason: format!("creating a link of kind wireguard failed: {e}"),
+        }),
     }
 }
 

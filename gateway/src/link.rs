@@ -4,12 +4,13 @@
 //! Routes carry their own protocol number so a sync touches only the routes it made.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::link::LinkMessage;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -180,6 +181,39 @@ pub(crate) async fn sync_routes(h: &Handle, name: &str, desired: &[IpNetwork]) -
     Ok(())
 }
 
+/// `RTM_NEWLINK` moving link `index` into the netns open as `netns_fd`
+/// (`ip link set <link> netns <ns>`).
+pub fn move_message(index: u32, netns_fd: RawFd) -> LinkMessage {
+    LinkUnspec::new_with_index(index)
+        .setns_by_fd(netns_fd)
+        .build()
+}
+
+/// Moves link `name` from the handle's netns into the netns at `target`. Its addresses and
+/// routes stay behind (configure it afterwards); an open TUN fd or a kernel WireGuard device's
+/// UDP socket keep working. Errors when `name` is not in the handle's netns, or `target`
+/// already has a link of that name (`EEXIST`), or is not a netns.
+pub async fn move_to_netns(h: &Handle, name: &str, target: &Path) -> Result<()> {
+    let netns = fleet_core::netns::open(target)?;
+    let idx = index_of(h, name).await?;
+    h.link()
+        .set(move_message(idx, netns.as_raw_fd()))
+        .execute()
+        .await
+        .map_err(nl(format!(
+            "move link {name} into netns {}",
+            target.display()
+        )))
+}
+
+/// Whether `link` is of kind `wireguard`.
+pub(crate) fn is_wireguard(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Wireguard))))
+    })
+}
+
 pub(crate) async fn delete(h: &Handle, name: &str) -> Result<()> {
     fleet_core::netlink::delete_link(h, name)
         .await
@@ -199,4 +233,31 @@ where
         async move { work(h).await }
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::Emitable;
+    use rtnetlink::LinkWireguard;
+
+    use super::*;
+
+    #[test]
+    fn move_message_names_the_link_and_the_target_netns_fd() {
+        let msg = move_message(7, 42);
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(msg.attributes, vec![LinkAttribute::NetNsFd(42)]);
+        let mut bytes = vec![0; msg.buffer_len()];
+        msg.emit(&mut bytes);
+        // IFLA_NET_NS_FD (28), a u32 fd in host order.
+        let mut nla = vec![8, 0, 28, 0];
+        nla.extend(42u32.to_ne_bytes());
+        assert!(bytes.windows(nla.len()).any(|w| w == nla), "{bytes:?}");
+    }
+
+    #[test]
+    fn only_wireguard_links_count_as_wireguard() {
+        assert!(is_wireguard(&LinkWireguard::new("wg0").build()));
+        assert!(!is_wireguard(&LinkUnspec::new_with_name("wg0").build()));
+    }
 }

@@ -1,17 +1,22 @@
 //! Userspace WireGuard: gotatun in-process, on a TUN device inside the device's netns.
 //!
-//! Each device owns one OS thread that enters the netns (so the TUN device, its UDP socket
-//! and its netlink socket all live there) and runs a single-threaded tokio runtime: on two
-//! cores one thread doing crypto and I/O beats a pool (see `bench/src/bin/tunnel-throughput.rs`).
-//! The rest of the process talks to it over a command channel. It serves the standard UAPI
-//! socket `/var/run/wireguard/<name>.sock`, so `wg show <name>` works from any netns.
+//! Each device owns one OS thread that enters the netns (so the TUN device and its netlink
+//! socket live there), then moves to the underlay netns (`DeviceConfig::underlay_netns`, the
+//! same netns when unset) where gotatun binds the encrypted UDP socket, and runs a
+//! single-threaded tokio runtime: on two cores one thread doing crypto and I/O beats a pool
+//! (see `bench/src/bin/tunnel-throughput.rs`). The rest of the process talks to it over a
+//! command channel. It serves the standard UAPI socket `/var/run/wireguard/<name>.sock`, so
+//! `wg show <name>` works from any netns.
 
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder};
+use gotatun::tun::tun_async_device::TunDevice;
+use gotatun::udp::socket::UdpSocketFactory;
 use gotatun::x25519;
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
@@ -47,7 +52,12 @@ pub struct UserspaceDevice {
 impl UserspaceDevice {
     pub async fn create(config: DeviceConfig) -> Result<Self> {
         config.validate()?;
+        // Both netns are opened here, so a missing one is reported before anything is made.
         let netns = fleet_core::netns::open(&config.netns)?;
+        let underlay = match &config.underlay_netns {
+            Some(path) => Some(fleet_core::netns::open(path)?),
+            None => None,
+        };
         let name = config.name.clone();
         let public_key = config.private_key.public_key();
         let listen_port = config.listen_port;
@@ -61,30 +71,15 @@ impl UserspaceDevice {
         std::thread::Builder::new()
             .name(format!("wg-{name}"))
             .spawn(move || {
-                if let Err(e) = setns(netns.as_fd(), CloneFlags::CLONE_NEWNET) {
-                    let _ = ready_tx.send(Err(GatewayError::Userspace {
-                        name: config.name.clone(),
-                        op: format!("enter netns {}", config.netns.display()),
-                        reason: e.to_string(),
-                    }));
-                    return;
-                }
-                drop(netns);
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+                let setup = match Setup::in_netns(&config, netns, underlay) {
+                    Ok(setup) => setup,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(GatewayError::Userspace {
-                            name: config.name.clone(),
-                            op: "build its runtime".into(),
-                            reason: e.to_string(),
-                        }));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                rt.block_on(run(config, ready_tx, rx));
+                let Setup { rt, h, builder } = setup;
+                rt.block_on(run(config, h, builder, ready_tx, rx));
             })
             .map_err(|e| thread_err(e.to_string()))?;
         ready_rx
@@ -149,23 +144,64 @@ impl Drop for UserspaceDevice {
 }
 
 type GotaDevice = Device<DefaultDeviceTransports>;
+type GotaBuilder = DeviceBuilder<UdpSocketFactory, TunDevice, TunDevice>;
+
+/// What the device thread makes before its runtime runs: the runtime, a netlink handle in
+/// `netns` and the TUN device in `netns`; the thread itself is left in the underlay netns.
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    h: rtnetlink::Handle,
+    builder: GotaBuilder,
+}
+
+impl Setup {
+    /// Runs on the device thread. A socket stays in the netns it was opened in, and the TUN
+    /// device (like the `tun` crate's control socket, which gotatun's MTU watcher uses by
+    /// name) is made in the netns of the thread that opens it: so the netlink socket and the
+    /// TUN are opened in `netns`, then the thread moves to the underlay netns, where gotatun
+    /// binds its UDP socket once the key is set (and rebinds, should the port change). Nothing
+    /// is moved between namespaces afterwards.
+    fn in_netns(config: &DeviceConfig, netns: File, underlay: Option<File>) -> Result<Self> {
+        let name = &config.name;
+        let enter = |file: &File, path: &Path| {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| fail(name, format!("enter netns {}", path.display()), e))
+        };
+        enter(&netns, &config.netns)?;
+        drop(netns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(name, "build its runtime", e))?;
+        let (h, builder) = {
+            let _in_runtime = rt.enter();
+            let (conn, h, _) =
+                rtnetlink::new_connection().map_err(|e| fail(name, "open a netlink socket", e))?;
+            rt.spawn(conn);
+            let builder = DeviceBuilder::new()
+                .with_default_udp()
+                .create_tun(name)
+                .map_err(|e| fail(name, "create the TUN device", e))?;
+            (h, builder)
+        };
+        if let (Some(file), Some(path)) = (underlay, &config.underlay_netns) {
+            // On failure the TUN device is closed with `builder`, which removes its link.
+            enter(&file, path)?;
+        }
+        Ok(Self { rt, h, builder })
+    }
+}
 
 /// The device thread: bring the device up, report, then serve commands until told to stop or
 /// every handle is dropped.
 async fn run(
     config: DeviceConfig,
+    h: rtnetlink::Handle,
+    builder: GotaBuilder,
     ready: oneshot::Sender<Result<()>>,
     mut commands: mpsc::Receiver<Command>,
 ) {
-    let (conn, h, _) = match rtnetlink::new_connection() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(fail(&config.name, "open a netlink socket", e)));
-            return;
-        }
-    };
-    tokio::spawn(conn);
-    let device = match start(&config, &h).await {
+    let device = match start(&config, &h, builder).await {
         Ok(d) => d,
         Err(e) => {
             let _ = link::delete(&h, &config.name).await;
@@ -197,7 +233,8 @@ async fn run(
     }
     device.stop().await;
     // The TUN device is not persistent: closing it (the device is dropped now) removes the
-    // link and its routes; delete explicitly in case another handle keeps it open.
+    // link and its routes; delete explicitly in case another handle keeps it open. `h` was
+    // opened in the device's netns, whatever netns this thread is in now.
     let result = link::delete(&h, &name).await;
     let _ = std::fs::remove_file(uapi_socket(&name));
     tracing::info!(device = %name, "userspace WireGuard device stopped");
@@ -206,7 +243,11 @@ async fn run(
     }
 }
 
-async fn start(config: &DeviceConfig, h: &rtnetlink::Handle) -> Result<GotaDevice> {
+async fn start(
+    config: &DeviceConfig,
+    h: &rtnetlink::Handle,
+    builder: GotaBuilder,
+) -> Result<GotaDevice> {
     let name = &config.name;
     let uapi = UapiServer::default_unix_socket(name, None, None).map_err(|e| {
         fail(
@@ -215,17 +256,15 @@ async fn start(config: &DeviceConfig, h: &rtnetlink::Handle) -> Result<GotaDevic
             e,
         )
     })?;
-    let device = DeviceBuilder::new()
-        .with_default_udp()
-        .create_tun(name)
-        .map_err(|e| fail(name, "create the TUN device", e))?
+    let device = builder
         .with_listen_port(config.listen_port)
         .with_uapi(uapi)
         .build()
         .await
         .map_err(|e| fail(name, "build the device", e))?;
-    // Setting the key on a built device binds the UDP socket and starts the tunnel tasks
-    // (the builder only does that when it is given peers).
+    // Setting the key on a built device binds the UDP socket (in the netns this thread is in:
+    // the underlay) and starts the tunnel tasks (the builder only does that when it is given
+    // peers).
     device
         .set_private_key(x25519::StaticSecret::from(*config.private_key.as_bytes()))
         .await
