@@ -15,7 +15,7 @@ use fleet_hub::api::{CaHash, Credential, ErrorCode, JoinString};
 use fleet_hub::client::{HubClient, HubError};
 use fleet_hub::registry::{
     ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, ManualClock, PublicKey,
-    Registry, RegistryEvent,
+    Registry, RegistryEvent, RelayRecord,
 };
 use fleet_hub::store::{EmbeddedStore, Store};
 use futures::{Stream, StreamExt};
@@ -768,4 +768,44 @@ async fn members_leave_admins_remove_and_members_cannot_remove_others() {
         ["cc"]
     );
     assert_eq!(code(admin.leave().await), ErrorCode::PermissionDenied);
+}
+
+/// The fleet CIDR and the hub's relays reach members through the list reply and the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_and_the_fleet_cidr_reach_members() {
+    let layout = FleetLayout::new("10.200.0.0/16".parse().unwrap(), 20).unwrap();
+    let hub = Hub::start(layout).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let relay = RelayRecord {
+        id: RelayRecord::id_for(&key(9)),
+        public_key: key(9),
+        endpoint: "192.0.2.1:51820".parse().unwrap(),
+    };
+    hub.registry.publish_relay(&relay).await.unwrap();
+    let view = aa.list().await.unwrap();
+    assert_eq!(view.fleet_cidr.to_string(), "10.200.0.0/16");
+    assert_eq!(view.relays, vec![relay.clone()]);
+
+    let mut watch = Box::pin(aa.watch(view.revision));
+    let moved = RelayRecord {
+        endpoint: "192.0.2.2:51821".parse().unwrap(),
+        ..relay.clone()
+    };
+    hub.registry.publish_relay(&moved).await.unwrap();
+    hub.registry.remove_relay(&relay.id).await.unwrap();
+    match next_event(&mut watch).await {
+        RegistryEvent::RelayUpserted { record, .. } => assert_eq!(record, moved),
+        e => panic!("{e:?}"),
+    }
+    match next_event(&mut watch).await {
+        RegistryEvent::RelayRemoved { id, .. } => assert_eq!(id, relay.id),
+        e => panic!("{e:?}"),
+    }
+    assert!(aa.list().await.unwrap().relays.is_empty());
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use fleet_hub::registry::{
     ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, JoinToken, ManualClock,
-    PublicKey, Registry, RegistryError, RegistryEvent, SystemClock,
+    PublicKey, Registry, RegistryError, RegistryEvent, RelayRecord, SystemClock,
 };
 use fleet_hub::store::Store;
 use futures::StreamExt;
@@ -538,6 +538,59 @@ pub async fn concurrent_lease_acquirers_exactly_one_wins(
     );
 }
 
+/// The hub's relay records: in the view (with the fleet CIDR) and in the watch.
+pub async fn relays_are_in_the_view_and_the_watch(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
+    let one = registry(store.clone(), FleetLayout::default()).await;
+    let two = registry(replica, FleetLayout::default()).await;
+    let relay = RelayRecord {
+        id: RelayRecord::id_for(&key(7)),
+        public_key: key(7),
+        endpoint: "192.0.2.1:51820".parse().unwrap(),
+    };
+    assert_eq!(relay.id, "070707070707");
+    one.publish_relay(&relay).await.unwrap();
+    let view = two.view().await.unwrap();
+    assert_eq!(view.fleet_cidr, FleetLayout::default().fleet_cidr);
+    assert_eq!(view.relays, vec![relay.clone()]);
+    assert!(view.clusters.is_empty() && view.records.is_empty());
+
+    let mut events = Box::pin(two.watch(view.revision).await.unwrap());
+    let moved = RelayRecord {
+        endpoint: "192.0.2.9:51820".parse().unwrap(),
+        ..relay.clone()
+    };
+    one.publish_relay(&moved).await.unwrap();
+    assert!(one.remove_relay(&relay.id).await.unwrap());
+    assert!(!one.remove_relay(&relay.id).await.unwrap());
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event within 10 s")
+            .expect("stream open")
+            .unwrap()
+    };
+    match next().await {
+        RegistryEvent::RelayUpserted { record, .. } => assert_eq!(record, moved),
+        e => panic!("{e:?}"),
+    }
+    match next().await {
+        RegistryEvent::RelayRemoved { id, .. } => assert_eq!(id, relay.id),
+        e => panic!("{e:?}"),
+    }
+    assert!(two.view().await.unwrap().relays.is_empty());
+
+    let before = store.revision().await.unwrap();
+    let bad = RelayRecord {
+        id: "../x".into(),
+        ..relay
+    };
+    assert!(matches!(
+        one.publish_relay(&bad).await,
+        Err(RegistryError::InvalidRelayId(_))
+    ));
+    assert_eq!(store.revision().await.unwrap(), before);
+}
+
 #[macro_export]
 macro_rules! registry_suite {
     ($setup:path) => {
@@ -602,6 +655,11 @@ macro_rules! registry_suite {
             async fn concurrent_lease_acquirers_exactly_one_wins() {
                 let (store, replica, _guard) = $setup().await;
                 suite::concurrent_lease_acquirers_exactly_one_wins(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn relays_are_in_the_view_and_the_watch() {
+                let (store, replica, _guard) = $setup().await;
+                suite::relays_are_in_the_view_and_the_watch(store, replica).await;
             }
         }
     };
