@@ -6,6 +6,9 @@
 //!   thread and single-threaded tokio runtime; it serves the standard UAPI socket so
 //!   `wg show <name>` works.
 //!
+//! Either way the interface lives in [`DeviceConfig::netns`] and the encrypted UDP socket in
+//! [`DeviceConfig::underlay_netns`] (the same netns when unset).
+//!
 //! [`select_backend`] picks one (kernel where the kernel has WireGuard) and honours a forced
 //! override, like netavark's firewall drivers. Both backends share [`link`]: MTU, addresses,
 //! link up and one route per allowed IP inside the device's netns. [`key`] owns keys.
@@ -14,7 +17,8 @@
 //! ```text
 //! CNF netns: route <remote block> dev <wg> (proto fleet, one per allowed IP)
 //!   -> <wg> (TUN + gotatun | kernel wg) encrypts for the peer whose allowed IPs match
-//!   -> UDP <listen_port> from the netns' own uplink to the peer's endpoint
+//!   -> UDP <listen_port> from the underlay netns (the node's own; default: the CNF netns)
+//!      to the peer's endpoint
 //! ```
 
 pub mod kernel;

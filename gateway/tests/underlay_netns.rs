@@ -189,6 +189,17 @@ async fn userspace_device_keeps_its_interface_inner_and_its_udp_on_the_node() {
     assert!(!net.a.ip(&["route", "show"]).contains("203.0.113.0"));
     assert!(inner_a.ping("198.51.100.2"));
 
+    // A port change over UAPI rebinds the socket: on the node again, never inner.
+    run("wg", &["set", &name_a, "listen-port", "51821"]);
+    assert!(
+        eventually(Duration::from_secs(5), || udp_sockets(&net.a)
+            .contains(":51821")),
+        "no rebind on the node: {}",
+        udp_sockets(&net.a)
+    );
+    assert!(udp_sockets(&inner_a).trim().is_empty());
+    assert!(!proc_has_port(&proc_udp(&net.a), PORT));
+
     delete_and_check(&*a, &inner_a, &net.a).await;
     delete_and_check(&*b, &inner_b, &net.b).await;
     assert!(!inner_a.ping("198.51.100.2"));
@@ -203,7 +214,7 @@ async fn delete_and_check(dev: &dyn WireguardDevice, inner: &Netns, node: &Netns
     assert!(main_routes(inner).is_empty(), "{:?}", main_routes(inner));
     assert_eq!(links(node), sorted(&["lo", "ul0"]));
     assert!(
-        !udp_sockets(node).contains(":51820"),
+        !udp_sockets(node).contains(":5182"),
         "UDP socket left on the node: {}",
         udp_sockets(node)
     );
