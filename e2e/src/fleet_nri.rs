@@ -102,6 +102,7 @@ impl FleetNri {
             cmd.arg("--no-nri");
         }
         cmd.env("FLEET_LOG", "debug")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log);
         let child = cmd
@@ -222,9 +223,12 @@ impl FleetNri {
 impl Drop for FleetNri {
     fn drop(&mut self) {
         self.kill9();
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.cnf])
-            .status();
+        // Without a plan the daemon never made its CNF netns.
+        if std::path::Path::new("/run/netns").join(&self.cnf).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.cnf])
+                .status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,6 +9,9 @@
 //! - [`cri`]: a small CRI client, async ([`cri::CriClient`]) and blocking ([`Cri`]);
 //! - [`cni`]: bridge + host-local conflists with optional chained plugins ([`BridgeNetwork`]);
 //! - [`bins`]: locating the workspace's built binaries ([`workspace_bin`]);
+//! - [`fleet`]: the sandbox fleet of issue 3 (internet, NATed members, hub, controllers);
+//!   [`cluster_node`]: one node (containerd + fleet-nri in its netns); [`capture`]: tcpdump;
+//!   [`process`]: long-running fleet programs in a netns, stopped by PID;
 //! - [`reap`]: teardown by PID/socket/path, and reaping what killed test processes left
 //!   (run once per process at the first `Containerd::start`).
 //!
@@ -39,23 +42,31 @@
 //! use `wget -T` (Debian's busybox-static 1.35 wget segfaults on it): `timeout 5 wget ...`.
 
 pub mod bins;
+pub mod capture;
+pub mod cluster_node;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
 mod error;
+pub mod fleet;
 pub mod fleet_nri;
 pub mod images;
 pub mod mounts;
 pub mod netns;
+pub mod process;
 pub mod reap;
 mod util;
 
 pub use bins::workspace_bin;
+pub use capture::{Capture, Packet, Packets};
+pub use cluster_node::ClusterNode;
 pub use cni::BridgeNetwork;
 pub use containerd::{Containerd, ContainerdOpts, NetnsChoice};
 pub use cri::{ContainerSpec, Cri, CriClient, CriConfig, ExecOutput, PodSpec};
 pub use error::{Error, Result};
+pub use fleet::{FleetController, FleetHub, MemberOpts, Pod, SandboxFleet};
 pub use fleet_nri::{FleetNri, FleetNriOpts};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use netns::{TestNetns, ip_in};
+pub use process::ManagedProcess;
 pub use util::{poll_until, process_alive, require_root, run_command};

@@ -1,0 +1,223 @@
+//! `tcpdump` on an interface inside a test netns, written to a pcap and stopped by PID;
+//! [`Capture::finish`] returns the decoded packets ([`Packets`]) and the raw capture bytes (to
+//! prove a plaintext marker never crossed the wire).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::util::poll_until;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A running capture. Dropping it without `finish` kills tcpdump and removes the file.
+pub struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+}
+
+/// One decoded packet: tcpdump's line (`-n -q`-free, timestamped) and its parsed parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// tcpdump's whole line.
+    pub line: String,
+    /// `IP`, `ARP`, `IP6`, ... (the word after the timestamp).
+    pub family: String,
+    /// Source address and port (`a.b.c.d` or `a.b.c.d.port`), for IP packets.
+    pub src: String,
+    /// Destination, as `src`.
+    pub dst: String,
+}
+
+impl Packet {
+    fn parse(line: &str) -> Option<Packet> {
+        let mut words = line.split_whitespace();
+        let ts = words.next()?;
+        if !ts.starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        let family = words.next()?.trim_end_matches(',').to_string();
+        let (mut src, mut dst) = (String::new(), String::new());
+        if family == "IP" {
+            src = words.next().unwrap_or_default().to_string();
+            let _arrow = words.next();
+            dst = words
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches(':')
+                .to_string();
+        }
+        Some(Packet {
+            line: line.to_string(),
+            family,
+            src,
+            dst,
+        })
+    }
+
+    /// The address without the port (`203.0.113.21.51820` → `203.0.113.21`).
+    pub fn addr(endpoint: &str) -> &str {
+        match endpoint.match_indices('.').nth(3) {
+            Some((i, _)) => &endpoint[..i],
+            None => endpoint,
+        }
+    }
+
+    /// The port of an endpoint, if it has one.
+    pub fn port(endpoint: &str) -> Option<u16> {
+        endpoint
+            .match_indices('.')
+            .nth(3)
+            .and_then(|(i, _)| endpoint[i + 1..].parse().ok())
+    }
+
+    pub fn is_udp(&self) -> bool {
+        self.family == "IP" && self.line.contains(": UDP, length")
+    }
+
+    pub fn is_arp(&self) -> bool {
+        self.family == "ARP"
+    }
+
+    /// Whether `ip` is the source or the destination address.
+    pub fn involves(&self, ip: &str) -> bool {
+        Self::addr(&self.src) == ip || Self::addr(&self.dst) == ip
+    }
+}
+
+/// What a finished capture saw.
+#[derive(Debug, Clone)]
+pub struct Packets {
+    pub packets: Vec<Packet>,
+    /// tcpdump's full decoding (for failure messages).
+    pub text: String,
+    /// The pcap file's bytes.
+    pub raw: Vec<u8>,
+}
+
+impl Packets {
+    /// Whether `marker` appears anywhere in the captured bytes (payloads included).
+    pub fn raw_contains(&self, marker: &[u8]) -> bool {
+        !marker.is_empty() && self.raw.windows(marker.len()).any(|w| w == marker)
+    }
+
+    pub fn ip(&self) -> impl Iterator<Item = &Packet> {
+        self.packets.iter().filter(|p| p.family == "IP")
+    }
+}
+
+impl Capture {
+    /// Starts `tcpdump -i <iface>` inside `netns` (a path under /run/netns); returns once it
+    /// listens. It stops by itself after `max` at the latest.
+    pub fn start(netns: &Path, iface: &str, max: Duration) -> Result<Capture> {
+        let file = std::env::temp_dir().join(format!(
+            "fe2e-cap-{}-{}.pcap",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log = file.with_extension("log");
+        let log_file = std::fs::File::create(&log).map_err(|e| Error::io("create", &log, e))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["--", "timeout", &max.as_secs().max(1).to_string()])
+            // --immediate-mode: without it packets wait in the ring for a block timeout and
+            // are lost when tcpdump is stopped right after the traffic.
+            .args(["tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| Error::io("spawn tcpdump in", netns, e))?;
+        let mut capture = Capture {
+            child: Some(child),
+            file,
+        };
+        let listening = poll_until("tcpdump to listen", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("listening on"))
+        });
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        if let Err(e) = listening {
+            capture.stop();
+            return Err(Error::Invalid(format!("{e}: {text}")));
+        }
+        Ok(capture)
+    }
+
+    /// Captures for `duration` and returns what it saw.
+    pub fn for_duration(netns: &Path, iface: &str, duration: Duration) -> Result<Packets> {
+        let c = Capture::start(netns, iface, duration + Duration::from_secs(30))?;
+        std::thread::sleep(duration);
+        c.finish()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `timeout` forwards SIGINT to tcpdump, which flushes and exits.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the capture and decodes it.
+    pub fn finish(mut self) -> Result<Packets> {
+        self.stop();
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .output()
+            .map_err(|e| Error::io("run tcpdump -r", &self.file, e))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let raw = std::fs::read(&self.file).map_err(|e| Error::io("read", &self.file, e))?;
+        Ok(Packets {
+            packets: text.lines().filter_map(Packet::parse).collect(),
+            text,
+            raw,
+        })
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcpdump_lines_parse() {
+        let p = Packet::parse(
+            "18:30:01.123456 IP 203.0.113.21.51820 > 203.0.113.10.51820: UDP, length 148",
+        )
+        .unwrap();
+        assert_eq!(p.family, "IP");
+        assert_eq!(p.src, "203.0.113.21.51820");
+        assert_eq!(p.dst, "203.0.113.10.51820");
+        assert!(p.is_udp());
+        assert_eq!(Packet::addr(&p.src), "203.0.113.21");
+        assert_eq!(Packet::port(&p.dst), Some(51820));
+        assert!(p.involves("203.0.113.10"));
+        let icmp =
+            Packet::parse("18:30:01.1 IP 10.0.0.1 > 10.0.0.2: ICMP echo request, id 1").unwrap();
+        assert_eq!(Packet::port(&icmp.src), None);
+        assert!(!icmp.is_udp());
+        let arp = Packet::parse("18:30:01.2 ARP, Request who-has 203.0.113.10 tell 203.0.113.21")
+            .unwrap();
+        assert!(arp.is_arp());
+        assert!(Packet::parse("reading from file x.pcap").is_none());
+    }
+}

@@ -1,0 +1,996 @@
+//! A sandbox fleet on one machine, all in PID-unique network namespaces:
+//!
+//! ```text
+//!                          "internet" netns: bridge inet0, 203.0.113.0/24 (TEST-NET-3)
+//!        ┌───────────────────────────┬──────────────────────────────┐
+//!   hub cc 203.0.113.10        router aa (wan0 203.0.113.21)    router bb (wan0 203.0.113.22)
+//!   fleet-hub serve :7443      nft masquerade, fwd only          same
+//!   relay UDP :51820           established back in
+//!                              lan0 bridge 198.51.100.1/24      lan0 198.51.100.1/24 (same LAN!)
+//!                               ├─ node aa-1 198.51.100.11       ├─ node bb-1 198.51.100.11
+//!                               └─ node aa-2 198.51.100.12       └─ node bb-2 198.51.100.12
+//! ```
+//!
+//! Every node runs real containerd (bridge + host-local, primary pod CIDR 10.244.1.0/24 on
+//! every node of every member) with fleet-cni chained and fleet-nri in the node's netns. The
+//! internet has no route to any LAN: members reach the hub only through their router's NAT.
+//! A "public" member's router also forwards UDP 51820 to its gateway node (a port forward),
+//! and its controller declares that address as its endpoint.
+//!
+//! Processes: [`FleetHub`] (`fleet-hub serve` in cc with the embedded store), one or two
+//! [`FleetController`]s per member (`fleet-controller run` in a node's netns, the contract's
+//! flags, nodes.json written for the member), `fleetctl` run from a member node.
+//!
+//! Drop order: pods, controllers, containerd + fleet-nri, routers, hub, internet. Process
+//! logs are printed when the dropping thread is panicking (a failed test).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::capture::{Capture, Packets};
+use crate::cluster_node::{ClusterNode, inet_of};
+use crate::cri::PodSpec;
+use crate::error::{Error, Result};
+use crate::netns::TestNetns;
+use crate::process::ManagedProcess;
+use crate::util::{poll_until, run_command};
+use crate::workspace_bin;
+
+/// The simulated internet.
+pub const INTERNET_CIDR: &str = "203.0.113.0/24";
+/// The hub's address: the only reachable address of the fleet.
+pub const HUB_IP: &str = "203.0.113.10";
+pub const HUB_API_PORT: u16 = 7443;
+/// The hub relay's WireGuard UDP port.
+pub const RELAY_PORT: u16 = 51820;
+/// Every member's LAN (identical on purpose).
+pub const LAN_PREFIX: &str = "198.51.100";
+/// The gateway's WireGuard UDP port on its node.
+pub const GATEWAY_PORT: u16 = 51820;
+/// Interface of the internet bridge (in the internet netns).
+pub const INTERNET_BRIDGE: &str = "inet0";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// A netns with IPv6 off (no link-local chatter in captures) and, optionally, forwarding.
+fn quiet_netns(prefix: &str, forward: bool) -> Result<TestNetns> {
+    let ns = TestNetns::try_new(prefix)?;
+    let mut sysctls = vec![
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ];
+    if forward {
+        sysctls.push("net.ipv4.ip_forward=1");
+    }
+    run_command(ns.command("sysctl").arg("-qw").args(&sysctls))?;
+    Ok(ns)
+}
+
+/// Connects `ns` to a bridge in `bridge_ns`: a veth whose end `port` (in `bridge_ns`) is a
+/// port of `bridge` and whose end `ifname` (in `ns`) gets `cidr` and comes up.
+fn plug(
+    bridge_ns: &TestNetns,
+    bridge: &str,
+    port: &str,
+    ns: &TestNetns,
+    ifname: &str,
+    cidr: &str,
+) -> Result<()> {
+    bridge_ns.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        ifname,
+        "netns",
+        ns.name(),
+    ])?;
+    bridge_ns.ip(&["link", "set", port, "master", bridge, "up"])?;
+    ns.ip(&["addr", "add", cidr, "dev", ifname])?;
+    ns.ip(&["link", "set", ifname, "up"])?;
+    Ok(())
+}
+
+/// Applies an nftables ruleset inside `ns`.
+fn nft(ns: &TestNetns, ruleset: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("spawn nft in", ns.path(), e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(ruleset.as_bytes())
+            .map_err(|e| Error::io("write nft ruleset to", ns.path(), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io("wait for nft in", ns.path(), e))?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!(
+            "nft in {}: {}\n{ruleset}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// The simulated internet: one bridge in its own netns, no addresses, no routing.
+pub struct Internet {
+    pub netns: TestNetns,
+}
+
+impl Internet {
+    pub fn new() -> Result<Internet> {
+        let netns = quiet_netns("inet", false)?;
+        netns.ip(&["link", "add", INTERNET_BRIDGE, "type", "bridge"])?;
+        netns.ip(&["link", "set", INTERNET_BRIDGE, "up"])?;
+        Ok(Internet { netns })
+    }
+
+    /// Gives `ns` an interface `ifname` with `cidr` on the internet.
+    pub fn attach(&self, port: &str, ns: &TestNetns, ifname: &str, cidr: &str) -> Result<()> {
+        plug(&self.netns, INTERNET_BRIDGE, port, ns, ifname, cidr)
+    }
+
+    /// Starts a capture of everything crossing the internet bridge.
+    pub fn capture(&self, max: Duration) -> Result<Capture> {
+        Capture::start(&self.netns.path(), INTERNET_BRIDGE, max)
+    }
+}
+
+/// A member's NAT router: `wan0` on the internet, bridge `lan0` (198.51.100.1/24) for its nodes.
+pub struct NatRouter {
+    pub netns: TestNetns,
+    pub public_ip: String,
+}
+
+impl NatRouter {
+    fn new(
+        internet: &Internet,
+        member: &str,
+        public_ip: &str,
+        forward_to: Option<&str>,
+    ) -> Result<NatRouter> {
+        let netns = quiet_netns(&format!("{member}-rt"), true)?;
+        internet.attach(
+            &format!("p-{member}"),
+            &netns,
+            "wan0",
+            &format!("{public_ip}/24"),
+        )?;
+        netns.ip(&["link", "add", "lan0", "type", "bridge"])?;
+        netns.ip(&["addr", "add", &format!("{LAN_PREFIX}.1/24"), "dev", "lan0"])?;
+        netns.ip(&["link", "set", "lan0", "up"])?;
+        // Outbound is masqueraded; inbound only for established flows (and the port forward of
+        // a public member). Nothing routes from the internet into the LAN otherwise.
+        let dnat = forward_to
+            .map(|gw| {
+                format!("iifname \"wan0\" udp dport {GATEWAY_PORT} dnat to {gw}:{GATEWAY_PORT}")
+            })
+            .unwrap_or_default();
+        nft(
+            &netns,
+            &format!(
+                "table ip fe2e_nat {{\n\
+                 chain prerouting {{\n type nat hook prerouting priority -100;\n {dnat}\n }}\n\
+                 chain postrouting {{\n type nat hook postrouting priority 100;\n \
+                 oifname \"wan0\" masquerade\n }}\n\
+                 }}\n\
+                 table ip fe2e_filter {{\n\
+                 chain forward {{\n type filter hook forward priority 0; policy drop;\n\
+                 iifname \"lan0\" oifname \"wan0\" accept\n\
+                 ct state established,related accept\n\
+                 ct status dnat accept\n\
+                 }}\n\
+                 }}\n"
+            ),
+        )?;
+        Ok(NatRouter {
+            netns,
+            public_ip: public_ip.to_string(),
+        })
+    }
+}
+
+/// One node of a member: `name` (`aa-1`) is its name in nodes.json.
+pub struct FleetNode {
+    pub name: String,
+    pub node: ClusterNode,
+}
+
+impl FleetNode {
+    /// The nodes.json entry (contract: name, socket, underlay_ip, netns).
+    pub fn nodes_json_entry(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "socket": self.node.nri.socket(),
+            "underlay_ip": self.node.underlay_ip,
+            "netns": self.node.netns.path(),
+        })
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        self.node.netns.path()
+    }
+
+    /// Whether fleet-nri has a plan (the controller has spoken).
+    pub fn ready(&self) -> bool {
+        self.node.nri.status().map(|s| s.ready).unwrap_or(false)
+    }
+}
+
+/// How a member is built.
+#[derive(Debug, Clone)]
+pub struct MemberOpts {
+    pub nodes: usize,
+    /// Its router forwards UDP 51820 to the gateway node, and its controller declares
+    /// `--endpoint <router>:51820` (direct tunnels).
+    pub public: bool,
+}
+
+impl MemberOpts {
+    pub fn nat(nodes: usize) -> Self {
+        MemberOpts {
+            nodes,
+            public: false,
+        }
+    }
+    pub fn public(nodes: usize) -> Self {
+        MemberOpts {
+            nodes,
+            public: true,
+        }
+    }
+}
+
+/// One member cluster: router, nodes, controllers (index 0 runs on node 0, the gateway
+/// node; a standby on node 1).
+pub struct Member {
+    pub id: String,
+    pub opts: MemberOpts,
+    pub controllers: Vec<FleetController>,
+    pub nodes: Vec<FleetNode>,
+    pub router: NatRouter,
+    /// credential file, nodes.json, controller data dirs, logs.
+    pub dir: PathBuf,
+}
+
+impl Member {
+    pub fn gateway(&self) -> &FleetNode {
+        &self.nodes[0]
+    }
+
+    pub fn credential_file(&self) -> PathBuf {
+        self.dir.join("credential")
+    }
+
+    pub fn nodes_json(&self) -> PathBuf {
+        self.dir.join("nodes.json")
+    }
+
+    /// `ip:port` the controller declares with `--endpoint` (public members only).
+    pub fn endpoint(&self) -> Option<String> {
+        self.opts
+            .public
+            .then(|| format!("{}:{GATEWAY_PORT}", self.router.public_ip))
+    }
+
+    fn write_nodes_json(&self) -> Result<()> {
+        let entries: Vec<_> = self.nodes.iter().map(FleetNode::nodes_json_entry).collect();
+        let path = self.nodes_json();
+        std::fs::write(&path, serde_json::Value::Array(entries).to_string())
+            .map_err(|e| Error::io("write", &path, e))
+    }
+
+    /// The controller that currently runs (if several, the first).
+    pub fn running_controllers(&mut self) -> Vec<usize> {
+        let mut up = Vec::new();
+        for (i, c) in self.controllers.iter_mut().enumerate() {
+            if c.process.running() {
+                up.push(i);
+            }
+        }
+        up
+    }
+
+    /// All process logs of this member (controllers, fleet-nri tails).
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for c in &self.controllers {
+            s.push_str(&format!(
+                "---- {} log:\n{}\n",
+                c.process.label(),
+                tail(&c.log(), 120)
+            ));
+        }
+        for n in &self.nodes {
+            s.push_str(&format!(
+                "---- fleet-nri {} log:\n{}\n",
+                n.name,
+                tail(&n.node.nri.log(), 40)
+            ));
+        }
+        s
+    }
+
+    fn remove_pods(&self) {
+        for n in &self.nodes {
+            n.node.remove_all_pods();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.remove_pods();
+        for c in &mut self.controllers {
+            c.process.terminate(Duration::from_secs(5));
+        }
+        self.controllers.clear();
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `fleet-hub serve` in the hub netns on 203.0.113.10:7443, embedded store in its own dir,
+/// optionally with the relay (UDP 51820, its interface in a netns of ours).
+pub struct FleetHub {
+    pub process: ManagedProcess,
+    pub netns: TestNetns,
+    /// The relay's interface netns (`--relay-netns`), when relaying.
+    pub relay_netns: Option<TestNetns>,
+    pub dir: PathBuf,
+}
+
+impl FleetHub {
+    fn start(internet: &Internet, relay: bool) -> Result<FleetHub> {
+        let netns = quiet_netns("cc", false)?;
+        internet.attach("p-cc", &netns, "wan0", &format!("{HUB_IP}/24"))?;
+        let dir = std::env::temp_dir().join(format!("fe2e-hub-{}-{}", std::process::id(), seq()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let mut args = vec![
+            OsString::from("--data-dir"),
+            dir.join("data").into(),
+            "serve".into(),
+            "--listen".into(),
+            format!("{HUB_IP}:{HUB_API_PORT}").into(),
+        ];
+        let relay_netns = if relay {
+            let rns = quiet_netns("ccrelay", true)?;
+            args.extend(os(&[
+                "--relay-listen",
+                &format!("{HUB_IP}:{RELAY_PORT}"),
+                "--relay-name",
+                &format!("fr{}x{}", std::process::id(), seq()),
+                "--wg-backend",
+                "userspace",
+            ]));
+            args.push("--relay-netns".into());
+            args.push(rns.path().into());
+            Some(rns)
+        } else {
+            None
+        };
+        let process = ManagedProcess::new(
+            "fleet-hub",
+            workspace_bin("fleet-hub"),
+            args,
+            &netns.path(),
+            dir.join("hub.log"),
+        )
+        .env("FLEET_LOG", "info");
+        let mut hub = FleetHub {
+            process,
+            netns,
+            relay_netns,
+            dir,
+        };
+        hub.spawn()?;
+        Ok(hub)
+    }
+
+    /// Starts (or restarts) `fleet-hub serve` and waits until it serves.
+    pub fn spawn(&mut self) -> Result<()> {
+        self.process.spawn()?;
+        self.process
+            .await_log("hub API serving", Duration::from_secs(30))
+    }
+
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("{HUB_IP}:{HUB_API_PORT}")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The hub CA's SHA-256 (hex), what members pin.
+    pub fn ca_hash(&self) -> Result<String> {
+        let path = self.data_dir().join("ca.pem");
+        let pem = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+        ca_hash_of_pem(&pem)
+            .ok_or_else(|| Error::Invalid(format!("no certificate in {}", path.display())))
+    }
+
+    /// Runs the `fleet-hub` CLI against the serving hub (admin credential and CA from its
+    /// data dir), from inside the hub's netns.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let out = self
+            .netns
+            .command(workspace_bin("fleet-hub").to_str().unwrap_or("fleet-hub"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--hub", &self.endpoint()])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .map_err(|e| Error::io("run fleet-hub in", self.netns.path(), e))?;
+        Ok(out)
+    }
+
+    /// `fleet-hub token create`: the join string for one member.
+    pub fn create_join_string(&self, description: &str) -> Result<String> {
+        let out = self.cli(&[
+            "token",
+            "create",
+            "--ttl",
+            "1h",
+            "--description",
+            description,
+        ])?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "fleet-hub token create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `fleet-hub cluster remove <id>` through the admin API.
+    pub fn remove_cluster(&self, id: &str) -> Result<String> {
+        let out = self.cli(&["cluster", "remove", id])?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "fleet-hub cluster remove {id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+impl Drop for FleetHub {
+    fn drop(&mut self) {
+        self.process.terminate(Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SHA-256 of the first certificate's DER in a PEM text, as lowercase hex.
+pub fn ca_hash_of_pem(pem: &str) -> Option<String> {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let begin = "-----BEGIN CERTIFICATE-----";
+    let start = pem.find(begin)? + begin.len();
+    let end = start + pem[start..].find("-----END CERTIFICATE-----")?;
+    let b64: String = pem[start..end].split_whitespace().collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(
+        Sha256::digest(der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// One `fleet-controller run` instance of a member (contract flags), in a node's netns.
+pub struct FleetController {
+    pub process: ManagedProcess,
+    pub holder: String,
+    pub data_dir: PathBuf,
+    pub wg_name: String,
+}
+
+impl FleetController {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// SIGTERM; returns the exit status (contract: 0 on a clean stop).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.terminate(Duration::from_secs(10))
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        if self.process.running() {
+            self.stop();
+        }
+        self.process.spawn()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.process.running()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// A pod of the sandbox: where it runs and its addresses.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub member: String,
+    pub node: usize,
+    pub name: String,
+    pub sandbox: String,
+    pub container: String,
+    pub fleet_ip: String,
+    pub primary_ip: String,
+    /// The pod's network namespace (for running host tools such as socat "in the pod").
+    pub netns: PathBuf,
+}
+
+/// Building a [`SandboxFleet`].
+#[derive(Debug, Clone)]
+pub struct FleetBuilder {
+    members: Vec<(String, MemberOpts)>,
+    relay: bool,
+}
+
+impl FleetBuilder {
+    pub fn member(mut self, id: &str, opts: MemberOpts) -> Self {
+        self.members.push((id.to_string(), opts));
+        self
+    }
+
+    /// Run the hub's relay (default on).
+    pub fn relay(mut self, on: bool) -> Self {
+        self.relay = on;
+        self
+    }
+
+    /// Builds the internet, the hub and every member's router and nodes (nodes start in
+    /// parallel). Controllers are started with [`SandboxFleet::start_controllers`].
+    pub fn start(self) -> Result<SandboxFleet> {
+        crate::require_root("SandboxFleet");
+        let internet = Internet::new()?;
+        let hub = FleetHub::start(&internet, self.relay)?;
+        let mut members = Vec::new();
+        for (i, (id, opts)) in self.members.into_iter().enumerate() {
+            let public_ip = format!("203.0.113.{}", 21 + i);
+            let gateway_ip = format!("{LAN_PREFIX}.11");
+            let router = NatRouter::new(
+                &internet,
+                &id,
+                &public_ip,
+                opts.public.then_some(gateway_ip.as_str()),
+            )?;
+            let mut spots = Vec::new();
+            for k in 0..opts.nodes {
+                let name = format!("{id}-{}", k + 1);
+                let ns = quiet_netns(&format!("{id}-n{}", k + 1), false)?;
+                let ip = format!("{LAN_PREFIX}.{}", 11 + k);
+                plug(
+                    &router.netns,
+                    "lan0",
+                    &format!("n{}", k + 1),
+                    &ns,
+                    "lan0",
+                    &format!("{ip}/24"),
+                )?;
+                ns.ip(&["route", "add", "default", "via", &format!("{LAN_PREFIX}.1")])?;
+                spots.push((name, ns, ip));
+            }
+            // containerd start-up dominates: start the member's nodes in parallel.
+            let handles: Vec<_> = spots
+                .into_iter()
+                .map(|(name, ns, ip)| {
+                    std::thread::spawn(move || {
+                        ClusterNode::start(&name, ns, &ip).map(|node| FleetNode { name, node })
+                    })
+                })
+                .collect();
+            let mut nodes = Vec::new();
+            for h in handles {
+                nodes.push(
+                    h.join()
+                        .map_err(|_| Error::Invalid("node start-up panicked".into()))??,
+                );
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "fe2e-mem-{id}-{}-{}",
+                std::process::id(),
+                seq()
+            ));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+            let member = Member {
+                id,
+                opts,
+                controllers: Vec::new(),
+                nodes,
+                router,
+                dir,
+            };
+            member.write_nodes_json()?;
+            members.push(member);
+        }
+        Ok(SandboxFleet {
+            members,
+            hub,
+            internet,
+        })
+    }
+}
+
+/// The whole sandbox. Field order is drop order after `Drop::drop` (members: pods,
+/// controllers, nodes, routers; then the hub; then the internet).
+pub struct SandboxFleet {
+    pub members: Vec<Member>,
+    pub hub: FleetHub,
+    pub internet: Internet,
+}
+
+impl SandboxFleet {
+    /// Hub `cc` plus members added with [`FleetBuilder::member`]; relay on.
+    pub fn builder() -> FleetBuilder {
+        FleetBuilder {
+            members: Vec::new(),
+            relay: true,
+        }
+    }
+
+    /// The issue's topology: members aa and bb, behind NAT, two nodes each.
+    pub fn standard() -> Result<SandboxFleet> {
+        Self::builder()
+            .member("aa", MemberOpts::nat(2))
+            .member("bb", MemberOpts::nat(2))
+            .start()
+    }
+
+    pub fn member(&self, id: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    pub fn member_mut(&mut self, id: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    /// The `fleet-controller run` arguments for an instance of `member` (contract flags).
+    fn controller_args(
+        &self,
+        member: &Member,
+        join: &str,
+        ca: &str,
+        holder: &str,
+        data_dir: &Path,
+        wg_name: &str,
+    ) -> Vec<OsString> {
+        let mut args = os(&[
+            "run",
+            "--cluster",
+            &member.id,
+            "--hub",
+            &self.hub.endpoint(),
+            "--join",
+            join,
+            "--ca",
+            ca,
+            "--gateway-node",
+            &member.gateway().name,
+            "--holder",
+            holder,
+            "--wg-name",
+            wg_name,
+            "--listen-port",
+            &GATEWAY_PORT.to_string(),
+            "--lease-ttl",
+            "2s",
+            "--status-interval",
+            "1s",
+        ]);
+        args.push("--credential-file".into());
+        args.push(member.credential_file().into());
+        args.push("--data-dir".into());
+        args.push(data_dir.into());
+        args.push("--nodes".into());
+        args.push(member.nodes_json().into());
+        if let Some(ep) = member.endpoint() {
+            args.push("--endpoint".into());
+            args.push(ep.into());
+        }
+        args
+    }
+
+    /// Adds and starts a controller instance of `member` in the netns of its node `on_node`
+    /// (node 0 is the gateway node). The first instance joins with a fresh token; later
+    /// ones share its credential file (wait for it first).
+    pub fn add_controller(&mut self, member: &str, on_node: usize) -> Result<usize> {
+        let m = self.member(member);
+        let ca = self.hub.ca_hash()?;
+        let join = self
+            .hub
+            .create_join_string(&format!("sandbox member {member}"))?;
+        let k = m.controllers.len();
+        if k > 0 {
+            let cred = m.credential_file();
+            poll_until(
+                "the first controller's credential file",
+                Duration::from_secs(30),
+                || cred.exists().then_some(()),
+            )
+            .map_err(|e| Error::Invalid(format!("{e}\n{}", m.logs())))?;
+        }
+        let holder = format!("{member}-ctl{k}");
+        let data_dir = m.dir.join(format!("ctl{k}"));
+        std::fs::create_dir_all(&data_dir).map_err(|e| Error::io("create", &data_dir, e))?;
+        let wg_name = format!("fw{}{member}{k}", std::process::id() % 1_000_000);
+        let args = self.controller_args(m, &join, &ca, &holder, &data_dir, &wg_name);
+        let mut process = ManagedProcess::new(
+            &format!("fleet-controller {holder}"),
+            workspace_bin("fleet-controller"),
+            args,
+            &m.nodes[on_node].netns_path(),
+            m.dir.join(format!("{holder}.log")),
+        )
+        .env("FLEET_LOG", "info");
+        process.spawn()?;
+        let m = self.member_mut(member);
+        m.controllers.push(FleetController {
+            process,
+            holder,
+            data_dir,
+            wg_name,
+        });
+        Ok(k)
+    }
+
+    /// One controller per member on its gateway node (plus a standby on node 1 when
+    /// `standby`), then waits until every node of every member has its plan.
+    pub fn start_controllers(&mut self, standby: bool) -> Result<()> {
+        let ids: Vec<String> = self.members.iter().map(|m| m.id.clone()).collect();
+        for id in &ids {
+            self.add_controller(id, 0)?;
+        }
+        if standby {
+            for id in &ids {
+                self.add_controller(id, 1)?;
+            }
+        }
+        self.wait_nodes_ready(Duration::from_secs(60))
+    }
+
+    /// Waits until every node of every member has a plan from its controller.
+    pub fn wait_nodes_ready(&self, timeout: Duration) -> Result<()> {
+        poll_until(
+            "every node to get its plan from the controller",
+            timeout,
+            || {
+                self.members
+                    .iter()
+                    .all(|m| m.nodes.iter().all(FleetNode::ready))
+                    .then_some(())
+            },
+        )
+        .map_err(|e| Error::Invalid(format!("{e}\n{}", self.logs())))
+    }
+
+    /// Runs a busybox pod named `name` on node `node` of `member` (retrying while the node
+    /// has no plan yet) and reads its addresses.
+    pub fn run_pod(&self, member: &str, node: usize, name: &str) -> Result<Pod> {
+        let n = &self.member(member).nodes[node].node;
+        let spec = PodSpec::new(name);
+        let mut last = String::new();
+        let (sandbox, container) = poll_until(
+            &format!("pod {name} on {member}/{node}"),
+            Duration::from_secs(30),
+            || {
+                match n.cri().run_busybox_pod(&spec) {
+                    Ok(ids) => Some(ids),
+                    Err(e) => {
+                        last = e.to_string();
+                        // A failed sandbox stays listed; remove it before retrying.
+                        for p in n.cri().list_pods().unwrap_or_default() {
+                            if p.metadata.as_ref().is_some_and(|md| md.name == name) {
+                                let _ = n.cri().stop_pod(&p.id);
+                                let _ = n.cri().remove_pod(&p.id);
+                            }
+                        }
+                        None
+                    }
+                }
+            },
+        )
+        .map_err(|e| Error::Invalid(format!("{e}: {last}\n{}", n.nri.log())))?;
+        let fleet = n.exec(&container, &["ip", "-4", "-o", "addr", "show", "eth-fleet"])?;
+        let eth0 = n.exec(&container, &["ip", "-4", "-o", "addr", "show", "eth0"])?;
+        Ok(Pod {
+            member: member.to_string(),
+            node,
+            name: name.to_string(),
+            netns: n.cri().pod_netns_path(&sandbox)?,
+            sandbox,
+            container,
+            fleet_ip: inet_of(&fleet)
+                .ok_or_else(|| Error::Invalid(format!("no eth-fleet address: {fleet}")))?,
+            primary_ip: inet_of(&eth0)
+                .ok_or_else(|| Error::Invalid(format!("no eth0 address: {eth0}")))?,
+        })
+    }
+
+    fn node_of(&self, pod: &Pod) -> &ClusterNode {
+        &self.member(&pod.member).nodes[pod.node].node
+    }
+
+    /// Runs `cmd` in the pod's container; non-zero exit is an error.
+    pub fn exec(&self, pod: &Pod, cmd: &[&str]) -> Result<String> {
+        self.node_of(pod).exec(&pod.container, cmd)
+    }
+
+    pub fn exec_ok(&self, pod: &Pod, cmd: &[&str]) -> bool {
+        self.node_of(pod).exec_ok(&pod.container, cmd)
+    }
+
+    /// `ping -c 1 -W <secs> -I eth-fleet <ip>` from `pod`.
+    pub fn ping(&self, pod: &Pod, ip: &str, wait_secs: u32) -> bool {
+        self.exec_ok(
+            pod,
+            &[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                &wait_secs.to_string(),
+                "-I",
+                "eth-fleet",
+                ip,
+            ],
+        )
+    }
+
+    /// A host program run in the pod's network namespace (e.g. socat for UDP: busybox's nc
+    /// has no UDP mode).
+    pub fn pod_command(&self, pod: &Pod, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", pod.netns.display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Measures how long until `from` pings `to` again (polling every ~100 ms), up to
+    /// `timeout`.
+    pub fn time_until_ping(
+        &self,
+        from: &Pod,
+        to: &Pod,
+        since: Instant,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        poll_until(
+            &format!("{} to reach {}", from.name, to.name),
+            timeout,
+            || self.ping(from, &to.fleet_ip, 1).then(|| since.elapsed()),
+        )
+        .map_err(|e| Error::Invalid(format!("{e}\n{}", self.logs())))
+    }
+
+    /// Captures on the internet bridge for `duration`.
+    pub fn capture_internet(&self, duration: Duration) -> Result<Packets> {
+        Capture::for_duration(&self.internet.netns.path(), INTERNET_BRIDGE, duration)
+    }
+
+    /// Runs `fleetctl <args> --hub .. --ca .. --credential-file <member's>` from the member's
+    /// gateway node (through its NAT).
+    pub fn fleetctl(&self, member: &str, subcommand: &[&str]) -> Result<Output> {
+        let m = self.member(member);
+        let bin = workspace_bin("fleetctl");
+        m.gateway()
+            .node
+            .netns
+            .command(bin.to_str().unwrap_or("fleetctl"))
+            .args(subcommand)
+            .args(["--hub", &self.hub.endpoint(), "--ca", &self.hub.ca_hash()?])
+            .arg("--credential-file")
+            .arg(m.credential_file())
+            .env("NO_COLOR", "1")
+            .output()
+            .map_err(|e| Error::io("run fleetctl in", m.gateway().netns_path(), e))
+    }
+
+    /// `fleetctl status --json`, parsed.
+    pub fn status_json(&self, member: &str) -> Result<serde_json::Value> {
+        let out = self.fleetctl(member, &["status", "--json"])?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "fleetctl status --json: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            Error::Invalid(format!(
+                "fleetctl status --json output: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        })
+    }
+
+    /// Every process log (hub, controllers, fleet-nri tails).
+    pub fn logs(&self) -> String {
+        let mut s = format!("---- fleet-hub log:\n{}\n", tail(&self.hub.log(), 120));
+        for m in &self.members {
+            s.push_str(&m.logs());
+        }
+        s
+    }
+}
+
+impl Drop for SandboxFleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("==== fleet-e2e: the sandbox fleet's logs\n{}", self.logs());
+        }
+        // Members (pods, controllers, nodes, routers) before the hub and the internet.
+        self.members.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_hash_is_the_sha256_of_the_der() {
+        // "hello" as a fake DER body: sha256("hello").
+        let pem = "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
+        assert_eq!(
+            ca_hash_of_pem(pem).unwrap(),
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert!(ca_hash_of_pem("nothing").is_none());
+    }
+}

@@ -1,0 +1,305 @@
+//! The sandbox fleet of issue 3, end to end (see `fleet_e2e::fleet` for the topology): hub
+//! `cc` on the simulated internet (203.0.113.0/24), members `aa` and `bb` each behind a NAT
+//! router on the *same* LAN range with two nodes running real containerd + fleet-nri +
+//! fleet-cni, identical primary pod CIDRs. Each test builds its own fleet. Needs root.
+
+use std::time::{Duration, Instant};
+
+use fleet_e2e::fleet::{HUB_API_PORT, HUB_IP, LAN_PREFIX, RELAY_PORT};
+use fleet_e2e::{MemberOpts, Packet, Packets, Pod, SandboxFleet, poll_until, require_root};
+
+const MARKER: &str = "fleet-plaintext-marker-7f3a";
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts that what crossed the internet was only WireGuard (UDP to/from `wg_ports` on the
+/// allowed public addresses), the hub API's TLS, and ARP: no ICMP, no other TCP, no pod, LAN
+/// or fleet address, and not the plaintext marker.
+fn assert_only_wireguard(packets: &Packets, public: &[&str]) {
+    assert!(!packets.packets.is_empty(), "nothing captured");
+    for p in &packets.packets {
+        if p.is_arp() {
+            continue;
+        }
+        assert_eq!(
+            p.family, "IP",
+            "non-IPv4 packet on the internet: {}",
+            p.line
+        );
+        for end in [&p.src, &p.dst] {
+            let addr = Packet::addr(end);
+            assert!(
+                public.contains(&addr),
+                "address {addr} on the internet (only {public:?} may appear): {}",
+                p.line
+            );
+        }
+        let hub_api = p.line.contains(&format!("{HUB_IP}.{HUB_API_PORT}"));
+        let wg = p.is_udp()
+            && (Packet::port(&p.src) == Some(RELAY_PORT)
+                || Packet::port(&p.dst) == Some(RELAY_PORT));
+        assert!(
+            wg || (hub_api && p.line.contains(": Flags")),
+            "neither WireGuard nor the hub API's TLS: {}",
+            p.line
+        );
+    }
+    for plain in ["ICMP", "100.9", "100.10", "10.244.", LAN_PREFIX] {
+        assert!(
+            !packets.text.contains(plain),
+            "{plain} visible on the internet:\n{}",
+            packets.text
+        );
+    }
+    assert!(
+        !packets.raw_contains(MARKER.as_bytes()),
+        "the plaintext marker crossed the internet"
+    );
+}
+
+/// Pods on non-gateway nodes: `server` in aa, `client` in bb; waits for the first ping.
+fn pods(fleet: &SandboxFleet) -> (Pod, Pod) {
+    let server = fleet.run_pod("aa", 1, "server").unwrap();
+    let client = fleet.run_pod("bb", 1, "client").unwrap();
+    for p in [&server, &client] {
+        assert!(p.primary_ip.starts_with("10.244.1."), "{p:?}");
+        assert!(p.fleet_ip.starts_with("100."), "{p:?}");
+    }
+    assert_ne!(server.fleet_ip, client.fleet_ip);
+    let t0 = Instant::now();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(45))
+        .unwrap();
+    println!("first cross-cluster ping after {took:?}");
+    (server, client)
+}
+
+/// TCP both ways (busybox httpd + wget, and nc upload), UDP (socat echo in the pods' netns),
+/// ICMP.
+fn exchange(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
+    assert!(
+        fleet.ping(client, &server.fleet_ip, 2),
+        "ICMP bb -> aa\n{}",
+        fleet.logs()
+    );
+    assert!(fleet.ping(server, &client.fleet_ip, 2), "ICMP aa -> bb");
+    // TCP: an HTTP exchange...
+    fleet
+        .exec(
+            server,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir -p /www && echo {MARKER} > /www/index.html && \
+                     (pidof httpd || httpd -p 8080 -h /www)"
+                ),
+            ],
+        )
+        .unwrap();
+    let url = format!("http://{}:8080/", server.fleet_ip);
+    let got = fleet
+        .exec(client, &["timeout", "5", "wget", "-q", "-O", "-", &url])
+        .unwrap();
+    assert_eq!(got.trim(), MARKER);
+    // ...and a raw upload with nc.
+    fleet
+        .exec(
+            server,
+            &[
+                "sh",
+                "-c",
+                "rm -f /tmp/up; nc -l -p 5000 > /tmp/up 2>/dev/null &",
+            ],
+        )
+        .unwrap();
+    let upload = format!("echo up-{MARKER} | nc -w 3 {} 5000", server.fleet_ip);
+    poll_until("nc upload", Duration::from_secs(10), || {
+        fleet.exec_ok(client, &["sh", "-c", &upload]).then_some(())
+    })
+    .unwrap();
+    poll_until("the upload to land", Duration::from_secs(5), || {
+        fleet
+            .exec(server, &["cat", "/tmp/up"])
+            .ok()
+            .filter(|s| s.trim() == format!("up-{MARKER}"))
+    })
+    .unwrap();
+    // UDP: busybox's nc has no UDP mode; socat runs in the pods' network namespaces.
+    let mut echo = fleet
+        .pod_command(server, "socat")
+        .args(["-T", "5", "UDP-LISTEN:5001", "PIPE"])
+        .spawn()
+        .unwrap();
+    let reply = poll_until("a UDP echo", Duration::from_secs(10), || {
+        let out = fleet
+            .pod_command(client, "sh")
+            .args([
+                "-c",
+                &format!(
+                    "echo udp-{MARKER} | timeout 3 socat -t 2 - UDP:{}:5001",
+                    server.fleet_ip
+                ),
+            ])
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    });
+    let _ = echo.kill();
+    let _ = echo.wait();
+    assert_eq!(reply.unwrap(), format!("udp-{MARKER}"));
+}
+
+/// Without controllers: the topology alone. Members reach the hub API only through their
+/// NAT (the internet sees the router's address, never the LAN's), the internet has no route
+/// into any LAN, and both members use the same LAN range.
+#[test]
+fn members_reach_the_hub_only_through_their_nat() {
+    require_root("members_reach_the_hub_only_through_their_nat");
+    let fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::nat(2))
+        .member("bb", MemberOpts::nat(1))
+        .relay(false)
+        .start()
+        .unwrap();
+    let aa = fleet.member("aa");
+    let bb = fleet.member("bb");
+    assert_eq!(aa.nodes[1].node.underlay_ip, format!("{LAN_PREFIX}.12"));
+    assert_eq!(bb.nodes[0].node.underlay_ip, format!("{LAN_PREFIX}.11"));
+    // No plan until a controller speaks.
+    assert!(!aa.nodes[0].ready());
+
+    let capture = fleet.internet.capture(Duration::from_secs(60)).unwrap();
+    let hub_bin = fleet_e2e::workspace_bin("fleet-hub");
+    for (m, node) in [(aa, 1), (bb, 0)] {
+        let out = m.nodes[node]
+            .node
+            .netns
+            .command(hub_bin.to_str().unwrap())
+            .arg("--data-dir")
+            .arg(fleet.hub.data_dir())
+            .args(["--hub", &fleet.hub.endpoint(), "token", "list"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{} -> hub: {}", m.id, text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("ID"),
+            "{}",
+            text(&out)
+        );
+    }
+    let join = fleet.hub.create_join_string("topology test").unwrap();
+    assert!(
+        join.ends_with(&fleet.hub.ca_hash().unwrap()),
+        "the join string pins the CA"
+    );
+    let packets = capture.finish().unwrap();
+    let seen: Vec<&Packet> = packets.ip().collect();
+    assert!(!seen.is_empty(), "{}", packets.text);
+    for p in &seen {
+        assert!(p.involves(HUB_IP), "{}", p.line);
+        assert!(
+            p.involves("203.0.113.21") || p.involves("203.0.113.22"),
+            "only the routers' NAT addresses talk to the hub: {}",
+            p.line
+        );
+    }
+    assert!(seen.iter().any(|p| p.involves("203.0.113.21")));
+    assert!(seen.iter().any(|p| p.involves("203.0.113.22")));
+    assert!(!packets.text.contains(LAN_PREFIX), "{}", packets.text);
+
+    // Nothing on the internet routes into a LAN; the hub cannot open anything to a member.
+    let hub_ns = &fleet.hub.netns;
+    let ping = |ip: &str| {
+        hub_ns
+            .command("busybox")
+            .args(["ping", "-c", "1", "-W", "1", ip])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(ping("203.0.113.21"), "the router answers on the internet");
+    assert!(!ping(&format!("{LAN_PREFIX}.11")), "a LAN is not routed");
+    let routes = hub_ns.ip(&["-4", "route"]).unwrap();
+    assert_eq!(routes.lines().count(), 1, "{routes}");
+}
+
+/// The acceptance scenario: a pod on a non-gateway node of bb talks TCP, UDP and ICMP to a
+/// pod on a non-gateway node of aa through the hub's relay; the internet sees only WireGuard;
+/// `fleetctl status` shows both clusters with blocks, handshakes and bytes.
+#[test]
+fn cross_cluster_pods_talk_through_the_relay_and_the_internet_sees_only_wireguard() {
+    require_root("cross_cluster_pods_talk_through_the_relay_and_the_internet_sees_only_wireguard");
+    let mut fleet = SandboxFleet::standard().unwrap();
+    fleet.start_controllers(false).unwrap();
+    let (server, client) = pods(&fleet);
+
+    let capture = fleet.internet.capture(Duration::from_secs(120)).unwrap();
+    exchange(&fleet, &server, &client);
+    let packets = capture.finish().unwrap();
+    assert_only_wireguard(&packets, &[HUB_IP, "203.0.113.21", "203.0.113.22"]);
+    // Relay mode: both members' tunnels end at the hub, none goes member to member.
+    let wg: Vec<&Packet> = packets.ip().filter(|p| p.is_udp()).collect();
+    for m in ["203.0.113.21", "203.0.113.22"] {
+        assert!(
+            wg.iter().any(|p| p.involves(m) && p.involves(HUB_IP)),
+            "{m}\n{}",
+            packets.text
+        );
+    }
+    assert!(
+        !wg.iter()
+            .any(|p| p.involves("203.0.113.21") && p.involves("203.0.113.22")),
+        "{}",
+        packets.text
+    );
+
+    assert_status_shows_tunnels(&fleet);
+}
+
+/// `fleetctl status` (text and JSON) lists both clusters with their blocks, and each
+/// gateway's tunnel stats with a handshake and bytes both ways.
+fn assert_status_shows_tunnels(fleet: &SandboxFleet) {
+    let out = fleet.fleetctl("bb", &["status"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    println!("fleetctl status:\n{shown}");
+    for id in ["aa", "bb"] {
+        assert!(shown.contains(id), "{shown}");
+    }
+    let status = poll_until(
+        "gateway records with handshakes and bytes",
+        Duration::from_secs(20),
+        || {
+            let v = fleet.status_json("bb").ok()?;
+            let s = v.to_string();
+            (s.contains("\"last_handshake\":1") && tunnels_have_bytes(&v)).then_some(v)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", fleet.status_json("bb").unwrap()));
+    let s = status.to_string();
+    for id in ["\"aa\"", "\"bb\""] {
+        assert!(s.contains(id), "{s}");
+    }
+    assert!(s.contains("100."), "blocks in {s}");
+}
+
+/// Whether some peer entry anywhere in the JSON has rx_bytes > 0 and tx_bytes > 0.
+fn tunnels_have_bytes(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(map) => {
+            let n = |k: &str| map.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            (n("rx_bytes") > 0 && n("tx_bytes") > 0) || map.values().any(tunnels_have_bytes)
+        }
+        serde_json::Value::Array(items) => items.iter().any(tunnels_have_bytes),
+        _ => false,
+    }
+}
