@@ -30,7 +30,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ipnetwork::IpNetwork;
 
@@ -75,6 +75,14 @@ pub struct PeerStats {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+/// How long ago `stats`' last handshake was, at `now`; `None` when there was none. A handshake
+/// time slightly after `now` (userspace devices derive it from "seconds ago") counts as zero.
+pub fn handshake_age(stats: &PeerStats, now: SystemTime) -> Option<Duration> {
+    stats
+        .last_handshake
+        .map(|t| now.duration_since(t).unwrap_or(Duration::ZERO))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -298,6 +306,24 @@ mod tests {
             "{err}"
         );
         assert!(!format!("{cfg:?}").contains(&cfg.private_key.to_base64()));
+    }
+
+    #[test]
+    fn handshake_age_is_none_without_a_handshake_and_never_negative() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        let mut s = PeerStats {
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: None,
+            allowed_ips: vec![],
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        assert_eq!(handshake_age(&s, now), None);
+        s.last_handshake = Some(now - Duration::from_secs(42));
+        assert_eq!(handshake_age(&s, now), Some(Duration::from_secs(42)));
+        s.last_handshake = Some(now + Duration::from_millis(300));
+        assert_eq!(handshake_age(&s, now), Some(Duration::ZERO));
     }
 
     #[test]
