@@ -313,6 +313,28 @@ impl Member {
         up
     }
 
+    /// The CNF netns of the gateway node (where the gateway's WireGuard interface lives).
+    pub fn gateway_cnf(&self) -> &str {
+        self.gateway().node.nri.cnf_netns()
+    }
+
+    /// Index of the controller whose WireGuard interface is up in the gateway's CNF netns:
+    /// the one holding the lease.
+    pub fn active_controller(&self) -> Option<usize> {
+        self.controllers.iter().position(|c| {
+            crate::netns::ip_in(
+                self.gateway_cnf(),
+                &["-o", "link", "show", "dev", &c.wg_name],
+            )
+            .is_ok_and(|o| !o.is_empty())
+        })
+    }
+
+    /// IPv4 routes of node `node`'s CNF netns.
+    pub fn cnf_routes(&self, node: usize) -> String {
+        self.nodes[node].node.nri.ip_cnf(&["-4", "route", "show"])
+    }
+
     /// All process logs of this member (controllers, fleet-nri tails).
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -552,6 +574,12 @@ impl FleetController {
 
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// `wg show <its interface> <what>` (through the interface's UAPI socket).
+    pub fn wg_show(&self, what: &str) -> Result<String> {
+        let out = run_command(Command::new("wg").args(["show", &self.wg_name, what]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
 

@@ -95,10 +95,18 @@ impl ManagedProcess {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        // SAFETY: only an async-signal-safe prctl between fork and exec.
+        // SAFETY: only async-signal-safe calls between fork and exec: the death signal, and
+        // an empty signal mask (a caller such as fleet-sandbox blocks SIGINT/SIGTERM in its
+        // threads; the program must still stop on SIGTERM).
         unsafe {
             cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(std::io::Error::from)
             });
         }
         let child = cmd

@@ -303,3 +303,274 @@ fn tunnels_have_bytes(v: &serde_json::Value) -> bool {
         _ => false,
     }
 }
+
+/// `cluster id -> block` from `fleetctl status --json` (any object with a string `block` and
+/// an `id`/`cluster` naming it).
+fn cluster_blocks(v: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let name = map
+                    .get("id")
+                    .or_else(|| map.get("cluster"))
+                    .and_then(|x| x.as_str());
+                if let (Some(name), Some(block)) = (name, map.get("block").and_then(|b| b.as_str()))
+                {
+                    let prev = out.insert(name.to_string(), block.to_string());
+                    assert!(
+                        prev.is_none() || prev.as_deref() == Some(block),
+                        "cluster {name} listed with two blocks: {v}"
+                    );
+                }
+                map.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(v, &mut out);
+    out
+}
+
+/// Pings `to` from `from` every 250 ms for `span`; returns how many failed.
+fn ping_losses(fleet: &SandboxFleet, from: &Pod, to: &Pod, span: Duration) -> usize {
+    let end = Instant::now() + span;
+    let mut lost = 0;
+    while Instant::now() < end {
+        if !fleet.ping(from, &to.fleet_ip, 1) {
+            lost += 1;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    lost
+}
+
+/// Every fault of the acceptance list on one fleet (aa and bb with an active controller on
+/// the gateway node and a standby on the other node):
+/// kill -9 of the active controller, the hub killed and restarted, a member's controllers
+/// restarted, a member removed.
+#[test]
+fn faults_controller_kill_hub_restart_member_restart_and_removal() {
+    require_root("faults_controller_kill_hub_restart_member_restart_and_removal");
+    let mut fleet = SandboxFleet::standard().unwrap();
+    fleet.start_controllers(true).unwrap();
+    let (server, client) = pods(&fleet);
+    exchange(&fleet, &server, &client);
+    let blocks = poll_until(
+        "both blocks in fleetctl status",
+        Duration::from_secs(20),
+        || {
+            let b = cluster_blocks(&fleet.status_json("bb").ok()?);
+            (b.len() == 2).then_some(b)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", fleet.status_json("bb")));
+    assert_ne!(blocks["aa"], blocks["bb"]);
+
+    // 1. kill -9 of aa's active controller: the standby takes over.
+    let active = fleet
+        .member("aa")
+        .active_controller()
+        .expect("an active controller in aa");
+    let t0 = Instant::now();
+    fleet.member_mut("aa").controllers[active].kill9();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(30))
+        .unwrap();
+    println!("RECOVERY controller kill -9 -> cross-cluster ping again after {took:?}");
+    let now_active = poll_until(
+        "aa's standby to hold the gateway",
+        Duration::from_secs(10),
+        || fleet.member("aa").active_controller(),
+    )
+    .unwrap();
+    assert_ne!(now_active, active, "the killed controller cannot be active");
+    assert!(
+        took <= Duration::from_secs(5),
+        "recovery took {took:?} (> 5 s)"
+    );
+    // The killed one comes back as the standby.
+    fleet.member_mut("aa").controllers[active]
+        .restart()
+        .unwrap();
+
+    // 2. The hub killed: existing cross-cluster traffic keeps flowing.
+    fleet.hub.kill9();
+    let lost = ping_losses(&fleet, &client, &server, Duration::from_secs(4));
+    println!("RECOVERY hub killed -> {lost} of 16 pings lost");
+    assert_eq!(
+        lost,
+        0,
+        "traffic stopped with the hub down\n{}",
+        fleet.logs()
+    );
+    exchange(&fleet, &server, &client);
+
+    // 3. The hub restarted: members resync; same blocks, no duplicates.
+    fleet.hub.spawn().unwrap();
+    let after = poll_until(
+        "fleetctl status after the hub restart",
+        Duration::from_secs(30),
+        || {
+            let b = cluster_blocks(&fleet.status_json("aa").ok()?);
+            (b.len() == 2).then_some(b)
+        },
+    )
+    .unwrap();
+    assert_eq!(after, blocks, "blocks changed across the hub restart");
+    let clusters = fleet.hub.cli(&["clusters"]).unwrap();
+    assert!(fleet.ping(&client, &server.fleet_ip, 2));
+    println!("clusters after the hub restart:\n{}", text(&clusters));
+
+    // 4. bb restarted (both controllers SIGTERMed, the gateway's first back): same block,
+    //    same public key.
+    let bb_active = fleet.member("bb").active_controller().unwrap();
+    let key_before = fleet.member("bb").controllers[bb_active]
+        .wg_show("public-key")
+        .unwrap();
+    let order: Vec<usize> = (0..2)
+        .filter(|i| *i != bb_active)
+        .chain([bb_active])
+        .collect();
+    for i in &order {
+        let status = fleet.member_mut("bb").controllers[*i].stop();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "a clean stop exits 0: {status:?}\n{}",
+            fleet.member("bb").controllers[*i].log()
+        );
+    }
+    assert!(
+        fleet.member("bb").active_controller().is_none(),
+        "a clean stop deletes the WireGuard device"
+    );
+    let t0 = Instant::now();
+    for i in order.iter().rev() {
+        fleet.member_mut("bb").controllers[*i].restart().unwrap();
+    }
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(30))
+        .unwrap();
+    println!("RECOVERY member bb restarted -> cross-cluster ping after {took:?}");
+    let bb_now = poll_until("bb's gateway back", Duration::from_secs(10), || {
+        fleet.member("bb").active_controller()
+    })
+    .unwrap();
+    assert_eq!(bb_now, bb_active);
+    let key_after = fleet.member("bb").controllers[bb_now]
+        .wg_show("public-key")
+        .unwrap();
+    assert_eq!(key_after, key_before, "a restarted member keeps its key");
+    let b = cluster_blocks(&fleet.status_json("bb").unwrap());
+    assert_eq!(b, blocks, "a restarted member keeps its block");
+
+    // 5. aa removed at the hub: its routes and peers disappear from bb's gateway and nodes.
+    let aa_block = blocks["aa"].clone();
+    let bb = fleet.member("bb");
+    for n in 0..bb.nodes.len() {
+        assert!(bb.cnf_routes(n).contains(&aa_block), "{}", bb.cnf_routes(n));
+    }
+    let out = fleet.hub.remove_cluster("aa").unwrap();
+    println!("cluster remove aa: {out}");
+    poll_until(
+        "aa's routes and peers gone from bb",
+        Duration::from_secs(15),
+        || {
+            let bb = fleet.member("bb");
+            let routes_gone = (0..bb.nodes.len()).all(|n| !bb.cnf_routes(n).contains(&aa_block));
+            let gw = &bb.controllers[bb.active_controller()?];
+            let peers_gone = !gw.wg_show("allowed-ips").ok()?.contains(&aa_block);
+            (routes_gone && peers_gone).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        let bb = fleet.member("bb");
+        panic!("{e}\n{}\n{}", bb.cnf_routes(0), bb.cnf_routes(1))
+    });
+    assert!(!fleet.ping(&client, &server.fleet_ip, 1), "aa is gone");
+    let status = fleet.status_json("bb").unwrap();
+    assert!(!cluster_blocks(&status).contains_key("aa"), "{status}");
+}
+
+/// Direct mode: both members declare a public endpoint (their router forwards UDP 51820 to
+/// the gateway node): pod traffic goes member to member, not through the hub's address;
+/// with the hub killed it keeps flowing.
+#[test]
+fn direct_tunnels_between_public_members_bypass_the_hub() {
+    require_root("direct_tunnels_between_public_members_bypass_the_hub");
+    let mut fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::public(2))
+        .member("bb", MemberOpts::public(2))
+        .start()
+        .unwrap();
+    fleet.start_controllers(false).unwrap();
+    let (server, client) = pods(&fleet);
+    fleet
+        .exec(
+            &server,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1024 count=512 2>/dev/null \
+                 && httpd -p 8080 -h /www",
+            ],
+        )
+        .unwrap();
+    let capture = fleet.internet.capture(Duration::from_secs(120)).unwrap();
+    let url = format!("http://{}:8080/blob", server.fleet_ip);
+    let got = fleet
+        .exec(
+            &client,
+            &[
+                "sh",
+                "-c",
+                &format!("timeout 10 wget -q -O - {url} | wc -c"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(got.trim(), "524288");
+    exchange(&fleet, &server, &client);
+    let packets = capture.finish().unwrap();
+    assert_only_wireguard(&packets, &[HUB_IP, "203.0.113.21", "203.0.113.22"]);
+    let bytes = |pred: &dyn Fn(&Packet) -> bool| -> usize {
+        packets
+            .ip()
+            .filter(|p| p.is_udp() && pred(p))
+            .filter_map(|p| {
+                p.line
+                    .rsplit("length ")
+                    .next()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    };
+    let direct = bytes(&|p| p.involves("203.0.113.21") && p.involves("203.0.113.22"));
+    let via_hub = bytes(&|p| p.involves(HUB_IP));
+    println!("direct mode: {direct} UDP bytes member to member, {via_hub} to/from the hub");
+    assert!(
+        direct > 524_288,
+        "the download went member to member: {direct}"
+    );
+    assert!(
+        via_hub < direct / 20,
+        "little goes via the hub: {via_hub} vs {direct}"
+    );
+
+    fleet.hub.kill9();
+    let lost = ping_losses(&fleet, &client, &server, Duration::from_secs(3));
+    assert_eq!(lost, 0, "direct tunnels do not need the hub");
+    assert_status_ok_after_hub_restart(&mut fleet);
+}
+
+fn assert_status_ok_after_hub_restart(fleet: &mut SandboxFleet) {
+    fleet.hub.spawn().unwrap();
+    poll_until(
+        "fleetctl status after the hub restart",
+        Duration::from_secs(30),
+        || (cluster_blocks(&fleet.status_json("aa").ok()?).len() == 2).then_some(()),
+    )
+    .unwrap();
+}

@@ -1,21 +1,20 @@
-//! fleet-sandbox: a local fleet node on this machine, for trying fleetboard by hand.
+//! fleet-sandbox: a whole fleet on this machine, for trying fleetboard by hand.
 //!
-//! Starts containerd 1.7 in its own network namespace with Debian's bridge + host-local as the
-//! primary CNI and fleet-cni chained after them, runs fleet-nri on its NRI socket, starts
-//! `--pods` busybox pods, and shows each pod's `eth0` and `eth-fleet`, the fleet IP its
-//! container sees, and the pods reaching each other over the fleet network. Then it stays up
-//! until Ctrl-C (or exits at once with `--once`) and tears everything down.
+//! Builds the sandbox of `fleet_e2e::fleet`: a simulated internet (203.0.113.0/24) with the
+//! hub `cc` (fleet-hub, embedded store, relay) at 203.0.113.10, and members `aa` and `bb`,
+//! each behind its own NAT router on the same LAN range (198.51.100.0/24) with two nodes
+//! running containerd 1.7 + fleet-nri + fleet-cni (identical primary pod CIDR 10.244.1.0/24).
+//! Each member's fleet-controller joins the hub with a token. Then it starts `--pods N`
+//! busybox pods per member (spread over the nodes), shows their addresses, a cross-cluster
+//! ping and TCP exchange, and `fleetctl status`; then stays up until Ctrl-C (or exits at once
+//! with `--once`) and tears everything down.
 //!
 //! Everything lives in network namespaces this program creates; nothing touches the host's
 //! interfaces.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fleet_e2e::{
-    BridgeNetwork, Containerd, ContainerdOpts, FleetNri, PodSpec, poll_until, workspace_bin,
-};
-
-const EXEC: Duration = Duration::from_secs(10);
+use fleet_e2e::SandboxFleet;
 
 fn main() {
     if let Err(e) = run() {
@@ -26,6 +25,13 @@ fn main() {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "usage: fleet-sandbox [--once] [--pods N]\n  --once    tear down right after the demo\n  \
+             --pods N  busybox pods per member cluster (default 2)"
+        );
+        return Ok(());
+    }
     let once = args.iter().any(|a| a == "--once");
     let pods: usize = args
         .iter()
@@ -45,94 +51,88 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     ctrlc_channel(stop_tx)?;
 
-    println!("== starting containerd (own netns) with bridge + host-local, fleet-cni chained");
-    let containerd =
-        Containerd::start(ContainerdOpts::new("sandbox").cni_plugin(workspace_bin("fleet-cni")))?;
-    println!("== starting fleet-nri (node subnet 100.96.1.0/24) on containerd's NRI socket");
-    let nri = FleetNri::start("100.96.1.0/24", Some(&containerd.nri_socket()))?;
-    poll_until(
-        "fleet-nri to register over NRI",
-        Duration::from_secs(15),
-        || nri.status().ok().filter(|s| s.nri_registered),
-    )?;
-    BridgeNetwork::new("podnet", "sandbox-br0", "10.244.1.0/24")
-        .chain(nri.cni_entry())
-        .write_to(&containerd)?;
-    let cri = containerd.cri()?;
-    cri.wait_network_ready(Duration::from_secs(15))?;
+    let t0 = Instant::now();
+    println!("== building the sandbox fleet: internet 203.0.113.0/24, hub cc at 203.0.113.10,");
+    println!("   members aa and bb behind NAT (LAN 198.51.100.0/24 each), 2 nodes each");
+    let mut fleet = SandboxFleet::standard()?;
+    println!("== starting fleet-controller in aa and bb (join with a token from fleet-hub)");
+    fleet.start_controllers(false)?;
+    println!("   every node has its plan after {:?}", t0.elapsed());
 
     let mut running = Vec::new();
-    for i in 0..pods {
-        let name = format!("pod-{i}");
-        let (sandbox, container) =
-            cri.run_busybox_pod(&PodSpec::new(&name).label("app", "sandbox"))?;
-        let netns = cri.pod_netns_path(&sandbox)?;
-        let eth0 = cri.exec_sync(
-            &container,
-            &["ip", "-4", "-o", "addr", "show", "eth0"],
-            EXEC,
-        )?;
-        let fleet = cri.exec_sync(
-            &container,
-            &["ip", "-4", "-o", "addr", "show", "eth-fleet"],
-            EXEC,
-        )?;
-        let env = cri.exec_sync(&container, &["sh", "-c", "echo $FLEETBOARD_IP"], EXEC)?;
-        println!("\n== {name} (sandbox {})", &sandbox[..12]);
-        println!("   eth0       {}", inet(&eth0.stdout));
-        println!("   eth-fleet  {}", inet(&fleet.stdout));
-        println!("   FLEETBOARD_IP in the container: {}", env.stdout.trim());
-        println!("   look inside: nsenter --net={} ip addr", netns.display());
-        running.push((name, container, env.stdout.trim().to_string()));
-    }
-    if running.len() > 1 {
-        let (from, c, _) = &running[0];
-        for (to, _, ip) in &running[1..] {
-            let ping = cri.exec_sync(
-                c,
-                &["ping", "-c", "2", "-W", "2", "-I", "eth-fleet", ip],
-                EXEC,
-            )?;
-            let verdict = if ping.success() {
-                "reachable"
-            } else {
-                "NOT reachable"
-            };
-            println!("\n== {from} -> {to} ({ip}) over eth-fleet: {verdict}");
+    for id in ["aa", "bb"] {
+        let nodes = fleet.member(id).nodes.len();
+        for i in 0..pods {
+            let node = (i + 1) % nodes; // the first pod on a non-gateway node
+            let pod = fleet.run_pod(id, node, &format!("{id}-pod-{i}"))?;
+            println!(
+                "\n== {} on {}: eth0 {}  eth-fleet {}",
+                pod.name,
+                fleet.member(id).nodes[node].name,
+                pod.primary_ip,
+                pod.fleet_ip
+            );
+            println!(
+                "   look inside: nsenter --net={} ip addr",
+                pod.netns.display()
+            );
+            running.push(pod);
         }
     }
-    println!("\n== node allocations (node API list_attachments):");
-    for a in nri.client().list_attachments()? {
-        println!(
-            "   {:<15} {}/{} host veth {}",
-            a.address, a.pod.namespace, a.pod.name, a.host_veth
-        );
+    let client = running
+        .iter()
+        .find(|p| p.member == "bb")
+        .ok_or("no pod in bb")?;
+    let server = running
+        .iter()
+        .find(|p| p.member == "aa")
+        .ok_or("no pod in aa")?;
+    let t = Instant::now();
+    let reached = fleet.time_until_ping(client, server, t, Duration::from_secs(45));
+    match &reached {
+        Ok(took) => println!(
+            "\n== {} (bb) -> {} (aa) {} over eth-fleet: reachable (first ping after {took:?})",
+            client.name, server.name, server.fleet_ip
+        ),
+        Err(e) => println!(
+            "\n== {} -> {}: NOT reachable: {e}",
+            client.name, server.name
+        ),
     }
-    println!("\n   fleet-nri node API socket: {}", nri.socket().display());
-    println!("   CNF netns: ip -n {} link", nri.cnf_netns());
+    if reached.is_ok() {
+        fleet.exec(
+            server,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo hello-from-aa > /www/index.html && httpd -p 8080 -h /www",
+            ],
+        )?;
+        let url = format!("http://{}:8080/", server.fleet_ip);
+        let got = fleet.exec(client, &["timeout", "5", "wget", "-q", "-O", "-", &url])?;
+        println!("== TCP: {} fetched {url}: {}", client.name, got.trim());
+    }
+    let status = fleet.fleetctl("bb", &["status"])?;
+    println!(
+        "\n== fleetctl status (from bb):\n{}{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    println!("   hub log: {}", fleet.hub.process.log_path().display());
+    for m in &fleet.members {
+        for c in &m.controllers {
+            println!("   {} log: {}", c.holder, c.process.log_path().display());
+        }
+    }
 
     if !once {
         println!("\n== up; press Ctrl-C to tear everything down");
         let _ = stop_rx.recv();
     }
     println!("== tearing down");
-    for pod in cri.list_pods()? {
-        let _ = cri.stop_pod(&pod.id);
-        let _ = cri.remove_pod(&pod.id);
-    }
-    drop(cri);
-    drop(containerd);
-    drop(nri);
+    drop(fleet);
+    reached?;
     Ok(())
-}
-
-fn inet(ip_output: &str) -> String {
-    ip_output
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .unwrap_or("(none)")
-        .to_string()
 }
 
 /// Delivers SIGINT/SIGTERM to a channel (blocking the signals in this thread and waiting).
