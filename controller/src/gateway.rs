@@ -1,0 +1,158 @@
+//! The cluster's WireGuard gateway while this controller is active: the device in the gateway
+//! node's CNF netns (its UDP socket in the node's own netns), its peers, and its status record.
+
+use std::path::{Path, PathBuf};
+
+use fleet_gateway::{
+    BackendKind, DeviceConfig, GatewayError, Peer, PrivateKey, WireguardDevice, create_device,
+    select_backend,
+};
+
+use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
+
+/// How the device is made.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub listen_port: u16,
+    pub mtu: u32,
+    /// `None`: kernel where available, else userspace.
+    pub backend: Option<BackendKind>,
+    pub private_key: PrivateKey,
+    /// The gateway node's own netns (the device's underlay).
+    pub underlay_netns: PathBuf,
+    pub node: String,
+    pub holder: String,
+}
+
+/// The device, once made.
+#[derive(Debug)]
+pub struct Gateway {
+    config: GatewayConfig,
+    device: Option<Box<dyn WireguardDevice>>,
+    netns: Option<PathBuf>,
+    peers: Option<Vec<Peer>>,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Self {
+        Gateway {
+            config,
+            device: None,
+            netns: None,
+            peers: None,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Makes the device in `cnf_netns` unless it exists there. A device or UAPI socket of the
+    /// same name left by a killed instance is removed first.
+    pub async fn ensure(&mut self, cnf_netns: &Path) -> Result<bool, GatewayError> {
+        if self.device.is_some() && self.netns.as_deref() == Some(cnf_netns) {
+            return Ok(false);
+        }
+        self.delete().await?;
+        remove_stale(&self.config.name, cnf_netns).await?;
+        let kind = select_backend(self.config.backend, cnf_netns).await;
+        let device = create_device(
+            kind,
+            DeviceConfig {
+                name: self.config.name.clone(),
+                netns: cnf_netns.to_owned(),
+                underlay_netns: Some(self.config.underlay_netns.clone()),
+                private_key: self.config.private_key.clone(),
+                listen_port: self.config.listen_port,
+                mtu: self.config.mtu,
+                addresses: Vec::new(),
+            },
+        )
+        .await?;
+        tracing::info!(device = %self.config.name, netns = %cnf_netns.display(), backend = %kind, port = self.config.listen_port, "WireGuard gateway up");
+        self.device = Some(device);
+        self.netns = Some(cnf_netns.to_owned());
+        self.peers = None;
+        Ok(true)
+    }
+
+    /// Makes `peers` the device's peers (no call when they are what was set last).
+    pub async fn set_peers(&mut self, peers: Vec<Peer>) -> Result<(), GatewayError> {
+        let Some(device) = &self.device else {
+            return Ok(());
+        };
+        if self.peers.as_ref() == Some(&peers) {
+            return Ok(());
+        }
+        device.set_peers(&peers).await?;
+        tracing::info!(
+            device = %self.config.name,
+            peers = ?peers.iter().map(|p| (p.public_key.to_base64(), p.endpoint, p.allowed_ips.clone())).collect::<Vec<_>>(),
+            "gateway peers set"
+        );
+        self.peers = Some(peers);
+        Ok(())
+    }
+
+    /// The `gateway` record from the device's statistics.
+    pub async fn record(&self) -> Result<Option<GatewayRecord>, GatewayError> {
+        let Some(device) = &self.device else {
+            return Ok(None);
+        };
+        let stats = device.stats().await?;
+        Ok(Some(GatewayRecord {
+            node: self.config.node.clone(),
+            holder: self.config.holder.clone(),
+            backend: device.backend().to_string(),
+            public_key: device.public_key().to_base64(),
+            listen_port: device.listen_port(),
+            updated_at: unix_secs(std::time::SystemTime::now()),
+            peers: stats.iter().map(GatewayPeerRecord::from_stats).collect(),
+        }))
+    }
+
+    /// Removes the device (and its routes and UAPI socket).
+    pub async fn delete(&mut self) -> Result<(), GatewayError> {
+        self.peers = None;
+        self.netns = None;
+        if let Some(device) = self.device.take() {
+            device.delete().await?;
+            tracing::info!(device = %self.config.name, "WireGuard gateway removed");
+        }
+        Ok(())
+    }
+}
+
+/// Removes a link called `name` in `netns` and a UAPI socket of that name nobody serves: what
+/// a killed instance leaves (a kernel device survives its process; a userspace one leaves its
+/// socket file).
+async fn remove_stale(name: &str, netns: &Path) -> Result<(), GatewayError> {
+    let socket = fleet_gateway::userspace::uapi_socket(name);
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            tracing::warn!(socket = %socket.display(), "a live process serves this WireGuard device's UAPI socket; replacing its device");
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    let link = name.to_string();
+    let found = fleet_core::netns::with_netlink(vec![netns.to_owned()], move |h| async move {
+        let h = &h[0];
+        match fleet_core::netlink::find_link(h, &link).await {
+            Ok(Some(_)) => fleet_core::netlink::delete_link(h, &link)
+                .await
+                .map(|_| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await?
+    .map_err(|source| GatewayError::Netlink {
+        op: format!("remove a stale link {name}"),
+        source,
+    })?;
+    if found {
+        tracing::warn!(device = %name, netns = %netns.display(), "removed a stale WireGuard link left by an earlier instance");
+    }
+    Ok(())
+}

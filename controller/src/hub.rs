@@ -1,0 +1,296 @@
+//! What the controller needs from the hub, behind a narrow trait ([`Hub`]) so the reconciler
+//! and the leadership logic are testable with a fake, and the fleet as the controller keeps it
+//! ([`FleetSnapshot`]: a listing, kept current by watch events).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet_hub::RelayRecord;
+use fleet_hub::api::ErrorCode;
+use fleet_hub::client::{HubClient, HubError};
+use fleet_hub::registry::{
+    ClusterId, ClusterRecord, ClusterUpdate, FleetView, GatewayState, RegistryEvent,
+};
+
+use crate::identity::gateway_key;
+use crate::plan::{ClusterInfo, FleetState, RelayInfo};
+
+/// What a lease call said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAnswer {
+    pub granted: bool,
+    pub holder: String,
+}
+
+/// The hub calls a controller makes, on its own cluster.
+#[async_trait::async_trait]
+pub trait Hub: Send + Sync {
+    async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<LeaseAnswer, HubError>;
+    async fn release_lease(&self, holder: &str) -> Result<(), HubError>;
+    async fn publish(&self, name: &str, value: &[u8]) -> Result<(), HubError>;
+    async fn unpublish(&self, name: &str) -> Result<(), HubError>;
+    async fn set_gateway_state(&self, state: GatewayState) -> Result<(), HubError>;
+}
+
+/// [`Hub`] over the real client, as member `cluster`.
+#[derive(Clone, Debug)]
+pub struct MemberHub {
+    pub client: HubClient,
+    pub cluster: ClusterId,
+}
+
+#[async_trait::async_trait]
+impl Hub for MemberHub {
+    async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<LeaseAnswer, HubError> {
+        let lease = self.client.acquire_lease(holder, ttl).await?;
+        Ok(LeaseAnswer {
+            granted: lease.granted,
+            holder: lease.holder,
+        })
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), HubError> {
+        self.client.release_lease(holder).await
+    }
+
+    async fn publish(&self, name: &str, value: &[u8]) -> Result<(), HubError> {
+        self.client
+            .publish(&self.cluster, name, value)
+            .await
+            .map(|_| ())
+    }
+
+    async fn unpublish(&self, name: &str) -> Result<(), HubError> {
+        self.client.unpublish(&self.cluster, name).await.map(|_| ())
+    }
+
+    async fn set_gateway_state(&self, state: GatewayState) -> Result<(), HubError> {
+        let update = ClusterUpdate {
+            gateway: Some(state),
+            ..ClusterUpdate::default()
+        };
+        self.client.update(&self.cluster, update).await.map(|_| ())
+    }
+}
+
+/// True when the hub no longer knows this cluster or its credential: it was removed.
+pub fn is_removed(e: &HubError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::Unauthenticated | ErrorCode::NotJoined)
+    )
+}
+
+/// True when the hub could not be reached or could not answer now (worth retrying).
+pub fn is_unavailable(e: &HubError) -> bool {
+    match e {
+        HubError::Unreachable { .. } | HubError::Transport { .. } | HubError::Timeout { .. } => {
+            true
+        }
+        HubError::Api { code, .. } => matches!(
+            code,
+            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal
+        ),
+        _ => false,
+    }
+}
+
+/// The fleet as the controller follows it: the planning view plus its own cluster's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSnapshot {
+    pub fleet: FleetState,
+    /// This cluster's published records, by name.
+    pub own_records: BTreeMap<String, Vec<u8>>,
+    /// The revision the snapshot is at (watch after it).
+    pub revision: u64,
+}
+
+/// What one watch event meant for the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventEffect {
+    /// Clusters or relays changed: recompute peers and routes.
+    FleetChanged,
+    /// One of this cluster's records changed.
+    OwnRecordChanged,
+    /// Nothing the controller acts on.
+    Nothing,
+    /// This cluster was removed from the fleet.
+    OwnClusterRemoved,
+}
+
+fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
+    ClusterInfo {
+        id: c.id.clone(),
+        block: c.block,
+        public_key: gateway_key(&c.public_key),
+        endpoint: c.endpoint,
+    }
+}
+
+fn relay_info(r: &RelayRecord) -> RelayInfo {
+    RelayInfo {
+        id: r.id.clone(),
+        public_key: gateway_key(&r.public_key),
+        endpoint: r.endpoint,
+    }
+}
+
+impl FleetSnapshot {
+    pub fn from_view(view: &FleetView, own: &ClusterId) -> Self {
+        FleetSnapshot {
+            fleet: FleetState {
+                fleet_cidr: view.fleet_cidr,
+                clusters: view
+                    .clusters
+                    .iter()
+                    .map(|c| (c.id.clone(), cluster_info(c)))
+                    .collect(),
+                relays: view
+                    .relays
+                    .iter()
+                    .map(|r| (r.id.clone(), relay_info(r)))
+                    .collect(),
+            },
+            own_records: view
+                .records
+                .iter()
+                .filter(|r| &r.owner == own)
+                .map(|r| (r.name.clone(), r.value.clone()))
+                .collect(),
+            revision: view.revision,
+        }
+    }
+
+    /// Folds one watch event in.
+    pub fn apply(&mut self, event: &RegistryEvent, own: &ClusterId) -> EventEffect {
+        self.revision = self.revision.max(event.revision());
+        match event {
+            RegistryEvent::ClusterUpserted { record, .. } => {
+                let info = cluster_info(record);
+                if self.fleet.clusters.get(&record.id) == Some(&info) {
+                    return EventEffect::Nothing;
+                }
+                self.fleet.clusters.insert(record.id.clone(), info);
+                EventEffect::FleetChanged
+            }
+            RegistryEvent::ClusterRemoved { id, .. } => {
+                self.fleet.clusters.remove(id);
+                if id == own {
+                    EventEffect::OwnClusterRemoved
+                } else {
+                    EventEffect::FleetChanged
+                }
+            }
+            RegistryEvent::RelayUpserted { record, .. } => {
+                let info = relay_info(record);
+                if self.fleet.relays.get(&record.id) == Some(&info) {
+                    return EventEffect::Nothing;
+                }
+                self.fleet.relays.insert(record.id.clone(), info);
+                EventEffect::FleetChanged
+            }
+            RegistryEvent::RelayRemoved { id, .. } => {
+                if self.fleet.relays.remove(id).is_some() {
+                    EventEffect::FleetChanged
+                } else {
+                    EventEffect::Nothing
+                }
+            }
+            RegistryEvent::RecordPut {
+                owner, name, value, ..
+            } if owner == own => {
+                self.own_records.insert(name.clone(), value.clone());
+                EventEffect::OwnRecordChanged
+            }
+            RegistryEvent::RecordDeleted { owner, name, .. } if owner == own => {
+                self.own_records.remove(name);
+                EventEffect::OwnRecordChanged
+            }
+            RegistryEvent::RecordPut { .. } | RegistryEvent::RecordDeleted { .. } => {
+                EventEffect::Nothing
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_hub::registry::{MemberRecord, PublicKey};
+
+    fn record(id: &str, block: &str, k: u8) -> ClusterRecord {
+        ClusterRecord {
+            id: ClusterId::new(id).unwrap(),
+            block: block.parse().unwrap(),
+            public_key: PublicKey::from_bytes([k; 32]),
+            endpoint: None,
+            gateway: GatewayState::Pending,
+            joined_at: 0,
+            token_id: "t".into(),
+        }
+    }
+
+    #[test]
+    fn snapshot_follows_watch_events() {
+        let aa = ClusterId::new("aa").unwrap();
+        let bb = ClusterId::new("bb").unwrap();
+        let view = FleetView {
+            clusters: vec![record("aa", "100.96.0.0/20", 1)],
+            records: vec![
+                MemberRecord {
+                    owner: aa.clone(),
+                    name: "node/a".into(),
+                    value: b"{}".to_vec(),
+                    revision: 3,
+                },
+                MemberRecord {
+                    owner: bb.clone(),
+                    name: "node/b".into(),
+                    value: b"{}".to_vec(),
+                    revision: 4,
+                },
+            ],
+            fleet_cidr: "100.96.0.0/12".parse().unwrap(),
+            relays: vec![],
+            revision: 5,
+        };
+        let mut s = FleetSnapshot::from_view(&view, &aa);
+        assert_eq!(s.own_records.len(), 1, "only our own records");
+        let up = RegistryEvent::ClusterUpserted {
+            record: record("bb", "100.96.16.0/20", 2),
+            revision: 6,
+        };
+        assert_eq!(s.apply(&up, &aa), EventEffect::FleetChanged);
+        assert_eq!(s.apply(&up, &aa), EventEffect::Nothing, "same record again");
+        assert_eq!(s.revision, 6);
+        let relay = RelayRecord {
+            id: "r1".into(),
+            public_key: PublicKey::from_bytes([9; 32]),
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+        };
+        let ev = RegistryEvent::RelayUpserted {
+            record: relay,
+            revision: 7,
+        };
+        assert_eq!(s.apply(&ev, &aa), EventEffect::FleetChanged);
+        assert_eq!(s.fleet.relays.len(), 1);
+        let other_record = RegistryEvent::RecordPut {
+            owner: bb.clone(),
+            name: "x".into(),
+            value: vec![],
+            revision: 8,
+        };
+        assert_eq!(s.apply(&other_record, &aa), EventEffect::Nothing);
+        let gone = RegistryEvent::ClusterRemoved {
+            id: bb.clone(),
+            revision: 9,
+        };
+        assert_eq!(s.apply(&gone, &aa), EventEffect::FleetChanged);
+        assert!(!s.fleet.clusters.contains_key(&bb));
+        let me_gone = RegistryEvent::ClusterRemoved {
+            id: aa.clone(),
+            revision: 10,
+        };
+        assert_eq!(s.apply(&me_gone, &aa), EventEffect::OwnClusterRemoved);
+    }
+}

@@ -1,0 +1,294 @@
+//! The cluster's identity at the hub (the credential file, shared by the cluster's controller
+//! replicas) and the gateway's WireGuard key (node-local, in the data dir).
+//!
+//! The credential file is written once, by whichever replica joins first: created with
+//! `link(2)` from a complete temporary file, so a second writer fails instead of replacing it
+//! and a reader never sees half a file. A replica without it (and without a join string)
+//! waits for it to appear.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_gateway::PrivateKey;
+use fleet_hub::api::Credential;
+use fleet_hub::registry::ClusterId;
+
+/// File name of the WireGuard private key in the data dir.
+pub const WG_KEY_FILE: &str = "wg.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read the credential file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the credential file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the credential file {path} is not a member credential (`m.<cluster>.<secret>`); \
+         remove it and join again with a token"
+    )]
+    Malformed { path: PathBuf },
+    #[error(
+        "the credential file {path} belongs to cluster {found}, but this controller runs \
+         --cluster {expected}; point --credential-file at {expected}'s credential"
+    )]
+    OtherCluster {
+        path: PathBuf,
+        found: ClusterId,
+        expected: ClusterId,
+    },
+    #[error(
+        "the credential file {path} has mode {mode:o}, readable by others; run `chmod 600 {path}`"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "the credential file {path} was created by another replica while this one joined; \
+         that replica's join is the one that counts"
+    )]
+    LostRace { path: PathBuf },
+}
+
+/// Reads the member credential in `path`; `Ok(None)` if the file does not exist.
+pub fn load_credential(
+    path: &Path,
+    cluster: &ClusterId,
+) -> Result<Option<Credential>, IdentityError> {
+    let read = |source| IdentityError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read(e)),
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    match Credential::parse(&text) {
+        Some(Credential::Member {
+            cluster: found,
+            secret,
+        }) => {
+            if &found != cluster {
+                return Err(IdentityError::OtherCluster {
+                    path: path.to_owned(),
+                    found,
+                    expected: cluster.clone(),
+                });
+            }
+            Ok(Some(Credential::Member {
+                cluster: found,
+                secret,
+            }))
+        }
+        _ => Err(IdentityError::Malformed {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// Writes `credential` to `path` (0600) unless the file exists; never replaces one.
+pub fn store_credential(path: &Path, credential: &Credential) -> Result<(), IdentityError> {
+    let write = |source| IdentityError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(write)?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{}\n", credential.expose()).as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(IdentityError::LostRace {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(write(e)),
+    }
+}
+
+/// Waits until the credential file exists (another replica joins), checking every `poll`.
+pub async fn wait_for_credential(
+    path: &Path,
+    cluster: &ClusterId,
+    poll: Duration,
+) -> Result<Credential, IdentityError> {
+    let mut logged = false;
+    loop {
+        if let Some(c) = load_credential(path, cluster)? {
+            return Ok(c);
+        }
+        if !logged {
+            tracing::info!(path = %path.display(), "no credential file and no --join: waiting for another replica to join");
+            logged = true;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The gateway's private key in `data_dir`, generated (0600) on first start and kept.
+pub fn wireguard_key(data_dir: &Path) -> Result<PrivateKey, fleet_gateway::KeyError> {
+    PrivateKey::load_or_generate(&data_dir.join(WG_KEY_FILE))
+}
+
+/// Default lease holder id: host name and process id.
+pub fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The hub's public key type from the gateway's (both are the 32 raw bytes).
+pub fn hub_key(key: &fleet_gateway::PublicKey) -> fleet_hub::registry::PublicKey {
+    fleet_hub::registry::PublicKey::from_bytes(*key.as_bytes())
+}
+
+/// The gateway's public key type from the hub's.
+pub fn gateway_key(key: &fleet_hub::registry::PublicKey) -> fleet_gateway::PublicKey {
+    fleet_gateway::PublicKey::from_bytes(*key.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(cluster: &str) -> Credential {
+        Credential::Member {
+            cluster: ClusterId::new(cluster).unwrap(),
+            secret: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn credential_is_written_0600_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/aa.credential");
+        let aa = ClusterId::new("aa").unwrap();
+        assert!(load_credential(&path, &aa).unwrap().is_none());
+        store_credential(&path, &member("aa")).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_credential(&path, &aa).unwrap(), Some(member("aa")));
+        // A second writer loses and changes nothing.
+        let other = Credential::Member {
+            cluster: aa.clone(),
+            secret: "cd".repeat(32),
+        };
+        assert!(matches!(
+            store_credential(&path, &other),
+            Err(IdentityError::LostRace { .. })
+        ));
+        assert_eq!(load_credential(&path, &aa).unwrap(), Some(member("aa")));
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn racing_writers_leave_exactly_one_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aa.credential");
+        let aa = ClusterId::new("aa").unwrap();
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = path.clone();
+                    let aa = aa.clone();
+                    s.spawn(move || {
+                        let c = Credential::Member {
+                            cluster: aa,
+                            secret: format!("{i:x}").repeat(64),
+                        };
+                        store_credential(&path, &c).is_ok()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+        assert!(load_credential(&path, &aa).unwrap().is_some());
+    }
+
+    #[test]
+    fn wrong_cluster_garbage_and_open_modes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let aa = ClusterId::new("aa").unwrap();
+        let path = dir.path().join("bb.credential");
+        store_credential(&path, &member("bb")).unwrap();
+        let err = load_credential(&path, &aa).unwrap_err();
+        assert!(matches!(err, IdentityError::OtherCluster { .. }), "{err}");
+        let garbage = dir.path().join("garbage");
+        std::fs::write(&garbage, "not a credential").unwrap();
+        std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            load_credential(&garbage, &aa),
+            Err(IdentityError::Malformed { .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load_credential(&path, &ClusterId::new("bb").unwrap()),
+            Err(IdentityError::Permissions { mode: 0o644, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_the_file_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aa.credential");
+        let aa = ClusterId::new("aa").unwrap();
+        let waiter = tokio::spawn({
+            let path = path.clone();
+            let aa = aa.clone();
+            async move { wait_for_credential(&path, &aa, Duration::from_millis(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(!waiter.is_finished());
+        store_credential(&path, &member("aa")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, member("aa"));
+    }
+
+    #[test]
+    fn key_types_convert_both_ways() {
+        let k = PrivateKey::generate().public_key();
+        assert_eq!(gateway_key(&hub_key(&k)), k);
+        assert_eq!(hub_key(&k).to_string(), k.to_base64());
+    }
+}

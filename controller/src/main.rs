@@ -1,0 +1,158 @@
+//! fleet-controller: parses flags, runs the controller until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_controller::config::{RunConfig, parse_duration};
+use fleet_controller::identity::default_holder;
+use fleet_gateway::BackendKind;
+use fleet_hub::api::{CaHash, JoinString};
+use fleet_hub::registry::ClusterId;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-controller",
+    version,
+    about = "fleetboard cluster controller: hub membership, node subnets, WireGuard gateway"
+)]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (one of the cluster's replicas; the lease holder is active).
+    Run(RunFlags),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunFlags {
+    /// This cluster's id (a DNS label).
+    #[arg(long)]
+    cluster: String,
+    /// The hub's API addresses, host:port, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    hub: Vec<String>,
+    /// The cluster's credential (0600), shared by its replicas; written at the first join.
+    #[arg(long)]
+    credential_file: PathBuf,
+    /// Join string `<token>.<CA sha256>`; used only while the credential file does not exist.
+    #[arg(long)]
+    join: Option<String>,
+    /// The hub CA's SHA-256 (hex); needed when there is no --join.
+    #[arg(long)]
+    ca: Option<String>,
+    /// Node-local state (the WireGuard key, wg.key).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// nodes.json: [{"name","socket","underlay_ip","netns"}, ...].
+    #[arg(long)]
+    nodes: PathBuf,
+    /// The node whose CNF netns holds the WireGuard interface.
+    #[arg(long)]
+    gateway_node: String,
+    /// Public endpoint ip:port of the gateway (other clusters tunnel to it directly).
+    #[arg(long)]
+    endpoint: Option<SocketAddr>,
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// WireGuard interface name (also names its UAPI socket: unique per host).
+    #[arg(long, default_value = "fleet-wg")]
+    wg_name: String,
+    /// auto, kernel or userspace.
+    #[arg(long, default_value = "auto")]
+    wg_backend: String,
+    /// Lease holder id (default: hostname-pid).
+    #[arg(long)]
+    holder: Option<String>,
+    #[arg(long, default_value = "3s")]
+    lease_ttl: String,
+    /// Persistent keepalive towards peers we dial, seconds.
+    #[arg(long, default_value_t = 25)]
+    keepalive: u16,
+    /// Prefix length of each node's subnet of the cluster block.
+    #[arg(long, default_value_t = 24)]
+    node_prefix: u8,
+    #[arg(long, default_value = "5s")]
+    status_interval: String,
+    /// The cluster's service VIP range handed to nodes.
+    #[arg(long, default_value = fleet_core::config::DEFAULT_VIP_RANGE)]
+    vip_range: ipnetwork::Ipv4Network,
+}
+
+fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
+    let join = f
+        .join
+        .as_deref()
+        .map(JoinString::parse)
+        .transpose()
+        .context("--join: expected <token id>.<token secret>.<CA sha256>")?;
+    let ca =
+        f.ca.as_deref()
+            .map(|c| c.parse::<CaHash>())
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("--ca: expected the hub CA's SHA-256 in hex"))?;
+    let wg_backend = match f.wg_backend.as_str() {
+        "auto" => None,
+        other => Some(other.parse::<BackendKind>()?),
+    };
+    Ok(RunConfig {
+        cluster: ClusterId::new(f.cluster)?,
+        hubs: f.hub,
+        credential_file: f.credential_file,
+        join,
+        ca,
+        data_dir: f.data_dir,
+        nodes_file: f.nodes,
+        gateway_node: f.gateway_node,
+        endpoint: f.endpoint,
+        listen_port: f.listen_port,
+        wg_name: f.wg_name,
+        wg_backend,
+        holder: f.holder.unwrap_or_else(default_holder),
+        lease_ttl: parse_duration(&f.lease_ttl).context("--lease-ttl")?,
+        keepalive: f.keepalive,
+        node_prefix: f.node_prefix,
+        status_interval: parse_duration(&f.status_interval).context("--status-interval")?,
+        vip_range: f.vip_range,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Run(flags) = Flags::parse().command;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = config(flags)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    tracing::error!("cannot install signal handlers");
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                let _ = stop_tx.send(true);
+            });
+            fleet_controller::run(cfg, stop_rx).await
+        })?;
+    Ok(())
+}

@@ -1,0 +1,515 @@
+//! `fleet-controller run`: the identity, then the leadership loop. A standby waits for the
+//! lease; the active replica re-joins (same block, its key), lists and watches the fleet,
+//! hands out node plans and peers, runs the WireGuard gateway and publishes its status. On a
+//! stop signal it removes the device and gives the lease up; on losing the lease it removes
+//! the device and waits again; if the cluster is removed from the fleet it tears down and
+//! fails.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_gateway::PrivateKey;
+use fleet_hub::api::ErrorCode;
+use fleet_hub::client::{ClientOptions, HubClient, HubError};
+use fleet_hub::registry::{GatewayState, JoinRequest, RegistryEvent};
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+
+use crate::config::{GATEWAY_MTU, RunConfig};
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
+use crate::identity::{
+    IdentityError, hub_key, load_credential, store_credential, wait_for_credential, wireguard_key,
+};
+use crate::leader::{LeaseEvent, Role, Transition, lease_task, on_lease};
+use crate::nodes::{NodeSocket, load_nodes};
+use crate::plan::{GatewayMode, node_peers, wireguard_peers};
+use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
+use crate::records::GATEWAY_RECORD;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Nodes(#[from] crate::nodes::NodesError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the WireGuard key in {dir}: {source}")]
+    Key {
+        dir: String,
+        source: fleet_gateway::KeyError,
+    },
+    #[error("no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash)")]
+    NoCa,
+    #[error("joining the fleet as {cluster} failed: {source}")]
+    Join { cluster: String, source: HubError },
+    #[error("hub client: {0}")]
+    Client(HubError),
+    #[error(
+        "cluster {cluster} has been removed from the fleet (or its credential is no longer \
+         valid): {reason}. The gateway was removed; join again with a new token (delete the \
+         credential file {credential_file} first)"
+    )]
+    Removed {
+        cluster: String,
+        reason: String,
+        credential_file: String,
+    },
+    #[error("the hub refused the lease: {0}")]
+    Lease(String),
+}
+
+/// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
+fn client_options(ttl: Duration) -> ClientOptions {
+    ClientOptions {
+        connect_timeout: ttl.clamp(Duration::from_millis(500), Duration::from_secs(3)),
+        call_timeout: (ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10)),
+        ..ClientOptions::default()
+    }
+}
+
+/// Waits until `stop` says so.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The cluster's hub client with its credential: read from the credential file, or obtained
+/// by joining (and written), or — without a join string — waited for. `None` when stopped.
+async fn identity(
+    cfg: &RunConfig,
+    key: &PrivateKey,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<HubClient>, ControllerError> {
+    let ca = cfg
+        .ca
+        .or_else(|| cfg.join.as_ref().map(|j| j.ca_hash))
+        .ok_or(ControllerError::NoCa)?;
+    let base = HubClient::new(cfg.hubs.clone(), ca, client_options(cfg.lease_ttl))
+        .map_err(ControllerError::Client)?;
+    let wait = async {
+        wait_for_credential(
+            &cfg.credential_file,
+            &cfg.cluster,
+            Duration::from_millis(500),
+        )
+        .await
+    };
+    if let Some(c) = load_credential(&cfg.credential_file, &cfg.cluster)? {
+        return Ok(Some(base.with_credential(c)));
+    }
+    let Some(join) = &cfg.join else {
+        return tokio::select! {
+            c = wait => Ok(Some(base.with_credential(c?))),
+            _ = stopped(stop) => Ok(None),
+        };
+    };
+    let request = JoinRequest {
+        cluster: cfg.cluster.clone(),
+        public_key: hub_key(&key.public_key()),
+        endpoint: cfg.endpoint,
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = tokio::select! {
+            r = base.join(join, request.clone()) => r,
+            _ = stopped(stop) => return Ok(None),
+        };
+        match attempt {
+            Ok(joined) => {
+                store_credential(&cfg.credential_file, &joined.credential)?;
+                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), "joined the fleet");
+                return Ok(Some(base.with_credential(joined.credential)));
+            }
+            Err(e) if e.code() == Some(ErrorCode::AlreadyJoined) => {
+                // Another replica joined first; it writes the credential file.
+                tracing::info!(cluster = %cfg.cluster, "cluster already joined (by another replica?); waiting for the credential file");
+                return tokio::select! {
+                    c = wait => Ok(Some(base.with_credential(c?))),
+                    _ = stopped(stop) => Ok(None),
+                };
+            }
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(error = %e, "hub unreachable for the join; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(stop) => return Ok(None),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(source) => {
+                return Err(ControllerError::Join {
+                    cluster: cfg.cluster.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<RegistryEvent, HubError>> + Send>>;
+
+/// Everything the active replica holds.
+struct Active {
+    snapshot: FleetSnapshot,
+    watch: Option<EventStream>,
+    /// The hub record says the gateway is up (set once the device exists).
+    reported_up: bool,
+    last_pass: PassReport,
+}
+
+struct Controller {
+    cfg: RunConfig,
+    client: HubClient,
+    hub: Arc<MemberHub>,
+    key: PrivateKey,
+    nodes: Vec<ClusterNode>,
+    gateway: Gateway,
+    plan_cfg: NodePlanConfig,
+}
+
+/// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
+pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+    let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
+    let key = wireguard_key(&cfg.data_dir).map_err(|source| ControllerError::Key {
+        dir: cfg.data_dir.display().to_string(),
+        source,
+    })?;
+    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
+        return Ok(());
+    };
+    let gateway_spec = specs
+        .iter()
+        .find(|n| n.name == cfg.gateway_node)
+        .expect("load_nodes checked the gateway node")
+        .clone();
+    let gateway = Gateway::new(GatewayConfig {
+        name: cfg.wg_name.clone(),
+        listen_port: cfg.listen_port,
+        mtu: GATEWAY_MTU,
+        backend: cfg.wg_backend,
+        private_key: key.clone(),
+        underlay_netns: gateway_spec.netns.clone(),
+        node: gateway_spec.name.clone(),
+        holder: cfg.holder.clone(),
+    });
+    let nodes = specs
+        .into_iter()
+        .map(|spec| ClusterNode {
+            api: Arc::new(NodeSocket::new(&spec)),
+            spec,
+        })
+        .collect();
+    let mut c = Controller {
+        plan_cfg: NodePlanConfig {
+            cluster: cfg.cluster.clone(),
+            gateway_node: cfg.gateway_node.clone(),
+            node_prefix: cfg.node_prefix,
+            vip_range: cfg.vip_range,
+        },
+        hub: Arc::new(MemberHub {
+            client: client.clone(),
+            cluster: cfg.cluster.clone(),
+        }),
+        cfg,
+        client,
+        key,
+        nodes,
+        gateway,
+    };
+    c.lead(&mut stop).await
+}
+
+impl Controller {
+    fn removed(&self, reason: impl Into<String>) -> ControllerError {
+        ControllerError::Removed {
+            cluster: self.cfg.cluster.to_string(),
+            reason: reason.into(),
+            credential_file: self.cfg.credential_file.display().to_string(),
+        }
+    }
+
+    async fn lead(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), ControllerError> {
+        let hub: Arc<dyn Hub> = self.hub.clone();
+        let (mut lease, lease_handle) =
+            lease_task(hub, self.cfg.holder.clone(), self.cfg.lease_ttl);
+        let _abort = AbortOnDrop(lease_handle);
+        let mut role = Role::Standby;
+        let mut active: Option<Active> = None;
+        let mut hub_down = false;
+        let mut held_by: Option<String> = None;
+        let mut tick = tokio::time::interval(self.cfg.status_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, "standby: waiting for the cluster lease");
+        let result = loop {
+            let watch_next = async {
+                match active.as_mut().and_then(|a| a.watch.as_mut()) {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stopped(stop) => break Ok(()),
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        break Err(ControllerError::Lease("the lease task ended".into()));
+                    }
+                    let Some(event) = lease.borrow_and_update().clone() else { continue };
+                    match &event {
+                        LeaseEvent::HubUnavailable(e) if !hub_down => {
+                            hub_down = true;
+                            if role == Role::Active {
+                                tracing::warn!(error = %e, "hub unreachable: staying active, the gateway and node routes stay as they are");
+                            } else {
+                                tracing::warn!(error = %e, "hub unreachable: cannot take the lease");
+                            }
+                        }
+                        LeaseEvent::Granted | LeaseEvent::HeldBy(_) if hub_down => {
+                            hub_down = false;
+                            tracing::info!("hub reachable again");
+                        }
+                        LeaseEvent::Failed(e) => tracing::error!(error = %e, "lease call refused"),
+                        _ => {}
+                    }
+                    if let LeaseEvent::HeldBy(h) = &event
+                        && role == Role::Standby
+                        && held_by.as_ref() != Some(h)
+                    {
+                        tracing::info!(holder = %h, "another replica is active");
+                        held_by = Some(h.clone());
+                    }
+                    match on_lease(role, &event) {
+                        Transition::Stay => {}
+                        Transition::Activate => match self.activate().await {
+                            Ok(a) => {
+                                role = Role::Active;
+                                held_by = None;
+                                active = Some(a);
+                            }
+                            Err(e) if matches!(e, ControllerError::Removed { .. }) => break Err(e),
+                            Err(e) => tracing::warn!(error = %e, "could not become active; retrying at the next lease renewal"),
+                        },
+                        Transition::StepDown => {
+                            tracing::warn!(holder = ?event, "lost the lease to another replica: stepping down");
+                            self.step_down().await;
+                            active = None;
+                            role = Role::Standby;
+                        }
+                        Transition::Removed => {
+                            let LeaseEvent::Removed(reason) = event else { unreachable!() };
+                            break Err(self.removed(reason));
+                        }
+                    }
+                }
+                event = watch_next => {
+                    let Some(a) = active.as_mut() else { continue };
+                    match event {
+                        Some(Ok(ev)) => match a.snapshot.apply(&ev, &self.cfg.cluster) {
+                            EventEffect::FleetChanged => {
+                                if let Err(e) = self.converge(a).await { break Err(e); }
+                            }
+                            EventEffect::OwnClusterRemoved => {
+                                break Err(self.removed("the hub reported this cluster removed"));
+                            }
+                            EventEffect::OwnRecordChanged | EventEffect::Nothing => {}
+                        },
+                        Some(Err(HubError::Relist { .. })) => {
+                            tracing::info!("the hub's history moved past our position: listing again");
+                            a.watch = None;
+                            if let Err(e) = self.relist(a).await { break Err(e); }
+                        }
+                        Some(Err(e)) if is_removed(&e) => break Err(self.removed(e.to_string())),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watch ended; listing again");
+                            a.watch = None;
+                            if let Err(e) = self.relist(a).await { break Err(e); }
+                        }
+                        None => {
+                            a.watch = None;
+                            if let Err(e) = self.relist(a).await { break Err(e); }
+                        }
+                    }
+                }
+                _ = tick.tick(), if role == Role::Active => {
+                    let Some(a) = active.as_mut() else { continue };
+                    if a.watch.is_none() {
+                        if let Err(e) = self.relist(a).await { break Err(e); }
+                    } else if let Err(e) = self.converge(a).await {
+                        break Err(e);
+                    }
+                    self.publish_status().await;
+                }
+            }
+        };
+        match &result {
+            Ok(()) => self.shut_down(role).await,
+            Err(ControllerError::Removed { .. }) => {
+                self.tear_down_removed(active.as_ref()).await;
+            }
+            Err(_) => {
+                if let Err(e) = self.gateway.delete().await {
+                    tracing::warn!(error = %e, "removing the gateway device failed");
+                }
+            }
+        }
+        result
+    }
+
+    /// Becoming active: re-join with this replica's key (the block stays), list, converge,
+    /// watch.
+    async fn activate(&mut self) -> Result<Active, ControllerError> {
+        let record = match self
+            .client
+            .rejoin(hub_key(&self.key.public_key()), self.cfg.endpoint)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if is_removed(&e) => return Err(self.removed(e.to_string())),
+            Err(e) => return Err(ControllerError::Client(e)),
+        };
+        tracing::info!(cluster = %record.id, block = %record.block, holder = %self.cfg.holder, "active: holding the cluster lease");
+        let view = self.client.list().await.map_err(ControllerError::Client)?;
+        let mut a = Active {
+            snapshot: FleetSnapshot::from_view(&view, &self.cfg.cluster),
+            watch: None,
+            reported_up: false,
+            last_pass: PassReport::default(),
+        };
+        a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
+        self.converge(&mut a).await?;
+        self.publish_status().await;
+        Ok(a)
+    }
+
+    async fn relist(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        match self.client.list().await {
+            Ok(view) => {
+                a.snapshot = FleetSnapshot::from_view(&view, &self.cfg.cluster);
+                if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
+                    return Err(self.removed("the cluster is not in the hub's listing"));
+                }
+                a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
+                self.converge(a).await
+            }
+            Err(e) if is_removed(&e) => Err(self.removed(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the fleet failed; retrying at the next status interval");
+                Ok(())
+            }
+        }
+    }
+
+    /// One pass: nodes, the device, its peers.
+    async fn converge(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let report = reconcile_nodes(&self.plan_cfg, &a.snapshot, &self.nodes, &*self.hub).await;
+        if report.removed {
+            return Err(self.removed("the hub refused this cluster's credential"));
+        }
+        let mut problems = report.problems.clone();
+        if let Some(cnf) = &report.gateway_cnf_netns
+            && let Err(e) = self.gateway.ensure(cnf).await
+        {
+            problems.push(format!("creating the WireGuard device: {e}"));
+        }
+        let mode = GatewayMode {
+            keepalive: self.cfg.keepalive,
+            public: self.cfg.endpoint.is_some(),
+        };
+        if let Err(e) = self
+            .gateway
+            .set_peers(wireguard_peers(&a.snapshot.fleet, &self.cfg.cluster, mode))
+            .await
+        {
+            problems.push(format!("setting the WireGuard peers: {e}"));
+        }
+        if self.gateway.is_up() && !a.reported_up {
+            match self.hub.set_gateway_state(GatewayState::Up).await {
+                Ok(()) => a.reported_up = true,
+                Err(e) if is_removed(&e) => return Err(self.removed(e.to_string())),
+                Err(e) => problems.push(format!("reporting the gateway up: {e}")),
+            }
+        }
+        if problems.is_empty() {
+            if !a.last_pass.problems.is_empty() {
+                tracing::info!("converged");
+            }
+        } else if problems != a.last_pass.problems {
+            for p in &problems {
+                tracing::warn!(problem = %p, "not converged; retrying");
+            }
+        }
+        a.last_pass = PassReport { problems, ..report };
+        Ok(())
+    }
+
+    async fn publish_status(&self) {
+        let record = match self.gateway.record().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the WireGuard statistics failed");
+                return;
+            }
+        };
+        let value = serde_json::to_vec(&record).expect("records serialise");
+        if let Err(e) = self.hub.publish(GATEWAY_RECORD, &value).await {
+            tracing::debug!(error = %e, "publishing the gateway record failed");
+        }
+    }
+
+    async fn step_down(&mut self) {
+        if let Err(e) = self.gateway.delete().await {
+            tracing::warn!(error = %e, "removing the gateway device failed");
+        }
+    }
+
+    /// Clean stop: the device goes, the hub hears the gateway is down, the lease is freed for
+    /// a standby.
+    async fn shut_down(&mut self, role: Role) {
+        tracing::info!("stopping");
+        if let Err(e) = self.gateway.delete().await {
+            tracing::warn!(error = %e, "removing the gateway device failed");
+        }
+        let bound = Duration::from_secs(2);
+        if role == Role::Active {
+            let _ =
+                tokio::time::timeout(bound, self.hub.set_gateway_state(GatewayState::Down)).await;
+        }
+        match tokio::time::timeout(bound, self.hub.release_lease(&self.cfg.holder)).await {
+            Ok(Ok(())) => tracing::info!("lease released"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "releasing the lease failed; it expires by itself")
+            }
+            Err(_) => tracing::warn!("releasing the lease timed out; it expires by itself"),
+        }
+    }
+
+    /// The cluster is gone: the device goes and the nodes stop routing other clusters' blocks
+    /// (their own plans and the intra-cluster overlay stay).
+    async fn tear_down_removed(&mut self, active: Option<&Active>) {
+        if let Err(e) = self.gateway.delete().await {
+            tracing::warn!(error = %e, "removing the gateway device failed");
+        }
+        let Some(a) = active else { return };
+        let specs: Vec<_> = self.nodes.iter().map(|n| n.spec.clone()).collect();
+        let peers = node_peers(&specs, &a.last_pass.subnets, &self.cfg.gateway_node, &[]);
+        for n in &self.nodes {
+            if let Some(p) = peers.get(&n.spec.name)
+                && let Err(e) = n.api.set_peers(p.clone()).await
+            {
+                tracing::warn!(node = %n.spec.name, error = %e, "clearing routes to other clusters failed");
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
