@@ -6,12 +6,14 @@
 //! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership);
 //! - [`api`]: the TLS API members and operators call (and `fleet-hub serve`);
 //! - [`client`]: the API's client library;
+//! - [`relay`]: the WireGuard relay that forwards member-to-member traffic;
 //! - [`admin`]: the operator commands of the `fleet-hub` binary.
 
 pub mod admin;
 pub mod api;
 pub mod client;
 pub mod registry;
+pub mod relay;
 pub mod store;
 
 pub use registry::{Lease, Registry, RegistryError, RelayRecord};

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_hub::admin::{self, StoreLocation};
-use fleet_hub::api::server::{ServerOptions, serve_until_signal};
+use fleet_hub::api::server::{ServerOptions, serve_with_relay_until_signal};
 use fleet_hub::registry::{DEFAULT_BLOCK_PREFIX, FleetLayout};
+use fleet_hub::relay::RelayOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,7 +59,51 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: std::net::SocketAddr,
+        #[command(flatten)]
+        relay: RelayFlags,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct RelayFlags {
+    /// Run the relay: its WireGuard device listens on this UDP port (WireGuard binds every
+    /// address; the IP is the default --relay-endpoint).
+    #[arg(long)]
+    relay_listen: Option<std::net::SocketAddr>,
+    /// What members dial to reach the relay (default: --relay-listen).
+    #[arg(long, requires = "relay_listen")]
+    relay_endpoint: Option<std::net::SocketAddr>,
+    /// Netns of the relay's interface (default: named netns fleet-hub-relay, made by the hub).
+    #[arg(long, requires = "relay_listen")]
+    relay_netns: Option<PathBuf>,
+    /// Relay interface name; host-unique (it names the UAPI socket).
+    #[arg(long, default_value = fleet_hub::relay::DEFAULT_RELAY_NAME)]
+    relay_name: String,
+    /// WireGuard backend of the relay: auto, kernel or userspace.
+    #[arg(long, default_value = "auto")]
+    wg_backend: String,
+}
+
+impl RelayFlags {
+    fn options(&self, data_dir: &std::path::Path) -> anyhow::Result<Option<RelayOptions>> {
+        let Some(listen) = self.relay_listen else {
+            return Ok(None);
+        };
+        let backend = match self.wg_backend.as_str() {
+            "auto" => None,
+            other => Some(
+                other
+                    .parse()
+                    .context("--wg-backend: use auto, kernel or userspace")?,
+            ),
+        };
+        let mut options = RelayOptions::new(listen, data_dir);
+        options.endpoint = self.relay_endpoint.unwrap_or(listen);
+        options.netns = self.relay_netns.clone();
+        options.name = self.relay_name.clone();
+        options.backend = backend;
+        Ok(Some(options))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,9 +185,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let registry = admin::open_registry(&location, layout)
         .await
         .with_context(|| format!("opening the hub store ({location:?})"))?;
-    if let Command::Serve { listen } = flags.command {
-        let options = ServerOptions::new(listen, flags.data_dir.clone());
-        return serve_until_signal(registry, options).await;
+    if let Command::Serve { listen, relay } = &flags.command {
+        let options = ServerOptions::new(*listen, flags.data_dir.clone());
+        let relay = relay.options(&flags.data_dir)?;
+        return serve_with_relay_until_signal(registry, options, relay).await;
     }
     let mut out = std::io::stdout().lock();
     match flags.command {

@@ -580,15 +580,38 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
 
 /// Serves until SIGTERM or SIGINT, then shuts down gracefully (what `fleet-hub serve` runs).
 pub async fn serve_until_signal(registry: Registry, options: ServerOptions) -> anyhow::Result<()> {
+    serve_with_relay_until_signal(registry, options, None).await
+}
+
+/// [`serve_until_signal`], with the relay when `relay` is given: it starts after the API and
+/// stops before it (its record withdrawn, its device deleted).
+pub async fn serve_with_relay_until_signal(
+    registry: Registry,
+    options: ServerOptions,
+    relay: Option<crate::relay::RelayOptions>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let server = HubServer::start(registry, options).await?;
+    let server = HubServer::start(registry.clone(), options).await?;
+    let relay = match relay {
+        None => None,
+        Some(relay_options) => match crate::relay::Relay::start(registry, relay_options).await {
+            Ok(relay) => Some(relay),
+            Err(e) => {
+                server.shutdown().await;
+                return Err(anyhow::Error::new(e).context("starting the relay"));
+            }
+        },
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
     tracing::info!("signal received; shutting down");
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
     server.shutdown().await;
     Ok(())
 }

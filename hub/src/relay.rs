@@ -1,0 +1,411 @@
+//! The hub's relay: a WireGuard device that forwards member-to-member traffic for members
+//! without a direct tunnel (the default: members behind NAT).
+//!
+//! ```text
+//! member A gateway --WireGuard/UDP--> hub netns :<relay port> (the device's UDP socket)
+//!   -> relay netns: <relay if> decrypts, dst in B's block
+//!   -> route <B's block> dev <relay if> (one per peer, added by fleet-gateway)
+//!   -> <relay if> encrypts for B (allowed IPs = B's block) -> UDP to B's last-seen endpoint
+//! ```
+//! The interface lives in its own netns (default: named netns `fleet-hub-relay`) with
+//! `ip_forward=1` and `send_redirects=0` (packets leave by the interface they came in on; a
+//! redirect would be wrong), so the hub's own netns needs no forwarding and holds no fleet
+//! routes; its UDP socket lives in the hub's netns (`DeviceConfig::underlay_netns`).
+//!
+//! Peers = every cluster in the registry: its public key, allowed IPs = its block, its public
+//! endpoint if it has one (else learnt from its handshakes), keepalive 25 s. The relay follows
+//! the registry's watch, so joins, key changes and removals reach the device within one event.
+//! On start it publishes its [`RelayRecord`] (key + endpoint); on a clean stop it withdraws it
+//! and deletes the device.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey, WireguardDevice};
+use futures::{FutureExt, StreamExt};
+use ipnetwork::IpNetwork;
+use tokio::sync::watch;
+
+use crate::registry::{ClusterId, ClusterRecord, Registry, RegistryEvent, RelayRecord};
+
+/// The named netns the relay's interface goes into unless told otherwise.
+pub const DEFAULT_RELAY_NETNS: &str = "fleet-hub-relay";
+pub const DEFAULT_RELAY_NAME: &str = "fleet-relay";
+pub const RELAY_MTU: u32 = 1420;
+/// Keepalive towards members: keeps their NAT mappings open from our side too.
+pub const RELAY_KEEPALIVE_SECS: u16 = 25;
+/// The relay's private key in the hub's data dir (0600, kept across restarts).
+pub const RELAY_KEY_FILE: &str = "relay.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("relay WireGuard device: {0}")]
+    Gateway(#[from] fleet_gateway::GatewayError),
+    #[error("relay key: {0}")]
+    Key(#[from] fleet_gateway::KeyError),
+    #[error("relay netns: {0}")]
+    Netns(#[from] fleet_core::netns::NetnsError),
+    #[error("relay netns {netns}: cannot set {sysctl}: {source}")]
+    Sysctl {
+        netns: PathBuf,
+        sysctl: &'static str,
+        source: std::io::Error,
+    },
+    #[error("relay: publishing its record: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
+}
+
+/// How the relay runs (`fleet-hub serve --relay-*`).
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// UDP port of the device (its IP is the default endpoint: WireGuard binds every address).
+    pub listen: SocketAddr,
+    /// What members dial.
+    pub endpoint: SocketAddr,
+    /// The netns of the relay's interface; `None`: named netns [`DEFAULT_RELAY_NETNS`], made
+    /// (and on stop removed) by the hub.
+    pub netns: Option<PathBuf>,
+    /// Interface name, host-unique (it names the userspace device's UAPI socket).
+    pub name: String,
+    /// `None`: kernel WireGuard where the relay netns has it, else userspace.
+    pub backend: Option<BackendKind>,
+    /// Where the relay's private key is kept.
+    pub key_path: PathBuf,
+}
+
+impl RelayOptions {
+    pub fn new(listen: SocketAddr, data_dir: &Path) -> Self {
+        RelayOptions {
+            listen,
+            endpoint: listen,
+            netns: None,
+            name: DEFAULT_RELAY_NAME.into(),
+            backend: None,
+            key_path: data_dir.join(RELAY_KEY_FILE),
+        }
+    }
+}
+
+/// The relay's peers for these clusters: one per cluster (its block), each public key once
+/// (a key claimed by two clusters goes to the first by id, with a warning).
+pub fn relay_peers<'a>(clusters: impl IntoIterator<Item = &'a ClusterRecord>) -> Vec<Peer> {
+    let mut seen = HashSet::new();
+    let mut peers = Vec::new();
+    for c in clusters {
+        if !seen.insert(c.public_key) {
+            tracing::warn!(cluster = %c.id, public_key = %c.public_key, "two clusters use one WireGuard key; the relay serves only the first");
+            continue;
+        }
+        peers.push(Peer {
+            public_key: fleet_gateway::PublicKey::from_bytes(*c.public_key.as_bytes()),
+            endpoint: c.endpoint,
+            allowed_ips: vec![IpNetwork::V4(c.block)],
+            persistent_keepalive: Some(RELAY_KEEPALIVE_SECS),
+        });
+    }
+    peers
+}
+
+/// A running relay; [`Relay::stop`] takes it down.
+pub struct Relay {
+    device: Arc<dyn WireguardDevice>,
+    record: RelayRecord,
+    registry: Registry,
+    owned_netns: Option<String>,
+    stop: watch::Sender<bool>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Same netns? (Both paths name nsfs files; one netns is one inode.)
+fn same_netns(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Forwarding on, redirects off, in `netns`.
+async fn prepare_netns(netns: &Path) -> Result<(), RelayError> {
+    let path = netns.to_path_buf();
+    fleet_core::netns::with_netlink(vec![path.clone()], move |_| async move {
+        // `default` first: it applies to the relay interface created afterwards.
+        for (sysctl, value) in [
+            ("net/ipv4/conf/default/send_redirects", "0"),
+            ("net/ipv4/conf/all/send_redirects", "0"),
+            ("net/ipv4/ip_forward", "1"),
+        ] {
+            std::fs::write(format!("/proc/sys/{sysctl}"), value).map_err(|source| {
+                RelayError::Sysctl {
+                    netns: path.clone(),
+                    sysctl,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
+impl Relay {
+    /// Creates the relay's device, gives it every cluster as a peer, publishes its record and
+    /// follows the registry. A failure leaves no device behind.
+    pub async fn start(registry: Registry, options: RelayOptions) -> Result<Relay, RelayError> {
+        let (netns, owned_netns) = match &options.netns {
+            Some(path) => (path.clone(), None),
+            None => (
+                fleet_core::netns::ensure_named(DEFAULT_RELAY_NETNS)?,
+                Some(DEFAULT_RELAY_NETNS.to_string()),
+            ),
+        };
+        let started = Self::start_in(registry, &options, netns).await;
+        match started {
+            Ok((device, record, registry)) => {
+                let (stop, stopped) = watch::channel(false);
+                let follower = tokio::spawn(follow(registry.clone(), device.clone(), stopped));
+                Ok(Relay {
+                    device,
+                    record,
+                    registry,
+                    owned_netns,
+                    stop,
+                    follower,
+                })
+            }
+            Err(e) => {
+                if let Some(name) = owned_netns {
+                    let _ = fleet_core::netns::delete_named(&name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_in(
+        registry: Registry,
+        options: &RelayOptions,
+        netns: PathBuf,
+    ) -> Result<(Arc<dyn WireguardDevice>, RelayRecord, Registry), RelayError> {
+        prepare_netns(&netns).await?;
+        let key = PrivateKey::load_or_generate(&options.key_path)?;
+        let own = PathBuf::from("/proc/self/ns/net");
+        let underlay = (!same_netns(&own, &netns)).then(|| own.clone());
+        let kind = fleet_gateway::select_backend(options.backend, &netns).await;
+        let config = DeviceConfig {
+            name: options.name.clone(),
+            netns: netns.clone(),
+            underlay_netns: underlay,
+            private_key: key,
+            listen_port: options.listen.port(),
+            mtu: RELAY_MTU,
+            addresses: Vec::new(),
+        };
+        let device: Arc<dyn WireguardDevice> =
+            Arc::from(fleet_gateway::create_device(kind, config).await?);
+        let public_key = crate::registry::PublicKey::from_bytes(*device.public_key().as_bytes());
+        let record = RelayRecord {
+            id: RelayRecord::id_for(&public_key),
+            public_key,
+            endpoint: options.endpoint,
+        };
+        let published = async {
+            let view = registry.view().await?;
+            device
+                .set_peers(&relay_peers(&view.clusters))
+                .await
+                .map_err(RelayError::from)?;
+            registry.publish_relay(&record).await?;
+            Ok::<_, RelayError>(())
+        };
+        if let Err(e) = published.await {
+            let _ = device.delete().await;
+            return Err(e);
+        }
+        tracing::info!(relay = %record.id, device = %options.name, backend = %kind, netns = %netns.display(), endpoint = %record.endpoint, public_key = %record.public_key, "relay up");
+        Ok((device, record, registry))
+    }
+
+    pub fn record(&self) -> &RelayRecord {
+        &self.record
+    }
+
+    /// Stops following, withdraws the relay record (members drop this relay), deletes the
+    /// device (and the netns the hub made for it).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.follower.await;
+        if let Err(e) = self.registry.remove_relay(&self.record.id).await {
+            tracing::warn!(relay = %self.record.id, error = %e, "could not withdraw the relay record");
+        }
+        if let Err(e) = self.device.delete().await {
+            tracing::warn!(relay = %self.record.id, error = %e, "could not delete the relay device");
+        }
+        if let Some(name) = self.owned_netns
+            && let Err(e) = fleet_core::netns::delete_named(&name)
+        {
+            tracing::warn!(netns = %name, error = %e, "could not delete the relay netns");
+        }
+        tracing::info!(relay = %self.record.id, "relay stopped");
+    }
+}
+
+/// Keeps the device's peers equal to the registry's clusters: a view, then its watch; after a
+/// watch error (a compacted history, the store away) a fresh view.
+async fn follow(
+    registry: Registry,
+    device: Arc<dyn WireguardDevice>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let backoff = Duration::from_secs(1);
+    loop {
+        let outcome = tokio::select! {
+            _ = stopped.changed() => return,
+            outcome = follow_once(&registry, device.as_ref()) => outcome,
+        };
+        if let Err(reason) = outcome {
+            tracing::warn!(%reason, "relay lost the registry; following it again");
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+/// One view and its watch, until the watch fails. Returns why.
+async fn follow_once(registry: &Registry, device: &dyn WireguardDevice) -> Result<(), String> {
+    let view = registry.view().await.map_err(|e| e.to_string())?;
+    let mut clusters: BTreeMap<ClusterId, ClusterRecord> = view
+        .clusters
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    apply(device, &clusters).await?;
+    let events = registry
+        .watch(view.revision)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut events = Box::pin(events);
+    loop {
+        let Some(event) = events.next().await else {
+            return Err("the watch ended".into());
+        };
+        let mut changed = absorb(&mut clusters, event.map_err(|e| e.to_string())?);
+        // Take whatever else is already there (a removal is several events) before applying.
+        while let Some(Some(event)) = events.next().now_or_never() {
+            changed |= absorb(&mut clusters, event.map_err(|e| e.to_string())?);
+        }
+        if changed {
+            apply(device, &clusters).await?;
+        }
+    }
+}
+
+fn absorb(clusters: &mut BTreeMap<ClusterId, ClusterRecord>, event: RegistryEvent) -> bool {
+    match event {
+        RegistryEvent::ClusterUpserted { record, .. } => {
+            let old = clusters.insert(record.id.clone(), record.clone());
+            old.is_none_or(|o| {
+                (o.public_key, o.block, o.endpoint)
+                    != (record.public_key, record.block, record.endpoint)
+            })
+        }
+        RegistryEvent::ClusterRemoved { id, .. } => clusters.remove(&id).is_some(),
+        _ => false,
+    }
+}
+
+async fn apply(
+    device: &dyn WireguardDevice,
+    clusters: &BTreeMap<ClusterId, ClusterRecord>,
+) -> Result<(), String> {
+    let peers = relay_peers(clusters.values());
+    device
+        .set_peers(&peers)
+        .await
+        .map_err(|e| format!("setting the relay's {} peers: {e}", peers.len()))?;
+    tracing::debug!(peers = peers.len(), "relay peers set");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{GatewayState, PublicKey};
+
+    fn cluster(id: &str, key: u8, block: &str, endpoint: Option<&str>) -> ClusterRecord {
+        ClusterRecord {
+            id: ClusterId::new(id).unwrap(),
+            block: block.parse().unwrap(),
+            public_key: PublicKey::from_bytes([key; 32]),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            gateway: GatewayState::Up,
+            joined_at: 0,
+            token_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn one_peer_per_cluster_with_its_block_and_public_endpoint() {
+        let aa = cluster("aa", 1, "100.96.0.0/20", None);
+        let bb = cluster("bb", 2, "100.96.16.0/20", Some("203.0.113.5:51820"));
+        let peers = relay_peers([&aa, &bb]);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].public_key.as_bytes(), &[1; 32]);
+        assert_eq!(peers[0].allowed_ips, vec!["100.96.0.0/20".parse().unwrap()]);
+        assert_eq!(peers[0].endpoint, None);
+        assert_eq!(
+            peers[1].endpoint,
+            Some("203.0.113.5:51820".parse().unwrap())
+        );
+        assert!(peers.iter().all(|p| p.persistent_keepalive == Some(25)));
+    }
+
+    #[test]
+    fn a_key_claimed_twice_is_served_once() {
+        let aa = cluster("aa", 1, "100.96.0.0/20", None);
+        let bb = cluster("bb", 1, "100.96.16.0/20", None);
+        let peers = relay_peers([&aa, &bb]);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].allowed_ips, vec!["100.96.0.0/20".parse().unwrap()]);
+    }
+
+    #[test]
+    fn only_peer_relevant_changes_count() {
+        let mut clusters = BTreeMap::new();
+        let aa = cluster("aa", 1, "100.96.0.0/20", None);
+        let up = |record: ClusterRecord| RegistryEvent::ClusterUpserted {
+            record,
+            revision: 1,
+        };
+        assert!(absorb(&mut clusters, up(aa.clone())));
+        let mut down = aa.clone();
+        down.gateway = GatewayState::Down;
+        assert!(
+            !absorb(&mut clusters, up(down)),
+            "gateway state is not a peer change"
+        );
+        assert!(absorb(
+            &mut clusters,
+            up(cluster("aa", 3, "100.96.0.0/20", None))
+        ));
+        let removed = RegistryEvent::ClusterRemoved {
+            id: aa.id.clone(),
+            revision: 2,
+        };
+        assert!(absorb(&mut clusters, removed.clone()));
+        assert!(!absorb(&mut clusters, removed));
+    }
+}

@@ -1,0 +1,453 @@
+//! The hub's relay, for real (root): `fleet-hub serve --relay-listen ...` in a netns of its
+//! own ("the hub host"), its relay interface in another netns, and two fake members — plain
+//! fleet-gateway userspace devices in their own netns that join through `HubClient` and peer
+//! only with the relay (allowed IPs = the fleet CIDR). Member A pings member B's block address
+//! through the relay; once B is removed from the fleet the relay drops B and the ping stops.
+//!
+//! ```text
+//!  netns A (192.0.2.2) ──veth──┐            ┌──veth── netns B (192.0.2.3)
+//!   fha<pid> 100.96.0.1/20     br0 192.0.2.1 (netns H: fleet-hub serve, relay UDP :51820)
+//!                                   │ relay interface in netns R (forwarding, no redirects)
+//! ```
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey};
+use fleet_hub::api::{CaHash, Credential, JoinString};
+use fleet_hub::client::{ClientOptions, HubClient};
+use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+
+const HUB_IP: &str = "192.0.2.1";
+const API_PORT: u16 = 7443;
+const RELAY_PORT: u16 = 51820;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the relay test creates network namespaces and WireGuard devices: run it as root (CI is root)"
+    );
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named netns made by this test (PID-unique), deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("fhr-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args);
+        run("ip", &all)
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", self.name.as_str()];
+        all.extend(args);
+        run("ip", &all)
+    }
+
+    /// One ICMP echo from `from` to `to`, answered within a second.
+    fn ping(&self, from: &str, to: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "busybox", "ping", "-q", "-c", "1", "-W", "1",
+            ])
+            .args(["-I", from, to])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Runs `work` on a thread inside this netns with its own runtime (its sockets live here).
+    fn block_on<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let file = File::open(self.path()).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(work)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Whether a UDP socket is bound to `port` in this netns.
+    fn has_udp_port(&self, port: u16) -> bool {
+        let needle = format!(":{port:04X} ");
+        self.exec(&["cat", "/proc/net/udp", "/proc/net/udp6"])
+            .lines()
+            .any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| format!("{local} ").contains(&needle))
+            })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        connect_timeout: Duration::from_secs(2),
+        call_timeout: Duration::from_secs(10),
+        watch_idle_timeout: Duration::from_secs(5),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    }
+}
+
+/// `fleet-hub serve` with the relay, inside netns `hub`; stopped by PID (SIGTERM) on drop.
+struct HubInNetns {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl HubInNetns {
+    fn start(hub: &Netns, relay_netns: &Netns, relay_name: &str) -> HubInNetns {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-hub-relay-")
+            .tempdir()
+            .unwrap();
+        let log = File::create(dir.path().join("hub.log")).unwrap();
+        let netns = File::open(hub.path()).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleet-hub"));
+        command
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["serve", "--listen", &format!("{HUB_IP}:{API_PORT}")])
+            .args(["--relay-listen", &format!("{HUB_IP}:{RELAY_PORT}")])
+            .arg("--relay-netns")
+            .arg(relay_netns.path())
+            .args(["--relay-name", relay_name, "--wg-backend", "userspace"])
+            .env("FLEET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        let fd = netns.as_raw_fd();
+        // SAFETY: only setns and prctl (plain syscalls) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let file = std::os::fd::BorrowedFd::borrow_raw(fd);
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("start fleet-hub serve");
+        drop(netns);
+        HubInNetns {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hub.log")).unwrap_or_default()
+    }
+
+    fn ca_hash(&self) -> CaHash {
+        CaHash::of_pem(&std::fs::read_to_string(self.data_dir().join("ca.pem")).unwrap()).unwrap()
+    }
+
+    fn admin_credential(&self) -> Credential {
+        Credential::parse(
+            &std::fs::read_to_string(self.data_dir().join("admin.credential")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// SIGTERM by PID, then wait (SIGKILL after 10 s).
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for HubInNetns {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `ns` joins the bridge `br0` of `hub` with address `addr` on its `ul0`.
+fn wire(hub: &Netns, ns: &Netns, tag: &str, addr: &str) {
+    let host_end = format!("v{tag}");
+    hub.ip(&[
+        "link", "add", &host_end, "type", "veth", "peer", "name", "ul0", "netns", &ns.name,
+    ]);
+    hub.ip(&["link", "set", &host_end, "master", "br0", "up"]);
+    ns.ip(&["addr", "add", addr, "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+}
+
+struct Member {
+    id: ClusterId,
+    client: HubClient,
+    address: String,
+    device: Box<dyn fleet_gateway::WireguardDevice>,
+}
+
+/// A fake member in `ns`: a key, a join through the hub's API, a userspace WireGuard device
+/// with the first address of its block, peered with the relay for the whole fleet CIDR.
+async fn member(ns: &Netns, name: &str, join: &JoinString, wg_name: &str) -> Member {
+    let key = PrivateKey::generate();
+    let client = HubClient::new([format!("{HUB_IP}:{API_PORT}")], join.ca_hash, options()).unwrap();
+    let request = JoinRequest {
+        cluster: ClusterId::new(name).unwrap(),
+        public_key: PublicKey::from_bytes(*key.public_key().as_bytes()),
+        endpoint: None,
+    };
+    let (joined, view) = ns.block_on({
+        let client = client.clone();
+        let join = join.clone();
+        async move {
+            let joined = client.join(&join, request).await.unwrap();
+            let view = client.list().await.unwrap();
+            (joined, view)
+        }
+    });
+    assert_eq!(
+        view.relays.len(),
+        1,
+        "the hub published its relay: {view:?}"
+    );
+    let relay = &view.relays[0];
+    assert_eq!(relay.endpoint.to_string(), format!("{HUB_IP}:{RELAY_PORT}"));
+    let block = joined.record.block;
+    let first = std::net::Ipv4Addr::from(u32::from(block.network()) + 1);
+    let address = format!("{first}/{}", block.prefix());
+    let device = fleet_gateway::create_device(
+        BackendKind::Userspace,
+        DeviceConfig {
+            name: wg_name.into(),
+            netns: ns.path(),
+            underlay_netns: None,
+            private_key: key,
+            listen_port: RELAY_PORT,
+            mtu: 1420,
+            addresses: vec![address.parse().unwrap()],
+        },
+    )
+    .await
+    .unwrap();
+    device
+        .set_peers(&[Peer {
+            public_key: fleet_gateway::PublicKey::from_bytes(*relay.public_key.as_bytes()),
+            endpoint: Some(relay.endpoint),
+            allowed_ips: vec![ipnetwork::IpNetwork::V4(view.fleet_cidr)],
+            persistent_keepalive: Some(1),
+        }])
+        .await
+        .unwrap();
+    Member {
+        id: joined.record.id,
+        client,
+        address: first.to_string(),
+        device,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
+    require_root();
+    let pid = std::process::id();
+    let hub_ns = Netns::new("h");
+    let relay_ns = Netns::new("r");
+    let a_ns = Netns::new("a");
+    let b_ns = Netns::new("b");
+    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub_ns.ip(&["addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+    hub_ns.ip(&["link", "set", "br0", "up"]);
+    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
+    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
+
+    let relay_name = format!("fhr{pid}");
+    let mut hub = HubInNetns::start(&hub_ns, &relay_ns, &relay_name);
+    // Ready once the admin credential exists and the relay is published (listed over the API).
+    let ready = eventually(Duration::from_secs(30), || {
+        if let Some(status) = hub.exited() {
+            panic!("fleet-hub exited with {status}; log:\n{}", hub.log());
+        }
+        if !hub.data_dir().join("admin.credential").exists() {
+            return false;
+        }
+        let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
+            .unwrap()
+            .with_credential(hub.admin_credential());
+        a_ns.block_on(async move { admin.list().await.is_ok_and(|v| !v.relays.is_empty()) })
+    });
+    assert!(
+        ready,
+        "the hub did not come up with its relay; log:\n{}",
+        hub.log()
+    );
+    let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
+        .unwrap()
+        .with_credential(hub.admin_credential());
+
+    // The relay's interface is in the relay netns with forwarding on and redirects off; its
+    // UDP socket is in the hub's netns (the relay netns has no uplink at all).
+    relay_ns.ip(&["link", "show", &relay_name]);
+    assert_eq!(
+        relay_ns
+            .exec(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        relay_ns
+            .exec(&["cat", "/proc/sys/net/ipv4/conf/all/send_redirects"])
+            .trim(),
+        "0"
+    );
+    assert!(
+        hub_ns.has_udp_port(RELAY_PORT),
+        "relay UDP in the hub netns"
+    );
+    assert!(
+        !relay_ns.has_udp_port(RELAY_PORT),
+        "no UDP in the relay netns"
+    );
+    let key_mode = std::fs::metadata(hub.data_dir().join("relay.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let (join, _) = {
+        let admin = admin.clone();
+        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
+            .unwrap()
+    };
+    let a = member(&a_ns, "aa", &join, &format!("fha{pid}")).await;
+    let b = member(&b_ns, "bb", &join, &format!("fhb{pid}")).await;
+    assert_ne!(a.address, b.address);
+
+    // A -> relay -> B and back: ICMP between the two blocks.
+    let reached = eventually(Duration::from_secs(20), || {
+        a_ns.ping(&a.address, &b.address)
+    });
+    assert!(
+        reached,
+        "A could not reach B through the relay; hub log:\n{}",
+        hub.log()
+    );
+    assert!(b_ns.ping(&b.address, &a.address), "and B reaches A");
+
+    // The admin removes B: the relay drops B's peer, A's pings stop.
+    let removed = {
+        let admin = admin.clone();
+        let id = b.id.clone();
+        a_ns.block_on(async move { admin.remove_cluster(&id).await })
+    };
+    assert!(removed.unwrap());
+    let stopped = eventually(Duration::from_secs(10), || {
+        !a_ns.ping(&a.address, &b.address)
+    });
+    assert!(stopped, "traffic to a removed member still flows");
+    // ... and stays stopped (B's keepalives no longer reach a peer at the relay).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!a_ns.ping(&a.address, &b.address));
+    let (a_client, b_client) = (a.client.clone(), b.client.clone());
+    let (a_view, b_refused) = a_ns.block_on(async move {
+        (
+            a_client.list().await.unwrap(),
+            b_client.list().await.unwrap_err(),
+        )
+    });
+    assert_eq!(a_view.clusters.len(), 1, "only A is left");
+    assert_eq!(
+        b_refused.code(),
+        Some(fleet_hub::api::ErrorCode::Unauthenticated)
+    );
+
+    // SIGTERM: the relay's device goes (interface and UAPI socket), the hub exits cleanly.
+    let status = hub.stop().expect("the hub was running");
+    assert!(status.success(), "{status}; log:\n{}", hub.log());
+    assert!(
+        Command::new("ip")
+            .args(["-n", &relay_ns.name, "link", "show", &relay_name])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| !s.success()),
+        "the relay interface is deleted on shutdown"
+    );
+    assert!(!Path::new(&format!("/var/run/wireguard/{relay_name}.sock")).exists());
+    assert!(hub.log().contains("relay stopped"), "{}", hub.log());
+    a.device.delete().await.unwrap();
+    b.device.delete().await.unwrap();
+}
