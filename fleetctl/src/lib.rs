@@ -1,0 +1,317 @@
+//! `fleetctl status`: the fleet as the hub lists it — clusters and their blocks, each
+//! cluster's tunnel (from its `gateway` record) and nodes (from its `node/*` records) — as a
+//! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+
+use fleet_controller::records::{GATEWAY_RECORD, GatewayRecord, NODE_RECORD_PREFIX, NodeRecord};
+use fleet_hub::registry::FleetView;
+use ipnetwork::Ipv4Network;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub revision: u64,
+    pub fleet_cidr: Ipv4Network,
+    pub relays: Vec<RelayStatus>,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelayStatus {
+    pub id: String,
+    pub public_key: String,
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    pub id: String,
+    pub block: Ipv4Network,
+    pub endpoint: Option<SocketAddr>,
+    /// The hub's gateway state: pending, up, down.
+    pub gateway: String,
+    pub public_key: String,
+    /// The cluster's last `gateway` record, if any.
+    pub tunnel: Option<GatewayRecord>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub subnet: Ipv4Network,
+    pub underlay_ip: std::net::Ipv4Addr,
+}
+
+/// Builds the status; records that do not parse are skipped (a newer controller's format).
+pub fn status(view: &FleetView) -> Status {
+    let mut clusters: Vec<ClusterStatus> = view
+        .clusters
+        .iter()
+        .map(|c| ClusterStatus {
+            id: c.id.to_string(),
+            block: c.block,
+            endpoint: c.endpoint,
+            gateway: format!("{:?}", c.gateway).to_lowercase(),
+            public_key: c.public_key.to_string(),
+            tunnel: None,
+            nodes: Vec::new(),
+        })
+        .collect();
+    clusters.sort_by(|a, b| a.id.cmp(&b.id));
+    for r in &view.records {
+        let Some(c) = clusters.iter_mut().find(|c| c.id == r.owner.as_str()) else {
+            continue;
+        };
+        if r.name == GATEWAY_RECORD {
+            c.tunnel = serde_json::from_slice(&r.value).ok();
+        } else if let Some(node) = r.name.strip_prefix(NODE_RECORD_PREFIX)
+            && let Ok(n) = serde_json::from_slice::<NodeRecord>(&r.value)
+        {
+            c.nodes.push(NodeStatus {
+                name: node.to_string(),
+                subnet: n.subnet,
+                underlay_ip: n.underlay_ip,
+            });
+        }
+    }
+    for c in &mut clusters {
+        c.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    Status {
+        revision: view.revision,
+        fleet_cidr: view.fleet_cidr,
+        relays: view
+            .relays
+            .iter()
+            .map(|r| RelayStatus {
+                id: r.id.clone(),
+                public_key: r.public_key.to_string(),
+                endpoint: r.endpoint,
+            })
+            .collect(),
+        clusters,
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn ago(then: u64, now: u64) -> String {
+    format!("{}s ago", now.saturating_sub(then))
+}
+
+/// The status as tables; `now` is unix seconds (ages are relative to it).
+pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Result<()> {
+    // Who a tunnel peer is, by public key.
+    let mut names: BTreeMap<&str, String> = BTreeMap::new();
+    for c in &s.clusters {
+        names.insert(&c.public_key, format!("cluster {}", c.id));
+    }
+    for r in &s.relays {
+        names.insert(&r.public_key, format!("relay {}", r.id));
+    }
+    writeln!(out, "fleet {} (revision {})", s.fleet_cidr, s.revision)?;
+    for r in &s.relays {
+        writeln!(out, "relay {} at {} key {}", r.id, r.endpoint, r.public_key)?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<16} {:<18} {:<22} {:<8} PUBLIC KEY",
+        "CLUSTER", "BLOCK", "ENDPOINT", "GATEWAY"
+    )?;
+    for c in &s.clusters {
+        let endpoint = c.endpoint.map_or("-".to_string(), |e| e.to_string());
+        writeln!(
+            out,
+            "{:<16} {:<18} {:<22} {:<8} {}",
+            c.id,
+            c.block.to_string(),
+            endpoint,
+            c.gateway,
+            c.public_key
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<16} {:<12} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
+        "TUNNELS OF", "NODE", "BACKEND", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    )?;
+    for c in &s.clusters {
+        let Some(t) = &c.tunnel else {
+            writeln!(out, "{:<16} (no gateway record)", c.id)?;
+            continue;
+        };
+        if t.peers.is_empty() {
+            writeln!(
+                out,
+                "{:<16} {:<12} {:<10} (no peers; updated {})",
+                c.id,
+                t.node,
+                t.backend,
+                ago(t.updated_at, now)
+            )?;
+        }
+        for p in &t.peers {
+            let who = names
+                .get(p.public_key.as_str())
+                .cloned()
+                .unwrap_or_else(|| p.public_key.clone());
+            writeln!(
+                out,
+                "{:<16} {:<12} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
+                c.id,
+                t.node,
+                t.backend,
+                who,
+                p.endpoint.map_or("-".to_string(), |e| e.to_string()),
+                p.last_handshake
+                    .map_or("never".to_string(), |h| ago(h, now)),
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes)
+            )?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<16} {:<16} {:<18} UNDERLAY",
+        "NODES OF", "NODE", "SUBNET"
+    )?;
+    for c in &s.clusters {
+        for n in &c.nodes {
+            writeln!(
+                out,
+                "{:<16} {:<16} {:<18} {}",
+                c.id,
+                n.name,
+                n.subnet.to_string(),
+                n.underlay_ip
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_controller::records::GatewayPeerRecord;
+    use fleet_hub::RelayRecord;
+    use fleet_hub::registry::{ClusterId, ClusterRecord, GatewayState, MemberRecord, PublicKey};
+
+    fn view() -> FleetView {
+        let aa = ClusterId::new("aa").unwrap();
+        let bb = ClusterId::new("bb").unwrap();
+        let relay_key = PublicKey::from_bytes([9; 32]);
+        let gateway = GatewayRecord {
+            node: "aa-1".into(),
+            holder: "h".into(),
+            backend: "userspace".into(),
+            public_key: PublicKey::from_bytes([1; 32]).to_string(),
+            listen_port: 51820,
+            updated_at: 100,
+            peers: vec![GatewayPeerRecord {
+                public_key: relay_key.to_string(),
+                endpoint: Some("203.0.113.1:51820".parse().unwrap()),
+                last_handshake: Some(95),
+                rx_bytes: 2048,
+                tx_bytes: 10,
+            }],
+        };
+        let rec = |owner: &ClusterId, name: &str, value: Vec<u8>| MemberRecord {
+            owner: owner.clone(),
+            name: name.into(),
+            value,
+            revision: 1,
+        };
+        FleetView {
+            clusters: vec![
+                ClusterRecord {
+                    id: bb.clone(),
+                    block: "100.96.16.0/20".parse().unwrap(),
+                    public_key: PublicKey::from_bytes([2; 32]),
+                    endpoint: None,
+                    gateway: GatewayState::Pending,
+                    joined_at: 0,
+                    token_id: "t".into(),
+                },
+                ClusterRecord {
+                    id: aa.clone(),
+                    block: "100.96.0.0/20".parse().unwrap(),
+                    public_key: PublicKey::from_bytes([1; 32]),
+                    endpoint: None,
+                    gateway: GatewayState::Up,
+                    joined_at: 0,
+                    token_id: "t".into(),
+                },
+            ],
+            records: vec![
+                rec(&aa, "gateway", serde_json::to_vec(&gateway).unwrap()),
+                rec(
+                    &aa,
+                    "node/aa-2",
+                    br#"{"subnet":"100.96.1.0/24","underlay_ip":"198.51.100.12"}"#.to_vec(),
+                ),
+                rec(
+                    &aa,
+                    "node/aa-1",
+                    br#"{"subnet":"100.96.0.0/24","underlay_ip":"198.51.100.11"}"#.to_vec(),
+                ),
+                rec(&bb, "node/garbage", b"not json".to_vec()),
+                rec(&bb, "export/x", b"{}".to_vec()),
+            ],
+            fleet_cidr: "100.96.0.0/12".parse().unwrap(),
+            relays: vec![RelayRecord {
+                id: "relay1".into(),
+                public_key: relay_key,
+                endpoint: "203.0.113.1:51820".parse().unwrap(),
+            }],
+            revision: 42,
+        }
+    }
+
+    #[test]
+    fn status_joins_clusters_tunnels_and_nodes() {
+        let s = status(&view());
+        assert_eq!(s.clusters[0].id, "aa");
+        assert_eq!(s.clusters[0].gateway, "up");
+        let nodes: Vec<_> = s.clusters[0]
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(nodes, vec!["aa-1", "aa-2"]);
+        assert!(s.clusters[1].nodes.is_empty(), "garbage skipped");
+        assert!(s.clusters[1].tunnel.is_none());
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["clusters"][0]["tunnel"]["peers"][0]["rx_bytes"], 2048);
+        assert_eq!(json["relays"][0]["id"], "relay1");
+
+        let mut out = Vec::new();
+        render_table(&s, 100, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("relay relay1"), "{text}");
+        assert!(text.contains("5s ago"), "{text}");
+        assert!(text.contains("2.0 KiB"), "{text}");
+        assert!(text.contains("100.96.1.0/24"), "{text}");
+        assert!(text.contains("(no gateway record)"), "{text}");
+    }
+}
