@@ -94,9 +94,22 @@ pub async fn token_create(
     info: &mut impl Write,
 ) -> Result<(), AdminError> {
     let (token, meta) = registry.create_token(ttl, description).await?;
+    // The CA of this data dir, else the one replicas share through the store.
+    let shared_ca = match registry
+        .store()
+        .get(crate::api::tls::SHARED_IDENTITY_KEY)
+        .await
+        .map_err(RegistryError::from)?
+    {
+        Some(kv) => serde_json::from_slice::<crate::api::tls::SharedIdentity>(&kv.value)
+            .ok()
+            .and_then(|identity| identity.ca_hash().ok()),
+        None => None,
+    };
     match std::fs::read_to_string(data_dir.join("ca.pem"))
         .ok()
         .and_then(|pem| CaHash::of_pem(&pem).ok())
+        .or(shared_ca)
     {
         Some(ca_hash) => writeln!(out, "{}", JoinString { token, ca_hash }.expose_secret())?,
         None => {

@@ -186,7 +186,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the hub store ({location:?})"))?;
     if let Command::Serve { listen, relay } = &flags.command {
-        let options = ServerOptions::new(*listen, flags.data_dir.clone());
+        let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
+        // Replicas on etcd share one CA (members pin it) and admin credential.
+        options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;
         return serve_with_relay_until_signal(registry, options, relay).await;
     }

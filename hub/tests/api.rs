@@ -809,3 +809,66 @@ async fn relays_and_the_fleet_cidr_reach_members() {
     }
     assert!(aa.list().await.unwrap().relays.is_empty());
 }
+
+/// Replicas on one etcd share one CA and admin credential through the store, with nothing
+/// copied between data dirs: a member pinned to the join string's CA talks to either, and a
+/// replica whose data dir holds another CA refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_etcd_share_one_ca_through_the_store() {
+    let etcd = EtcdServer::start().await;
+    let store_flags = ["--etcd", &etcd.endpoint()];
+    let one = HubProcess::start(&store_flags).await;
+    let two = HubProcess::start(&store_flags).await;
+    assert_eq!(one.ca_hash(), two.ca_hash(), "one CA for the fleet");
+    assert_eq!(one.admin_credential(), two.admin_credential());
+
+    // A token from one replica; the member joins through the other and calls both.
+    let (join, _) = one
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let via_two = HubClient::new([two.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let joined = via_two.join(&join, request("aa", 1)).await.unwrap();
+    let via_one = HubClient::new([one.endpoint()], join.ca_hash, quick_options())
+        .unwrap()
+        .with_credential(joined.credential.clone());
+    via_one.publish(&id("aa"), "r", b"v").await.unwrap();
+    assert_eq!(via_two.list().await.unwrap().records.len(), 1);
+    assert_eq!(two.admin().list_tokens().await.unwrap().len(), 1);
+
+    // A data dir with its own, different CA (from an embedded-store hub) is refused.
+    let mut other = HubProcess::start(&[]).await;
+    other.stop();
+    assert_ne!(other.ca_hash(), one.ca_hash());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-hub"))
+        .arg("--data-dir")
+        .arg(other.data_dir())
+        .args(store_flags)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a replica with a different CA kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("share CA"), "{stderr}");
+    assert_ne!(other.ca_hash(), one.ca_hash(), "its files are left alone");
+}

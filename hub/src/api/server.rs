@@ -45,6 +45,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long shutdown waits for connections to finish.
     pub drain_timeout: Duration,
+    /// Share the CA and admin credential with the other replicas through the store (replicas
+    /// on etcd; see [`super::tls::share_identity`]).
+    pub share_identity: bool,
 }
 
 impl ServerOptions {
@@ -57,6 +60,7 @@ impl ServerOptions {
             heartbeat: Duration::from_secs(5),
             max_connections: 16_384,
             drain_timeout: Duration::from_secs(5),
+            share_identity: false,
         }
     }
 }
@@ -79,6 +83,9 @@ pub struct HubServer {
 impl HubServer {
     /// Loads (or creates) the hub's TLS identity in the data dir, binds, and serves.
     pub async fn start(registry: Registry, options: ServerOptions) -> anyhow::Result<HubServer> {
+        if options.share_identity {
+            super::tls::share_identity(&options.data_dir, registry.store().as_ref()).await?;
+        }
         let identity = HubIdentity::load_or_create(&options.data_dir)?;
         let listener = TcpListener::bind(options.listen)
             .await

@@ -4,7 +4,9 @@
 //! P-256) into its data dir (`ca.pem`, `ca.key` 0600) and an admin credential
 //! (`admin.credential`, 0600). On every start it issues itself a fresh server certificate
 //! signed by that CA for the name [`HUB_SERVER_NAME`], and serves the chain `[server, CA]`.
-//! Several replicas share one CA by sharing those three files.
+//! Replicas on one etcd share one CA and admin credential through the store
+//! ([`share_identity`], `meta/identity`): the first to start publishes its own, the others
+//! adopt it into their data dirs.
 //!
 //! Client side ([`CaHash`], [`pinned_client_config`]): like kubeadm's discovery token CA hash, a
 //! member knows only the SHA-256 of the CA certificate (carried in the join string). It accepts
@@ -55,6 +57,18 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     #[error("invalid CA hash {0:?}: expected 64 hex digits (the CA certificate's SHA-256)")]
     BadCaHash(String),
+    #[error("sharing the hub identity through the store failed: {0}")]
+    Store(String),
+    #[error(
+        "the hub data dir {dir} holds CA {local} (or another admin credential), but the fleet's \
+         replicas share CA {shared} through the store; members pin that one: move this data \
+         dir's ca.pem, ca.key and admin.credential aside to adopt the shared identity"
+    )]
+    Mismatch {
+        dir: PathBuf,
+        local: CaHash,
+        shared: CaHash,
+    },
 }
 
 /// The SHA-256 of the hub CA's certificate (DER): what a member pins.
@@ -178,6 +192,142 @@ pub(crate) fn random_secret() -> Result<String, std::io::Error> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(hex(&bytes))
+}
+
+/// Where replicas on one store keep the fleet's TLS identity.
+pub const SHARED_IDENTITY_KEY: &str = "meta/identity";
+
+/// The hub's CA and admin credential as kept in the store (replicas on etcd share them; the
+/// store is then as secret as `ca.key`: protect etcd like the CA key).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SharedIdentity {
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    /// `a.<secret>`.
+    pub admin_credential: String,
+}
+
+impl fmt::Debug for SharedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedIdentity").finish_non_exhaustive()
+    }
+}
+
+impl SharedIdentity {
+    fn generate() -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let cert = ca_params()?.self_signed(&key)?;
+        let secret = random_secret().map_err(|source| TlsError::Io {
+            path: PathBuf::from("<random>"),
+            source,
+        })?;
+        Ok(SharedIdentity {
+            ca_pem: cert.pem(),
+            ca_key_pem: key.serialize_pem(),
+            admin_credential: super::Credential::Admin(secret).expose(),
+        })
+    }
+
+    /// The identity in `data_dir`, if all three files are there.
+    fn read_local(data_dir: &Path) -> Result<Option<Self>, TlsError> {
+        let read = |name: &str| {
+            let path = data_dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(TlsError::Io { path, source }),
+            }
+        };
+        Ok(
+            match (read(CA_CERT)?, read(CA_KEY)?, read(ADMIN_CREDENTIAL)?) {
+                (Some(ca_pem), Some(ca_key_pem), Some(admin)) => Some(SharedIdentity {
+                    ca_pem,
+                    ca_key_pem,
+                    admin_credential: admin.trim().to_string(),
+                }),
+                _ => None,
+            },
+        )
+    }
+
+    fn write_local(&self, data_dir: &Path) -> Result<(), TlsError> {
+        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        write_private(&data_dir.join(CA_KEY), self.ca_key_pem.as_bytes())?;
+        write_private(&data_dir.join(CA_CERT), self.ca_pem.as_bytes())?;
+        write_private(
+            &data_dir.join(ADMIN_CREDENTIAL),
+            format!("{}\n", self.admin_credential).as_bytes(),
+        )
+    }
+
+    pub fn ca_hash(&self) -> Result<CaHash, TlsError> {
+        CaHash::of_pem(&self.ca_pem)
+    }
+}
+
+/// Makes `data_dir` hold the fleet's one identity, kept in `store` (for replicas on etcd):
+/// the first replica to start publishes its CA and admin credential (its existing files, or
+/// new ones), every other replica writes the published ones into its data dir. A data dir with
+/// a *different* CA is refused (its members' join strings pin the other CA).
+pub async fn share_identity(
+    data_dir: &Path,
+    store: &dyn crate::store::Store,
+) -> Result<CaHash, TlsError> {
+    let store_err = |e: crate::store::StoreError| TlsError::Store(e.to_string());
+    for _ in 0..8 {
+        let local = SharedIdentity::read_local(data_dir)?;
+        match store.get(SHARED_IDENTITY_KEY).await.map_err(store_err)? {
+            Some(kv) => {
+                let shared: SharedIdentity =
+                    serde_json::from_slice(&kv.value).map_err(|e| TlsError::Bad {
+                        path: PathBuf::from(SHARED_IDENTITY_KEY),
+                        reason: e.to_string(),
+                    })?;
+                let hash = shared.ca_hash()?;
+                match local {
+                    Some(local)
+                        if local.ca_hash()? == hash
+                            && local.admin_credential == shared.admin_credential => {}
+                    Some(local) => {
+                        return Err(TlsError::Mismatch {
+                            dir: data_dir.to_path_buf(),
+                            local: local.ca_hash()?,
+                            shared: hash,
+                        });
+                    }
+                    None => {
+                        shared.write_local(data_dir)?;
+                        tracing::info!(dir = %data_dir.display(), ca_sha256 = %hash, "adopted the fleet's CA and admin credential from the store");
+                    }
+                }
+                return Ok(hash);
+            }
+            None => {
+                let (identity, fresh) = match local {
+                    Some(local) => (local, false),
+                    None => (SharedIdentity::generate()?, true),
+                };
+                let value = serde_json::to_vec(&identity).expect("serialises");
+                if store
+                    .create(SHARED_IDENTITY_KEY, value)
+                    .await
+                    .map_err(store_err)?
+                    .is_some()
+                {
+                    if fresh {
+                        identity.write_local(data_dir)?;
+                    }
+                    let hash = identity.ca_hash()?;
+                    tracing::info!(ca_sha256 = %hash, generated = fresh, "published the hub CA and admin credential for the other replicas");
+                    return Ok(hash);
+                }
+                // Another replica published first: adopt its identity on the next round.
+            }
+        }
+    }
+    Err(TlsError::Store(
+        "the shared identity kept changing under us; retry".into(),
+    ))
 }
 
 impl HubIdentity {
