@@ -181,7 +181,8 @@ impl NatRouter {
         netns.ip(&["link", "add", "lan0", "type", "bridge"])?;
         netns.ip(&["addr", "add", &format!("{LAN_PREFIX}.1/24"), "dev", "lan0"])?;
         netns.ip(&["link", "set", "lan0", "up"])?;
-        // Outbound is masqueraded; inbound only for established flows (and the port forward of
+        // Bridged LAN traffic (node to node) passes the forward hook too where the kernel has
+        // bridge netfilter built in: accept it. Outbound is masqueraded; inbound only for established flows (and the port forward of
         // a public member). Nothing routes from the internet into the LAN otherwise.
         let dnat = forward_to
             .map(|gw| {
@@ -199,6 +200,7 @@ impl NatRouter {
                  table ip fe2e_filter {{\n\
                  chain forward {{\n type filter hook forward priority 0; policy drop;\n\
                  iifname \"lan0\" oifname \"wan0\" accept\n\
+                 iifname \"lan0\" oifname \"lan0\" accept\n\
                  ct state established,related accept\n\
                  ct status dnat accept\n\
                  }}\n\

@@ -82,7 +82,7 @@ fn pods(fleet: &SandboxFleet) -> (Pod, Pod) {
 
 /// TCP both ways (busybox httpd + wget, and nc upload), UDP (socat echo in the pods' netns),
 /// ICMP.
-fn exchange(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
+pub(crate) fn exchange(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
     assert!(
         fleet.ping(client, &server.fleet_ip, 2),
         "ICMP bb -> aa\n{}",
@@ -119,6 +119,13 @@ fn exchange(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
             ],
         )
         .unwrap();
+    poll_until("nc to listen", Duration::from_secs(5), || {
+        fleet
+            .exec(server, &["netstat", "-ltn"])
+            .ok()
+            .filter(|s| s.contains(":5000 "))
+    })
+    .unwrap();
     let upload = format!("echo up-{MARKER} | nc -w 3 {} 5000", server.fleet_ip);
     poll_until("nc upload", Duration::from_secs(10), || {
         fleet.exec_ok(client, &["sh", "-c", &upload]).then_some(())
@@ -130,7 +137,12 @@ fn exchange(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
             .ok()
             .filter(|s| s.trim() == format!("up-{MARKER}"))
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}",
+            fleet.exec(server, &["sh", "-c", "cat /tmp/up; ps"])
+        )
+    });
     // UDP: busybox's nc has no UDP mode; socat runs in the pods' network namespaces.
     let mut echo = fleet
         .pod_command(server, "socat")
