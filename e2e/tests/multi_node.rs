@@ -9,78 +9,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use fleet_e2e::{
-    BridgeNetwork, Containerd, ContainerdOpts, Cri, FleetNri, FleetNriOpts, PodSpec, TestNetns,
-    poll_until, require_root, workspace_bin,
-};
+use fleet_e2e::{ClusterNode, PodSpec, TestNetns, poll_until, require_root};
 use fleet_proto::node::{PeerNode, PlanChange, SetPlanRequest, code};
 
-const EXEC: Duration = Duration::from_secs(10);
 const UNDERLAY_LINK: &str = "under0";
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// One node. Field order is drop order: pods first (CNI DEL reaches a live fleet-nri), then
-/// containerd, fleet-nri (its CNF netns with it), the node's netns last.
-struct ClusterNode {
-    cri: Option<Cri>,
-    _containerd: Containerd,
-    nri: FleetNri,
-    underlay_ip: String,
-    netns: TestNetns,
+/// What the test adds to the library's node ([`ClusterNode`]): it plays the controller.
+trait Controlled {
+    /// Runs `cmd` in `container`; panics unless it exits 0.
+    fn run(&self, container: &str, cmd: &[&str]) -> String;
+    fn set_plan(&self, subnet: &str) -> PlanChange;
+    fn as_peer(&self, subnet: &str) -> PeerNode;
+    fn set_peers(&self, peers: Vec<PeerNode>);
+    /// The fleet leaves nothing in the node's netns but the overlay's UDP socket: no fleet
+    /// link, no fleet route.
+    fn assert_node_netns_clean(&self);
 }
 
-impl ClusterNode {
-    fn new(tag: &str, netns: TestNetns, underlay_ip: &str) -> ClusterNode {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let containerd = Containerd::start(
-            ContainerdOpts::new(tag)
-                .netns(&netns)
-                .cni_plugin(workspace_bin("fleet-cni")),
-        )
-        .unwrap();
-        // No plan in the config: the node waits for the controller.
-        let nri = FleetNri::start_with(FleetNriOpts {
-            node_subnet: None,
-            nri_socket: Some(containerd.nri_socket()),
-            netns: Some(netns.path()),
-        })
-        .unwrap();
-        BridgeNetwork::new("podnet", &format!("fe2e-mbr{n}"), "10.244.1.0/24")
-            .chain(nri.cni_entry())
-            .write_to(&containerd)
-            .unwrap();
-        let cri = containerd.cri().unwrap();
-        cri.wait_network_ready(Duration::from_secs(15)).unwrap();
-        poll_until(
-            "fleet-nri to register over NRI",
-            Duration::from_secs(15),
-            || nri.status().ok().filter(|s| s.nri_registered),
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", nri.log()));
-        ClusterNode {
-            cri: Some(cri),
-            _containerd: containerd,
-            nri,
-            underlay_ip: underlay_ip.to_string(),
-            netns,
-        }
-    }
-
-    fn cri(&self) -> &Cri {
-        self.cri.as_ref().expect("cri connected")
-    }
-
-    fn exec(&self, container: &str, cmd: &[&str]) -> String {
-        let out = self.cri().exec_sync(container, cmd, EXEC).unwrap();
-        assert!(out.success(), "{cmd:?} failed: {out:?}");
-        out.stdout
-    }
-
-    fn exec_ok(&self, container: &str, cmd: &[&str]) -> bool {
-        self.cri()
-            .exec_sync(container, cmd, EXEC)
-            .map(|o| o.success())
-            .unwrap_or(false)
+impl Controlled for ClusterNode {
+    fn run(&self, container: &str, cmd: &[&str]) -> String {
+        self.exec(container, cmd).unwrap()
     }
 
     fn set_plan(&self, subnet: &str) -> PlanChange {
@@ -106,30 +55,6 @@ impl ClusterNode {
             .unwrap_or_else(|e| panic!("set_peers: {e}\n{}", self.nri.log()));
     }
 
-    /// Runs a command in the node's own netns and returns its stdout.
-    fn in_node(&self, program: &str, args: &[&str]) -> String {
-        let out = self.netns.command(program).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Local ports of the UDP sockets in `netns` (hex port field of /proc/net/udp).
-    fn udp_ports(netns: &str) -> Vec<u16> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .args(["--", "cat", "/proc/net/udp"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter_map(|local| local.split(':').nth(1))
-            .filter_map(|port| u16::from_str_radix(port, 16).ok())
-            .collect()
-    }
-
-    /// The fleet leaves nothing in the node's netns but the overlay's UDP socket: no fleet
-    /// link, no fleet route.
     fn assert_node_netns_clean(&self) {
         let links = self.in_node("ip", &["-o", "link"]);
         let names: Vec<&str> = links
@@ -156,22 +81,6 @@ impl ClusterNode {
             "fleet route in the node netns: {routes}"
         );
     }
-
-    fn remove_all_pods(&self) {
-        for pod in self.cri().list_pods().unwrap_or_default() {
-            let _ = self.cri().stop_pod(&pod.id);
-            let _ = self.cri().remove_pod(&pod.id);
-        }
-    }
-}
-
-impl Drop for ClusterNode {
-    fn drop(&mut self) {
-        if self.cri.is_some() {
-            self.remove_all_pods();
-        }
-        self.cri = None;
-    }
 }
 
 fn plan(subnet: &str) -> SetPlanRequest {
@@ -184,7 +93,7 @@ fn plan(subnet: &str) -> SetPlanRequest {
 
 /// The fleet IP on eth-fleet inside a container, from `ip -4 -o addr`.
 fn fleet_ip(node: &ClusterNode, container: &str) -> String {
-    let out = node.exec(container, &["ip", "-4", "-o", "addr", "show", "eth-fleet"]);
+    let out = node.run(container, &["ip", "-4", "-o", "addr", "show", "eth-fleet"]);
     out.split_whitespace()
         .skip_while(|w| *w != "inet")
         .nth(1)
@@ -310,8 +219,8 @@ fn pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs()
     require_root("pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs");
     let (ns_a, ns_b) = node_network();
     let (subnet_a, subnet_b) = ("100.96.30.0/24", "100.96.31.0/24");
-    let mut b = ClusterNode::new("mn-b", ns_b, "192.0.2.2");
-    let a = ClusterNode::new("mn-a", ns_a, "192.0.2.1");
+    let mut b = ClusterNode::start("mn-b", ns_b, "192.0.2.2").unwrap();
+    let a = ClusterNode::start("mn-a", ns_a, "192.0.2.1").unwrap();
 
     // Before the controller has spoken: not ready, and a pod's ADD fails with code 11.
     let status = a.nri.status().unwrap();
@@ -337,7 +246,7 @@ fn pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs()
     assert!(cli_ip.starts_with("100.96.30."), "{cli_ip}");
     // Identical primary pod CIDRs on both nodes.
     for (node, c) in [(&a, &cli_c), (&b, &web_c)] {
-        let eth0 = node.exec(c, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+        let eth0 = node.run(c, &["ip", "-4", "-o", "addr", "show", "eth0"]);
         assert!(eth0.contains("inet 10.244.1."), "{eth0}");
     }
     let ping = [
@@ -372,8 +281,8 @@ fn pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs()
     assert_eq!(a.nri.client().list_peers().unwrap().len(), 1);
 
     let capture = Capture::start(&a);
-    a.exec(&cli_c, &ping);
-    b.exec(
+    a.run(&cli_c, &ping);
+    b.run(
         &web_c,
         &[
             "sh",
@@ -383,7 +292,7 @@ fn pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs()
     );
     let url = format!("http://{web_ip}:8080/");
     let wget = ["timeout", "5", "wget", "-q", "-O", "-", url.as_str()];
-    assert_eq!(a.exec(&cli_c, &wget).trim(), "fleet-across-nodes");
+    assert_eq!(a.run(&cli_c, &wget).trim(), "fleet-across-nodes");
     let packets = capture.finish();
 
     // Everything on the node network was the overlay's VXLAN (UDP 4789) between the nodes,
@@ -439,7 +348,7 @@ fn pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs()
         || a.exec_ok(&cli_c, &ping).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", b.nri.log()));
-    assert_eq!(a.exec(&cli_c, &wget).trim(), "fleet-across-nodes");
+    assert_eq!(a.run(&cli_c, &wget).trim(), "fleet-across-nodes");
     let links = b.nri.ip_cnf(&["-o", "link"]);
     assert_eq!(links.matches("fleetvx").count(), 1, "{links}");
 
