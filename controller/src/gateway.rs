@@ -86,11 +86,17 @@ impl Gateway {
             return Ok(());
         }
         device.set_peers(&peers).await?;
-        tracing::info!(
-            device = %self.config.name,
-            peers = ?peers.iter().map(|p| (p.public_key.to_base64(), p.endpoint, p.allowed_ips.clone())).collect::<Vec<_>>(),
-            "gateway peers set"
-        );
+        let shown: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                let allowed: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+                let endpoint = p
+                    .endpoint
+                    .map_or("(dials us)".to_string(), |e| e.to_string());
+                format!("{} {} {}", p.public_key, endpoint, allowed.join(","))
+            })
+            .collect();
+        tracing::info!(device = %self.config.name, peers = ?shown, "gateway peers set");
         self.peers = Some(peers);
         Ok(())
     }
