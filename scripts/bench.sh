@@ -8,6 +8,11 @@
 #   scripts/bench.sh                 # all of them
 #   scripts/bench.sh cni-add pod-start
 #   BENCH_ARGS_cni_add="--iterations 50" scripts/bench.sh cni-add
+#   BENCH_APPEND=1 scripts/bench.sh cross-cluster-latency   # append a dated section instead
+#
+# cross-cluster-latency and cross-cluster-throughput run fleet-e2e's sandbox fleet (hub,
+# relay, two NATed members with real containerd nodes, fleet-controller): they also need the
+# release fleet-hub, fleet-controller and fleetctl, and wireguard-go, wg and iperf3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,17 +28,25 @@ for tool in containerd runc ctr nsenter ip /usr/lib/cni/bridge /usr/lib/cni/host
 done
 
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(cni-add cni-del pod-start nri-memory)
+[ ${#benches[@]} -gt 0 ] ||
+  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput)
 
-cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench
+cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench \
+  -p fleet-hub -p fleet-controller -p fleetctl
 
 mkdir -p bench/results
 out=bench/results/latest.txt
 target_dir=${CARGO_TARGET_DIR:-target}
+tee_first=()
+first_line=1
+if [ "${BENCH_APPEND:-0}" = 1 ]; then
+  tee_first=(-a)
+  [ -f "$out" ] && first_line=$(($(wc -l <"$out") + 1))
+fi
 {
   echo "# scripts/bench.sh $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "# $(uname -sr), $(nproc) cpus, load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-} | tee "$out"
+} | tee "${tee_first[@]}" "$out"
 for b in "${benches[@]}"; do
   var="BENCH_ARGS_${b//-/_}"
   echo "## $b ${!var:-}" | tee -a "$out"
@@ -43,6 +56,6 @@ done
 {
   echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "# summary"
-  grep '^bench ' "$out"
+  tail -n +"$first_line" "$out" | grep '^bench '
 } | tee -a "$out.tmp"
 cat "$out.tmp" >> "$out" && rm -f "$out.tmp"
