@@ -29,13 +29,15 @@ pub enum Role {
     Active,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
     Stay,
     Activate,
     StepDown,
-    /// The cluster is gone: tear down and exit.
-    Removed,
+    /// The cluster is gone: tear down and exit (with the hub's reason).
+    Removed(String),
+    /// The hub refuses the call itself (a bad holder id or TTL): exit with the reason.
+    Fatal(String),
 }
 
 /// What a replica in `role` does on `event`. An active replica that cannot reach the hub
@@ -43,7 +45,8 @@ pub enum Transition {
 /// hub that names another holder makes it step down.
 pub fn on_lease(role: Role, event: &LeaseEvent) -> Transition {
     match (role, event) {
-        (_, LeaseEvent::Removed(_)) => Transition::Removed,
+        (_, LeaseEvent::Removed(reason)) => Transition::Removed(reason.clone()),
+        (_, LeaseEvent::Failed(reason)) => Transition::Fatal(reason.clone()),
         (Role::Standby, LeaseEvent::Granted) => Transition::Activate,
         (Role::Active, LeaseEvent::HeldBy(_)) => Transition::StepDown,
         _ => Transition::Stay,
@@ -106,9 +109,18 @@ mod tests {
             on_lease(Standby, &HubUnavailable("x".into())),
             Transition::Stay
         );
-        assert_eq!(on_lease(Active, &Removed("x".into())), Transition::Removed);
-        assert_eq!(on_lease(Standby, &Removed("x".into())), Transition::Removed);
-        assert_eq!(on_lease(Active, &Failed("x".into())), Transition::Stay);
+        assert_eq!(
+            on_lease(Active, &Removed("x".into())),
+            Transition::Removed("x".into())
+        );
+        assert_eq!(
+            on_lease(Standby, &Removed("x".into())),
+            Transition::Removed("x".into())
+        );
+        assert_eq!(
+            on_lease(Active, &Failed("bad holder".into())),
+            Transition::Fatal("bad holder".into())
+        );
     }
 
     async fn next(rx: &mut watch::Receiver<Option<LeaseEvent>>) -> LeaseEvent {

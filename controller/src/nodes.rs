@@ -86,6 +86,7 @@ pub trait NodeApi: Send + Sync {
     async fn get_plan(&self) -> Result<Option<SetPlanRequest>, NodeError>;
     async fn set_plan(&self, plan: SetPlanRequest) -> Result<PlanChange, NodeError>;
     async fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError>;
+    async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError>;
 }
 
 /// [`NodeApi`] over a node's socket (the blocking client, on tokio's blocking pool).
@@ -127,6 +128,9 @@ impl NodeApi for NodeSocket {
     }
     async fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError> {
         self.blocking(move |c| c.set_peers(peers)).await
+    }
+    async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError> {
+        self.blocking(|c| c.list_peers()).await
     }
 }
 

@@ -171,6 +171,13 @@ pub async fn reconcile_nodes(
         if !planned.contains_key(&n.spec.name) {
             continue;
         }
+        // The node persists every set_peers; send only a change.
+        if let Ok(mut have) = n.api.list_peers().await {
+            have.sort();
+            if &have == p {
+                continue;
+            }
+        }
         if let Err(e) = n.api.set_peers(p.clone()).await {
             report
                 .problems
@@ -302,6 +309,7 @@ pub(crate) mod fakes {
         pub live_pods: bool,
         pub unreachable: bool,
         pub set_plan_calls: Mutex<usize>,
+        pub set_peers_calls: Mutex<usize>,
     }
 
     impl FakeNode {
@@ -360,8 +368,13 @@ pub(crate) mod fakes {
         }
         async fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError> {
             self.check()?;
+            *self.set_peers_calls.lock().unwrap() += 1;
             *self.peers.lock().unwrap() = peers;
             Ok(())
+        }
+        async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError> {
+            self.check()?;
+            Ok(self.peers.lock().unwrap().clone())
         }
     }
 }
@@ -501,10 +514,16 @@ mod tests {
         }
         snap.own_records.remove("node/gone");
         let calls = *g.set_plan_calls.lock().unwrap();
+        let peer_calls = *w.set_peers_calls.lock().unwrap();
         let r2 = reconcile_nodes(&cfg(), &snap, &nodes, &hub).await;
         assert!(r2.problems.is_empty(), "{:?}", r2.problems);
         assert_eq!(r2.subnets, r.subnets);
         assert_eq!(*g.set_plan_calls.lock().unwrap(), calls);
+        assert_eq!(*w.set_peers_calls.lock().unwrap(), peer_calls);
+        // A node whose peers were lost (e.g. its state wiped) gets them again.
+        w.peers.lock().unwrap().clear();
+        reconcile_nodes(&cfg(), &snap, &nodes, &hub).await;
+        assert_eq!(w.peers.lock().unwrap().len(), 2);
         assert_eq!(hub.published.lock().unwrap().len(), 2);
     }
 

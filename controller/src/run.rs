@@ -271,7 +271,6 @@ impl Controller {
                             hub_down = false;
                             tracing::info!("hub reachable again");
                         }
-                        LeaseEvent::Failed(e) => tracing::error!(error = %e, "lease call refused"),
                         _ => {}
                     }
                     if let LeaseEvent::HeldBy(h) = &event
@@ -298,10 +297,8 @@ impl Controller {
                             active = None;
                             role = Role::Standby;
                         }
-                        Transition::Removed => {
-                            let LeaseEvent::Removed(reason) = event else { unreachable!() };
-                            break Err(self.removed(reason));
-                        }
+                        Transition::Removed(reason) => break Err(self.removed(reason)),
+                        Transition::Fatal(reason) => break Err(ControllerError::Lease(reason)),
                     }
                 }
                 event = watch_next => {
