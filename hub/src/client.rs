@@ -23,8 +23,9 @@ use crate::api::tls::{HUB_SERVER_NAME, pinned_client_config};
 use crate::api::{
     CaHash, ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall,
     JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall,
-    RejoinCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
-    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
+    RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall,
+    TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine,
+    decode_b64, encode_b64,
 };
 pub use crate::registry::Lease;
 use crate::registry::{
@@ -470,6 +471,26 @@ impl HubClient {
         let call = ClusterRemoveCall { id: id.clone() };
         let reply: RemovedReply = self
             .call("remove cluster", "/v1/clusters/remove", &call, true, true)
+            .await?;
+        Ok(reply.removed)
+    }
+
+    /// Admin (the relay): publishes or replaces a relay record.
+    pub async fn publish_relay(
+        &self,
+        record: &crate::registry::RelayRecord,
+    ) -> Result<Revision, HubError> {
+        let reply: RevisionReply = self
+            .call("publish relay", "/v1/relays/publish", record, true, true)
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// Admin (the relay): withdraws relay `id`; false if it was not there.
+    pub async fn remove_relay(&self, id: &str) -> Result<bool, HubError> {
+        let call = RelayRemoveCall { id: id.to_string() };
+        let reply: RemovedReply = self
+            .call("remove relay", "/v1/relays/remove", &call, true, true)
             .await?;
         Ok(reply.removed)
     }

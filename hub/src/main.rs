@@ -54,6 +54,12 @@ enum Command {
     /// Manage one member cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Run the relay on its own, following the hub at --hub with the admin credential and CA
+    /// of --data-dir (what `serve --relay-listen` starts; it outlives a killed API process).
+    Relay {
+        #[command(flatten)]
+        relay: RelayFlags,
+    },
     /// Serve the hub's TLS API (CA, server certificate and admin credential in --data-dir).
     Serve {
         /// Address to listen on.
@@ -132,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     // A serving hub reports what it does; an operator command only its warnings.
     let default_level = match flags.command {
-        Command::Serve { .. } => "info",
+        Command::Serve { .. } | Command::Relay { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -158,13 +164,25 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             namespace: flags.etcd_namespace.clone(),
         }
     };
+    if let Command::Relay { relay } = &flags.command {
+        let hub = flags
+            .hub
+            .as_deref()
+            .context("`relay` follows a serving hub: give --hub HOST:PORT")?;
+        let options = relay
+            .options(&flags.data_dir)?
+            .context("`relay` needs --relay-listen IP:PORT")?;
+        let client = admin::admin_client(hub, &flags.data_dir)?;
+        fleet_hub::relay::process::run_until_signal(client, options, &flags.data_dir).await?;
+        return Ok(());
+    }
     if let Some(hub) = &flags.hub
         && !matches!(flags.command, Command::Serve { .. })
     {
         let client = admin::admin_client(hub, &flags.data_dir)?;
         let mut out = std::io::stdout().lock();
         match &flags.command {
-            Command::Serve { .. } => unreachable!("excluded above"),
+            Command::Serve { .. } | Command::Relay { .. } => unreachable!("handled above"),
             Command::Token(TokenCommand::Create { ttl, description }) => {
                 let ttl = admin::parse_duration(ttl)?;
                 admin::api_token_create(&client, ttl, description, &mut out, &mut std::io::stderr())
@@ -194,7 +212,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     match flags.command {
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Relay { .. } => unreachable!("handled above"),
         Command::Token(TokenCommand::Create { ttl, description }) => {
             let ttl = admin::parse_duration(&ttl)?;
             admin::token_create(

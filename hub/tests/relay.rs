@@ -2,7 +2,9 @@
 //! own ("the hub host"), its relay interface in another netns, and two fake members — plain
 //! fleet-gateway userspace devices in their own netns that join through `HubClient` and peer
 //! only with the relay (allowed IPs = the fleet CIDR). Member A pings member B's block address
-//! through the relay; once B is removed from the fleet the relay drops B and the ping stops.
+//! through the relay; the API process is killed and the pings go on (the relay is its own
+//! process), the restarted hub adopts the relay; once B is removed from the fleet the relay
+//! drops B and the ping stops; SIGTERM takes the relay down.
 //!
 //! ```text
 //!  netns A (192.0.2.2) ──veth──┐            ┌──veth── netns B (192.0.2.3)
@@ -155,25 +157,48 @@ fn options() -> ClientOptions {
 struct HubInNetns {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    netns: PathBuf,
+    relay_netns: PathBuf,
+    relay_name: String,
 }
 
 impl HubInNetns {
     fn start(hub: &Netns, relay_netns: &Netns, relay_name: &str) -> HubInNetns {
-        let dir = tempfile::Builder::new()
-            .prefix("fleet-hub-relay-")
-            .tempdir()
+        let mut hub = HubInNetns {
+            child: None,
+            dir: tempfile::Builder::new()
+                .prefix("fleet-hub-relay-")
+                .tempdir()
+                .unwrap(),
+            netns: hub.path(),
+            relay_netns: relay_netns.path(),
+            relay_name: relay_name.to_string(),
+        };
+        hub.spawn();
+        hub
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hub.log"))
             .unwrap();
-        let log = File::create(dir.path().join("hub.log")).unwrap();
-        let netns = File::open(hub.path()).unwrap();
+        let netns = File::open(&self.netns).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_fleet-hub"));
         command
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.data_dir())
             .args(["serve", "--listen", &format!("{HUB_IP}:{API_PORT}")])
             .args(["--relay-listen", &format!("{HUB_IP}:{RELAY_PORT}")])
             .arg("--relay-netns")
-            .arg(relay_netns.path())
-            .args(["--relay-name", relay_name, "--wg-backend", "userspace"])
+            .arg(&self.relay_netns)
+            .args([
+                "--relay-name",
+                &self.relay_name,
+                "--wg-backend",
+                "userspace",
+            ])
             .env("FLEET_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -189,12 +214,24 @@ impl HubInNetns {
                     .map_err(std::io::Error::from)
             });
         }
-        let child = command.spawn().expect("start fleet-hub serve");
-        drop(netns);
-        HubInNetns {
-            child: Some(child),
-            dir,
+        self.child = Some(command.spawn().expect("start fleet-hub serve"));
+    }
+
+    /// SIGKILL of the API process by PID (a crash); its relay process is not its to take.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
+    }
+
+    /// The relay process's PID, from `relay.pid`.
+    fn relay_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data_dir().join("relay.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -241,6 +278,27 @@ impl Drop for HubInNetns {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Waits until the hub answers (from inside `client_ns`) and lists its relay.
+fn wait_for_relay(hub: &mut HubInNetns, client_ns: &Netns) {
+    let ready = eventually(Duration::from_secs(30), || {
+        if let Some(status) = hub.exited() {
+            panic!("fleet-hub exited with {status}; log:\n{}", hub.log());
+        }
+        if !hub.data_dir().join("admin.credential").exists() {
+            return false;
+        }
+        let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
+            .unwrap()
+            .with_credential(hub.admin_credential());
+        client_ns.block_on(async move { admin.list().await.is_ok_and(|v| !v.relays.is_empty()) })
+    });
+    assert!(
+        ready,
+        "the hub did not come up with its relay; log:\n{}",
+        hub.log()
+    );
 }
 
 /// `ns` joins the bridge `br0` of `hub` with address `addr` on its `ul0`.
@@ -324,6 +382,8 @@ async fn member(ns: &Netns, name: &str, join: &JoinString, wg_name: &str) -> Mem
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
     require_root();
+    // The relay outlives a killed hub process; orphaned, it becomes ours to reap.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
     let pid = std::process::id();
     let hub_ns = Netns::new("h");
     let relay_ns = Netns::new("r");
@@ -337,24 +397,7 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
 
     let relay_name = format!("fhr{pid}");
     let mut hub = HubInNetns::start(&hub_ns, &relay_ns, &relay_name);
-    // Ready once the admin credential exists and the relay is published (listed over the API).
-    let ready = eventually(Duration::from_secs(30), || {
-        if let Some(status) = hub.exited() {
-            panic!("fleet-hub exited with {status}; log:\n{}", hub.log());
-        }
-        if !hub.data_dir().join("admin.credential").exists() {
-            return false;
-        }
-        let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
-            .unwrap()
-            .with_credential(hub.admin_credential());
-        a_ns.block_on(async move { admin.list().await.is_ok_and(|v| !v.relays.is_empty()) })
-    });
-    assert!(
-        ready,
-        "the hub did not come up with its relay; log:\n{}",
-        hub.log()
-    );
+    wait_for_relay(&mut hub, &a_ns);
     let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
         .unwrap()
         .with_credential(hub.admin_credential());
@@ -408,14 +451,44 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
     );
     assert!(b_ns.ping(&b.address, &a.address), "and B reaches A");
 
-    // The admin removes B: the relay drops B's peer, A's pings stop.
+    // The API process killed: the relay is its own process and keeps relaying.
+    let relay_pid = hub.relay_pid().expect("relay.pid");
+    hub.kill9();
+    // Running (a zombie — exited, its new parent not yet reaping — does not count).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    assert!(alive(relay_pid), "the relay outlives a killed hub");
+    for _ in 0..5 {
+        assert!(
+            a_ns.ping(&a.address, &b.address),
+            "relayed traffic stopped with the hub killed; log:\n{}",
+            hub.log()
+        );
+    }
+    // The hub restarts and adopts the running relay (no second one).
+    hub.spawn();
+    wait_for_relay(&mut hub, &a_ns);
+    assert_eq!(hub.relay_pid(), Some(relay_pid));
+    assert!(
+        hub.log().contains("adopted the running relay"),
+        "{}",
+        hub.log()
+    );
+
+    // The admin removes B: the relay (its watch resumed against the restarted hub) drops B's
+    // peer, and A's pings stop.
     let removed = {
         let admin = admin.clone();
         let id = b.id.clone();
         a_ns.block_on(async move { admin.remove_cluster(&id).await })
     };
     assert!(removed.unwrap());
-    let stopped = eventually(Duration::from_secs(10), || {
+    let stopped = eventually(Duration::from_secs(15), || {
         !a_ns.ping(&a.address, &b.address)
     });
     assert!(stopped, "traffic to a removed member still flows");
@@ -448,6 +521,9 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
     );
     assert!(!Path::new(&format!("/var/run/wireguard/{relay_name}.sock")).exists());
     assert!(hub.log().contains("relay stopped"), "{}", hub.log());
+    assert!(!alive(relay_pid), "the relay process is gone");
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
+    assert!(!hub.data_dir().join("relay.pid").exists());
     a.device.delete().await.unwrap();
     b.device.delete().await.unwrap();
 }

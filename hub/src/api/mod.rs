@@ -347,6 +347,12 @@ pub struct ReleasedReply {
     pub released: bool,
 }
 
+/// Admin: withdraw relay `id`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayRemoveCall {
+    pub id: String,
+}
+
 /// Admin: remove cluster `id` (its record, block, credential, lease and records).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterRemoveCall {

@@ -25,9 +25,9 @@ use tokio::task::JoinSet;
 use super::{
     ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, HubIdentity, JoinCall,
     JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, MAX_REQUEST_BYTES,
-    RecordCall, RecordWire, RejoinCall, ReleasedReply, RemovedReply, RevisionReply,
-    TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall,
-    WatchLine, decode_b64,
+    RecordCall, RecordWire, RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply,
+    RevisionReply, TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall,
+    WatchCall, WatchLine, decode_b64,
 };
 use crate::registry::{ClusterId, ClusterUpdate, JoinRequest, JoinToken, Registry, RegistryError};
 
@@ -484,6 +484,18 @@ async fn call(
             };
             ok(&RemovedReply { removed })
         }
+        "/v1/relays/publish" => {
+            admin(authenticate(state, &req).await?, "publish relays")?;
+            let record: crate::registry::RelayRecord = read_json(req.into_body()).await?;
+            let revision = registry.publish_relay(&record).await?;
+            ok(&RevisionReply { revision })
+        }
+        "/v1/relays/remove" => {
+            admin(authenticate(state, &req).await?, "withdraw relays")?;
+            let call: RelayRemoveCall = read_json(req.into_body()).await?;
+            let removed = registry.remove_relay(&call.id).await?;
+            ok(&RemovedReply { removed })
+        }
         "/v1/tokens/create" => {
             admin(authenticate(state, &req).await?, "manage join tokens")?;
             let call: TokenCreateCall = read_json(req.into_body()).await?;
@@ -590,30 +602,42 @@ pub async fn serve_until_signal(registry: Registry, options: ServerOptions) -> a
     serve_with_relay_until_signal(registry, options, None).await
 }
 
-/// [`serve_until_signal`], with the relay when `relay` is given: it starts after the API and
-/// stops before it (its record withdrawn, its device deleted).
+/// [`serve_until_signal`], with the relay when `relay` is given: a `fleet-hub relay` process
+/// (see [`crate::relay::process`]) started — or adopted — after the API is up, kept alive,
+/// and stopped before the API on SIGTERM/SIGINT.
 pub async fn serve_with_relay_until_signal(
     registry: Registry,
     options: ServerOptions,
     relay: Option<crate::relay::RelayOptions>,
 ) -> anyhow::Result<()> {
+    use crate::relay::process::{RelayProcess, relay_args};
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let server = HubServer::start(registry.clone(), options).await?;
-    let relay = match relay {
+    let data_dir = options.data_dir.clone();
+    let server = HubServer::start(registry, options).await?;
+    let mut relay = match relay {
         None => None,
-        Some(relay_options) => match crate::relay::Relay::start(registry, relay_options).await {
-            Ok(relay) => Some(relay),
-            Err(e) => {
-                server.shutdown().await;
-                return Err(anyhow::Error::new(e).context("starting the relay"));
+        Some(relay_options) => {
+            let args = relay_args(&relay_options, &data_dir, server.local_addr());
+            match RelayProcess::ensure(&data_dir, args) {
+                Ok(relay) => Some(relay),
+                Err(e) => {
+                    server.shutdown().await;
+                    return Err(anyhow::Error::new(e).context("starting the relay"));
+                }
             }
-        },
+        }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut check = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = check.tick() => if let Some(relay) = &mut relay {
+                relay.keep_alive();
+            },
+        }
     }
     tracing::info!("signal received; shutting down");
     if let Some(relay) = relay {

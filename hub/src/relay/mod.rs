@@ -14,9 +14,16 @@
 //!
 //! Peers = every cluster in the registry: its public key, allowed IPs = its block, its public
 //! endpoint if it has one (else learnt from its handshakes), keepalive 25 s. The relay follows
-//! the registry's watch, so joins, key changes and removals reach the device within one event.
-//! On start it publishes its [`RelayRecord`] (key + endpoint); on a clean stop it withdraws it
-//! and deletes the device.
+//! the hub's API (list + watch with the admin credential), so joins, key changes and removals
+//! reach the device within one event, and it publishes its [`RelayRecord`] (key + endpoint)
+//! there; on a clean stop it withdraws it and deletes the device.
+//!
+//! It runs as its own process (`fleet-hub relay`, see [`process`]): `fleet-hub serve
+//! --relay-listen` starts one and stops it on SIGTERM, but a killed API process leaves it
+//! running — relayed traffic keeps flowing while the registry is away, and the restarted hub
+//! adopts it. While the API is unreachable the device keeps its last peers.
+
+pub mod process;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -29,7 +36,8 @@ use futures::{FutureExt, StreamExt};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 
-use crate::registry::{ClusterId, ClusterRecord, Registry, RegistryEvent, RelayRecord};
+use crate::client::{HubClient, HubError};
+use crate::registry::{ClusterId, ClusterRecord, RegistryEvent, RelayRecord};
 
 /// The named netns the relay's interface goes into unless told otherwise.
 pub const DEFAULT_RELAY_NETNS: &str = "fleet-hub-relay";
@@ -54,8 +62,10 @@ pub enum RelayError {
         sysctl: &'static str,
         source: std::io::Error,
     },
-    #[error("relay: publishing its record: {0}")]
-    Registry(#[from] crate::registry::RegistryError),
+    #[error("relay: the hub API: {0}")]
+    Hub(#[from] HubError),
+    #[error("relay: {0}")]
+    Process(String),
 }
 
 /// How the relay runs (`fleet-hub serve --relay-*`).
@@ -113,7 +123,7 @@ pub fn relay_peers<'a>(clusters: impl IntoIterator<Item = &'a ClusterRecord>) ->
 pub struct Relay {
     device: Arc<dyn WireguardDevice>,
     record: RelayRecord,
-    registry: Registry,
+    client: HubClient,
     owned_netns: Option<String>,
     stop: watch::Sender<bool>,
     follower: tokio::task::JoinHandle<()>,
@@ -160,9 +170,10 @@ async fn prepare_netns(netns: &Path) -> Result<(), RelayError> {
 }
 
 impl Relay {
-    /// Creates the relay's device, gives it every cluster as a peer, publishes its record and
-    /// follows the registry. A failure leaves no device behind.
-    pub async fn start(registry: Registry, options: RelayOptions) -> Result<Relay, RelayError> {
+    /// Creates the relay's device and starts following the hub through `client` (admin
+    /// credential): peers from its clusters, its record published there. The hub may be down
+    /// at first; the relay keeps trying. A failure here leaves no device behind.
+    pub async fn start(client: HubClient, options: RelayOptions) -> Result<Relay, RelayError> {
         let (netns, owned_netns) = match &options.netns {
             Some(path) => (path.clone(), None),
             None => (
@@ -170,84 +181,82 @@ impl Relay {
                 Some(DEFAULT_RELAY_NETNS.to_string()),
             ),
         };
-        let started = Self::start_in(registry, &options, netns).await;
-        match started {
-            Ok((device, record, registry)) => {
-                let (stop, stopped) = watch::channel(false);
-                let follower = tokio::spawn(follow(registry.clone(), device.clone(), stopped));
-                Ok(Relay {
-                    device,
-                    record,
-                    registry,
-                    owned_netns,
-                    stop,
-                    follower,
-                })
-            }
+        let device = match Self::create_device(&options, &netns).await {
+            Ok(device) => device,
             Err(e) => {
                 if let Some(name) = owned_netns {
                     let _ = fleet_core::netns::delete_named(&name);
                 }
-                Err(e)
+                return Err(e);
             }
-        }
-    }
-
-    async fn start_in(
-        registry: Registry,
-        options: &RelayOptions,
-        netns: PathBuf,
-    ) -> Result<(Arc<dyn WireguardDevice>, RelayRecord, Registry), RelayError> {
-        prepare_netns(&netns).await?;
-        let key = PrivateKey::load_or_generate(&options.key_path)?;
-        let own = PathBuf::from("/proc/self/ns/net");
-        let underlay = (!same_netns(&own, &netns)).then(|| own.clone());
-        let kind = fleet_gateway::select_backend(options.backend, &netns).await;
-        let config = DeviceConfig {
-            name: options.name.clone(),
-            netns: netns.clone(),
-            underlay_netns: underlay,
-            private_key: key,
-            listen_port: options.listen.port(),
-            mtu: RELAY_MTU,
-            addresses: Vec::new(),
         };
-        let device: Arc<dyn WireguardDevice> =
-            Arc::from(fleet_gateway::create_device(kind, config).await?);
         let public_key = crate::registry::PublicKey::from_bytes(*device.public_key().as_bytes());
         let record = RelayRecord {
             id: RelayRecord::id_for(&public_key),
             public_key,
             endpoint: options.endpoint,
         };
-        let published = async {
-            let view = registry.view().await?;
-            device
-                .set_peers(&relay_peers(&view.clusters))
-                .await
-                .map_err(RelayError::from)?;
-            registry.publish_relay(&record).await?;
-            Ok::<_, RelayError>(())
+        tracing::info!(relay = %record.id, device = %options.name, backend = %device.backend(), netns = %netns.display(), endpoint = %record.endpoint, public_key = %record.public_key, "relay up");
+        let (stop, stopped) = watch::channel(false);
+        let follower = tokio::spawn(follow(
+            client.clone(),
+            device.clone(),
+            record.clone(),
+            stopped,
+        ));
+        Ok(Relay {
+            device,
+            record,
+            client,
+            owned_netns,
+            stop,
+            follower,
+        })
+    }
+
+    async fn create_device(
+        options: &RelayOptions,
+        netns: &Path,
+    ) -> Result<Arc<dyn WireguardDevice>, RelayError> {
+        prepare_netns(netns).await?;
+        let key = PrivateKey::load_or_generate(&options.key_path)?;
+        let own = PathBuf::from("/proc/self/ns/net");
+        let underlay = (!same_netns(&own, netns)).then(|| own.clone());
+        let kind = fleet_gateway::select_backend(options.backend, netns).await;
+        let config = DeviceConfig {
+            name: options.name.clone(),
+            netns: netns.to_path_buf(),
+            underlay_netns: underlay,
+            private_key: key,
+            listen_port: options.listen.port(),
+            mtu: RELAY_MTU,
+            addresses: Vec::new(),
         };
-        if let Err(e) = published.await {
-            let _ = device.delete().await;
-            return Err(e);
-        }
-        tracing::info!(relay = %record.id, device = %options.name, backend = %kind, netns = %netns.display(), endpoint = %record.endpoint, public_key = %record.public_key, "relay up");
-        Ok((device, record, registry))
+        Ok(Arc::from(fleet_gateway::create_device(kind, config).await?))
     }
 
     pub fn record(&self) -> &RelayRecord {
         &self.record
     }
 
-    /// Stops following, withdraws the relay record (members drop this relay), deletes the
-    /// device (and the netns the hub made for it).
+    /// Stops following, withdraws the relay record (members drop this relay; skipped after
+    /// 5 s when the hub is away), deletes the device (and the netns the relay made for it).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.follower.await;
-        if let Err(e) = self.registry.remove_relay(&self.record.id).await {
-            tracing::warn!(relay = %self.record.id, error = %e, "could not withdraw the relay record");
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client.remove_relay(&self.record.id),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(relay = %self.record.id, error = %e, "could not withdraw the relay record")
+            }
+            Err(_) => {
+                tracing::warn!(relay = %self.record.id, "the hub did not answer; the relay record stays")
+            }
         }
         if let Err(e) = self.device.delete().await {
             tracing::warn!(relay = %self.record.id, error = %e, "could not delete the relay device");
@@ -261,43 +270,53 @@ impl Relay {
     }
 }
 
-/// Keeps the device's peers equal to the registry's clusters: a view, then its watch; after a
-/// watch error (a compacted history, the store away) a fresh view.
+/// Keeps the device's peers equal to the hub's clusters: a listing, then its watch; after a
+/// watch error (history compacted, credential refused) a fresh listing. The HubClient's watch
+/// itself rides out hub restarts and fail-overs; meanwhile the device keeps its peers.
 async fn follow(
-    registry: Registry,
+    client: HubClient,
     device: Arc<dyn WireguardDevice>,
+    record: RelayRecord,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let backoff = Duration::from_secs(1);
+    let mut backoff = Duration::from_millis(200);
     loop {
         let outcome = tokio::select! {
             _ = stopped.changed() => return,
-            outcome = follow_once(&registry, device.as_ref()) => outcome,
+            outcome = follow_once(&client, device.as_ref(), &record) => outcome,
         };
         if let Err(reason) = outcome {
-            tracing::warn!(%reason, "relay lost the registry; following it again");
+            tracing::warn!(%reason, "relay lost the hub; following it again");
         }
         tokio::select! {
             _ = stopped.changed() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// One view and its watch, until the watch fails. Returns why.
-async fn follow_once(registry: &Registry, device: &dyn WireguardDevice) -> Result<(), String> {
-    let view = registry.view().await.map_err(|e| e.to_string())?;
+/// One listing and its watch, until the watch fails. Returns why.
+async fn follow_once(
+    client: &HubClient,
+    device: &dyn WireguardDevice,
+    record: &RelayRecord,
+) -> Result<(), String> {
+    let view = client.list().await.map_err(|e| e.to_string())?;
     let mut clusters: BTreeMap<ClusterId, ClusterRecord> = view
         .clusters
         .into_iter()
         .map(|c| (c.id.clone(), c))
         .collect();
     apply(device, &clusters).await?;
-    let events = registry
-        .watch(view.revision)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut events = Box::pin(events);
+    if !view.relays.contains(record) {
+        client
+            .publish_relay(record)
+            .await
+            .map_err(|e| format!("publishing the relay record: {e}"))?;
+        tracing::info!(relay = %record.id, "relay record published");
+    }
+    let mut events = Box::pin(client.watch(view.revision));
     loop {
         let Some(event) = events.next().await else {
             return Err("the watch ended".into());
