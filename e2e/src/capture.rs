@@ -186,10 +186,9 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // SIGINT, not SIGKILL: the child is `timeout`, which forwards it to tcpdump; killing
+        // `timeout` would orphan tcpdump.
+        self.stop();
         let _ = std::fs::remove_file(&self.file);
     }
 }

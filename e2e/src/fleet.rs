@@ -388,6 +388,8 @@ pub struct FleetHub {
     pub netns: TestNetns,
     /// The relay's interface netns (`--relay-netns`), when relaying.
     pub relay_netns: Option<TestNetns>,
+    /// The relay's WireGuard interface (`--relay-name`), when relaying.
+    pub relay_name: Option<String>,
     pub dir: PathBuf,
 }
 
@@ -404,13 +406,14 @@ impl FleetHub {
             "--listen".into(),
             format!("{HUB_IP}:{HUB_API_PORT}").into(),
         ];
-        let relay_netns = if relay {
+        let relay_name = relay.then(|| format!("fr{}x{}", std::process::id(), seq()));
+        let relay_netns = if let Some(name) = &relay_name {
             let rns = quiet_netns("ccrelay", true)?;
             args.extend(os(&[
                 "--relay-listen",
                 &format!("{HUB_IP}:{RELAY_PORT}"),
                 "--relay-name",
-                &format!("fr{}x{}", std::process::id(), seq()),
+                name,
                 "--wg-backend",
                 "userspace",
             ]));
@@ -432,6 +435,7 @@ impl FleetHub {
             process,
             netns,
             relay_netns,
+            relay_name,
             dir,
         };
         hub.spawn()?;
@@ -447,6 +451,16 @@ impl FleetHub {
 
     pub fn kill9(&mut self) {
         self.process.kill9();
+    }
+
+    /// `wg show <relay interface> <what>` (through its UAPI socket).
+    pub fn relay_wg_show(&self, what: &str) -> Result<String> {
+        let name = self
+            .relay_name
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("the hub runs no relay".into()))?;
+        let out = run_command(Command::new("wg").args(["show", name, what]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     pub fn endpoint(&self) -> String {
@@ -582,6 +596,14 @@ impl FleetController {
     pub fn wg_show(&self, what: &str) -> Result<String> {
         let out = run_command(Command::new("wg").args(["show", &self.wg_name, what]))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for FleetController {
+    fn drop(&mut self) {
+        self.process.terminate(Duration::from_secs(10));
+        // A controller killed with -9 leaves its userspace device's UAPI socket behind.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.wg_name));
     }
 }
 
@@ -798,7 +820,8 @@ impl SandboxFleet {
         let holder = format!("{member}-ctl{k}");
         let data_dir = m.dir.join(format!("ctl{k}"));
         std::fs::create_dir_all(&data_dir).map_err(|e| Error::io("create", &data_dir, e))?;
-        let wg_name = format!("fw{}{member}{k}", std::process::id() % 1_000_000);
+        // Host-unique (it names the UAPI socket): pid and a process-wide sequence number.
+        let wg_name = format!("fw{}{member}{}", std::process::id() % 100_000, seq());
         let args = self.controller_args(m, &join, &ca, &holder, &data_dir, &wg_name);
         let mut process = ManagedProcess::new(
             &format!("fleet-controller {holder}"),
