@@ -480,6 +480,31 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
         hub.log()
     );
 
+    // The relay itself killed: the hub starts it again (same key, so members need no change).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
+    let restarted = eventually(Duration::from_secs(15), || {
+        hub.relay_pid().is_some_and(|p| p != relay_pid && alive(p))
+    });
+    assert!(
+        restarted,
+        "the relay was not restarted; log:\n{}",
+        hub.log()
+    );
+    let relay_pid = hub.relay_pid().unwrap();
+    let reached = eventually(Duration::from_secs(20), || {
+        a_ns.ping(&a.address, &b.address)
+    });
+    assert!(
+        reached,
+        "no traffic through the restarted relay; log:\n{}",
+        hub.log()
+    );
+
     // The admin removes B: the relay (its watch resumed against the restarted hub) drops B's
     // peer, and A's pings stop.
     let removed = {
