@@ -259,6 +259,13 @@ fn cross_cluster_pods_talk_through_the_relay_and_the_internet_sees_only_wireguar
     exchange(&fleet, &server, &client);
     let packets = capture.finish().unwrap();
     assert_only_wireguard(&packets, &[HUB_IP, "203.0.113.21", "203.0.113.22"]);
+    println!(
+        "internet capture: {} packets, {} WireGuard UDP, {} hub API TLS, {} ARP",
+        packets.packets.len(),
+        packets.ip().filter(|p| p.is_udp()).count(),
+        packets.ip().filter(|p| !p.is_udp()).count(),
+        packets.packets.iter().filter(|p| p.is_arp()).count()
+    );
     // Relay mode: both members' tunnels end at the hub, none goes member to member.
     let wg: Vec<&Packet> = packets.ip().filter(|p| p.is_udp()).collect();
     for m in ["203.0.113.21", "203.0.113.22"] {
@@ -487,6 +494,28 @@ fn fault_member_restart_keeps_block_and_key() {
     let b = cluster_blocks(&fleet.status_json("bb").unwrap());
     assert_eq!(b, blocks, "a restarted member keeps its block");
     exchange(&fleet, &server, &client);
+
+    // kill -9 of aa's only controller, started again at once (as a supervisor would): it
+    // takes its own lease back, same key, traffic within 5 s.
+    let key_before = fleet.member("aa").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    let t0 = Instant::now();
+    fleet.member_mut("aa").controllers[0].kill9();
+    fleet.member_mut("aa").controllers[0].restart().unwrap();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(30))
+        .unwrap();
+    println!("RECOVERY controller kill -9 + restart (no standby) -> ping after {took:?}");
+    assert!(
+        took <= Duration::from_secs(5),
+        "recovery took {took:?} (> 5 s)"
+    );
+    let key_after = fleet.member("aa").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    assert_eq!(key_after, key_before);
+    assert_eq!(cluster_blocks(&fleet.status_json("aa").unwrap()), blocks);
 }
 
 /// aa removed at the hub (`fleet-hub cluster remove aa`): its routes disappear from bb's
