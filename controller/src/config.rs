@@ -42,6 +42,54 @@ pub struct RunConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--wg-name {0:?}: an interface name is 1 to 15 bytes without '/', ':' or spaces")]
+    WgName(String),
+    #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
+    LeaseTtl(Duration),
+    #[error("--listen-port 0: choose a fixed port, peers dial it")]
+    ListenPort,
+    #[error("--node-prefix /{0}: a node subnet must be /30 or larger")]
+    NodePrefix(u8),
+    #[error("--vip-range {vip} overlaps the fleet CIDR default {fleet}; pick a range outside it")]
+    VipRange {
+        vip: Ipv4Network,
+        fleet: Ipv4Network,
+    },
+}
+
+impl RunConfig {
+    /// Checks what can be checked before contacting anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.wg_name;
+        if n.is_empty()
+            || n.len() > 15
+            || n.bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        {
+            return Err(ConfigError::WgName(n.clone()));
+        }
+        if self.lease_ttl < Duration::from_millis(500) {
+            return Err(ConfigError::LeaseTtl(self.lease_ttl));
+        }
+        if self.listen_port == 0 {
+            return Err(ConfigError::ListenPort);
+        }
+        if self.node_prefix > 30 {
+            return Err(ConfigError::NodePrefix(self.node_prefix));
+        }
+        let fleet: Ipv4Network = fleet_core::config::DEFAULT_FLEET_CIDR
+            .parse()
+            .expect("the default fleet CIDR parses");
+        let vip = self.vip_range;
+        if vip.contains(fleet.network()) || fleet.contains(vip.network()) {
+            return Err(ConfigError::VipRange { vip, fleet });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
 #[error("invalid duration {0:?}: use a number with ms, s or m (e.g. 500ms, 3s, 1m)")]
 pub struct DurationError(String);
 
@@ -69,6 +117,60 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_settings_are_refused_before_anything_runs() {
+        let ok = RunConfig {
+            cluster: ClusterId::new("aa").unwrap(),
+            hubs: vec!["127.0.0.1:7443".into()],
+            credential_file: "/tmp/c".into(),
+            join: None,
+            ca: None,
+            data_dir: "/tmp/d".into(),
+            nodes_file: "/tmp/n".into(),
+            gateway_node: "n1".into(),
+            endpoint: None,
+            listen_port: 51820,
+            wg_name: "fleet-wg".into(),
+            wg_backend: None,
+            holder: "h".into(),
+            lease_ttl: Duration::from_secs(3),
+            keepalive: 25,
+            node_prefix: 24,
+            status_interval: Duration::from_secs(5),
+            vip_range: fleet_core::config::DEFAULT_VIP_RANGE.parse().unwrap(),
+        };
+        ok.validate().unwrap();
+        let bad = [
+            RunConfig {
+                wg_name: "a-very-long-name-x".into(),
+                ..ok.clone()
+            },
+            RunConfig {
+                wg_name: "a/b".into(),
+                ..ok.clone()
+            },
+            RunConfig {
+                lease_ttl: Duration::from_millis(100),
+                ..ok.clone()
+            },
+            RunConfig {
+                listen_port: 0,
+                ..ok.clone()
+            },
+            RunConfig {
+                node_prefix: 31,
+                ..ok.clone()
+            },
+            RunConfig {
+                vip_range: "100.97.0.0/16".parse().unwrap(),
+                ..ok.clone()
+            },
+        ];
+        for b in bad {
+            assert!(b.validate().is_err(), "{b:?}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -203,10 +203,16 @@ pub fn node_peers(
 /// How this cluster's gateway is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatewayMode {
-    /// Seconds between keepalives towards peers we dial.
+    /// Seconds between keepalives towards peers we dial (0: none).
     pub keepalive: u16,
     /// Whether we declare a public endpoint (then every other cluster may dial us directly).
     pub public: bool,
+}
+
+impl GatewayMode {
+    fn keepalive(&self) -> Option<u16> {
+        (self.keepalive > 0).then_some(self.keepalive)
+    }
 }
 
 /// The gateway's WireGuard peers: the first relay (allowed: the whole fleet CIDR), a direct
@@ -226,7 +232,7 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
             public_key: relay.public_key,
             endpoint: Some(relay.endpoint),
             allowed_ips: vec![IpNetwork::V4(fleet.fleet_cidr)],
-            persistent_keepalive: Some(mode.keepalive),
+            persistent_keepalive: mode.keepalive(),
         });
     }
     for c in fleet.clusters.values().filter(|c| &c.id != own) {
@@ -241,7 +247,7 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
             public_key: c.public_key,
             endpoint: c.endpoint,
             allowed_ips: vec![IpNetwork::V4(c.block)],
-            persistent_keepalive: Some(mode.keepalive),
+            persistent_keepalive: mode.keepalive(),
         });
     }
     peers

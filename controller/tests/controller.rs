@@ -712,3 +712,67 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
     assert!(b.log().contains("removed from the fleet"), "{}", b.log());
     assert!(!link_exists(&cnf, &wb));
 }
+
+/// Runs `fleet-controller` to its exit; (code, stderr).
+fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
+    let out = Command::new(workspace_bin("fleet-controller"))
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_join_strings_and_settings_are_clear_errors_that_change_nothing() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.json");
+    std::fs::write(
+        &nodes,
+        r#"[{"name":"n1","socket":"/nonexistent/node.sock","underlay_ip":"192.0.2.1","netns":"/run/netns/none"}]"#,
+    )
+    .unwrap();
+    let credential = dir.path().join("aa.credential");
+    let args = |join: &str, wg: &str| {
+        controller_args(
+            &hub,
+            &credential,
+            Some(join),
+            &dir.path().join("data"),
+            &nodes,
+            "n1",
+            wg,
+            "h",
+        )
+    };
+
+    // A revoked token: the hub's reason, exit 1, no credential, no cluster at the hub.
+    let join = hub.join_string();
+    let id = join.split('.').next().unwrap();
+    let out = Command::new(workspace_bin("fleet-hub"))
+        .args(["--hub", &hub.addr, "--data-dir"])
+        .arg(hub.data())
+        .args(["token", "revoke", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (code, err) = run_to_exit(&args(&join, "fcbad"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    assert!(!credential.exists());
+    assert!(hub.view().clusters.is_empty());
+
+    // A malformed join string and a bad interface name: refused before anything runs.
+    let (code, err) = run_to_exit(&args("not-a-join-string", "fcbad"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--join"), "{err}");
+    let (code, err) = run_to_exit(&args(&hub.join_string(), "an-interface-name-too-long"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--wg-name"), "{err}");
+    assert!(!credential.exists());
+    assert!(hub.view().clusters.is_empty());
+}

@@ -151,8 +151,8 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
     writeln!(out)?;
     writeln!(
         out,
-        "{:<16} {:<12} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
-        "TUNNELS OF", "NODE", "BACKEND", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
+        "TUNNELS OF", "NODE", "BACKEND", "UPDATED", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
     )?;
     for c in &s.clusters {
         let Some(t) = &c.tunnel else {
@@ -176,10 +176,11 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
                 .unwrap_or_else(|| p.public_key.clone());
             writeln!(
                 out,
-                "{:<16} {:<12} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
+                "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
                 c.id,
                 t.node,
                 t.backend,
+                ago(t.updated_at, now),
                 who,
                 p.endpoint.map_or("-".to_string(), |e| e.to_string()),
                 p.last_handshake
@@ -309,7 +310,8 @@ mod tests {
         render_table(&s, 100, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("relay relay1"), "{text}");
-        assert!(text.contains("5s ago"), "{text}");
+        assert!(text.contains("5s ago"), "handshake age: {text}");
+        assert!(text.contains("0s ago"), "record age: {text}");
         assert!(text.contains("2.0 KiB"), "{text}");
         assert!(text.contains("100.96.1.0/24"), "{text}");
         assert!(text.contains("(no gateway record)"), "{text}");
