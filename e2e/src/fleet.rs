@@ -780,8 +780,6 @@ impl SandboxFleet {
             wg_name,
             "--listen-port",
             &GATEWAY_PORT.to_string(),
-            "--lease-ttl",
-            "2s",
             "--status-interval",
             "1s",
         ]);

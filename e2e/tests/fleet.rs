@@ -283,6 +283,23 @@ fn cross_cluster_pods_talk_through_the_relay_and_the_internet_sees_only_wireguar
     );
 
     assert_status_shows_tunnels(&fleet);
+
+    // Any node to any node: pods on the gateway nodes too, every pair across the clusters
+    // both ways.
+    let aa_gw = fleet.run_pod("aa", 0, "aa-gw-pod").unwrap();
+    let bb_gw = fleet.run_pod("bb", 0, "bb-gw-pod").unwrap();
+    for a in [&server, &aa_gw] {
+        for b in [&client, &bb_gw] {
+            for (from, to) in [(a, b), (b, a)] {
+                poll_until(
+                    &format!("{} -> {}", from.name, to.name),
+                    Duration::from_secs(10),
+                    || fleet.ping(from, &to.fleet_ip, 1).then_some(()),
+                )
+                .unwrap();
+            }
+        }
+    }
 }
 
 /// `fleetctl status` (text and JSON) lists both clusters with their blocks, and each
@@ -432,6 +449,8 @@ fn fault_controller_kill9_standby_resumes_within_5s() {
 fn fault_hub_killed_traffic_flows_and_restart_resyncs_without_duplicates() {
     require_root("fault_hub_killed_traffic_flows_and_restart_resyncs_without_duplicates");
     let (mut fleet, server, client, blocks) = talking_fleet(false);
+    let nodes_before = node_subnets(&fleet.status_json("aa").unwrap());
+    assert_eq!(nodes_before.len(), 4, "{nodes_before:?}");
     fleet.hub.kill9();
     let (lost, sent) = ping_losses(&fleet, &client, &server, Duration::from_secs(4));
     println!("RECOVERY hub killed -> {lost} of {sent} pings lost");
@@ -458,7 +477,38 @@ fn fault_hub_killed_traffic_flows_and_restart_resyncs_without_duplicates() {
         .unwrap();
     let clusters = fleet.hub.cli(&["clusters"]).unwrap();
     println!("clusters after the hub restart:\n{}", text(&clusters));
+    let rows: Vec<&str> = std::str::from_utf8(&clusters.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("aa ") || l.starts_with("bb "))
+        .collect();
+    assert_eq!(rows.len(), 2, "one entry per member: {rows:?}");
+    let nodes_after = node_subnets(&fleet.status_json("aa").unwrap());
+    assert_eq!(nodes_after.len(), 4, "{nodes_after:?}");
+    assert_eq!(nodes_after, nodes_before, "node subnets moved");
     exchange(&fleet, &server, &client);
+}
+
+/// `node name -> subnet` from `fleetctl status --json` (objects with `name` and `subnet`).
+fn node_subnets(v: &serde_json::Value) -> BTreeMap<String, String> {
+    fn walk(v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let (Some(n), Some(s)) = (
+                    map.get("name").and_then(|x| x.as_str()),
+                    map.get("subnet").and_then(|x| x.as_str()),
+                ) {
+                    out.insert(n.to_string(), s.to_string());
+                }
+                map.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(v, &mut out);
+    out
 }
 
 /// bb restarted (its controller stopped with SIGTERM: exit 0, WireGuard device gone; then
