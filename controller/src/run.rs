@@ -126,7 +126,12 @@ async fn identity(
             }
             Err(e) if e.code() == Some(ErrorCode::AlreadyJoined) => {
                 // Another replica joined first; it writes the credential file.
-                tracing::info!(cluster = %cfg.cluster, "cluster already joined (by another replica?); waiting for the credential file");
+                tracing::info!(
+                    cluster = %cfg.cluster,
+                    credential_file = %cfg.credential_file.display(),
+                    "cluster already joined, by another replica: waiting for its credential file (if \
+                     the replica that joined lost it, remove the cluster at the hub and join again)"
+                );
                 return tokio::select! {
                     c = wait => Ok(Some(base.with_credential(c?))),
                     _ = stopped(stop) => Ok(None),

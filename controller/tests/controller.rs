@@ -776,3 +776,63 @@ fn bad_join_strings_and_settings_are_clear_errors_that_change_nothing() {
     assert!(!credential.exists());
     assert!(hub.view().clusters.is_empty());
 }
+
+#[test]
+fn replicas_racing_to_join_share_one_credential_and_one_is_active() {
+    require_root("replicas_racing_to_join_share_one_credential_and_one_is_active");
+    let hub = Hub::start();
+    let n1 = Node::new("ct-r1", "192.0.2.1");
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_json(dir.path(), &[&n1]);
+    let credential = dir.path().join("aa.credential");
+    let join = hub.join_string();
+    let names: Vec<String> = (0..3).map(|i| uniq(&format!("fcr{i}x"))).collect();
+    // All three start at once, each with the join string.
+    let replicas: Vec<Controller> = names
+        .iter()
+        .enumerate()
+        .map(|(i, wg)| {
+            Controller::start(
+                controller_args(
+                    &hub,
+                    &credential,
+                    Some(&join),
+                    &dir.path().join(format!("r{i}")),
+                    &nodes,
+                    n1.name(),
+                    wg,
+                    &format!("ctl-{i}"),
+                ),
+                dir.path().join(format!("r{i}.log")),
+            )
+        })
+        .collect();
+    let logs = || {
+        replicas
+            .iter()
+            .map(|r| r.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let cnf = n1.nri.cnf_netns().to_string();
+    let devices = || names.iter().filter(|n| link_exists(&cnf, n)).count();
+    poll_until("one replica active", WAIT, || {
+        (devices() == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    poll_until("the other two standing by", WAIT, || {
+        let standing = replicas
+            .iter()
+            .filter(|r| r.log().contains("another replica is active"))
+            .count();
+        (standing == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let joined = replicas
+        .iter()
+        .filter(|r| r.log().contains("joined the fleet"))
+        .count();
+    assert_eq!(joined, 1, "exactly one join wins:\n{}", logs());
+    assert_eq!(hub.view().clusters.len(), 1);
+    assert_eq!(devices(), 1, "{}", logs());
+}
