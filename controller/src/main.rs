@@ -40,6 +40,7 @@ struct RunFlags {
     #[arg(long)]
     credential_file: PathBuf,
     /// Join string `<token>.<CA sha256>`; used only while the credential file does not exist.
+    /// Also read from the environment variable FLEET_JOIN (keeps it out of `ps`).
     #[arg(long)]
     join: Option<String>,
     /// The hub CA's SHA-256 (hex); needed when there is no --join.
@@ -86,6 +87,7 @@ struct RunFlags {
 fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
     let join = f
         .join
+        .or_else(|| std::env::var("FLEET_JOIN").ok().filter(|j| !j.is_empty()))
         .as_deref()
         .map(JoinString::parse)
         .transpose()
