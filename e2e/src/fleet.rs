@@ -22,7 +22,8 @@
 //! flags, nodes.json written for the member), `fleetctl` run from a member node.
 //!
 //! Drop order: pods, controllers, containerd + fleet-nri, routers, hub, internet. Process
-//! logs are printed when the dropping thread is panicking (a failed test).
+//! logs are printed when the dropping thread is panicking (a failed test), or always with
+//! `FLEET_E2E_LOGS=1`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -381,68 +382,24 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `fleet-hub serve` in the hub netns on 203.0.113.10:7443, embedded store in its own dir,
-/// optionally with the relay (UDP 51820, its interface in a netns of ours).
-pub struct FleetHub {
+/// One `fleet-hub serve` replica in its own netns at `203.0.113.(10+i)`.
+pub struct HubReplica {
     pub process: ManagedProcess,
     pub netns: TestNetns,
-    /// The relay's interface netns (`--relay-netns`), when relaying.
-    pub relay_netns: Option<TestNetns>,
-    /// The relay's WireGuard interface (`--relay-name`), when relaying.
-    pub relay_name: Option<String>,
+    pub ip: String,
     pub dir: PathBuf,
 }
 
-impl FleetHub {
-    fn start(internet: &Internet, relay: bool) -> Result<FleetHub> {
-        let netns = quiet_netns("cc", false)?;
-        internet.attach("p-cc", &netns, "wan0", &format!("{HUB_IP}/24"))?;
-        let dir = std::env::temp_dir().join(format!("fe2e-hub-{}-{}", std::process::id(), seq()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        let mut args = vec![
-            OsString::from("--data-dir"),
-            dir.join("data").into(),
-            "serve".into(),
-            "--listen".into(),
-            format!("{HUB_IP}:{HUB_API_PORT}").into(),
-        ];
-        let relay_name = relay.then(|| format!("fr{}x{}", std::process::id(), seq()));
-        let relay_netns = if let Some(name) = &relay_name {
-            let rns = quiet_netns("ccrelay", true)?;
-            args.extend(os(&[
-                "--relay-listen",
-                &format!("{HUB_IP}:{RELAY_PORT}"),
-                "--relay-name",
-                name,
-                "--wg-backend",
-                "userspace",
-            ]));
-            args.push("--relay-netns".into());
-            args.push(rns.path().into());
-            Some(rns)
-        } else {
-            None
-        };
-        let process = ManagedProcess::new(
-            "fleet-hub",
-            workspace_bin("fleet-hub"),
-            args,
-            &netns.path(),
-            dir.join("hub.log"),
-        )
-        .env("FLEET_LOG", "info");
-        let mut hub = FleetHub {
-            process,
-            netns,
-            relay_netns,
-            relay_name,
-            dir,
-        };
-        hub.spawn()?;
-        Ok(hub)
+impl HubReplica {
+    pub fn endpoint(&self) -> String {
+        format!("{}:{HUB_API_PORT}", self.ip)
     }
 
-    /// Starts (or restarts) `fleet-hub serve` and waits until it serves.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts (or restarts) it and waits until it serves.
     pub fn spawn(&mut self) -> Result<()> {
         self.process.spawn()?;
         self.process
@@ -451,6 +408,171 @@ impl FleetHub {
 
     pub fn kill9(&mut self) {
         self.process.kill9();
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.process.running()
+    }
+}
+
+impl Drop for HubReplica {
+    fn drop(&mut self) {
+        // SIGTERM: the replica also stops the relay process it runs.
+        self.process.terminate(Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The hub `cc`: one `fleet-hub serve` on the embedded store at 203.0.113.10:7443, or several
+/// replicas (203.0.113.10, .11, ...) on a real etcd that lives on a private hub network
+/// (192.0.2.0/24, not on the internet). The last replica runs the relay (UDP 51820, its
+/// interface in a netns of ours).
+pub struct FleetHub {
+    pub replicas: Vec<HubReplica>,
+    /// The relay's interface netns (`--relay-netns`), when relaying.
+    pub relay_netns: Option<TestNetns>,
+    /// The relay's WireGuard interface (`--relay-name`), when relaying.
+    pub relay_name: Option<String>,
+    /// etcd (in `backnet`), with several replicas.
+    pub etcd: Option<ManagedProcess>,
+    pub backnet: Option<TestNetns>,
+    etcd_dir: Option<PathBuf>,
+}
+
+/// etcd's address on the hub's private network.
+pub const ETCD_IP: &str = "192.0.2.1";
+
+impl FleetHub {
+    fn start(internet: &Internet, relay: bool, replicas: usize) -> Result<FleetHub> {
+        let replicas = replicas.max(1);
+        let mut hub = FleetHub {
+            replicas: Vec::new(),
+            relay_netns: None,
+            relay_name: None,
+            etcd: None,
+            backnet: None,
+            etcd_dir: None,
+        };
+        let mut store_args: Vec<OsString> = Vec::new();
+        if replicas > 1 {
+            hub.start_etcd()?;
+            store_args = os(&["--etcd", &format!("http://{ETCD_IP}:2379")]);
+        }
+        for i in 0..replicas {
+            let ip = format!("203.0.113.{}", 10 + i);
+            let netns = quiet_netns(&format!("cc{i}"), false)?;
+            internet.attach(&format!("p-cc{i}"), &netns, "wan0", &format!("{ip}/24"))?;
+            if let Some(back) = &hub.backnet {
+                plug(
+                    back,
+                    "hubnet0",
+                    &format!("r{i}"),
+                    &netns,
+                    "back0",
+                    &format!("192.0.2.{}/24", 10 + i),
+                )?;
+            }
+            let dir =
+                std::env::temp_dir().join(format!("fe2e-hub-{}-{}", std::process::id(), seq()));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+            let mut args = vec![OsString::from("--data-dir"), dir.join("data").into()];
+            args.extend(store_args.iter().cloned());
+            args.extend(os(&["serve", "--listen", &format!("{ip}:{HUB_API_PORT}")]));
+            if relay && i == replicas - 1 {
+                let name = format!("fr{}x{}", std::process::id(), seq());
+                let rns = quiet_netns("ccrelay", true)?;
+                args.extend(os(&[
+                    "--relay-listen",
+                    &format!("{ip}:{RELAY_PORT}"),
+                    "--relay-name",
+                    &name,
+                    "--wg-backend",
+                    "userspace",
+                ]));
+                args.push("--relay-netns".into());
+                args.push(rns.path().into());
+                hub.relay_netns = Some(rns);
+                hub.relay_name = Some(name);
+            }
+            let process = ManagedProcess::new(
+                &format!("fleet-hub cc{i}"),
+                workspace_bin("fleet-hub"),
+                args,
+                &netns.path(),
+                dir.join("hub.log"),
+            )
+            .env("FLEET_LOG", "info");
+            let mut replica = HubReplica {
+                process,
+                netns,
+                ip,
+                dir,
+            };
+            // One after the other: the first publishes the shared CA in the store, the
+            // others adopt it.
+            replica.spawn()?;
+            hub.replicas.push(replica);
+        }
+        Ok(hub)
+    }
+
+    fn start_etcd(&mut self) -> Result<()> {
+        let back = quiet_netns("hubdb", false)?;
+        back.ip(&["link", "add", "hubnet0", "type", "bridge"])?;
+        back.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "hubnet0"])?;
+        back.ip(&["link", "set", "hubnet0", "up"])?;
+        let dir = std::env::temp_dir().join(format!("fe2e-etcd-{}-{}", std::process::id(), seq()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let client = format!("http://{ETCD_IP}:2379");
+        let peer = "http://127.0.0.1:2380";
+        let mut etcd = ManagedProcess::new(
+            "etcd",
+            "/usr/bin/etcd",
+            vec![
+                "--name=fleet-sandbox".into(),
+                format!("--data-dir={}", dir.join("data").display()).into(),
+                format!("--listen-client-urls={client}").into(),
+                format!("--advertise-client-urls={client}").into(),
+                format!("--listen-peer-urls={peer}").into(),
+                format!("--initial-advertise-peer-urls={peer}").into(),
+                format!("--initial-cluster=fleet-sandbox={peer}").into(),
+                "--log-level=warn".into(),
+            ],
+            &back.path(),
+            dir.join("etcd.log"),
+        );
+        etcd.spawn()?;
+        let ns = back.path();
+        poll_until("etcd to listen", Duration::from_secs(30), || {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", ns.display()))
+                .args(["--", "ss", "-Hltn", "sport = :2379"])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        })
+        .map_err(|e| Error::Invalid(format!("{e}\n{}", etcd.log())))?;
+        self.etcd = Some(etcd);
+        self.backnet = Some(back);
+        self.etcd_dir = Some(dir);
+        Ok(())
+    }
+
+    /// Starts every replica that is not running (after `kill9`).
+    pub fn spawn(&mut self) -> Result<()> {
+        for r in &mut self.replicas {
+            if !r.running() {
+                r.spawn()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to every replica (`replicas[i].kill9()` for one).
+    pub fn kill9(&mut self) {
+        for r in &mut self.replicas {
+            r.kill9();
+        }
     }
 
     /// `wg show <relay interface> <what>` (through its UAPI socket).
@@ -463,12 +585,23 @@ impl FleetHub {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// The first replica's API address.
     pub fn endpoint(&self) -> String {
-        format!("{HUB_IP}:{HUB_API_PORT}")
+        self.replicas[0].endpoint()
     }
 
+    /// Every replica's API address, comma-separated (what controllers and fleetctl get).
+    pub fn endpoints(&self) -> String {
+        self.replicas
+            .iter()
+            .map(HubReplica::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The first replica's data dir (CA, admin credential: shared by all replicas).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        self.replicas[0].data_dir()
     }
 
     /// The hub CA's SHA-256 (hex), what members pin.
@@ -479,20 +612,29 @@ impl FleetHub {
             .ok_or_else(|| Error::Invalid(format!("no certificate in {}", path.display())))
     }
 
-    /// Runs the `fleet-hub` CLI against the serving hub (admin credential and CA from its
-    /// data dir), from inside the hub's netns.
+    /// Runs the `fleet-hub` CLI against a serving replica (admin credential and CA from its
+    /// data dir), from inside that replica's netns.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        let out = self
-            .netns
-            .command(workspace_bin("fleet-hub").to_str().unwrap_or("fleet-hub"))
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(["--hub", &self.endpoint()])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .map_err(|e| Error::io("run fleet-hub in", self.netns.path(), e))?;
-        Ok(out)
+        let mut last = None;
+        for r in &self.replicas {
+            let out = r
+                .netns
+                .command(workspace_bin("fleet-hub").to_str().unwrap_or("fleet-hub"))
+                .arg("--data-dir")
+                .arg(r.data_dir())
+                .args(["--hub", &r.endpoint()])
+                .args(args)
+                .env("NO_COLOR", "1")
+                .output()
+                .map_err(|e| Error::io("run fleet-hub in", r.netns.path(), e))?;
+            // Next replica only when this one is not serving.
+            let down = String::from_utf8_lossy(&out.stderr).contains("Connection refused");
+            if !down {
+                return Ok(out);
+            }
+            last = Some(out);
+        }
+        last.ok_or_else(|| Error::Invalid("the hub has no replica".into()))
     }
 
     /// `fleet-hub token create`: the join string for one member.
@@ -527,14 +669,27 @@ impl FleetHub {
     }
 
     pub fn log(&self) -> String {
-        self.process.log()
+        let mut s = String::new();
+        for r in &self.replicas {
+            s.push_str(&tail(&r.process.log(), 120));
+            s.push('\n');
+        }
+        if let Some(e) = &self.etcd {
+            s.push_str(&format!("---- etcd log:\n{}\n", tail(&e.log(), 30)));
+        }
+        s
     }
 }
 
 impl Drop for FleetHub {
     fn drop(&mut self) {
-        self.process.terminate(Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.replicas.clear();
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.terminate(Duration::from_secs(10));
+        }
+        if let Some(dir) = &self.etcd_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -626,11 +781,18 @@ pub struct Pod {
 pub struct FleetBuilder {
     members: Vec<(String, MemberOpts)>,
     relay: bool,
+    hub_replicas: usize,
 }
 
 impl FleetBuilder {
     pub fn member(mut self, id: &str, opts: MemberOpts) -> Self {
         self.members.push((id.to_string(), opts));
+        self
+    }
+
+    /// `n` hub replicas on a real etcd (default: one on the embedded store).
+    pub fn hub_replicas_on_etcd(mut self, n: usize) -> Self {
+        self.hub_replicas = n;
         self
     }
 
@@ -645,7 +807,7 @@ impl FleetBuilder {
     pub fn start(self) -> Result<SandboxFleet> {
         crate::require_root("SandboxFleet");
         let internet = Internet::new()?;
-        let hub = FleetHub::start(&internet, self.relay)?;
+        let hub = FleetHub::start(&internet, self.relay, self.hub_replicas)?;
         let mut members = Vec::new();
         for (i, (id, opts)) in self.members.into_iter().enumerate() {
             let public_ip = format!("203.0.113.{}", 21 + i);
@@ -727,6 +889,7 @@ impl SandboxFleet {
         FleetBuilder {
             members: Vec::new(),
             relay: true,
+            hub_replicas: 1,
         }
     }
 
@@ -767,7 +930,7 @@ impl SandboxFleet {
             "--cluster",
             &member.id,
             "--hub",
-            &self.hub.endpoint(),
+            &self.hub.endpoints(),
             "--join",
             join,
             "--ca",
@@ -985,7 +1148,7 @@ impl SandboxFleet {
             .netns
             .command(bin.to_str().unwrap_or("fleetctl"))
             .args(subcommand)
-            .args(["--hub", &self.hub.endpoint(), "--ca", &self.hub.ca_hash()?])
+            .args(["--hub", &self.hub.endpoints(), "--ca", &self.hub.ca_hash()?])
             .arg("--credential-file")
             .arg(m.credential_file())
             .env("NO_COLOR", "1")
@@ -1022,7 +1185,7 @@ impl SandboxFleet {
 
 impl Drop for SandboxFleet {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("FLEET_E2E_LOGS").is_some() {
             eprintln!("==== fleet-e2e: the sandbox fleet's logs\n{}", self.logs());
         }
         // Members (pods, controllers, nodes, routers) before the hub and the internet.

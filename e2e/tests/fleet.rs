@@ -229,7 +229,7 @@ fn members_reach_the_hub_only_through_their_nat() {
     assert!(!packets.text.contains(LAN_PREFIX), "{}", packets.text);
 
     // Nothing on the internet routes into a LAN; the hub cannot open anything to a member.
-    let hub_ns = &fleet.hub.netns;
+    let hub_ns = &fleet.hub.replicas[0].netns;
     let ping = |ip: &str| {
         hub_ns
             .command("busybox")
@@ -726,4 +726,52 @@ fn assert_status_ok_after_hub_restart(fleet: &mut SandboxFleet) {
         || (cluster_blocks(&fleet.status_json("aa").ok()?).len() == 2).then_some(()),
     )
     .unwrap();
+}
+
+/// Two hub replicas on a real etcd (etcd on the hub's private network; the relay on the
+/// second replica). The first replica — the one members try first — is killed: members keep
+/// working against the other: traffic flows, `fleetctl status` answers with the same blocks,
+/// and a controller fail-over (kill -9 of aa's active controller) completes through the
+/// survivor.
+#[test]
+fn hub_replicas_on_etcd_one_killed_members_keep_working() {
+    require_root("hub_replicas_on_etcd_one_killed_members_keep_working");
+    let mut fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::nat(2))
+        .member("bb", MemberOpts::nat(2))
+        .hub_replicas_on_etcd(2)
+        .start()
+        .unwrap();
+    fleet.start_controllers(true).unwrap();
+    let (server, client) = pods(&fleet);
+    let blocks = poll_until("both blocks", Duration::from_secs(20), || {
+        let b = cluster_blocks(&fleet.status_json("bb").ok()?);
+        (b.len() == 2).then_some(b)
+    })
+    .unwrap();
+
+    fleet.hub.replicas[0].kill9();
+    let (lost, sent) = ping_losses(&fleet, &client, &server, Duration::from_secs(2));
+    assert_eq!(lost, 0, "{lost} of {sent} lost with one replica down");
+    let after = cluster_blocks(&fleet.status_json("aa").unwrap());
+    assert_eq!(after, blocks);
+
+    let active = fleet.member("aa").active_controller().unwrap();
+    let t0 = Instant::now();
+    fleet.member_mut("aa").controllers[active].kill9();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(30))
+        .unwrap();
+    println!("RECOVERY controller kill -9 with one hub replica down -> ping after {took:?}");
+    let now_active = poll_until("aa's standby active", Duration::from_secs(10), || {
+        fleet.member("aa").active_controller()
+    })
+    .unwrap();
+    assert_ne!(now_active, active);
+    assert!(
+        took <= Duration::from_secs(5),
+        "recovery took {took:?} (> 5 s)"
+    );
+    exchange(&fleet, &server, &client);
+    assert_eq!(cluster_blocks(&fleet.status_json("bb").unwrap()), blocks);
 }

@@ -118,7 +118,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         String::from_utf8_lossy(&status.stdout),
         String::from_utf8_lossy(&status.stderr)
     );
-    println!("   hub log: {}", fleet.hub.process.log_path().display());
+    println!(
+        "   hub log: {}",
+        fleet.hub.replicas[0].process.log_path().display()
+    );
     for m in &fleet.members {
         for c in &m.controllers {
             println!("   {} log: {}", c.holder, c.process.log_path().display());
