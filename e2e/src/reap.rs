@@ -175,7 +175,22 @@ pub fn reap_stale_instances() {
             let Some(pid) = owner_pid(&name) else {
                 continue;
             };
-            if process_alive(pid) || !e.path().join("config.toml").exists() {
+            if process_alive(pid) {
+                continue;
+            }
+            if !e.path().join("config.toml").exists() {
+                // The sandbox fleet's dirs (hub, member, etcd): removing a hub's data dir
+                // also ends the relay process it left running (it watches `relay.pid`).
+                if ["fe2e-hub-", "fe2e-mem-", "fe2e-etcd-"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                {
+                    eprintln!(
+                        "fleet-e2e: removing stale {} (pid {pid} is gone)",
+                        e.path().display()
+                    );
+                    let _ = fs::remove_dir_all(e.path());
+                }
                 continue;
             }
             let dir = e.path();
