@@ -1,12 +1,19 @@
 //! The cluster's WireGuard gateway while this controller is active: the device in the gateway
 //! node's CNF netns (its UDP socket in the node's own netns), its peers, and its status record.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use fleet_gateway::{
-    BackendKind, DeviceConfig, GatewayError, Peer, PrivateKey, WireguardDevice, create_device,
-    select_backend,
+    BackendKind, DeviceConfig, GatewayError, Peer, PrivateKey, PublicKey, WireguardDevice,
+    create_device, select_backend,
 };
+
+/// A peer we dial that has not completed a handshake this long after it was set is re-added.
+const KICK_AFTER: Duration = Duration::from_millis(1000);
+/// ... but only this long after it was set: later, a silent peer is simply down.
+const KICK_WINDOW: Duration = Duration::from_secs(15);
 
 use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
 
@@ -32,6 +39,9 @@ pub struct Gateway {
     device: Option<Box<dyn WireguardDevice>>,
     netns: Option<PathBuf>,
     peers: Option<Vec<Peer>>,
+    /// When each peer we dial was set on this device, until its first handshake.
+    awaiting: HashMap<PublicKey, Instant>,
+    last_kick: Option<Instant>,
 }
 
 impl Gateway {
@@ -41,6 +51,8 @@ impl Gateway {
             device: None,
             netns: None,
             peers: None,
+            awaiting: HashMap::new(),
+            last_kick: None,
         }
     }
 
@@ -74,6 +86,7 @@ impl Gateway {
         self.device = Some(device);
         self.netns = Some(cnf_netns.to_owned());
         self.peers = None;
+        self.awaiting.clear();
         Ok(true)
     }
 
@@ -86,6 +99,15 @@ impl Gateway {
             return Ok(());
         }
         device.set_peers(&peers).await?;
+        let before: Vec<PublicKey> = self.peers.iter().flatten().map(|p| p.public_key).collect();
+        let now = Instant::now();
+        self.awaiting
+            .retain(|k, _| peers.iter().any(|p| p.public_key == *k));
+        for p in peers.iter().filter(|p| p.endpoint.is_some()) {
+            if !before.contains(&p.public_key) {
+                self.awaiting.insert(p.public_key, now);
+            }
+        }
         let shown: Vec<String> = peers
             .iter()
             .map(|p| {
@@ -98,6 +120,57 @@ impl Gateway {
             .collect();
         tracing::info!(device = %self.config.name, peers = ?shown, "gateway peers set");
         self.peers = Some(peers);
+        Ok(())
+    }
+
+    /// Whether a peer we dial still awaits its first handshake (within the kick window).
+    pub fn awaiting_handshakes(&self) -> bool {
+        self.awaiting.values().any(|t| t.elapsed() < KICK_WINDOW)
+    }
+
+    /// Re-adds peers we dial that have had no handshake [`KICK_AFTER`] after being set. A
+    /// peer learns our new key through the hub at about the moment we first dial it; if our
+    /// first initiation arrived before that, WireGuard would retry only after its 5 s rekey
+    /// timeout. A re-added peer initiates again at once.
+    pub async fn kick_stalled_handshakes(&mut self) -> Result<(), GatewayError> {
+        let (Some(device), Some(peers)) = (&self.device, &self.peers) else {
+            return Ok(());
+        };
+        self.awaiting.retain(|_, t| t.elapsed() < KICK_WINDOW);
+        if self.awaiting.is_empty() || self.last_kick.is_some_and(|k| k.elapsed() < KICK_AFTER) {
+            return Ok(());
+        }
+        let stats = device.stats().await?;
+        let mut stalled = Vec::new();
+        for (key, since) in &self.awaiting {
+            let shook = stats
+                .iter()
+                .any(|s| s.public_key == *key && s.last_handshake.is_some());
+            if shook {
+                continue;
+            }
+            if since.elapsed() >= KICK_AFTER {
+                stalled.push(*key);
+            }
+        }
+        // Peers with a handshake are done.
+        self.awaiting.retain(|k, _| {
+            !stats
+                .iter()
+                .any(|s| s.public_key == *k && s.last_handshake.is_some())
+        });
+        if stalled.is_empty() {
+            return Ok(());
+        }
+        let without: Vec<Peer> = peers
+            .iter()
+            .filter(|p| !stalled.contains(&p.public_key))
+            .cloned()
+            .collect();
+        device.set_peers(&without).await?;
+        device.set_peers(peers).await?;
+        self.last_kick = Some(Instant::now());
+        tracing::info!(device = %self.config.name, peers = ?stalled.iter().map(|k| k.to_base64()).collect::<Vec<_>>(), "no handshake yet: peers re-added to initiate again");
         Ok(())
     }
 
@@ -122,6 +195,7 @@ impl Gateway {
     pub async fn delete(&mut self) -> Result<(), GatewayError> {
         self.peers = None;
         self.netns = None;
+        self.awaiting.clear();
         if let Some(device) = self.device.take() {
             device.delete().await?;
             tracing::info!(device = %self.config.name, "WireGuard gateway removed");

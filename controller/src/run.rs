@@ -248,6 +248,8 @@ impl Controller {
         let mut held_by: Option<String> = None;
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut kick = tokio::time::interval(Duration::from_millis(250));
+        kick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, "standby: waiting for the cluster lease");
         let result = loop {
             let watch_next = async {
@@ -333,6 +335,11 @@ impl Controller {
                             a.watch = None;
                             if let Err(e) = self.relist(a).await { break Err(e); }
                         }
+                    }
+                }
+                _ = kick.tick(), if role == Role::Active && self.gateway.awaiting_handshakes() => {
+                    if let Err(e) = self.gateway.kick_stalled_handshakes().await {
+                        tracing::warn!(error = %e, "re-adding peers without a handshake failed");
                     }
                 }
                 _ = tick.tick(), if role == Role::Active => {
