@@ -539,6 +539,16 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     )
     .unwrap_or_else(|e| panic!("{}", fail(&e.to_string(), &ctl)));
 
+    // bb never answers (nothing listens at its endpoint): its peer is re-added to initiate
+    // again rather than waiting for WireGuard's 5 s rekey timeout, and stays configured.
+    poll_until("a re-added peer without a handshake", WAIT, || {
+        ctl.log()
+            .contains("no handshake yet: peers re-added")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{}", fail(&e.to_string(), &ctl)));
+    assert!(wg_peers(&wg).unwrap().contains_key(&bb_key.to_base64()));
+
     // kill -9 and restart: same subnets, same key, the device and its peers back.
     ctl.kill9();
     // Meanwhile someone clears n2's peers: the restarted controller programs them again.
