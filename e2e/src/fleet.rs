@@ -919,7 +919,7 @@ impl SandboxFleet {
     fn controller_args(
         &self,
         member: &Member,
-        join: &str,
+        join: Option<&str>,
         ca: &str,
         holder: &str,
         data_dir: &Path,
@@ -931,8 +931,6 @@ impl SandboxFleet {
             &member.id,
             "--hub",
             &self.hub.endpoints(),
-            "--join",
-            join,
             "--ca",
             ca,
             "--gateway-node",
@@ -952,6 +950,10 @@ impl SandboxFleet {
         args.push(data_dir.into());
         args.push("--nodes".into());
         args.push(member.nodes_json().into());
+        if let Some(join) = join {
+            args.push("--join".into());
+            args.push(join.into());
+        }
         if let Some(ep) = member.endpoint() {
             args.push("--endpoint".into());
             args.push(ep.into());
@@ -960,15 +962,20 @@ impl SandboxFleet {
     }
 
     /// Adds and starts a controller instance of `member` in the netns of its node `on_node`
-    /// (node 0 is the gateway node). The first instance joins with a fresh token; later
-    /// ones share its credential file (wait for it first).
+    /// (node 0 is the gateway node). The first instance joins with a fresh token (`--join`);
+    /// later ones share its credential file (wait for it first) and get only `--ca`.
     pub fn add_controller(&mut self, member: &str, on_node: usize) -> Result<usize> {
         let m = self.member(member);
         let ca = self.hub.ca_hash()?;
-        let join = self
-            .hub
-            .create_join_string(&format!("sandbox member {member}"))?;
         let k = m.controllers.len();
+        let join = if k == 0 {
+            Some(
+                self.hub
+                    .create_join_string(&format!("sandbox member {member}"))?,
+            )
+        } else {
+            None
+        };
         if k > 0 {
             let cred = m.credential_file();
             poll_until(
@@ -983,7 +990,7 @@ impl SandboxFleet {
         std::fs::create_dir_all(&data_dir).map_err(|e| Error::io("create", &data_dir, e))?;
         // Host-unique (it names the UAPI socket): pid and a process-wide sequence number.
         let wg_name = format!("fw{}{member}{}", std::process::id() % 100_000, seq());
-        let args = self.controller_args(m, &join, &ca, &holder, &data_dir, &wg_name);
+        let args = self.controller_args(m, join.as_deref(), &ca, &holder, &data_dir, &wg_name);
         let mut process = ManagedProcess::new(
             &format!("fleet-controller {holder}"),
             workspace_bin("fleet-controller"),
