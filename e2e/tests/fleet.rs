@@ -632,58 +632,7 @@ fn direct_tunnels_between_public_members_bypass_the_hub() {
         .unwrap();
     fleet.start_controllers(false).unwrap();
     let (server, client) = pods(&fleet);
-    fleet
-        .exec(
-            &server,
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1024 count=512 2>/dev/null \
-                 && httpd -p 8080 -h /www",
-            ],
-        )
-        .unwrap();
-    let capture = fleet.internet.capture(Duration::from_secs(120)).unwrap();
-    let url = format!("http://{}:8080/blob", server.fleet_ip);
-    let got = fleet
-        .exec(
-            &client,
-            &[
-                "sh",
-                "-c",
-                &format!("timeout 10 wget -q -O - {url} | wc -c"),
-            ],
-        )
-        .unwrap();
-    assert_eq!(got.trim(), "524288");
-    exchange(&fleet, &server, &client);
-    let packets = capture.finish().unwrap();
-    assert_only_wireguard(&packets, &[HUB_IP, "203.0.113.21", "203.0.113.22"]);
-    let bytes = |pred: &dyn Fn(&Packet) -> bool| -> usize {
-        packets
-            .ip()
-            .filter(|p| p.is_udp() && pred(p))
-            .filter_map(|p| {
-                p.line
-                    .rsplit("length ")
-                    .next()?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum()
-    };
-    let direct = bytes(&|p| p.involves("203.0.113.21") && p.involves("203.0.113.22"));
-    let via_hub = bytes(&|p| p.involves(HUB_IP));
-    println!("direct mode: {direct} UDP bytes member to member, {via_hub} to/from the hub");
-    assert!(
-        direct > 524_288,
-        "the download went member to member: {direct}"
-    );
-    assert!(
-        via_hub < direct / 20,
-        "little goes via the hub: {via_hub} vs {direct}"
-    );
+    assert_download_goes_direct(&fleet, &server, &client);
 
     fleet.hub.kill9();
     let (lost, sent) = ping_losses(&fleet, &client, &server, Duration::from_secs(3));
@@ -774,4 +723,77 @@ fn hub_replicas_on_etcd_one_killed_members_keep_working() {
     );
     exchange(&fleet, &server, &client);
     assert_eq!(cluster_blocks(&fleet.status_json("bb").unwrap()), blocks);
+}
+
+/// A 512 KiB download from `server` (aa) to `client` (bb), plus the exchange, under a capture
+/// of the internet: the WireGuard bytes go between aa's and bb's routers, (almost) none
+/// through the hub's address.
+fn assert_download_goes_direct(fleet: &SandboxFleet, server: &Pod, client: &Pod) {
+    fleet
+        .exec(
+            server,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1024 count=512 2>/dev/null \
+                 && httpd -p 8080 -h /www",
+            ],
+        )
+        .unwrap();
+    let capture = fleet.internet.capture(Duration::from_secs(120)).unwrap();
+    let url = format!("http://{}:8080/blob", server.fleet_ip);
+    let got = fleet
+        .exec(
+            client,
+            &[
+                "sh",
+                "-c",
+                &format!("timeout 10 wget -q -O - {url} | wc -c"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(got.trim(), "524288");
+    exchange(fleet, server, client);
+    let packets = capture.finish().unwrap();
+    assert_only_wireguard(&packets, &[HUB_IP, "203.0.113.21", "203.0.113.22"]);
+    let bytes = |pred: &dyn Fn(&Packet) -> bool| -> usize {
+        packets
+            .ip()
+            .filter(|p| p.is_udp() && pred(p))
+            .filter_map(|p| {
+                p.line
+                    .rsplit("length ")
+                    .next()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    };
+    let direct = bytes(&|p| p.involves("203.0.113.21") && p.involves("203.0.113.22"));
+    let via_hub = bytes(&|p| p.involves(HUB_IP));
+    println!("direct: {direct} UDP bytes member to member, {via_hub} to/from the hub");
+    assert!(
+        direct > 524_288,
+        "the download went member to member: {direct}"
+    );
+    assert!(
+        via_hub < direct / 20,
+        "little goes via the hub: {via_hub} vs {direct}"
+    );
+}
+
+/// Mixed: aa public (port forward + `--endpoint`), bb behind plain NAT. bb dials aa directly
+/// (its keepalives hold its NAT mapping open), so their traffic bypasses the hub too.
+#[test]
+fn a_natted_member_tunnels_directly_to_a_public_one() {
+    require_root("a_natted_member_tunnels_directly_to_a_public_one");
+    let mut fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::public(2))
+        .member("bb", MemberOpts::nat(2))
+        .start()
+        .unwrap();
+    fleet.start_controllers(false).unwrap();
+    let (server, client) = pods(&fleet);
+    assert_download_goes_direct(&fleet, &server, &client);
 }
