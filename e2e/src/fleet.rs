@@ -17,11 +17,13 @@
 //! A "public" member's router also forwards UDP 51820 to its gateway node (a port forward),
 //! and its controller declares that address as its endpoint.
 //!
-//! Processes: [`FleetHub`] (`fleet-hub serve` in cc with the embedded store), one or two
+//! Processes: [`FleetHub`] (`fleet-hub serve` in cc with the embedded store and the relay;
+//! or, with [`FleetBuilder::hub_replicas_on_etcd`], replicas at 203.0.113.10, .11, ... on a
+//! real etcd that sits on a private hub network, 192.0.2.0/24), one or two
 //! [`FleetController`]s per member (`fleet-controller run` in a node's netns, the contract's
 //! flags, nodes.json written for the member), `fleetctl` run from a member node.
 //!
-//! Drop order: pods, controllers, containerd + fleet-nri, routers, hub, internet. Process
+//! Drop order: pods, controllers, containerd + fleet-nri, routers, hub, etcd, internet. Process
 //! logs are printed when the dropping thread is panicking (a failed test), or always with
 //! `FLEET_E2E_LOGS=1`.
 
