@@ -42,6 +42,8 @@ pub struct Gateway {
     /// When each peer we dial was set on this device, until its first handshake.
     awaiting: HashMap<PublicKey, Instant>,
     last_kick: Option<Instant>,
+    /// The own-block unreachable route installed beside the device.
+    own_block: Option<ipnetwork::Ipv4Network>,
 }
 
 impl Gateway {
@@ -53,6 +55,7 @@ impl Gateway {
             peers: None,
             awaiting: HashMap::new(),
             last_kick: None,
+            own_block: None,
         }
     }
 
@@ -120,6 +123,23 @@ impl Gateway {
             .collect();
         tracing::info!(device = %self.config.name, peers = ?shown, "gateway peers set");
         self.peers = Some(peers);
+        Ok(())
+    }
+
+    /// Keeps `unreachable <block>` beside the device (see [`crate::own_block`]).
+    pub async fn set_own_block(
+        &mut self,
+        block: ipnetwork::Ipv4Network,
+    ) -> Result<(), crate::own_block::OwnBlockError> {
+        let Some(netns) = &self.netns else {
+            return Ok(());
+        };
+        // Checked every pass: another replica stepping down on this node removes its own.
+        crate::own_block::sync(netns, Some(block)).await?;
+        if self.own_block != Some(block) {
+            tracing::info!(%block, netns = %netns.display(), "unreachable route for the own block installed");
+        }
+        self.own_block = Some(block);
         Ok(())
     }
 
@@ -194,8 +214,12 @@ impl Gateway {
     /// Removes the device (and its routes and UAPI socket).
     pub async fn delete(&mut self) -> Result<(), GatewayError> {
         self.peers = None;
-        self.netns = None;
         self.awaiting.clear();
+        if let (Some(netns), Some(_)) = (self.netns.take(), self.own_block.take())
+            && let Err(e) = crate::own_block::sync(&netns, None).await
+        {
+            tracing::warn!(error = %e, "removing the own-block route failed");
+        }
         if let Some(device) = self.device.take() {
             device.delete().await?;
             tracing::info!(device = %self.config.name, "WireGuard gateway removed");

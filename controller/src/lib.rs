@@ -20,6 +20,7 @@ pub mod hub;
 pub mod identity;
 pub mod leader;
 pub mod nodes;
+pub mod own_block;
 pub mod plan;
 pub mod reconcile;
 pub mod records;

@@ -62,7 +62,8 @@ pub enum ControllerError {
 /// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
 fn client_options(ttl: Duration) -> ClientOptions {
     ClientOptions {
-        connect_timeout: ttl.clamp(Duration::from_millis(500), Duration::from_secs(3)),
+        // A dead hub replica costs this much before the next address is tried.
+        connect_timeout: (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(3)),
         call_timeout: (ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10)),
         ..ClientOptions::default()
     }
@@ -422,6 +423,11 @@ impl Controller {
             && let Err(e) = self.gateway.ensure(cnf).await
         {
             problems.push(format!("creating the WireGuard device: {e}"));
+        }
+        if let Some(own) = a.snapshot.fleet.clusters.get(&self.cfg.cluster)
+            && let Err(e) = self.gateway.set_own_block(own.block).await
+        {
+            problems.push(e.to_string());
         }
         let mode = GatewayMode {
             keepalive: self.cfg.keepalive,

@@ -467,6 +467,21 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
         !link_exists(n2.nri.cnf_netns(), &wg),
         "only on the gateway node"
     );
+    // Unassigned addresses of our own block fail at once instead of looping via the relay;
+    // the node subnets stay routed.
+    let own_route = format!("unreachable {block}");
+    poll_until("the own-block unreachable route", WAIT, || {
+        ip_in(n1.nri.cnf_netns(), &["route", "show"])
+            .ok()
+            .filter(|r| r.contains(&own_route))
+    })
+    .unwrap_or_else(|e| panic!("{}", fail(&e.to_string(), &ctl)));
+    let via = ip_in(
+        n1.nri.cnf_netns(),
+        &["route", "get", &p2.nth(5).unwrap().to_string()],
+    )
+    .unwrap();
+    assert!(via.contains("fleetvx"), "{via}");
 
     // Records and the hub's view of the gateway.
     let view = poll_until("node and gateway records, gateway up", WAIT, || {
@@ -619,6 +634,8 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     assert_eq!(ctl.terminate(), Some(0), "{}", ctl.log());
     assert!(!link_exists(n1.nri.cnf_netns(), &wg));
     assert!(!Path::new(&format!("/var/run/wireguard/{wg}.sock")).exists());
+    let routes = ip_in(n1.nri.cnf_netns(), &["route", "show"]).unwrap();
+    assert!(!routes.contains(&own_route), "{routes}");
     let view = hub.view();
     let aa = view
         .clusters
