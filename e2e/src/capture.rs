@@ -106,6 +106,109 @@ impl Packets {
     pub fn ip(&self) -> impl Iterator<Item = &Packet> {
         self.packets.iter().filter(|p| p.family == "IP")
     }
+
+    /// Every IPv4 UDP datagram in the capture (pcap, Ethernet link type), decoded from the
+    /// raw bytes.
+    pub fn udp_datagrams(&self) -> Vec<UdpDatagram> {
+        parse_pcap_udp(&self.raw)
+    }
+}
+
+/// One UDP datagram read from the pcap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpDatagram {
+    pub src: std::net::SocketAddrV4,
+    pub dst: std::net::SocketAddrV4,
+    /// The first bytes of the payload (up to 16).
+    pub head: Vec<u8>,
+    pub len: usize,
+}
+
+impl UdpDatagram {
+    /// Whether the payload is a WireGuard message: type 1 (initiation, 148 bytes),
+    /// 2 (response, 92), 3 (cookie reply, 64) or 4 (transport data, ≥ 32, multiple of 16),
+    /// followed by three zero bytes.
+    pub fn is_wireguard(&self) -> bool {
+        if self.head.len() < 4 || self.head[1..4] != [0, 0, 0] {
+            return false;
+        }
+        match self.head[0] {
+            1 => self.len == 148,
+            2 => self.len == 92,
+            3 => self.len == 64,
+            4 => self.len >= 32 && (self.len - 16) % 16 == 0,
+            _ => false,
+        }
+    }
+}
+
+/// UDP datagrams of a classic pcap file (microsecond or nanosecond, either byte order) with
+/// Ethernet frames; anything else is skipped.
+fn parse_pcap_udp(raw: &[u8]) -> Vec<UdpDatagram> {
+    let mut out = Vec::new();
+    if raw.len() < 24 {
+        return out;
+    }
+    let magic = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        _ => return out,
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    if u32_at(raw, 20) != 1 {
+        return out; // not Ethernet
+    }
+    let mut at = 24;
+    while at + 16 <= raw.len() {
+        let caplen = u32_at(raw, at + 8) as usize;
+        let start = at + 16;
+        let end = start + caplen;
+        if end > raw.len() {
+            break;
+        }
+        if let Some(d) = udp_of_frame(&raw[start..end]) {
+            out.push(d);
+        }
+        at = end;
+    }
+    out
+}
+
+fn udp_of_frame(frame: &[u8]) -> Option<UdpDatagram> {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    let ip = frame
+        .get(14..)
+        .filter(|_| frame.get(12..14) == Some(&[0x08, 0x00]))?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if ip.first()? >> 4 != 4 || *ip.get(9)? != 17 {
+        return None;
+    }
+    let addr = |i: usize| {
+        Some(Ipv4Addr::new(
+            *ip.get(i)?,
+            *ip.get(i + 1)?,
+            *ip.get(i + 2)?,
+            *ip.get(i + 3)?,
+        ))
+    };
+    let udp = ip.get(ihl..)?;
+    let port = |i: usize| Some(u16::from_be_bytes([*udp.get(i)?, *udp.get(i + 1)?]));
+    let len = usize::from(port(4)?).checked_sub(8)?;
+    let payload = udp.get(8..)?;
+    Some(UdpDatagram {
+        src: SocketAddrV4::new(addr(12)?, port(0)?),
+        dst: SocketAddrV4::new(addr(16)?, port(2)?),
+        head: payload[..payload.len().min(16)].to_vec(),
+        len,
+    })
 }
 
 impl Capture {
@@ -218,5 +321,47 @@ mod tests {
             .unwrap();
         assert!(arp.is_arp());
         assert!(Packet::parse("reading from file x.pcap").is_none());
+    }
+
+    #[test]
+    fn pcap_udp_datagrams_and_wireguard_messages() {
+        // pcap header (LE, µs, Ethernet) + one frame: Ethernet/IPv4/UDP with a WireGuard
+        // transport header (type 4) and a 32-byte payload in all.
+        let mut raw = Vec::new();
+        raw.extend(0xa1b2_c3d4u32.to_le_bytes());
+        raw.extend([2, 0, 4, 0]);
+        raw.extend([0; 8]);
+        raw.extend(65535u32.to_le_bytes());
+        raw.extend(1u32.to_le_bytes());
+        let mut frame = vec![0u8; 12];
+        frame.extend([0x08, 0x00]);
+        let payload: Vec<u8> = [4, 0, 0, 0].into_iter().chain([7; 28]).collect();
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+        ip.extend([203, 0, 113, 21, 203, 0, 113, 10]);
+        let mut udp = Vec::new();
+        udp.extend(51820u16.to_be_bytes());
+        udp.extend(51820u16.to_be_bytes());
+        udp.extend((8 + payload.len() as u16).to_be_bytes());
+        udp.extend([0, 0]);
+        udp.extend(&payload);
+        frame.extend(ip);
+        frame.extend(udp);
+        raw.extend([0; 8]);
+        raw.extend((frame.len() as u32).to_le_bytes());
+        raw.extend((frame.len() as u32).to_le_bytes());
+        raw.extend(&frame);
+        let d = parse_pcap_udp(&raw);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].src.to_string(), "203.0.113.21:51820");
+        assert_eq!(d[0].dst.to_string(), "203.0.113.10:51820");
+        assert_eq!(d[0].len, 32);
+        assert!(d[0].is_wireguard());
+        let plain = UdpDatagram {
+            head: b"hello world".to_vec(),
+            len: 11,
+            ..d[0].clone()
+        };
+        assert!(!plain.is_wireguard());
+        assert!(parse_pcap_udp(b"garbage").is_empty());
     }
 }

@@ -58,7 +58,7 @@ pub mod reap;
 mod util;
 
 pub use bins::workspace_bin;
-pub use capture::{Capture, Packet, Packets};
+pub use capture::{Capture, Packet, Packets, UdpDatagram};
 pub use cluster_node::ClusterNode;
 pub use cni::BridgeNetwork;
 pub use containerd::{Containerd, ContainerdOpts, NetnsChoice};

@@ -62,6 +62,13 @@ fn assert_only_wireguard(packets: &Packets, public: &[&str]) {
         !packets.raw_contains(MARKER.as_bytes()),
         "the plaintext marker crossed the internet"
     );
+    // Every UDP datagram is a well-formed WireGuard message (type 1-4, reserved zero, the
+    // message type's size).
+    let udp = packets.udp_datagrams();
+    assert!(!udp.is_empty(), "no UDP on the internet");
+    for d in &udp {
+        assert!(d.is_wireguard(), "not a WireGuard message: {d:?}");
+    }
 }
 
 /// Pods on non-gateway nodes: `server` in aa, `client` in bb; waits for the first ping.
