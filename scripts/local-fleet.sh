@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install the runtime pieces, build fleetboard, and run a local
-# fleet node (containerd + fleet-cni + fleet-nri, pods with eth-fleet) until Ctrl-C.
+# fleet (hub cc, member clusters aa and bb behind NAT, two containerd nodes each, pods talking
+# across clusters over WireGuard) until Ctrl-C.
 # Pass --once to tear down right after the demo, --pods N for more pods.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -294,6 +294,16 @@ impl Drop for Controller {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A replica killed with -9 leaves its UAPI socket behind (the next start of the same
+        // name removes it); names here are test-unique, so remove it now.
+        if let Some(name) = self
+            .args
+            .iter()
+            .position(|a| a == "--wg-name")
+            .and_then(|i| self.args.get(i + 1))
+        {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
+        }
     }
 }
 
