@@ -35,10 +35,90 @@ pub struct RunConfig {
     pub wg_backend: Option<BackendKind>,
     pub holder: String,
     pub lease_ttl: Duration,
+    /// Where the leadership lease lives.
+    pub leader_election: LeaderElection,
     pub keepalive: u16,
     pub node_prefix: u8,
     pub status_interval: Duration,
     pub vip_range: Ipv4Network,
+}
+
+/// Default namespace and name of the Kubernetes Lease (`--lease-namespace`, `--lease-name`).
+pub const DEFAULT_LEASE_NAMESPACE: &str = "fleetboard-system";
+pub const DEFAULT_LEASE_NAME: &str = "fleet-controller";
+
+/// Where the replicas' leadership lease lives (`--leader-election`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderElection {
+    /// The hub's cluster lease (a lock in the hub's store).
+    Hub,
+    /// A `coordination.k8s.io/v1` Lease `<namespace>/<name>`, through the in-cluster
+    /// configuration (or `kubeconfig` when given).
+    Kubernetes {
+        namespace: String,
+        name: String,
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// `--leader-election hub|kubernetes|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderElectionMode {
+    Hub,
+    Kubernetes,
+    /// Kubernetes when running in a pod (`KUBERNETES_SERVICE_HOST` set), else the hub.
+    Auto,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("--leader-election {0:?}: expected hub, kubernetes or auto")]
+pub struct LeaderElectionModeError(String);
+
+impl std::str::FromStr for LeaderElectionMode {
+    type Err = LeaderElectionModeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hub" => Ok(Self::Hub),
+            "kubernetes" => Ok(Self::Kubernetes),
+            "auto" => Ok(Self::Auto),
+            other => Err(LeaderElectionModeError(other.to_string())),
+        }
+    }
+}
+
+impl LeaderElectionMode {
+    /// Resolves `auto` by whether `KUBERNETES_SERVICE_HOST` is set (`in_cluster`).
+    pub fn resolve(
+        self,
+        in_cluster: bool,
+        namespace: String,
+        name: String,
+        kubeconfig: Option<PathBuf>,
+    ) -> LeaderElection {
+        match (self, in_cluster) {
+            (Self::Hub, _) | (Self::Auto, false) => LeaderElection::Hub,
+            (Self::Kubernetes, _) | (Self::Auto, true) => LeaderElection::Kubernetes {
+                namespace,
+                name,
+                kubeconfig,
+            },
+        }
+    }
+}
+
+/// A DNS-1123 label (namespace names): 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (object names): dot-separated labels, at most 253 bytes.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +127,10 @@ pub enum ConfigError {
     WgName(String),
     #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
     LeaseTtl(Duration),
+    #[error("--lease-namespace {0:?}: a namespace is a DNS label (lower-case a-z, 0-9, '-')")]
+    LeaseNamespace(String),
+    #[error("--lease-name {0:?}: a Lease name is a DNS subdomain (lower-case a-z, 0-9, '-', '.')")]
+    LeaseName(String),
     #[error("--listen-port 0: choose a fixed port, peers dial it")]
     ListenPort,
     #[error("--node-prefix /{0}: a node subnet must be /30 or larger")]
@@ -71,6 +155,17 @@ impl RunConfig {
         }
         if self.lease_ttl < Duration::from_millis(500) {
             return Err(ConfigError::LeaseTtl(self.lease_ttl));
+        }
+        if let LeaderElection::Kubernetes {
+            namespace, name, ..
+        } = &self.leader_election
+        {
+            if !is_dns_label(namespace) {
+                return Err(ConfigError::LeaseNamespace(namespace.clone()));
+            }
+            if !is_dns_subdomain(name) {
+                return Err(ConfigError::LeaseName(name.clone()));
+            }
         }
         if self.listen_port == 0 {
             return Err(ConfigError::ListenPort);
@@ -135,6 +230,11 @@ mod tests {
             wg_backend: None,
             holder: "h".into(),
             lease_ttl: Duration::from_secs(3),
+            leader_election: LeaderElection::Kubernetes {
+                namespace: DEFAULT_LEASE_NAMESPACE.into(),
+                name: DEFAULT_LEASE_NAME.into(),
+                kubeconfig: None,
+            },
             keepalive: 25,
             node_prefix: 24,
             status_interval: Duration::from_secs(5),
@@ -159,6 +259,22 @@ mod tests {
                 ..ok.clone()
             },
             RunConfig {
+                leader_election: LeaderElection::Kubernetes {
+                    namespace: "Fleet_System".into(),
+                    name: DEFAULT_LEASE_NAME.into(),
+                    kubeconfig: None,
+                },
+                ..ok.clone()
+            },
+            RunConfig {
+                leader_election: LeaderElection::Kubernetes {
+                    namespace: DEFAULT_LEASE_NAMESPACE.into(),
+                    name: "-bad..name".into(),
+                    kubeconfig: None,
+                },
+                ..ok.clone()
+            },
+            RunConfig {
                 node_prefix: 31,
                 ..ok.clone()
             },
@@ -170,6 +286,30 @@ mod tests {
         for b in bad {
             assert!(b.validate().is_err(), "{b:?}");
         }
+    }
+
+    #[test]
+    fn leader_election_modes() {
+        let k = |m: LeaderElectionMode, in_cluster| {
+            m.resolve(in_cluster, "ns".into(), "l".into(), None)
+        };
+        let kube = LeaderElection::Kubernetes {
+            namespace: "ns".into(),
+            name: "l".into(),
+            kubeconfig: None,
+        };
+        assert_eq!(k(LeaderElectionMode::Auto, false), LeaderElection::Hub);
+        assert_eq!(k(LeaderElectionMode::Auto, true), kube);
+        assert_eq!(k(LeaderElectionMode::Hub, true), LeaderElection::Hub);
+        assert_eq!(k(LeaderElectionMode::Kubernetes, false), kube);
+        assert_eq!(
+            "auto".parse::<LeaderElectionMode>().unwrap(),
+            LeaderElectionMode::Auto
+        );
+        assert!("etcd".parse::<LeaderElectionMode>().is_err());
+        assert!(is_dns_subdomain("fleet-controller.aa"));
+        assert!(!is_dns_subdomain("Fleet"));
+        assert!(!is_dns_label("a.b"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Leadership by the hub's cluster lease: every replica keeps asking for it (every ttl/3); the
-//! one that holds it is active. The decision is [`on_lease`]; the renewing is [`lease_task`],
-//! which never waits for the controller's work, so a long reconcile pass cannot let the lease
-//! lapse.
+//! Leadership by a lease: every replica keeps asking for it (every ttl/3); the one that holds
+//! it is active. Where the lease lives is a [`LeaseBackend`]: the hub's cluster lease
+//! ([`HubLease`], a lock in the hub's store) or a Kubernetes `coordination.k8s.io/v1` Lease
+//! ([`crate::kube_lease::KubeLease`]). The decision is [`on_lease`]; the renewing is
+//! [`lease_task`], which never waits for the controller's work, so a long reconcile pass cannot
+//! let the lease lapse.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +12,53 @@ use tokio::sync::watch;
 
 use crate::hub::{Hub, is_removed, is_unavailable};
 
+/// Where the lease lives. One call = one attempt to take or renew it for `holder`.
+#[async_trait::async_trait]
+pub trait LeaseBackend: Send + Sync {
+    /// Takes the lease for `holder` (free or expired), renews it (already `holder`'s), or
+    /// says who holds it. Never blocks longer than the backend's own call timeouts.
+    async fn try_acquire(&self, holder: &str, ttl: Duration) -> LeaseEvent;
+    /// Gives the lease up if `holder` holds it (a clean stop), so a standby need not wait for
+    /// it to expire.
+    async fn release(&self, holder: &str) -> Result<(), String>;
+    /// For logs: `hub` or `kubernetes <namespace>/<name>`.
+    fn describe(&self) -> String;
+}
+
+/// The hub's cluster lease (`acquire_lease` / `release_lease`): a lock in the hub's store.
+pub struct HubLease(pub Arc<dyn Hub>);
+
+#[async_trait::async_trait]
+impl LeaseBackend for HubLease {
+    async fn try_acquire(&self, holder: &str, ttl: Duration) -> LeaseEvent {
+        match self.0.acquire_lease(holder, ttl).await {
+            Ok(a) if a.granted => LeaseEvent::Granted,
+            Ok(a) => LeaseEvent::HeldBy(a.holder),
+            Err(e) if is_removed(&e) => LeaseEvent::Removed(e.to_string()),
+            Err(e) if is_unavailable(&e) => LeaseEvent::HubUnavailable(e.to_string()),
+            Err(e) => LeaseEvent::Failed(e.to_string()),
+        }
+    }
+
+    async fn release(&self, holder: &str) -> Result<(), String> {
+        self.0
+            .release_lease(holder)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn describe(&self) -> String {
+        "hub".into()
+    }
+}
+
 /// What the last lease call said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEvent {
     Granted,
     HeldBy(String),
-    /// The hub could not be reached or could not answer.
+    /// The lease's authority (the hub, or the Kubernetes API server) could not be reached or
+    /// could not answer: the active replica stays active.
     HubUnavailable(String),
     /// The hub no longer knows this cluster's credential.
     Removed(String),
@@ -56,7 +99,7 @@ pub fn on_lease(role: Role, event: &LeaseEvent) -> Transition {
 /// Asks for the lease every `ttl / 3` (each call bounded by `ttl`) and publishes each answer
 /// on the returned channel; runs until the receiver is dropped.
 pub fn lease_task(
-    hub: Arc<dyn Hub>,
+    backend: Arc<dyn LeaseBackend>,
     holder: String,
     ttl: Duration,
 ) -> (
@@ -67,16 +110,13 @@ pub fn lease_task(
     let handle = tokio::spawn(async move {
         let period = ttl / 3;
         loop {
-            let event = match tokio::time::timeout(ttl, hub.acquire_lease(&holder, ttl)).await {
+            let event = match tokio::time::timeout(ttl, backend.try_acquire(&holder, ttl)).await {
                 Err(_) => LeaseEvent::HubUnavailable(format!(
-                    "the lease call did not answer within {} ms",
+                    "the lease call ({}) did not answer within {} ms",
+                    backend.describe(),
                     ttl.as_millis()
                 )),
-                Ok(Ok(a)) if a.granted => LeaseEvent::Granted,
-                Ok(Ok(a)) => LeaseEvent::HeldBy(a.holder),
-                Ok(Err(e)) if is_removed(&e) => LeaseEvent::Removed(e.to_string()),
-                Ok(Err(e)) if is_unavailable(&e) => LeaseEvent::HubUnavailable(e.to_string()),
-                Ok(Err(e)) => LeaseEvent::Failed(e.to_string()),
+                Ok(event) => event,
             };
             if tx.send(Some(event)).is_err() {
                 return;
@@ -135,13 +175,14 @@ mod tests {
     async fn one_holder_at_a_time_and_the_other_takes_over_after_release() {
         let hub = Arc::new(FakeHub::default());
         let ttl = Duration::from_millis(150);
-        let (mut a, ta) = lease_task(hub.clone(), "a".into(), ttl);
+        let backend: Arc<dyn LeaseBackend> = Arc::new(HubLease(hub.clone()));
+        let (mut a, ta) = lease_task(backend.clone(), "a".into(), ttl);
         assert_eq!(next(&mut a).await, LeaseEvent::Granted);
-        let (mut b, tb) = lease_task(hub.clone(), "b".into(), ttl);
+        let (mut b, tb) = lease_task(backend.clone(), "b".into(), ttl);
         assert_eq!(next(&mut b).await, LeaseEvent::HeldBy("a".into()));
         assert_eq!(next(&mut a).await, LeaseEvent::Granted, "renewal");
         ta.abort();
-        hub.release_lease("a").await.unwrap();
+        backend.release("a").await.unwrap();
         loop {
             if next(&mut b).await == LeaseEvent::Granted {
                 break;

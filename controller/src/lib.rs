@@ -11,13 +11,14 @@
 //! - publishes `node/<name>` and `gateway` records at the hub.
 //!
 //! Modules: [`plan`] (pure decisions), [`reconcile`] (one pass over the nodes), [`gateway`]
-//! (the device), [`leader`] (the lease), [`hub`] and [`nodes`] (the two APIs behind traits),
+//! (the device), [`leader`] (the lease: the hub's, or a Kubernetes Lease in [`kube_lease`]), [`hub`] and [`nodes`] (the two APIs behind traits),
 //! [`identity`] (credential and key), [`records`] (published JSON), [`run`] (the loop).
 
 pub mod config;
 pub mod gateway;
 pub mod hub;
 pub mod identity;
+pub mod kube_lease;
 pub mod leader;
 pub mod nodes;
 pub mod own_block;

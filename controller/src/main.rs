@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_controller::config::{RunConfig, parse_duration};
+use fleet_controller::config::{
+    DEFAULT_LEASE_NAME, DEFAULT_LEASE_NAMESPACE, LeaderElectionMode, RunConfig, parse_duration,
+};
 use fleet_controller::identity::default_holder;
 use fleet_gateway::BackendKind;
 use fleet_hub::api::{CaHash, JoinString};
@@ -71,6 +73,19 @@ struct RunFlags {
     holder: Option<String>,
     #[arg(long, default_value = "3s")]
     lease_ttl: String,
+    /// Where the leadership lease lives: hub (a lock in the hub's store), kubernetes (a
+    /// coordination.k8s.io/v1 Lease), or auto (kubernetes when KUBERNETES_SERVICE_HOST is set).
+    #[arg(long, default_value = "auto")]
+    leader_election: LeaderElectionMode,
+    /// Namespace of the Kubernetes Lease.
+    #[arg(long, default_value = DEFAULT_LEASE_NAMESPACE)]
+    lease_namespace: String,
+    /// Name of the Kubernetes Lease.
+    #[arg(long, default_value = DEFAULT_LEASE_NAME)]
+    lease_name: String,
+    /// A kubeconfig for the Kubernetes Lease instead of the in-cluster configuration.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Persistent keepalive towards peers we dial, seconds.
     #[arg(long, default_value_t = 25)]
     keepalive: u16,
@@ -116,6 +131,12 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         wg_backend,
         holder: f.holder.unwrap_or_else(default_holder),
         lease_ttl: parse_duration(&f.lease_ttl).context("--lease-ttl")?,
+        leader_election: f.leader_election.resolve(
+            std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty()),
+            f.lease_namespace,
+            f.lease_name,
+            f.kubeconfig,
+        ),
         keepalive: f.keepalive,
         node_prefix: f.node_prefix,
         status_interval: parse_duration(&f.status_interval).context("--status-interval")?,

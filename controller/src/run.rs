@@ -16,13 +16,14 @@ use fleet_hub::registry::{GatewayState, JoinRequest, RegistryEvent};
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use crate::config::{GATEWAY_MTU, RunConfig};
+use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
 use crate::identity::{
     IdentityError, hub_key, load_credential, store_credential, wait_for_credential, wireguard_key,
 };
-use crate::leader::{LeaseEvent, Role, Transition, lease_task, on_lease};
+use crate::kube_lease::{KubeLease, KubeLeaseError};
+use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
@@ -57,6 +58,8 @@ pub enum ControllerError {
     },
     #[error("the hub refused the lease: {0}")]
     Lease(String),
+    #[error("leader election by a Kubernetes Lease: {0}")]
+    KubeLease(#[from] KubeLeaseError),
 }
 
 /// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
@@ -171,6 +174,8 @@ struct Controller {
     cfg: RunConfig,
     client: HubClient,
     hub: Arc<MemberHub>,
+    /// Where the leadership lease lives (`--leader-election`).
+    lease: Arc<dyn LeaseBackend>,
     key: PrivateKey,
     nodes: Vec<ClusterNode>,
     gateway: Gateway,
@@ -184,6 +189,15 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
         dir: cfg.data_dir.display().to_string(),
         source,
     })?;
+    // Connect to the Kubernetes API first: a missing configuration fails before anything else.
+    let kube_lease = match &cfg.leader_election {
+        LeaderElection::Hub => None,
+        LeaderElection::Kubernetes {
+            namespace,
+            name,
+            kubeconfig,
+        } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
+    };
     let Some(client) = identity(&cfg, &key, &mut stop).await? else {
         return Ok(());
     };
@@ -209,6 +223,14 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             spec,
         })
         .collect();
+    let hub = Arc::new(MemberHub {
+        client: client.clone(),
+        cluster: cfg.cluster.clone(),
+    });
+    let lease: Arc<dyn LeaseBackend> = match kube_lease {
+        Some(k) => Arc::new(k),
+        None => Arc::new(HubLease(hub.clone())),
+    };
     let mut c = Controller {
         plan_cfg: NodePlanConfig {
             cluster: cfg.cluster.clone(),
@@ -216,10 +238,8 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             node_prefix: cfg.node_prefix,
             vip_range: cfg.vip_range,
         },
-        hub: Arc::new(MemberHub {
-            client: client.clone(),
-            cluster: cfg.cluster.clone(),
-        }),
+        hub,
+        lease,
         cfg,
         client,
         key,
@@ -239,9 +259,11 @@ impl Controller {
     }
 
     async fn lead(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), ControllerError> {
-        let hub: Arc<dyn Hub> = self.hub.clone();
-        let (mut lease, lease_handle) =
-            lease_task(hub, self.cfg.holder.clone(), self.cfg.lease_ttl);
+        let (mut lease, lease_handle) = lease_task(
+            self.lease.clone(),
+            self.cfg.holder.clone(),
+            self.cfg.lease_ttl,
+        );
         let _abort = AbortOnDrop(lease_handle);
         let mut role = Role::Standby;
         let mut active: Option<Active> = None;
@@ -251,7 +273,7 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kick = tokio::time::interval(Duration::from_millis(250));
         kick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, "standby: waiting for the cluster lease");
+        tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, lease = %self.lease.describe(), "standby: waiting for the cluster lease");
         let result = loop {
             let watch_next = async {
                 match active.as_mut().and_then(|a| a.watch.as_mut()) {
@@ -493,7 +515,7 @@ impl Controller {
             let _ =
                 tokio::time::timeout(bound, self.hub.set_gateway_state(GatewayState::Down)).await;
         }
-        match tokio::time::timeout(bound, self.hub.release_lease(&self.cfg.holder)).await {
+        match tokio::time::timeout(bound, self.lease.release(&self.cfg.holder)).await {
             Ok(Ok(())) => tracing::info!("lease released"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "releasing the lease failed; it expires by itself")
