@@ -34,7 +34,6 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fleet_bench::stats::last_line;
 use fleet_bench::xcluster::CrossClusterPods;
-use fleet_e2e::fleet::HUB_IP;
 
 const NAME: &str = "cross-cluster-throughput";
 /// UDP port of the wireguard-go twins (ours use 51820).
@@ -133,7 +132,12 @@ struct Gateway {
 struct Bench {
     gateways: Vec<Gateway>,
     go_devs: Vec<GoDevice>,
+    /// The processes running our tunnels: the two controllers (gateway devices) and the hub
+    /// (relay device).
+    ours_pids: Vec<u32>,
     relay_ns: String,
+    /// The netns holding the tunnels' UDP sockets (relay replica, aa and bb gateway nodes).
+    underlay_ns: Vec<String>,
     cleanup: Vec<Vec<String>>,
     _keys: tempfile::TempDir,
 }
@@ -148,19 +152,40 @@ impl Bench {
             .context("the sandbox hub runs no relay")?
             .name()
             .to_string();
-        let hub_ns = x.fleet.hub.netns.name().to_string();
+        // The relay runs with the last hub replica: its UDP socket is in that replica's netns.
+        let relay_replica = x
+            .fleet
+            .hub
+            .replicas
+            .last()
+            .context("the sandbox hub has no replica")?;
+        let hub_ns = relay_replica.netns.name().to_string();
+        let relay_dev = x
+            .fleet
+            .hub
+            .relay_name
+            .clone()
+            .context("the sandbox hub names no relay interface")?;
         let keys = tempfile::tempdir()?;
         let mut bench = Bench {
             gateways: Vec::new(),
             go_devs: Vec::new(),
+            ours_pids: Vec::new(),
             relay_ns: relay_ns.clone(),
+            underlay_ns: vec![hub_ns.clone()],
             cleanup: Vec::new(),
             _keys: keys,
         };
         let tag = std::process::id() % 100_000;
+        // Our relay device runs in whichever process serves it (the hub replica or a relay
+        // process of its own): every process with the interface's name as an argument.
+        let relay_pids = pids_naming(&relay_dev);
+        if relay_pids.is_empty() {
+            bail!("no process names the relay interface {relay_dev} on its command line");
+        }
+        bench.ours_pids.extend(relay_pids);
 
         // The relay's twin: in the hub netns (UDP), interface moved into the relay netns.
-        let relay_dev = only_wireguard_link(&relay_ns)?;
         let relay_conf = WgConf::show(&relay_ns, &relay_dev)?;
         let relay_mtu = mtu(&relay_ns, &relay_dev)?;
         println!(
@@ -198,10 +223,16 @@ impl Bench {
             let m = x.fleet.member(member);
             let cnf = m.gateway_cnf().to_string();
             let node_ns = m.gateway().node.netns.name().to_string();
+            bench.underlay_ns.push(node_ns.clone());
             let active = m
                 .active_controller()
                 .with_context(|| format!("{member}: no active gateway device"))?;
             let ours_dev = m.controllers[active].wg_name.clone();
+            bench.ours_pids.push(
+                m.controllers[active]
+                    .pid()
+                    .with_context(|| format!("{member}: its controller is not running"))?,
+            );
             let ours_conf = WgConf::show(&cnf, &ours_dev)?;
             let gw_mtu = mtu(&cnf, &ours_dev)?;
             println!(
@@ -220,12 +251,12 @@ impl Bench {
             for p in &mut conf.peers {
                 if let Some(ep) = &mut p.endpoint {
                     let host = ep.rsplit_once(':').map(|(h, _)| h.to_string());
-                    if host.as_deref() != Some(HUB_IP) {
+                    if host.as_deref() != Some(relay_replica.ip.as_str()) {
                         bail!(
                             "{member}'s gateway peer {ep} is not the hub relay: not a relayed fleet"
                         );
                     }
-                    *ep = format!("{HUB_IP}:{GO_PORT}");
+                    *ep = format!("{}:{GO_PORT}", relay_replica.ip);
                 }
             }
             bench.go_devs.push(GoDevice::start(
@@ -379,12 +410,31 @@ impl Bench {
         ]
     }
 
+    /// CPU seconds used so far by the processes running `mode`'s tunnels (none for plain).
+    fn tunnel_cpu(&self, mode: Mode) -> f64 {
+        let pids: Vec<u32> = match mode {
+            Mode::Ours => self.ours_pids.clone(),
+            Mode::WireguardGo => self.go_devs.iter().map(|d| d.proc.0.id()).collect(),
+            Mode::Plain => Vec::new(),
+        };
+        pids.into_iter().map(cpu_seconds).sum()
+    }
+
     /// rx+tx bytes of each mode's interface in aa's gateway CNF netns.
     fn aa_bytes(&self) -> Result<Vec<u64>> {
         let cnf = &self.gateways[0].cnf;
         self.aa_devices()
             .iter()
             .map(|(_, dev)| link_bytes(cnf, dev))
+            .collect()
+    }
+
+    /// UDP datagrams dropped for a full socket receive buffer in each underlay netns (relay
+    /// replica, aa's gateway node, bb's gateway node).
+    fn udp_rcvbuf_errors(&self) -> Vec<u64> {
+        self.underlay_ns
+            .iter()
+            .map(|ns| udp_rcvbuf_errors(ns))
             .collect()
     }
 
@@ -432,7 +482,7 @@ impl Bench {
                 let i = (k + run) % MODES.len();
                 let (gbps, carried) = self.iperf(x, MODES[i], flags.seconds)?;
                 println!(
-                    "run {run} {:<32} {gbps:.3} Gbit/s  (aa gateway CNF bytes: {carried})",
+                    "run {run} {:<32} {gbps:.3} Gbit/s  ({carried})",
                     MODES[i].label()
                 );
                 results[i].push(gbps);
@@ -461,6 +511,8 @@ impl Bench {
     fn iperf(&self, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Result<(f64, String)> {
         self.select(mode)?;
         let before = self.aa_bytes()?;
+        let cpu_before = self.tunnel_cpu(mode);
+        let udp_drops_before = self.udp_rcvbuf_errors();
         let out = x
             .in_pod(&x.p3, "timeout")
             .args([
@@ -483,7 +535,22 @@ impl Bench {
             .map(|b| b / 1e9)
             .with_context(|| format!("{}: iperf3 reported no throughput: {text}", mode.label()))?;
         let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+        let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+        let cpu = &v["end"]["cpu_utilization_percent"];
+        let (cpu_client, cpu_server) = (
+            cpu["host_total"].as_f64().unwrap_or(0.0),
+            cpu["remote_total"].as_f64().unwrap_or(0.0),
+        );
         let after = self.aa_bytes()?;
+        let tunnel_cpu = self.tunnel_cpu(mode) - cpu_before;
+        let udp_drops = self
+            .udp_rcvbuf_errors()
+            .iter()
+            .zip(&udp_drops_before)
+            .zip(["hub", "aa", "bb"])
+            .map(|((a, b), at)| format!("{at} {}", a.saturating_sub(*b)))
+            .collect::<Vec<_>>()
+            .join("/");
         let deltas: Vec<u64> = after
             .iter()
             .zip(&before)
@@ -513,7 +580,13 @@ impl Bench {
             .map(|((m, _), d)| format!("{}={d}", short(*m)))
             .collect::<Vec<_>>()
             .join(" ");
-        Ok((gbps, carried))
+        Ok((
+            gbps,
+            format!(
+                "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
+                tunnel_cpu / (bytes / 1e9).max(1e-9)
+            ),
+        ))
     }
 }
 
@@ -625,7 +698,7 @@ impl WgConf {
 /// the process (SIGTERM), which removes its interface and UAPI socket.
 struct GoDevice {
     name: String,
-    _proc: Proc,
+    proc: Proc,
 }
 
 impl GoDevice {
@@ -651,7 +724,7 @@ impl GoDevice {
         )?;
         let dev = GoDevice {
             name: name.to_string(),
-            _proc: proc,
+            proc,
         };
         let sock = uapi(name);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -709,19 +782,18 @@ fn uapi(name: &str) -> PathBuf {
     Path::new("/var/run/wireguard").join(format!("{name}.sock"))
 }
 
-/// The one WireGuard-looking link in `ns` (anything but lo and veths).
-fn only_wireguard_link(ns: &str) -> Result<String> {
-    let out = run("ip", &ip_args(ns, &["-o", "link", "show"]))?;
-    let names: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-        .filter(|n| !n.is_empty() && n != "lo")
-        .collect();
-    match names.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => bail!("expected exactly one relay interface in {ns}, found {names:?}"),
-    }
+/// PIDs of the processes with `arg` as one of their command-line arguments (exact match).
+fn pids_naming(arg: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .collect()
 }
 
 fn mtu(ns: &str, dev: &str) -> Result<u32> {
@@ -731,6 +803,31 @@ fn mtu(ns: &str, dev: &str) -> Result<u32> {
         .as_u64()
         .map(|m| m as u32)
         .with_context(|| format!("no mtu for {dev} in {ns}: {out}"))
+}
+
+/// `Udp: RcvbufErrors` of /proc/net/snmp as seen in netns `ns` (0 when unreadable).
+fn udp_rcvbuf_errors(ns: &str) -> u64 {
+    let Ok(text) = run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{ns}"),
+            "--",
+            "cat",
+            "/proc/net/snmp",
+        ],
+    ) else {
+        return 0;
+    };
+    let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let [names, values] = udp.as_slice() else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn link_bytes(ns: &str, dev: &str) -> Result<u64> {
@@ -744,6 +841,26 @@ fn link_bytes(ns: &str, dev: &str) -> Result<u64> {
         (Some(rx), Some(tx)) => Ok(rx + tx),
         _ => bail!("no byte counters for {dev} in {ns}: {out}"),
     }
+}
+
+/// utime + stime of a process in seconds (0 when it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 }
 }
 
 fn ip_args(ns: &str, args: &[&str]) -> Vec<String> {
