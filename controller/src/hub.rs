@@ -267,13 +267,23 @@ mod tests {
             id: "r1".into(),
             public_key: PublicKey::from_bytes([9; 32]),
             endpoint: "203.0.113.1:51820".parse().unwrap(),
+            expires_at: 1,
         };
         let ev = RegistryEvent::RelayUpserted {
-            record: relay,
+            record: relay.clone(),
             revision: 7,
         };
         assert_eq!(s.apply(&ev, &aa), EventEffect::FleetChanged);
         assert_eq!(s.fleet.relays.len(), 1);
+        // The relay's periodic renewal (only its expiry changes) is no fleet change.
+        let renewal = RegistryEvent::RelayUpserted {
+            record: RelayRecord {
+                expires_at: 2,
+                ..relay
+            },
+            revision: 8,
+        };
+        assert_eq!(s.apply(&renewal, &aa), EventEffect::Nothing);
         let other_record = RegistryEvent::RecordPut {
             owner: bb.clone(),
             name: "x".into(),

@@ -475,13 +475,19 @@ impl HubClient {
         Ok(reply.removed)
     }
 
-    /// Admin (the relay): publishes or replaces a relay record.
+    /// Admin (the relay): publishes, replaces or renews a relay record, valid for `ttl` from
+    /// the hub's now (the hub sets its `expires_at`; renew within `ttl` or it is swept).
     pub async fn publish_relay(
         &self,
         record: &crate::registry::RelayRecord,
+        ttl: Duration,
     ) -> Result<Revision, HubError> {
+        let call = crate::api::RelayPublishCall {
+            record: record.clone(),
+            ttl_ms: Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        };
         let reply: RevisionReply = self
-            .call("publish relay", "/v1/relays/publish", record, true, true)
+            .call("publish relay", "/v1/relays/publish", &call, true, true)
             .await?;
         Ok(reply.revision)
     }

@@ -65,6 +65,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: std::net::SocketAddr,
+        /// How often this replica deletes relay records whose relay stopped renewing them
+        /// (every replica sweeps, relay or not): <n>ms or <n>s.
+        #[arg(long, default_value = "1s", value_parser = fleet_hub::relay::parse_interval)]
+        relay_sweep_interval: std::time::Duration,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -88,6 +92,11 @@ struct RelayFlags {
     /// WireGuard backend of the relay: auto, kernel or userspace.
     #[arg(long, default_value = "auto")]
     wg_backend: String,
+    /// Lifetime of the relay's record at the hub (<n>ms or <n>s, at least 300ms): the relay
+    /// renews it every third of that; if it stops (its host died), any serving replica
+    /// removes the record after this long and members switch to another relay.
+    #[arg(long, default_value = "6s", value_parser = fleet_hub::relay::parse_relay_ttl)]
+    relay_ttl: std::time::Duration,
 }
 
 impl RelayFlags {
@@ -108,6 +117,7 @@ impl RelayFlags {
         options.netns = self.relay_netns.clone();
         options.name = self.relay_name.clone();
         options.backend = backend;
+        options.ttl = self.relay_ttl;
         Ok(Some(options))
     }
 }
@@ -203,8 +213,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let registry = admin::open_registry(&location, layout)
         .await
         .with_context(|| format!("opening the hub store ({location:?})"))?;
-    if let Command::Serve { listen, relay } = &flags.command {
+    if let Command::Serve {
+        listen,
+        relay_sweep_interval,
+        relay,
+    } = &flags.command
+    {
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
+        options.relay_sweep_interval = Some(*relay_sweep_interval);
         // Replicas on etcd share one CA (members pin it) and admin credential.
         options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;

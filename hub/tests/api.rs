@@ -786,8 +786,13 @@ async fn relays_and_the_fleet_cidr_reach_members() {
         id: RelayRecord::id_for(&key(9)),
         public_key: key(9),
         endpoint: "192.0.2.1:51820".parse().unwrap(),
+        expires_at: 0,
     };
-    hub.registry.publish_relay(&relay).await.unwrap();
+    let (_, relay) = hub
+        .registry
+        .publish_relay(&relay, Duration::from_secs(6))
+        .await
+        .unwrap();
     let view = aa.list().await.unwrap();
     assert_eq!(view.fleet_cidr.to_string(), "10.200.0.0/16");
     assert_eq!(view.relays, vec![relay.clone()]);
@@ -797,7 +802,11 @@ async fn relays_and_the_fleet_cidr_reach_members() {
         endpoint: "192.0.2.2:51821".parse().unwrap(),
         ..relay.clone()
     };
-    hub.registry.publish_relay(&moved).await.unwrap();
+    let (_, moved) = hub
+        .registry
+        .publish_relay(&moved, Duration::from_secs(6))
+        .await
+        .unwrap();
     hub.registry.remove_relay(&relay.id).await.unwrap();
     match next_event(&mut watch).await {
         RegistryEvent::RelayUpserted { record, .. } => assert_eq!(record, moved),
@@ -871,4 +880,204 @@ async fn replicas_on_etcd_share_one_ca_through_the_store() {
     assert!(!status.success());
     assert!(stderr.contains("share CA"), "{stderr}");
     assert_ne!(other.ca_hash(), one.ca_hash(), "its files are left alone");
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Relay liveness through the API, by the hub's (manual) clock: the admin publishes two relays
+/// with a 6 s TTL; one renews every 2 s, the other never again (its process is gone). The
+/// serving hub's sweeper (every 1 s, real time) removes the silent one as soon as the clock
+/// passes its expiry — a member's watch sees exactly one RelayRemoved — and never the renewing
+/// one; a renewal of the swept relay creates it again. A bad TTL is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_that_stop_renewing_are_swept_and_watchers_see_one_removal() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    let (join, _) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    let relay = |n: u8| RelayRecord {
+        id: RelayRecord::id_for(&key(n)),
+        public_key: key(n),
+        endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
+        expires_at: 0,
+    };
+    let (dead, live) = (relay(7), relay(8));
+    let ttl = Duration::from_secs(6);
+    let before = hub.revision().await;
+    assert_eq!(
+        code(admin.publish_relay(&dead, Duration::ZERO).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(aa.publish_relay(&dead, ttl).await),
+        ErrorCode::PermissionDenied,
+        "members do not publish relays"
+    );
+    assert_eq!(hub.revision().await, before);
+    admin.publish_relay(&dead, ttl).await.unwrap();
+    admin.publish_relay(&live, ttl).await.unwrap();
+    let view = aa.list().await.unwrap();
+    let expiry = unix_ms(fleet_hub::registry::Clock::now(hub.clock.as_ref())) + 6_000;
+    assert_eq!(view.relays.len(), 2);
+    assert!(
+        view.relays.iter().all(|r| r.expires_at == expiry),
+        "{view:?}"
+    );
+    let mut watch = Box::pin(aa.watch(view.revision));
+
+    let (mut removed, mut renewed) = (Vec::new(), 0);
+    let mut removed_after = None;
+    // 8 rounds of 2 s (manual clock): `dead` expires at round 3 (6 s).
+    for round in 1..=8 {
+        hub.clock.advance(Duration::from_secs(2));
+        let t0 = Instant::now();
+        admin.publish_relay(&live, ttl).await.unwrap();
+        // Let the sweeper (1 s) run at least once at this time.
+        let until = t0 + Duration::from_millis(2_500);
+        while let Ok(Some(event)) = tokio::time::timeout_at(until.into(), watch.next()).await {
+            match event.unwrap() {
+                RegistryEvent::RelayUpserted { record, .. } if record.same_relay(&live) => {
+                    renewed += 1
+                }
+                RegistryEvent::RelayRemoved { id, .. } => {
+                    removed_after.get_or_insert((round, t0.elapsed()));
+                    removed.push(id);
+                }
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+    }
+    assert_eq!(renewed, 8);
+    assert_eq!(
+        removed,
+        vec![dead.id.clone()],
+        "exactly one removal, of the dead relay"
+    );
+    let (round, took) = removed_after.unwrap();
+    assert_eq!(
+        round, 3,
+        "removed once the clock passed its expiry, not before"
+    );
+    println!("RELAY SWEEP expired relay removed {took:?} after its expiry (sweep interval 1 s)");
+    assert!(took < Duration::from_millis(2_000), "{took:?}");
+    let view = aa.list().await.unwrap();
+    assert_eq!(
+        view.relays.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        vec![live.id.clone()]
+    );
+
+    // The dead relay renews again (it was only cut off): it is back.
+    admin.publish_relay(&dead, ttl).await.unwrap();
+    match next_event(&mut watch).await {
+        RegistryEvent::RelayUpserted { record, .. } => assert!(record.same_relay(&dead)),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(aa.list().await.unwrap().relays.len(), 2);
+}
+
+/// Two hub replicas on one etcd, each with a (fake) relay renewing through its own replica
+/// (TTL 1.5 s). Replica 1 dies with its relay (kill -9 of the API process; its relay stops
+/// renewing): replica 2's sweeper removes relay 1's record within TTL + sweep interval, a
+/// member watching through replica 2 sees one RelayRemoved and then only relay 2 — whose
+/// record the sweeps never touch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_relay_is_swept_by_the_survivor() {
+    let etcd = EtcdServer::start().await;
+    let store_flags = ["--etcd", &etcd.endpoint()];
+    let mut one = HubProcess::start(&store_flags).await;
+    let two = HubProcess::start(&store_flags).await;
+    let (admin1, admin2) = (one.admin(), two.admin());
+    let (join, _) = admin2
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let member = HubClient::new([two.endpoint()], join.ca_hash, quick_options()).unwrap();
+    member.join(&join, request("aa", 1)).await.unwrap();
+
+    let ttl = Duration::from_millis(1_500);
+    let relay = |n: u8| RelayRecord {
+        id: RelayRecord::id_for(&key(n)),
+        public_key: key(n),
+        endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
+        expires_at: 0,
+    };
+    // A relay process: renews every TTL/3 through its replica's API, until aborted.
+    let renewing = |admin: HubClient, record: RelayRecord| {
+        tokio::spawn(async move {
+            loop {
+                let _ = admin.publish_relay(&record, ttl).await;
+                tokio::time::sleep(ttl / 3).await;
+            }
+        })
+    };
+    let (r1, r2) = (relay(1), relay(2));
+    let relay1 = renewing(admin1, r1.clone());
+    let relay2 = renewing(admin2, r2.clone());
+    let start = Instant::now();
+    loop {
+        let view = member.list().await.unwrap();
+        if view.relays.len() == 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{view:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both live for 4 TTLs: every replica sweeps every second, nobody removes anything.
+    let view = member.list().await.unwrap();
+    let mut watch = Box::pin(member.watch(view.revision));
+    let quiet_until = Instant::now() + 4 * ttl;
+    while let Ok(Some(event)) = tokio::time::timeout_at(quiet_until.into(), watch.next()).await {
+        match event.unwrap() {
+            RegistryEvent::RelayUpserted { .. } => {}
+            e => panic!("a live relay was touched: {e:?}"),
+        }
+    }
+
+    // Host 1 dies: its API process (kill -9) and its relay.
+    one.kill();
+    relay1.abort();
+    let died = Instant::now();
+    let mut removed = Vec::new();
+    let observe_until = died + ttl + Duration::from_secs(4);
+    let mut removed_after = None;
+    while let Ok(Some(event)) = tokio::time::timeout_at(observe_until.into(), watch.next()).await {
+        match event.unwrap() {
+            RegistryEvent::RelayUpserted { record, .. } => assert!(record.same_relay(&r2)),
+            RegistryEvent::RelayRemoved { id, .. } => {
+                removed_after.get_or_insert(died.elapsed());
+                removed.push(id);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(
+        removed,
+        vec![r1.id.clone()],
+        "relay 1 removed once, relay 2 kept"
+    );
+    let took = removed_after.unwrap();
+    println!(
+        "RELAY SWEEP replica 1 killed -> its relay record removed after {took:?} (ttl {ttl:?}, sweep 1 s)"
+    );
+    assert!(
+        took <= ttl + Duration::from_millis(1_000 + 1_000),
+        "removed after {took:?}; log of replica 2:\n{}",
+        two.log()
+    );
+    let view = member.list().await.unwrap();
+    assert_eq!(
+        view.relays.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        vec![r2.id.clone()],
+        "members see only relay 2"
+    );
+    assert!(two.log().contains("relay record expired"), "{}", two.log());
+    relay2.abort();
 }

@@ -195,6 +195,7 @@ impl ErrorCode {
             | RegistryError::InvalidTokenTtl
             | RegistryError::InvalidLeaseHolder(_)
             | RegistryError::InvalidLeaseTtl(_)
+            | RegistryError::InvalidRelayTtl(_)
             | RegistryError::InvalidRelayId(_) => ErrorCode::InvalidArgument,
             RegistryError::Store(StoreError::Compacted { .. }) => ErrorCode::Compacted,
             RegistryError::Store(_) | RegistryError::Contended { .. } => ErrorCode::Unavailable,
@@ -346,6 +347,19 @@ pub struct LeaseReleaseCall {
 pub struct ReleasedReply {
     pub released: bool,
 }
+
+/// Admin (the relay): publish or renew a relay record, valid for `ttl_ms` from the hub's
+/// now (absent: [`DEFAULT_RELAY_TTL_MS`]); the record's `expires_at` is set by the hub.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayPublishCall {
+    #[serde(flatten)]
+    pub record: RelayRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// The TTL of a relay record published without one.
+pub const DEFAULT_RELAY_TTL_MS: u64 = 6_000;
 
 /// Admin: withdraw relay `id`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -23,11 +23,11 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::{
-    ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, HubIdentity, JoinCall,
-    JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, MAX_REQUEST_BYTES,
-    RecordCall, RecordWire, RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply,
-    RevisionReply, TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall,
-    WatchCall, WatchLine, decode_b64,
+    ClusterRemoveCall, Credential, DEFAULT_RELAY_TTL_MS, EndpointUpdate, ErrorBody, ErrorCode,
+    HubIdentity, JoinCall, JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply,
+    ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RelayPublishCall,
+    RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
+    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64,
 };
 use crate::registry::{ClusterId, ClusterUpdate, JoinRequest, JoinToken, Registry, RegistryError};
 
@@ -48,7 +48,13 @@ pub struct ServerOptions {
     /// Share the CA and admin credential with the other replicas through the store (replicas
     /// on etcd; see [`super::tls::share_identity`]).
     pub share_identity: bool,
+    /// How often this replica deletes expired relay records (see
+    /// [`Registry::sweep_relays`]); `None`: never.
+    pub relay_sweep_interval: Option<Duration>,
 }
+
+/// How often a serving hub sweeps expired relay records unless told otherwise.
+pub const DEFAULT_RELAY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ServerOptions {
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
@@ -61,6 +67,7 @@ impl ServerOptions {
             max_connections: 16_384,
             drain_timeout: Duration::from_secs(5),
             share_identity: false,
+            relay_sweep_interval: Some(DEFAULT_RELAY_SWEEP_INTERVAL),
         }
     }
 }
@@ -94,6 +101,9 @@ impl HubServer {
         let ca_hash = identity.ca_hash;
         tracing::info!(listen = %local_addr, ca_sha256 = %ca_hash, admin_credential = %identity.admin_credential_path.display(), "hub API serving");
         let (stop, shutdown) = watch::channel(false);
+        if let Some(every) = options.relay_sweep_interval {
+            tokio::spawn(sweep_relays(registry.clone(), every, shutdown.clone()));
+        }
         let state = Arc::new(State {
             registry,
             identity,
@@ -121,6 +131,32 @@ impl HubServer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// Every `every`, deletes the relay records past their expiry, until shutdown. Every replica
+/// runs one; the store's compare-and-delete keeps them (and renewals) from colliding.
+async fn sweep_relays(registry: Registry, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match registry.sweep_relays().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("relay sweep works again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "relay sweep failed; retrying");
+            }
+            Err(e) => tracing::debug!(error = %e, "relay sweep failed again"),
+        }
     }
 }
 
@@ -486,8 +522,9 @@ async fn call(
         }
         "/v1/relays/publish" => {
             admin(authenticate(state, &req).await?, "publish relays")?;
-            let record: crate::registry::RelayRecord = read_json(req.into_body()).await?;
-            let revision = registry.publish_relay(&record).await?;
+            let call: RelayPublishCall = read_json(req.into_body()).await?;
+            let ttl = Duration::from_millis(call.ttl_ms.unwrap_or(DEFAULT_RELAY_TTL_MS));
+            let (revision, _) = registry.publish_relay(&call.record, ttl).await?;
             ok(&RevisionReply { revision })
         }
         "/v1/relays/remove" => {

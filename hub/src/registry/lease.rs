@@ -54,7 +54,7 @@ fn check_holder(holder: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.clock
             .now()
             .duration_since(std::time::UNIX_EPOCH)

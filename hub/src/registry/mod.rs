@@ -15,7 +15,7 @@
 //! records/<id>/<name>       a record published by cluster <id>
 //! credentials/<id>          SHA-256 of the cluster's API credential secret (set at join)
 //! leases/<id>               the cluster's controller lease (holder, generation, expiry)
-//! relays/<replica id>       a hub replica's relay (WireGuard key + endpoint)
+//! relays/<relay id>         a hub replica's relay (WireGuard key + endpoint + expiry)
 //! ```
 //! Ownership: every member write names the writer's cluster id; a writer may only touch its own
 //! cluster's records ([`RegistryError::NotOwner`] otherwise). Admin operations (tokens,
@@ -40,7 +40,7 @@ pub use model::{
     ClusterId, ClusterRecord, ClusterUpdate, DEFAULT_BLOCK_PREFIX, FleetLayout, GatewayState,
     JoinRequest, PublicKey,
 };
-pub use relay::RelayRecord;
+pub use relay::{MAX_RELAY_TTL, RelayRecord};
 pub use token::{Clock, JoinToken, ManualClock, SystemClock, TokenInfo};
 
 use crate::store::{Change, Condition, Revision, Store, StoreError, Txn, TxnOutcome};
@@ -143,6 +143,8 @@ pub enum RegistryError {
     InvalidLeaseTtl(Duration),
     #[error("invalid relay id {0:?}: use 1-63 letters, digits or '-'")]
     InvalidRelayId(String),
+    #[error("invalid relay TTL {0:?}: it must be positive and at most an hour")]
+    InvalidRelayTtl(Duration),
 }
 
 /// One change to the fleet as a member sees it (tokens and internals are not shown).

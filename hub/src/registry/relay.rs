@@ -1,15 +1,25 @@
-//! The hub's relays: `relays/<replica id>` holds a [`RelayRecord`] — the WireGuard identity
+//! The hub's relays: `relays/<relay id>` holds a [`RelayRecord`] — the WireGuard identity
 //! and endpoint of a hub replica's relay device, which members peer with for the fleet CIDR
-//! when they have no direct tunnel. Written by the hub itself, never by members.
+//! when they have no direct tunnel. Written by the hub itself (its relay process, through the
+//! admin API), never by members.
+//!
+//! Liveness: a record carries `expires_at` (unix ms, set by the hub from the publisher's TTL);
+//! the relay renews it (publishes again) every TTL/3, and every serving hub replica sweeps
+//! records past their expiry ([`Registry::sweep_relays`]), so the relay of a dead host
+//! disappears from members' views within TTL + one sweep interval and they switch to another.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{PublicKey, Registry, RegistryError, encode};
-use crate::store::Revision;
+use super::{PublicKey, Registry, RegistryError, decode, encode};
+use crate::store::{Condition, Revision, Txn, TxnOutcome};
 
 pub(super) const RELAYS: &str = "relays/";
+
+/// The longest relay TTL the hub accepts.
+pub const MAX_RELAY_TTL: Duration = Duration::from_secs(3600);
 
 /// One hub replica's relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +29,22 @@ pub struct RelayRecord {
     pub public_key: PublicKey,
     /// Where members send their encrypted traffic.
     pub endpoint: SocketAddr,
+    /// Unix time in milliseconds (by the hub's clock) after which the record is swept unless
+    /// its relay renews it. Set by the hub on publish; 0 (a record without one) counts as
+    /// expired.
+    #[serde(default)]
+    pub expires_at: u64,
 }
 
 impl RelayRecord {
     /// The id a relay with this key gets: the first 6 bytes of its public key, in hex.
     pub fn id_for(public_key: &PublicKey) -> String {
         super::hex(&public_key.as_bytes()[..6])
+    }
+
+    /// The same relay (id, key, endpoint), whatever the expiry.
+    pub fn same_relay(&self, other: &RelayRecord) -> bool {
+        (&self.id, self.public_key, self.endpoint) == (&other.id, other.public_key, other.endpoint)
     }
 }
 
@@ -41,15 +61,28 @@ fn check_relay_id(id: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
-    /// Publishes (or replaces) a relay record. Hub-internal: the API has no call for it.
-    pub async fn publish_relay(&self, record: &RelayRecord) -> Result<Revision, RegistryError> {
+    /// Publishes (creates, replaces or renews) a relay record, valid for `ttl` from now by
+    /// this hub's clock (its `expires_at` is set here). Hub-internal: the relay calls it
+    /// through the admin API.
+    pub async fn publish_relay(
+        &self,
+        record: &RelayRecord,
+        ttl: Duration,
+    ) -> Result<(Revision, RelayRecord), RegistryError> {
         check_relay_id(&record.id)?;
+        if ttl.is_zero() || ttl > MAX_RELAY_TTL {
+            return Err(RegistryError::InvalidRelayTtl(ttl));
+        }
+        let mut record = record.clone();
+        record.expires_at = self
+            .now_ms()
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let revision = self
             .store
-            .put(&relay_key(&record.id), encode(record))
+            .put(&relay_key(&record.id), encode(&record))
             .await?;
-        tracing::info!(relay = %record.id, endpoint = %record.endpoint, public_key = %record.public_key, "relay published");
-        Ok(revision)
+        tracing::debug!(relay = %record.id, endpoint = %record.endpoint, expires_at = record.expires_at, "relay published");
+        Ok((revision, record))
     }
 
     /// Withdraws relay `id`; false if it was not there.
@@ -58,6 +91,35 @@ impl Registry {
         let removed = self.store.delete(&relay_key(id)).await?.is_some();
         if removed {
             tracing::info!(relay = %id, "relay withdrawn");
+        }
+        Ok(removed)
+    }
+
+    /// Deletes every relay record past its expiry (by this hub's clock), each only if it is
+    /// still the exact version read (a renewal in between wins, and of several replicas
+    /// sweeping at once only one deletes). Returns the ids removed.
+    pub async fn sweep_relays(&self) -> Result<Vec<String>, RegistryError> {
+        let now = self.now_ms();
+        let mut removed = Vec::new();
+        for kv in self.store.list(RELAYS).await?.items {
+            let expires_at = match decode::<RelayRecord>(&kv.key, &kv.value) {
+                Ok(record) => record.expires_at,
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "unreadable relay record; sweeping it");
+                    0
+                }
+            };
+            if expires_at > now {
+                continue;
+            }
+            let txn = Txn::new()
+                .when(Condition::ModRevision(kv.key.clone(), kv.mod_revision))
+                .delete(kv.key.clone());
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                let id = kv.key[RELAYS.len()..].to_string();
+                tracing::warn!(relay = %id, expires_at, now, revision, "relay record expired (its relay stopped renewing it); removed");
+                removed.push(id);
+            }
         }
         Ok(removed)
     }

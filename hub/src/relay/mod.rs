@@ -16,7 +16,9 @@
 //! endpoint if it has one (else learnt from its handshakes), keepalive 25 s. The relay follows
 //! the hub's API (list + watch with the admin credential), so joins, key changes and removals
 //! reach the device within one event, and it publishes its [`RelayRecord`] (key + endpoint)
-//! there; on a clean stop it withdraws it and deletes the device.
+//! there and renews it every TTL/3 (`--relay-ttl`, default 6 s): every serving replica sweeps
+//! records past their expiry, so a relay that died with its host leaves members' views within
+//! TTL + one sweep interval. On a clean stop it withdraws its record and deletes the device.
 //!
 //! It runs as its own process (`fleet-hub relay`, see [`process`]): `fleet-hub serve
 //! --relay-listen` starts one and stops it on SIGTERM, but a killed API process leaves it
@@ -47,6 +49,42 @@ pub const RELAY_MTU: u32 = 1420;
 pub const RELAY_KEEPALIVE_SECS: u16 = 25;
 /// The relay's private key in the hub's data dir (0600, kept across restarts).
 pub const RELAY_KEY_FILE: &str = "relay.key";
+/// How long a relay record lives without renewal unless told otherwise (`--relay-ttl`); the
+/// relay renews it every third of that.
+pub const DEFAULT_RELAY_TTL: Duration = Duration::from_secs(6);
+/// The shortest `--relay-ttl` accepted.
+pub const MIN_RELAY_TTL: Duration = Duration::from_millis(300);
+
+/// Parses `<n>ms` or `<n>s` (a positive duration of at most an hour).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let bad = || format!("invalid duration {text:?}: use e.g. 1s or 500ms");
+    let d = if let Some(ms) = text.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else if let Some(s) = text.strip_suffix('s') {
+        Duration::from_secs(s.parse().map_err(|_| bad())?)
+    } else {
+        return Err(bad());
+    };
+    if d.is_zero() || d > crate::registry::MAX_RELAY_TTL {
+        return Err(bad());
+    }
+    Ok(d)
+}
+
+/// Parses a relay TTL: `<n>ms` or `<n>s`, between [`MIN_RELAY_TTL`] and an hour.
+pub fn parse_relay_ttl(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let ttl = parse_interval(text)
+        .map_err(|_| format!("invalid relay TTL {text:?}: use e.g. 6s or 1500ms"))?;
+    if ttl < MIN_RELAY_TTL || ttl > crate::registry::MAX_RELAY_TTL {
+        return Err(format!(
+            "invalid relay TTL {text:?}: it must be between {} ms and an hour",
+            MIN_RELAY_TTL.as_millis()
+        ));
+    }
+    Ok(ttl)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -84,6 +122,8 @@ pub struct RelayOptions {
     pub backend: Option<BackendKind>,
     /// Where the relay's private key is kept.
     pub key_path: PathBuf,
+    /// The lifetime of its record at the hub; renewed every third of it.
+    pub ttl: Duration,
 }
 
 impl RelayOptions {
@@ -95,6 +135,7 @@ impl RelayOptions {
             name: DEFAULT_RELAY_NAME.into(),
             backend: None,
             key_path: data_dir.join(RELAY_KEY_FILE),
+            ttl: DEFAULT_RELAY_TTL,
         }
     }
 }
@@ -127,6 +168,7 @@ pub struct Relay {
     owned_netns: Option<String>,
     stop: watch::Sender<bool>,
     follower: tokio::task::JoinHandle<()>,
+    renewer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -195,15 +237,12 @@ impl Relay {
             id: RelayRecord::id_for(&public_key),
             public_key,
             endpoint: options.endpoint,
+            expires_at: 0,
         };
         tracing::info!(relay = %record.id, device = %options.name, backend = %device.backend(), netns = %netns.display(), endpoint = %record.endpoint, public_key = %record.public_key, "relay up");
         let (stop, stopped) = watch::channel(false);
-        let follower = tokio::spawn(follow(
-            client.clone(),
-            device.clone(),
-            record.clone(),
-            stopped,
-        ));
+        let follower = tokio::spawn(follow(client.clone(), device.clone(), stopped.clone()));
+        let renewer = tokio::spawn(renew(client.clone(), record.clone(), options.ttl, stopped));
         Ok(Relay {
             device,
             record,
@@ -211,6 +250,7 @@ impl Relay {
             owned_netns,
             stop,
             follower,
+            renewer,
         })
     }
 
@@ -244,6 +284,8 @@ impl Relay {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.follower.await;
+        // No renewal after this point: the withdrawal below is final.
+        let _ = self.renewer.await;
         match tokio::time::timeout(
             Duration::from_secs(5),
             self.client.remove_relay(&self.record.id),
@@ -270,20 +312,65 @@ impl Relay {
     }
 }
 
+/// Publishes the relay's record at once and renews it every `ttl`/3 until stopped. A failed
+/// renewal (the hub API away) is retried every `ttl`/3 too, each call bounded by `ttl`/3 so a
+/// hanging hub cannot delay the next; meanwhile the relay keeps relaying. If the record
+/// expired meanwhile (another replica swept it), the next renewal publishes it again.
+async fn renew(
+    client: HubClient,
+    record: RelayRecord,
+    ttl: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let every = ttl / 3;
+    let mut failing = false;
+    let mut published = false;
+    loop {
+        let outcome = tokio::select! {
+            _ = stopped.changed() => return,
+            outcome = tokio::time::timeout(every, client.publish_relay(&record, ttl)) => outcome,
+        };
+        match outcome {
+            Ok(Ok(revision)) => {
+                if !published || failing {
+                    tracing::info!(relay = %record.id, revision, ttl_ms = ttl.as_millis() as u64, "relay record published");
+                }
+                published = true;
+                failing = false;
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(relay = %record.id, error = %e, "could not renew the relay record; retrying (the relay keeps relaying)");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!(relay = %record.id, timeout_ms = every.as_millis() as u64, "the hub did not answer a relay renewal; retrying (the relay keeps relaying)");
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(relay = %record.id, error = %e, "relay renewal failed again")
+            }
+            Err(_) => tracing::debug!(relay = %record.id, "relay renewal timed out again"),
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Keeps the device's peers equal to the hub's clusters: a listing, then its watch; after a
 /// watch error (history compacted, credential refused) a fresh listing. The HubClient's watch
 /// itself rides out hub restarts and fail-overs; meanwhile the device keeps its peers.
 async fn follow(
     client: HubClient,
     device: Arc<dyn WireguardDevice>,
-    record: RelayRecord,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let outcome = tokio::select! {
             _ = stopped.changed() => return,
-            outcome = follow_once(&client, device.as_ref(), &record) => outcome,
+            outcome = follow_once(&client, device.as_ref()) => outcome,
         };
         if let Err(reason) = outcome {
             tracing::warn!(%reason, "relay lost the hub; following it again");
@@ -297,11 +384,7 @@ async fn follow(
 }
 
 /// One listing and its watch, until the watch fails. Returns why.
-async fn follow_once(
-    client: &HubClient,
-    device: &dyn WireguardDevice,
-    record: &RelayRecord,
-) -> Result<(), String> {
+async fn follow_once(client: &HubClient, device: &dyn WireguardDevice) -> Result<(), String> {
     let view = client.list().await.map_err(|e| e.to_string())?;
     let mut clusters: BTreeMap<ClusterId, ClusterRecord> = view
         .clusters
@@ -309,13 +392,6 @@ async fn follow_once(
         .map(|c| (c.id.clone(), c))
         .collect();
     apply(device, &clusters).await?;
-    if !view.relays.contains(record) {
-        client
-            .publish_relay(record)
-            .await
-            .map_err(|e| format!("publishing the relay record: {e}"))?;
-        tracing::info!(relay = %record.id, "relay record published");
-    }
     let mut events = Box::pin(client.watch(view.revision));
     loop {
         let Some(event) = events.next().await else {
@@ -390,6 +466,18 @@ mod tests {
             Some("203.0.113.5:51820".parse().unwrap())
         );
         assert!(peers.iter().all(|p| p.persistent_keepalive == Some(25)));
+    }
+
+    #[test]
+    fn relay_ttls_parse_in_ms_or_s_within_bounds() {
+        assert_eq!(parse_relay_ttl("6s"), Ok(Duration::from_secs(6)));
+        assert_eq!(parse_relay_ttl("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_relay_ttl("300ms"), Ok(MIN_RELAY_TTL));
+        for bad in ["", "6", "s", "-1s", "1.5s", "299ms", "0s", "3601s", "6m"] {
+            assert!(parse_relay_ttl(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_interval("0ms").is_err());
     }
 
     #[test]

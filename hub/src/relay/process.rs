@@ -161,6 +161,8 @@ pub fn relay_args(options: &RelayOptions, data_dir: &Path, api: SocketAddr) -> V
             .map_or("auto", |b| b.as_str())
             .to_string()
             .into(),
+        "--relay-ttl".into(),
+        format!("{}ms", options.ttl.as_millis()).into(),
     ];
     if let Some(netns) = &options.netns {
         args.push("--relay-netns".into());
@@ -308,7 +310,7 @@ mod tests {
             text.join(" "),
             "--data-dir /tmp/d --hub 127.0.0.1:7443 relay --relay-listen 192.0.2.1:51820 \
              --relay-endpoint 192.0.2.1:51820 --relay-name fleet-relay --wg-backend auto \
-             --relay-netns /run/netns/r"
+             --relay-ttl 6000ms --relay-netns /run/netns/r"
         );
     }
 

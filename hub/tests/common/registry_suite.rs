@@ -546,9 +546,11 @@ pub async fn relays_are_in_the_view_and_the_watch(store: Arc<dyn Store>, replica
         id: RelayRecord::id_for(&key(7)),
         public_key: key(7),
         endpoint: "192.0.2.1:51820".parse().unwrap(),
+        expires_at: 0,
     };
     assert_eq!(relay.id, "070707070707");
-    one.publish_relay(&relay).await.unwrap();
+    let (_, relay) = one.publish_relay(&relay, RELAY_TTL).await.unwrap();
+    assert!(relay.expires_at > 0, "the hub sets the expiry");
     let view = two.view().await.unwrap();
     assert_eq!(view.fleet_cidr, FleetLayout::default().fleet_cidr);
     assert_eq!(view.relays, vec![relay.clone()]);
@@ -559,7 +561,7 @@ pub async fn relays_are_in_the_view_and_the_watch(store: Arc<dyn Store>, replica
         endpoint: "192.0.2.9:51820".parse().unwrap(),
         ..relay.clone()
     };
-    one.publish_relay(&moved).await.unwrap();
+    let (_, moved) = one.publish_relay(&moved, RELAY_TTL).await.unwrap();
     assert!(one.remove_relay(&relay.id).await.unwrap());
     assert!(!one.remove_relay(&relay.id).await.unwrap());
     let mut next = async || {
@@ -585,10 +587,120 @@ pub async fn relays_are_in_the_view_and_the_watch(store: Arc<dyn Store>, replica
         ..relay
     };
     assert!(matches!(
-        one.publish_relay(&bad).await,
+        one.publish_relay(&bad, RELAY_TTL).await,
         Err(RegistryError::InvalidRelayId(_))
     ));
+    let good = RelayRecord {
+        id: "abc".into(),
+        ..bad
+    };
+    for ttl in [Duration::ZERO, Duration::from_secs(3601)] {
+        assert!(matches!(
+            one.publish_relay(&good, ttl).await,
+            Err(RegistryError::InvalidRelayTtl(_))
+        ));
+    }
     assert_eq!(store.revision().await.unwrap(), before);
+}
+
+const RELAY_TTL: Duration = Duration::from_secs(6);
+
+/// Relay liveness: a relay that stops renewing is swept (by either replica, exactly once) once
+/// past its expiry; one that renews every TTL/3 never is; a renewal of a swept relay creates
+/// it again; a record without an expiry (an older hub's) is swept at once.
+pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let (one, two, clock) = lease_layout_registries(store.clone(), replica).await;
+    let relay = |n: u8| RelayRecord {
+        id: RelayRecord::id_for(&key(n)),
+        public_key: key(n),
+        endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
+        expires_at: 0,
+    };
+    let (dead, live) = (relay(1), relay(2));
+    one.publish_relay(&dead, RELAY_TTL).await.unwrap();
+    one.publish_relay(&live, RELAY_TTL).await.unwrap();
+    let start = two.view().await.unwrap();
+    assert_eq!(start.relays.len(), 2);
+    let mut events = Box::pin(two.watch(start.revision).await.unwrap());
+
+    // 20 s in steps of TTL/3: `live` renews each step, `dead` never; both replicas sweep.
+    let mut swept = Vec::new();
+    let mut dead_gone_at = None;
+    for step in 1..=10 {
+        clock.advance(RELAY_TTL / 3);
+        one.publish_relay(&live, RELAY_TTL).await.unwrap();
+        for _ in 0..3 {
+            let (a, b) = tokio::join!(one.sweep_relays(), two.sweep_relays());
+            for id in a.unwrap().into_iter().chain(b.unwrap()) {
+                if id == dead.id && dead_gone_at.is_none() {
+                    dead_gone_at = Some(step);
+                }
+                swept.push(id);
+            }
+        }
+    }
+    assert_eq!(swept, vec![dead.id.clone()], "only the dead relay, once");
+    // Expired exactly at TTL (step 3 = 6 s), not before.
+    assert_eq!(dead_gone_at, Some(3));
+    let view = one.view().await.unwrap();
+    assert_eq!(
+        view.relays
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect::<Vec<_>>(),
+        vec![live.id.as_str()]
+    );
+
+    // The watch: 10 renewals of `live`, one removal of `dead`, nothing else.
+    let (mut removed, mut renewed) = (Vec::new(), 0);
+    while renewed + removed.len() < 11 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event within 10 s")
+            .expect("stream open")
+            .unwrap();
+        match event {
+            RegistryEvent::RelayUpserted { record, .. } if record.same_relay(&live) => renewed += 1,
+            RegistryEvent::RelayRemoved { id, .. } => removed.push(id),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(removed, vec![dead.id.clone()]);
+    assert_eq!(renewed, 10);
+
+    // The dead relay comes back: its next renewal creates the record again.
+    let (revision, back) = one.publish_relay(&dead, RELAY_TTL).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        event,
+        RegistryEvent::RelayUpserted {
+            record: back,
+            revision
+        }
+    );
+    assert!(one.sweep_relays().await.unwrap().is_empty());
+
+    // A record without an expiry (written by an older hub) counts as expired.
+    let legacy = relay(3);
+    let mut json = serde_json::to_value(&legacy).unwrap();
+    json.as_object_mut().unwrap().remove("expires_at");
+    store
+        .put(
+            &format!("relays/{}", legacy.id),
+            serde_json::to_vec(&json).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(two.view().await.unwrap().relays.len(), 3);
+    assert_eq!(two.sweep_relays().await.unwrap(), vec![legacy.id.clone()]);
+    assert_eq!(one.view().await.unwrap().relays.len(), 2);
 }
 
 #[macro_export]
@@ -660,6 +772,11 @@ macro_rules! registry_suite {
             async fn relays_are_in_the_view_and_the_watch() {
                 let (store, replica, _guard) = $setup().await;
                 suite::relays_are_in_the_view_and_the_watch(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expired_relays_are_swept_once_and_renewed_ones_stay() {
+                let (store, replica, _guard) = $setup().await;
+                suite::expired_relays_are_swept_once_and_renewed_ones_stay(store, replica).await;
             }
         }
     };
