@@ -6,6 +6,10 @@
 //! process), the restarted hub adopts the relay; once B is removed from the fleet the relay
 //! drops B and the ping stops; SIGTERM takes the relay down.
 //!
+//! The fail-over test: two replicas on one etcd (in the hub netns), each with its relay; the
+//! fake members' controllers use the first relay by id; that replica's host dies (kill -9 of
+//! both its processes) and the members move to the other relay once its record expires.
+//!
 //! ```text
 //!  netns A (192.0.2.2) ──veth──┐            ┌──veth── netns B (192.0.2.3)
 //!   fha<pid> 100.96.0.1/20     br0 192.0.2.1 (netns H: fleet-hub serve, relay UDP :51820)
@@ -160,10 +164,27 @@ struct HubInNetns {
     netns: PathBuf,
     relay_netns: PathBuf,
     relay_name: String,
+    /// API and relay IP.
+    ip: String,
+    relay_port: u16,
+    /// Store flags (before `serve`).
+    store: Vec<String>,
 }
 
 impl HubInNetns {
     fn start(hub: &Netns, relay_netns: &Netns, relay_name: &str) -> HubInNetns {
+        Self::replica(hub, relay_netns, relay_name, HUB_IP, RELAY_PORT, &[])
+    }
+
+    /// A hub (replica) at `ip` (API :7443, relay UDP :`relay_port`) with store flags `store`.
+    fn replica(
+        hub: &Netns,
+        relay_netns: &Netns,
+        relay_name: &str,
+        ip: &str,
+        relay_port: u16,
+        store: &[&str],
+    ) -> HubInNetns {
         let mut hub = HubInNetns {
             child: None,
             dir: tempfile::Builder::new()
@@ -173,9 +194,16 @@ impl HubInNetns {
             netns: hub.path(),
             relay_netns: relay_netns.path(),
             relay_name: relay_name.to_string(),
+            ip: ip.to_string(),
+            relay_port,
+            store: store.iter().map(|s| s.to_string()).collect(),
         };
         hub.spawn();
         hub
+    }
+
+    fn api(&self) -> String {
+        format!("{}:{API_PORT}", self.ip)
     }
 
     fn spawn(&mut self) {
@@ -189,8 +217,12 @@ impl HubInNetns {
         command
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["serve", "--listen", &format!("{HUB_IP}:{API_PORT}")])
-            .args(["--relay-listen", &format!("{HUB_IP}:{RELAY_PORT}")])
+            .args(&self.store)
+            .args(["serve", "--listen", &self.api()])
+            .args([
+                "--relay-listen",
+                &format!("{}:{}", self.ip, self.relay_port),
+            ])
             .arg("--relay-netns")
             .arg(&self.relay_netns)
             .args([
@@ -289,10 +321,16 @@ fn wait_for_relay(hub: &mut HubInNetns, client_ns: &Netns) {
         if !hub.data_dir().join("admin.credential").exists() {
             return false;
         }
-        let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
+        let admin = HubClient::new([hub.api()], hub.ca_hash(), options())
             .unwrap()
             .with_credential(hub.admin_credential());
-        client_ns.block_on(async move { admin.list().await.is_ok_and(|v| !v.relays.is_empty()) })
+        let relay_port = hub.relay_port;
+        client_ns.block_on(async move {
+            admin
+                .list()
+                .await
+                .is_ok_and(|v| v.relays.iter().any(|r| r.endpoint.port() == relay_port))
+        })
     });
     assert!(
         ready,
@@ -551,4 +589,344 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
     assert!(!hub.data_dir().join("relay.pid").exists());
     a.device.delete().await.unwrap();
     b.device.delete().await.unwrap();
+}
+
+/// etcd inside `ns` (its 127.0.0.1:2379), stopped by PID on drop.
+struct EtcdInNetns {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdInNetns {
+    const URL: &str = "http://127.0.0.1:2379";
+
+    fn start(ns: &Netns) -> EtcdInNetns {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-hub-relay-etcd-")
+            .tempdir()
+            .unwrap();
+        let log = File::create(dir.path().join("etcd.log")).unwrap();
+        let netns = File::open(ns.path()).unwrap();
+        let fd = netns.as_raw_fd();
+        let peer = "http://127.0.0.1:2380";
+        let mut command = Command::new("/usr/bin/etcd");
+        command
+            .arg("--name=fleet-test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={}", Self::URL))
+            .arg(format!("--advertise-client-urls={}", Self::URL))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=fleet-test={peer}"))
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        // SAFETY: only setns and prctl (plain syscalls) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let file = std::os::fd::BorrowedFd::borrow_raw(fd);
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("start etcd (/usr/bin/etcd)");
+        drop(netns);
+        let up = eventually(Duration::from_secs(20), || {
+            ns.block_on(async {
+                tokio::net::TcpStream::connect("127.0.0.1:2379")
+                    .await
+                    .is_ok()
+            })
+        });
+        assert!(up, "etcd did not come up in the hub netns");
+        EtcdInNetns { child, _dir: dir }
+    }
+}
+
+impl Drop for EtcdInNetns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake member's controller: follows the hub's view (list + watch, through any replica)
+/// and peers its device with the first relay by id, switching when relays come and go.
+struct Follower {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The relay id it currently uses.
+    current: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Follower {
+    fn start(
+        ns: &Netns,
+        client: HubClient,
+        device: std::sync::Arc<dyn fleet_gateway::WireguardDevice>,
+    ) -> Follower {
+        use futures::StreamExt;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let current = Arc::new(std::sync::Mutex::new(None));
+        let file = File::open(ns.path()).unwrap();
+        let (stop2, current2) = (stop.clone(), current.clone());
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut used: Option<fleet_hub::RelayRecord> = None;
+                while !stop2.load(Ordering::SeqCst) {
+                    let Ok(view) = client.list().await else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    };
+                    let mut relays: std::collections::BTreeMap<String, fleet_hub::RelayRecord> =
+                        view.relays.into_iter().map(|r| (r.id.clone(), r)).collect();
+                    let mut events = Box::pin(client.watch(view.revision));
+                    loop {
+                        let first = relays.values().next().cloned();
+                        let changed = match (&first, &used) {
+                            (Some(f), Some(u)) => !f.same_relay(u),
+                            (None, None) => false,
+                            _ => true,
+                        };
+                        if changed {
+                            let peers: Vec<Peer> = first
+                                .iter()
+                                .map(|r| Peer {
+                                    public_key: fleet_gateway::PublicKey::from_bytes(
+                                        *r.public_key.as_bytes(),
+                                    ),
+                                    endpoint: Some(r.endpoint),
+                                    allowed_ips: vec![ipnetwork::IpNetwork::V4(view.fleet_cidr)],
+                                    persistent_keepalive: Some(1),
+                                })
+                                .collect();
+                            device.set_peers(&peers).await.unwrap();
+                            *current2.lock().unwrap() = first.as_ref().map(|r| r.id.clone());
+                            used = first;
+                        }
+                        let event = tokio::select! {
+                            event = events.next() => event,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                                if stop2.load(Ordering::SeqCst) {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
+                        match event {
+                            Some(Ok(fleet_hub::registry::RegistryEvent::RelayUpserted {
+                                record,
+                                ..
+                            })) => {
+                                relays.insert(record.id.clone(), record);
+                            }
+                            Some(Ok(fleet_hub::registry::RegistryEvent::RelayRemoved {
+                                id,
+                                ..
+                            })) => {
+                                relays.remove(&id);
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        }
+                    }
+                }
+            });
+        });
+        Follower {
+            stop,
+            thread: Some(thread),
+            current,
+        }
+    }
+
+    fn current(&self) -> Option<String> {
+        self.current.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A member for the fail-over test: joins through any of `apis`, a userspace device with the
+/// first address of its block and no peers yet (its [`Follower`] adds the relay).
+async fn follower_member(
+    ns: &Netns,
+    name: &str,
+    join: &JoinString,
+    wg_name: &str,
+    apis: &[String],
+) -> (
+    HubClient,
+    String,
+    std::sync::Arc<dyn fleet_gateway::WireguardDevice>,
+) {
+    let key = PrivateKey::generate();
+    let client = HubClient::new(apis.to_vec(), join.ca_hash, options()).unwrap();
+    let request = JoinRequest {
+        cluster: ClusterId::new(name).unwrap(),
+        public_key: PublicKey::from_bytes(*key.public_key().as_bytes()),
+        endpoint: None,
+    };
+    let joined = ns.block_on({
+        let client = client.clone();
+        let join = join.clone();
+        async move { client.join(&join, request).await.unwrap() }
+    });
+    let block = joined.record.block;
+    let first = std::net::Ipv4Addr::from(u32::from(block.network()) + 1);
+    let device = fleet_gateway::create_device(
+        BackendKind::Userspace,
+        DeviceConfig {
+            name: wg_name.into(),
+            netns: ns.path(),
+            underlay_netns: None,
+            private_key: key,
+            listen_port: RELAY_PORT,
+            mtu: 1420,
+            addresses: vec![format!("{first}/{}", block.prefix()).parse().unwrap()],
+        },
+    )
+    .await
+    .unwrap();
+    (client, first.to_string(), std::sync::Arc::from(device))
+}
+
+/// Two hub replicas on one etcd, each with its relay (default TTL 6 s, sweep 1 s), and two
+/// NATless fake members whose controllers use the first relay by id. The replica whose relay
+/// they use dies like a host (kill -9 of its API process and of its relay process): the
+/// survivor's sweeper removes the dead relay's record once its TTL runs out, the members
+/// switch to the surviving relay and their ping resumes. Prints the recovery time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_dies() {
+    require_root();
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let pid = std::process::id();
+    let hub_ns = Netns::new("fh");
+    let relay1_ns = Netns::new("fr1");
+    let relay2_ns = Netns::new("fr2");
+    let a_ns = Netns::new("fa");
+    let b_ns = Netns::new("fb");
+    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub_ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"]);
+    hub_ns.ip(&["addr", "add", "192.0.2.4/24", "dev", "br0"]);
+    hub_ns.ip(&["link", "set", "br0", "up"]);
+    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
+    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
+    let _etcd = EtcdInNetns::start(&hub_ns);
+    let store = ["--etcd", EtcdInNetns::URL];
+    let (name1, name2) = (format!("fhx{pid}"), format!("fhy{pid}"));
+    let mut one = HubInNetns::replica(&hub_ns, &relay1_ns, &name1, "192.0.2.1", 51820, &store);
+    wait_for_relay(&mut one, &a_ns);
+    let mut two = HubInNetns::replica(&hub_ns, &relay2_ns, &name2, "192.0.2.4", 51821, &store);
+    wait_for_relay(&mut two, &a_ns);
+    let apis = vec![one.api(), two.api()];
+    let admin = HubClient::new(apis.clone(), one.ca_hash(), options())
+        .unwrap()
+        .with_credential(one.admin_credential());
+    let (join, _) = {
+        let admin = admin.clone();
+        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
+            .unwrap()
+    };
+    let (a_client, a_addr, a_dev) =
+        follower_member(&a_ns, "aa", &join, &format!("fha{pid}"), &apis).await;
+    let (b_client, b_addr, b_dev) =
+        follower_member(&b_ns, "bb", &join, &format!("fhb{pid}"), &apis).await;
+    let a_follow = Follower::start(&a_ns, a_client.clone(), a_dev.clone());
+    let b_follow = Follower::start(&b_ns, b_client, b_dev.clone());
+    let reached = eventually(Duration::from_secs(30), || a_ns.ping(&a_addr, &b_addr));
+    assert!(
+        reached,
+        "no traffic through the first relay; logs:\n{}\n{}",
+        one.log(),
+        two.log()
+    );
+
+    // Which replica's relay do the members use? That host dies.
+    let view = {
+        let c = a_client.clone();
+        a_ns.block_on(async move { c.list().await.unwrap() })
+    };
+    assert_eq!(view.relays.len(), 2, "{view:?}");
+    let first = view.relays.iter().min_by_key(|r| r.id.clone()).unwrap();
+    let survivor_relay = view
+        .relays
+        .iter()
+        .find(|r| r.id != first.id)
+        .unwrap()
+        .clone();
+    assert_eq!(a_follow.current().as_deref(), Some(first.id.as_str()));
+    assert_eq!(b_follow.current().as_deref(), Some(first.id.as_str()));
+    let (victim, survivor, victim_name) = if first.endpoint.port() == 51820 {
+        (&mut one, &mut two, &name1)
+    } else {
+        (&mut two, &mut one, &name2)
+    };
+    let relay_pid = victim.relay_pid().expect("relay.pid");
+    victim.kill9();
+    let relay_pid = nix::unistd::Pid::from_raw(relay_pid);
+    nix::sys::signal::kill(relay_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let died = Instant::now();
+    // Ours to reap: orphaned by the killed API process.
+    let _ = nix::sys::wait::waitpid(relay_pid, None);
+
+    let mut recovered = None;
+    while died.elapsed() < Duration::from_secs(40) {
+        if a_ns.ping(&a_addr, &b_addr) {
+            recovered = Some(died.elapsed());
+            break;
+        }
+    }
+    let Some(took) = recovered else {
+        panic!(
+            "the members did not fail over to the surviving relay; survivor log:\n{}",
+            survivor.log()
+        );
+    };
+    println!(
+        "RECOVERY replica host with the members' relay killed -> ping through the surviving \
+         relay after {took:?} (relay TTL 6 s, sweep 1 s)"
+    );
+    assert!(b_ns.ping(&b_addr, &a_addr), "and B reaches A");
+    assert_eq!(a_follow.current(), Some(survivor_relay.id.clone()));
+    assert_eq!(b_follow.current(), Some(survivor_relay.id.clone()));
+    let view = {
+        let c = a_client.clone();
+        a_ns.block_on(async move { c.list().await.unwrap() })
+    };
+    assert_eq!(view.relays.len(), 1, "{view:?}");
+    assert!(view.relays[0].same_relay(&survivor_relay));
+    assert!(
+        survivor.log().contains("relay record expired"),
+        "{}",
+        survivor.log()
+    );
+    // TTL + one sweep + handshakes and slack.
+    assert!(took < Duration::from_secs(12), "fail-over took {took:?}");
+
+    drop(a_follow);
+    drop(b_follow);
+    a_dev.delete().await.unwrap();
+    b_dev.delete().await.unwrap();
+    let status = survivor.stop().expect("the survivor was running");
+    assert!(status.success(), "{status}; log:\n{}", survivor.log());
+    // The killed relay's userspace device left its UAPI socket behind.
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{victim_name}.sock"));
 }
