@@ -284,6 +284,7 @@ mod tests {
                 id: "relay1".into(),
                 public_key: relay_key,
                 endpoint: "203.0.113.1:51820".parse().unwrap(),
+                expires_at: 0,
             }],
             revision: 42,
         }
