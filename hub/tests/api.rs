@@ -1081,3 +1081,50 @@ async fn a_dead_replicas_relay_is_swept_by_the_survivor() {
     assert!(two.log().contains("relay record expired"), "{}", two.log());
     relay2.abort();
 }
+
+/// A lone hub (embedded store) whose API process was killed and restarted: its relay's
+/// renewals failed meanwhile, so the record is past its expiry when the hub comes back — but
+/// the new sweeper gives the relay one TTL to renew, and it does: members never see it removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_lone_hub_does_not_sweep_its_live_relay() {
+    let mut hub = HubProcess::start(&[]).await;
+    let admin = hub.admin();
+    let ttl = Duration::from_millis(1_500);
+    let record = RelayRecord {
+        id: RelayRecord::id_for(&key(5)),
+        public_key: key(5),
+        endpoint: "192.0.2.5:51820".parse().unwrap(),
+        expires_at: 0,
+    };
+    let relay = {
+        let (admin, record) = (admin.clone(), record.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(ttl / 3, admin.publish_relay(&record, ttl)).await;
+                tokio::time::sleep(ttl / 3).await;
+            }
+        })
+    };
+    let start = Instant::now();
+    while admin.list().await.unwrap().relays.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    hub.kill();
+    tokio::time::sleep(ttl * 2).await;
+    hub.restart().await;
+    let view = admin.list().await.unwrap();
+    assert_eq!(view.relays.len(), 1, "{view:?}");
+    let mut watch = Box::pin(admin.watch(view.revision));
+    let until = Instant::now() + ttl * 3;
+    let mut renewed = 0;
+    while let Ok(Some(event)) = tokio::time::timeout_at(until.into(), watch.next()).await {
+        match event.unwrap() {
+            RegistryEvent::RelayUpserted { record: r, .. } if r.same_relay(&record) => renewed += 1,
+            e => panic!("the live relay was touched: {e:?}; log:\n{}", hub.log()),
+        }
+    }
+    assert!(renewed >= 3, "renewals resumed ({renewed})");
+    assert_eq!(admin.list().await.unwrap().relays.len(), 1);
+    relay.abort();
+}

@@ -135,17 +135,20 @@ impl HubServer {
 }
 
 /// Every `every`, deletes the relay records past their expiry, until shutdown. Every replica
-/// runs one; the store's compare-and-delete keeps them (and renewals) from colliding.
+/// runs one; the store's compare-and-delete keeps them (and renewals) from colliding. A record
+/// is judged only once this sweeper has run for the record's TTL (see
+/// [`Registry::sweep_relays`]).
 async fn sweep_relays(registry: Registry, every: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let since = registry.clock_now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match registry.sweep_relays().await {
+        match registry.sweep_relays(since).await {
             Ok(_) if failing => {
                 failing = false;
                 tracing::info!("relay sweep works again");

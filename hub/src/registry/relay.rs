@@ -36,6 +36,17 @@ pub struct RelayRecord {
     pub expires_at: u64,
 }
 
+/// What `relays/<id>` holds: the record and the TTL it was published with (hub-internal;
+/// readers of [`RelayRecord`] ignore `ttl_ms`).
+#[derive(Serialize, Deserialize)]
+struct StoredRelay {
+    #[serde(flatten)]
+    record: RelayRecord,
+    /// 0 in a record without one (an older hub's).
+    #[serde(default)]
+    ttl_ms: u64,
+}
+
 impl RelayRecord {
     /// The id a relay with this key gets: the first 6 bytes of its public key, in hex.
     pub fn id_for(public_key: &PublicKey) -> String {
@@ -61,6 +72,11 @@ fn check_relay_id(id: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
+    /// The registry's clock (what relay expiry is judged by).
+    pub fn clock_now(&self) -> std::time::SystemTime {
+        self.clock.now()
+    }
+
     /// Publishes (creates, replaces or renews) a relay record, valid for `ttl` from now by
     /// this hub's clock (its `expires_at` is set here). Hub-internal: the relay calls it
     /// through the admin API.
@@ -74,13 +90,14 @@ impl Registry {
             return Err(RegistryError::InvalidRelayTtl(ttl));
         }
         let mut record = record.clone();
-        record.expires_at = self
-            .now_ms()
-            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        record.expires_at = self.now_ms().saturating_add(ttl_ms);
+        let stored = StoredRelay { record, ttl_ms };
         let revision = self
             .store
-            .put(&relay_key(&record.id), encode(&record))
+            .put(&relay_key(&stored.record.id), encode(&stored))
             .await?;
+        let record = stored.record;
         tracing::debug!(relay = %record.id, endpoint = %record.endpoint, expires_at = record.expires_at, "relay published");
         Ok((revision, record))
     }
@@ -98,18 +115,30 @@ impl Registry {
     /// Deletes every relay record past its expiry (by this hub's clock), each only if it is
     /// still the exact version read (a renewal in between wins, and of several replicas
     /// sweeping at once only one deletes). Returns the ids removed.
-    pub async fn sweep_relays(&self) -> Result<Vec<String>, RegistryError> {
+    ///
+    /// `sweeping_since` (by the registry's clock): when this sweeper started. A record is
+    /// left alone until the sweeper has run for its whole TTL, so a hub that comes back after
+    /// being down (while its relay's renewals failed) gives the relay one TTL to renew before
+    /// judging it — a lone hub's restart does not cut members off their live relay.
+    pub async fn sweep_relays(
+        &self,
+        sweeping_since: std::time::SystemTime,
+    ) -> Result<Vec<String>, RegistryError> {
         let now = self.now_ms();
+        let since = sweeping_since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let sweeping_for = now.saturating_sub(since);
         let mut removed = Vec::new();
         for kv in self.store.list(RELAYS).await?.items {
-            let expires_at = match decode::<RelayRecord>(&kv.key, &kv.value) {
-                Ok(record) => record.expires_at,
+            let (expires_at, ttl_ms) = match decode::<StoredRelay>(&kv.key, &kv.value) {
+                Ok(stored) => (stored.record.expires_at, stored.ttl_ms),
                 Err(e) => {
                     tracing::warn!(key = %kv.key, error = %e, "unreadable relay record; sweeping it");
-                    0
+                    (0, 0)
                 }
             };
-            if expires_at > now {
+            if expires_at > now || sweeping_for < ttl_ms {
                 continue;
             }
             let txn = Txn::new()

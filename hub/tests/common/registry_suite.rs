@@ -620,6 +620,8 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
         expires_at: 0,
     };
     let (dead, live) = (relay(1), relay(2));
+    // Both replicas' sweepers run from here on.
+    let since = one.clock_now();
     one.publish_relay(&dead, RELAY_TTL).await.unwrap();
     one.publish_relay(&live, RELAY_TTL).await.unwrap();
     let start = two.view().await.unwrap();
@@ -633,7 +635,7 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
         clock.advance(RELAY_TTL / 3);
         one.publish_relay(&live, RELAY_TTL).await.unwrap();
         for _ in 0..3 {
-            let (a, b) = tokio::join!(one.sweep_relays(), two.sweep_relays());
+            let (a, b) = tokio::join!(one.sweep_relays(since), two.sweep_relays(since));
             for id in a.unwrap().into_iter().chain(b.unwrap()) {
                 if id == dead.id && dead_gone_at.is_none() {
                     dead_gone_at = Some(step);
@@ -685,7 +687,7 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
             revision
         }
     );
-    assert!(one.sweep_relays().await.unwrap().is_empty());
+    assert!(one.sweep_relays(since).await.unwrap().is_empty());
 
     // A record without an expiry (written by an older hub) counts as expired.
     let legacy = relay(3);
@@ -699,8 +701,26 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
         .await
         .unwrap();
     assert_eq!(two.view().await.unwrap().relays.len(), 3);
-    assert_eq!(two.sweep_relays().await.unwrap(), vec![legacy.id.clone()]);
+    assert_eq!(
+        two.sweep_relays(two.clock_now()).await.unwrap(),
+        vec![legacy.id.clone()],
+        "even a sweeper that just started"
+    );
     assert_eq!(one.view().await.unwrap().relays.len(), 2);
+
+    // A hub that was down (nobody swept, renewals failed) comes back with expired records: its
+    // new sweeper gives each relay one TTL to renew before judging it.
+    clock.advance(RELAY_TTL * 2);
+    let restarted = one.clock_now();
+    clock.advance(RELAY_TTL - Duration::from_millis(1));
+    assert!(one.sweep_relays(restarted).await.unwrap().is_empty());
+    one.publish_relay(&live, RELAY_TTL).await.unwrap();
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(
+        one.sweep_relays(restarted).await.unwrap(),
+        vec![dead.id.clone()],
+        "the relay that did not renew in that TTL goes, the one that did stays"
+    );
 }
 
 #[macro_export]
