@@ -100,6 +100,9 @@ impl KubeLease {
         let call = ttl.clamp(Duration::from_millis(500), Duration::from_secs(10));
         config.read_timeout = Some(call);
         config.write_timeout = Some(call);
+        // No client-side retries of 429/503/504 (kube's default backs off for minutes): the
+        // lease task asks again every ttl/3, and an answer must come within the lease's life.
+        config.default_retry = false;
         let client = Client::try_from(config).map_err(KubeLeaseError::Client)?;
         Ok(Self::new(client, namespace, name))
     }
