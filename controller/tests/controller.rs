@@ -342,6 +342,8 @@ fn controller_args(
         holder,
         "--lease-ttl",
         "2s",
+        "--leader-election",
+        "hub",
         "--status-interval",
         "1s",
     ]

@@ -945,6 +945,9 @@ impl SandboxFleet {
             &GATEWAY_PORT.to_string(),
             "--status-interval",
             "1s",
+            // The sandbox has no Kubernetes; say so, in case the tests run inside a pod.
+            "--leader-election",
+            "hub",
         ]);
         args.push("--credential-file".into());
         args.push(member.credential_file().into());
