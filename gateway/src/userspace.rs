@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use gotatun::device::uapi::UapiServer;
-use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder};
+use gotatun::device::{Device, DeviceBuilder};
 use gotatun::tun::tun_async_device::TunDevice;
-use gotatun::udp::socket::UdpSocketFactory;
+use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
+use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 use gotatun::x25519;
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
@@ -143,8 +144,62 @@ impl Drop for UserspaceDevice {
     }
 }
 
-type GotaDevice = Device<DefaultDeviceTransports>;
-type GotaBuilder = DeviceBuilder<UdpSocketFactory, TunDevice, TunDevice>;
+type GotaDevice = Device<(BufferedUdp, TunDevice, TunDevice)>;
+type GotaBuilder = DeviceBuilder<BufferedUdp, TunDevice, TunDevice>;
+
+/// Receive and send buffer asked for on the device's UDP socket (the kernel reports twice
+/// that). The kernel default (208 KiB, `net.core.rmem_default`) overflows while the single
+/// device thread is busy with a burst from the TUN side: datagrams that already cost the
+/// peers' crypto are dropped (`UdpRcvbufErrors`) and TCP inside the tunnel retransmits them.
+/// 1 MiB removed every such drop in the cross-cluster bench (three devices on 2 cores); 8 MiB
+/// did too, but in its one run ours was slower (longer queues, we think). See README.md.
+pub const UDP_BUFFER_BYTES: usize = 1 << 20;
+
+/// gotatun's UDP socket factory, plus socket buffers of [`UDP_BUFFER_BYTES`] set after each
+/// bind: with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (root, or `CAP_NET_ADMIN`), which are not
+/// capped by `net.core.rmem_max`/`wmem_max`; else with `SO_RCVBUF`/`SO_SNDBUF` (capped). No
+/// host sysctl is changed. A buffer that cannot be set is logged, not fatal: the tunnel works
+/// with the default, only slower under load.
+#[derive(Debug, Default)]
+pub struct BufferedUdp {
+    inner: UdpSocketFactory,
+}
+
+impl UdpTransportFactory for BufferedUdp {
+    type Send = UdpSocket;
+    type Recv = UdpSocket;
+
+    async fn bind(
+        &mut self,
+        params: &UdpTransportFactoryParams,
+    ) -> std::io::Result<(UdpSocket, UdpSocket)> {
+        let (send, recv) = self.inner.bind(params).await?;
+        // `send` and `recv` are clones of one socket.
+        grow_buffers(&send, UDP_BUFFER_BYTES);
+        Ok((send, recv))
+    }
+}
+
+/// Sets both buffers of `socket` to `bytes` (the kernel doubles the value for its
+/// bookkeeping) and returns what the kernel reports afterwards, (receive, send).
+pub fn grow_buffers(socket: &impl AsFd, bytes: usize) -> (usize, usize) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let fd = socket.as_fd();
+    if let Err(forced) = setsockopt(&fd, sockopt::RcvBufForce, &bytes)
+        && let Err(e) = setsockopt(&fd, sockopt::RcvBuf, &bytes)
+    {
+        tracing::warn!(%forced, error = %e, bytes, "cannot grow the WireGuard UDP receive buffer");
+    }
+    if let Err(forced) = setsockopt(&fd, sockopt::SndBufForce, &bytes)
+        && let Err(e) = setsockopt(&fd, sockopt::SndBuf, &bytes)
+    {
+        tracing::warn!(%forced, error = %e, bytes, "cannot grow the WireGuard UDP send buffer");
+    }
+    let rcv = getsockopt(&fd, sockopt::RcvBuf).unwrap_or(0);
+    let snd = getsockopt(&fd, sockopt::SndBuf).unwrap_or(0);
+    tracing::debug!(rcv, snd, "WireGuard UDP socket buffers");
+    (rcv, snd)
+}
 
 /// What the device thread makes before its runtime runs: the runtime, a netlink handle in
 /// `netns` and the TUN device in `netns`; the thread itself is left in the underlay netns.
@@ -179,7 +234,7 @@ impl Setup {
                 rtnetlink::new_connection().map_err(|e| fail(name, "open a netlink socket", e))?;
             rt.spawn(conn);
             let builder = DeviceBuilder::new()
-                .with_default_udp()
+                .with_udp(BufferedUdp::default())
                 .create_tun(name)
                 .map_err(|e| fail(name, "create the TUN device", e))?;
             (h, builder)
@@ -353,5 +408,41 @@ fn fail(name: &str, op: impl Into<String>, e: impl std::fmt::Display) -> Gateway
         name: name.into(),
         op: op.into(),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+    /// Needs root (`SO_RCVBUFFORCE`): asks for more than this host's `net.core.rmem_max` and
+    /// `wmem_max` allow an unprivileged `SO_RCVBUF`, so the cap is shown to be bypassed. The
+    /// socket is never bound: no network is touched.
+    #[test]
+    fn grow_buffers_bypasses_rmem_max_as_root() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (SO_RCVBUFFORCE)"
+        );
+        let cap = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .expect("read the sysctl")
+                .trim()
+                .parse()
+                .expect("a number")
+        };
+        let bytes = 2 * cap("rmem_max").max(cap("wmem_max")).max(UDP_BUFFER_BYTES);
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a UDP socket");
+        let (rcv, snd) = grow_buffers(&fd, bytes);
+        // The kernel doubles what it is given; capped, it would report 2 * rmem_max at most.
+        assert_eq!(rcv, 2 * bytes);
+        assert_eq!(snd, 2 * bytes);
     }
 }
