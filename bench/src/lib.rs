@@ -76,3 +76,29 @@ pub fn load_line() -> String {
             .join(" ")
     )
 }
+
+/// A child process, stopped by its PID on drop: SIGTERM, then SIGKILL after 5 s.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut std::process::Command, what: &str) -> anyhow::Result<Proc> {
+        use anyhow::Context;
+        Ok(Proc(cmd.spawn().with_context(|| format!("start {what}"))?))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

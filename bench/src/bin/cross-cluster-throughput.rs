@@ -26,8 +26,9 @@
 //! Last line: `bench cross-cluster-throughput ours=<Gbit/s> baseline=<wireguard-go Gbit/s>
 //! ratio=.. target=1.5`; the line before it has plain.
 
+use fleet_bench::Proc;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -899,31 +900,6 @@ fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(cmd: &str, args: &[S]) -> Re
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A child process, stopped by PID (SIGTERM, then SIGKILL) on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command, what: &str) -> Result<Proc> {
-        Ok(Proc(cmd.spawn().with_context(|| format!("start {what}"))?))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[cfg(test)]
