@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fleet_proto::node::{NodeError, NodeReply, NodeRequest, Origin, code};
-use serde::Serialize;
+use fleet_proto::node::{NodeError, NodeRequest, code};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::node::Node;
+use crate::node::{Node, reply_line};
 
 /// A request larger than this is refused: no legitimate one comes near it.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -84,38 +83,13 @@ async fn handle(stream: UnixStream, node: &Node) -> std::io::Result<()> {
                 "cannot decode the node API request",
                 &e.to_string(),
             ),
-            Ok(req) => dispatch(req, node).await,
+            Ok(req) => node.dispatch(req).await,
         },
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
 }
 
-async fn dispatch(req: NodeRequest, node: &Node) -> String {
-    match req {
-        NodeRequest::Attach(r) => line(node.attach(r, Origin::Cni).await),
-        NodeRequest::Detach(r) => line(node.detach(r).await),
-        NodeRequest::Check(r) => line(node.check(r).await),
-        NodeRequest::Gc(r) => line(node.gc(r).await),
-        NodeRequest::Status => line(Ok(node.status())),
-        NodeRequest::ListAttachments => line(Ok(node.list())),
-        NodeRequest::SetPlan(r) => line(node.set_plan(r).await),
-        NodeRequest::GetPlan => line(Ok(node.plan())),
-        NodeRequest::SetPeers(r) => line(node.set_peers(r.peers).await),
-        NodeRequest::ListPeers => line(Ok(node.peers())),
-    }
-}
-
-fn line<T: Serialize>(result: Result<T, NodeError>) -> String {
-    let reply = match result {
-        Ok(v) => NodeReply::Ok(v),
-        Err(e) => NodeReply::Error(e),
-    };
-    let mut s = serde_json::to_string(&reply).expect("replies serialize");
-    s.push('\n');
-    s
-}
-
 fn error_line(code: u32, msg: &str, details: &str) -> String {
-    line::<()>(Err(NodeError::new(code, msg, details)))
+    reply_line::<(), _>(Err(NodeError::new(code, msg, details)))
 }

@@ -1,0 +1,175 @@
+//! NRI's side of the node: Synchronize reconciles the node with the runtime's pods (repairs
+//! pods without `eth-fleet`, releases pods that are gone, deletes veths nobody owns); pod
+//! events record metadata and release removed pods; CreateContainer injects the fleet IP.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_proto::node::{AttachRequest, AttachmentKey, NodeError, Origin, PodMeta};
+
+use super::{Node, now_unix};
+use crate::nri::handler::{ContainerAdjust, ContainerInfo, NriHandler, PodSandboxInfo};
+
+/// Env var carrying the pod's fleet IP into every container (NRI CreateContainer).
+pub const ENV_FLEET_IP: &str = "FLEETBOARD_IP";
+/// Annotation carrying the pod's fleet IP on every container.
+pub const ANNOTATION_FLEET_IP: &str = "fleetboard.io/ip";
+/// CNI_IFNAME recorded for NRI repairs: what the runtime's later DEL of the chain will carry.
+const REPAIR_IFNAME: &str = "eth0";
+/// Attachments younger than this are never treated as stale by Synchronize: their pod may be
+/// mid-creation and not yet in the runtime's list.
+const STALE_GRACE: Duration = Duration::from_secs(60);
+
+impl Node {
+    /// Brings the node in line with the runtime's pods: attaches pods that lack `eth-fleet`
+    /// (they predate the daemon, or lost their link), releases attachments of pods that are
+    /// gone, and deletes veth ends nobody owns.
+    pub async fn reconcile(&self, pods: Vec<PodSandboxInfo>) {
+        let Some(p) = self.planned_now() else {
+            tracing::info!(
+                pods = pods.len(),
+                "no plan yet: pods are attached once the node has one and NRI synchronizes again"
+            );
+            return;
+        };
+        let live: HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+        let now = now_unix();
+        for att in p.ipam.list() {
+            let young = now.saturating_sub(att.created_unix) < STALE_GRACE.as_secs();
+            if !live.contains(att.key.container_id.as_str()) && !young {
+                let _guard = self.lock_pod(&att.key.container_id).await;
+                match Self::release(&p, &att).await {
+                    Ok(()) => {
+                        tracing::info!(container = %att.key.container_id, address = %att.address, "released attachment of a pod that is gone")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %NodeError::from(e), "cannot release stale attachment")
+                    }
+                }
+            }
+        }
+        for pod in &pods {
+            let Some(netns) = pod.netns.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let existing = p.ipam.find_by_container(&pod.id);
+            let req = match existing.first() {
+                Some(att) => AttachRequest {
+                    key: att.key.clone(),
+                    network: att.network.clone(),
+                    netns: netns.to_owned(),
+                    pod: att.pod.clone(),
+                },
+                None => AttachRequest {
+                    key: AttachmentKey {
+                        container_id: pod.id.clone(),
+                        ifname: REPAIR_IFNAME.into(),
+                    },
+                    network: self.network.clone(),
+                    netns: netns.to_owned(),
+                    pod: meta_of(pod),
+                },
+            };
+            let origin = existing
+                .first()
+                .map(|a| a.origin)
+                .unwrap_or(Origin::NriRepair);
+            // attach() is a no-op for a pod whose link checks out.
+            match self.attach(req, origin).await {
+                Ok(r) => tracing::debug!(pod = %pod.name, address = %r.address, "pod in sync"),
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %NodeError::from(e), "cannot repair pod")
+                }
+            }
+            self.record_meta(pod);
+        }
+        let owned: HashSet<String> = p.ipam.list().into_iter().map(|a| a.host_veth).collect();
+        match p.datapath.host_veths().await {
+            Ok(links) => {
+                for name in links.into_iter().filter(|n| !owned.contains(n)) {
+                    tracing::info!(link = %name, "deleting a veth no pod owns");
+                    if let Err(e) = p.datapath.delete_host_veth(&name).await {
+                        tracing::warn!(link = %name, error = %e, "cannot delete leaked veth");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list CNF veths"),
+        }
+    }
+
+    /// Adds NRI's view of the pod (labels, annotations, names) to its attachment records.
+    fn record_meta(&self, pod: &PodSandboxInfo) {
+        let Some(p) = self.planned_now() else {
+            return;
+        };
+        let meta = meta_of(pod);
+        for mut att in p.ipam.find_by_container(&pod.id) {
+            if att.pod != meta {
+                att.pod = meta.clone();
+                if let Err(e) = p.ipam.update(&att) {
+                    tracing::warn!(error = %e, "cannot record pod metadata");
+                }
+            }
+        }
+    }
+}
+
+fn meta_of(pod: &PodSandboxInfo) -> PodMeta {
+    PodMeta {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        labels: pod.labels.clone(),
+        annotations: pod.annotations.clone(),
+    }
+}
+
+/// NRI events, delivered by the transport. Long work is spawned so replies stay prompt.
+pub struct NodeEvents(pub Arc<Node>);
+
+#[async_trait::async_trait]
+impl NriHandler for NodeEvents {
+    async fn synchronize(&self, pods: Vec<PodSandboxInfo>, _containers: Vec<ContainerInfo>) {
+        let node = self.0.clone();
+        tracing::info!(pods = pods.len(), "NRI synchronize: reconciling pods");
+        tokio::spawn(async move { node.reconcile(pods).await });
+    }
+
+    async fn pod_started(&self, pod: PodSandboxInfo) {
+        self.0.record_meta(&pod);
+    }
+
+    async fn pod_stopped(&self, _pod: PodSandboxInfo) {}
+
+    async fn pod_removed(&self, pod: PodSandboxInfo) {
+        // Safety net for a runtime whose CNI DEL never reached us (e.g. daemon was down).
+        let node = self.0.clone();
+        tokio::spawn(async move {
+            let Some(p) = node.planned_now() else {
+                return;
+            };
+            let _guard = node.lock_pod(&pod.id).await;
+            for att in p.ipam.find_by_container(&pod.id) {
+                if let Err(e) = Node::release(&p, &att).await {
+                    tracing::warn!(pod = %pod.name, error = %NodeError::from(e), "cannot release removed pod");
+                }
+            }
+        });
+    }
+
+    async fn create_container(
+        &self,
+        pod: PodSandboxInfo,
+        _container: ContainerInfo,
+    ) -> ContainerAdjust {
+        let Some(att) = self.0.find_by_container(&pod.id).into_iter().next() else {
+            return ContainerAdjust::default();
+        };
+        let ip = att.address.to_string();
+        ContainerAdjust {
+            env: vec![(ENV_FLEET_IP.into(), ip.clone())],
+            annotations: BTreeMap::from([(ANNOTATION_FLEET_IP.into(), ip)]),
+        }
+    }
+}
