@@ -1,262 +1,205 @@
-//! The cluster's WireGuard gateway while this controller is active: the device in the gateway
-//! node's CNF netns (its UDP socket in the node's own netns), its peers, and its status record.
+//! The cluster's WireGuard gateway, as the active controller sees it: a client of the gateway
+//! node's `fleet-nri`, which owns the device (in its CNF netns, the UDP socket in the node's
+//! own netns), its peers, the own-block route and the private key.
+//!
+//! The controller sends the whole desired state (`set_gateway`) on every pass — the daemon
+//! changes nothing when it is what it has — reads the device's state back for the `gateway`
+//! record (`gateway_status`) and asks for the public key to join or re-join at the hub
+//! (`gateway_key`). Stopping or stepping down leaves the device as it is: the data plane stays
+//! up across controller restarts and take-overs. Only a cluster removed from the fleet clears
+//! it (`clear_gateway`).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleet_gateway::{
-    BackendKind, DeviceConfig, GatewayError, Peer, PrivateKey, PublicKey, WireguardDevice,
-    create_device, select_backend,
-};
+use fleet_gateway::{BackendKind, Peer, PublicKey};
+use fleet_proto::node::{GatewayPeer, NodeError, SetGatewayRequest, WireguardBackend, code};
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
 
-/// A peer we dial that has not completed a handshake this long after it was set is re-added.
-const KICK_AFTER: Duration = Duration::from_millis(1000);
-/// ... but only this long after it was set: later, a silent peer is simply down.
-const KICK_WINDOW: Duration = Duration::from_secs(15);
-
+use crate::nodes::NodeSocket;
 use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
 
-/// How the device is made.
+/// How the device is made (passed through to the gateway node).
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub name: String,
     pub listen_port: u16,
     pub mtu: u32,
-    /// `None`: kernel where available, else userspace.
+    /// `None`: kernel where available, else userspace (the gateway node decides).
     pub backend: Option<BackendKind>,
-    pub private_key: PrivateKey,
-    /// The gateway node's own netns (the device's underlay).
-    pub underlay_netns: PathBuf,
+    /// The gateway node (its name in nodes.json).
     pub node: String,
     pub holder: String,
 }
 
-/// The device, once made.
+/// The gateway node's device, driven over the node API.
 #[derive(Debug)]
 pub struct Gateway {
     config: GatewayConfig,
-    device: Option<Box<dyn WireguardDevice>>,
-    netns: Option<PathBuf>,
-    peers: Option<Vec<Peer>>,
-    /// When each peer we dial was set on this device, until its first handshake.
-    awaiting: HashMap<PublicKey, Instant>,
-    last_kick: Option<Instant>,
-    /// The own-block unreachable route installed beside the device.
-    own_block: Option<ipnetwork::Ipv4Network>,
+    api: NodeSocket,
+    own_block: Option<Ipv4Network>,
+    /// The last `set_gateway` succeeded.
+    up: bool,
+    /// What was last sent and accepted (to log changes once).
+    sent: Option<SetGatewayRequest>,
+}
+
+fn wire_backend(b: BackendKind) -> WireguardBackend {
+    match b {
+        BackendKind::Kernel => WireguardBackend::Kernel,
+        BackendKind::Userspace => WireguardBackend::Userspace,
+    }
+}
+
+fn wire_peer(p: &Peer) -> GatewayPeer {
+    GatewayPeer {
+        public_key: p.public_key.to_base64(),
+        endpoint: p.endpoint,
+        allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+        keepalive: p.persistent_keepalive,
+    }
+}
+
+fn parse_key(s: &str) -> Result<PublicKey, NodeError> {
+    s.parse().map_err(|e: fleet_gateway::KeyError| {
+        NodeError::new(
+            code::DECODE_FAILURE,
+            "the gateway node sent a public key this controller cannot read (version skew?)",
+            e.to_string(),
+        )
+    })
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig) -> Self {
+    pub fn new(config: GatewayConfig, api: NodeSocket) -> Self {
         Gateway {
             config,
-            device: None,
-            netns: None,
-            peers: None,
-            awaiting: HashMap::new(),
-            last_kick: None,
+            api,
             own_block: None,
+            up: false,
+            sent: None,
         }
     }
 
+    /// Whether the gateway node last confirmed the device.
     pub fn is_up(&self) -> bool {
-        self.device.is_some()
+        self.up
     }
 
-    /// Makes the device in `cnf_netns` unless it exists there. A device or UAPI socket of the
-    /// same name left by a killed instance is removed first.
-    pub async fn ensure(&mut self, cnf_netns: &Path) -> Result<bool, GatewayError> {
-        if self.device.is_some() && self.netns.as_deref() == Some(cnf_netns) {
-            return Ok(false);
-        }
-        self.delete().await?;
-        remove_stale(&self.config.name, cnf_netns).await?;
-        let kind = select_backend(self.config.backend, cnf_netns).await;
-        let device = create_device(
-            kind,
-            DeviceConfig {
-                name: self.config.name.clone(),
-                netns: cnf_netns.to_owned(),
-                underlay_netns: Some(self.config.underlay_netns.clone()),
-                private_key: self.config.private_key.clone(),
-                listen_port: self.config.listen_port,
-                mtu: self.config.mtu,
-                addresses: Vec::new(),
-            },
-        )
-        .await?;
-        tracing::info!(device = %self.config.name, netns = %cnf_netns.display(), backend = %kind, port = self.config.listen_port, "WireGuard gateway up");
-        self.device = Some(device);
-        self.netns = Some(cnf_netns.to_owned());
-        self.peers = None;
-        self.awaiting.clear();
-        Ok(true)
+    /// The gateway's public key, from the gateway node (which makes the key on first use and
+    /// never hands out the private half).
+    pub async fn public_key(&self) -> Result<PublicKey, NodeError> {
+        let reply = self.api.blocking(|c| c.gateway_key()).await?;
+        parse_key(&reply.public_key)
     }
 
-    /// Makes `peers` the device's peers (no call when they are what was set last).
-    pub async fn set_peers(&mut self, peers: Vec<Peer>) -> Result<(), GatewayError> {
-        let Some(device) = &self.device else {
-            return Ok(());
-        };
-        if self.peers.as_ref() == Some(&peers) {
-            return Ok(());
-        }
-        device.set_peers(&peers).await?;
-        let before: Vec<PublicKey> = self.peers.iter().flatten().map(|p| p.public_key).collect();
-        let now = Instant::now();
-        self.awaiting
-            .retain(|k, _| peers.iter().any(|p| p.public_key == *k));
-        for p in peers.iter().filter(|p| p.endpoint.is_some()) {
-            if !before.contains(&p.public_key) {
-                self.awaiting.insert(p.public_key, now);
+    /// [`Gateway::public_key`], retried while the gateway node's `fleet-nri` is not reachable
+    /// (it may start after the controller). `None` when stopped first.
+    pub async fn wait_public_key(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<PublicKey>, NodeError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut logged = false;
+        loop {
+            match self.public_key().await {
+                Ok(k) => return Ok(Some(k)),
+                Err(e) if e.code == code::TRY_AGAIN_LATER => {
+                    if !logged {
+                        tracing::warn!(node = %self.config.node, error = %e, "the gateway node's fleet-nri is not reachable: waiting for it (the WireGuard key lives there)");
+                        logged = true;
+                    }
+                }
+                Err(e) => return Err(e),
             }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = crate::run::stopped(stop) => return Ok(None),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        let shown: Vec<String> = peers
-            .iter()
-            .map(|p| {
-                let allowed: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
-                let endpoint = p
-                    .endpoint
-                    .map_or("(dials us)".to_string(), |e| e.to_string());
-                format!("{} {} {}", p.public_key, endpoint, allowed.join(","))
-            })
-            .collect();
-        tracing::info!(device = %self.config.name, peers = ?shown, "gateway peers set");
-        self.peers = Some(peers);
-        Ok(())
     }
 
-    /// Keeps `unreachable <block>` beside the device (see [`crate::own_block`]).
-    pub async fn set_own_block(
-        &mut self,
-        block: ipnetwork::Ipv4Network,
-    ) -> Result<(), crate::own_block::OwnBlockError> {
-        let Some(netns) = &self.netns else {
-            return Ok(());
-        };
-        // Checked every pass: another replica stepping down on this node removes its own.
-        crate::own_block::sync(netns, Some(block)).await?;
-        if self.own_block != Some(block) {
-            tracing::info!(%block, netns = %netns.display(), "unreachable route for the own block installed");
-        }
+    /// The own block, routed `unreachable` beside the device (sent with the next
+    /// [`Gateway::set_peers`]).
+    pub fn set_own_block(&mut self, block: Ipv4Network) {
         self.own_block = Some(block);
-        Ok(())
     }
 
-    /// Whether a peer we dial still awaits its first handshake (within the kick window).
-    pub fn awaiting_handshakes(&self) -> bool {
-        self.awaiting.values().any(|t| t.elapsed() < KICK_WINDOW)
-    }
-
-    /// Re-adds peers we dial that have had no handshake [`KICK_AFTER`] after being set. A
-    /// peer learns our new key through the hub at about the moment we first dial it; if our
-    /// first initiation arrived before that, WireGuard would retry only after its 5 s rekey
-    /// timeout. A re-added peer initiates again at once.
-    pub async fn kick_stalled_handshakes(&mut self) -> Result<(), GatewayError> {
-        let (Some(device), Some(peers)) = (&self.device, &self.peers) else {
-            return Ok(());
+    /// Sends the whole desired state with `peers`: the gateway node makes the device if it
+    /// has none and changes only what differs.
+    pub async fn set_peers(&mut self, peers: Vec<Peer>) -> Result<(), NodeError> {
+        let req = SetGatewayRequest {
+            name: self.config.name.clone(),
+            listen_port: self.config.listen_port,
+            mtu: self.config.mtu,
+            backend: self.config.backend.map(wire_backend),
+            own_block: self.own_block.map(|b| b.to_string()),
+            peers: peers.iter().map(wire_peer).collect(),
         };
-        self.awaiting.retain(|_, t| t.elapsed() < KICK_WINDOW);
-        if self.awaiting.is_empty() || self.last_kick.is_some_and(|k| k.elapsed() < KICK_AFTER) {
-            return Ok(());
+        let sent = req.clone();
+        let result = self.api.blocking(move |c| c.set_gateway(req)).await;
+        self.up = result.is_ok();
+        let r = result?;
+        if r.created {
+            tracing::info!(device = %r.device.name, node = %self.config.node, backend = ?r.device.backend, public_key = %r.device.public_key, port = r.device.listen_port, "WireGuard gateway made on the gateway node");
         }
-        let stats = device.stats().await?;
-        let mut stalled = Vec::new();
-        for (key, since) in &self.awaiting {
-            let shook = stats
+        if self.sent.as_ref() != Some(&sent) {
+            let shown: Vec<String> = sent
+                .peers
                 .iter()
-                .any(|s| s.public_key == *key && s.last_handshake.is_some());
-            if shook {
-                continue;
-            }
-            if since.elapsed() >= KICK_AFTER {
-                stalled.push(*key);
-            }
+                .map(|p| {
+                    let endpoint = p
+                        .endpoint
+                        .map_or("(dials us)".to_string(), |e| e.to_string());
+                    format!("{} {} {}", p.public_key, endpoint, p.allowed_ips.join(","))
+                })
+                .collect();
+            tracing::info!(device = %sent.name, node = %self.config.node, peers = ?shown, changed = r.peers_changed, "gateway peers set");
+            self.sent = Some(sent);
         }
-        // Peers with a handshake are done.
-        self.awaiting.retain(|k, _| {
-            !stats
-                .iter()
-                .any(|s| s.public_key == *k && s.last_handshake.is_some())
-        });
-        if stalled.is_empty() {
-            return Ok(());
-        }
-        let without: Vec<Peer> = peers
-            .iter()
-            .filter(|p| !stalled.contains(&p.public_key))
-            .cloned()
-            .collect();
-        device.set_peers(&without).await?;
-        device.set_peers(peers).await?;
-        self.last_kick = Some(Instant::now());
-        tracing::info!(device = %self.config.name, peers = ?stalled.iter().map(|k| k.to_base64()).collect::<Vec<_>>(), "no handshake yet: peers re-added to initiate again");
         Ok(())
     }
 
-    /// The `gateway` record from the device's statistics.
-    pub async fn record(&self) -> Result<Option<GatewayRecord>, GatewayError> {
-        let Some(device) = &self.device else {
+    /// The `gateway` record from the gateway node's device state; `None` without a device.
+    pub async fn record(&self) -> Result<Option<GatewayRecord>, NodeError> {
+        let Some(st) = self.api.blocking(|c| c.gateway_status()).await? else {
             return Ok(None);
         };
-        let stats = device.stats().await?;
         Ok(Some(GatewayRecord {
             node: self.config.node.clone(),
             holder: self.config.holder.clone(),
-            backend: device.backend().to_string(),
-            public_key: device.public_key().to_base64(),
-            listen_port: device.listen_port(),
+            backend: match st.device.backend {
+                WireguardBackend::Kernel => "kernel",
+                WireguardBackend::Userspace => "userspace",
+            }
+            .to_string(),
+            public_key: st.device.public_key,
+            listen_port: st.device.listen_port,
             updated_at: unix_secs(std::time::SystemTime::now()),
-            peers: stats.iter().map(GatewayPeerRecord::from_stats).collect(),
+            peers: st
+                .peers
+                .into_iter()
+                .map(|p| GatewayPeerRecord {
+                    public_key: p.public_key,
+                    endpoint: p.endpoint,
+                    last_handshake: p.last_handshake,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                })
+                .collect(),
         }))
     }
 
-    /// Removes the device (and its routes and UAPI socket).
-    pub async fn delete(&mut self) -> Result<(), GatewayError> {
-        self.peers = None;
-        self.awaiting.clear();
-        if let (Some(netns), Some(_)) = (self.netns.take(), self.own_block.take())
-            && let Err(e) = crate::own_block::sync(&netns, None).await
-        {
-            tracing::warn!(error = %e, "removing the own-block route failed");
-        }
-        if let Some(device) = self.device.take() {
-            device.delete().await?;
-            tracing::info!(device = %self.config.name, "WireGuard gateway removed");
+    /// Removes the device, its own-block route and its persisted state on the gateway node:
+    /// only for a cluster removed from the fleet.
+    pub async fn delete(&mut self) -> Result<(), NodeError> {
+        self.up = false;
+        self.sent = None;
+        let r = self.api.blocking(|c| c.clear_gateway()).await?;
+        if r.removed {
+            tracing::info!(device = %self.config.name, node = %self.config.node, "WireGuard gateway removed");
         }
         Ok(())
     }
-}
-
-/// Removes a link called `name` in `netns` and a UAPI socket of that name nobody serves: what
-/// a killed instance leaves (a kernel device survives its process; a userspace one leaves its
-/// socket file).
-async fn remove_stale(name: &str, netns: &Path) -> Result<(), GatewayError> {
-    let socket = fleet_gateway::userspace::uapi_socket(name);
-    if socket.exists() {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            tracing::warn!(socket = %socket.display(), "a live process serves this WireGuard device's UAPI socket; replacing its device");
-        }
-        let _ = std::fs::remove_file(&socket);
-    }
-    let link = name.to_string();
-    let found = fleet_core::netns::with_netlink(vec![netns.to_owned()], move |h| async move {
-        let h = &h[0];
-        match fleet_core::netlink::find_link(h, &link).await {
-            Ok(Some(_)) => fleet_core::netlink::delete_link(h, &link)
-                .await
-                .map(|_| true),
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        }
-    })
-    .await?
-    .map_err(|source| GatewayError::Netlink {
-        op: format!("remove a stale link {name}"),
-        source,
-    })?;
-    if found {
-        tracing::warn!(device = %name, netns = %netns.display(), "removed a stale WireGuard link left by an earlier instance");
-    }
-    Ok(())
 }

@@ -1,5 +1,6 @@
-//! The cluster's identity at the hub (the credential file, shared by the cluster's controller
-//! replicas) and the gateway's WireGuard key (node-local, in the data dir).
+//! The cluster's identity at the hub: the credential file, shared by the cluster's controller
+//! replicas. (The gateway's WireGuard key is not the controller's: the gateway node's
+//! `fleet-nri` makes and keeps it, and the controller asks it for the public key.)
 //!
 //! The credential file is written once, by whichever replica joins first: created with
 //! `link(2)` from a complete temporary file, so a second writer fails instead of replacing it
@@ -11,12 +12,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleet_gateway::PrivateKey;
 use fleet_hub::api::Credential;
 use fleet_hub::registry::ClusterId;
-
-/// File name of the WireGuard private key in the data dir.
-pub const WG_KEY_FILE: &str = "wg.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -164,11 +161,6 @@ pub async fn wait_for_credential(
     }
 }
 
-/// The gateway's private key in `data_dir`, generated (0600) on first start and kept.
-pub fn wireguard_key(data_dir: &Path) -> Result<PrivateKey, fleet_gateway::KeyError> {
-    PrivateKey::load_or_generate(&data_dir.join(WG_KEY_FILE))
-}
-
 /// Default lease holder id: host name and process id.
 pub fn default_holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -296,7 +288,7 @@ mod tests {
 
     #[test]
     fn key_types_convert_both_ways() {
-        let k = PrivateKey::generate().public_key();
+        let k = fleet_gateway::PrivateKey::generate().public_key();
         assert_eq!(gateway_key(&hub_key(&k)), k);
         assert_eq!(hub_key(&k).to_string(), k.to_base64());
     }

@@ -48,13 +48,14 @@ struct RunFlags {
     /// The hub CA's SHA-256 (hex); needed when there is no --join.
     #[arg(long)]
     ca: Option<String>,
-    /// Node-local state (the WireGuard key, wg.key).
+    /// Node-local state of this replica. Holds nothing today: the WireGuard key lives with the
+    /// gateway node's fleet-nri (a `wg.key` left here by an older version is not used).
     #[arg(long)]
     data_dir: PathBuf,
     /// nodes.json: [{"name","socket","underlay_ip","netns"}, ...].
     #[arg(long)]
     nodes: PathBuf,
-    /// The node whose CNF netns holds the WireGuard interface.
+    /// The node whose fleet-nri runs the WireGuard interface (in its CNF netns).
     #[arg(long)]
     gateway_node: String,
     /// Public endpoint ip:port of the gateway (other clusters tunnel to it directly).
@@ -62,10 +63,11 @@ struct RunFlags {
     endpoint: Option<SocketAddr>,
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,
-    /// WireGuard interface name (also names its UAPI socket: unique per host).
+    /// WireGuard interface name on the gateway node (also names a userspace device's UAPI
+    /// socket: unique per host).
     #[arg(long, default_value = "fleet-wg")]
     wg_name: String,
-    /// auto, kernel or userspace.
+    /// auto, kernel or userspace (passed to the gateway node's fleet-nri).
     #[arg(long, default_value = "auto")]
     wg_backend: String,
     /// Lease holder id (default: hostname-pid).

@@ -98,7 +98,8 @@ impl NodeSocket {
         NodeSocket(NodeClient::new(&spec.socket, Duration::from_secs(10)))
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Runs one call of the blocking client on tokio's blocking pool.
+    pub async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&NodeClient) -> Result<T, NodeError> + Send + 'static,
     ) -> Result<T, NodeError> {

@@ -54,18 +54,6 @@ pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-impl GatewayPeerRecord {
-    pub fn from_stats(s: &fleet_gateway::PeerStats) -> Self {
-        GatewayPeerRecord {
-            public_key: s.public_key.to_base64(),
-            endpoint: s.endpoint,
-            last_handshake: s.last_handshake.map(unix_secs),
-            rx_bytes: s.rx_bytes,
-            tx_bytes: s.tx_bytes,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,16 @@
 //! `fleet-controller run`: the identity, then the leadership loop. A standby waits for the
 //! lease; the active replica re-joins (same block, its key), lists and watches the fleet,
-//! hands out node plans and peers, runs the WireGuard gateway and publishes its status. On a
-//! stop signal it removes the device and gives the lease up; on losing the lease it removes
-//! the device and waits again; if the cluster is removed from the fleet it tears down and
-//! fails.
+//! hands out node plans and peers, tells the gateway node's `fleet-nri` the WireGuard
+//! gateway's desired state and publishes its status. On a stop signal it gives the lease up;
+//! on losing the lease it waits again — either way the gateway device stays up on its node
+//! for the next active replica; if the cluster is removed from the fleet it clears the
+//! gateway, tears down and fails.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_gateway::PrivateKey;
+use fleet_gateway::PublicKey;
 use fleet_hub::api::ErrorCode;
 use fleet_hub::client::{ClientOptions, HubClient, HubError};
 use fleet_hub::registry::{GatewayState, JoinRequest, RegistryEvent};
@@ -20,7 +21,7 @@ use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
 use crate::identity::{
-    IdentityError, hub_key, load_credential, store_credential, wait_for_credential, wireguard_key,
+    IdentityError, hub_key, load_credential, store_credential, wait_for_credential,
 };
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
@@ -28,6 +29,7 @@ use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
 use crate::records::GATEWAY_RECORD;
+use fleet_proto::node::NodeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -35,11 +37,8 @@ pub enum ControllerError {
     Nodes(#[from] crate::nodes::NodesError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("the WireGuard key in {dir}: {source}")]
-    Key {
-        dir: String,
-        source: fleet_gateway::KeyError,
-    },
+    #[error("the gateway's WireGuard key from the gateway node {node}: {source}")]
+    Key { node: String, source: NodeError },
     #[error("no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash)")]
     NoCa,
     #[error("joining the fleet as {cluster} failed: {source}")]
@@ -73,7 +72,7 @@ fn client_options(ttl: Duration) -> ClientOptions {
 }
 
 /// Waits until `stop` says so.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
         if stop.changed().await.is_err() {
             std::future::pending::<()>().await;
@@ -85,7 +84,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// by joining (and written), or — without a join string — waited for. `None` when stopped.
 async fn identity(
     cfg: &RunConfig,
-    key: &PrivateKey,
+    key: &PublicKey,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<HubClient>, ControllerError> {
     let ca = cfg
@@ -113,7 +112,7 @@ async fn identity(
     };
     let request = JoinRequest {
         cluster: cfg.cluster.clone(),
-        public_key: hub_key(&key.public_key()),
+        public_key: hub_key(key),
         endpoint: cfg.endpoint,
     };
     let mut backoff = Duration::from_millis(200);
@@ -176,7 +175,6 @@ struct Controller {
     hub: Arc<MemberHub>,
     /// Where the leadership lease lives (`--leader-election`).
     lease: Arc<dyn LeaseBackend>,
-    key: PrivateKey,
     nodes: Vec<ClusterNode>,
     gateway: Gateway,
     plan_cfg: NodePlanConfig,
@@ -185,10 +183,6 @@ struct Controller {
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
 pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
     let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
-    let key = wireguard_key(&cfg.data_dir).map_err(|source| ControllerError::Key {
-        dir: cfg.data_dir.display().to_string(),
-        source,
-    })?;
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
         LeaderElection::Hub => None,
@@ -198,24 +192,36 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             kubeconfig,
         } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
     };
-    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
-        return Ok(());
-    };
     let gateway_spec = specs
         .iter()
         .find(|n| n.name == cfg.gateway_node)
         .expect("load_nodes checked the gateway node")
         .clone();
-    let gateway = Gateway::new(GatewayConfig {
-        name: cfg.wg_name.clone(),
-        listen_port: cfg.listen_port,
-        mtu: GATEWAY_MTU,
-        backend: cfg.wg_backend,
-        private_key: key.clone(),
-        underlay_netns: gateway_spec.netns.clone(),
-        node: gateway_spec.name.clone(),
-        holder: cfg.holder.clone(),
-    });
+    let gateway = Gateway::new(
+        GatewayConfig {
+            name: cfg.wg_name.clone(),
+            listen_port: cfg.listen_port,
+            mtu: GATEWAY_MTU,
+            backend: cfg.wg_backend,
+            node: gateway_spec.name.clone(),
+            holder: cfg.holder.clone(),
+        },
+        NodeSocket::new(&gateway_spec),
+    );
+    // The key lives on the gateway node: its public half is what the cluster joins with.
+    let key = match gateway.wait_public_key(&mut stop).await {
+        Ok(Some(k)) => k,
+        Ok(None) => return Ok(()),
+        Err(source) => {
+            return Err(ControllerError::Key {
+                node: gateway_spec.name.clone(),
+                source,
+            });
+        }
+    };
+    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
+        return Ok(());
+    };
     let nodes = specs
         .into_iter()
         .map(|spec| ClusterNode {
@@ -242,7 +248,6 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
         lease,
         cfg,
         client,
-        key,
         nodes,
         gateway,
     };
@@ -271,8 +276,6 @@ impl Controller {
         let mut held_by: Option<String> = None;
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut kick = tokio::time::interval(Duration::from_millis(250));
-        kick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, lease = %self.lease.describe(), "standby: waiting for the cluster lease");
         let result = loop {
             let watch_next = async {
@@ -360,11 +363,6 @@ impl Controller {
                         }
                     }
                 }
-                _ = kick.tick(), if role == Role::Active && self.gateway.awaiting_handshakes() => {
-                    if let Err(e) = self.gateway.kick_stalled_handshakes().await {
-                        tracing::warn!(error = %e, "re-adding peers without a handshake failed");
-                    }
-                }
                 _ = tick.tick(), if role == Role::Active => {
                     let Some(a) = active.as_mut() else { continue };
                     if a.watch.is_none() {
@@ -381,11 +379,8 @@ impl Controller {
             Err(ControllerError::Removed { .. }) => {
                 self.tear_down_removed(active.as_ref()).await;
             }
-            Err(_) => {
-                if let Err(e) = self.gateway.delete().await {
-                    tracing::warn!(error = %e, "removing the gateway device failed");
-                }
-            }
+            // The gateway device stays on its node for the next active replica.
+            Err(_) => {}
         }
         result
     }
@@ -393,11 +388,16 @@ impl Controller {
     /// Becoming active: re-join with this replica's key (the block stays), list, converge,
     /// watch.
     async fn activate(&mut self) -> Result<Active, ControllerError> {
-        let record = match self
-            .client
-            .rejoin(hub_key(&self.key.public_key()), self.cfg.endpoint)
+        // Asked each time: the gateway node is the key's owner.
+        let key = self
+            .gateway
+            .public_key()
             .await
-        {
+            .map_err(|source| ControllerError::Key {
+                node: self.cfg.gateway_node.clone(),
+                source,
+            })?;
+        let record = match self.client.rejoin(hub_key(&key), self.cfg.endpoint).await {
             Ok(r) => r,
             Err(e) if is_removed(&e) => return Err(self.removed(e.to_string())),
             Err(e) => return Err(ControllerError::Client(e)),
@@ -441,26 +441,21 @@ impl Controller {
             return Err(self.removed("the hub refused this cluster's credential"));
         }
         let mut problems = report.problems.clone();
-        if let Some(cnf) = &report.gateway_cnf_netns
-            && let Err(e) = self.gateway.ensure(cnf).await
-        {
-            problems.push(format!("creating the WireGuard device: {e}"));
-        }
-        if let Some(own) = a.snapshot.fleet.clusters.get(&self.cfg.cluster)
-            && let Err(e) = self.gateway.set_own_block(own.block).await
-        {
-            problems.push(e.to_string());
+        if let Some(own) = a.snapshot.fleet.clusters.get(&self.cfg.cluster) {
+            self.gateway.set_own_block(own.block);
         }
         let mode = GatewayMode {
             keepalive: self.cfg.keepalive,
             public: self.cfg.endpoint.is_some(),
         };
-        if let Err(e) = self
-            .gateway
-            .set_peers(wireguard_peers(&a.snapshot.fleet, &self.cfg.cluster, mode))
-            .await
+        // Once the gateway node has its plan (its CNF netns exists).
+        if report.gateway_cnf_netns.is_some()
+            && let Err(e) = self
+                .gateway
+                .set_peers(wireguard_peers(&a.snapshot.fleet, &self.cfg.cluster, mode))
+                .await
         {
-            problems.push(format!("setting the WireGuard peers: {e}"));
+            problems.push(format!("setting the WireGuard gateway on its node: {e}"));
         }
         if self.gateway.is_up() && !a.reported_up {
             match self.hub.set_gateway_state(GatewayState::Up).await {
@@ -497,24 +492,14 @@ impl Controller {
         }
     }
 
-    async fn step_down(&mut self) {
-        if let Err(e) = self.gateway.delete().await {
-            tracing::warn!(error = %e, "removing the gateway device failed");
-        }
-    }
+    /// The device stays on the gateway node: the replica now active re-sends the same state.
+    async fn step_down(&mut self) {}
 
-    /// Clean stop: the device goes, the hub hears the gateway is down, the lease is freed for
-    /// a standby.
-    async fn shut_down(&mut self, role: Role) {
-        tracing::info!("stopping");
-        if let Err(e) = self.gateway.delete().await {
-            tracing::warn!(error = %e, "removing the gateway device failed");
-        }
+    /// Clean stop: the lease is freed for a standby. The gateway device stays up on its node
+    /// (and so does the hub's `up`): traffic does not notice a controller restart.
+    async fn shut_down(&mut self, _role: Role) {
+        tracing::info!("stopping; the WireGuard gateway stays up on its node");
         let bound = Duration::from_secs(2);
-        if role == Role::Active {
-            let _ =
-                tokio::time::timeout(bound, self.hub.set_gateway_state(GatewayState::Down)).await;
-        }
         match tokio::time::timeout(bound, self.lease.release(&self.cfg.holder)).await {
             Ok(Ok(())) => tracing::info!("lease released"),
             Ok(Err(e)) => {

@@ -1,8 +1,9 @@
 //! `fleet-controller run` against a real `fleet-hub serve` (on 127.0.0.1) and real `fleet-nri`
 //! daemons (`--no-nri`, each in a node netns the test creates): node plans and peers, the
-//! WireGuard gateway in the gateway node's CNF netns (UDP in the node's netns), records,
-//! another member's arrival and removal, kill -9 and restart, a standby taking over, SIGTERM,
-//! and the cluster's own removal. Needs root. The cross-cluster traffic tests live in e2e/.
+//! WireGuard gateway that the gateway node's fleet-nri runs for it in its CNF netns (UDP in
+//! the node's netns), records, another member's arrival and removal, kill -9 and restart, a
+//! standby taking over (same device, same key), SIGTERM (the device stays), and the cluster's
+//! own removal (the device goes). Needs root. The cross-cluster traffic tests live in e2e/.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -446,12 +447,15 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     );
     assert_ne!(p1, p2);
     assert_eq!(p1.prefix(), 24);
-    // Identity files are private.
+    // Identity files are private; the WireGuard key is the gateway node's, not the
+    // controller's.
     use std::os::unix::fs::PermissionsExt;
-    for f in [credential.clone(), data_dir.join("wg.key")] {
+    for f in [credential.clone(), n1.nri.data_dir().join("wg.key")] {
         let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", f.display());
     }
+    assert!(!data_dir.join("wg.key").exists());
+    assert!(!n2.nri.data_dir().join("wg.key").exists());
 
     // Peers: each node has the other; nothing routed yet (aa is alone).
     poll_until("the nodes to peer", WAIT, || {
@@ -566,10 +570,12 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     )
     .unwrap_or_else(|e| panic!("{}", fail(&e.to_string(), &ctl)));
 
-    // bb never answers (nothing listens at its endpoint): its peer is re-added to initiate
-    // again rather than waiting for WireGuard's 5 s rekey timeout, and stays configured.
+    // bb never answers (nothing listens at its endpoint): the gateway node re-adds its peer
+    // to initiate again rather than waiting for WireGuard's 5 s rekey timeout, and it stays
+    // configured.
     poll_until("a re-added peer without a handshake", WAIT, || {
-        ctl.log()
+        n1.nri
+            .log()
             .contains("no handshake yet: peers re-added")
             .then_some(())
     })
@@ -642,19 +648,21 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     .unwrap_or_else(|e| panic!("{}", fail(&e.to_string(), &ctl)));
     assert!(link_exists(n1.nri.cnf_netns(), &wg));
 
-    // SIGTERM: exit 0, the device and its UAPI socket gone, the hub told.
+    // SIGTERM: exit 0; the data plane stays up on the gateway node (device, peers, UAPI
+    // socket, own-block route), and the hub still says the gateway is up.
     assert_eq!(ctl.terminate(), Some(0), "{}", ctl.log());
-    assert!(!link_exists(n1.nri.cnf_netns(), &wg));
-    assert!(!Path::new(&format!("/var/run/wireguard/{wg}.sock")).exists());
+    assert!(link_exists(n1.nri.cnf_netns(), &wg));
+    assert_eq!(wg_peers(&wg).unwrap(), peers_before);
+    assert!(Path::new(&format!("/var/run/wireguard/{wg}.sock")).exists());
     let routes = ip_in(n1.nri.cnf_netns(), &["route", "show"]).unwrap();
-    assert!(!routes.contains(&own_route), "{routes}");
+    assert!(routes.contains(&own_route), "{routes}");
     let view = hub.view();
     let aa = view
         .clusters
         .iter()
         .find(|c| c.id.as_str() == "aa")
         .unwrap();
-    assert_eq!(aa.gateway, GatewayState::Down);
+    assert_eq!(aa.gateway, GatewayState::Up);
 }
 
 #[test]
@@ -666,7 +674,8 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
     let nodes = nodes_json(dir.path(), &[&n1]);
     let credential = dir.path().join("aa.credential");
     let join = hub.join_string();
-    let (wa, wb) = (uniq("fca"), uniq("fcb"));
+    // The replicas of a cluster share the gateway's settings: one device on the gateway node.
+    let wg = uniq("fca");
     let mut a = Controller::start(
         controller_args(
             &hub,
@@ -675,7 +684,7 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
             &dir.path().join("a"),
             &nodes,
             n1.name(),
-            &wa,
+            &wg,
             "ctl-a",
         ),
         dir.path().join("a.log"),
@@ -689,7 +698,7 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
             &dir.path().join("b"),
             &nodes,
             n1.name(),
-            &wb,
+            &wg,
             "ctl-b",
         ),
         dir.path().join("b.log"),
@@ -698,22 +707,23 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
         format!("a:\n{}\nb:\n{}\nhub:\n{}", a.log(), b.log(), hub.log())
     };
     let cnf = n1.nri.cnf_netns().to_string();
-    poll_until("a active with its device", WAIT, || {
-        link_exists(&cnf, &wa).then_some(())
+    poll_until("a active with the device", WAIT, || {
+        let g = record(&hub.view(), "aa", "gateway")?;
+        (link_exists(&cnf, &wg) && g["holder"] == "ctl-a").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&a, &b)));
     poll_until("b standing by", WAIT, || {
         b.log().contains("another replica is active").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&a, &b)));
-    assert!(!link_exists(&cnf, &wb));
     let subnet = n1.subnet().unwrap();
+    let key_before = n1.nri.client().gateway_key().unwrap().public_key;
 
     let killed = Instant::now();
     a.kill9();
     poll_until("b to take over", WAIT, || {
         let g = record(&hub.view(), "aa", "gateway")?;
-        (link_exists(&cnf, &wb) && g["holder"] == "ctl-b").then_some(())
+        (link_exists(&cnf, &wg) && g["holder"] == "ctl-b").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&a, &b)));
     let took = killed.elapsed();
@@ -733,23 +743,27 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
         .find(|c| c.id.as_str() == "aa")
         .unwrap()
         .public_key;
-    let b_key = fleet_gateway::PrivateKey::load(&dir.path().join("b/wg.key"))
-        .unwrap()
-        .public_key();
     assert_eq!(
         key.to_string(),
-        b_key.to_base64(),
-        "b re-joined with its own key"
+        key_before,
+        "b re-joined with the gateway node's key: no re-keying on a take-over"
+    );
+    assert!(
+        !b.log().contains("WireGuard gateway made"),
+        "the device a made is the one b drives:\n{}",
+        b.log()
     );
 
-    // The cluster is removed at the hub: b tears its device down and exits 1, saying why.
+    // The cluster is removed at the hub: b clears the device and exits 1, saying why.
     assert!(
         rt().block_on(hub.admin().remove_cluster(&ClusterId::new("aa").unwrap()))
             .unwrap()
     );
     assert_eq!(b.exit_code(), Some(1), "{}", logs(&a, &b));
     assert!(b.log().contains("removed from the fleet"), "{}", b.log());
-    assert!(!link_exists(&cnf, &wb));
+    assert!(!link_exists(&cnf, &wg));
+    assert_eq!(n1.nri.client().gateway_status().unwrap(), None);
+    assert!(!n1.nri.data_dir().join("gateway.json").exists());
 }
 
 /// Runs `fleet-controller` to its exit; (code, stderr).
@@ -767,14 +781,12 @@ fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_join_strings_and_settings_are_clear_errors_that_change_nothing() {
+    require_root("bad_join_strings_and_settings_are_clear_errors_that_change_nothing");
     let hub = Hub::start();
+    // A real gateway node: the controller joins with the key that node's fleet-nri keeps.
+    let n1 = Node::new("ct-b1", "192.0.2.1");
     let dir = tempfile::tempdir().unwrap();
-    let nodes = dir.path().join("nodes.json");
-    std::fs::write(
-        &nodes,
-        r#"[{"name":"n1","socket":"/nonexistent/node.sock","underlay_ip":"192.0.2.1","netns":"/run/netns/none"}]"#,
-    )
-    .unwrap();
+    let nodes = nodes_json(dir.path(), &[&n1]);
     let credential = dir.path().join("aa.credential");
     let args = |join: &str, wg: &str| {
         controller_args(
@@ -783,7 +795,7 @@ fn bad_join_strings_and_settings_are_clear_errors_that_change_nothing() {
             Some(join),
             &dir.path().join("data"),
             &nodes,
-            "n1",
+            n1.name(),
             wg,
             "h",
         )

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +40,9 @@ pub mod code {
     /// Programming the intra-cluster overlay (VXLAN link, routes, neighbours) failed; the
     /// requested peers are recorded and re-applied on the next request or restart.
     pub const OVERLAY_FAILED: u32 = 104;
+    /// Creating or configuring the gateway (WireGuard device, peers, own-block route) failed;
+    /// the desired state is recorded and re-applied on the next request or restart.
+    pub const GATEWAY_FAILED: u32 = 105;
 }
 
 /// Identity of one attachment as the runtime sees it: the CNI triple minus the network name,
@@ -222,6 +225,109 @@ pub struct SetPeersRequest {
     pub peers: Vec<PeerNode>,
 }
 
+/// Which WireGuard implementation runs the gateway device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireguardBackend {
+    /// The kernel's WireGuard (where the kernel has it).
+    Kernel,
+    /// gotatun inside `fleet-nri` (a TUN device and the UAPI socket `/var/run/wireguard/<name>.sock`).
+    Userspace,
+}
+
+/// One WireGuard peer of the gateway (another cluster's gateway, or the hub's relay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPeer {
+    /// The peer's public key, base64 as `wg` shows it.
+    pub public_key: String,
+    /// Where to send; `None`: learnt from the peer's handshakes (a NAT'd peer dials in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    /// CIDRs routed to this peer (and accepted from it), e.g. `100.96.0.0/12` for the relay.
+    pub allowed_ips: Vec<String>,
+    /// Persistent keepalive in seconds (peers behind NAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
+}
+
+/// `set_gateway`: this node is the cluster's gateway. The whole desired state; persisted, so
+/// the device and its peers survive restarts of the controller and of `fleet-nri`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetGatewayRequest {
+    /// Interface name (1-15 bytes); also names a userspace device's UAPI socket, host-wide.
+    pub name: String,
+    /// The UDP port in the node's own netns.
+    pub listen_port: u16,
+    pub mtu: u32,
+    /// `None`: kernel WireGuard where the kernel has it, else userspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<WireguardBackend>,
+    /// The cluster's block: `unreachable <own_block>` is kept in the CNF netns beside the
+    /// device (without it a packet to an unused address of the block would bounce between
+    /// the gateway and the relay). `None`: no such route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_block: Option<String>,
+    /// The complete peer set; replaces the previous one.
+    pub peers: Vec<GatewayPeer>,
+}
+
+/// The gateway device as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayDevice {
+    pub name: String,
+    pub backend: WireguardBackend,
+    /// The device's public key (base64); the private key never leaves the node.
+    pub public_key: String,
+    pub listen_port: u16,
+}
+
+/// What `set_gateway` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetGatewayResult {
+    pub device: GatewayDevice,
+    /// The device was created (or re-created) by this request.
+    pub created: bool,
+    /// The device's peers were changed by this request.
+    pub peers_changed: bool,
+}
+
+/// One peer's tunnel state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPeerStatus {
+    pub public_key: String,
+    /// Where the peer was last heard from (or the configured endpoint).
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<String>,
+    /// Unix seconds of the last handshake; `None` if none yet.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// `gateway_status`: the device, its own-block route and its peers' tunnel state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub device: GatewayDevice,
+    /// The CNF netns the device lives in.
+    pub cnf_netns: String,
+    /// The own block with an `unreachable` route beside the device.
+    pub own_block: Option<String>,
+    pub peers: Vec<GatewayPeerStatus>,
+}
+
+/// `gateway_key`: the node's gateway public key (the key is created on first use).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayKey {
+    pub public_key: String,
+}
+
+/// What `clear_gateway` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClearGatewayResult {
+    /// A device (or persisted gateway state) existed and is gone now.
+    pub removed: bool,
+}
+
 /// A request on the node socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
@@ -240,6 +346,14 @@ pub enum NodeRequest {
     GetPlan,
     /// The peers the node currently programs.
     ListPeers,
+    /// The controller makes this node the cluster's gateway (device, peers, own block).
+    SetGateway(SetGatewayRequest),
+    /// The gateway device and its peers' tunnel state (`null` when the node runs none).
+    GatewayStatus,
+    /// The gateway's public key, creating the key if there is none.
+    GatewayKey,
+    /// Removes the gateway device, its own-block route and its persisted state (the key stays).
+    ClearGateway,
 }
 
 /// An error answered by the daemon, or produced by the client when the daemon can't be reached.
@@ -329,6 +443,22 @@ impl NodeClient {
         self.call(&NodeRequest::ListPeers)
     }
 
+    pub fn set_gateway(&self, req: SetGatewayRequest) -> Result<SetGatewayResult, NodeError> {
+        self.call(&NodeRequest::SetGateway(req))
+    }
+
+    pub fn gateway_status(&self) -> Result<Option<GatewayStatus>, NodeError> {
+        self.call(&NodeRequest::GatewayStatus)
+    }
+
+    pub fn gateway_key(&self) -> Result<GatewayKey, NodeError> {
+        self.call(&NodeRequest::GatewayKey)
+    }
+
+    pub fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
+        self.call(&NodeRequest::ClearGateway)
+    }
+
     /// Sends one request and reads its reply. A daemon that cannot be reached is
     /// `TRY_AGAIN_LATER`: the runtime retries the pod, nothing was allocated.
     pub fn call<T: for<'de> Deserialize<'de>>(&self, req: &NodeRequest) -> Result<T, NodeError> {
@@ -415,6 +545,36 @@ mod tests {
             node_subnet: "100.96.3.0/24".into(),
         });
         assert_eq!(serde_json::to_value(&plan).unwrap()["op"], "set_plan");
+    }
+
+    #[test]
+    fn gateway_requests_have_their_wire_shape() {
+        let req: NodeRequest = serde_json::from_str(
+            r#"{"op":"set_gateway","args":{"name":"fleetwg0","listen_port":51820,"mtu":1420,
+                "own_block":"100.96.16.0/20",
+                "peers":[{"public_key":"k","endpoint":"203.0.113.10:51820",
+                          "allowed_ips":["100.96.0.0/12"],"keepalive":25}]}}"#,
+        )
+        .unwrap();
+        let NodeRequest::SetGateway(g) = &req else {
+            panic!("{req:?}")
+        };
+        assert_eq!(g.backend, None);
+        assert_eq!(g.peers[0].keepalive, Some(25));
+        let back: NodeRequest =
+            serde_json::from_value(serde_json::to_value(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+        for (op, r) in [
+            ("gateway_status", NodeRequest::GatewayStatus),
+            ("gateway_key", NodeRequest::GatewayKey),
+            ("clear_gateway", NodeRequest::ClearGateway),
+        ] {
+            assert_eq!(serde_json::to_value(&r).unwrap()["op"], op);
+        }
+        assert_eq!(
+            serde_json::to_value(WireguardBackend::Userspace).unwrap(),
+            "userspace"
+        );
     }
 
     #[test]

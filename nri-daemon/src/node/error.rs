@@ -49,6 +49,12 @@ pub enum Failure {
     OtherNetns(String),
     #[error("eth-fleet is not as allocated: {0}")]
     Check(DatapathError),
+    /// A gateway request that cannot be carried out as given.
+    #[error("invalid gateway request: {0}")]
+    InvalidGateway(String),
+    /// The WireGuard device, its key or its own-block route failed.
+    #[error("cannot {op}: {reason}")]
+    Gateway { op: &'static str, reason: String },
 }
 
 impl From<Failure> for NodeError {
@@ -151,6 +157,14 @@ impl From<Failure> for NodeError {
                 netns_code(&e, code::CHECK_FAILED),
                 "eth-fleet is not as allocated".into(),
                 e.to_string(),
+            ),
+            Failure::InvalidGateway(e) => {
+                (code::INVALID_CONFIG, "invalid gateway request".into(), e)
+            }
+            Failure::Gateway { op, reason } => (
+                code::GATEWAY_FAILED,
+                format!("cannot {op}; the desired state is recorded, resend to retry"),
+                reason,
             ),
         };
         NodeError::new(code, msg, details)

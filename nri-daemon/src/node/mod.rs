@@ -8,10 +8,13 @@
 //!
 //! One file per concern: [`plan`] (the plan and its CNF netns), [`pods`] (attach, detach,
 //! check, gc), [`peers`] (the intra-cluster overlay), [`repair`] (NRI: synchronize and pod
-//! events); [`error`] maps every failure to the node API's error codes, in one place. This file
+//! events), [`gateway`] (the cluster's WireGuard gateway on the gateway node, with
+//! [`own_block`]); [`error`] maps every failure to the node API's error codes, in one place. This file
 //! holds the [`Node`] and the request dispatch.
 
 mod error;
+mod gateway;
+mod own_block;
 mod peers;
 mod plan;
 mod pods;
@@ -56,6 +59,8 @@ pub struct Node {
     nri: NriStatus,
     /// Serializes work on one pod sandbox (ADD vs DEL vs repair).
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The WireGuard gateway, on the node the controller made the gateway.
+    gateway: Arc<tokio::sync::Mutex<gateway::GatewayState>>,
 }
 
 /// What exists once the node has a plan.
@@ -85,12 +90,14 @@ impl Node {
             network,
             nri,
             pod_locks: Mutex::new(HashMap::new()),
+            gateway: Arc::default(),
         }
     }
 
     /// Start-up: the persisted plan (the controller's latest word) or else the config's, then
-    /// the persisted peers. A plan that cannot be set up is fatal; peers that cannot be
-    /// programmed are logged and retried at the next `set_peers`.
+    /// the persisted peers, then the persisted gateway. A plan that cannot be set up is fatal;
+    /// peers or a gateway that cannot be programmed are logged and retried at the controller's
+    /// next request.
     pub async fn restore(&self, config_plan: Option<NodePlan>) -> anyhow::Result<()> {
         use anyhow::Context;
         let persisted = self.store.load_plan()?;
@@ -114,7 +121,7 @@ impl Node {
                 tracing::error!(error = %NodeError::from(e), "cannot restore the overlay; the next set_peers retries");
             }
         }
-        Ok(())
+        self.restore_gateway().await
     }
 
     fn planned_now(&self) -> Option<Arc<Planned>> {
@@ -164,6 +171,10 @@ impl Node {
             NodeRequest::GetPlan => reply_line::<_, Failure>(Ok(self.plan())),
             NodeRequest::SetPeers(r) => reply_line(self.set_peers(r.peers).await),
             NodeRequest::ListPeers => reply_line::<_, Failure>(Ok(self.peers())),
+            NodeRequest::SetGateway(r) => reply_line(self.set_gateway(r).await),
+            NodeRequest::GatewayStatus => reply_line(self.gateway_status().await),
+            NodeRequest::GatewayKey => reply_line(self.gateway_key()),
+            NodeRequest::ClearGateway => reply_line(self.clear_gateway().await),
         }
     }
 }

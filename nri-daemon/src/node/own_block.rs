@@ -1,4 +1,5 @@
-//! `unreachable <own block>` in the gateway node's CNF netns, while the gateway runs.
+//! `unreachable <own block>` in the gateway node's CNF netns, while the gateway runs (moved
+//! here from the controller as it was; it moves onto `fleet_core::routes` once that is in).
 //!
 //! The relay peer's allowed IPs (and so the device's route) are the whole fleet CIDR, our own
 //! block included. Without this route a packet to an unassigned address of our block (from
