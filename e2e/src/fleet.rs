@@ -268,11 +268,14 @@ impl MemberOpts {
     }
 }
 
-/// One member cluster: router, nodes, controllers (index 0 runs on node 0, the gateway
-/// node; a standby on node 1).
+/// One member cluster: router, nodes, controllers (by default index 0 runs on node 0, the
+/// gateway node; a standby on node 1). The gateway's WireGuard device lives in the gateway
+/// node's fleet-nri, under one name per member that every controller replica passes on.
 pub struct Member {
     pub id: String,
     pub opts: MemberOpts,
+    /// The gateway's WireGuard interface name (host-unique: it names the UAPI socket).
+    pub wg_name: String,
     pub controllers: Vec<FleetController>,
     pub nodes: Vec<FleetNode>,
     pub router: NatRouter,
@@ -323,16 +326,24 @@ impl Member {
         self.gateway().node.nri.cnf_netns()
     }
 
-    /// Index of the controller whose WireGuard interface is up in the gateway's CNF netns:
-    /// the one holding the lease.
+    /// Whether the gateway's WireGuard interface exists in the gateway node's CNF netns.
+    pub fn gateway_device_up(&self) -> bool {
+        crate::netns::ip_in(
+            self.gateway_cnf(),
+            &["-o", "link", "show", "dev", &self.wg_name],
+        )
+        .is_ok_and(|o| !o.is_empty())
+    }
+
+    /// Index of the running controller that holds the lease (its log's last word on the
+    /// lease says active), while the gateway device is up.
     pub fn active_controller(&self) -> Option<usize> {
-        self.controllers.iter().position(|c| {
-            crate::netns::ip_in(
-                self.gateway_cnf(),
-                &["-o", "link", "show", "dev", &c.wg_name],
-            )
-            .is_ok_and(|o| !o.is_empty())
-        })
+        if !self.gateway_device_up() {
+            return None;
+        }
+        self.controllers
+            .iter()
+            .position(|c| c.pid().is_some() && c.holds_lease())
     }
 
     /// IPv4 routes of node `node`'s CNF netns.
@@ -375,6 +386,8 @@ impl Drop for Member {
         }
         self.controllers.clear();
         self.nodes.clear();
+        // A fleet-nri killed with -9 leaves its userspace device's UAPI socket behind.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.wg_name));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -749,18 +762,42 @@ impl FleetController {
         self.process.log()
     }
 
-    /// `wg show <its interface> <what>` (through the interface's UAPI socket).
+    /// `wg show <the member's interface> <what>` (through the UAPI socket of the device the
+    /// gateway node's fleet-nri runs).
     pub fn wg_show(&self, what: &str) -> Result<String> {
         let out = run_command(Command::new("wg").args(["show", &self.wg_name, what]))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Whether its log's last word on the lease is that it holds it.
+    pub fn holds_lease(&self) -> bool {
+        let log = self.log();
+        let active = log.rfind("active: holding the cluster lease");
+        let standby = [
+            "standby: waiting for the cluster lease",
+            "stepping down",
+            "stopping",
+        ]
+        .iter()
+        .filter_map(|m| log.rfind(m))
+        .max();
+        match (active, standby) {
+            (Some(a), Some(s)) => a > s,
+            (a, _) => a.is_some(),
+        }
+    }
+
+    /// How many times it became active (across restarts: the log is appended to).
+    pub fn activations(&self) -> usize {
+        self.log()
+            .matches("active: holding the cluster lease")
+            .count()
     }
 }
 
 impl Drop for FleetController {
     fn drop(&mut self) {
         self.process.terminate(Duration::from_secs(10));
-        // A controller killed with -9 leaves its userspace device's UAPI socket behind.
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.wg_name));
     }
 }
 
@@ -858,9 +895,11 @@ impl FleetBuilder {
                 seq()
             ));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+            let wg_name = format!("fw{}{id}{}", std::process::id() % 100_000, seq());
             let member = Member {
                 id,
                 opts,
+                wg_name,
                 controllers: Vec::new(),
                 nodes,
                 router,
@@ -993,8 +1032,7 @@ impl SandboxFleet {
         let holder = format!("{member}-ctl{k}");
         let data_dir = m.dir.join(format!("ctl{k}"));
         std::fs::create_dir_all(&data_dir).map_err(|e| Error::io("create", &data_dir, e))?;
-        // Host-unique (it names the UAPI socket): pid and a process-wide sequence number.
-        let wg_name = format!("fw{}{member}{}", std::process::id() % 100_000, seq());
+        let wg_name = m.wg_name.clone();
         let args = self.controller_args(m, join.as_deref(), &ca, &holder, &data_dir, &wg_name);
         let mut process = ManagedProcess::new(
             &format!("fleet-controller {holder}"),
@@ -1018,9 +1056,16 @@ impl SandboxFleet {
     /// One controller per member on its gateway node (plus a standby on node 1 when
     /// `standby`), then waits until every node of every member has its plan.
     pub fn start_controllers(&mut self, standby: bool) -> Result<()> {
+        self.start_controllers_on(0, standby)
+    }
+
+    /// One controller per member on its node `node` (0 is the gateway node; the controller
+    /// need not run there), plus a standby on node 1 when `standby`; then waits until every
+    /// node of every member has its plan.
+    pub fn start_controllers_on(&mut self, node: usize, standby: bool) -> Result<()> {
         let ids: Vec<String> = self.members.iter().map(|m| m.id.clone()).collect();
         for id in &ids {
-            self.add_controller(id, 0)?;
+            self.add_controller(id, node)?;
         }
         if standby {
             for id in &ids {
@@ -1249,6 +1294,189 @@ impl Drop for SandboxFleet {
         }
         // Members (pods, controllers, nodes, routers) before the hub and the internet.
         self.members.clear();
+    }
+}
+
+/// A TCP stream between two pods' network namespaces for as long as a test runs: the client
+/// (in `from`'s netns) sends a numbered 1 KiB message every [`ProbeStream::INTERVAL`]; the
+/// server (in `to`'s netns, port `port`) echoes every byte back; the client notes when each
+/// echo arrives. The longest gap between echoes over a span of time is the stall a process
+/// restart caused; [`ProbeStream::finish`] says whether every byte came back on the same
+/// connection (no reset).
+pub struct ProbeStream {
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+    reader: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+    server: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+}
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (only that thread moves).
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<std::io::Result<T>> {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        f()
+    })
+}
+
+impl ProbeStream {
+    pub const INTERVAL: Duration = Duration::from_millis(50);
+    const MESSAGE: usize = 1024;
+
+    /// Connects `from` to `to`'s fleet address (retrying for up to 30 s) and starts the stream.
+    pub fn start(from: &Pod, to: &Pod, port: u16) -> Result<ProbeStream> {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let server = in_netns(&to.netns, move || {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            let _ = ready_tx.send(());
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut echoed = 0u64;
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    conn.shutdown(std::net::Shutdown::Write)?;
+                    return Ok(echoed);
+                }
+                conn.write_all(&buf[..n])?;
+                echoed += n as u64;
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| Error::Invalid("the probe stream's server did not listen".into()))?;
+        let addr: std::net::SocketAddr = format!("{}:{port}", to.fleet_ip)
+            .parse()
+            .map_err(|e| Error::Invalid(format!("{e}")))?;
+        let connect = in_netns(&from.netns, move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(c) => return Ok(c),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        let conn = connect
+            .join()
+            .map_err(|_| Error::Invalid("connect thread panicked".into()))?
+            .map_err(|e| Error::Invalid(format!("cannot connect the probe stream: {e}")))?;
+        conn.set_nodelay(true).ok();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+        let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut read_half = conn
+            .try_clone()
+            .map_err(|e| Error::Invalid(format!("{e}")))?;
+        let reader = {
+            let arrivals = arrivals.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; Self::MESSAGE];
+                let mut got = 0u64;
+                loop {
+                    let n = read_half.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(got);
+                    }
+                    let before = got / Self::MESSAGE as u64;
+                    got += n as u64;
+                    if got / Self::MESSAGE as u64 > before {
+                        arrivals.lock().expect("arrivals").push(Instant::now());
+                    }
+                }
+            })
+        };
+        let mut write_half = conn;
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                let mut seq = 0u64;
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut msg = vec![b'.'; Self::MESSAGE];
+                    msg[..8].copy_from_slice(&seq.to_be_bytes());
+                    write_half.write_all(&msg)?;
+                    sent += msg.len() as u64;
+                    seq += 1;
+                    next += Self::INTERVAL;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                write_half.shutdown(std::net::Shutdown::Write)?;
+                Ok(sent)
+            })
+        };
+        Ok(ProbeStream {
+            arrivals,
+            stop,
+            writer: Some(writer),
+            reader: Some(reader),
+            server: Some(server),
+        })
+    }
+
+    /// Echoes that have come back so far.
+    pub fn echoes(&self) -> usize {
+        self.arrivals.lock().expect("arrivals").len()
+    }
+
+    /// Waits until `n` more echoes than now have come back (the stream flows), up to `timeout`.
+    pub fn await_flowing(&self, n: usize, timeout: Duration) -> Result<()> {
+        let target = self.echoes() + n;
+        poll_until("the probe stream to flow", timeout, || {
+            (self.echoes() >= target).then_some(())
+        })
+    }
+
+    /// The longest gap between consecutive echoes arriving in `since..`, including the gap
+    /// into the first of them.
+    pub fn longest_gap_since(&self, since: Instant) -> Duration {
+        let arrivals = self.arrivals.lock().expect("arrivals");
+        let mut longest = Duration::ZERO;
+        for pair in arrivals.windows(2) {
+            if pair[1] >= since {
+                longest = longest.max(pair[1] - pair[0]);
+            }
+        }
+        longest
+    }
+
+    /// Stops sending and waits for the rest: `Ok((sent, echoed back))` when the connection
+    /// ended cleanly on both sides, the I/O error (e.g. a reset) otherwise.
+    pub fn finish(mut self) -> Result<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let join = |h: Option<std::thread::JoinHandle<std::io::Result<u64>>>, what: &str| {
+            h.expect("joined once")
+                .join()
+                .map_err(|_| Error::Invalid(format!("the probe stream's {what} panicked")))?
+                .map_err(|e| Error::Invalid(format!("the probe stream's {what} failed: {e}")))
+        };
+        let sent = join(self.writer.take(), "writer")?;
+        let back = join(self.reader.take(), "reader")?;
+        let echoed = join(self.server.take(), "server")?;
+        if echoed != sent {
+            return Err(Error::Invalid(format!(
+                "the server echoed {echoed} of {sent} bytes"
+            )));
+        }
+        Ok((sent, back))
+    }
+}
+
+impl Drop for ProbeStream {
+    fn drop(&mut self) {
+        // Unfinished (a failed test): the writer stops; the rest end with the namespaces.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
