@@ -15,7 +15,7 @@ const KICK_AFTER: Duration = Duration::from_millis(1000);
 /// ... but only this long after it was set: later, a silent peer is simply down.
 const KICK_WINDOW: Duration = Duration::from_secs(15);
 
-use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
+use crate::records::{GatewayRecord, peer_record, unix_secs};
 
 /// How the device is made.
 #[derive(Debug, Clone)]
@@ -207,7 +207,7 @@ impl Gateway {
             public_key: device.public_key().to_base64(),
             listen_port: device.listen_port(),
             updated_at: unix_secs(std::time::SystemTime::now()),
-            peers: stats.iter().map(GatewayPeerRecord::from_stats).collect(),
+            peers: stats.iter().map(peer_record).collect(),
         }))
     }
 

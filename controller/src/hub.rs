@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleet_hub::RelayRecord;
-use fleet_hub::api::ErrorCode;
-use fleet_hub::client::{HubClient, HubError};
-use fleet_hub::registry::{
+use fleet_hub_api::client::{HubClient, HubError};
+use fleet_hub_api::model::RelayRecord;
+use fleet_hub_api::model::{
     ClusterId, ClusterRecord, ClusterUpdate, FleetView, GatewayState, RegistryEvent,
 };
+use fleet_hub_api::wire::ErrorCode;
 
-use crate::identity::gateway_key;
 use crate::plan::{ClusterInfo, FleetState, RelayInfo};
 
 /// What a lease call said.
@@ -122,7 +121,7 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
     ClusterInfo {
         id: c.id.clone(),
         block: c.block,
-        public_key: gateway_key(&c.public_key),
+        public_key: c.public_key,
         endpoint: c.endpoint,
     }
 }
@@ -130,7 +129,7 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
 fn relay_info(r: &RelayRecord) -> RelayInfo {
     RelayInfo {
         id: r.id.clone(),
-        public_key: gateway_key(&r.public_key),
+        public_key: r.public_key,
         endpoint: r.endpoint,
     }
 }
@@ -216,7 +215,7 @@ impl FleetSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_hub::registry::{MemberRecord, PublicKey};
+    use fleet_hub_api::model::{MemberRecord, PublicKey};
 
     fn record(id: &str, block: &str, k: u8) -> ClusterRecord {
         ClusterRecord {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
 use fleet_proto::node::SetPlanRequest;
 use ipnetwork::Ipv4Network;
 
@@ -233,8 +233,8 @@ pub(crate) mod fakes {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use fleet_hub::client::HubError;
-    use fleet_hub::registry::GatewayState;
+    use fleet_hub_api::client::HubError;
+    use fleet_hub_api::model::GatewayState;
     use fleet_proto::node::{NodeError, PeerNode, PlanChange, SetPlanRequest, StatusResult, code};
 
     use crate::hub::{Hub, LeaseAnswer};

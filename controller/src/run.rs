@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_gateway::PrivateKey;
-use fleet_hub::api::ErrorCode;
-use fleet_hub::client::{ClientOptions, HubClient, HubError};
-use fleet_hub::registry::{GatewayState, JoinRequest, RegistryEvent};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
+use fleet_hub_api::model::{GatewayState, JoinRequest, RegistryEvent};
+use fleet_hub_api::wire::ErrorCode;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
@@ -20,7 +20,7 @@ use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
 use crate::identity::{
-    IdentityError, hub_key, load_credential, store_credential, wait_for_credential, wireguard_key,
+    IdentityError, load_credential, store_credential, wait_for_credential, wireguard_key,
 };
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
@@ -113,7 +113,7 @@ async fn identity(
     };
     let request = JoinRequest {
         cluster: cfg.cluster.clone(),
-        public_key: hub_key(&key.public_key()),
+        public_key: key.public_key(),
         endpoint: cfg.endpoint,
     };
     let mut backoff = Duration::from_millis(200);
@@ -395,7 +395,7 @@ impl Controller {
     async fn activate(&mut self) -> Result<Active, ControllerError> {
         let record = match self
             .client
-            .rejoin(hub_key(&self.key.public_key()), self.cfg.endpoint)
+            .rejoin(self.key.public_key(), self.cfg.endpoint)
             .await
         {
             Ok(r) => r,

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use fleet_e2e::{
     FleetNri, FleetNriOpts, TestNetns, ip_in, poll_until, require_root, workspace_bin,
 };
-use fleet_hub::api::{CaHash, Credential, JoinString};
-use fleet_hub::client::{ClientOptions, HubClient};
-use fleet_hub::registry::{ClusterId, FleetView, GatewayState, JoinRequest, PublicKey};
+use fleet_hub_api::client::{ClientOptions, HubClient};
+use fleet_hub_api::model::{ClusterId, FleetView, GatewayState, JoinRequest, PublicKey};
+use fleet_hub_api::wire::{CaHash, Credential, JoinString};
 use ipnetwork::Ipv4Network;
 
 const WAIT: Duration = Duration::from_secs(30);

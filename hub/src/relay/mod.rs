@@ -38,8 +38,8 @@ use futures::{FutureExt, StreamExt};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 
-use crate::client::{HubClient, HubError};
 use crate::registry::{ClusterId, ClusterRecord, RegistryEvent, RelayRecord};
+use fleet_hub_api::client::{HubClient, HubError};
 
 /// The named netns the relay's interface goes into unless told otherwise.
 pub const DEFAULT_RELAY_NETNS: &str = "fleet-hub-relay";

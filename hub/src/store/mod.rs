@@ -25,7 +25,7 @@ pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use etcd::{EtcdOptions, EtcdStore};
 
 /// A store revision. 0 means "before the first write".
-pub type Revision = u64;
+pub use fleet_hub_api::model::Revision;
 
 /// One key with its value and the revisions that created and last modified it.
 #[derive(Clone, Debug, PartialEq, Eq)]

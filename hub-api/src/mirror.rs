@@ -1,0 +1,1 @@
+//! The fleet mirror (list → watch → relist).
