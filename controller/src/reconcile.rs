@@ -246,6 +246,8 @@ pub(crate) mod fakes {
         pub unpublished: Mutex<Vec<String>>,
         pub holder: Mutex<Option<String>>,
         pub down: Mutex<bool>,
+        /// What a re-join answers; `None`: the hub does not know the cluster.
+        pub record: Mutex<Option<fleet_hub_api::model::ClusterRecord>>,
     }
 
     impl FakeHub {
@@ -262,6 +264,24 @@ pub(crate) mod fakes {
 
     #[async_trait::async_trait]
     impl Hub for FakeHub {
+        async fn rejoin(
+            &self,
+            public_key: fleet_hub_api::model::PublicKey,
+            endpoint: Option<std::net::SocketAddr>,
+        ) -> Result<fleet_hub_api::model::ClusterRecord, HubError> {
+            self.check()?;
+            let mut record = self.record.lock().unwrap();
+            let Some(r) = record.as_mut() else {
+                return Err(HubError::Api {
+                    call: "rejoin",
+                    code: fleet_hub_api::wire::ErrorCode::NotJoined,
+                    message: "not joined".into(),
+                });
+            };
+            r.public_key = public_key;
+            r.endpoint = endpoint;
+            Ok(r.clone())
+        }
         async fn acquire_lease(
             &self,
             holder: &str,

@@ -5,15 +5,14 @@
 //! the device and waits again; if the cluster is removed from the fleet it tears down and
 //! fails.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_gateway::PrivateKey;
 use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
-use fleet_hub_api::model::{GatewayState, JoinRequest, RegistryEvent};
+use fleet_hub_api::mirror::{FleetMirror, FleetSource, MirrorReader, WatcherConfig};
+use fleet_hub_api::model::{GatewayState, JoinRequest};
 use fleet_hub_api::wire::ErrorCode;
-use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
@@ -159,12 +158,13 @@ async fn identity(
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<RegistryEvent, HubError>> + Send>>;
-
 /// Everything the active replica holds.
 struct Active {
+    /// The fleet, mirrored from the hub while this replica is active.
+    _mirror: FleetMirror,
+    reader: MirrorReader,
+    /// The fleet as last acted on.
     snapshot: FleetSnapshot,
-    watch: Option<EventStream>,
     /// The hub record says the gateway is up (set once the device exists).
     reported_up: bool,
     last_pass: PassReport,
@@ -172,8 +172,9 @@ struct Active {
 
 struct Controller {
     cfg: RunConfig,
-    client: HubClient,
-    hub: Arc<MemberHub>,
+    hub: Arc<dyn Hub>,
+    /// Where the fleet mirror lists and watches.
+    fleet: Arc<dyn FleetSource>,
     /// Where the leadership lease lives (`--leader-election`).
     lease: Arc<dyn LeaseBackend>,
     key: PrivateKey,
@@ -239,9 +240,9 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             vip_range: cfg.vip_range,
         },
         hub,
+        fleet: Arc::new(client),
         lease,
         cfg,
-        client,
         key,
         nodes,
         gateway,
@@ -275,9 +276,9 @@ impl Controller {
         kick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, lease = %self.lease.describe(), "standby: waiting for the cluster lease");
         let result = loop {
-            let watch_next = async {
-                match active.as_mut().and_then(|a| a.watch.as_mut()) {
-                    Some(w) => w.next().await,
+            let fleet_changed = async {
+                match active.as_mut() {
+                    Some(a) => a.reader.changed().await,
                     None => std::future::pending().await,
                 }
             };
@@ -331,34 +332,12 @@ impl Controller {
                         Transition::Fatal(reason) => break Err(ControllerError::Lease(reason)),
                     }
                 }
-                event = watch_next => {
+                changed = fleet_changed => {
                     let Some(a) = active.as_mut() else { continue };
-                    match event {
-                        Some(Ok(ev)) => match a.snapshot.apply(&ev, &self.cfg.cluster) {
-                            EventEffect::FleetChanged => {
-                                if let Err(e) = self.converge(a).await { break Err(e); }
-                            }
-                            EventEffect::OwnClusterRemoved => {
-                                break Err(self.removed("the hub reported this cluster removed"));
-                            }
-                            EventEffect::OwnRecordChanged | EventEffect::Nothing => {}
-                        },
-                        Some(Err(HubError::Relist { .. })) => {
-                            tracing::info!("the hub's history moved past our position: listing again");
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
-                        Some(Err(e)) if is_removed(&e) => break Err(self.removed(e.to_string())),
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "watch ended; listing again");
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
-                        None => {
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
+                    if changed.is_err() {
+                        break Err(ControllerError::Lease("the fleet mirror stopped".into()));
                     }
+                    if let Err(e) = self.follow_fleet(a).await { break Err(e); }
                 }
                 _ = kick.tick(), if role == Role::Active && self.gateway.awaiting_handshakes() => {
                     if let Err(e) = self.gateway.kick_stalled_handshakes().await {
@@ -367,9 +346,7 @@ impl Controller {
                 }
                 _ = tick.tick(), if role == Role::Active => {
                     let Some(a) = active.as_mut() else { continue };
-                    if a.watch.is_none() {
-                        if let Err(e) = self.relist(a).await { break Err(e); }
-                    } else if let Err(e) = self.converge(a).await {
+                    if let Err(e) = self.converge(a).await {
                         break Err(e);
                     }
                     self.publish_status().await;
@@ -390,11 +367,11 @@ impl Controller {
         result
     }
 
-    /// Becoming active: re-join with this replica's key (the block stays), list, converge,
-    /// watch.
+    /// Becoming active: re-join with this replica's key (the block stays), mirror the fleet,
+    /// converge once it is listed.
     async fn activate(&mut self) -> Result<Active, ControllerError> {
         let record = match self
-            .client
+            .hub
             .rejoin(self.key.public_key(), self.cfg.endpoint)
             .await
         {
@@ -403,34 +380,77 @@ impl Controller {
             Err(e) => return Err(ControllerError::Client(e)),
         };
         tracing::info!(cluster = %record.id, block = %record.block, holder = %self.cfg.holder, "active: holding the cluster lease");
-        let view = self.client.list().await.map_err(ControllerError::Client)?;
+        let mirror = FleetMirror::spawn(self.fleet.clone(), WatcherConfig::default());
+        let mut reader = mirror.reader();
+        // The first listing, bounded like a hub call: without it there is nothing to plan.
+        let bound = (self.cfg.lease_ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10));
+        let first = tokio::time::timeout(bound, async {
+            loop {
+                let state = reader.mark_seen();
+                match (&state.fleet, state.error) {
+                    (Some(_), _) => return Ok(()),
+                    (None, Some(e)) if is_removed(&e) => return Err(e),
+                    _ => {}
+                }
+                if reader.changed().await.is_err() {
+                    return Ok(());
+                }
+            }
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.removed(e.to_string())),
+            Err(_) => {
+                let reason = reader
+                    .state()
+                    .error
+                    .map_or("no listing in time".to_string(), |e| e.to_string());
+                return Err(ControllerError::Client(HubError::Unreachable {
+                    endpoints: "the hub (fleet listing)".into(),
+                    last_error: reason,
+                }));
+            }
+        }
+        let Some(fleet) = reader.fleet() else {
+            return Err(ControllerError::Lease("the fleet mirror stopped".into()));
+        };
         let mut a = Active {
-            snapshot: FleetSnapshot::from_view(&view, &self.cfg.cluster),
-            watch: None,
+            snapshot: FleetSnapshot::of(&fleet, &self.cfg.cluster),
+            _mirror: mirror,
+            reader,
             reported_up: false,
             last_pass: PassReport::default(),
         };
-        a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
+        if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
+            return Err(self.removed("the cluster is not in the hub's listing"));
+        }
         self.converge(&mut a).await?;
         self.publish_status().await;
         Ok(a)
     }
 
-    async fn relist(&mut self, a: &mut Active) -> Result<(), ControllerError> {
-        match self.client.list().await {
-            Ok(view) => {
-                a.snapshot = FleetSnapshot::from_view(&view, &self.cfg.cluster);
-                if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
-                    return Err(self.removed("the cluster is not in the hub's listing"));
-                }
-                a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
-                self.converge(a).await
+    /// The mirror changed: a removal of this cluster ends the run; a fleet change is a pass.
+    async fn follow_fleet(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let state = a.reader.mark_seen();
+        if let Some(e) = &state.error {
+            if is_removed(e) {
+                return Err(self.removed(e.to_string()));
             }
-            Err(e) if is_removed(&e) => Err(self.removed(e.to_string())),
-            Err(e) => {
-                tracing::warn!(error = %e, "listing the fleet failed; retrying at the next status interval");
-                Ok(())
+            tracing::debug!(error = %e, "following the fleet: the hub is unavailable; keeping the last fleet");
+        }
+        let Some(fleet) = state.fleet else {
+            return Ok(());
+        };
+        let next = FleetSnapshot::of(&fleet, &self.cfg.cluster);
+        let effect = next.effect_since(Some(&a.snapshot), &self.cfg.cluster);
+        a.snapshot = next;
+        match effect {
+            EventEffect::OwnClusterRemoved => {
+                Err(self.removed("the hub reported this cluster removed"))
             }
+            EventEffect::FleetChanged => self.converge(a).await,
+            EventEffect::OwnRecordChanged | EventEffect::Nothing => Ok(()),
         }
     }
 

@@ -33,7 +33,7 @@ use crate::wire::{
     TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
 };
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum HubError {
     /// The hub refused the call; `code` says why.
     #[error("hub refused {call}: {message} ({code:?})")]
