@@ -3,7 +3,7 @@
 //! IPs, the own block's `unreachable` route).
 //!
 //! ```text
-//!  RouteOwner::protocol(0xfb).dev_name("wg0")      ≈ ip route show proto 0xfb dev wg0
+//!  RouteOwner::protocol(0xfb).dev("wg0")      ≈ ip route show proto 0xfb dev wg0
 //!  Route::to(net).dev(7).via(gw).onlink()          ≈ <net> via <gw> dev if7 onlink
 //!  Route::unreachable(block)                       ≈ unreachable <block>
 //!  sync_routes(&handle, &owner, &desired)          ≈ delete the owner's routes not desired,
@@ -79,6 +79,24 @@ pub enum Device {
     Name(String),
 }
 
+impl From<u32> for Device {
+    fn from(index: u32) -> Device {
+        Device::Index(index)
+    }
+}
+
+impl From<&str> for Device {
+    fn from(name: &str) -> Device {
+        Device::Name(name.into())
+    }
+}
+
+impl From<String> for Device {
+    fn from(name: String) -> Device {
+        Device::Name(name)
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -131,15 +149,9 @@ impl Route {
         }
     }
 
-    /// `dev <index>`.
-    pub fn dev(mut self, index: u32) -> Route {
-        self.device = Some(Device::Index(index));
-        self
-    }
-
-    /// `dev <name>`.
-    pub fn dev_name(mut self, name: impl Into<String>) -> Route {
-        self.device = Some(Device::Name(name.into()));
+    /// `dev <index or name>`.
+    pub fn dev(mut self, device: impl Into<Device>) -> Route {
+        self.device = Some(device.into());
         self
     }
 
@@ -254,15 +266,9 @@ impl RouteOwner {
         }
     }
 
-    /// Restricts the owner to routes out of device `index`.
-    pub fn dev(mut self, index: u32) -> RouteOwner {
-        self.device = Some(Device::Index(index));
-        self
-    }
-
-    /// Restricts the owner to routes out of the device called `name`.
-    pub fn dev_name(mut self, name: impl Into<String>) -> RouteOwner {
-        self.device = Some(Device::Name(name.into()));
+    /// Restricts the owner to routes out of `device` (an index or a name).
+    pub fn dev(mut self, device: impl Into<Device>) -> RouteOwner {
+        self.device = Some(device.into());
         self
     }
 
@@ -880,7 +886,7 @@ mod tests {
         assert_eq!(
             Route::to(net("100.96.31.0/24"))
                 .via(ip("100.96.31.0"))
-                .dev_name("fleetvx")
+                .dev("fleetvx")
                 .onlink()
                 .to_string(),
             "100.96.31.0/24 via 100.96.31.0 dev fleetvx onlink"
@@ -898,7 +904,7 @@ mod tests {
             "10.0.0.0/8 dev if7 metric 5 table 100"
         );
         assert_eq!(
-            RouteOwner::protocol(0xfb).dev_name("wg0").to_string(),
+            RouteOwner::protocol(0xfb).dev("wg0").to_string(),
             "proto 0xfb dev wg0"
         );
     }

@@ -1,70 +1,40 @@
 //! The route-sync primitive against the real kernel: routes of two owners and foreign routes
 //! in a netns this test creates, checked with `ip route` dumps. Needs root.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::Command;
 
-use fleet_core::netns;
+use common::{Ns, require_root};
 use fleet_core::routes::{Route, RouteOwner, RoutesError, sync_routes_in};
 use ipnetwork::IpNetwork;
 
-/// A netns this test created; deleted on drop, even when the test fails.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Ns {
-        let name = format!("fbt-{tag}-{}", std::process::id());
-        netns::ensure_named(&name).expect("create test netns");
-        Ns(name)
-    }
-    fn path(&self) -> PathBuf {
-        netns::named_path(&self.0)
-    }
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .arg("ip")
-            .args(args)
-            .output()
-            .expect("nsenter ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    /// `ip [-6] route show table all <filter>` as a set of trimmed lines.
-    fn routes(&self, v6: bool, filter: &[&str]) -> BTreeSet<String> {
-        let mut args = vec![
-            if v6 { "-6" } else { "-4" },
-            "route",
-            "show",
-            "table",
-            "all",
-        ];
-        args.extend_from_slice(filter);
-        self.ip(&args)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
+/// `ip` inside the test's netns; panics (with ip's message) when it fails.
+fn ip(ns: &Ns, args: &[&str]) -> String {
+    let mut cmd = vec!["ip"];
+    cmd.extend_from_slice(args);
+    let (ok, out) = ns.run(&cmd);
+    assert!(ok, "ip {args:?} failed in {}", ns.0);
+    out
 }
 
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = netns::delete_named(&self.0);
-    }
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (CI runs as root)"
-    );
+/// `ip [-6] route show table all <filter>` as a set of trimmed lines.
+fn routes(ns: &Ns, v6: bool, filter: &[&str]) -> BTreeSet<String> {
+    let mut args = vec![
+        if v6 { "-6" } else { "-4" },
+        "route",
+        "show",
+        "table",
+        "all",
+    ];
+    args.extend_from_slice(filter);
+    ip(ns, &args)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
 }
 
 fn net(s: &str) -> IpNetwork {
@@ -86,15 +56,21 @@ const B: u8 = 0xf1;
 async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
     require_root();
     let ns = Ns::new("routes");
-    ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"]);
-    ns.ip(&["link", "set", "va", "up"]);
-    ns.ip(&["link", "set", "vb", "up"]);
-    ns.ip(&["addr", "add", "10.9.0.1/24", "dev", "va"]);
-    ns.ip(&["-6", "addr", "add", "fd00:9::1/64", "dev", "va", "nodad"]);
+    ip(
+        &ns,
+        &["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+    );
+    ip(&ns, &["link", "set", "va", "up"]);
+    ip(&ns, &["link", "set", "vb", "up"]);
+    ip(&ns, &["addr", "add", "10.9.0.1/24", "dev", "va"]);
+    ip(
+        &ns,
+        &["-6", "addr", "add", "fd00:9::1/64", "dev", "va", "nodad"],
+    );
     // Foreign routes: the kernel's connected one, and one a human added (proto boot).
-    ns.ip(&["route", "add", "10.50.0.0/16", "dev", "va"]);
+    ip(&ns, &["route", "add", "10.50.0.0/16", "dev", "va"]);
     let foreign = || -> BTreeSet<String> {
-        ns.routes(false, &[])
+        routes(&ns, false, &[])
             .into_iter()
             .filter(|l| !l.contains("proto 240") && !l.contains("proto 241"))
             .collect()
@@ -103,7 +79,7 @@ async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
     assert!(foreign_before.iter().any(|l| l.starts_with("10.9.0.0/24")));
     assert!(foreign_before.contains("10.50.0.0/16 dev va scope link"));
 
-    let a = RouteOwner::protocol(A).dev_name("va");
+    let a = RouteOwner::protocol(A).dev("va");
     let b = RouteOwner::protocol(B);
     let first = sync_routes_in(
         &ns.path(),
@@ -129,8 +105,8 @@ async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
     .unwrap();
     assert_eq!(b_report.added.len(), 2, "{b_report:?}");
     let b_before = (
-        ns.routes(false, &["proto", "241"]),
-        ns.routes(true, &["proto", "241"]),
+        routes(&ns, false, &["proto", "241"]),
+        routes(&ns, true, &["proto", "241"]),
     );
     assert_eq!(b_before.0, set(&["unreachable 10.60.0.0/16"]));
     assert!(
@@ -159,13 +135,13 @@ async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
 
     // The kernel's own dump: A's routes are exactly the desired set.
     assert_eq!(
-        ns.routes(false, &["proto", "240"]),
+        routes(&ns, false, &["proto", "240"]),
         set(&[
             "10.2.0.0/16 via 10.9.0.3 dev va",
             "10.3.0.0/16 dev va metric 50",
         ])
     );
-    let a_v6 = ns.routes(true, &["proto", "240"]);
+    let a_v6 = routes(&ns, true, &["proto", "240"]);
     assert_eq!(a_v6.len(), 1, "{a_v6:?}");
     assert!(
         a_v6.iter()
@@ -174,8 +150,8 @@ async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
     // B's and the foreign routes are untouched.
     assert_eq!(
         (
-            ns.routes(false, &["proto", "241"]),
-            ns.routes(true, &["proto", "241"])
+            routes(&ns, false, &["proto", "241"]),
+            routes(&ns, true, &["proto", "241"])
         ),
         b_before
     );
@@ -214,22 +190,18 @@ async fn sync_touches_only_the_owners_routes_and_is_idempotent() {
     // B emptied: its routes go, A's stay.
     let b_gone = sync_routes_in(&ns.path(), b, vec![]).await.unwrap();
     assert_eq!(b_gone.deleted.len(), 2, "{b_gone:?}");
-    assert!(ns.routes(false, &["proto", "241"]).is_empty());
-    assert!(ns.routes(true, &["proto", "241"]).is_empty());
-    assert_eq!(ns.routes(false, &["proto", "240"]).len(), 2);
+    assert!(routes(&ns, false, &["proto", "241"]).is_empty());
+    assert!(routes(&ns, true, &["proto", "241"]).is_empty());
+    assert_eq!(routes(&ns, false, &["proto", "240"]).len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_name_the_device_route_and_netns() {
     require_root();
     let ns = Ns::new("routes-err");
-    let missing = sync_routes_in(
-        &ns.path(),
-        RouteOwner::protocol(A).dev_name("nope0"),
-        vec![],
-    )
-    .await
-    .unwrap_err();
+    let missing = sync_routes_in(&ns.path(), RouteOwner::protocol(A).dev("nope0"), vec![])
+        .await
+        .unwrap_err();
     assert!(matches!(missing, RoutesError::NoSuchDevice { .. }));
     let text = missing.to_string();
     assert!(text.contains("nope0") && text.contains(&ns.0), "{text}");
@@ -244,7 +216,7 @@ async fn errors_name_the_device_route_and_netns() {
     assert!(host_bits.to_string().contains("10.1.0.0/16"), "{host_bits}");
 
     // The kernel refusing a write: a gateway that is not on any link.
-    ns.ip(&["link", "set", "lo", "up"]);
+    ip(&ns, &["link", "set", "lo", "up"]);
     let refused = sync_routes_in(
         &ns.path(),
         RouteOwner::protocol(A),

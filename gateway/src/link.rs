@@ -91,7 +91,7 @@ async fn addresses_of(h: &Handle, idx: u32) -> Result<Vec<IpNetwork>> {
 
 /// The gateway's routes on `name`: its protocol number, out of the device, any table.
 fn route_owner(name: &str) -> RouteOwner {
-    RouteOwner::protocol(ROUTE_PROTOCOL).dev_name(name)
+    RouteOwner::protocol(ROUTE_PROTOCOL).dev(name)
 }
 
 fn route_error(name: &str, e: RoutesError) -> GatewayError {
