@@ -185,22 +185,13 @@ impl Route {
     }
 
     fn effective_metric(&self) -> u32 {
-        self.metric.unwrap_or(match self.destination {
-            IpNetwork::V4(_) => 0,
-            // IP6_RT_PRIO_USER: what the kernel gives an IPv6 route added without a metric.
-            IpNetwork::V6(_) => 1024,
-        })
+        self.metric.unwrap_or(default_metric(self.destination))
     }
 
     /// The same route with the kernel's defaults made implicit, so a desired route and the
     /// dumped one compare equal.
     fn normalized(mut self) -> Route {
-        let default = Route {
-            metric: None,
-            ..self.clone()
-        }
-        .effective_metric();
-        if self.metric == Some(default) {
+        if self.metric == Some(default_metric(self.destination)) {
             self.metric = None;
         }
         if self.kind != RouteKind::Unicast {
@@ -210,6 +201,15 @@ impl Route {
             self.onlink = false;
         }
         self
+    }
+}
+
+/// The metric the kernel gives a route added without one.
+fn default_metric(destination: IpNetwork) -> u32 {
+    match destination {
+        IpNetwork::V4(_) => 0,
+        // IP6_RT_PRIO_USER
+        IpNetwork::V6(_) => 1024,
     }
 }
 
