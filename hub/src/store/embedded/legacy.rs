@@ -1,23 +1,22 @@
-//! The embedded store's file format: a log of checksummed records.
+//! The importer of the embedded store's former file format, `store.log`: a log of
+//! checksummed records written by hubs before the store moved onto redb. It is read once, when
+//! a data dir has a `store.log` and no `store.redb` (see `super::open_blocking`).
 //!
 //! ```text
 //! file    := frame*
 //! frame   := len:u32le crc32(payload):u32le payload[len]
 //! payload := Header | Entry | History | Commit        (first byte is the tag)
 //! ```
-//! A file is always `Header Entry* History* Commit*`: a snapshot (the live keys at the
-//! header's revision plus the retained watch history) followed by the commits appended since.
-//! Snapshots are written to a temp file, fsynced and renamed over the log, so the file is
-//! either the old one or the new one. Commits are appended and fsynced before they are
-//! acknowledged, so only the last frame can be torn by a crash; [`read_log`] drops a torn
-//! tail and refuses a damaged frame that has intact data after it.
+//! A file is `Header Entry* History* Commit*`: a snapshot (the live keys at the header's
+//! revision plus the retained watch history) followed by the commits appended since. Commits
+//! were fsynced one at a time, so only the last frame can be torn by a crash: [`read_log`]
+//! drops a torn tail and refuses a damaged frame that has intact data after it.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 
 use super::super::{Change, KeyValue, Revision, StoreError};
+use super::State;
 
 const MAGIC: &[u8; 8] = b"FLEETHUB";
 const VERSION: u32 = 1;
@@ -30,7 +29,7 @@ const TAG_HISTORY: u8 = 3;
 const TAG_COMMIT: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Record {
+enum Record {
     /// First record of a file: the revision the snapshot was taken at and the history floor
     /// (watches from revisions below it get "compacted").
     Header { revision: Revision, floor: Revision },
@@ -42,88 +41,61 @@ pub(super) enum Record {
     Commit(Vec<Change>),
 }
 
-pub(super) fn io_err(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
         path: path.display().to_string(),
-        source,
+        offset,
+        reason: reason.into(),
     }
 }
 
-// ---- encoding --------------------------------------------------------------------------
-
-fn put_u32(buf: &mut Vec<u8>, v: u32) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(buf: &mut Vec<u8>, v: u64) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
-    put_u32(buf, b.len() as u32);
-    buf.extend_from_slice(b);
-}
-
-fn put_kv(buf: &mut Vec<u8>, kv: &KeyValue) {
-    put_bytes(buf, kv.key.as_bytes());
-    put_bytes(buf, &kv.value);
-    put_u64(buf, kv.create_revision);
-    put_u64(buf, kv.mod_revision);
-}
-
-fn put_changes(buf: &mut Vec<u8>, changes: &[Change]) {
-    put_u32(buf, changes.len() as u32);
-    for change in changes {
-        match change {
-            Change::Put(kv) => {
-                buf.push(0);
-                put_kv(buf, kv);
-            }
-            Change::Delete { key, revision } => {
-                buf.push(1);
-                put_bytes(buf, key.as_bytes());
-                put_u64(buf, *revision);
-            }
-        }
+/// Reads the old log at `path` into the store's state. A torn tail (the last commit, never
+/// acknowledged) is skipped; damage before intact records is refused.
+pub(super) fn read(path: &Path) -> Result<State, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| super::io_err(path, e))?;
+    let contents = read_log(path, &bytes)?;
+    if contents.valid_len < contents.file_len {
+        tracing::warn!(
+            path = %path.display(),
+            valid_len = contents.valid_len,
+            file_len = contents.file_len,
+            "old store log ends in a torn write (a crash mid-commit); importing without it"
+        );
     }
-}
-
-impl Record {
-    fn encode_payload(&self) -> Vec<u8> {
-        let mut buf = Vec::new();
-        match self {
-            Record::Header { revision, floor } => {
-                buf.push(TAG_HEADER);
-                buf.extend_from_slice(MAGIC);
-                put_u32(&mut buf, VERSION);
-                put_u64(&mut buf, *revision);
-                put_u64(&mut buf, *floor);
-            }
+    let mut records = contents.records.into_iter();
+    let Some(Record::Header { revision, floor }) = records.next() else {
+        return Err(corrupt(path, 0, "the log does not start with a header"));
+    };
+    let mut state = State {
+        revision,
+        floor,
+        entries: BTreeMap::new(),
+        history: VecDeque::new(),
+    };
+    for record in records {
+        match record {
             Record::Entry(kv) => {
-                buf.push(TAG_ENTRY);
-                put_kv(&mut buf, kv);
+                state.entries.insert(kv.key.clone(), kv);
             }
-            Record::History(changes) => {
-                buf.push(TAG_HISTORY);
-                put_changes(&mut buf, changes);
-            }
+            Record::History(changes) => state.history.extend(changes),
             Record::Commit(changes) => {
-                buf.push(TAG_COMMIT);
-                put_changes(&mut buf, changes);
+                for change in changes {
+                    match &change {
+                        Change::Put(kv) => {
+                            state.entries.insert(kv.key.clone(), kv.clone());
+                        }
+                        Change::Delete { key, .. } => {
+                            state.entries.remove(key);
+                        }
+                    }
+                    state.revision = state.revision.max(change.revision());
+                    state.history.push_back(change);
+                }
             }
+            Record::Header { .. } => return Err(corrupt(path, 0, "a second header in the log")),
         }
-        buf
     }
-
-    /// The record as one frame (length, checksum, payload).
-    pub(super) fn frame(&self) -> Vec<u8> {
-        let payload = self.encode_payload();
-        let mut frame = Vec::with_capacity(payload.len() + 8);
-        put_u32(&mut frame, payload.len() as u32);
-        put_u32(&mut frame, crc32fast::hash(&payload));
-        frame.extend_from_slice(&payload);
-        frame
-    }
+    Ok(state)
 }
 
 // ---- decoding --------------------------------------------------------------------------
@@ -230,7 +202,7 @@ fn decode_payload(payload: &[u8]) -> Result<Record, String> {
 }
 
 /// The records of a log file, and where its valid part ends.
-pub(super) struct LogContents {
+struct LogContents {
     pub records: Vec<Record>,
     /// Length of the valid prefix; bytes after it are a torn tail to truncate.
     pub valid_len: u64,
@@ -238,7 +210,7 @@ pub(super) struct LogContents {
 }
 
 /// Parses `bytes` (the whole log file at `path`).
-pub(super) fn read_log(path: &Path, bytes: &[u8]) -> Result<LogContents, StoreError> {
+fn read_log(path: &Path, bytes: &[u8]) -> Result<LogContents, StoreError> {
     let file_len = bytes.len() as u64;
     let mut records = Vec::new();
     let mut pos = 0usize;
@@ -295,106 +267,71 @@ pub(super) fn read_log(path: &Path, bytes: &[u8]) -> Result<LogContents, StoreEr
     })
 }
 
-/// fsyncs a directory so a create or rename in it is durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
-}
-
-/// The open log, appended to one fsynced frame at a time.
-pub(super) struct LogWriter {
-    path: PathBuf,
-    file: File,
-    len: u64,
-    /// Set when a failed append could not be rolled back: the file may end in a partial
-    /// frame, so no further frame may follow it until the store is reopened.
-    poisoned: bool,
-    pub commits_since_snapshot: u64,
-}
-
-impl LogWriter {
-    pub fn open(path: &Path, len: u64, commits_since_snapshot: u64) -> Result<Self, StoreError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| io_err(path, e))?;
-        Ok(LogWriter {
-            path: path.to_path_buf(),
-            file,
-            len,
-            poisoned: false,
-            commits_since_snapshot,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends one frame and fsyncs it; on failure the file is cut back to where it was.
-    pub fn append(&mut self, frame: &[u8]) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(io_err(
-                &self.path,
-                std::io::Error::other(
-                    "an earlier failed write could not be rolled back; reopen the store",
-                ),
-            ));
-        }
-        let result = self
-            .file
-            .write_all_at(frame, self.len)
-            .and_then(|()| self.file.sync_data());
-        match result {
-            Ok(()) => {
-                self.len += frame.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                if self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.sync_data())
-                    .is_err()
-                {
-                    self.poisoned = true;
-                }
-                Err(io_err(&self.path, e))
-            }
-        }
-    }
-}
-
-/// Writes `records` to `path` as a complete new log: temp file, fsync, rename, fsync dir.
-/// Returns the new file's length.
-pub(super) fn write_snapshot(
-    path: &Path,
-    records: impl Iterator<Item = Record>,
-) -> Result<u64, StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("log.tmp");
-    let mut file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let mut out = std::io::BufWriter::new(&mut file);
-    let mut len = 0u64;
-    for record in records {
-        let frame = record.frame();
-        len += frame.len() as u64;
-        out.write_all(&frame).map_err(|e| io_err(&tmp, e))?;
-    }
-    out.flush().map_err(|e| io_err(&tmp, e))?;
-    drop(out);
-    file.sync_all().map_err(|e| io_err(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-    sync_dir(dir)?;
-    Ok(len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The old writer's encoding, kept only to build test input.
+    fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
+        buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        buf.extend_from_slice(b);
+    }
+
+    fn put_kv(buf: &mut Vec<u8>, kv: &KeyValue) {
+        put_bytes(buf, kv.key.as_bytes());
+        put_bytes(buf, &kv.value);
+        buf.extend_from_slice(&kv.create_revision.to_le_bytes());
+        buf.extend_from_slice(&kv.mod_revision.to_le_bytes());
+    }
+
+    fn put_changes(buf: &mut Vec<u8>, changes: &[Change]) {
+        buf.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+        for change in changes {
+            match change {
+                Change::Put(kv) => {
+                    buf.push(0);
+                    put_kv(buf, kv);
+                }
+                Change::Delete { key, revision } => {
+                    buf.push(1);
+                    put_bytes(buf, key.as_bytes());
+                    buf.extend_from_slice(&revision.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    impl Record {
+        fn frame(&self) -> Vec<u8> {
+            let mut payload = Vec::new();
+            match self {
+                Record::Header { revision, floor } => {
+                    payload.push(TAG_HEADER);
+                    payload.extend_from_slice(MAGIC);
+                    payload.extend_from_slice(&VERSION.to_le_bytes());
+                    payload.extend_from_slice(&revision.to_le_bytes());
+                    payload.extend_from_slice(&floor.to_le_bytes());
+                }
+                Record::Entry(kv) => {
+                    payload.push(TAG_ENTRY);
+                    put_kv(&mut payload, kv);
+                }
+                Record::History(changes) => {
+                    payload.push(TAG_HISTORY);
+                    put_changes(&mut payload, changes);
+                }
+                Record::Commit(changes) => {
+                    payload.push(TAG_COMMIT);
+                    put_changes(&mut payload, changes);
+                }
+            }
+            let mut frame = Vec::with_capacity(payload.len() + 8);
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            frame.extend_from_slice(&payload);
+            frame
+        }
+    }
 
     fn kv(key: &str, rev: u64) -> KeyValue {
         KeyValue {
