@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fleet_gateway::BackendKind;
-use fleet_hub::api::{CaHash, JoinString};
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
+use fleet_hub_api::wire::{CaHash, JoinString};
 use ipnetwork::Ipv4Network;
 
 /// MTU of the gateway's WireGuard interface: 1500 minus the IPv6 + UDP + WireGuard overhead.

@@ -53,21 +53,11 @@ fn wire_backend(b: BackendKind) -> WireguardBackend {
 
 fn wire_peer(p: &Peer) -> GatewayPeer {
     GatewayPeer {
-        public_key: p.public_key.to_base64(),
+        public_key: p.public_key,
         endpoint: p.endpoint,
         allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
         keepalive: p.persistent_keepalive,
     }
-}
-
-fn parse_key(s: &str) -> Result<PublicKey, NodeError> {
-    s.parse().map_err(|e: fleet_gateway::KeyError| {
-        NodeError::new(
-            code::DECODE_FAILURE,
-            "the gateway node sent a public key this controller cannot read (version skew?)",
-            e.to_string(),
-        )
-    })
 }
 
 impl Gateway {
@@ -89,8 +79,7 @@ impl Gateway {
     /// The gateway's public key, from the gateway node (which makes the key on first use and
     /// never hands out the private half).
     pub async fn public_key(&self) -> Result<PublicKey, NodeError> {
-        let reply = self.api.blocking(|c| c.gateway_key()).await?;
-        parse_key(&reply.public_key)
+        Ok(self.api.blocking(|c| c.gateway_key()).await?.public_key)
     }
 
     /// [`Gateway::public_key`], retried while the gateway node's `fleet-nri` is not reachable
@@ -174,14 +163,14 @@ impl Gateway {
                 WireguardBackend::Userspace => "userspace",
             }
             .to_string(),
-            public_key: st.device.public_key,
+            public_key: st.device.public_key.to_base64(),
             listen_port: st.device.listen_port,
             updated_at: unix_secs(std::time::SystemTime::now()),
             peers: st
                 .peers
                 .into_iter()
                 .map(|p| GatewayPeerRecord {
-                    public_key: p.public_key,
+                    public_key: p.public_key.to_base64(),
                     endpoint: p.endpoint,
                     last_handshake: p.last_handshake,
                     rx_bytes: p.rx_bytes,

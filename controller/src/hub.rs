@@ -1,18 +1,18 @@
 //! What the controller needs from the hub, behind a narrow trait ([`Hub`]) so the reconciler
-//! and the leadership logic are testable with a fake, and the fleet as the controller keeps it
-//! ([`FleetSnapshot`]: a listing, kept current by watch events).
+//! and the leadership logic are testable with a fake, and the fleet as the controller acts on it
+//! ([`FleetSnapshot`]: what it needs of the fleet mirror's [`Fleet`], and what changed).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_hub::RelayRecord;
-use fleet_hub::api::ErrorCode;
-use fleet_hub::client::{HubClient, HubError};
-use fleet_hub::registry::{
-    ClusterId, ClusterRecord, ClusterUpdate, FleetView, GatewayState, RegistryEvent,
+use fleet_hub_api::client::{HubClient, HubError};
+use fleet_hub_api::mirror::Fleet;
+use fleet_hub_api::model::{
+    ClusterId, ClusterRecord, ClusterUpdate, GatewayState, PublicKey, RelayRecord,
 };
+use fleet_hub_api::wire::ErrorCode;
 
-use crate::identity::gateway_key;
 use crate::plan::{ClusterInfo, FleetState, RelayInfo};
 
 /// What a lease call said.
@@ -25,6 +25,12 @@ pub struct LeaseAnswer {
 /// The hub calls a controller makes, on its own cluster.
 #[async_trait::async_trait]
 pub trait Hub: Send + Sync {
+    /// Re-joins with this replica's key (the block stays); the cluster's record.
+    async fn rejoin(
+        &self,
+        public_key: PublicKey,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<ClusterRecord, HubError>;
     async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<LeaseAnswer, HubError>;
     async fn release_lease(&self, holder: &str) -> Result<(), HubError>;
     async fn publish(&self, name: &str, value: &[u8]) -> Result<(), HubError>;
@@ -41,6 +47,14 @@ pub struct MemberHub {
 
 #[async_trait::async_trait]
 impl Hub for MemberHub {
+    async fn rejoin(
+        &self,
+        public_key: PublicKey,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<ClusterRecord, HubError> {
+        self.client.rejoin(public_key, endpoint).await
+    }
+
     async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<LeaseAnswer, HubError> {
         let lease = self.client.acquire_lease(holder, ttl).await?;
         Ok(LeaseAnswer {
@@ -122,7 +136,7 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
     ClusterInfo {
         id: c.id.clone(),
         block: c.block,
-        public_key: gateway_key(&c.public_key),
+        public_key: c.public_key,
         endpoint: c.endpoint,
     }
 }
@@ -130,85 +144,46 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
 fn relay_info(r: &RelayRecord) -> RelayInfo {
     RelayInfo {
         id: r.id.clone(),
-        public_key: gateway_key(&r.public_key),
+        public_key: r.public_key,
         endpoint: r.endpoint,
     }
 }
 
 impl FleetSnapshot {
-    pub fn from_view(view: &FleetView, own: &ClusterId) -> Self {
+    /// The controller's view of the mirrored fleet: the planning view and its own records.
+    pub fn of(fleet: &Fleet, own: &ClusterId) -> Self {
         FleetSnapshot {
             fleet: FleetState {
-                fleet_cidr: view.fleet_cidr,
-                clusters: view
+                fleet_cidr: fleet.fleet_cidr,
+                clusters: fleet
                     .clusters
-                    .iter()
+                    .values()
                     .map(|c| (c.id.clone(), cluster_info(c)))
                     .collect(),
-                relays: view
+                relays: fleet
                     .relays
-                    .iter()
+                    .values()
                     .map(|r| (r.id.clone(), relay_info(r)))
                     .collect(),
             },
-            own_records: view
-                .records
-                .iter()
-                .filter(|r| &r.owner == own)
+            own_records: fleet
+                .records_of(own)
                 .map(|r| (r.name.clone(), r.value.clone()))
                 .collect(),
-            revision: view.revision,
+            revision: fleet.revision,
         }
     }
 
-    /// Folds one watch event in.
-    pub fn apply(&mut self, event: &RegistryEvent, own: &ClusterId) -> EventEffect {
-        self.revision = self.revision.max(event.revision());
-        match event {
-            RegistryEvent::ClusterUpserted { record, .. } => {
-                let info = cluster_info(record);
-                if self.fleet.clusters.get(&record.id) == Some(&info) {
-                    return EventEffect::Nothing;
-                }
-                self.fleet.clusters.insert(record.id.clone(), info);
-                EventEffect::FleetChanged
-            }
-            RegistryEvent::ClusterRemoved { id, .. } => {
-                self.fleet.clusters.remove(id);
-                if id == own {
-                    EventEffect::OwnClusterRemoved
-                } else {
-                    EventEffect::FleetChanged
-                }
-            }
-            RegistryEvent::RelayUpserted { record, .. } => {
-                let info = relay_info(record);
-                if self.fleet.relays.get(&record.id) == Some(&info) {
-                    return EventEffect::Nothing;
-                }
-                self.fleet.relays.insert(record.id.clone(), info);
-                EventEffect::FleetChanged
-            }
-            RegistryEvent::RelayRemoved { id, .. } => {
-                if self.fleet.relays.remove(id).is_some() {
-                    EventEffect::FleetChanged
-                } else {
-                    EventEffect::Nothing
-                }
-            }
-            RegistryEvent::RecordPut {
-                owner, name, value, ..
-            } if owner == own => {
-                self.own_records.insert(name.clone(), value.clone());
-                EventEffect::OwnRecordChanged
-            }
-            RegistryEvent::RecordDeleted { owner, name, .. } if owner == own => {
-                self.own_records.remove(name);
-                EventEffect::OwnRecordChanged
-            }
-            RegistryEvent::RecordPut { .. } | RegistryEvent::RecordDeleted { .. } => {
-                EventEffect::Nothing
-            }
+    /// What this snapshot means next to `before`, the last one the controller acted on.
+    pub fn effect_since(&self, before: Option<&FleetSnapshot>, own: &ClusterId) -> EventEffect {
+        if !self.fleet.clusters.contains_key(own) {
+            EventEffect::OwnClusterRemoved
+        } else if before.map(|b| &b.fleet) != Some(&self.fleet) {
+            EventEffect::FleetChanged
+        } else if before.map(|b| &b.own_records) != Some(&self.own_records) {
+            EventEffect::OwnRecordChanged
+        } else {
+            EventEffect::Nothing
         }
     }
 }
@@ -216,7 +191,7 @@ impl FleetSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_hub::registry::{MemberRecord, PublicKey};
+    use fleet_hub_api::model::{FleetView, MemberRecord, RegistryEvent};
 
     fn record(id: &str, block: &str, k: u8) -> ClusterRecord {
         ClusterRecord {
@@ -231,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_follows_watch_events() {
+    fn snapshots_of_the_mirror_say_what_changed() {
         let aa = ClusterId::new("aa").unwrap();
         let bb = ClusterId::new("bb").unwrap();
         let view = FleetView {
@@ -254,27 +229,36 @@ mod tests {
             relays: vec![],
             revision: 5,
         };
-        let mut s = FleetSnapshot::from_view(&view, &aa);
-        assert_eq!(s.own_records.len(), 1, "only our own records");
+        let mut fleet = Fleet::from(view);
+        let mut last = FleetSnapshot::of(&fleet, &aa);
+        assert_eq!(last.own_records.len(), 1, "only our own records");
+        assert_eq!(last.effect_since(None, &aa), EventEffect::FleetChanged);
+        let mut step = |event: RegistryEvent| {
+            fleet.apply(&event);
+            let next = FleetSnapshot::of(&fleet, &aa);
+            let effect = next.effect_since(Some(&last), &aa);
+            last = next;
+            effect
+        };
         let up = RegistryEvent::ClusterUpserted {
             record: record("bb", "100.96.16.0/20", 2),
             revision: 6,
         };
-        assert_eq!(s.apply(&up, &aa), EventEffect::FleetChanged);
-        assert_eq!(s.apply(&up, &aa), EventEffect::Nothing, "same record again");
-        assert_eq!(s.revision, 6);
+        assert_eq!(step(up.clone()), EventEffect::FleetChanged);
+        assert_eq!(step(up), EventEffect::Nothing, "same record again");
         let relay = RelayRecord {
             id: "r1".into(),
             public_key: PublicKey::from_bytes([9; 32]),
             endpoint: "203.0.113.1:51820".parse().unwrap(),
             expires_at: 1,
         };
-        let ev = RegistryEvent::RelayUpserted {
-            record: relay.clone(),
-            revision: 7,
-        };
-        assert_eq!(s.apply(&ev, &aa), EventEffect::FleetChanged);
-        assert_eq!(s.fleet.relays.len(), 1);
+        assert_eq!(
+            step(RegistryEvent::RelayUpserted {
+                record: relay.clone(),
+                revision: 7,
+            }),
+            EventEffect::FleetChanged
+        );
         // The relay's periodic renewal (only its expiry changes) is no fleet change.
         let renewal = RegistryEvent::RelayUpserted {
             record: RelayRecord {
@@ -283,24 +267,30 @@ mod tests {
             },
             revision: 8,
         };
-        assert_eq!(s.apply(&renewal, &aa), EventEffect::Nothing);
+        assert_eq!(step(renewal), EventEffect::Nothing);
         let other_record = RegistryEvent::RecordPut {
             owner: bb.clone(),
             name: "x".into(),
             value: vec![],
             revision: 8,
         };
-        assert_eq!(s.apply(&other_record, &aa), EventEffect::Nothing);
-        let gone = RegistryEvent::ClusterRemoved {
-            id: bb.clone(),
+        assert_eq!(step(other_record), EventEffect::Nothing);
+        let own_record = RegistryEvent::RecordPut {
+            owner: aa.clone(),
+            name: "gateway".into(),
+            value: vec![1],
             revision: 9,
         };
-        assert_eq!(s.apply(&gone, &aa), EventEffect::FleetChanged);
-        assert!(!s.fleet.clusters.contains_key(&bb));
-        let me_gone = RegistryEvent::ClusterRemoved {
-            id: aa.clone(),
+        assert_eq!(step(own_record), EventEffect::OwnRecordChanged);
+        let gone = RegistryEvent::ClusterRemoved {
+            id: bb.clone(),
             revision: 10,
         };
-        assert_eq!(s.apply(&me_gone, &aa), EventEffect::OwnClusterRemoved);
+        assert_eq!(step(gone), EventEffect::FleetChanged);
+        let me_gone = RegistryEvent::ClusterRemoved {
+            id: aa.clone(),
+            revision: 11,
+        };
+        assert_eq!(step(me_gone), EventEffect::OwnClusterRemoved);
     }
 }

@@ -12,8 +12,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleet_hub::api::Credential;
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
+use fleet_hub_api::wire::Credential;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -171,16 +171,6 @@ pub fn default_holder() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// The hub's public key type from the gateway's (both are the 32 raw bytes).
-pub fn hub_key(key: &fleet_gateway::PublicKey) -> fleet_hub::registry::PublicKey {
-    fleet_hub::registry::PublicKey::from_bytes(*key.as_bytes())
-}
-
-/// The gateway's public key type from the hub's.
-pub fn gateway_key(key: &fleet_hub::registry::PublicKey) -> fleet_gateway::PublicKey {
-    fleet_gateway::PublicKey::from_bytes(*key.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,12 +274,5 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got, member("aa"));
-    }
-
-    #[test]
-    fn key_types_convert_both_ways() {
-        let k = fleet_gateway::PrivateKey::generate().public_key();
-        assert_eq!(gateway_key(&hub_key(&k)), k);
-        assert_eq!(hub_key(&k).to_string(), k.to_base64());
     }
 }

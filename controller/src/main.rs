@@ -10,8 +10,8 @@ use fleet_controller::config::{
 };
 use fleet_controller::identity::default_holder;
 use fleet_gateway::BackendKind;
-use fleet_hub::api::{CaHash, JoinString};
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
+use fleet_hub_api::wire::{CaHash, JoinString};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use fleet_gateway::{Peer, PublicKey};
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
 use fleet_proto::node::PeerNode;
 use ipnetwork::{IpNetwork, Ipv4Network};
 

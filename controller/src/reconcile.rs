@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fleet_hub::registry::ClusterId;
+use fleet_hub_api::model::ClusterId;
 use fleet_proto::node::SetPlanRequest;
 use ipnetwork::Ipv4Network;
 
@@ -233,8 +233,8 @@ pub(crate) mod fakes {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use fleet_hub::client::HubError;
-    use fleet_hub::registry::GatewayState;
+    use fleet_hub_api::client::HubError;
+    use fleet_hub_api::model::GatewayState;
     use fleet_proto::node::{NodeError, PeerNode, PlanChange, SetPlanRequest, StatusResult, code};
 
     use crate::hub::{Hub, LeaseAnswer};
@@ -246,6 +246,8 @@ pub(crate) mod fakes {
         pub unpublished: Mutex<Vec<String>>,
         pub holder: Mutex<Option<String>>,
         pub down: Mutex<bool>,
+        /// What a re-join answers; `None`: the hub does not know the cluster.
+        pub record: Mutex<Option<fleet_hub_api::model::ClusterRecord>>,
     }
 
     impl FakeHub {
@@ -262,6 +264,24 @@ pub(crate) mod fakes {
 
     #[async_trait::async_trait]
     impl Hub for FakeHub {
+        async fn rejoin(
+            &self,
+            public_key: fleet_hub_api::model::PublicKey,
+            endpoint: Option<std::net::SocketAddr>,
+        ) -> Result<fleet_hub_api::model::ClusterRecord, HubError> {
+            self.check()?;
+            let mut record = self.record.lock().unwrap();
+            let Some(r) = record.as_mut() else {
+                return Err(HubError::Api {
+                    call: "rejoin",
+                    code: fleet_hub_api::wire::ErrorCode::NotJoined,
+                    message: "not joined".into(),
+                });
+            };
+            r.public_key = public_key;
+            r.endpoint = endpoint;
+            Ok(r.clone())
+        }
         async fn acquire_lease(
             &self,
             holder: &str,

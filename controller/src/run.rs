@@ -6,23 +6,20 @@
 //! for the next active replica; if the cluster is removed from the fleet it clears the
 //! gateway, tears down and fails.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_gateway::PublicKey;
-use fleet_hub::api::ErrorCode;
-use fleet_hub::client::{ClientOptions, HubClient, HubError};
-use fleet_hub::registry::{GatewayState, JoinRequest, RegistryEvent};
-use futures::{Stream, StreamExt};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
+use fleet_hub_api::mirror::{FleetMirror, FleetSource, MirrorReader, WatcherConfig};
+use fleet_hub_api::model::{GatewayState, JoinRequest};
+use fleet_hub_api::wire::ErrorCode;
 use tokio::sync::watch;
 
 use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
-use crate::identity::{
-    IdentityError, hub_key, load_credential, store_credential, wait_for_credential,
-};
+use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::nodes::{NodeSocket, load_nodes};
@@ -112,7 +109,7 @@ async fn identity(
     };
     let request = JoinRequest {
         cluster: cfg.cluster.clone(),
-        public_key: hub_key(key),
+        public_key: *key,
         endpoint: cfg.endpoint,
     };
     let mut backoff = Duration::from_millis(200);
@@ -158,12 +155,13 @@ async fn identity(
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<RegistryEvent, HubError>> + Send>>;
-
 /// Everything the active replica holds.
 struct Active {
+    /// The fleet, mirrored from the hub while this replica is active.
+    _mirror: FleetMirror,
+    reader: MirrorReader,
+    /// The fleet as last acted on.
     snapshot: FleetSnapshot,
-    watch: Option<EventStream>,
     /// The hub record says the gateway is up (set once the device exists).
     reported_up: bool,
     last_pass: PassReport,
@@ -171,8 +169,9 @@ struct Active {
 
 struct Controller {
     cfg: RunConfig,
-    client: HubClient,
-    hub: Arc<MemberHub>,
+    hub: Arc<dyn Hub>,
+    /// Where the fleet mirror lists and watches.
+    fleet: Arc<dyn FleetSource>,
     /// Where the leadership lease lives (`--leader-election`).
     lease: Arc<dyn LeaseBackend>,
     nodes: Vec<ClusterNode>,
@@ -245,9 +244,9 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             vip_range: cfg.vip_range,
         },
         hub,
+        fleet: Arc::new(client),
         lease,
         cfg,
-        client,
         nodes,
         gateway,
     };
@@ -278,9 +277,9 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, lease = %self.lease.describe(), "standby: waiting for the cluster lease");
         let result = loop {
-            let watch_next = async {
-                match active.as_mut().and_then(|a| a.watch.as_mut()) {
-                    Some(w) => w.next().await,
+            let fleet_changed = async {
+                match active.as_mut() {
+                    Some(a) => a.reader.changed().await,
                     None => std::future::pending().await,
                 }
             };
@@ -334,40 +333,16 @@ impl Controller {
                         Transition::Fatal(reason) => break Err(ControllerError::Lease(reason)),
                     }
                 }
-                event = watch_next => {
+                changed = fleet_changed => {
                     let Some(a) = active.as_mut() else { continue };
-                    match event {
-                        Some(Ok(ev)) => match a.snapshot.apply(&ev, &self.cfg.cluster) {
-                            EventEffect::FleetChanged => {
-                                if let Err(e) = self.converge(a).await { break Err(e); }
-                            }
-                            EventEffect::OwnClusterRemoved => {
-                                break Err(self.removed("the hub reported this cluster removed"));
-                            }
-                            EventEffect::OwnRecordChanged | EventEffect::Nothing => {}
-                        },
-                        Some(Err(HubError::Relist { .. })) => {
-                            tracing::info!("the hub's history moved past our position: listing again");
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
-                        Some(Err(e)) if is_removed(&e) => break Err(self.removed(e.to_string())),
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "watch ended; listing again");
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
-                        None => {
-                            a.watch = None;
-                            if let Err(e) = self.relist(a).await { break Err(e); }
-                        }
+                    if changed.is_err() {
+                        break Err(ControllerError::Lease("the fleet mirror stopped".into()));
                     }
+                    if let Err(e) = self.follow_fleet(a).await { break Err(e); }
                 }
                 _ = tick.tick(), if role == Role::Active => {
                     let Some(a) = active.as_mut() else { continue };
-                    if a.watch.is_none() {
-                        if let Err(e) = self.relist(a).await { break Err(e); }
-                    } else if let Err(e) = self.converge(a).await {
+                    if let Err(e) = self.converge(a).await {
                         break Err(e);
                     }
                     self.publish_status().await;
@@ -385,8 +360,8 @@ impl Controller {
         result
     }
 
-    /// Becoming active: re-join with this replica's key (the block stays), list, converge,
-    /// watch.
+    /// Becoming active: re-join with this replica's key (the block stays), mirror the fleet,
+    /// converge once it is listed.
     async fn activate(&mut self) -> Result<Active, ControllerError> {
         // Asked each time: the gateway node is the key's owner.
         let key = self
@@ -397,40 +372,83 @@ impl Controller {
                 node: self.cfg.gateway_node.clone(),
                 source,
             })?;
-        let record = match self.client.rejoin(hub_key(&key), self.cfg.endpoint).await {
+        let record = match self.hub.rejoin(key, self.cfg.endpoint).await {
             Ok(r) => r,
             Err(e) if is_removed(&e) => return Err(self.removed(e.to_string())),
             Err(e) => return Err(ControllerError::Client(e)),
         };
         tracing::info!(cluster = %record.id, block = %record.block, holder = %self.cfg.holder, "active: holding the cluster lease");
-        let view = self.client.list().await.map_err(ControllerError::Client)?;
+        let mirror = FleetMirror::spawn(self.fleet.clone(), WatcherConfig::default());
+        let mut reader = mirror.reader();
+        // The first listing, bounded like a hub call: without it there is nothing to plan.
+        let bound = (self.cfg.lease_ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10));
+        let first = tokio::time::timeout(bound, async {
+            loop {
+                let state = reader.mark_seen();
+                match (&state.fleet, state.error) {
+                    (Some(_), _) => return Ok(()),
+                    (None, Some(e)) if is_removed(&e) => return Err(e),
+                    _ => {}
+                }
+                if reader.changed().await.is_err() {
+                    return Ok(());
+                }
+            }
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.removed(e.to_string())),
+            Err(_) => {
+                let reason = reader
+                    .state()
+                    .error
+                    .map_or("no listing in time".to_string(), |e| e.to_string());
+                return Err(ControllerError::Client(HubError::Unreachable {
+                    endpoints: "the hub (fleet listing)".into(),
+                    last_error: reason,
+                }));
+            }
+        }
+        let Some(fleet) = reader.fleet() else {
+            return Err(ControllerError::Lease("the fleet mirror stopped".into()));
+        };
         let mut a = Active {
-            snapshot: FleetSnapshot::from_view(&view, &self.cfg.cluster),
-            watch: None,
+            snapshot: FleetSnapshot::of(&fleet, &self.cfg.cluster),
+            _mirror: mirror,
+            reader,
             reported_up: false,
             last_pass: PassReport::default(),
         };
-        a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
+        if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
+            return Err(self.removed("the cluster is not in the hub's listing"));
+        }
         self.converge(&mut a).await?;
         self.publish_status().await;
         Ok(a)
     }
 
-    async fn relist(&mut self, a: &mut Active) -> Result<(), ControllerError> {
-        match self.client.list().await {
-            Ok(view) => {
-                a.snapshot = FleetSnapshot::from_view(&view, &self.cfg.cluster);
-                if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
-                    return Err(self.removed("the cluster is not in the hub's listing"));
-                }
-                a.watch = Some(Box::pin(self.client.watch(a.snapshot.revision)));
-                self.converge(a).await
+    /// The mirror changed: a removal of this cluster ends the run; a fleet change is a pass.
+    async fn follow_fleet(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let state = a.reader.mark_seen();
+        if let Some(e) = &state.error {
+            if is_removed(e) {
+                return Err(self.removed(e.to_string()));
             }
-            Err(e) if is_removed(&e) => Err(self.removed(e.to_string())),
-            Err(e) => {
-                tracing::warn!(error = %e, "listing the fleet failed; retrying at the next status interval");
-                Ok(())
+            tracing::debug!(error = %e, "following the fleet: the hub is unavailable; keeping the last fleet");
+        }
+        let Some(fleet) = state.fleet else {
+            return Ok(());
+        };
+        let next = FleetSnapshot::of(&fleet, &self.cfg.cluster);
+        let effect = next.effect_since(Some(&a.snapshot), &self.cfg.cluster);
+        a.snapshot = next;
+        match effect {
+            EventEffect::OwnClusterRemoved => {
+                Err(self.removed("the hub reported this cluster removed"))
             }
+            EventEffect::FleetChanged => self.converge(a).await,
+            EventEffect::OwnRecordChanged | EventEffect::Nothing => Ok(()),
         }
     }
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use fleet_e2e::{
     FleetNri, FleetNriOpts, TestNetns, ip_in, poll_until, require_root, workspace_bin,
 };
-use fleet_hub::api::{CaHash, Credential, JoinString};
-use fleet_hub::client::{ClientOptions, HubClient};
-use fleet_hub::registry::{ClusterId, FleetView, GatewayState, JoinRequest, PublicKey};
+use fleet_hub_api::client::{ClientOptions, HubClient};
+use fleet_hub_api::model::{ClusterId, FleetView, GatewayState, JoinRequest, PublicKey};
+use fleet_hub_api::wire::{CaHash, Credential, JoinString};
 use ipnetwork::Ipv4Network;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -744,8 +744,7 @@ fn a_standby_takes_over_after_kill_9_and_a_removed_cluster_stops_with_exit_1() {
         .unwrap()
         .public_key;
     assert_eq!(
-        key.to_string(),
-        key_before,
+        key, key_before,
         "b re-joined with the gateway node's key: no re-keying on a take-over"
     );
     assert!(

@@ -7,4 +7,5 @@ pub mod ipam;
 pub mod netlink;
 pub mod netns;
 pub mod overlay;
+pub mod routes;
 pub mod state;

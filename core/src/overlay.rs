@@ -34,12 +34,13 @@ use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, L
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use netlink_packet_route::route::RouteProtocol;
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 
 use crate::config::NodePlan;
 use crate::datapath::{DatapathError, errno, link_by_name, nl};
 use crate::netns;
+use crate::routes::{Route, RouteOwner, RoutesError, plan_route_changes, sync_routes};
 
 /// Name of the overlay's VXLAN device in the CNF netns.
 pub const OVERLAY_LINK: &str = "fleetvx";
@@ -205,6 +206,8 @@ pub struct OverlayChanges {
 }
 
 impl OverlayChanges {
+    /// The changes from `have` to `want`; the routes are diffed by
+    /// [`plan_route_changes`], the one route diff every caller shares.
     pub fn between(want: &OverlayTable, have: &OverlayTable) -> OverlayChanges {
         fn split<K: Ord + Copy, V: PartialEq + Copy>(
             want: &BTreeMap<K, V>,
@@ -222,7 +225,11 @@ impl OverlayChanges {
                 .collect();
             (remove, write)
         }
-        let (rr, rw) = split(&want.routes, &have.routes);
+        let (rr, rw) = plan_route_changes(
+            &overlay_routes(OVERLAY_DEVICE, &have.routes),
+            &overlay_routes(OVERLAY_DEVICE, &want.routes),
+        );
+        let (rr, rw) = (route_map(&rr), route_map(&rw));
         let (nr, nw) = split(&want.neighbours, &have.neighbours);
         let (fr, fw) = split(&want.fdb, &have.fdb);
         OverlayChanges {
@@ -277,10 +284,7 @@ impl Overlay {
                 let idx = this
                     .ensure_link(underlay, cnf, cnf_file.as_raw_fd())
                     .await?;
-                let have = read_table(cnf, idx).await?;
-                let changes = OverlayChanges::between(&want, &have);
-                write_changes(cnf, idx, &changes).await?;
-                Ok(changes)
+                write_changes(cnf, idx, &this.cnf, &want).await
             },
         )
         .await?
@@ -393,37 +397,10 @@ fn mac6(b: &[u8]) -> Option<[u8; 6]> {
     b.try_into().ok()
 }
 
-/// Reads the overlay's routes, permanent neighbours and FDB entries on device `idx`.
-async fn read_table(h: &Handle, idx: u32) -> Result<OverlayTable, DatapathError> {
+/// Reads the overlay's permanent neighbours and FDB entries on device `idx` (its routes are
+/// read by [`sync_routes`]).
+async fn read_neighbours(h: &Handle, idx: u32) -> Result<OverlayTable, DatapathError> {
     let mut t = OverlayTable::default();
-    let mut q = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    q.header.address_family = AddressFamily::Inet;
-    let routes: Vec<RouteMessage> = h
-        .route()
-        .get(q)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list routes in the CNF netns"))?;
-    for r in &routes {
-        let on_dev = r
-            .attributes
-            .iter()
-            .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx));
-        let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
-            _ => None,
-        });
-        let gw = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
-            _ => None,
-        });
-        if let (true, Some(dst), Some(gw)) = (on_dev, dst, gw)
-            && let Ok(dst) = Ipv4Network::new(dst, r.header.destination_prefix_length)
-        {
-            t.routes.insert(dst, gw);
-        }
-    }
     let neighbours: Vec<NeighbourMessage> = h
         .neighbours()
         .get()
@@ -472,13 +449,40 @@ async fn read_table(h: &Handle, idx: u32) -> Result<OverlayTable, DatapathError>
     Ok(t)
 }
 
-fn route_msg(idx: u32, dst: Ipv4Network, gw: Ipv4Addr) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix())
-        .gateway(gw)
-        .output_interface(idx)
-        .onlink()
-        .build()
+/// Stands in for `fleetvx`'s index where tables are diffed without a kernel.
+const OVERLAY_DEVICE: u32 = 0;
+
+/// `<dst> via <vtep> dev <idx> onlink` for each entry.
+fn overlay_routes(idx: u32, routes: &BTreeMap<Ipv4Network, Ipv4Addr>) -> Vec<Route> {
+    routes
+        .iter()
+        .map(|(dst, gw)| {
+            Route::to((*dst).into())
+                .via(IpAddr::V4(*gw))
+                .dev(idx)
+                .onlink()
+        })
+        .collect()
+}
+
+fn route_map(routes: &[Route]) -> BTreeMap<Ipv4Network, Ipv4Addr> {
+    routes
+        .iter()
+        .filter_map(|r| match (r.destination, r.via) {
+            (ipnetwork::IpNetwork::V4(dst), Some(IpAddr::V4(gw))) => Some((dst, gw)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl From<RoutesError> for DatapathError {
+    fn from(e: RoutesError) -> DatapathError {
+        match e.into_netlink() {
+            Ok((what, source)) => DatapathError::Netlink { what, source },
+            Err(RoutesError::Netns(e)) => DatapathError::Netns(e),
+            Err(other) => DatapathError::Check(other.to_string()),
+        }
+    }
 }
 
 fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
@@ -493,32 +497,21 @@ fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Erro
     }
 }
 
-/// Deletes what is no longer wanted (routes first, so no route points at a missing
-/// neighbour), then writes what is missing (FDB and neighbours first, routes last).
-async fn write_changes(h: &Handle, idx: u32, c: &OverlayChanges) -> Result<(), DatapathError> {
-    for (dst, gw) in &c.remove.routes {
-        ignore_missing(h.route().del(route_msg(idx, *dst, *gw)).execute().await)
-            .map_err(nl(format!("delete route {dst} via {gw}")))?;
-    }
-    for (ip, mac) in &c.remove.neighbours {
-        let mut req = h.neighbours().add(idx, IpAddr::V4(*ip));
-        req.message_mut()
-            .attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        let msg = req.message_mut().clone();
-        ignore_missing(h.neighbours().del(msg).execute().await)
-            .map_err(nl(format!("delete neighbour {ip}")))?;
-    }
-    for (mac, dst) in &c.remove.fdb {
-        let mut req = h
-            .neighbours()
-            .add_bridge(idx, mac)
-            .flags(NeighbourFlags::Own)
-            .destination(IpAddr::V4(*dst));
-        let msg = req.message_mut().clone();
-        ignore_missing(h.neighbours().del(msg).execute().await)
-            .map_err(nl(format!("delete FDB entry to {dst}")))?;
-    }
+/// Brings device `idx` in line with `want` and returns what changed. Order: new FDB entries
+/// and neighbours first, then the routes (stale ones deleted, new ones written), then stale
+/// neighbours and FDB entries, so no route ever points at a missing neighbour.
+async fn write_changes(
+    h: &Handle,
+    idx: u32,
+    cnf: &std::path::Path,
+    want: &OverlayTable,
+) -> Result<OverlayChanges, DatapathError> {
+    let have = read_neighbours(h, idx).await?;
+    let neighbours_only = OverlayTable {
+        routes: BTreeMap::new(),
+        ..want.clone()
+    };
+    let mut c = OverlayChanges::between(&neighbours_only, &have);
     for (mac, dst) in &c.write.fdb {
         h.neighbours()
             .add_bridge(idx, mac)
@@ -540,13 +533,36 @@ async fn write_changes(h: &Handle, idx: u32, c: &OverlayChanges) -> Result<(), D
             .await
             .map_err(nl(format!("write neighbour {ip}")))?;
     }
-    for (dst, gw) in &c.write.routes {
-        h.route()
-            .add(route_msg(idx, *dst, *gw))
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("write route {dst} via {gw} dev {OVERLAY_LINK}")))?;
+    let owner = RouteOwner::protocol(RouteProtocol::Static.into())
+        .dev(idx)
+        .netns(cnf);
+    let report = sync_routes(h, &owner, &overlay_routes(idx, &want.routes)).await?;
+    if !report.blocked.is_empty() {
+        tracing::warn!(
+            routes = ?report.blocked.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            "another protocol's routes hold these overlay destinations; remove them to reach the peers"
+        );
+    }
+    c.remove.routes = route_map(&report.deleted);
+    c.write.routes = route_map(&[report.added, report.replaced].concat());
+    for (ip, mac) in &c.remove.neighbours {
+        let mut req = h.neighbours().add(idx, IpAddr::V4(*ip));
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        let msg = req.message_mut().clone();
+        ignore_missing(h.neighbours().del(msg).execute().await)
+            .map_err(nl(format!("delete neighbour {ip}")))?;
+    }
+    for (mac, dst) in &c.remove.fdb {
+        let mut req = h
+            .neighbours()
+            .add_bridge(idx, mac)
+            .flags(NeighbourFlags::Own)
+            .destination(IpAddr::V4(*dst));
+        let msg = req.message_mut().clone();
+        ignore_missing(h.neighbours().del(msg).execute().await)
+            .map_err(nl(format!("delete FDB entry to {dst}")))?;
     }
     if !c.is_empty() {
         tracing::info!(
@@ -555,7 +571,7 @@ async fn write_changes(h: &Handle, idx: u32, c: &OverlayChanges) -> Result<(), D
             "overlay programmed"
         );
     }
-    Ok(())
+    Ok(c)
 }
 
 #[cfg(test)]

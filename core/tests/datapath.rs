@@ -1,52 +1,16 @@
 //! The datapath against the real kernel: netns, veth, bridge, addresses, routes. Needs root.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::{Ns, require_root};
 use fleet_core::config::{DEFAULT_FLEET_CIDR, DEFAULT_VIP_RANGE, NodeLocal, NodePlan};
 use fleet_core::datapath::NodeDatapath;
 use fleet_core::ipam::host_veth_name;
-use fleet_core::netns;
 use fleet_proto::node::{Attachment, AttachmentKey, Origin};
-
-/// A netns this test created; deleted on drop, even when the test fails.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Ns {
-        let name = format!("fbt-{tag}-{}", std::process::id());
-        netns::ensure_named(&name).expect("create test netns");
-        Ns(name)
-    }
-    fn path(&self) -> PathBuf {
-        netns::named_path(&self.0)
-    }
-    fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .args(args)
-            .output()
-            .expect("nsenter");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = netns::delete_named(&self.0);
-    }
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (CI runs as root)"
-    );
-}
 
 fn attachment(id: &str, pod: &Ns, address: Ipv4Addr) -> Attachment {
     Attachment {

@@ -136,7 +136,7 @@ impl UdpDatagram {
             1 => self.len == 148,
             2 => self.len == 92,
             3 => self.len == 64,
-            4 => self.len >= 32 && (self.len - 16) % 16 == 0,
+            4 => self.len >= 32 && (self.len - 16).is_multiple_of(16),
             _ => false,
         }
     }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 
-use fleet_controller::records::{GATEWAY_RECORD, GatewayRecord, NODE_RECORD_PREFIX, NodeRecord};
-use fleet_hub::registry::FleetView;
+use fleet_hub_api::model::FleetView;
+use fleet_hub_api::records::{GATEWAY_RECORD, GatewayRecord, NODE_RECORD_PREFIX, NodeRecord};
 use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
@@ -214,9 +214,9 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_controller::records::GatewayPeerRecord;
-    use fleet_hub::RelayRecord;
-    use fleet_hub::registry::{ClusterId, ClusterRecord, GatewayState, MemberRecord, PublicKey};
+    use fleet_hub_api::model::RelayRecord;
+    use fleet_hub_api::model::{ClusterId, ClusterRecord, GatewayState, MemberRecord, PublicKey};
+    use fleet_hub_api::records::GatewayPeerRecord;
 
     fn view() -> FleetView {
         let aa = ClusterId::new("aa").unwrap();

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_hub::api::{CaHash, Credential};
-use fleet_hub::client::{ClientOptions, HubClient};
+use fleet_hub_api::client::{ClientOptions, HubClient};
+use fleet_hub_api::wire::{CaHash, Credential};
 
 #[derive(Parser, Debug)]
 #[command(name = "fleetctl", version, about = "fleetboard operator CLI")]

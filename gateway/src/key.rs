@@ -1,17 +1,17 @@
 //! WireGuard keys: generated locally (x25519), the private key stored 0600 and never printed.
+//! The public key is `fleet_proto::wireguard::PublicKey`, the type every wire carries.
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use x25519_dalek::StaticSecret;
 
-pub const KEY_LEN: usize = 32;
+pub use fleet_proto::wireguard::{KEY_LEN, PublicKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -39,10 +39,6 @@ pub enum KeyError {
 #[derive(Clone, PartialEq, Eq)]
 pub struct PrivateKey([u8; KEY_LEN]);
 
-/// A WireGuard public key, shown as base64 like `wg` does.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublicKey([u8; KEY_LEN]);
-
 impl PrivateKey {
     /// A fresh key from the OS random source.
     pub fn generate() -> Self {
@@ -58,7 +54,7 @@ impl PrivateKey {
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(x25519_dalek::PublicKey::from(&StaticSecret::from(self.0)).to_bytes())
+        PublicKey::from_bytes(x25519_dalek::PublicKey::from(&StaticSecret::from(self.0)).to_bytes())
     }
 
     pub fn to_base64(&self) -> String {
@@ -151,39 +147,6 @@ impl Drop for PrivateKey {
         // Best effort: do not leave the key in freed memory.
         self.0.iter_mut().for_each(|b| *b = 0);
         std::hint::black_box(&self.0);
-    }
-}
-
-impl PublicKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
-    }
-}
-
-impl FromStr for PublicKey {
-    type Err = KeyError;
-    fn from_str(s: &str) -> Result<Self, KeyError> {
-        decode(s.trim(), &format!("public key {s:?}")).map(Self)
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_base64())
-    }
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", self.to_base64())
     }
 }
 

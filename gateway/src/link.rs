@@ -1,18 +1,16 @@
 //! The device's link inside its netns, shared by both backends: MTU, addresses, up, and one
 //! route per allowed IP (`<prefix> dev <wg> proto fleet`), kept equal to the peers' set.
 //!
-//! Routes carry their own protocol number so a sync touches only the routes it made.
+//! Routes carry their own protocol number so a sync ([`fleet_core::routes::sync_routes`])
+//! touches only the routes it made.
 
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt;
+use fleet_core::routes::{self, Route, RouteOwner, RoutesError};
 use ipnetwork::IpNetwork;
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec};
 
 use crate::{GatewayError, Result};
 
@@ -91,93 +89,47 @@ async fn addresses_of(h: &Handle, idx: u32) -> Result<Vec<IpNetwork>> {
         .collect())
 }
 
+/// The gateway's routes on `name`: its protocol number, out of the device, any table.
+fn route_owner(name: &str) -> RouteOwner {
+    RouteOwner::protocol(ROUTE_PROTOCOL).dev(name)
+}
+
+fn route_error(name: &str, e: RoutesError) -> GatewayError {
+    match e.into_netlink() {
+        Ok((op, source)) => GatewayError::Netlink { op, source },
+        Err(RoutesError::Netns(e)) => GatewayError::Netns(e),
+        Err(RoutesError::NoSuchDevice { .. }) => GatewayError::Netlink {
+            op: format!("find link {name}"),
+            source: rtnetlink::Error::RequestFailed,
+        },
+        Err(other) => GatewayError::InvalidConfig {
+            name: name.into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 /// The prefixes routed to `name` by the gateway (its protocol number), IPv4 and IPv6.
 pub async fn gateway_routes(h: &Handle, name: &str) -> Result<Vec<IpNetwork>> {
-    let Some(link) = link_by_name(h, name).await? else {
+    if link_by_name(h, name).await?.is_none() {
         return Ok(Vec::new());
-    };
-    Ok(owned_routes(h, link.header.index)
-        .await?
+    }
+    Ok(routes::owned_routes(h, &route_owner(name))
+        .await
+        .map_err(|e| route_error(name, e))?
         .into_iter()
-        .map(|(net, _)| net)
+        .map(|r| r.destination)
         .collect())
 }
 
-async fn owned_routes(h: &Handle, idx: u32) -> Result<Vec<(IpNetwork, RouteMessage)>> {
-    let mut out = Vec::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut q = RouteMessageBuilder::<IpAddr>::new().build();
-        q.header.address_family = family;
-        let routes: Vec<RouteMessage> = h
-            .route()
-            .get(q)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list routes"))?;
-        for r in routes {
-            if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
-                continue;
-            }
-            let on_link = r
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx));
-            let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-                _ => None,
-            });
-            let dst = match (dst, family) {
-                (Some(ip), _) => ip,
-                (None, AddressFamily::Inet6) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                (None, _) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            };
-            if let (true, Ok(net)) = (
-                on_link,
-                IpNetwork::new(dst, r.header.destination_prefix_length),
-            ) {
-                out.push((net, r));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Makes the gateway's routes on `name` exactly `desired`: removes the others, adds the
-/// missing ones. A prefix the kernel already routes to the device (its own connected
-/// prefix) is left to the kernel.
+/// Makes the gateway's routes on `name` exactly `desired` (`<prefix> dev <name> proto 0xfb`),
+/// with [`routes::sync_routes`]. A prefix the kernel already routes to the device (its own
+/// connected prefix) is left to the kernel.
 pub(crate) async fn sync_routes(h: &Handle, name: &str, desired: &[IpNetwork]) -> Result<()> {
-    let idx = index_of(h, name).await?;
-    let present = owned_routes(h, idx).await?;
-    for (net, msg) in &present {
-        if !desired.contains(net) {
-            match h.route().del(msg.clone()).execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(nix::errno::Errno::ESRCH as i32) => {}
-                Err(e) => return Err(nl(format!("delete route {net} dev {name}"))(e)),
-            }
-        }
-    }
-    for net in desired {
-        if present.iter().any(|(p, _)| p == net) {
-            continue;
-        }
-        let route = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(net.network(), net.prefix())
-            .map_err(|e| GatewayError::InvalidConfig {
-                name: name.into(),
-                reason: format!("allowed IP {net}: {e}"),
-            })?
-            .output_interface(idx)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-            .build();
-        match h.route().add(route).execute().await {
-            Ok(()) => {}
-            Err(e) if errno(&e) == Some(nix::errno::Errno::EEXIST as i32) => {}
-            Err(e) => return Err(nl(format!("add route {net} dev {name}"))(e)),
-        }
-    }
+    let desired: Vec<Route> = desired.iter().map(|net| Route::to(*net)).collect();
+    routes::sync_routes(h, &route_owner(name), &desired)
+        .await
+        .map_err(|e| route_error(name, e))?;
     Ok(())
 }
 

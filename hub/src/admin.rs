@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{CaHash, Credential, JoinString};
-use crate::client::{ClientOptions, HubClient, HubError};
 use crate::registry::{ClusterId, FleetLayout, Registry, RegistryError, SystemClock, TokenInfo};
 use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 
 /// Where the hub's state lives.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub async fn open_registry(
 pub enum AdminError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Model(#[from] fleet_hub_api::model::ModelError),
     #[error("writing output failed: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]

@@ -12,12 +12,12 @@ use common::etcd::EtcdServer;
 use common::hub::{HubProcess, copy_identity, quick_options};
 use fleet_hub::api::server::{HubServer, ServerOptions};
 use fleet_hub::api::{CaHash, Credential, ErrorCode, JoinString};
-use fleet_hub::client::{HubClient, HubError};
 use fleet_hub::registry::{
     ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, ManualClock, PublicKey,
     Registry, RegistryEvent, RelayRecord,
 };
 use fleet_hub::store::{EmbeddedStore, Store};
+use fleet_hub_api::client::{HubClient, HubError};
 use futures::{Stream, StreamExt};
 
 /// An in-process hub on an embedded store with a clock the test moves.

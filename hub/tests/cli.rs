@@ -122,8 +122,8 @@ async fn tokens_on_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_commands_through_a_serving_hub() {
     use fleet_hub::api::JoinString;
-    use fleet_hub::client::HubClient;
     use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+    use fleet_hub_api::client::HubClient;
 
     let hub = common::hub::HubProcess::start(&[]).await;
     let data_dir = hub.data_dir();
@@ -182,8 +182,8 @@ async fn token_commands_through_a_serving_hub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_commands_through_a_serving_hub() {
     use fleet_hub::api::ErrorCode;
-    use fleet_hub::client::HubClient;
     use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+    use fleet_hub_api::client::HubClient;
 
     let hub = common::hub::HubProcess::start(&[]).await;
     let (join, _) = hub

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey};
 use fleet_hub::api::{CaHash, Credential, JoinString};
-use fleet_hub::client::{ClientOptions, HubClient};
 use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+use fleet_hub_api::client::{ClientOptions, HubClient};
 
 const HUB_IP: &str = "192.0.2.1";
 const API_PORT: u16 = 7443;

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::wireguard::PublicKey;
+
 /// Where `fleet-nri` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/fleetboard/node.sock";
 
@@ -238,8 +240,8 @@ pub enum WireguardBackend {
 /// One WireGuard peer of the gateway (another cluster's gateway, or the hub's relay).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayPeer {
-    /// The peer's public key, base64 as `wg` shows it.
-    pub public_key: String,
+    /// The peer's public key (base64 on the wire, as `wg` shows it).
+    pub public_key: PublicKey,
     /// Where to send; `None`: learnt from the peer's handshakes (a NAT'd peer dials in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<SocketAddr>,
@@ -276,8 +278,8 @@ pub struct SetGatewayRequest {
 pub struct GatewayDevice {
     pub name: String,
     pub backend: WireguardBackend,
-    /// The device's public key (base64); the private key never leaves the node.
-    pub public_key: String,
+    /// The device's public key; the private key never leaves the node.
+    pub public_key: PublicKey,
     pub listen_port: u16,
 }
 
@@ -294,7 +296,7 @@ pub struct SetGatewayResult {
 /// One peer's tunnel state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayPeerStatus {
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// Where the peer was last heard from (or the configured endpoint).
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<String>,
@@ -318,7 +320,7 @@ pub struct GatewayStatus {
 /// `gateway_key`: the node's gateway public key (the key is created on first use).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayKey {
-    pub public_key: String,
+    pub public_key: PublicKey,
 }
 
 /// What `clear_gateway` did.
@@ -552,7 +554,7 @@ mod tests {
         let req: NodeRequest = serde_json::from_str(
             r#"{"op":"set_gateway","args":{"name":"fleetwg0","listen_port":51820,"mtu":1420,
                 "own_block":"100.96.16.0/20",
-                "peers":[{"public_key":"k","endpoint":"203.0.113.10:51820",
+                "peers":[{"public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","endpoint":"203.0.113.10:51820",
                           "allowed_ips":["100.96.0.0/12"],"keepalive":25}]}}"#,
         )
         .unwrap();

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fleet_bench::stats::{Samples, last_line};
-use fleet_hub::api::{CaHash, Credential};
-use fleet_hub::client::{ClientOptions, HubClient};
-use fleet_hub::registry::{ClusterId, FleetLayout, JoinRequest, PublicKey, RegistryEvent};
+use fleet_hub::registry::FleetLayout;
+use fleet_hub_api::client::{ClientOptions, HubClient};
+use fleet_hub_api::model::{ClusterId, JoinRequest, PublicKey, RegistryEvent};
+use fleet_hub_api::wire::{CaHash, Credential};
 use futures::StreamExt;
 
 #[derive(Parser, Debug)]

@@ -284,9 +284,15 @@ fn error_response(code: ErrorCode, message: impl Into<String>) -> Response<Body>
 /// A failed call: the code and message the caller sees.
 struct CallError(ErrorCode, String);
 
+impl From<fleet_hub_api::model::ModelError> for CallError {
+    fn from(e: fleet_hub_api::model::ModelError) -> Self {
+        RegistryError::from(e).into()
+    }
+}
+
 impl From<RegistryError> for CallError {
     fn from(e: RegistryError) -> Self {
-        CallError(ErrorCode::of(&e), e.to_string())
+        CallError(crate::api::error_code(&e), e.to_string())
     }
 }
 
@@ -621,7 +627,7 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
                     Ok(Some(Err(e))) => {
                         tracing::debug!(caller = %who, error = %e, "watch ended with an error");
                         yield line(&WatchLine::Error(ErrorBody {
-                            code: ErrorCode::of(&e),
+                            code: crate::api::error_code(&e),
                             message: e.to_string(),
                         }));
                         break;

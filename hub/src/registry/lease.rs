@@ -29,18 +29,7 @@ pub(super) struct LeaseRecord {
     pub expires_at_ms: u64,
 }
 
-/// The answer to an acquire (or renew).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// True when the caller holds the lease now.
-    pub granted: bool,
-    /// Who holds it (the caller when granted).
-    pub holder: String,
-    /// The holder's generation: grows whenever the holder changes.
-    pub generation: u64,
-    /// Granted: the TTL just granted. Refused: how long the current holder's lease still runs.
-    pub ttl: Duration,
-}
+pub use fleet_hub_api::model::Lease;
 
 pub(super) fn lease_key(id: &ClusterId) -> String {
     format!("{LEASES}{id}")

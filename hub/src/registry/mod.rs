@@ -35,17 +35,19 @@ use ipnetwork::Ipv4Network;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use lease::{Lease, MAX_LEASE_TTL};
-pub use model::{
-    ClusterId, ClusterRecord, ClusterUpdate, DEFAULT_BLOCK_PREFIX, FleetLayout, GatewayState,
-    JoinRequest, PublicKey,
+pub use fleet_hub_api::model::{
+    ClusterId, ClusterRecord, ClusterUpdate, FleetView, GatewayState, JoinRequest, MemberRecord,
+    ModelError, PublicKey, RegistryEvent,
 };
+pub use lease::{Lease, MAX_LEASE_TTL};
+pub use model::{DEFAULT_BLOCK_PREFIX, FleetLayout};
 pub use relay::{MAX_RELAY_TTL, RelayRecord};
 pub use token::{Clock, JoinToken, ManualClock, SystemClock, TokenInfo};
 
 use crate::store::{Change, Condition, Revision, Store, StoreError, Txn, TxnOutcome};
+pub(crate) use fleet_hub_api::model::sha256_hex;
+pub(crate) use token::constant_time_eq;
 use token::{TokenRecord, unix_secs};
-pub(crate) use token::{constant_time_eq, hex, sha256_hex};
 
 const LAYOUT_KEY: &str = "meta/layout";
 const CLUSTERS: &str = "clusters/";
@@ -61,15 +63,8 @@ const MAX_CONTENDED_RETRIES: usize = 64;
 pub enum RegistryError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(
-        "invalid cluster id {0:?}: use a DNS label (lowercase letters, digits and '-', 1-63 \
-         characters, starting and ending with a letter or digit)"
-    )]
-    InvalidClusterId(String),
-    #[error(
-        "invalid WireGuard public key {0:?}: expected 32 bytes in base64 (as `wg pubkey` prints)"
-    )]
-    InvalidPublicKey(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("invalid record name {0:?}: use 1-253 printable characters")]
     InvalidRecordName(String),
     #[error(
@@ -100,8 +95,6 @@ pub enum RegistryError {
         block_prefix: u8,
         blocks: u64,
     },
-    #[error("malformed join token: expected <12 hex digits>.<64 hex digits>")]
-    TokenMalformed,
     #[error("invalid join token {id}: no such token or wrong secret")]
     TokenInvalid { id: String },
     #[error("join token {id} expired at unix time {expired_at}; create a new token")]
@@ -145,72 +138,6 @@ pub enum RegistryError {
     InvalidRelayId(String),
     #[error("invalid relay TTL {0:?}: it must be positive and at most an hour")]
     InvalidRelayTtl(Duration),
-}
-
-/// One change to the fleet as a member sees it (tokens and internals are not shown).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RegistryEvent {
-    ClusterUpserted {
-        record: ClusterRecord,
-        revision: Revision,
-    },
-    ClusterRemoved {
-        id: ClusterId,
-        revision: Revision,
-    },
-    RecordPut {
-        owner: ClusterId,
-        name: String,
-        value: Vec<u8>,
-        revision: Revision,
-    },
-    RecordDeleted {
-        owner: ClusterId,
-        name: String,
-        revision: Revision,
-    },
-    RelayUpserted {
-        record: RelayRecord,
-        revision: Revision,
-    },
-    RelayRemoved {
-        id: String,
-        revision: Revision,
-    },
-}
-
-impl RegistryEvent {
-    pub fn revision(&self) -> Revision {
-        match self {
-            RegistryEvent::ClusterUpserted { revision, .. }
-            | RegistryEvent::ClusterRemoved { revision, .. }
-            | RegistryEvent::RecordPut { revision, .. }
-            | RegistryEvent::RecordDeleted { revision, .. }
-            | RegistryEvent::RelayUpserted { revision, .. }
-            | RegistryEvent::RelayRemoved { revision, .. } => *revision,
-        }
-    }
-}
-
-/// A record a member published.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemberRecord {
-    pub owner: ClusterId,
-    pub name: String,
-    pub value: Vec<u8>,
-    pub revision: Revision,
-}
-
-/// Everything a member may read, at one revision: watch from `revision` to follow it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FleetView {
-    /// The fleet CIDR every cluster's block is cut from (what members route to the relay).
-    pub fleet_cidr: Ipv4Network,
-    pub clusters: Vec<ClusterRecord>,
-    pub records: Vec<MemberRecord>,
-    /// The hub's relays (one per replica that runs one).
-    pub relays: Vec<RelayRecord>,
-    pub revision: Revision,
 }
 
 /// The hub's registry. Cheap to clone.

@@ -1,157 +1,12 @@
-//! The hub's records: clusters, their fleet blocks and keys, and the fleet's block layout.
+//! The fleet's block layout: how the fleet CIDR is cut into cluster blocks (hub-side only; the
+//! model members see is `fleet_hub_api::model`).
 
-use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use super::RegistryError;
-
-/// A member cluster's name: a DNS label (`[a-z0-9-]`, 1–63 chars, alphanumeric at both ends),
-/// so it is safe in store keys, DNS names and interface names alike.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ClusterId(String);
-
-impl ClusterId {
-    pub fn new(id: impl Into<String>) -> Result<Self, RegistryError> {
-        let id = id.into();
-        let valid = !id.is_empty()
-            && id.len() <= 63
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !id.starts_with('-')
-            && !id.ends_with('-');
-        if valid {
-            Ok(ClusterId(id))
-        } else {
-            Err(RegistryError::InvalidClusterId(id))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for ClusterId {
-    type Error = RegistryError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        ClusterId::new(s)
-    }
-}
-
-impl From<ClusterId> for String {
-    fn from(id: ClusterId) -> String {
-        id.0
-    }
-}
-
-impl fmt::Display for ClusterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A WireGuard public key (32 bytes, base64 in text as `wg` prints it).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PublicKey([u8; 32]);
-
-impl PublicKey {
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        PublicKey(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for PublicKey {
-    type Err = RegistryError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = BASE64
-            .decode(s.trim())
-            .map_err(|_| RegistryError::InvalidPublicKey(s.to_string()))?;
-        let bytes: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| RegistryError::InvalidPublicKey(s.to_string()))?;
-        Ok(PublicKey(bytes))
-    }
-}
-
-impl TryFrom<String> for PublicKey {
-    type Error = RegistryError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<PublicKey> for String {
-    fn from(k: PublicKey) -> String {
-        k.to_string()
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&BASE64.encode(self.0))
-    }
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({self})")
-    }
-}
-
-/// What the cluster's gateway last reported about its tunnel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GatewayState {
-    /// Joined, no tunnel reported yet.
-    #[default]
-    Pending,
-    Up,
-    Down,
-}
-
-/// A member cluster as the hub knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterRecord {
-    pub id: ClusterId,
-    /// The cluster's block of the fleet CIDR; kept across re-joins.
-    pub block: Ipv4Network,
-    pub public_key: PublicKey,
-    /// Set when the cluster's gateway is publicly reachable (direct tunnels to it).
-    pub endpoint: Option<SocketAddr>,
-    pub gateway: GatewayState,
-    /// Unix seconds of the first join.
-    pub joined_at: u64,
-    /// The join token it joined with (its id only).
-    pub token_id: String,
-}
-
-/// What a cluster sends to join (or re-join).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JoinRequest {
-    pub cluster: ClusterId,
-    pub public_key: PublicKey,
-    pub endpoint: Option<SocketAddr>,
-}
-
-/// A member's change to its own record; `None` fields stay as they are.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClusterUpdate {
-    pub public_key: Option<PublicKey>,
-    pub endpoint: Option<Option<SocketAddr>>,
-    pub gateway: Option<GatewayState>,
-}
 
 /// How the fleet CIDR is cut into cluster blocks. Stored once per fleet so every hub replica
 /// agrees on it.
@@ -216,16 +71,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cluster_ids_are_dns_labels() {
-        for ok in ["aa", "a", "cluster-1", "0"] {
-            ClusterId::new(ok).unwrap();
-        }
-        for bad in ["", "-a", "a-", "A", "a/b", "a.b", &"x".repeat(64)] {
-            assert!(ClusterId::new(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn default_layout_has_256_blocks_of_20() {
         let layout = FleetLayout::default();
         assert_eq!(layout.block_count(), 256);
@@ -241,13 +86,5 @@ mod tests {
         assert!(FleetLayout::new(fleet, 15).is_err());
         assert!(FleetLayout::new(fleet, 31).is_err());
         assert_eq!(FleetLayout::new(fleet, 16).unwrap().block_count(), 1);
-    }
-
-    #[test]
-    fn public_keys_round_trip_base64() {
-        let key = PublicKey::from_bytes([7; 32]);
-        let text = key.to_string();
-        assert_eq!(text.parse::<PublicKey>().unwrap(), key);
-        assert!("abc".parse::<PublicKey>().is_err());
     }
 }

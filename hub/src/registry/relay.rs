@@ -8,33 +8,19 @@
 //! records past their expiry ([`Registry::sweep_relays`]), so the relay of a dead host
 //! disappears from members' views within TTL + one sweep interval and they switch to another.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{PublicKey, Registry, RegistryError, decode, encode};
+pub use fleet_hub_api::model::RelayRecord;
+
+use super::{Registry, RegistryError, decode, encode};
 use crate::store::{Condition, Revision, Txn, TxnOutcome};
 
 pub(super) const RELAYS: &str = "relays/";
 
 /// The longest relay TTL the hub accepts.
 pub const MAX_RELAY_TTL: Duration = Duration::from_secs(3600);
-
-/// One hub replica's relay.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelayRecord {
-    /// The replica's relay id (derived from its public key: stable across restarts).
-    pub id: String,
-    pub public_key: PublicKey,
-    /// Where members send their encrypted traffic.
-    pub endpoint: SocketAddr,
-    /// Unix time in milliseconds (by the hub's clock) after which the record is swept unless
-    /// its relay renews it. Set by the hub on publish; 0 (a record without one) counts as
-    /// expired.
-    #[serde(default)]
-    pub expires_at: u64,
-}
 
 /// What `relays/<id>` holds: the record and the TTL it was published with (hub-internal;
 /// readers of [`RelayRecord`] ignore `ttl_ms`).
@@ -45,18 +31,6 @@ struct StoredRelay {
     /// 0 in a record without one (an older hub's).
     #[serde(default)]
     ttl_ms: u64,
-}
-
-impl RelayRecord {
-    /// The id a relay with this key gets: the first 6 bytes of its public key, in hex.
-    pub fn id_for(public_key: &PublicKey) -> String {
-        super::hex(&public_key.as_bytes()[..6])
-    }
-
-    /// The same relay (id, key, endpoint), whatever the expiry.
-    pub fn same_relay(&self, other: &RelayRecord) -> bool {
-        (&self.id, self.public_key, self.endpoint) == (&other.id, other.public_key, other.endpoint)
-    }
 }
 
 pub(super) fn relay_key(id: &str) -> String {

@@ -1,88 +1,11 @@
-//! Join tokens: `<id>.<secret>`, the id public (listed, revoked by), the secret stored only as
-//! its SHA-256. A token's text is never logged: its `Debug` shows the id only.
+//! Join tokens as the hub stores them: the secret only as its SHA-256 ([`TokenRecord`]); the
+//! token itself ([`JoinToken`]) is part of the members' contract in `fleet-hub-api`.
 
-use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::RegistryError;
-
-const ID_BYTES: usize = 6;
-const SECRET_BYTES: usize = 32;
-
-/// A join token as handed to an operator once, and presented by a joining cluster.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JoinToken {
-    id: String,
-    secret: String,
-}
-
-impl JoinToken {
-    pub(super) fn generate() -> Result<Self, RegistryError> {
-        let mut id = [0u8; ID_BYTES];
-        let mut secret = [0u8; SECRET_BYTES];
-        getrandom::fill(&mut id)
-            .and_then(|()| getrandom::fill(&mut secret))
-            .map_err(|e| RegistryError::Random(e.to_string()))?;
-        Ok(JoinToken {
-            id: hex(&id),
-            secret: hex(&secret),
-        })
-    }
-
-    /// Parses `<12 hex>.<64 hex>`; the error never repeats the input.
-    pub fn parse(text: &str) -> Result<Self, RegistryError> {
-        let (id, secret) = text
-            .trim()
-            .split_once('.')
-            .ok_or(RegistryError::TokenMalformed)?;
-        let is_hex = |s: &str, n: usize| {
-            s.len() == n * 2
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
-        if !is_hex(id, ID_BYTES) || !is_hex(secret, SECRET_BYTES) {
-            return Err(RegistryError::TokenMalformed);
-        }
-        Ok(JoinToken {
-            id: id.to_string(),
-            secret: secret.to_string(),
-        })
-    }
-
-    /// The public half: lists and revocations name a token by it.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The full token text, to hand to an operator exactly once. Never log it.
-    pub fn expose_secret(&self) -> String {
-        format!("{}.{}", self.id, self.secret)
-    }
-
-    pub(super) fn secret_hash(&self) -> String {
-        sha256_hex(self.secret.as_bytes())
-    }
-}
-
-impl fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinToken")
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
+pub use fleet_hub_api::model::{JoinToken, TokenInfo};
 
 /// Compares without an early exit, so timing does not reveal how much of a hash matched.
 pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -114,17 +37,6 @@ impl TokenRecord {
             revoked_at: self.revoked_at,
         }
     }
-}
-
-/// A token as listed: everything but the secret (and its hash).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenInfo {
-    pub id: String,
-    pub description: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    pub expires_at: u64,
-    pub revoked_at: Option<u64>,
 }
 
 /// Where the registry reads the time (token expiry, join times).
@@ -169,28 +81,6 @@ pub(super) fn unix_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_redact() {
-        let token = JoinToken::generate().unwrap();
-        let text = token.expose_secret();
-        assert_eq!(JoinToken::parse(&text).unwrap(), token);
-        let debug = format!("{token:?}");
-        assert!(debug.contains(token.id()));
-        assert!(!debug.contains(&token.secret), "{debug}");
-        assert!(debug.contains("<redacted>"));
-    }
-
-    #[test]
-    fn malformed_tokens_are_refused_without_echo() {
-        for bad in ["", "abc", "abc.def", "0123456789ab.xyz", &"a".repeat(77)] {
-            let err = JoinToken::parse(bad).unwrap_err();
-            assert!(matches!(err, RegistryError::TokenMalformed));
-        }
-        let secret = "f".repeat(63);
-        let err = JoinToken::parse(&format!("0123456789ab.{secret}")).unwrap_err();
-        assert!(!err.to_string().contains(&secret));
-    }
 
     #[test]
     fn constant_time_eq_compares() {

@@ -27,19 +27,19 @@
 
 pub mod process;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey, WireguardDevice};
-use futures::{FutureExt, StreamExt};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 
-use crate::client::{HubClient, HubError};
-use crate::registry::{ClusterId, ClusterRecord, RegistryEvent, RelayRecord};
+use crate::registry::{ClusterRecord, RelayRecord};
+use fleet_hub_api::client::{HubClient, HubError};
+use fleet_hub_api::mirror::{FleetMirror, WatcherConfig};
 
 /// The named netns the relay's interface goes into unless told otherwise.
 pub const DEFAULT_RELAY_NETNS: &str = "fleet-hub-relay";
@@ -358,87 +358,54 @@ async fn renew(
     }
 }
 
-/// Keeps the device's peers equal to the hub's clusters: a listing, then its watch; after a
-/// watch error (history compacted, credential refused) a fresh listing. The HubClient's watch
-/// itself rides out hub restarts and fail-overs; meanwhile the device keeps its peers.
+/// Keeps the device's peers equal to the hub's clusters, read from the fleet mirror (which
+/// lists, watches, relists after the history is gone and rides out hub restarts and
+/// fail-overs; meanwhile the device keeps its peers). A failed update is retried.
 async fn follow(
     client: HubClient,
     device: Arc<dyn WireguardDevice>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mirror = FleetMirror::spawn(Arc::new(client), WatcherConfig::default());
+    let mut reader = mirror.reader();
+    let mut applied: Option<Vec<Peer>> = None;
+    let mut last_error: Option<String> = None;
+    let retry = Duration::from_secs(1);
     loop {
-        let outcome = tokio::select! {
-            _ = stopped.changed() => return,
-            outcome = follow_once(&client, device.as_ref()) => outcome,
-        };
-        if let Err(reason) = outcome {
-            tracing::warn!(%reason, "relay lost the hub; following it again");
+        let state = reader.mark_seen();
+        let error = state.error.as_ref().map(ToString::to_string);
+        if error.is_some() && error != last_error {
+            tracing::warn!(reason = ?error, "relay lost the hub; following it again");
+        }
+        last_error = error;
+        let mut failed = false;
+        if let Some(fleet) = state.fleet {
+            let peers = relay_peers(fleet.clusters.values());
+            if applied.as_ref() != Some(&peers) {
+                match device.set_peers(&peers).await {
+                    Ok(()) => {
+                        tracing::debug!(peers = peers.len(), "relay peers set");
+                        applied = Some(peers);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, peers = peers.len(), "setting the relay's peers failed; retrying");
+                        failed = true;
+                    }
+                }
+            }
         }
         tokio::select! {
             _ = stopped.changed() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// One listing and its watch, until the watch fails. Returns why.
-async fn follow_once(client: &HubClient, device: &dyn WireguardDevice) -> Result<(), String> {
-    let view = client.list().await.map_err(|e| e.to_string())?;
-    let mut clusters: BTreeMap<ClusterId, ClusterRecord> = view
-        .clusters
-        .into_iter()
-        .map(|c| (c.id.clone(), c))
-        .collect();
-    apply(device, &clusters).await?;
-    let mut events = Box::pin(client.watch(view.revision));
-    loop {
-        let Some(event) = events.next().await else {
-            return Err("the watch ended".into());
-        };
-        let mut changed = absorb(&mut clusters, event.map_err(|e| e.to_string())?);
-        // Take whatever else is already there (a removal is several events) before applying.
-        while let Some(Some(event)) = events.next().now_or_never() {
-            changed |= absorb(&mut clusters, event.map_err(|e| e.to_string())?);
-        }
-        if changed {
-            apply(device, &clusters).await?;
+            changed = reader.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(retry), if failed => {}
         }
     }
-}
-
-fn absorb(clusters: &mut BTreeMap<ClusterId, ClusterRecord>, event: RegistryEvent) -> bool {
-    match event {
-        RegistryEvent::ClusterUpserted { record, .. } => {
-            let old = clusters.insert(record.id.clone(), record.clone());
-            old.is_none_or(|o| {
-                (o.public_key, o.block, o.endpoint)
-                    != (record.public_key, record.block, record.endpoint)
-            })
-        }
-        RegistryEvent::ClusterRemoved { id, .. } => clusters.remove(&id).is_some(),
-        _ => false,
-    }
-}
-
-async fn apply(
-    device: &dyn WireguardDevice,
-    clusters: &BTreeMap<ClusterId, ClusterRecord>,
-) -> Result<(), String> {
-    let peers = relay_peers(clusters.values());
-    device
-        .set_peers(&peers)
-        .await
-        .map_err(|e| format!("setting the relay's {} peers: {e}", peers.len()))?;
-    tracing::debug!(peers = peers.len(), "relay peers set");
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{GatewayState, PublicKey};
+    use crate::registry::{ClusterId, GatewayState, PublicKey};
 
     fn cluster(id: &str, key: u8, block: &str, endpoint: Option<&str>) -> ClusterRecord {
         ClusterRecord {
@@ -490,29 +457,19 @@ mod tests {
     }
 
     #[test]
-    fn only_peer_relevant_changes_count() {
-        let mut clusters = BTreeMap::new();
+    fn only_peer_relevant_changes_change_the_peers() {
         let aa = cluster("aa", 1, "100.96.0.0/20", None);
-        let up = |record: ClusterRecord| RegistryEvent::ClusterUpserted {
-            record,
-            revision: 1,
-        };
-        assert!(absorb(&mut clusters, up(aa.clone())));
         let mut down = aa.clone();
         down.gateway = GatewayState::Down;
-        assert!(
-            !absorb(&mut clusters, up(down)),
+        down.joined_at = 7;
+        assert_eq!(
+            relay_peers([&aa]),
+            relay_peers([&down]),
             "gateway state is not a peer change"
         );
-        assert!(absorb(
-            &mut clusters,
-            up(cluster("aa", 3, "100.96.0.0/20", None))
-        ));
-        let removed = RegistryEvent::ClusterRemoved {
-            id: aa.id.clone(),
-            revision: 2,
-        };
-        assert!(absorb(&mut clusters, removed.clone()));
-        assert!(!absorb(&mut clusters, removed));
+        let rekeyed = cluster("aa", 3, "100.96.0.0/20", None);
+        assert_ne!(relay_peers([&aa]), relay_peers([&rekeyed]));
+        let public = cluster("aa", 1, "100.96.0.0/20", Some("203.0.113.5:51820"));
+        assert_ne!(relay_peers([&aa]), relay_peers([&public]));
     }
 }

@@ -23,7 +23,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::{Relay, RelayError, RelayOptions};
-use crate::client::HubClient;
+use fleet_hub_api::client::HubClient;
 
 pub const RELAY_PID_FILE: &str = "relay.pid";
 /// How often a relay checks that `relay.pid` still names it.

@@ -1,6 +1,7 @@
 //! The hub's store: a small revisioned key-value store behind one trait, with two backends.
 //!
-//! - [`EmbeddedStore`]: the default, a crash-safe append-only log in the hub's data dir;
+//! - [`EmbeddedStore`]: the default, one redb database file in the hub's data dir (redb
+//!   carries the crash safety; revisions, history and watches are ours);
 //! - [`EtcdStore`]: etcd, for several hub replicas sharing one state.
 //!
 //! Semantics every backend keeps (the shared test suite checks them on both):
@@ -25,7 +26,7 @@ pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use etcd::{EtcdOptions, EtcdStore};
 
 /// A store revision. 0 means "before the first write".
-pub type Revision = u64;
+pub use fleet_hub_api::model::Revision;
 
 /// One key with its value and the revisions that created and last modified it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,8 +183,8 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error(
-        "store log {path} is corrupt at byte {offset} ({reason}) with intact records after it; \
-         this is not a torn write: restore the data dir from a backup"
+        "store file {path} is damaged (at byte {offset}; 0 where the database does not say): \
+         {reason}; this is not a torn write: restore the data dir from a backup"
     )]
     Corrupt {
         path: String,

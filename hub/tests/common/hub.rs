@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleet_hub::api::{CaHash, Credential};
-use fleet_hub::client::{ClientOptions, HubClient};
+use fleet_hub_api::client::{ClientOptions, HubClient};
 
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

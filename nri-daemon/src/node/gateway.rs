@@ -75,11 +75,6 @@ fn wire_of(b: BackendKind) -> WireguardBackend {
     }
 }
 
-fn parse_key(s: &str) -> Result<PublicKey, Failure> {
-    s.parse::<PublicKey>()
-        .map_err(|e| invalid(format!("peer public key {s:?}: {e}")))
-}
-
 impl Desired {
     fn parse(req: &SetGatewayRequest) -> Result<Self, Failure> {
         let own_block = req
@@ -105,7 +100,7 @@ impl Desired {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             peers.push(Peer {
-                public_key: parse_key(&p.public_key)?,
+                public_key: p.public_key,
                 endpoint: p.endpoint,
                 allowed_ips,
                 persistent_keepalive: p.keepalive,
@@ -173,7 +168,7 @@ fn device_info(d: &dyn WireguardDevice) -> GatewayDevice {
     GatewayDevice {
         name: d.name().to_owned(),
         backend: wire_of(d.backend()),
-        public_key: d.public_key().to_base64(),
+        public_key: d.public_key(),
         listen_port: d.listen_port(),
     }
 }
@@ -184,7 +179,7 @@ fn unix(t: SystemTime) -> u64 {
 
 fn peer_status(s: &PeerStats) -> GatewayPeerStatus {
     GatewayPeerStatus {
-        public_key: s.public_key.to_base64(),
+        public_key: s.public_key,
         endpoint: s.endpoint,
         allowed_ips: s.allowed_ips.iter().map(ToString::to_string).collect(),
         last_handshake: s.last_handshake.map(unix),
@@ -514,7 +509,7 @@ impl Node {
     /// `gateway_key`: the public half of the gateway's key (made on first use).
     pub fn gateway_key(&self) -> Result<GatewayKey, Failure> {
         Ok(GatewayKey {
-            public_key: self.gateway_private_key()?.public_key().to_base64(),
+            public_key: self.gateway_private_key()?.public_key(),
         })
     }
 
@@ -595,7 +590,7 @@ mod tests {
             backend: None,
             own_block: Some("100.96.16.0/20".into()),
             peers: vec![GatewayPeer {
-                public_key: PrivateKey::generate().public_key().to_base64(),
+                public_key: PrivateKey::generate().public_key(),
                 endpoint: Some("203.0.113.10:51820".parse().unwrap()),
                 allowed_ips: vec!["100.96.0.0/12".into()],
                 keepalive: Some(25),
@@ -617,11 +612,6 @@ mod tests {
         assert_eq!(e.code, fleet_proto::node::code::INVALID_CONFIG);
         assert!(e.details.contains("15"), "{e}");
         assert!(bad(&|r| r.listen_port = 0).details.contains("listen_port"));
-        assert!(
-            bad(&|r| r.peers[0].public_key = "nope".into())
-                .details
-                .contains("nope")
-        );
         assert!(
             bad(&|r| r.peers[0].allowed_ips = vec!["x".into()])
                 .details

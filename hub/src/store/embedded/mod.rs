@@ -1,19 +1,22 @@
-//! The embedded store: the hub's default, one log file in the data dir (`store.log`).
+//! The embedded store: the hub's default, one redb database in the data dir (`store.redb`).
 //!
-//! Why a log of our own rather than an embedded database: the store must keep *history* (for
-//! watch resume) as well as current values, and give every change a revision. A log of
-//! committed transactions is exactly that history; the live map and the history are rebuilt
-//! from it on open. The format (see [`log`]) is small enough to test exhaustively for torn
-//! writes, and snapshotting (temp file + fsync + atomic rename) bounds its size.
+//! redb carries crash safety (checksummed copy-on-write B-trees, a durable commit per write);
+//! the revisions, the watch history and the watch fan-out are ours. The live keys and the
+//! retained history are also held in memory (loaded on open), so reads and watch replays never
+//! wait for the disk; the file is written, never read, while the store is open. The tables are
+//! described in [`db`]. A data dir still holding the former log (`store.log`) is imported once
+//! on open ([`legacy`]) and the log renamed `store.log.imported`.
 //!
-//! Concurrency: one committer thread owns the log. Writers queue their transactions to it; it
-//! takes everything queued (group commit), checks each transaction in order, appends all their
-//! frames with one write and one fsync, then applies them, notifies watchers and answers. So a
-//! cancelled caller cannot leave memory and file disagreeing, and concurrent writers share
-//! fsyncs. Reads never wait for the disk. A second process opening the same data dir is
-//! refused by an exclusive `flock` on `LOCK`, held by the committer until it exits.
+//! Concurrency: one committer thread owns the database. Writers queue their transactions to
+//! it; it takes everything queued (group commit), checks each transaction in order, writes
+//! all their changes in one redb transaction with one fsync, then applies them, notifies
+//! watchers and answers. So a cancelled caller cannot leave memory and file disagreeing, and
+//! concurrent writers share fsyncs. A second process opening the same data dir is refused by
+//! an exclusive `flock` on `LOCK`, held by the committer until it exits (redb also locks its
+//! file, but the `LOCK` file names the holder's pid).
 
-mod log;
+mod db;
+mod legacy;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -25,14 +28,33 @@ use async_trait::async_trait;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{broadcast, oneshot};
 
-use self::log::{LogWriter, Record, io_err, read_log, write_snapshot};
+use self::db::Db;
 use super::{
     Change, Condition, KeyValue, Listing, Op, Revision, Store, StoreError, Txn, TxnOutcome,
     WatchStream,
 };
 
-const LOG_FILE: &str = "store.log";
+const DB_FILE: &str = "store.redb";
+/// Where a new database is built during an import, renamed to `DB_FILE` when complete.
+const IMPORTING_FILE: &str = "store.redb.importing";
+/// The former log format, imported once.
+const LEGACY_FILE: &str = "store.log";
+const LEGACY_IMPORTED_FILE: &str = "store.log.imported";
 const LOCK_FILE: &str = "LOCK";
+
+pub(super) fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// fsyncs a directory so a create or rename in it is durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
 
 /// Tuning of the embedded store.
 #[derive(Debug, Clone)]
@@ -40,8 +62,6 @@ pub struct EmbeddedOptions {
     /// How many changes of watch history to keep; older ones are compacted away (watchers
     /// that far behind must relist).
     pub history_limit: usize,
-    /// Rewrite the log as a snapshot after this many appended commits.
-    pub snapshot_every: u64,
     /// Buffered revisions per live watcher before it falls back to reading history.
     pub watch_buffer: usize,
 }
@@ -50,7 +70,6 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             history_limit: 100_000,
-            snapshot_every: 20_000,
             watch_buffer: 1024,
         }
     }
@@ -80,15 +99,23 @@ impl State {
         }
     }
 
-    /// Drops whole revisions of history until at most `limit` changes remain.
-    fn trim_history(&mut self, limit: usize) {
-        while self.history.len() > limit {
-            let rev = self.history.front().map(Change::revision).unwrap_or(0);
-            while self.history.front().is_some_and(|c| c.revision() == rev) {
-                self.history.pop_front();
+    /// The floor after adding `added` to the history and dropping whole revisions from its
+    /// front until at most `limit` changes remain.
+    fn floor_after<'a>(&self, added: impl Iterator<Item = &'a Change>, limit: usize) -> Revision {
+        let added: Vec<&Change> = added.collect();
+        let mut remaining = self.history.len() + added.len();
+        let mut floor = self.floor;
+        let mut changes = self.history.iter().chain(added).peekable();
+        while remaining > limit {
+            let Some(rev) = changes.peek().map(|c| c.revision()) else {
+                break;
+            };
+            while changes.next_if(|c| c.revision() == rev).is_some() {
+                remaining -= 1;
             }
-            self.floor = self.floor.max(rev);
+            floor = floor.max(rev);
         }
+        floor
     }
 
     fn compact(&mut self, revision: Revision) {
@@ -115,26 +142,6 @@ impl State {
             .filter(|c| c.revision() > after && c.key().starts_with(prefix))
             .cloned()
             .collect())
-    }
-
-    fn snapshot_records(&self) -> impl Iterator<Item = Record> + '_ {
-        let header = Record::Header {
-            revision: self.revision,
-            floor: self.floor,
-        };
-        let entries = self.entries.values().cloned().map(Record::Entry);
-        let mut by_revision: Vec<Vec<Change>> = Vec::new();
-        for change in &self.history {
-            match by_revision.last_mut() {
-                Some(batch) if batch[0].revision() == change.revision() => {
-                    batch.push(change.clone())
-                }
-                _ => by_revision.push(vec![change.clone()]),
-            }
-        }
-        std::iter::once(header)
-            .chain(entries)
-            .chain(by_revision.into_iter().map(Record::History))
     }
 }
 
@@ -173,7 +180,7 @@ const MAX_BATCH: usize = 512;
 struct Committer {
     shared: Arc<Shared>,
     options: EmbeddedOptions,
-    log: LogWriter,
+    db: Db,
     _lock: Flock<File>,
 }
 
@@ -247,74 +254,11 @@ impl EmbeddedStore {
     fn open_blocking(dir: PathBuf, options: EmbeddedOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
-        let path = dir.join(LOG_FILE);
-        // A snapshot that crashed before its rename is garbage; the log is still the old one.
-        let _ = std::fs::remove_file(path.with_extension("log.tmp"));
-        if !path.exists() {
-            write_snapshot(
-                &path,
-                std::iter::once(Record::Header {
-                    revision: 0,
-                    floor: 0,
-                }),
-            )?;
-        }
-        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-        let contents = read_log(&path, &bytes)?;
-        drop(bytes);
-        let mut records = contents.records.into_iter();
-        let (revision, floor) = match records.next() {
-            Some(Record::Header { revision, floor }) => (revision, floor),
-            _ => {
-                return Err(StoreError::Corrupt {
-                    path: path.display().to_string(),
-                    offset: 0,
-                    reason: "the log does not start with a header".into(),
-                });
-            }
-        };
-        let mut state = State {
-            revision,
-            floor,
-            entries: BTreeMap::new(),
-            history: VecDeque::new(),
-        };
-        let mut commits = 0u64;
-        for record in records {
-            match record {
-                Record::Entry(kv) => {
-                    state.entries.insert(kv.key.clone(), kv);
-                }
-                Record::History(changes) => state.history.extend(changes),
-                Record::Commit(changes) => {
-                    state.apply(&changes);
-                    commits += 1;
-                }
-                Record::Header { .. } => {
-                    return Err(StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        offset: 0,
-                        reason: "a second header in the log".into(),
-                    });
-                }
-            }
-        }
-        state.trim_history(options.history_limit);
-        if contents.valid_len < contents.file_len {
-            tracing::warn!(
-                path = %path.display(),
-                valid_len = contents.valid_len,
-                file_len = contents.file_len,
-                "store log ends in a torn write (a crash mid-commit); dropping the unacknowledged tail"
-            );
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| io_err(&path, e))?;
-            file.set_len(contents.valid_len)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| io_err(&path, e))?;
-        }
+        import_legacy_log(&dir)?;
+        let db = Db::open(&dir.join(DB_FILE))?;
+        let mut state = db.load()?;
+        // A smaller limit than the one the history was kept with applies from now on.
+        state.compact(state.floor_after(std::iter::empty(), options.history_limit));
         tracing::info!(
             dir = %dir.display(),
             revision = state.revision,
@@ -322,7 +266,6 @@ impl EmbeddedStore {
             history = state.history.len(),
             "embedded store opened"
         );
-        let log = LogWriter::open(&path, contents.valid_len, commits)?;
         let (changes, _) = broadcast::channel(options.watch_buffer.max(1));
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
@@ -332,7 +275,7 @@ impl EmbeddedStore {
         let committer = Committer {
             shared: shared.clone(),
             options,
-            log,
+            db,
             _lock: lock,
         };
         let handle = std::thread::Builder::new()
@@ -406,7 +349,7 @@ impl Committer {
             }
             self.commit(txns);
         }
-        tracing::debug!(path = %self.log.path().display(), "embedded store committer stopped");
+        tracing::debug!(path = %self.db.path().display(), "embedded store committer stopped");
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -417,7 +360,8 @@ impl Committer {
         self.shared.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks, logs (one write, one fsync), applies and answers a batch of transactions.
+    /// Checks, writes (one redb transaction, one fsync), applies and answers a batch of
+    /// transactions.
     fn commit(&mut self, txns: Vec<(Txn, oneshot::Sender<Result<TxnOutcome, StoreError>>)>) {
         if txns.is_empty() {
             return;
@@ -492,24 +436,26 @@ impl Committer {
                 });
             }
         }
-        let frames: Vec<u8> = pending
-            .iter()
-            .filter(|p| !p.changes.is_empty())
-            .flat_map(|p| Record::Commit(p.changes.clone()).frame())
-            .collect();
-        if !frames.is_empty() {
-            if let Err(error) = self.log.append(&frames) {
+        let written = || pending.iter().flat_map(|p| p.changes.iter());
+        if written().next().is_some() {
+            let (revision, floor) = {
+                let state = self.read();
+                let revision = written().last().map_or(state.revision, Change::revision);
+                (
+                    revision,
+                    state.floor_after(written(), self.options.history_limit),
+                )
+            };
+            if let Err(error) = self.db.commit(written(), revision, floor) {
                 tracing::error!(%error, batch = pending.len(), "store commit failed; nothing of the batch was applied");
                 for p in pending {
                     let _ = p.reply.send(Err(StoreError::Io {
-                        path: self.log.path().display().to_string(),
+                        path: self.db.path().display().to_string(),
                         source: std::io::Error::other(error.to_string()),
                     }));
                 }
                 return;
             }
-            let commits = pending.iter().filter(|p| !p.changes.is_empty()).count();
-            self.log.commits_since_snapshot += commits as u64;
             let mut state = self.write();
             for p in &pending {
                 if p.changes.is_empty() {
@@ -520,43 +466,26 @@ impl Committer {
                 // each revision either in its replay or on the channel, never neither.
                 let _ = self.shared.changes.send(Arc::new(p.changes.clone()));
             }
-            state.trim_history(self.options.history_limit);
+            state.compact(floor);
         }
         for p in pending {
             let _ = p.reply.send(Ok(p.outcome));
         }
-        if self.log.commits_since_snapshot >= self.options.snapshot_every {
-            if let Err(error) = self.snapshot() {
-                // The commits themselves are durable; a failed snapshot only leaves the log longer.
-                tracing::warn!(%error, "store snapshot failed; will retry after the next commit");
-            }
-        }
     }
 
     fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
-        {
-            let mut state = self.write();
-            if revision > state.revision {
-                return Err(StoreError::InvalidTxn(format!(
-                    "cannot compact at revision {revision}: the store is at revision {}",
-                    state.revision
-                )));
-            }
-            state.compact(revision);
+        let current = self.read().revision;
+        if revision > current {
+            return Err(StoreError::InvalidTxn(format!(
+                "cannot compact at revision {revision}: the store is at revision {current}"
+            )));
         }
-        self.snapshot()
-    }
-
-    /// Rewrites the log as a snapshot of the current state.
-    fn snapshot(&mut self) -> Result<(), StoreError> {
-        let path = self.log.path().to_path_buf();
-        let len = write_snapshot(&path, self.read().snapshot_records())?;
-        self.log = LogWriter::open(&path, len, 0)?;
-        tracing::debug!(path = %path.display(), len, "store log rewritten as a snapshot");
+        let floor = self.read().floor.max(revision);
+        self.db.commit(std::iter::empty(), current, floor)?;
+        self.write().compact(floor);
         Ok(())
     }
 }
-
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -656,8 +585,51 @@ impl Store for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Where the embedded store in `dir` keeps its log (for operators and crash tests).
-    pub fn log_path(dir: &Path) -> PathBuf {
-        dir.join(LOG_FILE)
+    /// Where the embedded store in `dir` keeps its database (for operators and crash tests).
+    pub fn db_path(dir: &Path) -> PathBuf {
+        dir.join(DB_FILE)
     }
+}
+
+/// Imports the former log format once: when `store.log` exists and `store.redb` does not, the
+/// log is read and written into a new database built beside it and renamed into place; then
+/// the log is renamed `store.log.imported`. A crash at any step leaves either the log to import
+/// again or the complete database.
+fn import_legacy_log(dir: &Path) -> Result<(), StoreError> {
+    let db_path = dir.join(DB_FILE);
+    let legacy = dir.join(LEGACY_FILE);
+    let importing = dir.join(IMPORTING_FILE);
+    let imported = dir.join(LEGACY_IMPORTED_FILE);
+    // Garbage of an import that crashed before its rename, or of an old log snapshot.
+    for stale in [importing.clone(), dir.join("store.log.tmp")] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&stale, e)),
+            _ => {}
+        }
+    }
+    if !legacy.exists() {
+        return Ok(());
+    }
+    if !db_path.exists() {
+        let started = std::time::Instant::now();
+        let state = legacy::read(&legacy)?;
+        let db = Db::open(&importing)?;
+        db.write_all(&state)?;
+        drop(db);
+        std::fs::rename(&importing, &db_path).map_err(|e| io_err(&db_path, e))?;
+        sync_dir(dir)?;
+        tracing::info!(
+            from = %legacy.display(),
+            to = %db_path.display(),
+            revision = state.revision,
+            keys = state.entries.len(),
+            history = state.history.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "imported the old store log into the database"
+        );
+    }
+    // Also reached when a crash came between the database's rename and this one.
+    std::fs::rename(&legacy, &imported).map_err(|e| io_err(&imported, e))?;
+    sync_dir(dir)?;
+    Ok(())
 }

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::super::{Change, KeyValue, Revision, StoreError};
+use fleet_hub::store::{Change, KeyValue, Revision, StoreError};
 
 const MAGIC: &[u8; 8] = b"FLEETHUB";
 const VERSION: u32 = 1;
@@ -390,80 +390,4 @@ pub(super) fn write_snapshot(
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
     sync_dir(dir)?;
     Ok(len)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn kv(key: &str, rev: u64) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: vec![1, 2, 3],
-            create_revision: rev,
-            mod_revision: rev,
-        }
-    }
-
-    fn sample() -> Vec<Record> {
-        vec![
-            Record::Header {
-                revision: 3,
-                floor: 1,
-            },
-            Record::Entry(kv("a", 2)),
-            Record::History(vec![Change::Put(kv("a", 2))]),
-            Record::Commit(vec![
-                Change::Put(kv("b", 4)),
-                Change::Delete {
-                    key: "a".into(),
-                    revision: 4,
-                },
-            ]),
-        ]
-    }
-
-    fn encode(records: &[Record]) -> Vec<u8> {
-        records.iter().flat_map(|r| r.frame()).collect()
-    }
-
-    #[test]
-    fn records_round_trip() {
-        let bytes = encode(&sample());
-        let log = read_log(Path::new("t"), &bytes).unwrap();
-        assert_eq!(log.records, sample());
-        assert_eq!(log.valid_len, bytes.len() as u64);
-    }
-
-    #[test]
-    fn every_truncation_of_the_last_frame_is_a_torn_tail() {
-        let full = encode(&sample());
-        let prefix_len = encode(&sample()[..3]).len();
-        for cut in prefix_len..full.len() {
-            let log = read_log(Path::new("t"), &full[..cut]).unwrap();
-            assert_eq!(log.records, sample()[..3], "cut at {cut}");
-            assert_eq!(log.valid_len, prefix_len as u64);
-        }
-    }
-
-    #[test]
-    fn zero_filled_tail_is_torn() {
-        let mut bytes = encode(&sample());
-        let len = bytes.len();
-        bytes.extend_from_slice(&[0u8; 100]);
-        let log = read_log(Path::new("t"), &bytes).unwrap();
-        assert_eq!(log.valid_len, len as u64);
-    }
-
-    #[test]
-    fn damage_before_intact_frames_is_refused() {
-        let mut bytes = encode(&sample());
-        // flip a byte inside the second frame's payload
-        let first = sample()[0].frame().len();
-        bytes[first + 10] ^= 0xff;
-        match read_log(Path::new("t"), &bytes) {
-            Err(StoreError::Corrupt { offset, .. }) => assert_eq!(offset, first as u64),
-            other => panic!("expected Corrupt, got {:?}", other.map(|l| l.records)),
-        }
-    }
 }

@@ -1,4 +1,5 @@
-//! The hub's client library: what a member's controller and `fleetctl` use.
+//! The hub's client library: what a member's controller, the relay, `fleetctl` and `fleet-dns`
+//! use.
 //!
 //! [`HubClient`] dials one of the hub's addresses over TLS, trusting only the CA whose SHA-256
 //! it was given (from the join string), and fails over to the next address when one is down.
@@ -19,21 +20,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use crate::api::tls::{HUB_SERVER_NAME, pinned_client_config};
-use crate::api::{
-    CaHash, ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall,
-    JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall,
-    RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall,
-    TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine,
-    decode_b64, encode_b64,
+pub use crate::model::Lease;
+use crate::model::{
+    ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, Revision,
+    TokenInfo,
 };
-pub use crate::registry::Lease;
-use crate::registry::{
-    ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, TokenInfo,
+use crate::tls::{CaHash, HUB_SERVER_NAME, pinned_client_config};
+use crate::wire::{
+    ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall, JoinReply,
+    JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall, RejoinCall,
+    RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
+    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
 };
-use crate::store::Revision;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum HubError {
     /// The hub refused the call; `code` says why.
     #[error("hub refused {call}: {message} ({code:?})")]
@@ -351,7 +351,7 @@ impl HubClient {
     /// Re-joins with this client's credential: same id and block, new key and endpoint.
     pub async fn rejoin(
         &self,
-        public_key: crate::registry::PublicKey,
+        public_key: crate::model::PublicKey,
         endpoint: Option<std::net::SocketAddr>,
     ) -> Result<ClusterRecord, HubError> {
         let call = RejoinCall {
@@ -479,10 +479,10 @@ impl HubClient {
     /// the hub's now (the hub sets its `expires_at`; renew within `ttl` or it is swept).
     pub async fn publish_relay(
         &self,
-        record: &crate::registry::RelayRecord,
+        record: &crate::model::RelayRecord,
         ttl: Duration,
     ) -> Result<Revision, HubError> {
-        let call = crate::api::RelayPublishCall {
+        let call = crate::wire::RelayPublishCall {
             record: record.clone(),
             ttl_ms: Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };

@@ -1,0 +1,24 @@
+//! The members' contract with the fleet hub: everything a member cluster's controller, the
+//! hub's relay, `fleetctl` and `fleet-dns` share with the hub — and nothing of the hub's server,
+//! storage or data plane. Split like hickory-dns's `proto` from its `server`, or kube-rs's
+//! `kube-core`/`kube-client` from `kube-runtime`.
+//!
+//! - [`model`]: the fleet as members see it (cluster id, WireGuard public key, cluster and relay
+//!   records, gateway state, leases, join tokens, the fleet view, watch events, revisions);
+//! - [`records`]: the schemas of the records members publish (`node/<name>`, `gateway`);
+//! - [`wire`]: the HTTP/1.1 + JSON protocol (calls, replies, watch lines, credentials, join
+//!   strings, error codes);
+//! - [`tls`]: CA pinning, the members' trust in the hub;
+//! - [`client`]: the client library ([`client::HubClient`]);
+//! - [`mirror`]: the one fleet mirror (list → watch → relist, like kube-runtime's watcher +
+//!   reflector) that every consumer of the fleet view reads.
+
+pub mod client;
+pub mod mirror;
+pub mod model;
+pub mod records;
+pub mod tls;
+pub mod wire;
+
+pub use client::{ClientOptions, HubClient, HubError};
+pub use model::{ClusterId, FleetView, PublicKey, RegistryEvent, Revision};
