@@ -42,8 +42,9 @@ pub mod code {
     /// Programming the intra-cluster overlay (VXLAN link, routes, neighbours) failed; the
     /// requested peers are recorded and re-applied on the next request or restart.
     pub const OVERLAY_FAILED: u32 = 104;
-    /// Creating or configuring the gateway (WireGuard device, peers, own-block route) failed;
-    /// the desired state is recorded and re-applied on the next request or restart.
+    /// Creating or configuring the gateway (WireGuard device, peers, own-block route, key)
+    /// failed; an accepted `set_gateway` is recorded and re-applied on the next request or
+    /// restart.
     pub const GATEWAY_FAILED: u32 = 105;
 }
 

@@ -163,7 +163,7 @@ impl From<Failure> for NodeError {
             }
             Failure::Gateway { op, reason } => (
                 code::GATEWAY_FAILED,
-                format!("cannot {op}; the desired state is recorded, resend to retry"),
+                format!("cannot {op}; resend to retry"),
                 reason,
             ),
         };

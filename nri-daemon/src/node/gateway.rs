@@ -444,14 +444,22 @@ impl Node {
         self.local.data_dir.join(STATE_FILE)
     }
 
-    /// The gateway's private key, made (0600) on first use and kept in the data dir.
+    /// The gateway's private key, made (0600) on first use and kept in the data dir. One
+    /// caller at a time: two controllers asking at once get the same key.
     fn gateway_private_key(&self) -> Result<PrivateKey, Failure> {
-        PrivateKey::load_or_generate(&self.local.data_dir.join(KEY_FILE)).map_err(|e| {
-            Failure::Gateway {
-                op: "load or create the gateway's private key",
-                reason: e.to_string(),
-            }
-        })
+        let mut cached = self.gateway_key.lock().expect("gateway key");
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let key =
+            PrivateKey::load_or_generate(&self.local.data_dir.join(KEY_FILE)).map_err(|e| {
+                Failure::Gateway {
+                    op: "load or create the gateway's private key",
+                    reason: e.to_string(),
+                }
+            })?;
+        *cached = Some(key.clone());
+        Ok(key)
     }
 
     /// `set_gateway`: this node is the cluster's gateway. Recorded first (so a failure is

@@ -61,6 +61,8 @@ pub struct Node {
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The WireGuard gateway, on the node the controller made the gateway.
     gateway: Arc<tokio::sync::Mutex<gateway::GatewayState>>,
+    /// The gateway's private key once loaded or made (never logged, never sent).
+    gateway_key: Mutex<Option<fleet_gateway::PrivateKey>>,
 }
 
 /// What exists once the node has a plan.
@@ -91,6 +93,7 @@ impl Node {
             nri,
             pod_locks: Mutex::new(HashMap::new()),
             gateway: Arc::default(),
+            gateway_key: Mutex::new(None),
         }
     }
 
