@@ -21,7 +21,9 @@
 //! or, with [`FleetBuilder::hub_replicas_on_etcd`], replicas at 203.0.113.10, .11, ... on a
 //! real etcd that sits on a private hub network, 192.0.2.0/24), one or two
 //! [`FleetController`]s per member (`fleet-controller run` in a node's netns, the contract's
-//! flags, nodes.json written for the member), `fleetctl` run from a member node.
+//! flags, nodes.json written for the member), `fleetctl` run from a member node. The gateway's
+//! WireGuard device is run by the gateway node's fleet-nri (one interface name per member);
+//! [`ProbeStream`] measures how long a process restart stalls a TCP stream between pods.
 //!
 //! Drop order: pods, controllers, containerd + fleet-nri, routers, hub, etcd, internet. Process
 //! logs are printed when the dropping thread is panicking (a failed test), or always with

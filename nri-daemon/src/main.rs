@@ -1,7 +1,9 @@
 //! fleet-nri: parses flags, wires the node together, runs until SIGTERM/SIGINT.
 //!
 //! Stopping the daemon leaves every pod's link and address in place: pods keep working while
-//! it restarts, and the next start picks the allocations up from the data dir.
+//! it restarts, and the next start picks the allocations up from the data dir. A userspace
+//! WireGuard gateway stops with the process and is re-created from the data dir at the next
+//! start, before the node API serves (a kernel one stays up).
 
 use std::path::PathBuf;
 use std::sync::Arc;
