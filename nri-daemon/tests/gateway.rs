@@ -57,6 +57,7 @@ fn the_gateway_lives_in_the_daemon_and_survives_its_restarts() {
     .unwrap();
     let c = d.client();
     let name = format!("fgw{}", std::process::id() % 1_000_000);
+    let _socket = RemoveOnDrop(format!("/var/run/wireguard/{name}.sock"));
     let relay = some_key();
     let direct = some_key();
     let req = SetGatewayRequest {
@@ -215,5 +216,14 @@ trait ErrOrEmpty {
 impl<E> ErrOrEmpty for Result<String, E> {
     fn is_err_or_empty(&self) -> bool {
         self.as_ref().map_or(true, |s| s.trim().is_empty())
+    }
+}
+
+/// A killed daemon's userspace device leaves its UAPI socket; a failed test must not either.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
