@@ -82,7 +82,7 @@ impl Kind {
 
     /// Both kinds, the first alternating with `round`.
     fn order(round: usize) -> [Kind; 2] {
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             [Kind::Redb, Kind::Log]
         } else {
             [Kind::Log, Kind::Redb]
