@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleet_gateway::BackendKind;
 use fleet_hub_api::model::ClusterId;
 use fleet_hub_api::wire::{CaHash, JoinString};
+use fleet_proto::node::WireguardBackend;
 use ipnetwork::Ipv4Network;
 
 /// MTU of the gateway's WireGuard interface: 1500 minus the IPv6 + UDP + WireGuard overhead.
@@ -32,7 +32,7 @@ pub struct RunConfig {
     pub listen_port: u16,
     pub wg_name: String,
     /// `None`: kernel where available, else userspace.
-    pub wg_backend: Option<BackendKind>,
+    pub wg_backend: Option<WireguardBackend>,
     pub holder: String,
     pub lease_ttl: Duration,
     /// Where the leadership lease lives.

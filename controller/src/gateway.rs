@@ -11,12 +11,14 @@
 
 use std::time::Duration;
 
-use fleet_gateway::{BackendKind, Peer, PublicKey};
+use std::sync::Arc;
+
 use fleet_proto::node::{GatewayPeer, NodeError, SetGatewayRequest, WireguardBackend, code};
+use fleet_proto::wireguard::PublicKey;
 use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 
-use crate::nodes::NodeSocket;
+use crate::nodes::NodeApi;
 use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
 
 /// How the device is made (passed through to the gateway node).
@@ -26,17 +28,16 @@ pub struct GatewayConfig {
     pub listen_port: u16,
     pub mtu: u32,
     /// `None`: kernel where available, else userspace (the gateway node decides).
-    pub backend: Option<BackendKind>,
+    pub backend: Option<WireguardBackend>,
     /// The gateway node (its name in nodes.json).
     pub node: String,
     pub holder: String,
 }
 
 /// The gateway node's device, driven over the node API.
-#[derive(Debug)]
 pub struct Gateway {
     config: GatewayConfig,
-    api: NodeSocket,
+    api: Arc<dyn NodeApi>,
     own_block: Option<Ipv4Network>,
     /// The last `set_gateway` succeeded.
     up: bool,
@@ -44,24 +45,18 @@ pub struct Gateway {
     sent: Option<SetGatewayRequest>,
 }
 
-fn wire_backend(b: BackendKind) -> WireguardBackend {
-    match b {
-        BackendKind::Kernel => WireguardBackend::Kernel,
-        BackendKind::Userspace => WireguardBackend::Userspace,
-    }
-}
-
-fn wire_peer(p: &Peer) -> GatewayPeer {
-    GatewayPeer {
-        public_key: p.public_key,
-        endpoint: p.endpoint,
-        allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
-        keepalive: p.persistent_keepalive,
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .field("own_block", &self.own_block)
+            .field("up", &self.up)
+            .finish_non_exhaustive()
     }
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig, api: NodeSocket) -> Self {
+    pub fn new(config: GatewayConfig, api: Arc<dyn NodeApi>) -> Self {
         Gateway {
             config,
             api,
@@ -79,7 +74,7 @@ impl Gateway {
     /// The gateway's public key, from the gateway node (which makes the key on first use and
     /// never hands out the private half).
     pub async fn public_key(&self) -> Result<PublicKey, NodeError> {
-        Ok(self.api.blocking(|c| c.gateway_key()).await?.public_key)
+        Ok(self.api.gateway_key().await?.public_key)
     }
 
     /// [`Gateway::public_key`], retried while the gateway node's `fleet-nri` is not reachable
@@ -117,17 +112,17 @@ impl Gateway {
 
     /// Sends the whole desired state with `peers`: the gateway node makes the device if it
     /// has none and changes only what differs.
-    pub async fn set_peers(&mut self, peers: Vec<Peer>) -> Result<(), NodeError> {
+    pub async fn set_peers(&mut self, peers: Vec<GatewayPeer>) -> Result<(), NodeError> {
         let req = SetGatewayRequest {
             name: self.config.name.clone(),
             listen_port: self.config.listen_port,
             mtu: self.config.mtu,
-            backend: self.config.backend.map(wire_backend),
+            backend: self.config.backend,
             own_block: self.own_block.map(|b| b.to_string()),
-            peers: peers.iter().map(wire_peer).collect(),
+            peers,
         };
         let sent = req.clone();
-        let result = self.api.blocking(move |c| c.set_gateway(req)).await;
+        let result = self.api.set_gateway(req).await;
         self.up = result.is_ok();
         let r = result?;
         if r.created {
@@ -152,7 +147,7 @@ impl Gateway {
 
     /// The `gateway` record from the gateway node's device state; `None` without a device.
     pub async fn record(&self) -> Result<Option<GatewayRecord>, NodeError> {
-        let Some(st) = self.api.blocking(|c| c.gateway_status()).await? else {
+        let Some(st) = self.api.gateway_status().await? else {
             return Ok(None);
         };
         Ok(Some(GatewayRecord {
@@ -185,7 +180,7 @@ impl Gateway {
     pub async fn delete(&mut self) -> Result<(), NodeError> {
         self.up = false;
         self.sent = None;
-        let r = self.api.blocking(|c| c.clear_gateway()).await?;
+        let r = self.api.clear_gateway().await?;
         if r.removed {
             tracing::info!(device = %self.config.name, node = %self.config.node, "WireGuard gateway removed");
         }

@@ -9,9 +9,9 @@ use fleet_controller::config::{
     DEFAULT_LEASE_NAME, DEFAULT_LEASE_NAMESPACE, LeaderElectionMode, RunConfig, parse_duration,
 };
 use fleet_controller::identity::default_holder;
-use fleet_gateway::BackendKind;
 use fleet_hub_api::model::ClusterId;
 use fleet_hub_api::wire::{CaHash, JoinString};
+use fleet_proto::node::WireguardBackend;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -116,7 +116,11 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
             .map_err(|_| anyhow::anyhow!("--ca: expected the hub CA's SHA-256 in hex"))?;
     let wg_backend = match f.wg_backend.as_str() {
         "auto" => None,
-        other => Some(other.parse::<BackendKind>()?),
+        other => Some(
+            other
+                .parse::<WireguardBackend>()
+                .map_err(anyhow::Error::msg)?,
+        ),
     };
     Ok(RunConfig {
         cluster: ClusterId::new(f.cluster)?,

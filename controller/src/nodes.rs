@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet_proto::node::{
-    NodeClient, NodeError, PeerNode, PlanChange, SetPlanRequest, StatusResult,
+    ClearGatewayResult, GatewayKey, GatewayStatus, NodeClient, NodeError, PeerNode, PlanChange,
+    SetGatewayRequest, SetGatewayResult, SetPlanRequest, StatusResult,
 };
 
 use crate::plan::NodeSpec;
@@ -87,6 +88,14 @@ pub trait NodeApi: Send + Sync {
     async fn set_plan(&self, plan: SetPlanRequest) -> Result<PlanChange, NodeError>;
     async fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError>;
     async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError>;
+    /// The gateway node only: make or update the cluster's WireGuard device.
+    async fn set_gateway(&self, req: SetGatewayRequest) -> Result<SetGatewayResult, NodeError>;
+    /// The gateway device as it is; `None` without one.
+    async fn gateway_status(&self) -> Result<Option<GatewayStatus>, NodeError>;
+    /// The gateway's public key (the node makes the key pair if it has none).
+    async fn gateway_key(&self) -> Result<GatewayKey, NodeError>;
+    /// Removes the device, its routes and its saved state.
+    async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError>;
 }
 
 /// [`NodeApi`] over a node's socket (the blocking client, on tokio's blocking pool).
@@ -132,6 +141,22 @@ impl NodeApi for NodeSocket {
     }
     async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError> {
         self.blocking(|c| c.list_peers()).await
+    }
+
+    async fn set_gateway(&self, req: SetGatewayRequest) -> Result<SetGatewayResult, NodeError> {
+        self.blocking(move |c| c.set_gateway(req)).await
+    }
+
+    async fn gateway_status(&self) -> Result<Option<GatewayStatus>, NodeError> {
+        self.blocking(|c| c.gateway_status()).await
+    }
+
+    async fn gateway_key(&self) -> Result<GatewayKey, NodeError> {
+        self.blocking(|c| c.gateway_key()).await
+    }
+
+    async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
+        self.blocking(|c| c.clear_gateway()).await
     }
 }
 

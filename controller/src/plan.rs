@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use fleet_gateway::{Peer, PublicKey};
 use fleet_hub_api::model::ClusterId;
+use fleet_proto::node::GatewayPeer;
 use fleet_proto::node::PeerNode;
-use ipnetwork::{IpNetwork, Ipv4Network};
+use fleet_proto::wireguard::PublicKey;
+use ipnetwork::Ipv4Network;
 
 /// One member cluster as the gateway needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +220,7 @@ impl GatewayMode {
 /// peer for each other cluster that declares an endpoint (allowed: its block) and, when we
 /// are public ourselves, every other cluster as a peer that dials us. Our own cluster and
 /// keys seen twice are left out.
-pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -> Vec<Peer> {
+pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -> Vec<GatewayPeer> {
     let mut peers = Vec::new();
     let mut keys = BTreeSet::new();
     if let Some(own_info) = fleet.clusters.get(own) {
@@ -228,11 +229,11 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
     if let Some(relay) = fleet.relays.values().next()
         && keys.insert(relay.public_key)
     {
-        peers.push(Peer {
+        peers.push(GatewayPeer {
             public_key: relay.public_key,
             endpoint: Some(relay.endpoint),
-            allowed_ips: vec![IpNetwork::V4(fleet.fleet_cidr)],
-            persistent_keepalive: mode.keepalive(),
+            allowed_ips: vec![fleet.fleet_cidr.to_string()],
+            keepalive: mode.keepalive(),
         });
     }
     for c in fleet.clusters.values().filter(|c| &c.id != own) {
@@ -243,11 +244,11 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
             tracing::warn!(cluster = %c.id, key = %c.public_key, "cluster shares a WireGuard key with another peer; left out");
             continue;
         }
-        peers.push(Peer {
+        peers.push(GatewayPeer {
             public_key: c.public_key,
             endpoint: c.endpoint,
-            allowed_ips: vec![IpNetwork::V4(c.block)],
-            persistent_keepalive: mode.keepalive(),
+            allowed_ips: vec![c.block.to_string()],
+            keepalive: mode.keepalive(),
         });
     }
     peers
@@ -434,8 +435,8 @@ mod tests {
         let peers = wireguard_peers(&f, &aa, NATED);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].public_key, key(99));
-        assert_eq!(peers[0].allowed_ips, vec!["100.96.0.0/12".parse().unwrap()]);
-        assert_eq!(peers[0].persistent_keepalive, Some(25));
+        assert_eq!(peers[0].allowed_ips, vec!["100.96.0.0/12".to_string()]);
+        assert_eq!(peers[0].keepalive, Some(25));
         assert_eq!(f.other_blocks(&aa), vec![net("100.96.16.0/20")]);
         // No relay and nobody public: no peers at all.
         assert!(
@@ -465,16 +466,13 @@ mod tests {
         let bb = &peers[1];
         assert_eq!(bb.public_key, key(2));
         assert_eq!(bb.endpoint, Some("198.51.100.2:51820".parse().unwrap()));
-        assert_eq!(bb.allowed_ips, vec!["100.96.16.0/20".parse().unwrap()]);
+        assert_eq!(bb.allowed_ips, vec!["100.96.16.0/20".to_string()]);
         // Public bb: relay, and aa and cc as peers that dial in (no endpoint).
         let peers = wireguard_peers(&f, &ClusterId::new("bb").unwrap(), PUBLIC);
         let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
         assert_eq!(keys, vec![key(99), key(1), key(3)]);
         assert!(peers[1..].iter().all(|p| p.endpoint.is_none()));
-        assert_eq!(
-            peers[2].allowed_ips,
-            vec!["100.96.32.0/20".parse().unwrap()]
-        );
+        assert_eq!(peers[2].allowed_ips, vec!["100.96.32.0/20".to_string()]);
     }
 
     #[test]

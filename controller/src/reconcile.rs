@@ -235,7 +235,12 @@ pub(crate) mod fakes {
 
     use fleet_hub_api::client::HubError;
     use fleet_hub_api::model::GatewayState;
-    use fleet_proto::node::{NodeError, PeerNode, PlanChange, SetPlanRequest, StatusResult, code};
+    use fleet_proto::node::{
+        ClearGatewayResult, GatewayDevice, GatewayKey, GatewayPeerStatus, GatewayStatus, NodeError,
+        PeerNode, PlanChange, SetGatewayRequest, SetGatewayResult, SetPlanRequest, StatusResult,
+        WireguardBackend, code,
+    };
+    use fleet_proto::wireguard::PublicKey;
 
     use crate::hub::{Hub, LeaseAnswer};
     use crate::nodes::NodeApi;
@@ -330,6 +335,9 @@ pub(crate) mod fakes {
         pub unreachable: bool,
         pub set_plan_calls: Mutex<usize>,
         pub set_peers_calls: Mutex<usize>,
+        /// The gateway state last set (`set_gateway`), until cleared.
+        pub gateway: Mutex<Option<SetGatewayRequest>>,
+        pub clear_gateway_calls: Mutex<usize>,
     }
 
     impl FakeNode {
@@ -396,6 +404,71 @@ pub(crate) mod fakes {
             self.check()?;
             Ok(self.peers.lock().unwrap().clone())
         }
+        async fn set_gateway(&self, req: SetGatewayRequest) -> Result<SetGatewayResult, NodeError> {
+            self.check()?;
+            let mut g = self.gateway.lock().unwrap();
+            let created = g.is_none();
+            let peers_changed = g.as_ref().map(|o| &o.peers) != Some(&req.peers);
+            let device = Self::device(&req);
+            *g = Some(req);
+            Ok(SetGatewayResult {
+                device,
+                created,
+                peers_changed,
+            })
+        }
+        async fn gateway_status(&self) -> Result<Option<GatewayStatus>, NodeError> {
+            self.check()?;
+            Ok(self
+                .gateway
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|req| GatewayStatus {
+                    device: Self::device(req),
+                    cnf_netns: "/run/netns/fake-cnf".into(),
+                    own_block: req.own_block.clone(),
+                    peers: req
+                        .peers
+                        .iter()
+                        .map(|p| GatewayPeerStatus {
+                            public_key: p.public_key,
+                            endpoint: p.endpoint,
+                            allowed_ips: p.allowed_ips.clone(),
+                            last_handshake: None,
+                            rx_bytes: 0,
+                            tx_bytes: 0,
+                        })
+                        .collect(),
+                }))
+        }
+        async fn gateway_key(&self) -> Result<GatewayKey, NodeError> {
+            self.check()?;
+            Ok(GatewayKey {
+                public_key: FAKE_GATEWAY_KEY,
+            })
+        }
+        async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
+            self.check()?;
+            *self.clear_gateway_calls.lock().unwrap() += 1;
+            Ok(ClearGatewayResult {
+                removed: self.gateway.lock().unwrap().take().is_some(),
+            })
+        }
+    }
+
+    /// The public key every fake gateway node reports.
+    pub const FAKE_GATEWAY_KEY: PublicKey = PublicKey::from_bytes([42; 32]);
+
+    impl FakeNode {
+        fn device(req: &SetGatewayRequest) -> GatewayDevice {
+            GatewayDevice {
+                name: req.name.clone(),
+                backend: WireguardBackend::Userspace,
+                public_key: FAKE_GATEWAY_KEY,
+                listen_port: req.listen_port,
+            }
+        }
     }
 }
 
@@ -420,7 +493,7 @@ mod tests {
         let cluster = |id: &str, block: &str, k: u8| ClusterInfo {
             id: ClusterId::new(id).unwrap(),
             block: block.parse().unwrap(),
-            public_key: fleet_gateway::PublicKey::from_bytes([k; 32]),
+            public_key: fleet_proto::wireguard::PublicKey::from_bytes([k; 32]),
             endpoint: None,
         };
         FleetSnapshot {

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_gateway::PublicKey;
 use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 use fleet_hub_api::mirror::{FleetMirror, FleetSource, MirrorReader, WatcherConfig};
 use fleet_hub_api::model::{GatewayState, JoinRequest};
 use fleet_hub_api::wire::ErrorCode;
+use fleet_proto::wireguard::PublicKey;
 use tokio::sync::watch;
 
 use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
@@ -205,7 +205,7 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             node: gateway_spec.name.clone(),
             holder: cfg.holder.clone(),
         },
-        NodeSocket::new(&gateway_spec),
+        Arc::new(NodeSocket::new(&gateway_spec)),
     );
     // The key lives on the gateway node: its public half is what the cluster joins with.
     let key = match gateway.wait_public_key(&mut stop).await {
@@ -551,5 +551,316 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The leadership loop against fakes: `FakeHub` and `FakeNode` (from `reconcile::fakes`)
+    //! and `FakeFleet`, an in-memory fleet source the test pushes watch events into.
+
+    use std::sync::Mutex;
+
+    use fleet_hub_api::mirror::FleetSource;
+    use fleet_hub_api::model::{
+        ClusterId, ClusterRecord, FleetView, RegistryEvent, RelayRecord, Revision,
+    };
+    use futures::StreamExt;
+    use futures::future::BoxFuture;
+    use futures::stream::BoxStream;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::LeaderElection;
+    use crate::plan::NodeSpec;
+    use crate::reconcile::fakes::{FAKE_GATEWAY_KEY, FakeHub, FakeNode};
+
+    /// The hub's fleet for the mirror: a listing, and watches the test pushes events into.
+    struct FakeFleet {
+        view: Mutex<FleetView>,
+        watches: Mutex<Vec<mpsc::UnboundedSender<Result<RegistryEvent, HubError>>>>,
+    }
+
+    impl FakeFleet {
+        fn push(&self, event: RegistryEvent) {
+            let mut view = self.view.lock().unwrap();
+            view.revision = event.revision();
+            match &event {
+                RegistryEvent::ClusterUpserted { record, .. } => {
+                    view.clusters.retain(|c| c.id != record.id);
+                    view.clusters.push(record.clone());
+                }
+                RegistryEvent::ClusterRemoved { id, .. } => view.clusters.retain(|c| &c.id != id),
+                _ => {}
+            }
+            self.watches
+                .lock()
+                .unwrap()
+                .retain(|w| w.send(Ok(event.clone())).is_ok());
+        }
+    }
+
+    impl FleetSource for FakeFleet {
+        fn list(&self) -> BoxFuture<'_, Result<FleetView, HubError>> {
+            let view = self.view.lock().unwrap().clone();
+            Box::pin(async move { Ok(view) })
+        }
+        fn watch(&self, _after: Revision) -> BoxStream<'static, Result<RegistryEvent, HubError>> {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            self.watches.lock().unwrap().push(tx);
+            futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+        }
+    }
+
+    fn cluster(id: &str, block: &str, key: u8, endpoint: Option<&str>) -> ClusterRecord {
+        ClusterRecord {
+            id: ClusterId::new(id).unwrap(),
+            block: block.parse().unwrap(),
+            public_key: fleet_proto::wireguard::PublicKey::from_bytes([key; 32]),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            gateway: GatewayState::Up,
+            joined_at: 1,
+            token_id: "t".into(),
+        }
+    }
+
+    fn config() -> RunConfig {
+        RunConfig {
+            cluster: ClusterId::new("aa").unwrap(),
+            hubs: vec!["127.0.0.1:1".into()],
+            credential_file: "/nonexistent/credential".into(),
+            join: None,
+            ca: None,
+            data_dir: "/nonexistent".into(),
+            nodes_file: "/nonexistent/nodes.json".into(),
+            gateway_node: "n1".into(),
+            endpoint: None,
+            listen_port: 51820,
+            wg_name: "fleet-wg".into(),
+            wg_backend: None,
+            holder: "h1".into(),
+            lease_ttl: Duration::from_millis(600),
+            leader_election: LeaderElection::Hub,
+            keepalive: 25,
+            node_prefix: 24,
+            status_interval: Duration::from_millis(100),
+            vip_range: "100.112.0.0/16".parse().unwrap(),
+        }
+    }
+
+    struct World {
+        hub: Arc<FakeHub>,
+        fleet: Arc<FakeFleet>,
+        n1: Arc<FakeNode>,
+        n2: Arc<FakeNode>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<Result<(), ControllerError>>,
+    }
+
+    /// A controller of `aa` (nodes n1 = gateway, n2) leading against the fakes.
+    fn start() -> World {
+        start_with_hub(Arc::new(FakeHub::default()))
+    }
+
+    fn start_with_hub(hub: Arc<FakeHub>) -> World {
+        let cfg = config();
+        let own = cluster("aa", "100.96.0.0/20", FAKE_GATEWAY_KEY.as_bytes()[0], None);
+        *hub.record.lock().unwrap() = Some(own.clone());
+        let fleet = Arc::new(FakeFleet {
+            view: Mutex::new(FleetView {
+                fleet_cidr: "100.96.0.0/12".parse().unwrap(),
+                clusters: vec![own],
+                records: Vec::new(),
+                relays: vec![RelayRecord {
+                    id: "r1".into(),
+                    public_key: fleet_proto::wireguard::PublicKey::from_bytes([9; 32]),
+                    endpoint: "203.0.113.10:51820".parse().unwrap(),
+                    expires_at: u64::MAX,
+                }],
+                revision: 10,
+            }),
+            watches: Mutex::new(Vec::new()),
+        });
+        let (n1, n2) = (Arc::new(FakeNode::default()), Arc::new(FakeNode::default()));
+        let spec = |name: &str, ip: &str| NodeSpec {
+            name: name.into(),
+            socket: format!("/nonexistent/{name}.sock").into(),
+            underlay_ip: ip.parse().unwrap(),
+            netns: format!("/run/netns/{name}").into(),
+        };
+        let nodes = vec![
+            ClusterNode {
+                spec: spec("n1", "198.51.100.11"),
+                api: n1.clone(),
+            },
+            ClusterNode {
+                spec: spec("n2", "198.51.100.12"),
+                api: n2.clone(),
+            },
+        ];
+        let gateway = Gateway::new(
+            GatewayConfig {
+                name: cfg.wg_name.clone(),
+                listen_port: cfg.listen_port,
+                mtu: GATEWAY_MTU,
+                backend: None,
+                node: "n1".into(),
+                holder: cfg.holder.clone(),
+            },
+            n1.clone(),
+        );
+        let mut c = Controller {
+            plan_cfg: NodePlanConfig {
+                cluster: cfg.cluster.clone(),
+                gateway_node: cfg.gateway_node.clone(),
+                node_prefix: cfg.node_prefix,
+                vip_range: cfg.vip_range,
+            },
+            hub: hub.clone(),
+            fleet: fleet.clone(),
+            lease: Arc::new(HubLease(hub.clone())),
+            cfg,
+            nodes,
+            gateway,
+        };
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move { c.lead(&mut stopped).await });
+        World {
+            hub,
+            fleet,
+            n1,
+            n2,
+            stop,
+            task,
+        }
+    }
+
+    /// Polls `what` until true, for at most 5 s.
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn gateway_peers(n: &FakeNode) -> Vec<(String, Vec<String>)> {
+        n.gateway
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|g| {
+                g.peers
+                    .iter()
+                    .map(|p| (p.public_key.to_string(), p.allowed_ips.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn leads_converges_follows_the_fleet_and_a_stop_keeps_the_data_plane() {
+        let w = start();
+        let relay = fleet_proto::wireguard::PublicKey::from_bytes([9; 32]).to_string();
+        until("the gateway device with the relay as its peer", || {
+            gateway_peers(&w.n1) == vec![(relay.clone(), vec!["100.96.0.0/12".to_string()])]
+        })
+        .await;
+        assert_eq!(
+            w.n1.gateway
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .own_block
+                .as_deref(),
+            Some("100.96.0.0/20")
+        );
+        assert!(w.n1.plan.lock().unwrap().is_some() && w.n2.plan.lock().unwrap().is_some());
+        assert_eq!(w.hub.holder.lock().unwrap().as_deref(), Some("h1"));
+
+        // bb joins with a public endpoint: a direct peer, and n2 routes bb's block via n1.
+        w.fleet.push(RegistryEvent::ClusterUpserted {
+            record: cluster("bb", "100.96.16.0/20", 2, Some("198.51.100.2:51820")),
+            revision: 11,
+        });
+        let bb_key = fleet_proto::wireguard::PublicKey::from_bytes([2; 32]).to_string();
+        until("bb as a direct peer", || {
+            gateway_peers(&w.n1).contains(&(bb_key.clone(), vec!["100.96.16.0/20".to_string()]))
+        })
+        .await;
+        until("n2 routes bb's block through the gateway node", || {
+            w.n2.peers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|p| p.name == "n1" && p.routed_cidrs.contains(&"100.96.16.0/20".to_string()))
+        })
+        .await;
+        until("the gateway record published", || {
+            w.hub
+                .published
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(name, _)| name == "gateway")
+        })
+        .await;
+
+        w.stop.send(true).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), w.task).await;
+        assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+        assert_eq!(*w.hub.holder.lock().unwrap(), None, "the lease is given up");
+        assert!(
+            w.n1.gateway.lock().unwrap().is_some(),
+            "a stopping controller leaves the device in place"
+        );
+        assert_eq!(*w.n1.clear_gateway_calls.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_cluster_leaving_the_fleet_ends_the_run_and_clears_the_gateway() {
+        let w = start();
+        until("the gateway device", || {
+            w.n1.gateway.lock().unwrap().is_some()
+        })
+        .await;
+        w.fleet.push(RegistryEvent::ClusterRemoved {
+            id: ClusterId::new("aa").unwrap(),
+            revision: 11,
+        });
+        let result = tokio::time::timeout(Duration::from_secs(5), w.task).await;
+        assert!(
+            matches!(result, Ok(Ok(Err(ControllerError::Removed { .. })))),
+            "{result:?}"
+        );
+        assert!(
+            w.n1.gateway.lock().unwrap().is_none(),
+            "the device is cleared"
+        );
+        assert_eq!(*w.n1.clear_gateway_calls.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_standby_waits_while_another_replica_holds_the_lease() {
+        let hub = Arc::new(FakeHub::default());
+        *hub.holder.lock().unwrap() = Some("other".into());
+        let w = start_with_hub(hub.clone());
+        // Absence needs a window: several lease asks (every ttl/6 = 100 ms) go by.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            w.n1.gateway.lock().unwrap().is_none(),
+            "a standby programs nothing"
+        );
+        assert!(w.n1.plan.lock().unwrap().is_none());
+        // The holder lets go: the standby takes over.
+        *hub.holder.lock().unwrap() = None;
+        until("the standby becomes active", || {
+            w.n1.gateway.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(hub.holder.lock().unwrap().as_deref(), Some("h1"));
+        w.stop.send(true).unwrap();
+        let _ = w.task.await;
     }
 }

@@ -238,6 +238,29 @@ pub enum WireguardBackend {
     Userspace,
 }
 
+impl std::str::FromStr for WireguardBackend {
+    type Err = String;
+    /// `kernel` or `userspace`; the error says which values exist.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(Self::Kernel),
+            "userspace" => Ok(Self::Userspace),
+            other => Err(format!(
+                "unknown WireGuard backend {other:?}: use kernel or userspace"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WireguardBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
 /// One WireGuard peer of the gateway (another cluster's gateway, or the hub's relay).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayPeer {

@@ -26,7 +26,7 @@ pub struct InvalidPublicKey(pub String);
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+    pub const fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         Self(bytes)
     }
 
