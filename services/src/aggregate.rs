@@ -264,8 +264,8 @@ fn aggregate_service(ranked: &[&Export]) -> (ServiceImport, Vec<(ExportKey, Expo
             found.push(Conflict {
                 reason,
                 detail: format!(
-                    "{what} is {here} here but {used} in cluster {winner}'s older export, \
-                     which is used"
+                    "{what} is {here} here but {used} in the export of cluster {winner}, \
+                     which is used (the oldest export; ties go to the lower cluster id)"
                 ),
             })
         };
@@ -345,11 +345,11 @@ fn aggregate_service(ranked: &[&Export]) -> (ServiceImport, Vec<(ExportKey, Expo
                 ports[i].backends.insert(cluster.clone(), p.target_port);
                 if ports[i].name != p.name || ports[i].app_protocol != p.app_protocol {
                     let used = as_service_port(&ports[i]);
-                    port_conflict(&mut conflicts, cluster, p, &used, taken_from[i]);
+                    port_conflict(&mut conflicts, cluster, p, &used, taken_from[i], true);
                 }
             } else if let Some(i) = ports.iter().position(|q| q.name == p.name) {
                 let used = as_service_port(&ports[i]);
-                port_conflict(&mut conflicts, cluster, p, &used, taken_from[i]);
+                port_conflict(&mut conflicts, cluster, p, &used, taken_from[i], false);
             } else {
                 ports.push(ImportPort {
                     name: p.name.clone(),
@@ -450,11 +450,18 @@ fn port_conflict<'a>(
     here: &ServicePort,
     used: &ServicePort,
     from: &ClusterId,
+    still_served: bool,
 ) {
+    let outcome = if still_served {
+        "this cluster serves it under that definition"
+    } else {
+        "this port is not imported"
+    };
     conflicts.entry(cluster).or_default().push(Conflict {
         reason: ConflictReason::Port,
         detail: format!(
-            "port {here} clashes with port {used} of cluster {from}'s older export, which is used"
+            "port {here} clashes with port {used} of cluster {from}, whose export ranks first \
+             (older, or tied and a lower cluster id) and is used; {outcome}"
         ),
     });
 }
@@ -772,7 +779,13 @@ mod tests {
             [&id("aa"), &id("cc"), &id("dd")]
         );
         assert_eq!(ports[1].backends.keys().collect::<Vec<_>>(), [&id("bb")]);
-        for (cluster, words) in [("bb", "TCP/8080"), ("cc", "\"web\""), ("dd", "h2c")] {
+        for (cluster, words) in [
+            ("bb", "TCP/8080"),
+            ("bb", "not imported"),
+            ("cc", "\"web\""),
+            ("cc", "serves it"),
+            ("dd", "h2c"),
+        ] {
             let c = conflict(&agg, cluster);
             assert_eq!(c.reason, "PortConflict", "{cluster}");
             assert!(c.message.contains(words), "{cluster}: {}", c.message);
