@@ -1,8 +1,12 @@
 //! The schemas of the records a controller publishes at the hub under its own cluster, in
 //! JSON: one `node/<name>` per node (its subnet, so a restarted or standby controller hands out
-//! the same ones) and `gateway` (tunnel state, refreshed every status interval). `fleetctl`
-//! reads both; the hub stores them as opaque bytes.
+//! the same ones), `gateway` (tunnel state, refreshed every status interval) and one
+//! `export/<namespace>/<name>` per exported service (KEP-1645 `ServiceExport`: the service's
+//! shape and its endpoints). `fleetctl` reads the first two; service discovery (`fleet-services`,
+//! `fleet-dns`) reads the exports. The hub stores them all as opaque bytes. Validation and
+//! aggregation of exports live in `fleet-services`, not here: this is only the wire schema.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,6 +55,136 @@ pub struct GatewayPeerRecord {
     pub tx_bytes: u64,
 }
 
+/// Record name prefix of the service exports.
+pub const EXPORT_RECORD_PREFIX: &str = "export/";
+
+/// `export/<namespace>/<name>`.
+pub fn export_record_name(namespace: &str, name: &str) -> String {
+    format!("{EXPORT_RECORD_PREFIX}{namespace}/{name}")
+}
+
+/// The `(namespace, name)` of an `export/<namespace>/<name>` record name; `None` for any other
+/// record, or an export name without exactly two non-empty parts.
+pub fn parse_export_record_name(record: &str) -> Option<(&str, &str)> {
+    let rest = record.strip_prefix(EXPORT_RECORD_PREFIX)?;
+    let (namespace, name) = rest.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then_some((namespace, name))
+}
+
+/// `export/<namespace>/<name>`: one cluster's export of one service, as the exporting cluster
+/// saw it. Field values follow the Kubernetes Service and mcs-api spellings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    #[serde(rename = "type")]
+    pub service_type: ExportedServiceType,
+    #[serde(default)]
+    pub ports: Vec<ExportPortRecord>,
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    #[serde(default)]
+    pub internal_traffic_policy: InternalTrafficPolicy,
+    /// The Service's `trafficDistribution` (e.g. `PreferClose`), if set.
+    #[serde(default)]
+    pub traffic_distribution: Option<String>,
+    /// `ServiceExport.spec.exportedLabels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `ServiceExport.spec.exportedAnnotations`.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// When the `ServiceExport` was created, unix milliseconds: the oldest export wins
+    /// conflicts (KEP-1645).
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+/// The exported Service's type. `ExternalName` may be published but is never imported
+/// (`Valid=False`, reason `InvalidServiceType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ExportedServiceType {
+    /// A Service with a cluster IP: importers get a ClusterSetIP (a VIP).
+    ClusterSetIP,
+    /// `clusterIP: None`: importers resolve the endpoints' addresses directly.
+    Headless,
+    ExternalName,
+}
+
+/// One service port of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPortRecord {
+    /// A DNS label, or empty when the service has a single port.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// 1-65535 (wider here so an out-of-range value is a validation error, not an unreadable
+    /// record).
+    pub port: u32,
+    /// The port the endpoints listen on (the Service's `targetPort`, resolved by the exporter);
+    /// `null` means the same as `port`.
+    #[serde(default)]
+    pub target_port: Option<u32>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+/// Kubernetes' default `ClientIP` affinity timeout: 3 hours.
+pub const DEFAULT_CLIENT_IP_TIMEOUT_SECONDS: u32 = 10800;
+
+fn default_client_ip_timeout() -> u32 {
+    DEFAULT_CLIENT_IP_TIMEOUT_SECONDS
+}
+
+/// `sessionAffinity` with its `sessionAffinityConfig`: `{"type":"None"}` or
+/// `{"type":"ClientIP","timeout_seconds":10800}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    ClientIP {
+        #[serde(default = "default_client_ip_timeout")]
+        timeout_seconds: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InternalTrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// One endpoint (a pod) of an export, by its fleet address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// The pod's fleet IPv4 address (on `eth-fleet`).
+    pub ip: Ipv4Addr,
+    /// The endpoint's hostname (a DNS label), for headless per-pod names.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// EndpointSlice conditions.
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -90,5 +224,81 @@ mod tests {
         assert!(v["peers"][0]["last_handshake"].is_null());
         assert_eq!(serde_json::from_value::<GatewayRecord>(v).unwrap(), g);
         assert_eq!(node_record_name("aa-1"), "node/aa-1");
+    }
+
+    #[test]
+    fn export_record_has_the_contract_shape() {
+        let e = ExportRecord {
+            service_type: ExportedServiceType::ClusterSetIP,
+            ports: vec![ExportPortRecord {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: Some(8080),
+                app_protocol: None,
+            }],
+            session_affinity: SessionAffinity::ClientIP {
+                timeout_seconds: 60,
+            },
+            internal_traffic_policy: InternalTrafficPolicy::Cluster,
+            traffic_distribution: Some("PreferClose".into()),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            annotations: BTreeMap::new(),
+            created_at_ms: 1_700_000_000_000,
+            endpoints: vec![EndpointRecord {
+                ip: "100.96.16.7".parse().unwrap(),
+                hostname: Some("web-0".into()),
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some("aa-1".into()),
+            }],
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "ClusterSetIP");
+        assert_eq!(v["ports"][0]["protocol"], "TCP");
+        assert_eq!(v["ports"][0]["target_port"], 8080);
+        assert_eq!(
+            v["session_affinity"],
+            serde_json::json!({"type": "ClientIP", "timeout_seconds": 60})
+        );
+        assert_eq!(v["internal_traffic_policy"], "Cluster");
+        assert_eq!(v["endpoints"][0]["ip"], "100.96.16.7");
+        assert_eq!(serde_json::from_value::<ExportRecord>(v).unwrap(), e);
+
+        // The smallest export a member may publish: defaults as Kubernetes has them.
+        let min: ExportRecord =
+            serde_json::from_str(r#"{"type":"Headless","created_at_ms":5}"#).unwrap();
+        assert_eq!(min.session_affinity, SessionAffinity::None);
+        assert_eq!(min.internal_traffic_policy, InternalTrafficPolicy::Cluster);
+        assert!(min.ports.is_empty() && min.endpoints.is_empty());
+        let affinity: SessionAffinity = serde_json::from_str(r#"{"type":"ClientIP"}"#).unwrap();
+        assert_eq!(
+            affinity,
+            SessionAffinity::ClientIP {
+                timeout_seconds: DEFAULT_CLIENT_IP_TIMEOUT_SECONDS
+            }
+        );
+        let port: ExportPortRecord = serde_json::from_str(r#"{"port":53}"#).unwrap();
+        assert_eq!((port.protocol, port.name.as_str()), (Protocol::Tcp, ""));
+
+        assert_eq!(export_record_name("shop", "web"), "export/shop/web");
+        assert_eq!(
+            parse_export_record_name("export/shop/web"),
+            Some(("shop", "web"))
+        );
+        for not_an_export in [
+            "gateway",
+            "node/x",
+            "export/shop",
+            "export//web",
+            "export/a/b/c",
+        ] {
+            assert_eq!(
+                parse_export_record_name(not_an_export),
+                None,
+                "{not_an_export}"
+            );
+        }
     }
 }
