@@ -5,7 +5,8 @@
 //!
 //! - [`model`]: the fleet as members see it (cluster id, WireGuard public key, cluster and relay
 //!   records, gateway state, leases, join tokens, the fleet view, watch events, revisions);
-//! - [`records`]: the schemas of the records members publish (`node/<name>`, `gateway`);
+//! - [`records`]: the schemas of the records members publish (`node/<name>`, `gateway`,
+//!   `export/<namespace>/<name>`);
 //! - [`wire`]: the HTTP/1.1 + JSON protocol (calls, replies, watch lines, credentials, join
 //!   strings, error codes);
 //! - [`tls`]: CA pinning, the members' trust in the hub;
