@@ -65,7 +65,7 @@ pub async fn serve_udp(
     let max_udp = usize::from(config.max_udp_payload);
     loop {
         let (len, peer) = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            () = stopped(&mut stop) => return Ok(()),
             received = socket.recv_from(&mut buf) => match received {
                 Ok(received) => received,
                 // e.g. ICMP errors surfacing on the socket: the next datagram is fine.
@@ -95,7 +95,7 @@ pub async fn serve_tcp(
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            () = stopped(&mut stop) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -157,4 +157,10 @@ async fn serve_connection(
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reply not written in time"))??;
     }
+}
+
+/// Resolves once `stop` is true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // Only the outcome matters; the borrow guard must not live across an await.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
