@@ -384,3 +384,130 @@ fn content_serial(names: &HashMap<LowerName, Vec<Record>>) -> u32 {
     }
     hash
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_hub_api::model::ClusterId;
+    use fleet_hub_api::records::{EndpointRecord, InternalTrafficPolicy, SessionAffinity};
+
+    /// An endpoint: its address and hostname.
+    type Ep<'a> = (Ipv4Addr, Option<&'a str>);
+
+    fn headless(ns: &str, name: &str, clusters: &[(&str, &[Ep<'_>])]) -> ServiceImport {
+        ServiceImport {
+            service: ServiceKey::new(ns, name),
+            service_type: ServiceType::Headless,
+            ports: Vec::new(),
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: InternalTrafficPolicy::Cluster,
+            traffic_distribution: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            clusters: clusters
+                .iter()
+                .map(|(c, eps)| {
+                    let eps = eps
+                        .iter()
+                        .map(|(ip, host)| EndpointRecord {
+                            ip: *ip,
+                            hostname: host.map(str::to_string),
+                            ready: true,
+                            serving: true,
+                            terminating: false,
+                            node_name: None,
+                        })
+                        .collect();
+                    (ClusterId::new(*c).unwrap(), eps)
+                })
+                .collect(),
+        }
+    }
+
+    fn build(zones: &[&str], imports: Vec<ServiceImport>) -> DnsTable {
+        let config = DnsConfig {
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+            ttl: DEFAULT_TTL,
+        };
+        let imports = imports
+            .into_iter()
+            .map(|i| (i.service.clone(), i))
+            .collect();
+        DnsTable::build(&config, &imports, &VipTable::default()).unwrap()
+    }
+
+    fn a(table: &DnsTable, name: &str) -> Vec<Ipv4Addr> {
+        match table.lookup(&Name::from_ascii(name).unwrap(), RecordType::A) {
+            Lookup::Answer { records, .. } => records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_address_in_two_clusters_is_one_record() {
+        let ip = Ipv4Addr::new(100, 96, 1, 1);
+        let t = build(
+            &[DEFAULT_ZONE],
+            vec![headless(
+                "ns",
+                "s",
+                &[
+                    ("a", &[(ip, Some("h")), (ip, Some("h"))]),
+                    ("b", &[(ip, None)]),
+                ],
+            )],
+        );
+        assert_eq!(a(&t, "s.ns.svc.clusterset.local."), vec![ip]);
+        assert_eq!(a(&t, "h.a.s.ns.svc.clusterset.local."), vec![ip]);
+    }
+
+    #[test]
+    fn the_most_specific_zone_answers() {
+        let t = build(&["local", "clusterset.local"], vec![]);
+        let soa_of = |name: &str| match t.lookup(&Name::from_ascii(name).unwrap(), RecordType::A) {
+            Lookup::NxDomain { soa } => soa.name.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(soa_of("x.clusterset.local."), "clusterset.local.");
+        assert_eq!(soa_of("x.local."), "local.");
+        assert_eq!(
+            t.lookup(&Name::from_ascii("x.example.").unwrap(), RecordType::A),
+            Lookup::Refused
+        );
+    }
+
+    #[test]
+    fn a_name_over_255_octets_is_left_out_and_the_rest_served() {
+        let long = "a".repeat(63);
+        let ip = Ipv4Addr::new(100, 96, 1, 1);
+        let t = build(
+            &[DEFAULT_ZONE],
+            vec![headless(
+                &long,
+                &long,
+                &[(long.as_str(), &[(ip, Some(long.as_str()))])],
+            )],
+        );
+        let service = format!("{long}.{long}.svc.clusterset.local.");
+        assert_eq!(a(&t, &service), vec![ip]);
+        // hostname.cluster.svc.ns.svc.clusterset.local would be 4*64 + 21 octets.
+        let host = format!("{long}.{long}.{service}");
+        assert!(matches!(
+            t.lookup(
+                &Name::from_ascii(&service)
+                    .unwrap()
+                    .prepend_label(long.as_str())
+                    .unwrap(),
+                RecordType::A
+            ),
+            Lookup::NxDomain { .. }
+        ));
+        assert!(Name::from_ascii(&host).is_err());
+    }
+}
