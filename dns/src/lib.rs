@@ -1,0 +1,17 @@
+//! `fleet-dns`: the fleet's authoritative DNS for `clusterset.local` (MCS DNS specification
+//! 1.0.0), in the shape of aardvark-dns and hickory:
+//!
+//! - [`table`]: a pure [`DnsTable`] (name → records) built from the service imports and the
+//!   VIP table, rebuilt on every change and swapped in whole;
+//! - [`handler`]: answers one DNS message from a table, synchronously (the fuzz target);
+//! - [`server`]: a thin UDP loop and TCP listener around the handler.
+//!
+//! It never makes a remote call per query: the table is all it reads.
+
+pub mod handler;
+pub mod server;
+pub mod table;
+
+pub use handler::{answer, answer_tcp};
+pub use server::{ServerConfig, serve, serve_tcp, serve_udp};
+pub use table::{DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, DnsTable, Lookup, TableError};
