@@ -215,6 +215,9 @@ impl DeviceConfig {
         {
             return Err(bad("the interface name may not contain '/', ':' or spaces"));
         }
+        if self.name == "." || self.name == ".." {
+            return Err(bad("the interface name may not be '.' or '..'"));
+        }
         if self.listen_port == 0 {
             return Err(bad("listen_port 0: choose a fixed port, peers dial it"));
         }

@@ -127,9 +127,22 @@ pub async fn gateway_routes(h: &Handle, name: &str) -> Result<Vec<IpNetwork>> {
 /// connected prefix) is left to the kernel.
 pub(crate) async fn sync_routes(h: &Handle, name: &str, desired: &[IpNetwork]) -> Result<()> {
     let desired: Vec<Route> = desired.iter().map(|net| Route::to(*net)).collect();
-    routes::sync_routes(h, &route_owner(name), &desired)
+    let report = routes::sync_routes(h, &route_owner(name), &desired)
         .await
         .map_err(|e| route_error(name, e))?;
+    // A destination another owner holds (another device's route, the own-block unreachable
+    // route) would leave the peer's traffic unrouted while the peer looks configured.
+    if !report.blocked.is_empty() {
+        let shown: Vec<String> = report.blocked.iter().map(ToString::to_string).collect();
+        return Err(GatewayError::InvalidConfig {
+            name: name.into(),
+            reason: format!(
+                "allowed IPs already routed elsewhere in the device's netns, so they cannot \
+                 go to {name}: {}; remove them from the peer or free the route",
+                shown.join(", ")
+            ),
+        });
+    }
     Ok(())
 }
 

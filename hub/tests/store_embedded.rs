@@ -78,6 +78,43 @@ async fn a_damaged_database_is_refused() {
     }
 }
 
+/// An empty `store.redb` (a truncated copy) would otherwise be taken for a new database: the
+/// store must refuse it, and must not retire an old log beside it.
+#[tokio::test]
+async fn an_empty_database_file_is_refused_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).await.unwrap();
+    fill(&store, 5).await;
+    drop(store);
+    let db = EmbeddedStore::db_path(dir.path());
+    std::fs::write(&db, b"").unwrap();
+    match EmbeddedStore::open(dir.path()).await {
+        Err(StoreError::Corrupt { path, reason, .. }) => {
+            assert!(path.ends_with("store.redb"));
+            assert!(reason.contains("empty"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().len(),
+        0,
+        "the file is left as it was"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = legacy_log_into(dir.path());
+    std::fs::write(EmbeddedStore::db_path(dir.path()), b"").unwrap();
+    assert!(matches!(
+        EmbeddedStore::open(dir.path()).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(
+        std::fs::read(dir.path().join("store.log")).unwrap(),
+        log,
+        "the old log stays in place, unimported and not renamed"
+    );
+}
+
 #[tokio::test]
 async fn a_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -85,6 +85,15 @@ impl Desired {
                     .map_err(|e| invalid(format!("own_block {b:?} is not an IPv4 CIDR: {e}")))
             })
             .transpose()?;
+        if let Some(b) = own_block
+            && b.ip() != b.network()
+        {
+            return Err(invalid(format!(
+                "own_block {b} has host bits set: use {}/{}",
+                b.network(),
+                b.prefix()
+            )));
+        }
         let mut peers = Vec::with_capacity(req.peers.len());
         for p in &req.peers {
             let allowed_ips = p
@@ -129,6 +138,31 @@ impl Desired {
                 "peer {} is listed twice; give each peer once",
                 dup.public_key
             )));
+        }
+        // One prefix routes to one place: WireGuard would silently move a prefix named twice to
+        // the last peer, and the own block's unreachable route would shadow a peer's route.
+        let mut owners: std::collections::HashMap<IpNetwork, &PublicKey> =
+            std::collections::HashMap::new();
+        for p in &desired.peers {
+            for a in &p.allowed_ips {
+                let a = IpNetwork::new(a.network(), a.prefix()).unwrap_or(*a);
+                if own_block.is_some_and(|b| a == IpNetwork::V4(b)) {
+                    return Err(invalid(format!(
+                        "allowed IP {a} of peer {} is this cluster's own block, which is routed \
+                         unreachable here; it cannot also go to a peer",
+                        p.public_key
+                    )));
+                }
+                if let Some(other) = owners.insert(a, &p.public_key)
+                    && *other != p.public_key
+                {
+                    return Err(invalid(format!(
+                        "allowed IP {a} is given to two peers ({other} and {}); give each \
+                         prefix to one peer",
+                        p.public_key
+                    )));
+                }
+            }
         }
         Ok(desired)
     }
@@ -635,6 +669,41 @@ mod tests {
             r.peers.push(p)
         });
         assert!(dup.details.contains("twice"), "{dup}");
+    }
+
+    /// Requests that would tear down a working device, or leave a peer's route silently
+    /// missing, are refused as invalid (code 7) before anything is changed or saved.
+    #[test]
+    fn requests_that_can_never_apply_are_invalid() {
+        let bad = |f: &dyn Fn(&mut SetGatewayRequest)| {
+            let mut r = request();
+            f(&mut r);
+            NodeError::from(Desired::parse(&r).unwrap_err())
+        };
+        for name in [".", ".."] {
+            let e = bad(&|r| r.name = name.into());
+            assert_eq!(
+                e.code,
+                fleet_proto::node::code::INVALID_CONFIG,
+                "{name}: {e}"
+            );
+        }
+        let e = bad(&|r| r.own_block = Some("100.96.16.5/20".into()));
+        assert_eq!(e.code, fleet_proto::node::code::INVALID_CONFIG);
+        assert!(e.details.contains("use 100.96.16.0/20"), "{e}");
+        let e = bad(&|r| r.peers[0].allowed_ips.push("100.96.16.0/20".into()));
+        assert!(e.details.contains("own block"), "{e}");
+        let e = bad(&|r| {
+            r.peers.push(GatewayPeer {
+                public_key: PrivateKey::generate().public_key(),
+                endpoint: None,
+                allowed_ips: vec!["100.96.0.0/12".into()],
+                keepalive: None,
+            })
+        });
+        assert!(e.details.contains("two peers"), "{e}");
+        // The relay's fleet CIDR contains the own block: that is the intended layout.
+        Desired::parse(&request()).unwrap();
     }
 
     #[test]

@@ -69,10 +69,27 @@ fn open_err(path: &Path, error: DatabaseError) -> StoreError {
     }
 }
 
+/// redb would take an existing empty file for a new database and start a fresh, empty store
+/// over what was lost: refuse it instead (a truncated copy, or a crash while creating it).
+pub(super) fn refuse_empty(path: &Path) -> Result<(), StoreError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Err(StoreError::Corrupt {
+            path: path.display().to_string(),
+            offset: 0,
+            reason: "the database file is empty (truncated or copied while empty); restore it \
+                     from a backup, or, if this hub never stored anything (it crashed while \
+                     creating the file), remove it to start an empty store"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 impl Db {
     /// Opens (or creates, empty) the database at `path`. The integrity of every page is
     /// checked on open, so a damaged file is refused (`Corrupt`) rather than half-read.
     pub fn open(path: &Path) -> Result<Db, StoreError> {
+        refuse_empty(path)?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .set_check_integrity_on_open(true)

@@ -610,6 +610,8 @@ fn import_legacy_log(dir: &Path) -> Result<(), StoreError> {
     if !legacy.exists() {
         return Ok(());
     }
+    // Never retire the old log beside a database that holds nothing.
+    db::refuse_empty(&db_path)?;
     if !db_path.exists() {
         let started = std::time::Instant::now();
         let state = legacy::read(&legacy)?;
