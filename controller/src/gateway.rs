@@ -19,7 +19,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 
 use crate::nodes::NodeApi;
-use crate::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
+use fleet_hub_api::records::{GatewayPeerRecord, GatewayRecord, unix_secs};
 
 /// How the device is made (passed through to the gateway node).
 #[derive(Debug, Clone)]

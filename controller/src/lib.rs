@@ -13,7 +13,8 @@
 //!
 //! Modules: [`plan`] (pure decisions), [`reconcile`] (one pass over the nodes), [`gateway`]
 //! (the device, over the gateway node's API), [`leader`] (the lease: the hub's, or a Kubernetes Lease in [`kube_lease`]), [`hub`] and [`nodes`] (the two APIs behind traits),
-//! [`identity`] (the credential), [`records`] (published JSON), [`run`] (the loop).
+//! [`identity`] (the credential), [`run`] (the loop). The record schemas it publishes are
+//! `fleet_hub_api::records`.
 
 pub mod config;
 pub mod gateway;
@@ -24,7 +25,6 @@ pub mod leader;
 pub mod nodes;
 pub mod plan;
 pub mod reconcile;
-pub mod records;
 pub mod run;
 
 pub use config::RunConfig;

@@ -108,7 +108,7 @@ impl NodeSocket {
     }
 
     /// Runs one call of the blocking client on tokio's blocking pool.
-    pub async fn blocking<T: Send + 'static>(
+    async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&NodeClient) -> Result<T, NodeError> + Send + 'static,
     ) -> Result<T, NodeError> {

@@ -13,7 +13,7 @@ use ipnetwork::Ipv4Network;
 use crate::hub::{FleetSnapshot, Hub, is_removed};
 use crate::nodes::NodeApi;
 use crate::plan::{NodeSpec, SubnetHints, allocate_subnets, node_peers};
-use crate::records::{NODE_RECORD_PREFIX, NodeRecord, node_record_name};
+use fleet_hub_api::records::{NODE_RECORD_PREFIX, NodeRecord, node_record_name};
 
 /// A node and the handle to its API.
 #[derive(Clone)]

@@ -25,7 +25,7 @@ use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
-use crate::records::GATEWAY_RECORD;
+use fleet_hub_api::records::GATEWAY_RECORD;
 use fleet_proto::node::NodeError;
 
 #[derive(Debug, thiserror::Error)]

@@ -635,7 +635,7 @@ fn the_controller_plans_nodes_runs_the_gateway_follows_the_fleet_and_survives_ki
     assert_eq!(wg_peers(&wg).unwrap(), peers_before);
     assert_eq!(n2.routed_via(n1.name()), Some(vec![]));
     assert_eq!(n1.subnet().unwrap(), s1);
-    let back = fleet_controller::records::unix_secs(std::time::SystemTime::now());
+    let back = fleet_hub_api::records::unix_secs(std::time::SystemTime::now());
     hub.restart();
     poll_until(
         "a fresh gateway record after the hub's return",
