@@ -1,8 +1,10 @@
 //! The schemas of the records a controller publishes at the hub under its own cluster, in
 //! JSON: one `node/<name>` per node (its subnet, so a restarted or standby controller hands out
-//! the same ones), `gateway` (tunnel state, refreshed every status interval) and one
+//! the same ones), `gateway` (tunnel state, refreshed every status interval), one
 //! `export/<namespace>/<name>` per exported service (KEP-1645 `ServiceExport`: the service's
-//! shape and its endpoints). `fleetctl` reads the first two; service discovery (`fleet-services`,
+//! shape and its endpoints), one `import/<namespace>/<name>` per service it imports (its VIP
+//! and the endpoints it routes to) and, for the node-first source, one
+//! `serviceexport/<namespace>/<name>` per `fleetctl export`. `fleetctl` reads the first two; service discovery (`fleet-services`,
 //! `fleet-dns`) reads the exports. The hub stores them all as opaque bytes. Validation and
 //! aggregation of exports live in `fleet-services`, not here: this is only the wire schema.
 
@@ -66,9 +68,7 @@ pub fn export_record_name(namespace: &str, name: &str) -> String {
 /// The `(namespace, name)` of an `export/<namespace>/<name>` record name; `None` for any other
 /// record, or an export name without exactly two non-empty parts.
 pub fn parse_export_record_name(record: &str) -> Option<(&str, &str)> {
-    let rest = record.strip_prefix(EXPORT_RECORD_PREFIX)?;
-    let (namespace, name) = rest.split_once('/')?;
-    (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then_some((namespace, name))
+    parse_service_record_name(EXPORT_RECORD_PREFIX, record)
 }
 
 /// `export/<namespace>/<name>`: one cluster's export of one service, as the exporting cluster
@@ -183,6 +183,108 @@ pub struct EndpointRecord {
     pub terminating: bool,
     #[serde(default)]
     pub node_name: Option<String>,
+}
+
+/// Record name prefix of the node-first export specs.
+pub const SERVICE_EXPORT_RECORD_PREFIX: &str = "serviceexport/";
+
+/// `serviceexport/<namespace>/<name>`.
+pub fn service_export_record_name(namespace: &str, name: &str) -> String {
+    format!("{SERVICE_EXPORT_RECORD_PREFIX}{namespace}/{name}")
+}
+
+/// `serviceexport/<namespace>/<name>`: the node-first source's `ServiceExport` (clusters
+/// without a Kubernetes API; written by `fleetctl export`, removed by `fleetctl unexport`).
+/// The exporting cluster's controller reads it, finds the pods whose labels match `selector`
+/// in `namespace` on its nodes, and publishes `export/<namespace>/<name>` with them as
+/// endpoints. Other clusters ignore it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceExportSpec {
+    #[serde(rename = "type")]
+    pub service_type: ExportedServiceType,
+    /// Pods of the namespace whose labels contain all of these are the endpoints (a Service's
+    /// `spec.selector`); must not be empty.
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ExportPortRecord>,
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// When the export was first made, unix milliseconds; kept when the spec is changed.
+    pub created_at_ms: u64,
+}
+
+/// Record name prefix of the imports.
+pub const IMPORT_RECORD_PREFIX: &str = "import/";
+
+/// `import/<namespace>/<name>`.
+pub fn import_record_name(namespace: &str, name: &str) -> String {
+    format!("{IMPORT_RECORD_PREFIX}{namespace}/{name}")
+}
+
+/// The `(namespace, name)` of a `<prefix><namespace>/<name>` record name (`export/`,
+/// `import/`, `serviceexport/`); `None` for any other record.
+pub fn parse_service_record_name<'a>(prefix: &str, record: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = record.strip_prefix(prefix)?;
+    let (namespace, name) = rest.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then_some((namespace, name))
+}
+
+/// `import/<namespace>/<name>`: a service as the publishing cluster imports it (mcs-api
+/// `ServiceImport` and the endpoints it routes to), written by that cluster's active
+/// controller after aggregation (KEP-1645), VIP allocation and the liveness rule. Its own
+/// `fleet-dns` answers from these records only, and `fleetctl services` lists them; the VIP has
+/// local meaning (another cluster's import of the same service has another VIP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    /// `ClusterSetIP` or `Headless`.
+    #[serde(rename = "type")]
+    pub service_type: ExportedServiceType,
+    /// `spec.ips`: the ClusterSetIP VIP; empty for a headless service, or while the VIP range
+    /// has no free address.
+    #[serde(default)]
+    pub ips: Vec<Ipv4Addr>,
+    /// The union of the exports' ports, with the clusters each routes to.
+    pub ports: Vec<ImportPortRecord>,
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    #[serde(default)]
+    pub internal_traffic_policy: InternalTrafficPolicy,
+    #[serde(default)]
+    pub traffic_distribution: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// `status.clusters`: every cluster with a valid export, live or not.
+    pub clusters: Vec<ImportClusterRecord>,
+}
+
+/// One port of an import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportPortRecord {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub port: u16,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+    /// Exporting cluster id → the port its endpoints listen on. Traffic to this port goes to
+    /// these clusters only.
+    pub backends: BTreeMap<String, u16>,
+}
+
+/// One exporting cluster of an import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportClusterRecord {
+    pub cluster: String,
+    /// False while the cluster is withdrawn (its gateway gone, or back too recently after
+    /// flapping): its endpoints are kept here but neither resolved nor routed to.
+    pub live: bool,
+    pub endpoints: Vec<EndpointRecord>,
 }
 
 pub fn unix_secs(t: SystemTime) -> u64 {

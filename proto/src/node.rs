@@ -46,6 +46,9 @@ pub mod code {
     /// failed; an accepted `set_gateway` is recorded and re-applied on the next request or
     /// restart.
     pub const GATEWAY_FAILED: u32 = 105;
+    /// Programming the service VIPs (nftables in the CNF netns) failed; an accepted
+    /// `set_services` is recorded and re-applied on the next request or restart.
+    pub const SERVICES_FAILED: u32 = 106;
 }
 
 /// Identity of one attachment as the runtime sees it: the CNI triple minus the network name,
@@ -354,6 +357,55 @@ pub struct ClearGatewayResult {
     pub removed: bool,
 }
 
+/// The transport protocol of a VIP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// One port of a VIP and where its connections go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipPort {
+    pub protocol: VipProtocol,
+    /// 1-65535.
+    pub port: u16,
+    /// The ready endpoints, `fleet-ip:target-port`; a new connection picks one at random
+    /// (or its client's previous one, under affinity). Empty: connections are refused
+    /// (TCP reset / ICMP port unreachable), never forwarded elsewhere.
+    pub backends: Vec<std::net::SocketAddrV4>,
+}
+
+/// One ClusterSetIP VIP as the node programs it: DNAT in the CNF netns (never the host's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipService {
+    /// `<namespace>/<name>` of the service (for status, logs and rule comments).
+    pub name: String,
+    /// An address of the plan's VIP range.
+    pub vip: Ipv4Addr,
+    /// Ports not listed are refused.
+    pub ports: Vec<VipPort>,
+    /// `sessionAffinity: ClientIP`: a client keeps its backend for this many seconds after its
+    /// last new connection (1-86400); `None` without affinity.
+    #[serde(default)]
+    pub affinity_timeout_seconds: Option<u32>,
+}
+
+/// `set_services`: the whole VIP table of the node (replaces the previous one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetServicesRequest {
+    pub services: Vec<VipService>,
+}
+
+/// What `set_services` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetServicesResult {
+    /// False when the table was already as requested (nothing was reprogrammed).
+    pub changed: bool,
+}
+
 /// A request on the node socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
@@ -380,6 +432,11 @@ pub enum NodeRequest {
     GatewayKey,
     /// Removes the gateway device, its own-block route and its persisted state (the key stays).
     ClearGateway,
+    /// The controller hands the node its whole VIP table; persisted, programmed in one
+    /// nftables transaction.
+    SetServices(SetServicesRequest),
+    /// The VIP table the node has (as last accepted).
+    ListServices,
 }
 
 /// An error answered by the daemon, or produced by the client when the daemon can't be reached.
@@ -483,6 +540,14 @@ impl NodeClient {
 
     pub fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
         self.call(&NodeRequest::ClearGateway)
+    }
+
+    pub fn set_services(&self, req: SetServicesRequest) -> Result<SetServicesResult, NodeError> {
+        self.call(&NodeRequest::SetServices(req))
+    }
+
+    pub fn list_services(&self) -> Result<Vec<VipService>, NodeError> {
+        self.call(&NodeRequest::ListServices)
     }
 
     /// Sends one request and reads its reply. A daemon that cannot be reached is

@@ -178,6 +178,15 @@ impl Node {
             NodeRequest::GatewayStatus => reply_line(self.gateway_status().await),
             NodeRequest::GatewayKey => reply_line(self.gateway_key()),
             NodeRequest::ClearGateway => reply_line(self.clear_gateway().await),
+            // The VIP table (nftables in the CNF netns) is being built; until then a clear
+            // refusal, never a silent success.
+            NodeRequest::SetServices(_) | NodeRequest::ListServices => {
+                reply_line::<(), _>(Err(NodeError::new(
+                    fleet_proto::node::code::UNSUPPORTED_FIELD,
+                    "this fleet-nri cannot program service VIPs yet",
+                    "upgrade fleet-nri",
+                )))
+            }
         }
     }
 }
