@@ -41,6 +41,14 @@ pub struct RunConfig {
     pub node_prefix: u8,
     pub status_interval: Duration,
     pub vip_range: Ipv4Network,
+    /// The cluster's `fleet-dns` servers, reached by pods through the DNS VIP (the VIP
+    /// range's first usable address); empty: no DNS VIP.
+    pub dns_backends: Vec<std::net::SocketAddrV4>,
+    /// How often the nodes' pods are read for export endpoints.
+    pub endpoint_poll_interval: Duration,
+    /// A cluster whose gateway record has not changed for this long is withdrawn from
+    /// service discovery; `None`: three status intervals (at least 1 s).
+    pub liveness_timeout: Option<Duration>,
 }
 
 /// Default namespace and name of the Kubernetes Lease (`--lease-namespace`, `--lease-name`).
@@ -123,6 +131,21 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "--vip-range {0} is too small: it needs the DNS VIP and at least one service VIP (use /30 or wider)"
+    )]
+    VipRangeTooSmall(Ipv4Network),
+    #[error(
+        "--dns-backend {0}: give the ip:port where a fleet-dns server listens (not 0.0.0.0, not port 0, not inside the VIP range)"
+    )]
+    DnsBackend(std::net::SocketAddrV4),
+    #[error(
+        "--liveness-timeout {timeout:?} is shorter than two status intervals ({status_interval:?}): every cluster would flap; raise it or lower --status-interval"
+    )]
+    LivenessTimeout {
+        timeout: Duration,
+        status_interval: Duration,
+    },
     #[error("--wg-name {0:?}: an interface name is 1 to 15 bytes without '/', ':' or spaces")]
     WgName(String),
     #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
@@ -179,6 +202,22 @@ impl RunConfig {
         let vip = self.vip_range;
         if vip.contains(fleet.network()) || fleet.contains(vip.network()) {
             return Err(ConfigError::VipRange { vip, fleet });
+        }
+        if vip.prefix() > 30 {
+            return Err(ConfigError::VipRangeTooSmall(vip));
+        }
+        for b in &self.dns_backends {
+            if b.port() == 0 || b.ip().is_unspecified() || vip.contains(*b.ip()) {
+                return Err(ConfigError::DnsBackend(*b));
+            }
+        }
+        if let Some(t) = self.liveness_timeout
+            && t < self.status_interval * 2
+        {
+            return Err(ConfigError::LivenessTimeout {
+                timeout: t,
+                status_interval: self.status_interval,
+            });
         }
         Ok(())
     }
@@ -239,6 +278,9 @@ mod tests {
             node_prefix: 24,
             status_interval: Duration::from_secs(5),
             vip_range: fleet_core::config::DEFAULT_VIP_RANGE.parse().unwrap(),
+            dns_backends: Vec::new(),
+            endpoint_poll_interval: Duration::from_secs(1),
+            liveness_timeout: None,
         };
         ok.validate().unwrap();
         let bad = [

@@ -99,6 +99,17 @@ struct RunFlags {
     /// The cluster's service VIP range handed to nodes.
     #[arg(long, default_value = fleet_core::config::DEFAULT_VIP_RANGE)]
     vip_range: ipnetwork::Ipv4Network,
+    /// A fleet-dns server of this cluster (ip:port, UDP and TCP), put behind the DNS VIP (the
+    /// VIP range's first usable address) on every node. Repeatable.
+    #[arg(long = "dns-backend")]
+    dns_backend: Vec<std::net::SocketAddrV4>,
+    /// How often the nodes' pods are read for export endpoints.
+    #[arg(long, default_value = "1s")]
+    endpoint_poll_interval: String,
+    /// Withdraw an exporting cluster whose gateway record has not changed for this long
+    /// (default: three status intervals, at least 1s).
+    #[arg(long)]
+    liveness_timeout: Option<String>,
 }
 
 fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
@@ -147,6 +158,15 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         node_prefix: f.node_prefix,
         status_interval: parse_duration(&f.status_interval).context("--status-interval")?,
         vip_range: f.vip_range,
+        dns_backends: f.dns_backend,
+        endpoint_poll_interval: parse_duration(&f.endpoint_poll_interval)
+            .context("--endpoint-poll-interval")?,
+        liveness_timeout: f
+            .liveness_timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .context("--liveness-timeout")?,
     })
 }
 
