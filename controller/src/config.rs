@@ -43,7 +43,7 @@ pub struct RunConfig {
     pub vip_range: Ipv4Network,
     /// The cluster's `fleet-dns` servers, reached by pods through the DNS VIP (the VIP
     /// range's first usable address); empty: no DNS VIP.
-    pub dns_backends: Vec<std::net::SocketAddrV4>,
+    pub dns_backends: Vec<DnsBackend>,
     /// How often the nodes' pods are read for export endpoints.
     pub endpoint_poll_interval: Duration,
     /// A cluster whose gateway record has not changed for this long is withdrawn from
@@ -207,8 +207,10 @@ impl RunConfig {
             return Err(ConfigError::VipRangeTooSmall(vip));
         }
         for b in &self.dns_backends {
-            if b.port() == 0 || b.ip().is_unspecified() || vip.contains(*b.ip()) {
-                return Err(ConfigError::DnsBackend(*b));
+            if let DnsBackend::Address(a) = b
+                && (a.port() == 0 || a.ip().is_unspecified() || vip.contains(*a.ip()))
+            {
+                return Err(ConfigError::DnsBackend(*a));
             }
         }
         if let Some(t) = self.liveness_timeout
@@ -220,6 +222,44 @@ impl RunConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// Where a `fleet-dns` server listens (`--dns-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsBackend {
+    /// `ip:port`, e.g. a fleet-dns pod's fleet address.
+    Address(std::net::SocketAddrV4),
+    /// `<node>:<port>`: on that node's fleet gateway address (the first host of its subnet, in
+    /// its CNF netns), e.g. a fleet-dns that binds inside the node's CNF netns.
+    Node { node: String, port: u16 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--dns-backend {0:?}: expected ip:port (a fleet-dns address) or <node>:<port> (fleet-dns on that node's fleet gateway address)"
+)]
+pub struct DnsBackendError(String);
+
+impl std::str::FromStr for DnsBackend {
+    type Err = DnsBackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<std::net::SocketAddrV4>() {
+            return Ok(DnsBackend::Address(a));
+        }
+        let bad = || DnsBackendError(s.to_string());
+        let (node, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if node.is_empty()
+            || node.contains(['/', ' '])
+            || node.parse::<std::net::Ipv4Addr>().is_ok()
+        {
+            return Err(bad());
+        }
+        Ok(DnsBackend::Node {
+            node: node.to_string(),
+            port,
+        })
     }
 }
 
@@ -362,6 +402,32 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         for bad in ["", "0s", "s", "-1s", "3h", "x"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dns_backends_are_addresses_or_node_ports() {
+        assert_eq!(
+            "100.96.0.7:53".parse::<DnsBackend>().unwrap(),
+            DnsBackend::Address("100.96.0.7:53".parse().unwrap())
+        );
+        assert_eq!(
+            "aa-1:5353".parse::<DnsBackend>().unwrap(),
+            DnsBackend::Node {
+                node: "aa-1".into(),
+                port: 5353
+            }
+        );
+        for bad in [
+            "",
+            "aa-1",
+            "aa-1:0",
+            ":53",
+            "a b:53",
+            "1.2.3.4:x",
+            "aa-1:70000",
+        ] {
+            assert!(bad.parse::<DnsBackend>().is_err(), "{bad:?} accepted");
         }
     }
 }

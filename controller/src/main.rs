@@ -99,10 +99,11 @@ struct RunFlags {
     /// The cluster's service VIP range handed to nodes.
     #[arg(long, default_value = fleet_core::config::DEFAULT_VIP_RANGE)]
     vip_range: ipnetwork::Ipv4Network,
-    /// A fleet-dns server of this cluster (ip:port, UDP and TCP), put behind the DNS VIP (the
-    /// VIP range's first usable address) on every node. Repeatable.
+    /// A fleet-dns server of this cluster, put behind the DNS VIP (the VIP range's first usable
+    /// address, UDP and TCP 53) on every node: ip:port, or <node>:<port> for a fleet-dns bound
+    /// to that node's fleet gateway address in its CNF netns. Repeatable.
     #[arg(long = "dns-backend")]
-    dns_backend: Vec<std::net::SocketAddrV4>,
+    dns_backend: Vec<fleet_controller::config::DnsBackend>,
     /// How often the nodes' pods are read for export endpoints.
     #[arg(long, default_value = "1s")]
     endpoint_poll_interval: String,

@@ -472,7 +472,7 @@ impl Controller {
         let now = std::time::Instant::now();
         match a
             .services
-            .sync(&a.fleet, &self.nodes, &*self.hub, now)
+            .sync(&a.fleet, &self.nodes, &a.last_pass.subnets, &*self.hub, now)
             .await
         {
             Ok(()) => Ok(()),

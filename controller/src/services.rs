@@ -36,6 +36,7 @@ use fleet_services::{
 };
 use ipnetwork::Ipv4Network;
 
+use crate::config::DnsBackend;
 use crate::hub::{Hub, is_removed};
 use crate::reconcile::ClusterNode;
 
@@ -47,8 +48,8 @@ pub const DNS_PORT: u16 = 53;
 pub struct ServiceConfig {
     pub cluster: ClusterId,
     pub vip_range: Ipv4Network,
-    /// The cluster's `fleet-dns` servers (`ip:port`, UDP and TCP); empty: no DNS VIP.
-    pub dns_backends: Vec<SocketAddrV4>,
+    /// The cluster's `fleet-dns` servers (UDP and TCP); empty: no DNS VIP.
+    pub dns_backends: Vec<DnsBackend>,
     pub liveness: LivenessConfig,
 }
 
@@ -59,6 +60,32 @@ pub fn dns_vip(range: Ipv4Network) -> Ipv4Addr {
     } else {
         Ipv4Addr::from(u32::from(range.network()) + 1)
     }
+}
+
+/// The DNS backends as addresses; a node without a subnet yet is reported and left out.
+pub fn resolve_dns_backends(
+    backends: &[DnsBackend],
+    subnets: &BTreeMap<String, Ipv4Network>,
+    problems: &mut Vec<String>,
+) -> Vec<SocketAddrV4> {
+    backends
+        .iter()
+        .filter_map(|b| match b {
+            DnsBackend::Address(a) => Some(*a),
+            DnsBackend::Node { node, port } => match subnets.get(node) {
+                Some(subnet) => Some(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from(subnet.network()) + 1),
+                    *port,
+                )),
+                None => {
+                    problems.push(format!(
+                        "--dns-backend {node}:{port}: node {node} has no subnet yet"
+                    ));
+                    None
+                }
+            },
+        })
+        .collect()
 }
 
 /// One pod as a node daemon reports it.
@@ -309,6 +336,7 @@ impl ServiceSync {
         &mut self,
         fleet: &Fleet,
         nodes: &[ClusterNode],
+        subnets: &BTreeMap<String, Ipv4Network>,
         hub: &dyn Hub,
         now: Instant,
     ) -> Result<(), fleet_hub_api::client::HubError> {
@@ -409,11 +437,12 @@ impl ServiceSync {
         .await?;
 
         // The nodes' VIP tables.
+        let dns_backends = resolve_dns_backends(&self.cfg.dns_backends, subnets, &mut problems);
         let table = vip_services(
             &aggregation.imports,
             &vips,
             &live,
-            Some((dns, &self.cfg.dns_backends)),
+            Some((dns, &dns_backends)),
         );
         self.vips = Some(vips);
         self.push_tables(nodes, &table, &mut problems).await;
@@ -727,6 +756,7 @@ mod tests {
             api: node.clone(),
         }];
         let hub = FakeHub::default();
+        let subnets = BTreeMap::from([("aa-1".to_string(), "100.96.0.0/24".parse().unwrap())]);
         let liveness = LivenessConfig {
             timeout: Duration::from_secs(3),
             hold_down: Duration::from_secs(2),
@@ -736,7 +766,7 @@ mod tests {
         let mut sync = ServiceSync::new(ServiceConfig {
             cluster: cid("aa"),
             vip_range: "100.112.0.0/16".parse().unwrap(),
-            dns_backends: vec!["100.96.0.1:53".parse().unwrap()],
+            dns_backends: vec!["aa-1:53".parse().unwrap()],
             liveness,
         });
         assert!(sync.poll_pods(&nodes).await);
@@ -744,7 +774,7 @@ mod tests {
         let spec = serde_json::to_vec(&spec(&[("app", "web")])).unwrap();
         let t0 = Instant::now();
         let f = fleet(10, &[("serviceexport/default/web", spec.clone())]);
-        sync.sync(&f, &nodes, &hub, t0).await.unwrap();
+        sync.sync(&f, &nodes, &subnets, &hub, t0).await.unwrap();
 
         let published = hub.published.lock().unwrap().clone();
         let names: Vec<&str> = published.iter().map(|(n, _)| n.as_str()).collect();
@@ -769,6 +799,10 @@ mod tests {
         assert_eq!(table.len(), 2);
         assert_eq!(table[0].vip, Ipv4Addr::new(100, 112, 0, 1));
         assert_eq!(table[0].ports.len(), 2, "DNS over UDP and TCP");
+        assert_eq!(
+            table[0].ports[0].backends,
+            ["100.96.0.1:53".parse().unwrap()]
+        );
         let web = table.iter().find(|s| s.vip == vip).unwrap();
         assert_eq!(web.affinity_timeout_seconds, Some(60));
         let backends: Vec<String> = web.ports[0]
@@ -789,7 +823,7 @@ mod tests {
                 ("import/default/web", import_rec),
             ],
         );
-        sync.sync(&f, &nodes, &hub, t0 + Duration::from_secs(1))
+        sync.sync(&f, &nodes, &subnets, &hub, t0 + Duration::from_secs(1))
             .await
             .unwrap();
         let table = node.services.lock().unwrap().clone().unwrap().services;
@@ -800,7 +834,7 @@ mod tests {
         // bb falls silent: after the timeout only aa's endpoint is routed to.
         let t_dead = t0 + Duration::from_secs(1) + liveness.timeout;
         assert_eq!(sync.next_deadline(), Some(t_dead));
-        sync.sync(&f, &nodes, &hub, t_dead).await.unwrap();
+        sync.sync(&f, &nodes, &subnets, &hub, t_dead).await.unwrap();
         let table = node.services.lock().unwrap().clone().unwrap().services;
         let web = table.iter().find(|s| s.name == "default/web").unwrap();
         let backends: Vec<String> = web.ports[0]
@@ -816,7 +850,7 @@ mod tests {
 
         // The spec is removed (fleetctl unexport): the export record goes.
         let f = fleet(12, &[("export/default/web", aa_export)]);
-        sync.sync(&f, &nodes, &hub, t_dead + Duration::from_secs(1))
+        sync.sync(&f, &nodes, &subnets, &hub, t_dead + Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(

@@ -156,7 +156,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let status = fleetctl::status(&view);
             let services = fleetctl::services::services_view(&view);
             if json {
-                print_json(&serde_json::json!({ "fleet": status, "services": services }))?;
+                // The fleet's fields at the top (as before), the services beside them.
+                let mut value = serde_json::to_value(&status)?;
+                value["services"] = serde_json::to_value(&services)?;
+                print_json(&value)?;
             } else {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
