@@ -7,10 +7,13 @@
 //! - [`aggregate`]: all clusters' exports of a service → one [`aggregate::ServiceImport`], with
 //!   KEP-1645's conflict rules (the oldest export wins; ports are the union) and the
 //!   `Valid` / `Ready` / `Conflict` conditions of every export;
+//! - [`import`]: imports on the wire (`import/<namespace>/<name>`, written by the importing
+//!   cluster, read by its `fleet-dns`), live clusters only;
 //! - [`vip`]: ClusterSetIP VIPs from a cluster's VIP range, stable across re-aggregation.
 
 pub mod aggregate;
 pub mod export;
+pub mod import;
 pub mod vip;
 
 pub use aggregate::{Aggregation, ServiceImport, aggregate, aggregate_fleet};
