@@ -7,6 +7,8 @@
 //! - [`aggregate`]: all clusters' exports of a service → one [`aggregate::ServiceImport`], with
 //!   KEP-1645's conflict rules (the oldest export wins; ports are the union) and the
 //!   `Valid` / `Ready` / `Conflict` conditions of every export;
+//! - [`import`]: imports on the wire (`import/<namespace>/<name>`, written by the importing
+//!   cluster, read by its `fleet-dns`), live clusters only;
 //! - [`vip`]: ClusterSetIP VIPs from a cluster's VIP range, stable across re-aggregation;
 //! - [`liveness`]: which exporting clusters are resolved and routed to (heartbeats, damping).
 
