@@ -49,6 +49,9 @@ pub struct RunConfig {
     /// A cluster whose gateway record has not changed for this long is withdrawn from
     /// service discovery; `None`: three status intervals (at least 1 s).
     pub liveness_timeout: Option<Duration>,
+    /// The hold-down after a cluster's second death within the flap window (doubling after
+    /// each further one); zero turns damping off.
+    pub liveness_hold_down: Duration,
 }
 
 /// Default namespace and name of the Kubernetes Lease (`--lease-namespace`, `--lease-name`).
@@ -321,6 +324,7 @@ mod tests {
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_secs(1),
             liveness_timeout: None,
+            liveness_hold_down: Duration::from_secs(2),
         };
         ok.validate().unwrap();
         let bad = [

@@ -111,6 +111,10 @@ struct RunFlags {
     /// (default: three status intervals, at least 1s).
     #[arg(long)]
     liveness_timeout: Option<String>,
+    /// Damping: a cluster that dies a second time within 5 minutes returns only after it has
+    /// been alive this long (doubling with each further death, up to 120s); 0s turns it off.
+    #[arg(long, default_value = "2s")]
+    liveness_hold_down: String,
 }
 
 fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
@@ -168,7 +172,16 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
             .map(parse_duration)
             .transpose()
             .context("--liveness-timeout")?,
+        liveness_hold_down: parse_hold_down(&f.liveness_hold_down)?,
     })
+}
+
+/// `0s` (damping off) or a duration.
+fn parse_hold_down(text: &str) -> anyhow::Result<std::time::Duration> {
+    if matches!(text.trim(), "0" | "0s" | "0ms") {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(text).context("--liveness-hold-down")
 }
 
 fn main() -> anyhow::Result<()> {

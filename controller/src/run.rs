@@ -459,6 +459,7 @@ impl Controller {
         if let Some(t) = self.cfg.liveness_timeout {
             liveness.timeout = t;
         }
+        liveness.hold_down = self.cfg.liveness_hold_down;
         ServiceConfig {
             cluster: self.cfg.cluster.clone(),
             vip_range: self.cfg.vip_range,
@@ -720,6 +721,7 @@ mod tests {
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_millis(100),
             liveness_timeout: None,
+            liveness_hold_down: Duration::from_secs(2),
         }
     }
 

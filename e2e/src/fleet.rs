@@ -929,6 +929,7 @@ impl FleetBuilder {
             members.push(member);
         }
         Ok(SandboxFleet {
+            controller_extra_args: Vec::new(),
             members,
             hub,
             internet,
@@ -939,6 +940,9 @@ impl FleetBuilder {
 /// The whole sandbox. Field order is drop order after `Drop::drop` (members: pods,
 /// controllers, nodes, routers; then the hub; then the internet).
 pub struct SandboxFleet {
+    /// Appended to every `fleet-controller run` started from now on (benchmarks tune
+    /// intervals with it).
+    pub controller_extra_args: Vec<String>,
     pub members: Vec<Member>,
     pub hub: FleetHub,
     pub internet: Internet,
@@ -1027,6 +1031,7 @@ impl SandboxFleet {
             args.push("--endpoint".into());
             args.push(ep.into());
         }
+        args.extend(self.controller_extra_args.iter().map(OsString::from));
         args
     }
 
