@@ -9,3 +9,4 @@ pub mod netns;
 pub mod overlay;
 pub mod routes;
 pub mod state;
+pub mod vip;

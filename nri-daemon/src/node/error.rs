@@ -52,6 +52,12 @@ pub enum Failure {
     /// A gateway request that cannot be carried out as given.
     #[error("invalid gateway request: {0}")]
     InvalidGateway(String),
+    /// A `set_services` table that cannot be programmed as given.
+    #[error("invalid service table: {0}")]
+    InvalidServices(String),
+    /// Programming the VIP table in the CNF netns failed (the table is recorded).
+    #[error("cannot program the service VIPs: {0}")]
+    Services(String),
     /// The WireGuard device, its key or its own-block route failed.
     #[error("cannot {op}: {reason}")]
     Gateway { op: &'static str, reason: String },
@@ -161,6 +167,14 @@ impl From<Failure> for NodeError {
             Failure::InvalidGateway(e) => {
                 (code::INVALID_CONFIG, "invalid gateway request".into(), e)
             }
+            Failure::InvalidServices(e) => {
+                (code::INVALID_CONFIG, "invalid service table".into(), e)
+            }
+            Failure::Services(e) => (
+                code::SERVICES_FAILED,
+                "cannot program the service VIPs; the table is recorded, resend to retry".into(),
+                e,
+            ),
             Failure::Gateway { op, reason } => (
                 code::GATEWAY_FAILED,
                 format!("cannot {op}; resend to retry"),

@@ -67,6 +67,8 @@ impl Node {
         {
             tracing::error!(error = %NodeError::from(e), "overlay not in line with the new plan; resend set_peers");
         }
+        // The VIP table's hairpin and refusal rules follow the node subnet and VIP range.
+        self.services_follow_plan(&planned).await;
         Ok(change)
     }
 
