@@ -12,6 +12,7 @@ use fleet_proto::node::{
     GcResult, Origin,
 };
 
+use super::plan::{networks_in, primary_of};
 use super::{Failure, Node, Planned, now_unix};
 
 impl Node {
@@ -53,6 +54,19 @@ impl Node {
         if let Err(e) = netns::open(netns_path) {
             return Err(Failure::PodNetnsMissing(e.to_string()));
         }
+        // Before anything is reserved: a pod whose primary network overlaps the fleet's ranges
+        // is refused with nothing left behind.
+        let used = if req.primary.is_empty() {
+            networks_in(netns_path, Some(POD_INTERFACE), "the pod's")
+                .await
+                .map_err(Failure::PrimaryUnreadable)?
+        } else {
+            primary_of(&req.primary)?
+        };
+        p.datapath
+            .plan()
+            .check_disjoint(&used)
+            .map_err(Failure::PrimaryOverlap)?;
         let template = Attachment {
             key: req.key.clone(),
             network: req.network.clone(),

@@ -60,6 +60,7 @@ impl Node {
                     network: att.network.clone(),
                     netns: netns.to_owned(),
                     pod: att.pod.clone(),
+                    primary: vec![],
                 },
                 None => AttachRequest {
                     key: AttachmentKey {
@@ -69,6 +70,7 @@ impl Node {
                     network: self.network.clone(),
                     netns: netns.to_owned(),
                     pod: meta_of(pod),
+                    primary: vec![],
                 },
             };
             let origin = existing
