@@ -86,10 +86,13 @@ impl Node {
         }
         match p.datapath.attach(netns_path, &att).await {
             Ok(link) => {
-                let changed = att.mac != link.mac || att.netns != req.netns;
                 att.mac = link.mac;
                 att.netns = req.netns.clone();
-                if changed && let Err(e) = p.ipam.update(&att) {
+                let recorded = p.ipam.modify(&att.key, &att.network, |r| {
+                    r.mac = att.mac.clone();
+                    r.netns = att.netns.clone();
+                });
+                if let Err(e) = recorded {
                     tracing::warn!(error = %e, address = %att.address, "cannot record the pod's link; the allocation stands");
                 }
                 tracing::info!(container = %att.key.container_id, pod = %att.pod.name, namespace = %att.pod.namespace, address = %att.address, ?origin, "pod attached");

@@ -106,12 +106,15 @@ impl Node {
             return;
         };
         let meta = meta_of(pod);
-        for mut att in p.ipam.find_by_container(&pod.id) {
-            if att.pod != meta {
-                att.pod = meta.clone();
-                if let Err(e) = p.ipam.update(&att) {
-                    tracing::warn!(error = %e, "cannot record pod metadata");
-                }
+        // Without the pod lock: `modify` checks under the store's lock that the attachment
+        // still holds its address, so a DEL racing this never sees its address come back.
+        for att in p.ipam.find_by_container(&pod.id) {
+            if att.pod != meta
+                && let Err(e) = p
+                    .ipam
+                    .modify(&att.key, &att.network, |r| r.pod = meta.clone())
+            {
+                tracing::warn!(error = %e, "cannot record pod metadata");
             }
         }
     }
