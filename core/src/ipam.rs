@@ -66,7 +66,7 @@ struct State {
 impl NodeIpam {
     /// Opens (or creates) the store in `dir` and loads every record.
     pub fn open(dir: &Path, plan: NodePlan) -> Result<Self, IpamError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::private_socket::ensure_dir(dir, 0o700).map_err(io_err(dir))?;
         let mut by_address = BTreeMap::new();
         let mut unreadable = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
