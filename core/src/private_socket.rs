@@ -13,12 +13,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Creates `dir` and its missing parents with `mode` (the umask can only take bits away, and
 /// `mode` is set again explicitly on `dir` if this call made it). An existing `dir` is left as
 /// it is, except that write access for group and others is removed: whoever may write to a
-/// directory may replace the sockets and files in it.
+/// directory may replace the sockets and files in it. A sticky directory (`/tmp`) is left
+/// alone: there only the owner may remove or rename an entry.
 pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
     match fs::metadata(dir) {
         Ok(meta) => {
             let current = meta.permissions().mode() & 0o7777;
-            if current & 0o022 != 0 {
+            if current & 0o022 != 0 && current & 0o1000 == 0 {
                 tracing::warn!(dir = %dir.display(), mode = format!("{current:o}"), "directory writable by others; removing group/other write");
                 fs::set_permissions(dir, fs::Permissions::from_mode(current & !0o022))?;
             }
@@ -104,5 +105,12 @@ mod tests {
         fs::set_permissions(&priv_dir, fs::Permissions::from_mode(0o777)).unwrap();
         ensure_dir(&priv_dir, 0o700).unwrap();
         assert_eq!(mode(&priv_dir), 0o755);
+        // A sticky one is not.
+        fs::set_permissions(&priv_dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        ensure_dir(&priv_dir, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&priv_dir).unwrap().permissions().mode() & 0o7777,
+            0o1777
+        );
     }
 }
