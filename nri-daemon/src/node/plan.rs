@@ -33,6 +33,16 @@ fn parse_cidr(what: &'static str, v: &str) -> Result<ipnetwork::Ipv4Network, Fai
 impl Node {
     /// Builds the CNF netns and IPAM for `plan` and makes it current.
     pub(super) async fn install_plan(&self, plan: NodePlan) -> Result<Arc<Planned>, Failure> {
+        // set_plan refuses such a plan; one restored at start (persisted, or the config's) is
+        // kept, pods may hold addresses from it, but never silently.
+        match networks_in(&self.underlay_netns, None, "the node's").await {
+            Ok(host) => {
+                if let Err(e) = plan.check_disjoint(&host) {
+                    tracing::error!(error = %e, "the node's plan overlaps the node's own networks");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the node's networks"),
+        }
         let datapath = NodeDatapath::new(plan.clone(), self.local.clone());
         datapath.ensure_cnf().await.map_err(Failure::Cnf)?;
         let ipam_dir = self.local.data_dir.join("ipam");
