@@ -980,6 +980,15 @@ impl SandboxFleet {
             .unwrap_or_else(|| panic!("no member {id}"))
     }
 
+    /// `--status-interval` of the controllers: 1s unless the extra arguments set it.
+    fn status_interval(&self) -> &str {
+        self.controller_extra_args
+            .iter()
+            .position(|a| a == "--status-interval")
+            .and_then(|i| self.controller_extra_args.get(i + 1))
+            .map_or("1s", String::as_str)
+    }
+
     /// The `fleet-controller run` arguments for an instance of `member` (contract flags).
     fn controller_args(
         &self,
@@ -1007,7 +1016,7 @@ impl SandboxFleet {
             "--listen-port",
             &GATEWAY_PORT.to_string(),
             "--status-interval",
-            "1s",
+            self.status_interval(),
             // fleet-dns (when started, see `start_dns`) binds in the gateway node's CNF netns.
             "--dns-backend",
             &format!("{}:53", member.gateway().name),
@@ -1031,7 +1040,14 @@ impl SandboxFleet {
             args.push("--endpoint".into());
             args.push(ep.into());
         }
-        args.extend(self.controller_extra_args.iter().map(OsString::from));
+        let mut extra = self.controller_extra_args.iter();
+        while let Some(a) = extra.next() {
+            if a == "--status-interval" {
+                extra.next(); // already given
+                continue;
+            }
+            args.push(a.into());
+        }
         args
     }
 
