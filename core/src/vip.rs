@@ -17,10 +17,16 @@
 //!              → masquerade (the reply would otherwise be bridged past the un-DNAT)
 //! ```
 //!
-//! - **One transaction per change**: `add table; flush table` (every rule goes, set elements
-//!   stay), delete the chains and sets no longer wanted, add the wanted ones, add every rule.
-//!   Either all of it applies or none of it. Conntrack is never flushed: established
-//!   connections keep their backend whatever changes (a removed backend's connections too).
+//! - **One transaction per change**, all of it or nothing. The first one (at start, after a
+//!   failure) is a full resync: `add table; flush table` (every rule goes, set elements stay),
+//!   delete the chains and sets no longer wanted (listed by name from the kernel), add the
+//!   rest. After that [`VipProgrammer`] knows what the netns holds and sends only what differs:
+//!   the chains whose rules changed are flushed and refilled, stale chains and sets are flushed
+//!   then deleted, new ones added (one backend more on a 1,000-VIP table: a few dozen
+//!   commands). Conntrack is never flushed: established connections keep their backend
+//!   whatever changes (a removed backend's connections too).
+//! - The netns routes VIP traffic: `br_netfilter` and ICMP redirects are off there (see
+//!   `route_vip_traffic`).
 //! - **Affinity** (`sessionAffinity: ClientIP`) as kube-proxy's nftables mode does it: one
 //!   dynamic set per backend with the timeout; a client in a backend's set goes to that
 //!   backend, and each new connection refreshes its entry. The set's name carries the timeout,
