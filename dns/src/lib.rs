@@ -4,11 +4,13 @@
 //! - [`table`]: a pure [`DnsTable`] (name → records) built from the service imports and the
 //!   VIP table, rebuilt on every change and swapped in whole;
 //! - [`handler`]: answers one DNS message from a table, synchronously (the fuzz target);
-//! - [`server`]: a thin UDP loop and TCP listener around the handler.
+//! - [`server`]: a thin UDP loop and TCP listener around the handler;
+//! - [`run`]: the daemon (`fleet-dns`): follows the hub and serves the cluster's own imports.
 //!
 //! It never makes a remote call per query: the table is all it reads.
 
 pub mod handler;
+pub mod run;
 pub mod server;
 pub mod table;
 

@@ -9,12 +9,14 @@
 //!   `export/<namespace>/<name>`);
 //! - [`wire`]: the HTTP/1.1 + JSON protocol (calls, replies, watch lines, credentials, join
 //!   strings, error codes);
+//! - [`credential`]: a member's credential file (read, written once, waited for);
 //! - [`tls`]: CA pinning, the members' trust in the hub;
 //! - [`client`]: the client library ([`client::HubClient`]);
 //! - [`mirror`]: the one fleet mirror (list → watch → relist, like kube-runtime's watcher +
 //!   reflector) that every consumer of the fleet view reads.
 
 pub mod client;
+pub mod credential;
 pub mod mirror;
 pub mod model;
 pub mod records;
