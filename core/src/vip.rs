@@ -723,7 +723,8 @@ fn route_vip_traffic(netns: &Path) -> Result<(), VipError> {
 
 /// Programs [`TABLE`] in a netns and remembers what it holds: a change is one transaction of
 /// what differs from the last program; a full resync (listing the table first) when it knows
-/// nothing — at start, after a failure, for another netns.
+/// nothing — at start, after a failure, for another netns — or when the difference does not
+/// apply (someone else changed the table).
 #[derive(Debug, Default)]
 pub struct VipProgrammer {
     last: Option<(PathBuf, Program)>,
@@ -748,19 +749,28 @@ impl VipProgrammer {
         let applied = netns::run_in(netns, move || {
             route_vip_traffic(&path)?;
             let started = std::time::Instant::now();
-            let batch = match &last {
-                Some(old) => new.delta(old),
-                None => Some(new.full(&existing_here(&path)?)),
+            let full = |new: &Program| -> Result<(), VipError> {
+                let batch = new.full(&existing_here(&path)?);
+                nftables::helper::apply_ruleset(&batch).map_err(nft_failure(&path))
             };
-            if let Some(batch) = batch {
-                nftables::helper::apply_ruleset(&batch).map_err(nft_failure(&path))?;
-                tracing::debug!(
-                    full = last.is_none(),
-                    commands = batch.objects.len(),
-                    elapsed = ?started.elapsed(),
-                    "VIP table transaction applied"
-                );
+            match &last {
+                None => full(&new)?,
+                Some(old) => {
+                    if let Some(batch) = new.delta(old)
+                        && let Err(e) =
+                            nftables::helper::apply_ruleset(&batch).map_err(nft_failure(&path))
+                    {
+                        // The table is not what we left (someone changed it): resync in full.
+                        tracing::warn!(error = %e, "VIP table not as programmed; resyncing it whole");
+                        full(&new)?;
+                    }
+                }
             }
+            tracing::debug!(
+                full = last.is_none(),
+                elapsed = ?started.elapsed(),
+                "VIP table in line"
+            );
             Ok::<_, VipError>(new)
         })
         .await??;

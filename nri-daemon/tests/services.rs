@@ -529,6 +529,18 @@ fn established_connections_survive_changes_and_restarts_and_bad_tables_change_no
         assert_eq!(conn.echo("up").unwrap(), format!("{tag} up"));
         assert!(!set(&c, before.0.clone()).unwrap());
     }
+    // Someone deletes our table behind the daemon's back: the next change resyncs it whole.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", d.cnf_netns()))
+        .args(["--", "nft", "delete", "table", "ip", TABLE])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert!(set(&c, vec![web(&[kept])]).unwrap());
+    assert!(rules(&d).contains("svc-100.112.0.20-tcp-80"));
+    assert!(set(&c, before.0.clone()).unwrap());
+    assert_eq!(rules(&d), before.1);
+    assert_eq!(conn.echo("resynced").unwrap(), format!("{tag} resynced"));
     // Affinity clients survive a change of something else.
     let pinned = dial(&client, sa("100.112.0.21:80")).unwrap().backend;
     assert_eq!(pinned, "x");
