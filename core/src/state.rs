@@ -121,7 +121,8 @@ impl NodeStateStore {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        // The data dir also holds the gateway's key: nobody else may write to it.
+        crate::private_socket::ensure_dir(&self.dir, 0o700).map_err(io(&self.dir))?;
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;

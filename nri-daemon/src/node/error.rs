@@ -1,6 +1,7 @@
 //! Every failure of a node operation, and the one place that maps it to the node API's
 //! [`NodeError`] (a CNI error code, a message saying what failed, the cause as details).
 
+use fleet_core::config::PlanError;
 use fleet_core::datapath::DatapathError;
 use fleet_core::ipam::IpamError;
 use fleet_proto::node::{NodeError, code};
@@ -35,6 +36,13 @@ pub enum Failure {
     AttachArgs(String),
     #[error("the pod's network namespace does not exist: {0}")]
     PodNetnsMissing(String),
+    /// The pod's primary network (prevResult, or its netns) overlaps the fleet CIDR or the VIP
+    /// range: attaching would route part of it over eth-fleet.
+    #[error("the pod's primary network overlaps the fleet's ranges: {0}")]
+    PrimaryOverlap(PlanError),
+    /// The pod's primary network could not be read (its netns, or a malformed `primary`).
+    #[error("cannot read the pod's primary network: {0}")]
+    PrimaryUnreadable(String),
     #[error("cannot reserve an address: {0}")]
     Reserve(IpamError),
     #[error("cannot attach eth-fleet to the pod: {0}")]
@@ -120,6 +128,26 @@ impl From<Failure> for NodeError {
             Failure::PodNetnsMissing(e) => (
                 code::CONTAINER_UNKNOWN,
                 "the pod's network namespace does not exist".into(),
+                e,
+            ),
+            Failure::PrimaryOverlap(e) => {
+                let msg = match &e {
+                    PlanError::OverlapsUsed {
+                        range_name,
+                        range,
+                        used,
+                        ..
+                    } => format!(
+                        "the pod's primary network {used} overlaps the {range_name} {range}; no fleet address was allocated"
+                    ),
+                    other => other.to_string(),
+                };
+                (code::INVALID_CONFIG, msg, e.to_string())
+            }
+            Failure::PrimaryUnreadable(e) => (
+                code::INVALID_CONFIG,
+                "cannot read the pod's primary network to check it against the fleet's ranges"
+                    .into(),
                 e,
             ),
             Failure::Reserve(e) => match e {
