@@ -71,6 +71,7 @@ fn pod(c: &NodeClient, tag: &str) -> Pod {
             network: "fleet".into(),
             netns: ns.path().display().to_string(),
             pod: PodMeta::default(),
+            primary: Vec::new(),
         })
         .unwrap();
     Pod {
