@@ -17,10 +17,16 @@
 //!              → masquerade (the reply would otherwise be bridged past the un-DNAT)
 //! ```
 //!
-//! - **One transaction per change**: `add table; flush table` (every rule goes, set elements
-//!   stay), delete the chains and sets no longer wanted, add the wanted ones, add every rule.
-//!   Either all of it applies or none of it. Conntrack is never flushed: established
-//!   connections keep their backend whatever changes (a removed backend's connections too).
+//! - **One transaction per change**, all of it or nothing. The first one (at start, after a
+//!   failure) is a full resync: `add table; flush table` (every rule goes, set elements stay),
+//!   delete the chains and sets no longer wanted (listed by name from the kernel), add the
+//!   rest. After that [`VipProgrammer`] knows what the netns holds and sends only what differs:
+//!   the chains whose rules changed are flushed and refilled, stale chains and sets are flushed
+//!   then deleted, new ones added (one backend more on a 1,000-VIP table: a few dozen
+//!   commands). Conntrack is never flushed: established connections keep their backend
+//!   whatever changes (a removed backend's connections too).
+//! - The netns routes VIP traffic: `br_netfilter` and ICMP redirects are off there (see
+//!   `route_vip_traffic`).
 //! - **Affinity** (`sessionAffinity: ClientIP`) as kube-proxy's nftables mode does it: one
 //!   dynamic set per backend with the timeout; a client in a backend's set goes to that
 //!   backend, and each new connection refreshes its entry. The set's name carries the timeout,
@@ -29,7 +35,7 @@
 //!   no other table is ever touched.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
@@ -188,7 +194,8 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// Reads `nft -j -t list ruleset ip` output: the chains and sets of [`TABLE`].
+    /// Reads `nft -j` listing output (a ruleset, its chains or its sets): the chains and sets
+    /// of [`TABLE`].
     pub fn parse(json: &str) -> Result<Existing, String> {
         let v: serde_json::Value =
             serde_json::from_str(json).map_err(|e| format!("nft listing is not JSON: {e}"))?;
@@ -355,187 +362,285 @@ fn table() -> NfListObject<'static> {
     })
 }
 
-/// The one transaction that makes [`TABLE`] exactly the program for `services` (already
-/// validated and normalized) on a node with `plan`, given what the table holds now.
-pub fn program(plan: &NodePlan, services: &[VipService], existing: &Existing) -> Nftables<'static> {
-    let mut chains: Vec<Chain<'static>> = vec![
-        base_chain(
-            CHAIN_DNAT,
-            NfChainType::NAT,
-            NfHook::Prerouting,
-            PRIO_DSTNAT,
-        ),
-        base_chain(
-            CHAIN_REFUSE,
-            NfChainType::Filter,
-            NfHook::Prerouting,
-            PRIO_REFUSE,
-        ),
-        base_chain(
-            CHAIN_HAIRPIN,
-            NfChainType::NAT,
-            NfHook::Postrouting,
-            PRIO_SRCNAT,
-        ),
-    ];
-    let mut sets: Vec<Set<'static>> = Vec::new();
-    let mut rules: Vec<NfListObject<'static>> = Vec::new();
-    let mut dispatch: Vec<SetItem<'static>> = Vec::new();
+/// The program for one VIP table: every chain of [`TABLE`] with its rules, and every set.
+/// Two programs compare chain by chain, so a change is a transaction of what differs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    chains: BTreeMap<String, (Chain<'static>, Vec<NfListObject<'static>>)>,
+    sets: BTreeMap<String, Set<'static>>,
+}
 
-    for svc in services {
-        for port in &svc.ports {
-            if port.backends.is_empty() {
-                // No entry: the refuse chain answers it.
-                continue;
-            }
-            let proto = proto_name(port.protocol);
-            let svc_name = svc_chain(svc.vip, port);
-            chains.push(chain(&svc_name));
-            dispatch.push(SetItem::Mapping(
-                Expression::Named(NamedExpression::Concat(vec![
-                    s(svc.vip.to_string()),
-                    s(proto),
-                    Expression::Number(port.port.into()),
-                ])),
-                goto_verdict(&svc_name),
-            ));
-            let mut pick = Vec::with_capacity(port.backends.len());
-            for (i, b) in port.backends.iter().enumerate() {
-                let ep = ep_chain(svc.vip, port, *b);
-                chains.push(chain(&ep));
-                let mut ep_rule = Vec::new();
-                if let Some(t) = svc.affinity_timeout_seconds {
-                    let aff = aff_set(svc.vip, port, *b, t);
-                    sets.push(set(&aff, t));
-                    rules.push(rule(
-                        &svc_name,
-                        vec![eq(payload("ip", "saddr"), s(format!("@{aff}"))), goto(&ep)],
-                        None,
-                    ));
-                    ep_rule.push(Statement::Set(nftables::stmt::Set {
-                        op: SetOp::Update,
-                        elem: payload("ip", "saddr"),
-                        set: format!("@{aff}").into(),
-                    }));
-                }
-                ep_rule.push(eq(meta(MetaKey::L4proto), s(proto)));
-                ep_rule.push(Statement::DNAT(Some(NAT {
-                    addr: Some(s(b.ip().to_string())),
-                    family: Some(nftables::stmt::NATFamily::IP),
-                    port: Some(Expression::Number(b.port().into())),
-                    flags: None,
-                })));
-                rules.push(rule(&ep, ep_rule, None));
-                pick.push(SetItem::Mapping(
-                    Expression::Number(i as u32),
-                    goto_verdict(&ep),
-                ));
-            }
-            rules.push(rule(
-                &svc_name,
-                vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
-                    key: Expression::Named(NamedExpression::Numgen(Numgen {
-                        mode: NgMode::Random,
-                        ng_mod: port.backends.len() as u32,
-                        offset: None,
-                    })),
-                    data: Expression::Named(NamedExpression::Set(pick)),
-                })],
-                comment(format!("{} {proto}/{}", svc.name, port.port)),
-            ));
-        }
-    }
-
-    // The base chains' rules: dispatch, refuse, hairpin.
-    let mut base_rules = Vec::new();
-    if !dispatch.is_empty() {
-        base_rules.push(rule(
-            CHAIN_DNAT,
-            vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
-                key: Expression::Named(NamedExpression::Concat(vec![
-                    payload("ip", "daddr"),
-                    meta(MetaKey::L4proto),
-                    payload("th", "dport"),
-                ])),
-                data: Expression::Named(NamedExpression::Set(dispatch)),
-            })],
-            None,
-        ));
-    }
-    let to_vips = || eq(payload("ip", "daddr"), prefix(plan.vip_range));
-    base_rules.push(rule(
-        CHAIN_REFUSE,
-        vec![
-            to_vips(),
-            eq(meta(MetaKey::L4proto), s("tcp")),
-            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
-        ],
-        comment("VIP range, not DNATed: no backend, port not listed or no such VIP".into()),
-    ));
-    base_rules.push(rule(
-        CHAIN_REFUSE,
-        vec![
-            to_vips(),
-            Statement::Reject(Some(Reject::new(
-                Some(RejectType::ICMP),
-                Some(RejectCode::PortUnreach),
-            ))),
-        ],
-        None,
-    ));
-    base_rules.push(rule(
-        CHAIN_HAIRPIN,
-        vec![
-            eq(
-                Expression::Named(NamedExpression::CT(CT {
-                    key: "daddr".into(),
-                    family: Some(CTFamily::IP),
-                    dir: Some(CTDir::Original),
-                })),
-                // A range, not a prefix: nft 1.0.6's JSON parser byte-swaps a prefix here.
-                range(plan.vip_range),
+impl Program {
+    /// The program for `services` (already validated and normalized) on a node with `plan`.
+    pub fn new(plan: &NodePlan, services: &[VipService]) -> Program {
+        let mut p = Program {
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        };
+        for c in [
+            base_chain(
+                CHAIN_DNAT,
+                NfChainType::NAT,
+                NfHook::Prerouting,
+                PRIO_DSTNAT,
             ),
-            eq(payload("ip", "saddr"), prefix(plan.node_subnet)),
-            eq(payload("ip", "daddr"), prefix(plan.node_subnet)),
-            Statement::Masquerade(None),
-        ],
-        comment("a VIP from this node's bridge to a backend on it".into()),
-    ));
+            base_chain(
+                CHAIN_REFUSE,
+                NfChainType::Filter,
+                NfHook::Prerouting,
+                PRIO_REFUSE,
+            ),
+            base_chain(
+                CHAIN_HAIRPIN,
+                NfChainType::NAT,
+                NfHook::Postrouting,
+                PRIO_SRCNAT,
+            ),
+        ] {
+            p.chains.insert(c.name.to_string(), (c, Vec::new()));
+        }
+        let mut dispatch: Vec<SetItem<'static>> = Vec::new();
 
-    let wanted_chains: BTreeSet<String> = chains.iter().map(|c| c.name.to_string()).collect();
-    let wanted_sets: BTreeSet<String> = sets.iter().map(|s| s.name.to_string()).collect();
+        for svc in services {
+            for port in &svc.ports {
+                if port.backends.is_empty() {
+                    // No entry: the refuse chain answers it.
+                    continue;
+                }
+                let proto = proto_name(port.protocol);
+                let svc_name = svc_chain(svc.vip, port);
+                p.add_chain(&svc_name);
+                dispatch.push(SetItem::Mapping(
+                    Expression::Named(NamedExpression::Concat(vec![
+                        s(svc.vip.to_string()),
+                        s(proto),
+                        Expression::Number(port.port.into()),
+                    ])),
+                    goto_verdict(&svc_name),
+                ));
+                let mut pick = Vec::with_capacity(port.backends.len());
+                for (i, b) in port.backends.iter().enumerate() {
+                    let ep = ep_chain(svc.vip, port, *b);
+                    p.add_chain(&ep);
+                    let mut ep_rule = Vec::new();
+                    if let Some(t) = svc.affinity_timeout_seconds {
+                        let aff = aff_set(svc.vip, port, *b, t);
+                        p.sets.insert(aff.clone(), set(&aff, t));
+                        p.add_rule(
+                            &svc_name,
+                            vec![eq(payload("ip", "saddr"), s(format!("@{aff}"))), goto(&ep)],
+                            None,
+                        );
+                        ep_rule.push(Statement::Set(nftables::stmt::Set {
+                            op: SetOp::Update,
+                            elem: payload("ip", "saddr"),
+                            set: format!("@{aff}").into(),
+                        }));
+                    }
+                    ep_rule.push(eq(meta(MetaKey::L4proto), s(proto)));
+                    ep_rule.push(Statement::DNAT(Some(NAT {
+                        addr: Some(s(b.ip().to_string())),
+                        family: Some(nftables::stmt::NATFamily::IP),
+                        port: Some(Expression::Number(b.port().into())),
+                        flags: None,
+                    })));
+                    p.add_rule(&ep, ep_rule, None);
+                    pick.push(SetItem::Mapping(
+                        Expression::Number(i as u32),
+                        goto_verdict(&ep),
+                    ));
+                }
+                p.add_rule(
+                    &svc_name,
+                    vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
+                        key: Expression::Named(NamedExpression::Numgen(Numgen {
+                            mode: NgMode::Random,
+                            ng_mod: port.backends.len() as u32,
+                            offset: None,
+                        })),
+                        data: Expression::Named(NamedExpression::Set(pick)),
+                    })],
+                    comment(format!("{} {proto}/{}", svc.name, port.port)),
+                );
+            }
+        }
 
-    let mut batch = Batch::new();
-    batch.add(table());
-    batch.add_cmd(NfCmd::Flush(FlushObject::Table(nftables::schema::Table {
-        family: NfFamily::IP,
-        name: TABLE.into(),
-        handle: None,
-    })));
-    for stale in existing.chains.difference(&wanted_chains) {
-        batch.delete(NfListObject::Chain(chain(stale)));
+        // The base chains' rules: dispatch, refuse, hairpin.
+        if !dispatch.is_empty() {
+            p.add_rule(
+                CHAIN_DNAT,
+                vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
+                    key: Expression::Named(NamedExpression::Concat(vec![
+                        payload("ip", "daddr"),
+                        meta(MetaKey::L4proto),
+                        payload("th", "dport"),
+                    ])),
+                    data: Expression::Named(NamedExpression::Set(dispatch)),
+                })],
+                None,
+            );
+        }
+        let to_vips = || eq(payload("ip", "daddr"), prefix(plan.vip_range));
+        p.add_rule(
+            CHAIN_REFUSE,
+            vec![
+                to_vips(),
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+            ],
+            comment("VIP range, not DNATed: no backend, port not listed or no such VIP".into()),
+        );
+        p.add_rule(
+            CHAIN_REFUSE,
+            vec![
+                to_vips(),
+                Statement::Reject(Some(Reject::new(
+                    Some(RejectType::ICMP),
+                    Some(RejectCode::PortUnreach),
+                ))),
+            ],
+            None,
+        );
+        p.add_rule(
+            CHAIN_HAIRPIN,
+            vec![
+                eq(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "daddr".into(),
+                        family: Some(CTFamily::IP),
+                        dir: Some(CTDir::Original),
+                    })),
+                    // A range, not a prefix: nft 1.0.6's JSON parser byte-swaps a prefix here.
+                    range(plan.vip_range),
+                ),
+                eq(payload("ip", "saddr"), prefix(plan.node_subnet)),
+                eq(payload("ip", "daddr"), prefix(plan.node_subnet)),
+                Statement::Masquerade(None),
+            ],
+            comment("a VIP from this node's bridge to a backend on it".into()),
+        );
+        p
     }
-    for stale in existing.sets.difference(&wanted_sets) {
-        batch.delete(NfListObject::Set(Box::new(Set {
-            flags: None,
-            ..set(stale, 1)
+
+    fn add_chain(&mut self, name: &str) {
+        self.chains
+            .entry(name.to_owned())
+            .or_insert_with(|| (chain(name), Vec::new()));
+    }
+
+    fn add_rule(&mut self, chain: &str, expr: Vec<Statement<'static>>, comment: Option<String>) {
+        let r = rule(chain, expr, comment);
+        self.chains
+            .get_mut(chain)
+            .expect("chains are added before their rules")
+            .1
+            .push(r);
+    }
+
+    /// The transaction that makes [`TABLE`] exactly this program whatever it holds now
+    /// (`existing`, listed from the kernel): `add table; flush table` (every rule goes, set
+    /// elements stay), delete the chains and sets no longer wanted, add everything else.
+    pub fn full(&self, existing: &Existing) -> Nftables<'static> {
+        let mut batch = Batch::new();
+        batch.add(table());
+        batch.add_cmd(NfCmd::Flush(FlushObject::Table(nftables::schema::Table {
+            family: NfFamily::IP,
+            name: TABLE.into(),
+            handle: None,
         })));
+        for stale in existing
+            .chains
+            .iter()
+            .filter(|c| !self.chains.contains_key(*c))
+        {
+            batch.delete(NfListObject::Chain(chain(stale)));
+        }
+        for stale in existing.sets.iter().filter(|s| !self.sets.contains_key(*s)) {
+            batch.delete(NfListObject::Set(Box::new(set_ref(stale))));
+        }
+        for (c, _) in self.chains.values() {
+            batch.add(NfListObject::Chain(c.clone()));
+        }
+        // A set that exists stays as it is, with its clients: re-adding it would fail (the
+        // kernel reports the `dynamic` flag nft added, which the JSON parser cannot name).
+        for (name, st) in &self.sets {
+            if !existing.sets.contains(name) {
+                batch.add(NfListObject::Set(Box::new(st.clone())));
+            }
+        }
+        for (_, rules) in self.chains.values() {
+            for r in rules {
+                batch.add(r.clone());
+            }
+        }
+        batch.to_nftables()
     }
-    for c in chains {
-        batch.add(NfListObject::Chain(c));
+
+    /// The transaction from `old` (what the kernel holds) to this program: only the chains
+    /// whose rules differ are flushed and refilled, stale chains and sets go, new ones come;
+    /// `None` when nothing differs.
+    pub fn delta(&self, old: &Program) -> Option<Nftables<'static>> {
+        let changed: Vec<&String> = self
+            .chains
+            .iter()
+            .filter(|(name, (_, rules))| old.chains.get(*name).is_some_and(|(_, o)| o != rules))
+            .map(|(name, _)| name)
+            .collect();
+        let added: Vec<&String> = self
+            .chains
+            .keys()
+            .filter(|name| !old.chains.contains_key(*name))
+            .collect();
+        let stale: Vec<&String> = old
+            .chains
+            .keys()
+            .filter(|name| !self.chains.contains_key(*name))
+            .collect();
+        let stale_sets: Vec<&String> = old
+            .sets
+            .keys()
+            .filter(|name| !self.sets.contains_key(*name))
+            .collect();
+        let new_sets: Vec<&Set<'static>> = self
+            .sets
+            .iter()
+            .filter(|(name, _)| !old.sets.contains_key(*name))
+            .map(|(_, st)| st)
+            .collect();
+        if changed.is_empty() && added.is_empty() && stale.is_empty() && stale_sets.is_empty() {
+            return None;
+        }
+        let mut batch = Batch::new();
+        // Flushing first drops every reference a stale chain or set may still have.
+        for name in changed.iter().chain(&stale) {
+            batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+        }
+        for name in &stale {
+            batch.delete(NfListObject::Chain(chain(name)));
+        }
+        for name in &stale_sets {
+            batch.delete(NfListObject::Set(Box::new(set_ref(name))));
+        }
+        for name in &added {
+            batch.add(NfListObject::Chain(self.chains[*name].0.clone()));
+        }
+        for st in new_sets {
+            batch.add(NfListObject::Set(Box::new(st.clone())));
+        }
+        for name in added.iter().chain(&changed) {
+            for r in &self.chains[*name].1 {
+                batch.add(r.clone());
+            }
+        }
+        Some(batch.to_nftables())
     }
-    // A set that exists stays as it is, with its clients: re-adding it would fail (the kernel
-    // reports the `dynamic` flag nft added, which the JSON parser cannot name).
-    for st in sets
-        .into_iter()
-        .filter(|st| !existing.sets.contains(st.name.as_ref()))
-    {
-        batch.add(NfListObject::Set(Box::new(st)));
+}
+
+fn set_ref(name: &str) -> Set<'static> {
+    Set {
+        flags: None,
+        ..set(name, 1)
     }
-    for r in base_rules.into_iter().chain(rules) {
-        batch.add(r);
-    }
-    batch.to_nftables()
 }
 
 fn nft_failure(netns: &Path) -> impl Fn(nftables::helper::NftablesError) -> VipError + '_ {
@@ -556,17 +661,24 @@ fn nft_failure(netns: &Path) -> impl Fn(nftables::helper::NftablesError) -> VipE
     }
 }
 
-/// Lists what [`TABLE`] holds in the netns this thread is in.
+/// Lists what [`TABLE`] holds in the netns this thread is in: its chains and its sets, without
+/// rules or set elements (listing the rules of a large table costs seconds).
 fn existing_here(netns: &Path) -> Result<Existing, VipError> {
-    let json = nftables::helper::get_current_ruleset_raw(
-        nftables::helper::DEFAULT_NFT,
-        ["-t", "list", "ruleset", "ip"],
-    )
-    .map_err(nft_failure(netns))?;
-    Existing::parse(&json).map_err(|reason| VipError::Nft {
-        netns: netns.to_owned(),
-        reason,
-    })
+    let mut existing = Existing::default();
+    for what in [["list", "chains", "ip"], ["list", "sets", "ip"]] {
+        let json = nftables::helper::get_current_ruleset_raw(
+            nftables::helper::DEFAULT_NFT,
+            ["-t"].iter().chain(&what),
+        )
+        .map_err(nft_failure(netns))?;
+        let found = Existing::parse(&json).map_err(|reason| VipError::Nft {
+            netns: netns.to_owned(),
+            reason,
+        })?;
+        existing.chains.extend(found.chains);
+        existing.sets.extend(found.sets);
+    }
+    Ok(existing)
 }
 
 /// Where the bridge hands bridged IPv4 to the IP hooks (`br_netfilter`); per netns.
@@ -609,17 +721,62 @@ fn route_vip_traffic(netns: &Path) -> Result<(), VipError> {
     Ok(())
 }
 
-/// Makes [`TABLE`] in `netns` exactly the program for `services` (validated, normalized): one
-/// `nft` transaction, run inside the netns.
-pub async fn apply(netns: &Path, plan: &NodePlan, services: &[VipService]) -> Result<(), VipError> {
-    let (plan, services, path) = (plan.clone(), services.to_vec(), netns.to_owned());
-    netns::run_in(netns, move || {
-        route_vip_traffic(&path)?;
-        let existing = existing_here(&path)?;
-        let program = program(&plan, &services, &existing);
-        nftables::helper::apply_ruleset(&program).map_err(nft_failure(&path))
-    })
-    .await?
+/// Programs [`TABLE`] in a netns and remembers what it holds: a change is one transaction of
+/// what differs from the last program; a full resync (listing the table first) when it knows
+/// nothing — at start, after a failure, for another netns — or when the difference does not
+/// apply (someone else changed the table).
+#[derive(Debug, Default)]
+pub struct VipProgrammer {
+    last: Option<(PathBuf, Program)>,
+}
+
+impl VipProgrammer {
+    /// Makes [`TABLE`] in `netns` exactly the program for `services` (validated, normalized)
+    /// in one `nft` transaction run inside the netns; none when nothing differs.
+    pub async fn apply(
+        &mut self,
+        netns: &Path,
+        plan: &NodePlan,
+        services: &[VipService],
+    ) -> Result<(), VipError> {
+        let new = Program::new(plan, services);
+        let last = self
+            .last
+            .take()
+            .filter(|(ns, _)| ns == netns)
+            .map(|(_, p)| p);
+        let path = netns.to_owned();
+        let applied = netns::run_in(netns, move || {
+            route_vip_traffic(&path)?;
+            let started = std::time::Instant::now();
+            let full = |new: &Program| -> Result<(), VipError> {
+                let batch = new.full(&existing_here(&path)?);
+                nftables::helper::apply_ruleset(&batch).map_err(nft_failure(&path))
+            };
+            match &last {
+                None => full(&new)?,
+                Some(old) => {
+                    if let Some(batch) = new.delta(old)
+                        && let Err(e) =
+                            nftables::helper::apply_ruleset(&batch).map_err(nft_failure(&path))
+                    {
+                        // The table is not what we left (someone changed it): resync in full.
+                        tracing::warn!(error = %e, "VIP table not as programmed; resyncing it whole");
+                        full(&new)?;
+                    }
+                }
+            }
+            tracing::debug!(
+                full = last.is_none(),
+                elapsed = ?started.elapsed(),
+                "VIP table in line"
+            );
+            Ok::<_, VipError>(new)
+        })
+        .await??;
+        self.last = Some((netns.to_owned(), applied));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -764,7 +921,7 @@ mod tests {
     }
 
     fn json(services: &[VipService], existing: &Existing) -> String {
-        serde_json::to_string(&program(&plan(), services, existing)).unwrap()
+        serde_json::to_string(&Program::new(&plan(), services).full(existing)).unwrap()
     }
 
     #[test]
@@ -845,6 +1002,97 @@ mod tests {
         // But the refusal of the whole VIP range is always there.
         assert!(p.contains("tcp reset"), "{p}");
         assert!(p.contains("port-unreachable"), "{p}");
+    }
+
+    fn commands(n: &Nftables<'_>) -> Vec<String> {
+        let v = serde_json::to_value(n).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_change_touches_only_what_differs() {
+        let other = svc(
+            "shop/other",
+            "100.112.0.11",
+            vec![port(VipProtocol::Tcp, 443, &["100.96.5.5:8443"])],
+            Some(60),
+        );
+        let old = Program::new(&plan(), &[web(), other.clone()]);
+        assert!(
+            Program::new(&plan(), &[web(), other.clone()])
+                .delta(&old)
+                .is_none()
+        );
+
+        // One backend more on web: its service chain is refilled, one endpoint chain added;
+        // the dispatch, other's chains and sets are not touched.
+        let mut more = web();
+        more.ports[0]
+            .backends
+            .push("100.96.6.6:8080".parse().unwrap());
+        let cmds = commands(
+            &Program::new(&plan(), &[more, other.clone()])
+                .delta(&old)
+                .unwrap(),
+        );
+        let flushed: Vec<_> = cmds.iter().filter(|c| c.contains("\"flush\"")).collect();
+        assert_eq!(flushed.len(), 1, "{cmds:#?}");
+        assert!(flushed[0].contains("svc-100.112.0.10-tcp-80"));
+        assert!(
+            !cmds
+                .iter()
+                .any(|c| c.contains("100.112.0.11") || c.contains("\"delete\""))
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| c.contains("\"add\"")
+                    && c.contains("ep-100.112.0.10-tcp-80-100.96.6.6-8080"))
+        );
+
+        // Other removed: its chains are flushed then deleted, its set deleted, the dispatch
+        // refilled; web's chains untouched.
+        let cmds = commands(&Program::new(&plan(), &[web()]).delta(&old).unwrap());
+        let first_delete = cmds.iter().position(|c| c.contains("\"delete\"")).unwrap();
+        let last_flush = cmds.iter().rposition(|c| c.contains("\"flush\"")).unwrap();
+        assert!(last_flush < first_delete, "{cmds:#?}");
+        assert_eq!(
+            cmds.iter().filter(|c| c.contains("\"delete\"")).count(),
+            3,
+            "{cmds:#?}"
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| c.contains("\"delete\"") && c.contains("aff-100.112.0.11"))
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| c.contains("\"flush\"") && c.contains("\"dnat\""))
+        );
+        assert!(
+            !cmds.iter().any(|c| c.contains("100.112.0.10-tcp-80-")),
+            "{cmds:#?}"
+        );
+
+        // A new plan refills only the base chains.
+        let moved = NodePlan::new(
+            DEFAULT_FLEET_CIDR.parse().unwrap(),
+            DEFAULT_VIP_RANGE.parse().unwrap(),
+            "100.96.9.0/24".parse().unwrap(),
+        )
+        .unwrap();
+        let cmds = commands(&Program::new(&moved, &[web(), other]).delta(&old).unwrap());
+        assert!(
+            cmds.iter().all(|c| !c.contains("svc-")
+                || c.contains("\"dnat\"")
+                || c.contains("\"hairpin\"")),
+            "{cmds:#?}"
+        );
+        assert!(cmds.iter().any(|c| c.contains("100.96.9.0")), "{cmds:#?}");
     }
 
     #[test]

@@ -530,6 +530,18 @@ fn established_connections_survive_changes_and_restarts_and_bad_tables_change_no
         assert_eq!(conn.echo("up").unwrap(), format!("{tag} up"));
         assert!(!set(&c, before.0.clone()).unwrap());
     }
+    // Someone deletes our table behind the daemon's back: the next change resyncs it whole.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", d.cnf_netns()))
+        .args(["--", "nft", "delete", "table", "ip", TABLE])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert!(set(&c, vec![web(&[kept])]).unwrap());
+    assert!(rules(&d).contains("svc-100.112.0.20-tcp-80"));
+    assert!(set(&c, before.0.clone()).unwrap());
+    assert_eq!(rules(&d), before.1);
+    assert_eq!(conn.echo("resynced").unwrap(), format!("{tag} resynced"));
     // Affinity clients survive a change of something else.
     let pinned = dial(&client, sa("100.112.0.21:80")).unwrap().backend;
     assert_eq!(pinned, "x");
@@ -587,4 +599,56 @@ fn the_vip_table_needs_a_plan_and_follows_it() {
         serde_json::from_slice(&std::fs::read(d.data_dir().join("services.json")).unwrap())
             .unwrap();
     assert!(persisted.is_empty());
+}
+
+/// A 1,000-VIP table (3 backends each): one transaction to program, a small one for a change
+/// to one backend, a full resync (same rules) at restart. Prints the times (the service
+/// discovery convergence target is < 1 s at p99).
+#[test]
+fn a_large_table_is_one_transaction() {
+    require_root("a_large_table_is_one_transaction");
+    let node = TestNetns::new("vip-node");
+    let mut d = daemon_in(&node);
+    let c = d.client();
+    c.set_plan(plan("100.96.74.0/24", "100.112.0.0/16"))
+        .unwrap();
+    let table = |extra: u32| -> Vec<VipService> {
+        (0..1000u32)
+            .map(|i| {
+                let backends: Vec<_> = (0..3 + u32::from(i == 0) * extra)
+                    .map(|b| SocketAddrV4::new(Ipv4Addr::from(0x6461_0000 + i * 8 + b), 8080))
+                    .collect();
+                vip(
+                    &format!("ns/svc-{i}"),
+                    &Ipv4Addr::from(0x6470_0100 + i).to_string(),
+                    vec![port(VipProtocol::Tcp, 80, &backends)],
+                    (i % 2 == 0).then_some(600),
+                )
+            })
+            .collect()
+    };
+    let timed = |t: Vec<VipService>| {
+        let start = Instant::now();
+        let changed = set(&c, t).unwrap();
+        (changed, start.elapsed())
+    };
+    let (changed, first) = timed(table(0));
+    assert!(changed);
+    let (changed, same) = timed(table(0));
+    assert!(!changed);
+    let (changed, one_more) = timed(table(1));
+    assert!(changed);
+    let program = rules(&d);
+    assert_eq!(program.matches("chain svc-").count(), 1000);
+    assert_eq!(program.matches("chain ep-").count(), 3001);
+    // A restart resyncs the whole table (listed first) before serving: same rules.
+    d.kill9();
+    let start = Instant::now();
+    d.spawn().unwrap();
+    let restart = start.elapsed();
+    assert_eq!(rules(&d), program);
+    eprintln!(
+        "vip table 1000 services x 3 backends: first {first:?}, same again {same:?}, one backend added {one_more:?}, restart to serving {restart:?}"
+    );
+    assert!(one_more < Duration::from_secs(10), "{one_more:?}");
 }

@@ -243,5 +243,17 @@ mod tests {
             NodeError::from(Failure::PlanConflict("x".into())).code,
             code::PLAN_CONFLICT
         );
+        let e = NodeError::from(Failure::InvalidServices("VIP 1.2.3.4 ...".into()));
+        assert_eq!(
+            (e.code, e.msg.as_str(), e.details.as_str()),
+            (
+                code::INVALID_CONFIG,
+                "invalid service table",
+                "VIP 1.2.3.4 ..."
+            )
+        );
+        let e = NodeError::from(Failure::Services("nft: ...".into()));
+        assert_eq!(e.code, code::SERVICES_FAILED);
+        assert!(e.msg.contains("resend to retry"), "{e}");
     }
 }

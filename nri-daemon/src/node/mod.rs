@@ -66,6 +66,8 @@ pub struct Node {
     gateway_key: Mutex<Option<fleet_gateway::PrivateKey>>,
     /// The VIP table (`set_services`) and whether the CNF netns holds it.
     services: Mutex<services::ServicesState>,
+    /// What the CNF netns' VIP table holds, so a change programs only what differs.
+    vips: tokio::sync::Mutex<fleet_core::vip::VipProgrammer>,
 }
 
 /// What exists once the node has a plan.
@@ -98,6 +100,7 @@ impl Node {
             gateway: Arc::default(),
             gateway_key: Mutex::new(None),
             services: Mutex::default(),
+            vips: Default::default(),
         }
     }
 

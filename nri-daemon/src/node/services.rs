@@ -70,7 +70,12 @@ impl Node {
         planned: &Planned,
         table: &[VipService],
     ) -> Result<(), Failure> {
-        let result = vip::apply(&planned.datapath.cnf_path(), planned.datapath.plan(), table).await;
+        let result = self
+            .vips
+            .lock()
+            .await
+            .apply(&planned.datapath.cnf_path(), planned.datapath.plan(), table)
+            .await;
         self.services.lock().expect("services").in_sync = result.is_ok();
         result.map_err(|e| Failure::Services(e.to_string()))?;
         tracing::info!(vips = table.len(), "VIP table programmed");
