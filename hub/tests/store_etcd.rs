@@ -84,3 +84,22 @@ async fn unreachable_etcd_is_a_clear_error() {
     let err = EtcdStore::connect(options).await.unwrap_err();
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
+
+/// Issue 12 item 7: a request etcd refuses as such (here more operations than its
+/// `--max-txn-ops`) is a permanent `Refused` error — the API answers `invalid_argument`, which
+/// clients do not retry — not an outage (`unavailable`, retried for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_etcd_refuses_is_permanent_not_unavailable() {
+    let etcd = EtcdServer::start_with(&["--max-txn-ops=16"]).await;
+    let store = etcd.store("/fleetboard/").await;
+    let mut txn = fleet_hub::store::Txn::new();
+    for i in 0..20 {
+        txn = txn.put(format!("k/{i}"), b"x".to_vec());
+    }
+    let err = store.txn(txn).await.unwrap_err();
+    assert!(matches!(err, StoreError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("too many operations"), "{err}");
+    let code = fleet_hub::api::error_code(&fleet_hub::registry::RegistryError::Store(err));
+    assert_eq!(code, fleet_hub::api::ErrorCode::InvalidArgument);
+    assert!(store.list("k/").await.unwrap().items.is_empty());
+}

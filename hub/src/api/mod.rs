@@ -36,6 +36,10 @@ pub fn error_code(error: &RegistryError) -> ErrorCode {
         | RegistryError::InvalidRelayTtl(_)
         | RegistryError::InvalidRelayId(_) => ErrorCode::InvalidArgument,
         RegistryError::Store(StoreError::Compacted { .. }) => ErrorCode::Compacted,
+        // The store will refuse the same request again: not worth a retry.
+        RegistryError::Store(StoreError::InvalidTxn(_) | StoreError::Refused { .. }) => {
+            ErrorCode::InvalidArgument
+        }
         RegistryError::Store(_) | RegistryError::Contended { .. } => ErrorCode::Unavailable,
         RegistryError::InvalidLayout { .. }
         | RegistryError::LayoutMismatch { .. }

@@ -586,21 +586,17 @@ impl Registry {
                 return Ok(false);
             };
             let record: ClusterRecord = decode(&key, &kv.value)?;
-            let mut txn = Txn::new()
+            // One prefix delete for the records: the transaction's size does not grow with
+            // them (etcd refuses more than 128 operations), and a publish cannot slip in
+            // between (it requires the cluster record this transaction deletes).
+            let txn = Txn::new()
                 .when(Condition::ModRevision(key.clone(), kv.mod_revision))
                 .delete(key.clone())
                 .delete(block_key(record.block))
                 .delete(format!("{CREDENTIALS}{id}"))
-                .delete(lease::lease_key(id));
-            for item in self.store.list(&prefix).await?.items {
-                txn = txn.delete(item.key);
-            }
+                .delete(lease::lease_key(id))
+                .delete_prefix(prefix.clone());
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                // A publish that raced the listing above: no new one can land now the
-                // cluster is gone, so one sweep finishes the job.
-                for item in self.store.list(&prefix).await?.items {
-                    self.store.delete(&item.key).await?;
-                }
                 tracing::info!(cluster = %id, block = %record.block, revision, "cluster removed");
                 return Ok(true);
             }

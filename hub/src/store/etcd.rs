@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient,
-    TxnOp, WatchClient, WatchOptions,
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType,
+    GetOptions, KvClient, TxnOp, WatchClient, WatchOptions,
 };
 
 use super::{
@@ -71,6 +71,9 @@ impl std::fmt::Debug for EtcdStore {
 /// Largest response accepted (gRPC's default is 4 MiB; a watch catching up on many
 /// revisions can send more in one message).
 const MAX_MESSAGE: usize = 64 << 20;
+
+/// gRPC's status code `INVALID_ARGUMENT`.
+const GRPC_INVALID_ARGUMENT: i32 = 3;
 
 /// Keys per page of a listing.
 const LIST_PAGE: i64 = 500;
@@ -159,6 +162,17 @@ impl EtcdStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.options.request_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
+            // etcd answers InvalidArgument for a request it will never accept (too many
+            // operations, too large, ...): permanent, unlike an outage.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status.code() as i32 == GRPC_INVALID_ARGUMENT =>
+            {
+                Err(StoreError::Refused {
+                    endpoints: self.endpoints.clone(),
+                    operation,
+                    reason: status.message().to_string(),
+                })
+            }
             Ok(Err(source)) => Err(StoreError::Etcd {
                 endpoints: self.endpoints.clone(),
                 operation,
@@ -260,6 +274,11 @@ impl Store for EtcdStore {
             .map(|op| match op {
                 Op::Put { key, value } => TxnOp::put(self.full_key(key), value.clone(), None),
                 Op::Delete { key } => TxnOp::delete(self.full_key(key), None),
+                // One range delete, whatever the number of keys under the prefix.
+                Op::DeletePrefix { prefix } => TxnOp::delete(
+                    self.full_key(prefix),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
             })
             .collect();
         let mut client = self.kv_api.clone();

@@ -16,6 +16,7 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -26,6 +27,11 @@ fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts etcd and waits (bounded) until it serves requests.
     pub async fn start() -> EtcdServer {
+        Self::start_with(&[]).await
+    }
+
+    /// [`EtcdServer::start`] with extra etcd flags (e.g. `--max-txn-ops=16`).
+    pub async fn start_with(extra_args: &[&str]) -> EtcdServer {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: run scripts/install-deps.sh (Debian's etcd-server) — the etcd \
@@ -39,6 +45,7 @@ impl EtcdServer {
                 .expect("temp dir"),
             client_port: free_port(),
             peer_port: free_port(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn().await;
         server
@@ -78,6 +85,7 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=fleet-test={peer}"))
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))

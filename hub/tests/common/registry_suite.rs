@@ -723,6 +723,68 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
     );
 }
 
+/// Issue 12 item 7: a member with 200 records (etcd takes at most 128 operations per
+/// transaction) is removed by the operator, another one leaves: both succeed and leave no
+/// record, block, credential or lease behind; a third member's records are untouched.
+pub async fn members_with_200_records_are_removed_and_leave(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let reg = registry(store.clone(), FleetLayout::default()).await;
+    let other = registry(replica, FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    for (n, name) in ["aa", "bb", "cc"].iter().enumerate() {
+        reg.join(&token, request(name, n as u8 + 1)).await.unwrap();
+    }
+    for i in 0..200 {
+        for name in ["aa", "bb"] {
+            reg.publish(
+                &id(name),
+                &id(name),
+                &format!("import/ns/svc-{i}"),
+                vec![b'x'; 64],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    reg.publish(&id("cc"), &id("cc"), "gateway", b"cc".to_vec())
+        .await
+        .unwrap();
+    reg.acquire_lease(&id("aa"), "ctl-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    assert!(
+        reg.remove_cluster(&id("aa"))
+            .await
+            .expect("remove with 200 records")
+    );
+    assert!(
+        other
+            .leave(&id("bb"), &id("bb"))
+            .await
+            .expect("leave with 200 records")
+    );
+
+    let left: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|kv| kv.key)
+        .filter(|k| !k.starts_with("tokens/") && (k.contains("/aa") || k.contains("/bb")))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let view = reg.view().await.unwrap();
+    assert_eq!(view.clusters.len(), 1);
+    assert_eq!(view.records.len(), 1, "cc's record stays");
+    // The freed blocks are handed out again.
+    let again = reg.join(&token, request("dd", 9)).await.unwrap();
+    assert_eq!(again.block.to_string(), "100.96.0.0/20");
+}
+
 #[macro_export]
 macro_rules! registry_suite {
     ($setup:path) => {
@@ -792,6 +854,11 @@ macro_rules! registry_suite {
             async fn relays_are_in_the_view_and_the_watch() {
                 let (store, replica, _guard) = $setup().await;
                 suite::relays_are_in_the_view_and_the_watch(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn members_with_200_records_are_removed_and_leave() {
+                let (store, replica, _guard) = $setup().await;
+                suite::members_with_200_records_are_removed_and_leave(store, replica).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expired_relays_are_swept_once_and_renewed_ones_stay() {

@@ -399,26 +399,47 @@ impl Committer {
                     continue;
                 }
                 let next = revision + 1;
-                let changes: Vec<Change> = txn
-                    .ops
-                    .into_iter()
-                    .filter_map(|op| match op {
+                let mut changes: Vec<Change> = Vec::new();
+                for op in txn.ops {
+                    match op {
                         Op::Put { key, value } => {
                             let create_revision =
                                 current(&key).map_or(next, |kv| kv.create_revision);
-                            Some(Change::Put(KeyValue {
+                            changes.push(Change::Put(KeyValue {
                                 key,
                                 value,
                                 create_revision,
                                 mod_revision: next,
-                            }))
+                            }));
                         }
-                        Op::Delete { key } => current(&key).is_some().then_some(Change::Delete {
-                            key,
-                            revision: next,
-                        }),
-                    })
-                    .collect();
+                        Op::Delete { key } => {
+                            if current(&key).is_some() {
+                                changes.push(Change::Delete {
+                                    key,
+                                    revision: next,
+                                });
+                            }
+                        }
+                        Op::DeletePrefix { prefix } => {
+                            // Live keys under the prefix: the stored ones and this batch's.
+                            let keys: std::collections::BTreeSet<&String> = state
+                                .entries
+                                .range(prefix.clone()..)
+                                .take_while(|(k, _)| k.starts_with(&prefix))
+                                .map(|(k, _)| k)
+                                .chain(overlay.keys().filter(|k| k.starts_with(&prefix)))
+                                .collect();
+                            for key in keys {
+                                if current(key).is_some() {
+                                    changes.push(Change::Delete {
+                                        key: key.clone(),
+                                        revision: next,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
                 if !changes.is_empty() {
                     revision = next;
                     for change in &changes {
