@@ -69,6 +69,13 @@ enum Command {
         /// (every replica sweeps, relay or not): <n>ms or <n>s.
         #[arg(long, default_value = "1s", value_parser = fleet_hub::relay::parse_interval)]
         relay_sweep_interval: std::time::Duration,
+        /// Most records one member may publish (node/*, gateway, export/*, import/*, ...); a
+        /// publish past it is refused with `quota_exceeded`.
+        #[arg(long, default_value_t = fleet_hub::registry::DEFAULT_MEMBER_MAX_RECORDS)]
+        member_max_records: u64,
+        /// Most bytes (record names + values) one member's records may hold together.
+        #[arg(long, default_value_t = fleet_hub::registry::DEFAULT_MEMBER_MAX_BYTES)]
+        member_max_bytes: u64,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -216,9 +223,15 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Command::Serve {
         listen,
         relay_sweep_interval,
+        member_max_records,
+        member_max_bytes,
         relay,
     } = &flags.command
     {
+        let registry = registry.with_quotas(fleet_hub::registry::Quotas {
+            max_records: *member_max_records,
+            max_bytes: *member_max_bytes,
+        });
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
         options.relay_sweep_interval = Some(*relay_sweep_interval);
         // Replicas on etcd share one CA (members pin it) and admin credential.

@@ -28,6 +28,7 @@ pub fn error_code(error: &RegistryError) -> ErrorCode {
         RegistryError::NotJoined(_) => ErrorCode::NotJoined,
         RegistryError::AlreadyJoined(_) => ErrorCode::AlreadyJoined,
         RegistryError::FleetExhausted { .. } => ErrorCode::FleetExhausted,
+        RegistryError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         RegistryError::Model(ModelError::InvalidClusterId(_) | ModelError::InvalidPublicKey(_))
         | RegistryError::InvalidRecordName(_)
         | RegistryError::InvalidTokenTtl
