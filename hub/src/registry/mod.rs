@@ -22,6 +22,7 @@
 //! cluster's records ([`RegistryError::NotOwner`] otherwise). Admin operations (tokens,
 //! removing a cluster) take no writer; the API layer decides who may call them.
 
+mod expiry;
 mod lease;
 mod model;
 mod quota;
@@ -161,6 +162,9 @@ pub struct Registry {
     layout: FleetLayout,
     clock: Arc<dyn Clock>,
     quotas: Quotas,
+    /// Since when (by this replica's own clock) it has seen each lease and relay record at
+    /// its current revision: expiry is judged on that, never on another host's clock.
+    observed: Arc<expiry::Observations>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -246,6 +250,7 @@ impl Registry {
             layout,
             clock,
             quotas: Quotas::default(),
+            observed: Arc::default(),
         })
     }
 
