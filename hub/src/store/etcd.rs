@@ -8,12 +8,13 @@
 //! from the last revision it delivered, so a short etcd outage costs no changes.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, KvClient, TxnOp, WatchClient, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, KvClient, TlsOptions, TxnOp, WatchClient, WatchOptions,
 };
 
 use super::{
@@ -22,9 +23,9 @@ use super::{
 };
 
 /// How to reach etcd.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdOptions {
-    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    /// Client URLs, e.g. `https://10.0.0.5:2379` (or `http://127.0.0.1:2379`).
     pub endpoints: Vec<String>,
     /// Prepended to every key; ends in `/`.
     pub namespace: String,
@@ -32,6 +33,30 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// How long a watch keeps trying to re-establish itself before it reports the failure.
     pub watch_retry_for: Duration,
+    /// The CA that signed etcd's server certificate (PEM file); needed for `https://`.
+    pub ca_cert: Option<PathBuf>,
+    /// This client's certificate and key (PEM files), for etcd's `--client-cert-auth`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// etcd user and password (etcd's `auth enable`); the password is never logged.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Allow plain `http://` to an etcd that is not on this host's loopback.
+    pub allow_insecure: bool,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("allow_insecure", &self.allow_insecure)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EtcdOptions {
@@ -41,6 +66,12 @@ impl EtcdOptions {
             namespace: "/fleetboard/".into(),
             request_timeout: Duration::from_secs(5),
             watch_retry_for: Duration::from_secs(30),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            user: None,
+            password: None,
+            allow_insecure: false,
         }
     }
 
@@ -48,6 +79,97 @@ impl EtcdOptions {
         self.namespace = namespace.into();
         self
     }
+
+    /// Refuses settings that cannot work or would expose the store: mixed or unknown
+    /// schemes, `https://` without a CA, TLS files with `http://`, half a client identity, a
+    /// user without a password, and plain `http://` to an etcd off this host's loopback
+    /// (the store holds the fleet's CA key and credentials) unless `allow_insecure`.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let bad = |reason: String| Err(StoreError::Config(reason));
+        if self.endpoints.is_empty() {
+            return bad("no etcd endpoint given".into());
+        }
+        let mut tls = None;
+        for endpoint in &self.endpoints {
+            let (secure, rest) = if let Some(rest) = endpoint.strip_prefix("https://") {
+                (true, rest)
+            } else if let Some(rest) = endpoint.strip_prefix("http://") {
+                (false, rest)
+            } else if endpoint.contains("://") {
+                return bad(format!("etcd endpoint {endpoint}: use http:// or https://"));
+            } else {
+                (false, endpoint.as_str())
+            };
+            if *tls.get_or_insert(secure) != secure {
+                return bad("etcd endpoints mix http:// and https://: use one scheme".into());
+            }
+            let host = rest.split('/').next().unwrap_or_default();
+            let host = match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            };
+            if !secure && !self.allow_insecure && !is_loopback(host) {
+                return bad(format!(
+                    "refusing plain http:// to etcd at {endpoint}, which is not on this host's \
+                     loopback: the hub's store holds the fleet's CA key and credentials. Use \
+                     https:// with --etcd-cacert (and --etcd-cert/--etcd-key or --etcd-user), or \
+                     pass --etcd-allow-insecure on a network you trust"
+                ));
+            }
+        }
+        let secure = tls == Some(true);
+        if secure && self.ca_cert.is_none() {
+            return bad(
+                "https:// etcd endpoints need --etcd-cacert (the CA of etcd's server certificate)"
+                    .into(),
+            );
+        }
+        if !secure
+            && (self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some())
+        {
+            return bad("--etcd-cacert/--etcd-cert/--etcd-key are for https:// endpoints; the etcd endpoints are http://".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return bad("give both --etcd-cert and --etcd-key, or neither".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad(
+                "--etcd-user needs a password (--etcd-password-file), and a password a user".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
+        self.check()?;
+        let mut options = ConnectOptions::new().with_connect_timeout(self.request_timeout);
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            // etcd's auth tokens expire; the client fetches a new one instead of failing.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(ca) = &self.ca_cert {
+            let read = |path: &PathBuf| {
+                std::fs::read(path)
+                    .map_err(|e| StoreError::Config(format!("reading {}: {e}", path.display())))
+            };
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(options)
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The etcd-backed [`Store`]. Cheap to clone.
@@ -103,10 +225,7 @@ impl EtcdStore {
     /// Connects and checks that etcd answers within the request timeout.
     pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
         let endpoints = options.endpoints.join(",");
-        let connect = Client::connect(
-            &options.endpoints,
-            Some(ConnectOptions::new().with_connect_timeout(options.request_timeout)),
-        );
+        let connect = Client::connect(&options.endpoints, Some(options.connect_options()?));
         let client = match tokio::time::timeout(options.request_timeout, connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(source)) => {

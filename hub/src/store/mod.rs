@@ -282,6 +282,8 @@ pub enum StoreError {
         operation: &'static str,
         timeout_ms: u128,
     },
+    #[error("etcd settings: {0}")]
+    Config(String),
     #[error("etcd watch on {prefix:?} was cancelled by the server: {reason}")]
     WatchCancelled { prefix: String, reason: String },
     #[error("the store was closed")]

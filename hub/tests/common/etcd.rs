@@ -17,6 +17,10 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     extra_args: Vec<String>,
+    /// `http` or `https`.
+    scheme: &'static str,
+    /// How this harness connects (readiness, `store`): TLS files and credentials.
+    client: EtcdOptions,
 }
 
 fn free_port() -> u16 {
@@ -32,6 +36,16 @@ impl EtcdServer {
 
     /// [`EtcdServer::start`] with extra etcd flags (e.g. `--max-txn-ops=16`).
     pub async fn start_with(extra_args: &[&str]) -> EtcdServer {
+        Self::start_secured(extra_args, "http", EtcdOptions::new(Vec::<String>::new())).await
+    }
+
+    /// etcd serving clients over `scheme` with `extra_args` (TLS files, ...); the harness
+    /// connects with `client`'s TLS files and credentials.
+    pub async fn start_secured(
+        extra_args: &[&str],
+        scheme: &'static str,
+        client: EtcdOptions,
+    ) -> EtcdServer {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: run scripts/install-deps.sh (Debian's etcd-server) — the etcd \
@@ -46,13 +60,27 @@ impl EtcdServer {
             client_port: free_port(),
             peer_port: free_port(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            scheme,
+            client,
         };
         server.spawn().await;
         server
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+    }
+
+    /// The harness's connection settings for this etcd.
+    pub fn options(&self) -> EtcdOptions {
+        let mut options = self.client.clone();
+        options.endpoints = vec![self.endpoint()];
+        options
+    }
+
+    /// Replaces the harness's connection settings (e.g. once auth is enabled).
+    pub fn set_client(&mut self, client: EtcdOptions) {
+        self.client = client;
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -100,11 +128,9 @@ impl EtcdServer {
                     self.log()
                 );
             }
-            if let Ok(Ok(_)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                EtcdStore::connect(EtcdOptions::new([self.endpoint()])),
-            )
-            .await
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), EtcdStore::connect(self.options()))
+                    .await
             {
                 return;
             }
@@ -144,7 +170,7 @@ impl EtcdServer {
 
     /// A store on this etcd, in its own namespace.
     pub async fn store(&self, namespace: &str) -> EtcdStore {
-        EtcdStore::connect(EtcdOptions::new([self.endpoint()]).namespace(namespace))
+        EtcdStore::connect(self.options().namespace(namespace))
             .await
             .expect("connect to the test etcd")
     }
