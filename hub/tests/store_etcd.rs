@@ -103,3 +103,22 @@ async fn a_request_etcd_refuses_is_permanent_not_unavailable() {
     assert_eq!(code, fleet_hub::api::ErrorCode::InvalidArgument);
     assert!(store.list("k/").await.unwrap().items.is_empty());
 }
+
+/// A listing whose pages would exceed the client's message limit (large records) is fetched
+/// in smaller pages instead of failing: 12 values of 200 KiB under a 1 MiB limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_of_large_records_pages_down_instead_of_failing() {
+    let etcd = EtcdServer::start().await;
+    let mut options = etcd.options().namespace("/fleetboard/");
+    options.max_message = 1 << 20;
+    let store = EtcdStore::connect(options).await.unwrap();
+    for i in 0..12 {
+        store
+            .put(&format!("big/{i:02}"), vec![b'x'; 200 << 10])
+            .await
+            .unwrap();
+    }
+    let listing = store.list("big/").await.expect("paged listing");
+    assert_eq!(listing.items.len(), 12);
+    assert!(listing.items.iter().all(|kv| kv.value.len() == 200 << 10));
+}

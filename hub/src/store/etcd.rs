@@ -43,6 +43,9 @@ pub struct EtcdOptions {
     pub password: Option<String>,
     /// Allow plain `http://` to an etcd that is not on this host's loopback.
     pub allow_insecure: bool,
+    /// Largest response accepted; a listing page that would exceed it is fetched in smaller
+    /// pages, so a listing's size never fails it.
+    pub max_message: usize,
 }
 
 impl std::fmt::Debug for EtcdOptions {
@@ -72,6 +75,7 @@ impl EtcdOptions {
             user: None,
             password: None,
             allow_insecure: false,
+            max_message: MAX_MESSAGE,
         }
     }
 
@@ -244,8 +248,12 @@ impl EtcdStore {
             }
         };
         let store = EtcdStore {
-            kv_api: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
-            watch_api: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+            kv_api: client
+                .kv_client()
+                .max_decoding_message_size(options.max_message),
+            watch_api: client
+                .watch_client()
+                .max_decoding_message_size(options.max_message),
             options,
             endpoints,
         };
@@ -327,10 +335,11 @@ impl Store for EtcdStore {
             let mut items = Vec::new();
             let mut revision = 0i64;
             let mut from = full_prefix.clone();
+            let mut page = LIST_PAGE;
             loop {
                 let mut options = GetOptions::new()
                     .with_range(range_end.clone())
-                    .with_limit(LIST_PAGE);
+                    .with_limit(page);
                 if revision > 0 {
                     options = options.with_revision(revision);
                 }
@@ -347,6 +356,14 @@ impl Store for EtcdStore {
                             && source.to_string().contains("compacted") =>
                     {
                         continue 'listing;
+                    }
+                    // Large values: the page exceeded the message limit. Smaller pages (one
+                    // record always fits: a request is at most etcd's 1.5 MiB).
+                    Err(StoreError::Etcd { ref source, .. })
+                        if page > 1 && source.to_string().contains("message length too large") =>
+                    {
+                        page = (page / 2).max(1);
+                        continue;
                     }
                     Err(e) => return Err(e),
                 };
