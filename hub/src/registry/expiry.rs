@@ -38,6 +38,12 @@ impl Observations {
         seen.insert(key.to_string(), (revision, now));
     }
 
+    /// Forgets `key` (its record is gone).
+    pub fn forget(&self, key: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        seen.remove(key);
+    }
+
     /// Forgets every key under `prefix` that `keep` rejects (records that are gone).
     pub fn retain(&self, prefix: &str, keep: impl Fn(&str) -> bool) {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -629,6 +629,7 @@ impl Registry {
                 .delete(quota::usage_key(id))
                 .delete_prefix(prefix.clone());
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                self.observed.forget(&lease::lease_key(id));
                 tracing::info!(cluster = %id, block = %record.block, revision, "cluster removed");
                 return Ok(true);
             }

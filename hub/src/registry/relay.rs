@@ -119,12 +119,12 @@ impl Registry {
             };
             if ttl_ms > 0 {
                 let ttl = Duration::from_millis(ttl_ms);
-                if sweeping_for < ttl
-                    || self
-                        .observed
-                        .unchanged_for(&kv.key, kv.mod_revision, observed_at)
-                        < ttl
-                {
+                // Observed on every sweep, also while the sweeper is young, so a record's
+                // count starts when it is first seen.
+                let unchanged = self
+                    .observed
+                    .unchanged_for(&kv.key, kv.mod_revision, observed_at);
+                if sweeping_for < ttl || unchanged < ttl {
                     continue;
                 }
             } else if expires_at > self.now_ms() {
