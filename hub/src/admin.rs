@@ -15,11 +15,8 @@ use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 pub enum StoreLocation {
     /// The embedded store in this data dir (only one process may open it).
     Embedded(std::path::PathBuf),
-    /// etcd at these client URLs, under this key namespace.
-    Etcd {
-        endpoints: Vec<String>,
-        namespace: String,
-    },
+    /// etcd: client URLs, key namespace, TLS and credentials.
+    Etcd(EtcdOptions),
 }
 
 /// Opens the store and the registry on it.
@@ -29,13 +26,7 @@ pub async fn open_registry(
 ) -> Result<Registry, RegistryError> {
     let store: Arc<dyn Store> = match location {
         StoreLocation::Embedded(dir) => Arc::new(EmbeddedStore::open(dir.clone()).await?),
-        StoreLocation::Etcd {
-            endpoints,
-            namespace,
-        } => Arc::new(
-            EtcdStore::connect(EtcdOptions::new(endpoints.clone()).namespace(namespace.clone()))
-                .await?,
-        ),
+        StoreLocation::Etcd(options) => Arc::new(EtcdStore::connect(options.clone()).await?),
     };
     Registry::open(store, layout, Arc::new(SystemClock)).await
 }
