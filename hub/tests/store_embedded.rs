@@ -601,3 +601,24 @@ async fn a_damaged_old_log_is_refused_and_left_as_it_is() {
     assert!(!EmbeddedStore::db_path(dir.path()).exists());
     assert!(!dir.path().join("store.redb.importing").exists());
 }
+
+/// The data dir it makes and the store file are private whatever the umask: the directory
+/// also holds the CA key and the admin credential, and whoever may write it may replace them.
+#[tokio::test]
+async fn the_data_dir_and_the_store_file_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("a/data");
+    let _store = EmbeddedStore::open(&data).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "redb"))
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}

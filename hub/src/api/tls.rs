@@ -14,6 +14,7 @@
 //! `fleet_hub_api::tls` (re-exported here).
 
 use std::fmt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -189,7 +190,11 @@ impl SharedIdentity {
     }
 
     fn write_local(&self, data_dir: &Path) -> Result<(), TlsError> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(io_err(data_dir))?;
         write_private(&data_dir.join(CA_KEY), self.ca_key_pem.as_bytes())?;
         write_private(&data_dir.join(CA_CERT), self.ca_pem.as_bytes())
     }
@@ -330,7 +335,11 @@ impl HubIdentity {
     /// Loads the CA and admin credential from `data_dir`, generating them on first start, and
     /// issues this start's server certificate.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, TlsError> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(io_err(data_dir))?;
         let cert_path = data_dir.join(CA_CERT);
         let key_path = data_dir.join(CA_KEY);
         if !cert_path.exists() || !key_path.exists() {

@@ -296,10 +296,20 @@ impl EmbeddedStore {
     }
 
     fn open_blocking(dir: PathBuf, options: EmbeddedOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        // The data dir holds the store (and, beside it, the CA key and admin credential): 0700
+        // whatever the umask.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .map_err(|e| io_err(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
         import_legacy_log(&dir)?;
         let db = Db::open(&dir.join(DB_FILE))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let file = dir.join(DB_FILE);
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| io_err(&file, e))?;
+        }
         let mut state = db.load()?;
         // A smaller limit than the one the history was kept with applies from now on.
         state.history_bytes = state.history.iter().map(change_bytes).sum();
