@@ -29,10 +29,11 @@ done
 
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] ||
-  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput)
+  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput
+    sd-convergence sd-withdrawal)
 
 cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench \
-  -p fleet-hub -p fleet-controller -p fleetctl
+  -p fleet-hub -p fleet-controller -p fleetctl -p fleet-dns
 
 mkdir -p bench/results
 out=bench/results/latest.txt
