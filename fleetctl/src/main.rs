@@ -74,6 +74,21 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// Join tokens (the hub's admin credential): create one for a new member, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The member clusters as the hub knows them (blocks, gateways, records, join tokens).
+    Clusters {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a member (the hub's admin credential): its block, records and tunnels go from
+    /// every other cluster; its controller clears its gateway and stops.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Every export with its KEP-1645 conditions, and every cluster's imports (VIP, ports,
     /// exporting clusters and their ready endpoints).
     Services {
@@ -83,6 +98,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Creates a join token and prints the join string (token + the hub CA's hash) once on
+    /// stdout: give it to the new member's controller (`--join`).
+    Create {
+        /// Lifetime: 90m, 24h, 7d...
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+    /// Lists the tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token by id: no new member can join with it (members that joined stay).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Removes the member cluster <id>.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn ca_hash(ca: Option<&str>, credential_file: &std::path::Path) -> anyhow::Result<CaHash> {
@@ -169,6 +228,80 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 use std::io::Write;
                 writeln!(out)?;
                 fleetctl::services::render_services(&services, &mut out)?;
+            }
+        }
+        Command::Token(TokenCommand::Create {
+            ttl,
+            description,
+            hub,
+        }) => {
+            let lifetime = fleet_hub_api::model::parse_lifetime(&ttl).with_context(|| {
+                format!("--ttl {ttl:?}: expected a positive number with s, m, h or d (e.g. 24h)")
+            })?;
+            let (client, _) = client(&hub)?;
+            let (join, info) = client
+                .create_token(lifetime, &description)
+                .await
+                .context("creating a join token at the hub (needs the hub's admin credential)")?;
+            println!("{}", join.expose_secret());
+            eprintln!(
+                "join token {} created, valid until unix time {}; it is shown only now: pass it to \
+                 the new member's fleet-controller as --join",
+                info.id, info.expires_at
+            );
+        }
+        Command::Token(TokenCommand::List { hub, json }) => {
+            let (client, _) = client(&hub)?;
+            let now = unix_now();
+            let tokens: Vec<_> = client
+                .list_tokens()
+                .await
+                .context("listing join tokens (needs the hub's admin credential)")?
+                .iter()
+                .map(|t| fleetctl::admin::token_view(t, now))
+                .collect();
+            if json {
+                print_json(&tokens)?;
+            } else {
+                fleetctl::admin::render_tokens(&tokens, now, &mut std::io::stdout().lock())?;
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id, hub }) => {
+            let (client, _) = client(&hub)?;
+            client
+                .revoke_token(&id)
+                .await
+                .with_context(|| format!("revoking join token {id} (see `fleetctl token list`)"))?;
+            println!("join token {id} revoked");
+        }
+        Command::Clusters { hub, json } => {
+            let (client, _) = client(&hub)?;
+            let view = client
+                .list()
+                .await
+                .context("listing the fleet at the hub")?;
+            let clusters = fleetctl::admin::cluster_views(&view);
+            if json {
+                print_json(&clusters)?;
+            } else {
+                fleetctl::admin::render_clusters(
+                    &clusters,
+                    unix_now(),
+                    &mut std::io::stdout().lock(),
+                )?;
+            }
+        }
+        Command::Cluster(ClusterCommand::Remove { id, hub }) => {
+            let cluster =
+                ClusterId::new(&id).map_err(|e| anyhow::anyhow!("cluster id {id:?}: {e}"))?;
+            let (client, _) = client(&hub)?;
+            let removed = client.remove_cluster(&cluster).await.with_context(|| {
+                format!("removing cluster {id} (needs the hub's admin credential)")
+            })?;
+            if removed {
+                println!("cluster {id} removed; its controller clears its gateway and stops");
+            } else {
+                anyhow::bail!("cluster {id} is not a member (see `fleetctl clusters`)");
             }
         }
         Command::Services { hub, json } => {

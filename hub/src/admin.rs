@@ -57,22 +57,7 @@ pub enum AdminError {
 
 /// Parses `90s`, `30m`, `24h`, `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, AdminError> {
-    let bad = || AdminError::Duration(text.to_string());
-    let text = text.trim();
-    let split = text.len().checked_sub(1).ok_or_else(bad)?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(bad()),
-    };
-    if secs == 0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(secs))
+    fleet_hub_api::model::parse_lifetime(text).ok_or_else(|| AdminError::Duration(text.to_string()))
 }
 
 /// Creates a join token; the token text is the only thing on `out` (for scripts), the rest
