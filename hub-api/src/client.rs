@@ -108,6 +108,9 @@ pub struct Joined {
     pub credential: Credential,
 }
 
+/// One reusable connection and when it was last used.
+type ConnectionSlot = Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>;
+
 struct Inner {
     endpoints: Vec<String>,
     tls: tokio_rustls::TlsConnector,
@@ -116,9 +119,9 @@ struct Inner {
     /// Index of the endpoint that last worked.
     current: AtomicUsize,
     /// The kept-alive call connection and when it was last used.
-    connection: Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>,
+    connection: ConnectionSlot,
     /// Lease calls' own connection: a renewal never waits behind another call.
-    lease_connection: Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>,
+    lease_connection: ConnectionSlot,
 }
 
 /// A client of the hub's API. Cheap to clone; clones share the connection and credential.
@@ -298,7 +301,7 @@ impl HubClient {
     #[allow(clippy::too_many_arguments)]
     async fn call_on<T: Serialize, R: DeserializeOwned>(
         &self,
-        connection: &Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>,
+        connection: &ConnectionSlot,
         timeout: Duration,
         name: &'static str,
         path: &str,
