@@ -490,7 +490,13 @@ impl FleetHub {
         let mut store_args: Vec<OsString> = Vec::new();
         if replicas > 1 {
             hub.start_etcd()?;
-            store_args = os(&["--etcd", &format!("http://{ETCD_IP}:2379")]);
+            // Plain http on the sandbox's own private link between the hub's netns and etcd's
+            // (a real deployment uses https with --etcd-cacert).
+            store_args = os(&[
+                "--etcd",
+                &format!("http://{ETCD_IP}:2379"),
+                "--etcd-allow-insecure",
+            ]);
         }
         for i in 0..replicas {
             let ip = format!("203.0.113.{}", 10 + i);
