@@ -13,6 +13,9 @@
 //!   every node as its VIP table (`set_services`), with the DNS VIP (the range's first usable
 //!   address) in front of the cluster's `fleet-dns` servers.
 //!
+//! With a Kubernetes API the exports also come from ServiceExports ([`crate::kube_mcs`]): both
+//! sources feed the same publishing path; a name exported by both is the Kubernetes one's.
+//!
 //! The decisions are pure functions ([`desired_exports`], [`vip_services`]); [`ServiceSync`]
 //! holds what was last read and written and makes the calls. Failures are reported, never
 //! fatal: the next pass retries.
@@ -29,6 +32,7 @@ use fleet_hub_api::records::{
     SessionAffinity, export_record_name, import_record_name, parse_service_record_name,
 };
 use fleet_proto::node::{Attachment, VipPort, VipProtocol, VipService};
+use fleet_services::aggregate::ExportStatus;
 use fleet_services::export::{ServiceKey, ServiceType, is_dns_label};
 use fleet_services::liveness::Transition;
 use fleet_services::{
@@ -38,6 +42,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::config::DnsBackend;
 use crate::hub::{Hub, is_removed};
+use crate::kube_mcs::KubeView;
 use crate::reconcile::ClusterNode;
 
 /// The port `fleet-dns` is reached on through the DNS VIP.
@@ -290,6 +295,12 @@ pub struct ServiceSync {
     node_tables: BTreeMap<String, Vec<VipService>>,
     /// The problems of the last pass (to log only changes).
     last_problems: Vec<String>,
+    /// The member cluster's Kubernetes API as last read (`None`: no Kubernetes source).
+    kube: Option<KubeView>,
+    /// The conditions of this cluster's exports from the last aggregation, by (ns, name).
+    own_statuses: BTreeMap<(String, String), ExportStatus>,
+    /// Names exported by both sources (the Kubernetes one wins), to log only changes.
+    shadowed: BTreeSet<String>,
 }
 
 impl ServiceSync {
@@ -302,7 +313,27 @@ impl ServiceSync {
             written: BTreeMap::new(),
             node_tables: BTreeMap::new(),
             last_problems: Vec::new(),
+            kube: None,
+            own_statuses: BTreeMap::new(),
+            shadowed: BTreeSet::new(),
         }
+    }
+
+    /// The Kubernetes source's latest read; true when it changed.
+    pub fn set_kube_view(&mut self, view: KubeView) -> bool {
+        let changed = self.kube.as_ref() != Some(&view);
+        self.kube = Some(view);
+        changed
+    }
+
+    /// The Kubernetes source's latest read, if any.
+    pub fn kube_view(&self) -> Option<&KubeView> {
+        self.kube.as_ref()
+    }
+
+    /// The conditions of this cluster's exports from the last pass, by (namespace, name).
+    pub fn own_statuses(&self) -> &BTreeMap<(String, String), ExportStatus> {
+        &self.own_statuses
     }
 
     /// Reads every node's pods; true when some node's list changed.
@@ -378,7 +409,22 @@ impl ServiceSync {
                 })
             })
             .collect();
-        let exports: BTreeMap<String, Vec<u8>> = desired_exports(&specs, &pods, block)
+        let mut exports = desired_exports(&specs, &pods, block);
+        if let Some(view) = &self.kube {
+            let kube = crate::kube_mcs::source::desired_exports(view, &pods, block);
+            let shadowed: BTreeSet<String> = kube
+                .records
+                .keys()
+                .filter(|n| exports.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in shadowed.difference(&self.shadowed) {
+                tracing::warn!(record = %name, "exported by both a ServiceExport and fleetctl export: the ServiceExport's is published");
+            }
+            self.shadowed = shadowed;
+            exports.extend(kube.records);
+        }
+        let exports: BTreeMap<String, Vec<u8>> = exports
             .into_iter()
             .map(|(name, r)| (name, serde_json::to_vec(&r).expect("records serialise")))
             .collect();
@@ -394,6 +440,17 @@ impl ServiceSync {
 
         // Imports down.
         let aggregation = aggregate_fleet(fleet);
+        self.own_statuses = aggregation
+            .statuses
+            .iter()
+            .filter(|(k, _)| k.cluster == own)
+            .map(|(k, s)| {
+                (
+                    (k.service.namespace.clone(), k.service.name.clone()),
+                    s.clone(),
+                )
+            })
+            .collect();
         for u in &aggregation.unreadable {
             problems.push(u.to_string());
         }
@@ -527,7 +584,7 @@ impl ServiceSync {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleet_hub_api::records::{ExportPortRecord, ExportedServiceType};
     use fleet_proto::node::{AttachmentKey, Origin, PodMeta};
@@ -553,7 +610,13 @@ mod tests {
         }
     }
 
-    fn pod(node: &str, ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> NodePod {
+    pub(crate) fn pod(
+        node: &str,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+    ) -> NodePod {
         NodePod {
             node: node.into(),
             attachment: Attachment {

@@ -1,0 +1,273 @@
+//! The MCS API (KEP-1645, `multicluster.x-k8s.io`) and the cluster's nodes, through kube-rs,
+//! when the controller runs with a Kubernetes API (`--kubernetes auto|on|off`):
+//!
+//! - [`source`]: ServiceExport + Service + EndpointSlices → `export/<ns>/<name>` records
+//!   (endpoints at the pods' fleet addresses), fed to the same publishing path as the
+//!   node-first source ([`crate::services::ServiceSync`]);
+//! - [`status`]: the aggregation's conditions for this cluster's exports written to
+//!   `ServiceExport.status.conditions` (Valid / Conflict / Ready);
+//! - [`nodes`]: Node names and InternalIPs, followed for additions and removals.
+//!
+//! ServiceExports are read as `DynamicObject`s of [`service_export_resource`] and their few
+//! fields picked out ([`ServiceExportObject`]): no schema-generating derive (schemars) in the
+//! build, and the CRDs stay one source of truth (`deploy/`, as upstream mcs-api ships them).
+//! [`KubeMcs::read`] lists every kind each pass (the active controller's endpoint poll);
+//! the API client is the one the Lease uses (in-cluster configuration or `--kubeconfig`).
+
+pub mod nodes;
+pub mod source;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use fleet_services::aggregate::ExportStatus;
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+
+/// The mcs-api group and the version we speak (the CRDs serve v1alpha1 and v1beta1 with
+/// identical schemas).
+pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
+pub const MCS_VERSION: &str = "v1alpha1";
+
+/// `serviceexports.multicluster.x-k8s.io`.
+pub fn service_export_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(MCS_GROUP, MCS_VERSION, "ServiceExport"),
+        "serviceexports",
+    )
+}
+
+/// What the MCS reconcilers use of a ServiceExport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceExportObject {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.creationTimestamp`, unix milliseconds (the oldest export wins conflicts).
+    pub created_at_ms: u64,
+    /// `spec.exportedLabels` / `spec.exportedAnnotations`.
+    pub exported_labels: BTreeMap<String, String>,
+    pub exported_annotations: BTreeMap<String, String>,
+    /// `status.conditions` as found.
+    pub conditions: Vec<Value>,
+}
+
+impl ServiceExportObject {
+    pub fn from_dynamic(o: &DynamicObject) -> Option<Self> {
+        let strings = |v: &Value| -> BTreeMap<String, String> {
+            serde_json::from_value(v.clone()).unwrap_or_default()
+        };
+        Some(ServiceExportObject {
+            namespace: o.metadata.namespace.clone()?,
+            name: o.metadata.name.clone()?,
+            created_at_ms: o
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| u64::try_from(t.0.as_millisecond()).unwrap_or(0)),
+            exported_labels: strings(&o.data["spec"]["exportedLabels"]),
+            exported_annotations: strings(&o.data["spec"]["exportedAnnotations"]),
+            conditions: o.data["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// One read of the member cluster's API.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KubeView {
+    pub service_exports: Vec<ServiceExportObject>,
+    /// (namespace, name) → Service.
+    pub services: BTreeMap<(String, String), Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub namespaces: BTreeSet<String>,
+    /// Node name → InternalIP.
+    pub nodes: BTreeMap<String, Ipv4Addr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeMcsError {
+    #[error("reading the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes client configuration (not in a pod, no KUBECONFIG): {0}; use \
+         --kubernetes off outside Kubernetes, or --kubeconfig <path>"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// The controller's Kubernetes side: reads the member cluster, writes ServiceExport statuses.
+pub struct KubeMcs {
+    client: Client,
+    exports: ApiResource,
+    /// The nodes as last read (to log additions and removals).
+    nodes: BTreeMap<String, Ipv4Addr>,
+    /// Statuses written since the last read (the view still shows the old ones).
+    written: BTreeMap<(String, String), ExportStatus>,
+}
+
+impl KubeMcs {
+    /// A client from `kubeconfig`, or else `Config::infer()` (in a pod: the service account).
+    pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, KubeMcsError> {
+        let mut config = match kubeconfig {
+            Some(path) => {
+                let bad = |source| KubeMcsError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                };
+                let kc = Kubeconfig::read_from(path).map_err(bad)?;
+                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                    .await
+                    .map_err(bad)?
+            }
+            None => Config::infer().await.map_err(KubeMcsError::Infer)?,
+        };
+        // A pass must not hang on a slow API server: the next poll asks again.
+        config.connect_timeout = Some(Duration::from_secs(3));
+        config.read_timeout = Some(Duration::from_secs(10));
+        config.write_timeout = Some(Duration::from_secs(10));
+        config.default_retry = false;
+        Ok(Self::new(
+            Client::try_from(config).map_err(KubeMcsError::Client)?,
+        ))
+    }
+
+    pub fn new(client: Client) -> Self {
+        KubeMcs {
+            client,
+            exports: service_export_resource(),
+            nodes: BTreeMap::new(),
+            written: BTreeMap::new(),
+        }
+    }
+
+    /// Lists ServiceExports, Services, EndpointSlices, Namespaces and Nodes.
+    pub async fn read(&mut self) -> Result<KubeView, String> {
+        self.written.clear();
+        let lp = ListParams::default();
+        let what = |kind: &str, e: kube::Error| format!("listing {kind}: {e}");
+        let exports = Api::<DynamicObject>::all_with(self.client.clone(), &self.exports)
+            .list(&lp)
+            .await
+            .map_err(|e| what("serviceexports.multicluster.x-k8s.io", e))?;
+        let services = Api::<Service>::all(self.client.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| what("services", e))?;
+        let slices = Api::<EndpointSlice>::all(self.client.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| what("endpointslices.discovery.k8s.io", e))?;
+        let namespaces = Api::<Namespace>::all(self.client.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| what("namespaces", e))?;
+        let nodes = Api::<Node>::all(self.client.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| what("nodes", e))?;
+        let (nodes, without_ip) = nodes::api_nodes(&nodes.items);
+        if !without_ip.is_empty() {
+            tracing::debug!(nodes = ?without_ip, "nodes without an IPv4 InternalIP are left out");
+        }
+        let mut service_exports: Vec<ServiceExportObject> = exports
+            .items
+            .iter()
+            .filter_map(ServiceExportObject::from_dynamic)
+            .collect();
+        service_exports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(KubeView {
+            service_exports,
+            services: services
+                .items
+                .into_iter()
+                .filter_map(|s| {
+                    Some(((s.metadata.namespace.clone()?, s.metadata.name.clone()?), s))
+                })
+                .collect(),
+            slices: slices.items,
+            namespaces: namespaces
+                .items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect(),
+            nodes,
+        })
+    }
+
+    /// Logs the nodes added, removed or moved since the last read; returns the changes.
+    pub fn follow_nodes(&mut self, view: &KubeView) -> Vec<nodes::NodeChange> {
+        let changes = nodes::node_changes(&self.nodes, &view.nodes);
+        for c in &changes {
+            tracing::info!(change = ?c, "cluster nodes (Kubernetes API)");
+        }
+        self.nodes = view.nodes.clone();
+        changes
+    }
+
+    /// Writes each ServiceExport's `status.conditions` where they differ from `statuses`
+    /// (this cluster's exports, by (namespace, name)); a ServiceExport without a Service gets
+    /// `Valid=False/NoService`. Failures are returned as problems.
+    pub async fn write_statuses(
+        &mut self,
+        view: &KubeView,
+        statuses: &BTreeMap<(String, String), ExportStatus>,
+    ) -> Vec<String> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut problems = Vec::new();
+        for export in &view.service_exports {
+            let key = (export.namespace.clone(), export.name.clone());
+            let missing;
+            let wanted = match statuses.get(&key) {
+                Some(s) => s,
+                None if !view.services.contains_key(&key) => {
+                    missing = status::no_service_status();
+                    &missing
+                }
+                // Not aggregated yet (the record is on its way to the hub).
+                None => continue,
+            };
+            if self.written.get(&key) == Some(wanted) {
+                continue;
+            }
+            let Some(conditions) = status::conditions_patch(&export.conditions, wanted, &now)
+            else {
+                continue;
+            };
+            let api = Api::<DynamicObject>::namespaced_with(
+                self.client.clone(),
+                &export.namespace,
+                &self.exports,
+            );
+            let patch = Patch::Merge(json!({"status": {"conditions": conditions}}));
+            match api
+                .patch_status(&export.name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    self.written.insert(key, wanted.clone());
+                }
+                Err(e) => problems.push(format!(
+                    "ServiceExport {}/{}: writing status.conditions: {e}",
+                    export.namespace, export.name
+                )),
+            }
+        }
+        problems
+    }
+}
