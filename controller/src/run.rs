@@ -498,6 +498,9 @@ impl Controller {
             for p in kube.write_statuses(view, a.services.own_statuses()).await {
                 tracing::warn!(problem = %p, "ServiceExport status not written; retrying");
             }
+            for p in kube.converge_imports(view, a.services.own_imports()).await {
+                tracing::warn!(problem = %p, "ServiceImports and MCS EndpointSlices not converged; retrying");
+            }
         }
         Ok(())
     }

@@ -301,6 +301,8 @@ pub struct ServiceSync {
     own_statuses: BTreeMap<(String, String), ExportStatus>,
     /// Names exported by both sources (the Kubernetes one wins), to log only changes.
     shadowed: BTreeSet<String>,
+    /// The imports this cluster published in the last pass, by (ns, name).
+    own_imports: BTreeMap<(String, String), ImportRecord>,
 }
 
 impl ServiceSync {
@@ -316,6 +318,7 @@ impl ServiceSync {
             kube: None,
             own_statuses: BTreeMap::new(),
             shadowed: BTreeSet::new(),
+            own_imports: BTreeMap::new(),
         }
     }
 
@@ -329,6 +332,11 @@ impl ServiceSync {
     /// The Kubernetes source's latest read, if any.
     pub fn kube_view(&self) -> Option<&KubeView> {
         self.kube.as_ref()
+    }
+
+    /// The imports this cluster published in the last pass, by (namespace, name).
+    pub fn own_imports(&self) -> &BTreeMap<(String, String), ImportRecord> {
+        &self.own_imports
     }
 
     /// The conditions of this cluster's exports from the last pass, by (namespace, name).
@@ -472,14 +480,24 @@ impl ServiceSync {
             }
         };
         let live = self.liveness.live();
-        let imports: BTreeMap<String, Vec<u8>> = aggregation
+        self.own_imports = aggregation
             .imports
             .values()
             .map(|i| {
                 let record = fleet_services::import::import_record(i, vips.get(&i.service), &live);
                 (
-                    import_record_name(&i.service.namespace, &i.service.name),
-                    serde_json::to_vec(&record).expect("records serialise"),
+                    (i.service.namespace.clone(), i.service.name.clone()),
+                    record,
+                )
+            })
+            .collect();
+        let imports: BTreeMap<String, Vec<u8>> = self
+            .own_imports
+            .iter()
+            .map(|((namespace, name), record)| {
+                (
+                    import_record_name(namespace, name),
+                    serde_json::to_vec(record).expect("records serialise"),
                 )
             })
             .collect();
@@ -919,6 +937,88 @@ pub(crate) mod tests {
         assert_eq!(
             hub.unpublished.lock().unwrap().as_slice(),
             ["export/default/web"]
+        );
+    }
+
+    #[tokio::test]
+    async fn service_exports_join_the_node_first_exports_and_win_a_shared_name() {
+        use crate::kube_mcs::source::tests::{export, web_view};
+        use crate::plan::NodeSpec;
+        use crate::reconcile::fakes::{FakeHub, FakeNode};
+        use std::sync::Arc;
+
+        let node = Arc::new(FakeNode::default());
+        *node.pods.lock().unwrap() = vec![
+            pod("aa-1", "default", "web-1", "100.96.0.9", &[("app", "web")]).attachment,
+            pod("aa-1", "default", "db-1", "100.96.0.10", &[("app", "db")]).attachment,
+        ];
+        let nodes = vec![ClusterNode {
+            spec: NodeSpec {
+                name: "aa-1".into(),
+                socket: "/dev/null".into(),
+                underlay_ip: "198.51.100.1".parse().unwrap(),
+                netns: "/run/netns/x".into(),
+            },
+            api: node.clone(),
+        }];
+        let hub = FakeHub::default();
+        let mut sync = ServiceSync::new(ServiceConfig {
+            cluster: cid("aa"),
+            vip_range: "100.112.0.0/16".parse().unwrap(),
+            dns_backends: Vec::new(),
+            liveness: LivenessConfig::for_heartbeat_interval(Duration::from_secs(1)),
+        });
+        sync.poll_pods(&nodes).await;
+        let mut view = web_view();
+        view.service_exports.push(export("default", "gone", 5));
+        assert!(sync.set_kube_view(view.clone()));
+        assert!(!sync.set_kube_view(view), "the same read: no change");
+        // fleetctl exported web and db too: web is the ServiceExport's.
+        let mut db = spec(&[("app", "db")]);
+        db.ports[0].port = 5432;
+        let f = fleet(
+            10,
+            &[
+                (
+                    "serviceexport/default/web",
+                    serde_json::to_vec(&spec(&[("app", "web")])).unwrap(),
+                ),
+                ("serviceexport/default/db", serde_json::to_vec(&db).unwrap()),
+            ],
+        );
+        let subnets = BTreeMap::new();
+        sync.sync(&f, &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        let published: BTreeMap<String, Vec<u8>> =
+            hub.published.lock().unwrap().iter().cloned().collect();
+        let web: ExportRecord = serde_json::from_slice(&published["export/default/web"]).unwrap();
+        assert_eq!(web.created_at_ms, 1_700_000_000_123, "the ServiceExport's");
+        assert_eq!(web.ports.len(), 2);
+        assert_eq!(web.endpoints[0].ip.to_string(), "100.96.0.9");
+        let db: ExportRecord = serde_json::from_slice(&published["export/default/db"]).unwrap();
+        assert_eq!(db.ports[0].port, 5432, "the node-first export is kept");
+        assert!(
+            !published.contains_key("export/default/gone"),
+            "a ServiceExport without a Service is not exported"
+        );
+
+        // Once the mirror shows the export, its conditions are this cluster's statuses.
+        let mut records: Vec<(&str, Vec<u8>)> = published
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.clone()))
+            .collect();
+        records.retain(|(n, _)| n.starts_with("export/"));
+        sync.sync(&fleet(11, &records), &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        let status = &sync.own_statuses()[&("default".to_string(), "web".to_string())];
+        assert_eq!(
+            status
+                .condition(fleet_services::aggregate::ConditionType::Valid)
+                .unwrap()
+                .status,
+            fleet_services::aggregate::ConditionStatus::True
         );
     }
 

@@ -14,6 +14,7 @@
 //! [`KubeMcs::read`] lists every kind each pass (the active controller's endpoint poll);
 //! the API client is the one the Lease uses (in-cluster configuration or `--kubeconfig`).
 
+pub mod imports;
 pub mod nodes;
 pub mod source;
 pub mod status;
@@ -44,6 +45,27 @@ pub fn service_export_resource() -> ApiResource {
         &GroupVersionKind::gvk(MCS_GROUP, MCS_VERSION, "ServiceExport"),
         "serviceexports",
     )
+}
+
+/// `serviceimports.multicluster.x-k8s.io`.
+pub fn service_import_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(MCS_GROUP, MCS_VERSION, "ServiceImport"),
+        "serviceimports",
+    )
+}
+
+fn owned(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(imports::OWNER_LABEL))
+        .map(String::as_str)
+        == Some(imports::OWNER)
+}
+
+fn object_key(
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<imports::ObjectKey> {
+    Some((m.namespace.clone()?, m.name.clone()?))
 }
 
 /// What the MCS reconcilers use of a ServiceExport.
@@ -93,6 +115,10 @@ pub struct KubeView {
     pub namespaces: BTreeSet<String>,
     /// Node name → InternalIP.
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    /// The ServiceImports we own ([`imports::OWNER_LABEL`]), by (namespace, name).
+    pub service_imports: BTreeMap<imports::ObjectKey, DynamicObject>,
+    /// The MCS EndpointSlices we own, by (namespace, name).
+    pub mcs_slices: BTreeMap<imports::ObjectKey, EndpointSlice>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,10 +141,13 @@ pub enum KubeMcsError {
 pub struct KubeMcs {
     client: Client,
     exports: ApiResource,
+    imports: ApiResource,
     /// The nodes as last read (to log additions and removals).
     nodes: BTreeMap<String, Ipv4Addr>,
     /// Statuses written since the last read (the view still shows the old ones).
     written: BTreeMap<(String, String), ExportStatus>,
+    /// The imports' objects as last converged since the last read.
+    converged: Option<imports::DesiredObjects>,
 }
 
 impl KubeMcs {
@@ -151,14 +180,17 @@ impl KubeMcs {
         KubeMcs {
             client,
             exports: service_export_resource(),
+            imports: service_import_resource(),
             nodes: BTreeMap::new(),
             written: BTreeMap::new(),
+            converged: None,
         }
     }
 
     /// Lists ServiceExports, Services, EndpointSlices, Namespaces and Nodes.
     pub async fn read(&mut self) -> Result<KubeView, String> {
         self.written.clear();
+        self.converged = None;
         let lp = ListParams::default();
         let what = |kind: &str, e: kube::Error| format!("listing {kind}: {e}");
         let exports = Api::<DynamicObject>::all_with(self.client.clone(), &self.exports)
@@ -177,6 +209,14 @@ impl KubeMcs {
             .list(&lp)
             .await
             .map_err(|e| what("namespaces", e))?;
+        let service_imports = Api::<DynamicObject>::all_with(self.client.clone(), &self.imports)
+            .list(&ListParams::default().labels(&format!(
+                "{}={}",
+                imports::OWNER_LABEL,
+                imports::OWNER
+            )))
+            .await
+            .map_err(|e| what("serviceimports.multicluster.x-k8s.io", e))?;
         let nodes = Api::<Node>::all(self.client.clone())
             .list(&lp)
             .await
@@ -200,7 +240,23 @@ impl KubeMcs {
                     Some(((s.metadata.namespace.clone()?, s.metadata.name.clone()?), s))
                 })
                 .collect(),
-            slices: slices.items,
+            mcs_slices: slices
+                .items
+                .iter()
+                .filter(|s| owned(s.metadata.labels.as_ref()))
+                .filter_map(|s| Some((object_key(&s.metadata)?, s.clone())))
+                .collect(),
+            slices: slices
+                .items
+                .into_iter()
+                .filter(|s| !owned(s.metadata.labels.as_ref()))
+                .collect(),
+            service_imports: service_imports
+                .items
+                .into_iter()
+                .filter(|o| owned(o.metadata.labels.as_ref()))
+                .filter_map(|o| Some((object_key(&o.metadata)?, o)))
+                .collect(),
             namespaces: namespaces
                 .items
                 .into_iter()
@@ -270,4 +326,161 @@ impl KubeMcs {
         }
         problems
     }
+}
+
+impl KubeMcs {
+    /// Creates, updates and deletes the ServiceImports and MCS EndpointSlices we own so they
+    /// match `wanted` (this cluster's imports); objects without our label are never touched.
+    /// Returns the problems; the next pass retries.
+    pub async fn converge_imports(
+        &mut self,
+        view: &KubeView,
+        wanted: &BTreeMap<imports::ObjectKey, fleet_hub_api::records::ImportRecord>,
+    ) -> Vec<String> {
+        let desired = imports::desired_objects(wanted, &view.namespaces);
+        if self.converged.as_ref() == Some(&desired) {
+            return Vec::new();
+        }
+        let mut problems = Vec::new();
+        let pp = PatchParams::default();
+        let owner_labels = json!({ imports::OWNER_LABEL: imports::OWNER });
+        for ((ns, name), object) in &desired.imports {
+            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &self.imports);
+            let stored = view.service_imports.get(&(ns.clone(), name.clone()));
+            let what =
+                |doing: &str, e: kube::Error| format!("ServiceImport {ns}/{name}: {doing}: {e}");
+            let spec_ok = stored.is_some_and(|s| imports::covers(&s.data["spec"], &object.spec));
+            let result = match stored {
+                None => {
+                    let mut o = DynamicObject::new(name, &self.imports).within(ns);
+                    o.metadata.labels = serde_json::from_value(owner_labels.clone()).ok();
+                    o.data = json!({ "spec": imports::without_nulls(&object.spec) });
+                    api.create(&Default::default(), &o)
+                        .await
+                        .map(drop)
+                        .map_err(|e| what("creating", e))
+                }
+                Some(_) if !spec_ok => api
+                    .patch(name, &pp, &Patch::Merge(json!({ "spec": object.spec })))
+                    .await
+                    .map(drop)
+                    .map_err(|e| what("updating spec", e)),
+                Some(_) => Ok(()),
+            };
+            if let Err(p) = result {
+                problems.push(p);
+                continue;
+            }
+            let status_ok = stored.is_some_and(|s| {
+                imports::covers(&s.data["status"]["clusters"], &object.status["clusters"])
+                    && same_conditions(
+                        &s.data["status"]["conditions"],
+                        &object.status["conditions"],
+                    )
+            });
+            if !status_ok {
+                let mut status = object.status.clone();
+                let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                for c in status["conditions"].as_array_mut().into_iter().flatten() {
+                    let since = stored
+                        .and_then(|s| s.data["status"]["conditions"].as_array())
+                        .and_then(|cs| {
+                            cs.iter()
+                                .find(|o| o["type"] == c["type"] && o["status"] == c["status"])
+                        })
+                        .and_then(|o| o["lastTransitionTime"].as_str())
+                        .unwrap_or(&now)
+                        .to_string();
+                    c["lastTransitionTime"] = json!(since);
+                }
+                if let Err(e) = api
+                    .patch_status(name, &pp, &Patch::Merge(json!({ "status": status })))
+                    .await
+                {
+                    problems.push(what("writing status", e));
+                }
+            }
+        }
+        for (ns, name) in view
+            .service_imports
+            .keys()
+            .filter(|k| !desired.imports.contains_key(*k))
+        {
+            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &self.imports);
+            if let Err(e) = api.delete(name, &Default::default()).await
+                && !is_not_found(&e)
+            {
+                problems.push(format!("ServiceImport {ns}/{name}: deleting: {e}"));
+            }
+        }
+        for ((ns, name), slice) in &desired.slices {
+            let api = Api::<EndpointSlice>::namespaced(self.client.clone(), ns);
+            let stored = view.mcs_slices.get(&(ns.clone(), name.clone()));
+            let result = match stored {
+                None => {
+                    let mut body = imports::without_nulls(slice);
+                    body["metadata"] =
+                        json!({ "name": name, "namespace": ns, "labels": body["labels"].take() });
+                    body.as_object_mut().map(|o| o.remove("labels"));
+                    match serde_json::from_value::<EndpointSlice>(body) {
+                        Ok(s) => api.create(&Default::default(), &s).await.map(drop),
+                        Err(e) => {
+                            problems.push(format!("EndpointSlice {ns}/{name}: {e}"));
+                            continue;
+                        }
+                    }
+                }
+                Some(s) => {
+                    let stored = serde_json::to_value(s).unwrap_or_default();
+                    let want = json!({
+                        "metadata": { "labels": slice["labels"] },
+                        "endpoints": slice["endpoints"],
+                        "ports": slice["ports"],
+                    });
+                    if imports::covers(&stored, &want) {
+                        continue;
+                    }
+                    api.patch(name, &pp, &Patch::Merge(want)).await.map(drop)
+                }
+            };
+            if let Err(e) = result {
+                problems.push(format!("EndpointSlice {ns}/{name}: writing: {e}"));
+            }
+        }
+        for (ns, name) in view
+            .mcs_slices
+            .keys()
+            .filter(|k| !desired.slices.contains_key(*k))
+        {
+            let api = Api::<EndpointSlice>::namespaced(self.client.clone(), ns);
+            if let Err(e) = api.delete(name, &Default::default()).await
+                && !is_not_found(&e)
+            {
+                problems.push(format!("EndpointSlice {ns}/{name}: deleting: {e}"));
+            }
+        }
+        if problems.is_empty() {
+            self.converged = Some(desired);
+        }
+        problems
+    }
+}
+
+/// The same conditions by type, status, reason and message (times aside).
+fn same_conditions(stored: &Value, desired: &Value) -> bool {
+    let key = |v: &Value| -> Vec<(String, String, String, String)> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                (s("type"), s("status"), s("reason"), s("message"))
+            })
+            .collect()
+    };
+    key(stored) == key(desired)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
 }

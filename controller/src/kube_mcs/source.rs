@@ -281,6 +281,7 @@ pub(crate) mod tests {
             )],
             namespaces: BTreeSet::from(["default".to_string()]),
             nodes: BTreeMap::new(),
+            ..KubeView::default()
         }
     }
 
