@@ -422,6 +422,28 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_modes() {
+        use std::str::FromStr;
+        let kc = Some(PathBuf::from("/k"));
+        assert_eq!(
+            KubernetesMode::from_str("auto")
+                .unwrap()
+                .resolve(false, kc.clone()),
+            None
+        );
+        assert_eq!(
+            KubernetesMode::Auto.resolve(true, None),
+            Some(KubeApi { kubeconfig: None })
+        );
+        assert_eq!(
+            KubernetesMode::On.resolve(false, kc.clone()),
+            Some(KubeApi { kubeconfig: kc })
+        );
+        assert_eq!(KubernetesMode::Off.resolve(true, None), None);
+        assert!(KubernetesMode::from_str("yes").is_err());
+    }
+
+    #[test]
     fn leader_election_modes() {
         let k = |m: LeaderElectionMode, in_cluster| {
             m.resolve(in_cluster, "ns".into(), "l".into(), None)

@@ -480,6 +480,7 @@ impl Controller {
             vip_range: self.cfg.vip_range,
             dns_backends: self.cfg.dns_backends.clone(),
             liveness,
+            kubernetes: self.kube.is_some(),
         }
     }
 

@@ -56,6 +56,10 @@ pub struct ServiceConfig {
     /// The cluster's `fleet-dns` servers (UDP and TCP); empty: no DNS VIP.
     pub dns_backends: Vec<DnsBackend>,
     pub liveness: LivenessConfig,
+    /// Exports also come from the Kubernetes API: until it has been read once, this
+    /// cluster's exports are left as they are (a failover during an API outage must not
+    /// withdraw them).
+    pub kubernetes: bool,
 }
 
 /// The DNS VIP of a VIP range: its first usable address (reserved, never a service's).
@@ -436,15 +440,22 @@ impl ServiceSync {
             .into_iter()
             .map(|(name, r)| (name, serde_json::to_vec(&r).expect("records serialise")))
             .collect();
-        self.converge_records(
-            EXPORT_RECORD_PREFIX,
-            &exports,
-            &own_records,
-            hub,
-            now,
-            &mut problems,
-        )
-        .await?;
+        if self.cfg.kubernetes && self.kube.is_none() {
+            problems.push(
+                "the Kubernetes API has not been read yet: this cluster's exports are left as they are"
+                    .into(),
+            );
+        } else {
+            self.converge_records(
+                EXPORT_RECORD_PREFIX,
+                &exports,
+                &own_records,
+                hub,
+                now,
+                &mut problems,
+            )
+            .await?;
+        }
 
         // Imports down.
         let aggregation = aggregate_fleet(fleet);
@@ -849,6 +860,7 @@ pub(crate) mod tests {
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: vec!["aa-1:53".parse().unwrap()],
             liveness,
+            kubernetes: false,
         });
         assert!(sync.poll_pods(&nodes).await);
         assert!(!sync.poll_pods(&nodes).await, "same pods: no change");
@@ -967,8 +979,26 @@ pub(crate) mod tests {
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: Vec::new(),
             liveness: LivenessConfig::for_heartbeat_interval(Duration::from_secs(1)),
+            kubernetes: true,
         });
         sync.poll_pods(&nodes).await;
+        let subnets = BTreeMap::new();
+        // Before the first read of the API nothing is published or withdrawn.
+        let aa_old = (
+            "export/default/web",
+            serde_json::to_vec(&spec(&[("app", "web")])).unwrap(),
+        );
+        sync.sync(&fleet(9, &[aa_old]), &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        assert!(hub.unpublished.lock().unwrap().is_empty());
+        assert!(
+            hub.published
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(n, _)| !n.starts_with("export/"))
+        );
         let mut view = web_view();
         view.service_exports.push(export("default", "gone", 5));
         assert!(sync.set_kube_view(view.clone()));
@@ -986,7 +1016,6 @@ pub(crate) mod tests {
                 ("serviceexport/default/db", serde_json::to_vec(&db).unwrap()),
             ],
         );
-        let subnets = BTreeMap::new();
         sync.sync(&f, &nodes, &subnets, &hub, Instant::now())
             .await
             .unwrap();

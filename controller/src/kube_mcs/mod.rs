@@ -6,9 +6,10 @@
 //!   node-first source ([`crate::services::ServiceSync`]);
 //! - [`status`]: the aggregation's conditions for this cluster's exports written to
 //!   `ServiceExport.status.conditions` (Valid / Conflict / Ready);
+//! - [`imports`]: this cluster's imports as the ServiceImports and MCS EndpointSlices we own;
 //! - [`nodes`]: Node names and InternalIPs, followed for additions and removals.
 //!
-//! ServiceExports are read as `DynamicObject`s of [`service_export_resource`] and their few
+//! ServiceExports and ServiceImports are read as `DynamicObject`s of [`service_export_resource`] and their few
 //! fields picked out ([`ServiceExportObject`]): no schema-generating derive (schemars) in the
 //! build, and the CRDs stay one source of truth (`deploy/`, as upstream mcs-api ships them).
 //! [`KubeMcs::read`] lists every kind each pass (the active controller's endpoint poll);
