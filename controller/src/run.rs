@@ -511,7 +511,7 @@ impl Controller {
         let Some(kube) = self.kube.as_mut() else {
             return false;
         };
-        match kube.read().await {
+        match kube.read() {
             Ok(view) => {
                 if self.kube_error.take().is_some() {
                     tracing::info!("the Kubernetes API is readable again");

@@ -1,10 +1,11 @@
 //! The MCS API reconcilers (`fleet_controller::kube_mcs::KubeMcs`) against `FakeKubeApi`, an
 //! in-memory fake of the Kubernetes API server (no real one can run in this sandbox; the
 //! real path is the kind script's). The fake serves list (all namespaces, with a label
-//! selector), create, JSON merge patch (object and `/status` subresource, as the API server
-//! keeps them apart for CRDs with a status subresource) and delete for any resource path, with
-//! a `resourceVersion` per write and 404 / 409 like the API server. No watch: the controller
-//! lists every pass.
+//! selector) and watch (`?watch=true&resourceVersion=N`: the events after N as JSON lines,
+//! then new ones as they happen; `410 Expired` as an ERROR event when N is older than the
+//! compacted history, as the API server does), create, JSON merge patch (object and `/status`
+//! subresource, kept apart as for CRDs with a status subresource) and delete for any resource
+//! path, with a `resourceVersion` per write and 404 / 409 like the API server.
 //!
 //! No root needed.
 
@@ -13,11 +14,12 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fleet_controller::kube_mcs::KubeMcs;
 use fleet_controller::kube_mcs::nodes::NodeChange;
 use fleet_controller::kube_mcs::source::desired_exports;
+use fleet_controller::kube_mcs::{KubeMcs, KubeView};
 use fleet_controller::services::NodePod;
 use fleet_hub_api::records::{
     EndpointRecord, ExportedServiceType, ImportClusterRecord, ImportPortRecord, ImportRecord,
@@ -25,13 +27,17 @@ use fleet_hub_api::records::{
 };
 use fleet_proto::node::{Attachment, AttachmentKey, Origin, PodMeta};
 use fleet_services::aggregate::{Condition, ConditionStatus, ConditionType, ExportStatus};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response};
 use serde_json::{Value, json};
 
 /// (resource, namespace, name) → object; resource is `<group>/<plural>` (`/services` for core).
 type Key = (String, String, String);
+
+/// One change: (revision, resource, namespace, ADDED|MODIFIED|DELETED, the object).
+type Change = (u64, String, String, &'static str, Value);
 
 #[derive(Default)]
 struct FakeState {
@@ -39,11 +45,27 @@ struct FakeState {
     revision: u64,
     /// Every write: "METHOD path".
     writes: Vec<String>,
+    /// The history watches are served from; a watch from before `compacted` gets 410.
+    changes: Vec<Change>,
+    compacted: u64,
+    /// Bumped to end every open watch.
+    generation: u64,
+    /// 410s sent.
+    expired_watches: u32,
+}
+
+impl FakeState {
+    fn record(&mut self, key: &Key, kind: &'static str, v: Value) {
+        self.changes
+            .push((self.revision, key.0.clone(), key.1.clone(), kind, v));
+    }
 }
 
 /// A fake Kubernetes API server (see the module doc).
 struct FakeKubeApi {
     state: Arc<Mutex<FakeState>>,
+    /// Woken on every change (watches wait on it).
+    changed: Arc<tokio::sync::Notify>,
     server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
@@ -55,15 +77,17 @@ const WITH_STATUS: [&str; 2] = [
     "multicluster.x-k8s.io/serviceimports",
 ];
 
-fn respond(code: u16, v: &Value) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, Infallible>;
+
+fn respond(code: u16, v: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(v.to_string())))
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
         .expect("a valid response")
 }
 
-fn failure(code: u16, reason: &str, message: String) -> Response<Full<Bytes>> {
+fn failure(code: u16, reason: &str, message: String) -> Response<Body> {
     respond(
         code,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -143,20 +167,100 @@ fn route(path: &str) -> Option<Route> {
     })
 }
 
+fn label_matches(v: &Value, selector: &Option<(String, String)>) -> bool {
+    selector
+        .as_ref()
+        .is_none_or(|(k, val)| v["metadata"]["labels"][k] == val.as_str())
+}
+
+/// A watch of `resource` from `from`: the recorded changes after it, then new ones, until the
+/// client goes, the watch times out or [`FakeKubeApi::delete_and_expire_watches`] ends it.
+fn watch(
+    state: Arc<Mutex<FakeState>>,
+    changed: Arc<tokio::sync::Notify>,
+    resource: String,
+    selector: Option<(String, String)>,
+    from: u64,
+    timeout: Duration,
+) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = from;
+        let generation = state.lock().unwrap().generation;
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let lines: Vec<Value> = {
+                let mut s = state.lock().unwrap();
+                if s.generation != generation {
+                    return;
+                }
+                if last < s.compacted {
+                    s.expired_watches += 1;
+                    vec![json!({"type": "ERROR", "object": {
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("too old resource version: {last} ({})", s.compacted),
+                        "reason": "Expired", "code": 410}})]
+                } else {
+                    let new: Vec<Value> = s
+                        .changes
+                        .iter()
+                        .filter(|(rev, r, _, _, v)| {
+                            *rev > last && *r == resource && label_matches(v, &selector)
+                        })
+                        .map(|(_, _, _, kind, v)| json!({"type": kind, "object": v}))
+                        .collect();
+                    last = s.revision;
+                    new
+                }
+            };
+            for line in &lines {
+                if tx.send(Bytes::from(format!("{line}\n"))).await.is_err() {
+                    return;
+                }
+            }
+            if lines.iter().any(|l| l["type"] == "ERROR") {
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .expect("a valid response")
+}
+
 async fn handle(
     state: Arc<Mutex<FakeState>>,
+    changed: Arc<tokio::sync::Notify>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let selector: Option<(String, String)> = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("labelSelector="))
-            .map(percent_decode)
-            .and_then(|s| {
-                s.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect();
+    let selector: Option<(String, String)> = query.get("labelSelector").and_then(|s| {
+        s.split_once('=')
+            .map(|(k, v)| (k.to_string(), v.to_string()))
     });
     let body = req.into_body().collect().await.map(|b| b.to_bytes());
     let Ok(body) = body else {
@@ -165,9 +269,24 @@ async fn handle(
     let Some((resource, ns, name, sub)) = route(&path) else {
         return Ok(failure(404, "NotFound", format!("no route {path}")));
     };
+    if method == Method::GET
+        && name.is_none()
+        && matches!(query.get("watch").map(String::as_str), Some("true" | "1"))
+    {
+        let from = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(290), Duration::from_secs);
+        return Ok(watch(state, changed, resource, selector, from, timeout));
+    }
     let mut s = state.lock().unwrap();
     if method != Method::GET {
         s.writes.push(format!("{method} {path}"));
+        changed.notify_waiters();
     }
     let key = |name: &str| {
         (
@@ -183,11 +302,7 @@ async fn handle(
                 .iter()
                 .filter(|((r, n, _), _)| *r == resource && ns.as_ref().is_none_or(|ns| ns == n))
                 .map(|(_, v)| v)
-                .filter(|v| {
-                    selector
-                        .as_ref()
-                        .is_none_or(|(k, val)| v["metadata"]["labels"][k] == val.as_str())
-                })
+                .filter(|v| label_matches(v, &selector))
                 .cloned()
                 .collect();
             respond(
@@ -218,6 +333,7 @@ async fn handle(
                 v.as_object_mut().unwrap().remove("status");
             }
             s.objects.insert(key(&name), v.clone());
+            s.record(&key(&name), "ADDED", v.clone());
             respond(201, &v)
         }
         (Method::PATCH, Some(name)) => {
@@ -242,10 +358,16 @@ async fn handle(
             };
             merge_patch(v, &patch);
             v["metadata"]["resourceVersion"] = json!(revision);
-            respond(200, v)
+            let v = v.clone();
+            s.record(&key(&name), "MODIFIED", v.clone());
+            respond(200, &v)
         }
         (Method::DELETE, Some(name)) => match s.objects.remove(&key(&name)) {
-            Some(v) => respond(200, &v),
+            Some(v) => {
+                s.revision += 1;
+                s.record(&key(&name), "DELETED", v.clone());
+                respond(200, &v)
+            }
             None => failure(404, "NotFound", format!("{name} not found")),
         },
         (m, _) => failure(405, "MethodNotAllowed", format!("{m} not supported here")),
@@ -257,16 +379,18 @@ impl FakeKubeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let st = state.clone();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (st, ch) = (state.clone(), changed.clone());
         let server = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let st = st.clone();
+                let (st, ch) = (st.clone(), ch.clone());
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let svc =
+                        hyper::service::service_fn(move |req| handle(st.clone(), ch.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
@@ -286,20 +410,60 @@ impl FakeKubeApi {
         .unwrap();
         FakeKubeApi {
             state,
+            changed,
             server,
             _dir: dir,
             kubeconfig,
         }
     }
 
+    /// Creates or replaces an object (a change watches see).
     fn put(&self, resource: &str, ns: &str, v: Value) {
         let name = v["metadata"]["name"].as_str().unwrap().to_string();
         let mut s = self.state.lock().unwrap();
         s.revision += 1;
         let mut v = v;
         v["metadata"]["resourceVersion"] = json!(s.revision.to_string());
-        s.objects
-            .insert((resource.to_string(), ns.to_string(), name), v);
+        let key = (resource.to_string(), ns.to_string(), name);
+        let kind = if s.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.objects.insert(key.clone(), v.clone());
+        s.record(&key, kind, v);
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Deletes an object (a change watches see).
+    fn delete(&self, resource: &str, ns: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        let key = (resource.to_string(), ns.to_string(), name.to_string());
+        let v = s.objects.remove(&key).expect("the object exists");
+        s.revision += 1;
+        s.record(&key, "DELETED", v);
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Deletes an object, compacts the history past the deletion and ends every watch, as an
+    /// API server whose etcd compacted while the watchers were away: their next watch gets
+    /// `410 Expired` and only a relist shows the deletion.
+    fn delete_and_expire_watches(&self, resource: &str, ns: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        let key = (resource.to_string(), ns.to_string(), name.to_string());
+        s.objects.remove(&key).expect("the object exists");
+        s.revision += 1;
+        s.compacted = s.revision;
+        s.changes.clear();
+        s.generation += 1;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    fn expired_watches(&self) -> u32 {
+        self.state.lock().unwrap().expired_watches
     }
 
     fn get(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
@@ -471,6 +635,26 @@ fn web_import(bb_live: bool) -> ImportRecord {
     }
 }
 
+/// Reads until `done` holds (the watches deliver asynchronously), with a deadline.
+async fn view_until(kube: &mut KubeMcs, what: &str, done: impl Fn(&KubeView) -> bool) -> KubeView {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(v) = kube.read()
+            && done(&v)
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn has_conditions(v: &KubeView, name: &str) -> bool {
+    v.service_exports
+        .iter()
+        .any(|e| e.name == name && !e.conditions.is_empty())
+}
+
 #[tokio::test]
 async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_mcs_objects() {
     let api = FakeKubeApi::start().await;
@@ -478,8 +662,10 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     let mut kube = KubeMcs::connect(Some(&api.kubeconfig)).await.unwrap();
 
     // Source: the ServiceExport's endpoints at the pods' fleet addresses.
-    let view = kube.read().await.unwrap();
-    assert_eq!(view.service_exports.len(), 2);
+    let view = view_until(&mut kube, "the first listing", |v| {
+        v.service_exports.len() == 2 && !v.slices.is_empty() && !v.nodes.is_empty()
+    })
+    .await;
     assert_eq!(view.namespaces, BTreeSet::from(["default".to_string()]));
     let pods = [
         pod("aa-1", "default", "web-1", "100.96.0.5"),
@@ -527,7 +713,10 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     assert_eq!(gone["status"]["conditions"][0]["reason"], "NoService");
     assert_eq!(api.take_writes().len(), 2);
     assert!(kube.write_statuses(&view, &statuses).await.is_empty());
-    let view = kube.read().await.unwrap();
+    let view = view_until(&mut kube, "the statuses watched", |v| {
+        has_conditions(v, "web") && has_conditions(v, "gone")
+    })
+    .await;
     assert!(kube.write_statuses(&view, &statuses).await.is_empty());
     assert_eq!(
         api.take_writes(),
@@ -565,7 +754,14 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     );
     assert_eq!(bb["endpoints"][1]["addresses"], json!(["100.97.0.6"]));
     assert_eq!(bb["ports"][0]["port"], 80);
-    let view = kube.read().await.unwrap();
+    let view = view_until(&mut kube, "our objects watched", |v| {
+        v.mcs_slices.len() == 2
+            && v.service_imports
+                .values()
+                .any(|o| o.data["status"]["conditions"].is_array())
+    })
+    .await;
+    assert_eq!(view.service_imports.len(), 1, "ours only");
     api.take_writes();
     assert!(kube.converge_imports(&view, &imports).await.is_empty());
     assert_eq!(
@@ -586,7 +782,7 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     );
 
     // Unexported everywhere: our objects go, others' stay.
-    let view = kube.read().await.unwrap();
+    let view = view_until(&mut kube, "bb's slice gone", |v| v.mcs_slices.len() == 1).await;
     assert!(
         kube.converge_imports(&view, &BTreeMap::new())
             .await
@@ -596,18 +792,17 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     assert_eq!(api.names(SLICES), ["default/web-x7k2p"]);
 
     // Node changes are followed.
-    api.state
-        .lock()
-        .unwrap()
-        .objects
-        .retain(|(r, _, _), _| r != "/nodes");
+    api.delete("/nodes", "", "aa-1");
     api.put(
         "/nodes",
         "",
         json!({"metadata": {"name": "aa-2"},
                "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.3"}]}}),
     );
-    let view = kube.read().await.unwrap();
+    let view = view_until(&mut kube, "the node change", |v| {
+        v.nodes.contains_key("aa-2") && !v.nodes.contains_key("aa-1")
+    })
+    .await;
     assert_eq!(
         kube.follow_nodes(&view),
         [
@@ -620,4 +815,13 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
             }
         ]
     );
+
+    // The history is compacted while the watches are away: 410 Expired, a relist, and the
+    // deletion nobody saw as an event is seen.
+    api.delete_and_expire_watches(EXPORTS, "default", "gone");
+    view_until(&mut kube, "the relist after 410", |v| {
+        v.service_exports.len() == 1
+    })
+    .await;
+    assert!(api.expired_watches() >= 1);
 }

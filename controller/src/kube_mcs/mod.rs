@@ -12,7 +12,9 @@
 //! ServiceExports and ServiceImports are read as `DynamicObject`s of [`service_export_resource`] and their few
 //! fields picked out ([`ServiceExportObject`]): no schema-generating derive (schemars) in the
 //! build, and the CRDs stay one source of truth (`deploy/`, as upstream mcs-api ships them).
-//! [`KubeMcs::read`] lists every kind each pass (the active controller's endpoint poll);
+//! Every kind is followed by a kube-runtime watcher into a reflector store (list, then watch
+//! from the listing's `resourceVersion`; `410 Gone` relists); [`KubeMcs::read`] snapshots
+//! the stores each endpoint poll of the active controller;
 //! the API client is the one the Lease uses (in-cluster configuration or `--kubeconfig`).
 
 pub mod imports;
@@ -26,12 +28,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet_services::aggregate::ExportStatus;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config};
 use serde_json::{Value, json};
 
@@ -138,9 +141,70 @@ pub enum KubeMcsError {
     Client(#[source] kube::Error),
 }
 
+/// Reflector stores fed by kube-runtime watchers (list, then watch from the listing's
+/// `resourceVersion`; a `410 Gone` relists), one per kind; the tasks end with this.
+struct Watched {
+    exports: Store<DynamicObject>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    nodes: Store<Node>,
+    /// Ours only (label selector).
+    imports: Store<DynamicObject>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn ready<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+}
+
+/// Follows `api` into a store (a task; errors back off and retry).
+fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    kind: &'static str,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
+    let task = tokio::spawn(async move {
+        reflector(writer, watcher(api, config))
+            .default_backoff()
+            .for_each(|event| async move {
+                if let Err(e) = event {
+                    tracing::debug!(kind, error = %e, "watching the Kubernetes API; retrying");
+                }
+            })
+            .await;
+    });
+    (store, task)
+}
+
 /// The controller's Kubernetes side: reads the member cluster, writes ServiceExport statuses.
 pub struct KubeMcs {
     client: Client,
+    watched: Watched,
     exports: ApiResource,
     imports: ApiResource,
     /// The nodes as last read (to log additions and removals).
@@ -167,9 +231,11 @@ impl KubeMcs {
             }
             None => Config::infer().await.map_err(KubeMcsError::Infer)?,
         };
-        // A pass must not hang on a slow API server: the next poll asks again.
+        // A write must not hang a pass on a slow API server: the next pass retries.
         config.connect_timeout = Some(Duration::from_secs(3));
-        config.read_timeout = Some(Duration::from_secs(10));
+        // Watches sit idle up to the server's watch timeout (290 s): kube's default read
+        // timeout, longer than that; writes still fail within 10 s.
+        config.read_timeout = Some(Duration::from_secs(295));
         config.write_timeout = Some(Duration::from_secs(10));
         config.default_retry = false;
         Ok(Self::new(
@@ -177,8 +243,45 @@ impl KubeMcs {
         ))
     }
 
+    /// Starts following the cluster (needs a tokio runtime).
     pub fn new(client: Client) -> Self {
+        let cfg = watcher::Config::default;
+        let (exports, t1) = follow(
+            Api::<DynamicObject>::all_with(client.clone(), &service_export_resource()),
+            cfg(),
+            service_export_resource(),
+            "serviceexports",
+        );
+        let (services, t2) = follow(Api::<Service>::all(client.clone()), cfg(), (), "services");
+        let (slices, t3) = follow(
+            Api::<EndpointSlice>::all(client.clone()),
+            cfg(),
+            (),
+            "endpointslices",
+        );
+        let (namespaces, t4) = follow(
+            Api::<Namespace>::all(client.clone()),
+            cfg(),
+            (),
+            "namespaces",
+        );
+        let (nodes, t5) = follow(Api::<Node>::all(client.clone()), cfg(), (), "nodes");
+        let (imports, t6) = follow(
+            Api::<DynamicObject>::all_with(client.clone(), &service_import_resource()),
+            cfg().labels(&format!("{}={}", imports::OWNER_LABEL, imports::OWNER)),
+            service_import_resource(),
+            "serviceimports",
+        );
         KubeMcs {
+            watched: Watched {
+                exports,
+                services,
+                slices,
+                namespaces,
+                nodes,
+                imports,
+                tasks: vec![t1, t2, t3, t4, t5, t6],
+            },
             client,
             exports: service_export_resource(),
             imports: service_import_resource(),
@@ -188,80 +291,73 @@ impl KubeMcs {
         }
     }
 
-    /// Lists ServiceExports, Services, EndpointSlices, Namespaces and Nodes.
-    pub async fn read(&mut self) -> Result<KubeView, String> {
+    /// The latest state of the watched ServiceExports, Services, EndpointSlices, Namespaces,
+    /// Nodes and our ServiceImports; an error until every kind has been listed once.
+    pub fn read(&mut self) -> Result<KubeView, String> {
         self.written.clear();
         self.converged = None;
-        let lp = ListParams::default();
-        let what = |kind: &str, e: kube::Error| format!("listing {kind}: {e}");
-        let exports = Api::<DynamicObject>::all_with(self.client.clone(), &self.exports)
-            .list(&lp)
-            .await
-            .map_err(|e| what("serviceexports.multicluster.x-k8s.io", e))?;
-        let services = Api::<Service>::all(self.client.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| what("services", e))?;
-        let slices = Api::<EndpointSlice>::all(self.client.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| what("endpointslices.discovery.k8s.io", e))?;
-        let namespaces = Api::<Namespace>::all(self.client.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| what("namespaces", e))?;
-        let service_imports = Api::<DynamicObject>::all_with(self.client.clone(), &self.imports)
-            .list(&ListParams::default().labels(&format!(
-                "{}={}",
-                imports::OWNER_LABEL,
-                imports::OWNER
-            )))
-            .await
-            .map_err(|e| what("serviceimports.multicluster.x-k8s.io", e))?;
-        let nodes = Api::<Node>::all(self.client.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| what("nodes", e))?;
-        let (nodes, without_ip) = nodes::api_nodes(&nodes.items);
+        let w = &self.watched;
+        let unlisted: Vec<&str> = [
+            ("serviceexports", ready(&w.exports)),
+            ("services", ready(&w.services)),
+            ("endpointslices", ready(&w.slices)),
+            ("namespaces", ready(&w.namespaces)),
+            ("nodes", ready(&w.nodes)),
+            ("serviceimports", ready(&w.imports)),
+        ]
+        .into_iter()
+        .filter(|(_, r)| !r)
+        .map(|(k, _)| k)
+        .collect();
+        if !unlisted.is_empty() {
+            return Err(format!(
+                "not listed yet (API server unreachable, a CRD missing, or RBAC): {}",
+                unlisted.join(", ")
+            ));
+        }
+        let exports = w.exports.state();
+        let services = w.services.state();
+        let slices = w.slices.state();
+        let namespaces = w.namespaces.state();
+        let service_imports = w.imports.state();
+        let nodes: Vec<Node> = w.nodes.state().iter().map(|n| (**n).clone()).collect();
+        let (nodes, without_ip) = nodes::api_nodes(&nodes);
         if !without_ip.is_empty() {
             tracing::debug!(nodes = ?without_ip, "nodes without an IPv4 InternalIP are left out");
         }
         let mut service_exports: Vec<ServiceExportObject> = exports
-            .items
             .iter()
-            .filter_map(ServiceExportObject::from_dynamic)
+            .filter_map(|o| ServiceExportObject::from_dynamic(o))
             .collect();
         service_exports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(KubeView {
             service_exports,
             services: services
-                .items
-                .into_iter()
-                .filter_map(|s| {
-                    Some(((s.metadata.namespace.clone()?, s.metadata.name.clone()?), s))
-                })
+                .iter()
+                .filter_map(|s| Some((object_key(&s.metadata)?, (**s).clone())))
                 .collect(),
             mcs_slices: slices
-                .items
                 .iter()
                 .filter(|s| owned(s.metadata.labels.as_ref()))
-                .filter_map(|s| Some((object_key(&s.metadata)?, s.clone())))
+                .filter_map(|s| Some((object_key(&s.metadata)?, (**s).clone())))
                 .collect(),
-            slices: slices
-                .items
-                .into_iter()
-                .filter(|s| !owned(s.metadata.labels.as_ref()))
-                .collect(),
+            slices: {
+                let mut v: Vec<EndpointSlice> = slices
+                    .iter()
+                    .filter(|s| !owned(s.metadata.labels.as_ref()))
+                    .map(|s| (**s).clone())
+                    .collect();
+                v.sort_by_key(|a| object_key(&a.metadata));
+                v
+            },
             service_imports: service_imports
-                .items
-                .into_iter()
+                .iter()
                 .filter(|o| owned(o.metadata.labels.as_ref()))
-                .filter_map(|o| Some((object_key(&o.metadata)?, o)))
+                .filter_map(|o| Some((object_key(&o.metadata)?, (**o).clone())))
                 .collect(),
             namespaces: namespaces
-                .items
-                .into_iter()
-                .filter_map(|n| n.metadata.name)
+                .iter()
+                .filter_map(|n| n.metadata.name.clone())
                 .collect(),
             nodes,
         })
