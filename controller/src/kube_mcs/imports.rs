@@ -100,12 +100,13 @@ fn import_object(import: &ImportRecord) -> ImportObject {
     let ips: Vec<String> = import.ips.iter().map(ToString::to_string).collect();
     let spec = json!({
         "type": if headless { "Headless" } else { "ClusterSetIP" },
-        "ports": import.ports.iter().map(|p| json!({
+        // Inside lists a null is a value, not a removal: leave absent members out.
+        "ports": without_nulls(&json!(import.ports.iter().map(|p| json!({
             "name": p.name,
             "protocol": protocol(p.protocol),
             "port": p.port,
             "appProtocol": p.app_protocol,
-        })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>())),
         "ips": if ips.is_empty() { Value::Null } else { json!(ips) },
         "ipFamilies": ["IPv4"],
         "sessionAffinity": affinity,
@@ -174,6 +175,9 @@ fn slice_object(service: &str, import: &ImportRecord, cluster: &str) -> Value {
         })
         .collect();
     json!({
+        // Inside lists a null is a value, not a removal: leave absent members out.
+        "endpoints": without_nulls(&json!(endpoints)),
+        "ports": without_nulls(&json!(ports)),
         "labels": {
             MCS_SERVICE_NAME_LABEL: service,
             MCS_SOURCE_CLUSTER_LABEL: cluster,
@@ -181,8 +185,6 @@ fn slice_object(service: &str, import: &ImportRecord, cluster: &str) -> Value {
             OWNER_LABEL: OWNER,
         },
         "addressType": "IPv4",
-        "endpoints": endpoints,
-        "ports": ports,
     })
 }
 
@@ -318,7 +320,7 @@ mod tests {
         assert_eq!(bb["endpoints"][1]["conditions"]["ready"], false);
         assert_eq!(
             bb["ports"],
-            json!([{"name": "http", "protocol": "TCP", "port": 80, "appProtocol": null},
+            json!([{"name": "http", "protocol": "TCP", "port": 80},
                    {"name": "dns", "protocol": "UDP", "port": 5353, "appProtocol": "dns"}])
         );
         let aa = &out.slices[&("default".to_string(), "web-fleet-aa".to_string())];
