@@ -52,6 +52,52 @@ pub struct RunConfig {
     /// The hold-down after a cluster's second death within the flap window (doubling after
     /// each further one); zero turns damping off.
     pub liveness_hold_down: Duration,
+    /// The member cluster's Kubernetes API (`--kubernetes`): ServiceExports as a source of
+    /// exports, their status, the Nodes. `None`: no Kubernetes (nodes.json and `fleetctl
+    /// export` only).
+    pub kubernetes: Option<KubeApi>,
+}
+
+/// How the controller reaches its cluster's Kubernetes API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeApi {
+    /// `None`: the in-cluster configuration (the pod's service account).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// `--kubernetes auto|on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubernetesMode {
+    On,
+    Off,
+    /// On when running in a pod (`KUBERNETES_SERVICE_HOST` set).
+    Auto,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("--kubernetes {0:?}: expected auto, on or off")]
+pub struct KubernetesModeError(String);
+
+impl std::str::FromStr for KubernetesMode {
+    type Err = KubernetesModeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            other => Err(KubernetesModeError(other.to_string())),
+        }
+    }
+}
+
+impl KubernetesMode {
+    /// Resolves `auto` by whether the controller runs in a pod (`in_cluster`).
+    pub fn resolve(self, in_cluster: bool, kubeconfig: Option<PathBuf>) -> Option<KubeApi> {
+        match (self, in_cluster) {
+            (Self::Off, _) | (Self::Auto, false) => None,
+            (Self::On, _) | (Self::Auto, true) => Some(KubeApi { kubeconfig }),
+        }
+    }
 }
 
 /// Default namespace and name of the Kubernetes Lease (`--lease-namespace`, `--lease-name`).
@@ -325,6 +371,7 @@ mod tests {
             endpoint_poll_interval: Duration::from_secs(1),
             liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
+            kubernetes: None,
         };
         ok.validate().unwrap();
         let bad = [
@@ -372,6 +419,28 @@ mod tests {
         for b in bad {
             assert!(b.validate().is_err(), "{b:?}");
         }
+    }
+
+    #[test]
+    fn kubernetes_modes() {
+        use std::str::FromStr;
+        let kc = Some(PathBuf::from("/k"));
+        assert_eq!(
+            KubernetesMode::from_str("auto")
+                .unwrap()
+                .resolve(false, kc.clone()),
+            None
+        );
+        assert_eq!(
+            KubernetesMode::Auto.resolve(true, None),
+            Some(KubeApi { kubeconfig: None })
+        );
+        assert_eq!(
+            KubernetesMode::On.resolve(false, kc.clone()),
+            Some(KubeApi { kubeconfig: kc })
+        );
+        assert_eq!(KubernetesMode::Off.resolve(true, None), None);
+        assert!(KubernetesMode::from_str("yes").is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - publishes `node/<name>` and `gateway` records at the hub.
 //!
 //! Modules: [`plan`] (pure decisions), [`reconcile`] (one pass over the nodes), [`gateway`]
-//! (the device, over the gateway node's API), [`leader`] (the lease: the hub's, or a Kubernetes Lease in [`kube_lease`]), [`hub`] and [`nodes`] (the two APIs behind traits),
+//! (the device, over the gateway node's API), [`leader`] (the lease: the hub's, or a Kubernetes Lease in [`kube_lease`]), [`kube_mcs`] (the MCS API
+//! and Node discovery with a Kubernetes API), [`hub`] and [`nodes`] (the two APIs behind traits),
 //! [`identity`] (the credential), [`run`] (the loop). The record schemas it publishes are
 //! `fleet_hub_api::records`.
 
@@ -21,6 +22,7 @@ pub mod gateway;
 pub mod hub;
 pub mod identity;
 pub mod kube_lease;
+pub mod kube_mcs;
 pub mod leader;
 pub mod nodes;
 pub mod plan;

@@ -85,7 +85,11 @@ struct RunFlags {
     /// Name of the Kubernetes Lease.
     #[arg(long, default_value = DEFAULT_LEASE_NAME)]
     lease_name: String,
-    /// A kubeconfig for the Kubernetes Lease instead of the in-cluster configuration.
+    /// The member cluster's Kubernetes API: on (ServiceExports are exported, their status
+    /// written, Nodes followed), off, or auto (on when KUBERNETES_SERVICE_HOST is set).
+    #[arg(long, default_value = "auto")]
+    kubernetes: fleet_controller::config::KubernetesMode,
+    /// A kubeconfig for the Kubernetes Lease and API instead of the in-cluster configuration.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Persistent keepalive towards peers we dial, seconds.
@@ -138,6 +142,7 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
                 .map_err(anyhow::Error::msg)?,
         ),
     };
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
     Ok(RunConfig {
         cluster: ClusterId::new(f.cluster)?,
         hubs: f.hub,
@@ -154,11 +159,12 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         holder: f.holder.unwrap_or_else(default_holder),
         lease_ttl: parse_duration(&f.lease_ttl).context("--lease-ttl")?,
         leader_election: f.leader_election.resolve(
-            std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty()),
+            in_cluster,
             f.lease_namespace,
             f.lease_name,
-            f.kubeconfig,
+            f.kubeconfig.clone(),
         ),
+        kubernetes: f.kubernetes.resolve(in_cluster, f.kubeconfig),
         keepalive: f.keepalive,
         node_prefix: f.node_prefix,
         status_interval: parse_duration(&f.status_interval).context("--status-interval")?,

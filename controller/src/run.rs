@@ -21,6 +21,7 @@ use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
+use crate::kube_mcs::{KubeMcs, KubeMcsError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
@@ -58,6 +59,8 @@ pub enum ControllerError {
     Lease(String),
     #[error("leader election by a Kubernetes Lease: {0}")]
     KubeLease(#[from] KubeLeaseError),
+    #[error("the Kubernetes API (--kubernetes): {0}")]
+    KubeMcs(#[from] KubeMcsError),
 }
 
 /// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
@@ -182,6 +185,10 @@ struct Controller {
     nodes: Vec<ClusterNode>,
     gateway: Gateway,
     plan_cfg: NodePlanConfig,
+    /// The member cluster's Kubernetes API (`--kubernetes`): ServiceExports, Nodes.
+    kube: Option<KubeMcs>,
+    /// The last error reading it (to log only changes).
+    kube_error: Option<String>,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
@@ -195,6 +202,10 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
             name,
             kubeconfig,
         } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
+    };
+    let kube = match &cfg.kubernetes {
+        Some(api) => Some(KubeMcs::connect(api.kubeconfig.as_deref()).await?),
+        None => None,
     };
     let gateway_spec = specs
         .iter()
@@ -254,6 +265,8 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
         cfg,
         nodes,
         gateway,
+        kube,
+        kube_error: None,
     };
     c.lead(&mut stop).await
 }
@@ -357,7 +370,8 @@ impl Controller {
                 }
                 _ = poll.tick(), if role == Role::Active => {
                     let Some(a) = active.as_mut() else { continue };
-                    if a.services.poll_pods(&self.nodes).await
+                    let kube_changed = self.read_kube(a).await;
+                    if (a.services.poll_pods(&self.nodes).await | kube_changed)
                         && let Err(e) = self.sync_services(a).await
                     {
                         break Err(e);
@@ -450,6 +464,7 @@ impl Controller {
         self.converge(&mut a).await?;
         self.publish_status().await;
         a.services.poll_pods(&self.nodes).await;
+        self.read_kube(&mut a).await;
         self.sync_services(&mut a).await?;
         Ok(a)
     }
@@ -465,6 +480,7 @@ impl Controller {
             vip_range: self.cfg.vip_range,
             dns_backends: self.cfg.dns_backends.clone(),
             liveness,
+            kubernetes: self.kube.is_some(),
         }
     }
 
@@ -476,8 +492,40 @@ impl Controller {
             .sync(&a.fleet, &self.nodes, &a.last_pass.subnets, &*self.hub, now)
             .await
         {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.removed(e.to_string())),
+            Ok(()) => {}
+            Err(e) => return Err(self.removed(e.to_string())),
+        }
+        if let (Some(kube), Some(view)) = (self.kube.as_mut(), a.services.kube_view()) {
+            for p in kube.write_statuses(view, a.services.own_statuses()).await {
+                tracing::warn!(problem = %p, "ServiceExport status not written; retrying");
+            }
+            for p in kube.converge_imports(view, a.services.own_imports()).await {
+                tracing::warn!(problem = %p, "ServiceImports and MCS EndpointSlices not converged; retrying");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the Kubernetes API into service discovery; true when it changed.
+    async fn read_kube(&mut self, a: &mut Active) -> bool {
+        let Some(kube) = self.kube.as_mut() else {
+            return false;
+        };
+        match kube.read() {
+            Ok(view) => {
+                if self.kube_error.take().is_some() {
+                    tracing::info!("the Kubernetes API is readable again");
+                }
+                kube.follow_nodes(&view);
+                a.services.set_kube_view(view)
+            }
+            Err(e) => {
+                if self.kube_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "reading the Kubernetes API failed; keeping the last read");
+                    self.kube_error = Some(e);
+                }
+                false
+            }
         }
     }
 
@@ -722,6 +770,7 @@ mod tests {
             endpoint_poll_interval: Duration::from_millis(100),
             liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
+            kubernetes: None,
         }
     }
 
@@ -799,6 +848,8 @@ mod tests {
             cfg,
             nodes,
             gateway,
+            kube: None,
+            kube_error: None,
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });

@@ -13,6 +13,9 @@
 //!   every node as its VIP table (`set_services`), with the DNS VIP (the range's first usable
 //!   address) in front of the cluster's `fleet-dns` servers.
 //!
+//! With a Kubernetes API the exports also come from ServiceExports ([`crate::kube_mcs`]): both
+//! sources feed the same publishing path; a name exported by both is the Kubernetes one's.
+//!
 //! The decisions are pure functions ([`desired_exports`], [`vip_services`]); [`ServiceSync`]
 //! holds what was last read and written and makes the calls. Failures are reported, never
 //! fatal: the next pass retries.
@@ -29,6 +32,7 @@ use fleet_hub_api::records::{
     SessionAffinity, export_record_name, import_record_name, parse_service_record_name,
 };
 use fleet_proto::node::{Attachment, VipPort, VipProtocol, VipService};
+use fleet_services::aggregate::ExportStatus;
 use fleet_services::export::{ServiceKey, ServiceType, is_dns_label};
 use fleet_services::liveness::Transition;
 use fleet_services::{
@@ -38,6 +42,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::config::DnsBackend;
 use crate::hub::{Hub, is_removed};
+use crate::kube_mcs::KubeView;
 use crate::reconcile::ClusterNode;
 
 /// The port `fleet-dns` is reached on through the DNS VIP.
@@ -51,6 +56,10 @@ pub struct ServiceConfig {
     /// The cluster's `fleet-dns` servers (UDP and TCP); empty: no DNS VIP.
     pub dns_backends: Vec<DnsBackend>,
     pub liveness: LivenessConfig,
+    /// Exports also come from the Kubernetes API: until it has been read once, this
+    /// cluster's exports are left as they are (a failover during an API outage must not
+    /// withdraw them).
+    pub kubernetes: bool,
 }
 
 /// The DNS VIP of a VIP range: its first usable address (reserved, never a service's).
@@ -290,6 +299,14 @@ pub struct ServiceSync {
     node_tables: BTreeMap<String, Vec<VipService>>,
     /// The problems of the last pass (to log only changes).
     last_problems: Vec<String>,
+    /// The member cluster's Kubernetes API as last read (`None`: no Kubernetes source).
+    kube: Option<KubeView>,
+    /// The conditions of this cluster's exports from the last aggregation, by (ns, name).
+    own_statuses: BTreeMap<(String, String), ExportStatus>,
+    /// Names exported by both sources (the Kubernetes one wins), to log only changes.
+    shadowed: BTreeSet<String>,
+    /// The imports this cluster published in the last pass, by (ns, name).
+    own_imports: BTreeMap<(String, String), ImportRecord>,
 }
 
 impl ServiceSync {
@@ -302,7 +319,33 @@ impl ServiceSync {
             written: BTreeMap::new(),
             node_tables: BTreeMap::new(),
             last_problems: Vec::new(),
+            kube: None,
+            own_statuses: BTreeMap::new(),
+            shadowed: BTreeSet::new(),
+            own_imports: BTreeMap::new(),
         }
+    }
+
+    /// The Kubernetes source's latest read; true when it changed.
+    pub fn set_kube_view(&mut self, view: KubeView) -> bool {
+        let changed = self.kube.as_ref() != Some(&view);
+        self.kube = Some(view);
+        changed
+    }
+
+    /// The Kubernetes source's latest read, if any.
+    pub fn kube_view(&self) -> Option<&KubeView> {
+        self.kube.as_ref()
+    }
+
+    /// The imports this cluster published in the last pass, by (namespace, name).
+    pub fn own_imports(&self) -> &BTreeMap<(String, String), ImportRecord> {
+        &self.own_imports
+    }
+
+    /// The conditions of this cluster's exports from the last pass, by (namespace, name).
+    pub fn own_statuses(&self) -> &BTreeMap<(String, String), ExportStatus> {
+        &self.own_statuses
     }
 
     /// Reads every node's pods; true when some node's list changed.
@@ -378,22 +421,55 @@ impl ServiceSync {
                 })
             })
             .collect();
-        let exports: BTreeMap<String, Vec<u8>> = desired_exports(&specs, &pods, block)
+        let mut exports = desired_exports(&specs, &pods, block);
+        if let Some(view) = &self.kube {
+            let kube = crate::kube_mcs::source::desired_exports(view, &pods, block);
+            let shadowed: BTreeSet<String> = kube
+                .records
+                .keys()
+                .filter(|n| exports.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in shadowed.difference(&self.shadowed) {
+                tracing::warn!(record = %name, "exported by both a ServiceExport and fleetctl export: the ServiceExport's is published");
+            }
+            self.shadowed = shadowed;
+            exports.extend(kube.records);
+        }
+        let exports: BTreeMap<String, Vec<u8>> = exports
             .into_iter()
             .map(|(name, r)| (name, serde_json::to_vec(&r).expect("records serialise")))
             .collect();
-        self.converge_records(
-            EXPORT_RECORD_PREFIX,
-            &exports,
-            &own_records,
-            hub,
-            now,
-            &mut problems,
-        )
-        .await?;
+        if self.cfg.kubernetes && self.kube.is_none() {
+            problems.push(
+                "the Kubernetes API has not been read yet: this cluster's exports are left as they are"
+                    .into(),
+            );
+        } else {
+            self.converge_records(
+                EXPORT_RECORD_PREFIX,
+                &exports,
+                &own_records,
+                hub,
+                now,
+                &mut problems,
+            )
+            .await?;
+        }
 
         // Imports down.
         let aggregation = aggregate_fleet(fleet);
+        self.own_statuses = aggregation
+            .statuses
+            .iter()
+            .filter(|(k, _)| k.cluster == own)
+            .map(|(k, s)| {
+                (
+                    (k.service.namespace.clone(), k.service.name.clone()),
+                    s.clone(),
+                )
+            })
+            .collect();
         for u in &aggregation.unreadable {
             problems.push(u.to_string());
         }
@@ -415,14 +491,24 @@ impl ServiceSync {
             }
         };
         let live = self.liveness.live();
-        let imports: BTreeMap<String, Vec<u8>> = aggregation
+        self.own_imports = aggregation
             .imports
             .values()
             .map(|i| {
                 let record = fleet_services::import::import_record(i, vips.get(&i.service), &live);
                 (
-                    import_record_name(&i.service.namespace, &i.service.name),
-                    serde_json::to_vec(&record).expect("records serialise"),
+                    (i.service.namespace.clone(), i.service.name.clone()),
+                    record,
+                )
+            })
+            .collect();
+        let imports: BTreeMap<String, Vec<u8>> = self
+            .own_imports
+            .iter()
+            .map(|((namespace, name), record)| {
+                (
+                    import_record_name(namespace, name),
+                    serde_json::to_vec(record).expect("records serialise"),
                 )
             })
             .collect();
@@ -527,7 +613,7 @@ impl ServiceSync {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleet_hub_api::records::{ExportPortRecord, ExportedServiceType};
     use fleet_proto::node::{AttachmentKey, Origin, PodMeta};
@@ -553,7 +639,13 @@ mod tests {
         }
     }
 
-    fn pod(node: &str, ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> NodePod {
+    pub(crate) fn pod(
+        node: &str,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+    ) -> NodePod {
         NodePod {
             node: node.into(),
             attachment: Attachment {
@@ -768,6 +860,7 @@ mod tests {
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: vec!["aa-1:53".parse().unwrap()],
             liveness,
+            kubernetes: false,
         });
         assert!(sync.poll_pods(&nodes).await);
         assert!(!sync.poll_pods(&nodes).await, "same pods: no change");
@@ -856,6 +949,105 @@ mod tests {
         assert_eq!(
             hub.unpublished.lock().unwrap().as_slice(),
             ["export/default/web"]
+        );
+    }
+
+    #[tokio::test]
+    async fn service_exports_join_the_node_first_exports_and_win_a_shared_name() {
+        use crate::kube_mcs::source::tests::{export, web_view};
+        use crate::plan::NodeSpec;
+        use crate::reconcile::fakes::{FakeHub, FakeNode};
+        use std::sync::Arc;
+
+        let node = Arc::new(FakeNode::default());
+        *node.pods.lock().unwrap() = vec![
+            pod("aa-1", "default", "web-1", "100.96.0.9", &[("app", "web")]).attachment,
+            pod("aa-1", "default", "db-1", "100.96.0.10", &[("app", "db")]).attachment,
+        ];
+        let nodes = vec![ClusterNode {
+            spec: NodeSpec {
+                name: "aa-1".into(),
+                socket: "/dev/null".into(),
+                underlay_ip: "198.51.100.1".parse().unwrap(),
+                netns: "/run/netns/x".into(),
+            },
+            api: node.clone(),
+        }];
+        let hub = FakeHub::default();
+        let mut sync = ServiceSync::new(ServiceConfig {
+            cluster: cid("aa"),
+            vip_range: "100.112.0.0/16".parse().unwrap(),
+            dns_backends: Vec::new(),
+            liveness: LivenessConfig::for_heartbeat_interval(Duration::from_secs(1)),
+            kubernetes: true,
+        });
+        sync.poll_pods(&nodes).await;
+        let subnets = BTreeMap::new();
+        // Before the first read of the API nothing is published or withdrawn.
+        let aa_old = (
+            "export/default/web",
+            serde_json::to_vec(&spec(&[("app", "web")])).unwrap(),
+        );
+        sync.sync(&fleet(9, &[aa_old]), &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        assert!(hub.unpublished.lock().unwrap().is_empty());
+        assert!(
+            hub.published
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(n, _)| !n.starts_with("export/"))
+        );
+        let mut view = web_view();
+        view.service_exports.push(export("default", "gone", 5));
+        assert!(sync.set_kube_view(view.clone()));
+        assert!(!sync.set_kube_view(view), "the same read: no change");
+        // fleetctl exported web and db too: web is the ServiceExport's.
+        let mut db = spec(&[("app", "db")]);
+        db.ports[0].port = 5432;
+        let f = fleet(
+            10,
+            &[
+                (
+                    "serviceexport/default/web",
+                    serde_json::to_vec(&spec(&[("app", "web")])).unwrap(),
+                ),
+                ("serviceexport/default/db", serde_json::to_vec(&db).unwrap()),
+            ],
+        );
+        sync.sync(&f, &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        let published: BTreeMap<String, Vec<u8>> =
+            hub.published.lock().unwrap().iter().cloned().collect();
+        let web: ExportRecord = serde_json::from_slice(&published["export/default/web"]).unwrap();
+        assert_eq!(web.created_at_ms, 1_700_000_000_123, "the ServiceExport's");
+        assert_eq!(web.ports.len(), 2);
+        assert_eq!(web.endpoints[0].ip.to_string(), "100.96.0.9");
+        let db: ExportRecord = serde_json::from_slice(&published["export/default/db"]).unwrap();
+        assert_eq!(db.ports[0].port, 5432, "the node-first export is kept");
+        assert!(
+            !published.contains_key("export/default/gone"),
+            "a ServiceExport without a Service is not exported"
+        );
+
+        // Once the mirror shows the export, its conditions are this cluster's statuses.
+        let mut records: Vec<(&str, Vec<u8>)> = published
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.clone()))
+            .collect();
+        records.retain(|(n, _)| n.starts_with("export/"));
+        sync.sync(&fleet(11, &records), &nodes, &subnets, &hub, Instant::now())
+            .await
+            .unwrap();
+        let status = &sync.own_statuses()[&("default".to_string(), "web".to_string())];
+        assert_eq!(
+            status
+                .condition(fleet_services::aggregate::ConditionType::Valid)
+                .unwrap()
+                .status,
+            fleet_services::aggregate::ConditionStatus::True
         );
     }
 
