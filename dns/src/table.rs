@@ -21,6 +21,8 @@ use fleet_services::{ServiceImport, ServiceKey, ServiceType, VipTable};
 use hickory_proto::rr::rdata::{A, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
+use crate::wire::WireAnswers;
+
 /// The MCS zone (KEP-1645: must be `clusterset.local` today; configurable here).
 pub const DEFAULT_ZONE: &str = "clusterset.local";
 /// The TTL of every record and of negative answers, in seconds.
@@ -84,6 +86,8 @@ struct Zone {
 #[derive(Debug)]
 pub struct DnsTable {
     zones: Vec<Zone>,
+    /// The same answers prebuilt in wire form (the handler's fast path).
+    pub(crate) wire: WireAnswers,
     /// An empty list is an empty non-terminal (or the zone apex's non-SOA types).
     names: HashMap<LowerName, Vec<Record>>,
     ttl: u32,
@@ -117,14 +121,25 @@ impl DnsTable {
             zones.push(zone);
         }
         let serial = content_serial(&names);
-        let zones = zones
+        let zones: Vec<Zone> = zones
             .into_iter()
             .map(|zone| Zone {
                 soa: soa_record(&zone, ttl, serial),
                 name: LowerName::new(&zone),
             })
             .collect();
-        Ok(DnsTable { zones, names, ttl })
+        let wire = WireAnswers::build(
+            zones
+                .iter()
+                .map(|z| (&z.soa.name, &z.soa, negative_ttl(&z.soa))),
+            &names,
+        );
+        Ok(DnsTable {
+            zones,
+            wire,
+            names,
+            ttl,
+        })
     }
 
     /// An empty table for `config`'s zones: SOA and dns-version only.
@@ -181,6 +196,14 @@ impl DnsTable {
             records,
             additional,
         }
+    }
+
+    /// Every record held, each zone's SOA first (e.g. to write the same data as a zone file).
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.zones
+            .iter()
+            .map(|z| &z.soa)
+            .chain(self.names.values().flatten())
     }
 
     /// The number of names held (with empty non-terminals), for logs.
@@ -347,6 +370,14 @@ fn srv_labels(port: &str, protocol: Protocol) -> [String; 2] {
         Protocol::Sctp => "_sctp",
     };
     [format!("_{port}"), proto.to_string()]
+}
+
+/// The TTL of a negative answer's SOA: min(SOA TTL, SOA minimum) (RFC 2308 §3).
+pub(crate) fn negative_ttl(soa: &Record) -> u32 {
+    match &soa.data {
+        RData::SOA(data) => soa.ttl.min(data.minimum),
+        _ => soa.ttl,
+    }
 }
 
 fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
