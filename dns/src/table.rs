@@ -120,6 +120,11 @@ impl DnsTable {
             }
             zones.push(zone);
         }
+        // Most names hold one or two records; a grown Vec keeps room for four.
+        for records in names.values_mut() {
+            records.shrink_to_fit();
+        }
+        names.shrink_to_fit();
         let serial = content_serial(&names);
         let zones: Vec<Zone> = zones
             .into_iter()
@@ -398,22 +403,30 @@ fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
     Record::from_rdata(zone.clone(), ttl, RData::SOA(soa))
 }
 
-/// A serial that changes when the content does (FNV-1a over the sorted records), so a table
-/// rebuilt from the same model carries the same SOA.
+/// A serial that changes when the content does, so a table rebuilt from the same model carries
+/// the same SOA: per name, FNV-1a over the name and its records; the names' hashes summed (the
+/// map's order does not matter, and no copy of the table is made).
 fn content_serial(names: &HashMap<LowerName, Vec<Record>>) -> u32 {
-    let mut lines: Vec<String> = names
-        .iter()
-        .flat_map(|(name, records)| {
-            std::iter::once(name.to_string()).chain(records.iter().map(ToString::to_string))
-        })
-        .collect();
-    lines.sort_unstable();
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in lines.iter().flat_map(|l| l.bytes().chain([b'\n'])) {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
+    use std::fmt::Write as _;
+    struct Fnv(u64);
+    impl std::fmt::Write for Fnv {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for byte in s.bytes() {
+                self.0 ^= u64::from(byte);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+            Ok(())
+        }
     }
-    hash
+    let sum = names.iter().fold(0u64, |sum, (name, records)| {
+        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        let _ = writeln!(hash, "{name}");
+        for record in records {
+            let _ = writeln!(hash, "{record}");
+        }
+        sum.wrapping_add(hash.0)
+    });
+    (sum ^ (sum >> 32)) as u32
 }
 
 #[cfg(test)]

@@ -390,6 +390,8 @@ fn query_mix(services: usize, count: usize) -> String {
 /// `serve` mode: the generated table on fleet-dns's server, one thread, until SIGTERM.
 fn serve(services: usize, listen: SocketAddr) -> anyhow::Result<()> {
     let table = Arc::new(table(services)?);
+    // As the daemon does after every rebuild: what building took is given back.
+    fleet_dns::run::release_free_memory();
     let runtime = fleet_dns::run::runtime(1)?;
     runtime.block_on(async move {
         let (udp, tcp) = fleet_dns::run::bind(listen, None)?;
