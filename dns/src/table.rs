@@ -359,10 +359,16 @@ impl ZoneBuilder<'_> {
     }
 
     /// `name` and its ancestors down to the zone exist (empty non-terminals unless filled).
+    /// A name that exists already has its ancestors: the walk stops there.
     fn add_name(&mut self, name: &Name) {
         let mut name = name.clone();
         while name.num_labels() > self.zone.num_labels() {
-            self.names.entry(LowerName::new(&name)).or_default();
+            match self.names.entry(LowerName::new(&name)) {
+                std::collections::hash_map::Entry::Occupied(_) => return,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(Vec::new());
+                }
+            }
             name = name.base_name();
         }
     }
