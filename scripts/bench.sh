@@ -30,7 +30,8 @@ done
 
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] ||
-  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput dns-qps)
+  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput
+    sd-convergence sd-withdrawal dns-qps)
 # dns-qps's baselines and load generator are needed by no test: installed here when missing.
 for b in "${benches[@]}"; do
   if [ "$b" = dns-qps ] && ! { command -v knotd && command -v named && command -v dnsperf; } >/dev/null; then
@@ -39,7 +40,7 @@ for b in "${benches[@]}"; do
 done
 
 cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench \
-  -p fleet-hub -p fleet-controller -p fleetctl
+  -p fleet-hub -p fleet-controller -p fleetctl -p fleet-dns
 
 mkdir -p bench/results
 out=bench/results/latest.txt

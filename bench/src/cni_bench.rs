@@ -332,6 +332,7 @@ fn breakdown(n: usize, sides: &Sides, daemon: &FleetNri) -> anyhow::Result<()> {
                     name: key.container_id.clone(),
                     ..PodMeta::default()
                 },
+                primary: vec![],
             })
             .context("direct attach")?;
         attach.push(t.elapsed());

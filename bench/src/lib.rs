@@ -8,7 +8,8 @@
 //! - [`daemon`]: a `fleet-nri` process with its own dirs and CNF netns, stopped by PID;
 //! - [`node`]: a private containerd with or without fleetboard chained (`pod-start`, `nri-memory`);
 //! - [`bins`]: the release binaries under test;
-//! - [`xcluster`]: the sandbox fleet and pods of the cross-cluster benchmarks.
+//! - [`xcluster`]: the sandbox fleet and pods of the cross-cluster benchmarks;
+//! - [`sd`]: the sandbox fleet, client pod and in-netns probe of the service-discovery benchmarks.
 //!
 //! Everything runs in network namespaces the benchmark creates; guards delete them, stop the
 //! processes it started (by PID) and remove its directories, also when a run fails or panics.
@@ -18,6 +19,7 @@ pub mod cni;
 pub mod cni_bench;
 pub mod daemon;
 pub mod node;
+pub mod sd;
 pub mod stats;
 pub mod xcluster;
 

@@ -26,6 +26,17 @@ impl Samples {
         self.values_ms.len()
     }
 
+    /// All samples of `parts` together, under `label`.
+    pub fn merged(label: impl Into<String>, parts: &[&Samples]) -> Samples {
+        Samples {
+            label: label.into(),
+            values_ms: parts
+                .iter()
+                .flat_map(|p| p.values_ms.iter().copied())
+                .collect(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.values_ms.is_empty()
     }

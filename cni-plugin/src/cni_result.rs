@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use fleet_proto::node::AttachResult;
+use fleet_proto::node::{AttachResult, PrimaryKind, PrimaryNetwork};
 use serde_json::{Map, Value, json};
 
 use crate::config::{CniVersion, kind};
@@ -227,6 +227,47 @@ impl PrevResult {
         Value::Object(out)
     }
 
+    /// The IPv4 addresses and routes the primary plugin configured, for fleet-nri to refuse a
+    /// pod whose primary network overlaps the fleet's ranges. Validated shapes only (see
+    /// [`validate_prev_result`]); IPv6 is skipped (the fleet is IPv4).
+    pub fn primary_networks(&self) -> Vec<PrimaryNetwork> {
+        let interfaces = array(&self.map, "interfaces").unwrap_or(&[]);
+        let name_of = |ip: &Value| {
+            ip.get("interface")
+                .and_then(Value::as_u64)
+                .and_then(|i| interfaces.get(i as usize))
+                .and_then(|i| i.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let ipv4 = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .filter(|s| matches!(parse_cidr(s), Some((IpAddr::V4(_), _))))
+                .map(str::to_string)
+        };
+        let mut out = Vec::new();
+        for ip in array(&self.map, "ips").unwrap_or(&[]) {
+            if let Some(cidr) = ipv4(ip.get("address")) {
+                out.push(PrimaryNetwork {
+                    kind: PrimaryKind::Address,
+                    cidr,
+                    interface: name_of(ip),
+                });
+            }
+        }
+        for route in array(&self.map, "routes").unwrap_or(&[]) {
+            if let Some(cidr) = ipv4(route.get("dst")) {
+                out.push(PrimaryNetwork {
+                    kind: PrimaryKind::Route,
+                    cidr,
+                    interface: String::new(),
+                });
+            }
+        }
+        out
+    }
+
     /// Whether prevResult holds interface `name` in `netns` with `address` (CIDR) on it: how CHECK
     /// knows the chain still carries what fleet-cni added.
     pub fn holds(&self, name: &str, netns: &str, address: &str) -> Result<(), String> {
@@ -288,6 +329,40 @@ mod tests {
             ],
             mtu: 1420,
         }
+    }
+
+    #[test]
+    fn primary_networks_are_the_ipv4_addresses_and_routes() {
+        let p = validate_prev_result(
+            Some(&json!({
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "cni0"}, {"name": "eth0", "sandbox": "/x"}],
+                "ips": [
+                    {"interface": 1, "address": "100.96.128.7/24", "gateway": "100.96.128.1"},
+                    {"interface": 1, "address": "fd00::7/64"}
+                ],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.96.0.0/12", "gw": "100.96.128.1"}]
+            })),
+            CniVersion::V1_0_0,
+        )
+        .unwrap();
+        let got: Vec<_> = p
+            .primary_networks()
+            .into_iter()
+            .map(|n| (n.kind, n.cidr, n.interface))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    PrimaryKind::Address,
+                    "100.96.128.7/24".into(),
+                    "eth0".into()
+                ),
+                (PrimaryKind::Route, "0.0.0.0/0".into(), String::new()),
+                (PrimaryKind::Route, "10.96.0.0/12".into(), String::new()),
+            ]
+        );
     }
 
     fn prev(version: &str) -> Value {

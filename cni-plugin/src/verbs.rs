@@ -114,6 +114,7 @@ fn add(env: &CniEnv, conf: &NetConf, node: &impl NodeApi) -> Result<Output, CniE
         network: conf.name.clone(),
         netns: netns.to_string(),
         pod,
+        primary: prev.primary_networks(),
     })?;
     let rollback = DetachRequest {
         key,

@@ -311,12 +311,19 @@ fn add_appends_to_a_real_bridge_result() {
 
         let reqs = daemon.requests();
         assert_eq!(reqs.len(), 1);
+        let primary_if =
+            &prev["interfaces"][prev["ips"][0]["interface"].as_u64().unwrap() as usize]["name"];
         assert_eq!(
             reqs[0],
             json!({"op": "attach", "args": {
                 "key": {"container_id": "a1b2c3", "ifname": "eth0"},
                 "network": "fleet-test", "netns": NETNS,
-                "pod": {"namespace": "shop", "name": "web-0", "uid": "uid-7"}
+                "pod": {"namespace": "shop", "name": "web-0", "uid": "uid-7"},
+                // What the primary plugin configured, for fleet-nri's overlap check.
+                "primary": [
+                    {"kind": "address", "cidr": prev["ips"][0]["address"], "interface": primary_if},
+                    {"kind": "route", "cidr": "0.0.0.0/0"}
+                ]
             }})
         );
     }

@@ -41,6 +41,17 @@ pub struct RunConfig {
     pub node_prefix: u8,
     pub status_interval: Duration,
     pub vip_range: Ipv4Network,
+    /// The cluster's `fleet-dns` servers, reached by pods through the DNS VIP (the VIP
+    /// range's first usable address); empty: no DNS VIP.
+    pub dns_backends: Vec<DnsBackend>,
+    /// How often the nodes' pods are read for export endpoints.
+    pub endpoint_poll_interval: Duration,
+    /// A cluster whose gateway record has not changed for this long is withdrawn from
+    /// service discovery; `None`: three status intervals (at least 1 s).
+    pub liveness_timeout: Option<Duration>,
+    /// The hold-down after a cluster's second death within the flap window (doubling after
+    /// each further one); zero turns damping off.
+    pub liveness_hold_down: Duration,
 }
 
 /// Default namespace and name of the Kubernetes Lease (`--lease-namespace`, `--lease-name`).
@@ -123,6 +134,21 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "--vip-range {0} is too small: it needs the DNS VIP and at least one service VIP (use /30 or wider)"
+    )]
+    VipRangeTooSmall(Ipv4Network),
+    #[error(
+        "--dns-backend {0}: give the ip:port where a fleet-dns server listens (not 0.0.0.0, not port 0, not inside the VIP range)"
+    )]
+    DnsBackend(std::net::SocketAddrV4),
+    #[error(
+        "--liveness-timeout {timeout:?} is shorter than two status intervals ({status_interval:?}): every cluster would flap; raise it or lower --status-interval"
+    )]
+    LivenessTimeout {
+        timeout: Duration,
+        status_interval: Duration,
+    },
     #[error("--wg-name {0:?}: an interface name is 1 to 15 bytes without '/', ':' or spaces")]
     WgName(String),
     #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
@@ -180,7 +206,63 @@ impl RunConfig {
         if vip.contains(fleet.network()) || fleet.contains(vip.network()) {
             return Err(ConfigError::VipRange { vip, fleet });
         }
+        if vip.prefix() > 30 {
+            return Err(ConfigError::VipRangeTooSmall(vip));
+        }
+        for b in &self.dns_backends {
+            if let DnsBackend::Address(a) = b
+                && (a.port() == 0 || a.ip().is_unspecified() || vip.contains(*a.ip()))
+            {
+                return Err(ConfigError::DnsBackend(*a));
+            }
+        }
+        if let Some(t) = self.liveness_timeout
+            && t < self.status_interval * 2
+        {
+            return Err(ConfigError::LivenessTimeout {
+                timeout: t,
+                status_interval: self.status_interval,
+            });
+        }
         Ok(())
+    }
+}
+
+/// Where a `fleet-dns` server listens (`--dns-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsBackend {
+    /// `ip:port`, e.g. a fleet-dns pod's fleet address.
+    Address(std::net::SocketAddrV4),
+    /// `<node>:<port>`: on that node's fleet gateway address (the first host of its subnet, in
+    /// its CNF netns), e.g. a fleet-dns that binds inside the node's CNF netns.
+    Node { node: String, port: u16 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--dns-backend {0:?}: expected ip:port (a fleet-dns address) or <node>:<port> (fleet-dns on that node's fleet gateway address)"
+)]
+pub struct DnsBackendError(String);
+
+impl std::str::FromStr for DnsBackend {
+    type Err = DnsBackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<std::net::SocketAddrV4>() {
+            return Ok(DnsBackend::Address(a));
+        }
+        let bad = || DnsBackendError(s.to_string());
+        let (node, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if node.is_empty()
+            || node.contains(['/', ' '])
+            || node.parse::<std::net::Ipv4Addr>().is_ok()
+        {
+            return Err(bad());
+        }
+        Ok(DnsBackend::Node {
+            node: node.to_string(),
+            port,
+        })
     }
 }
 
@@ -239,6 +321,10 @@ mod tests {
             node_prefix: 24,
             status_interval: Duration::from_secs(5),
             vip_range: fleet_core::config::DEFAULT_VIP_RANGE.parse().unwrap(),
+            dns_backends: Vec::new(),
+            endpoint_poll_interval: Duration::from_secs(1),
+            liveness_timeout: None,
+            liveness_hold_down: Duration::from_secs(2),
         };
         ok.validate().unwrap();
         let bad = [
@@ -320,6 +406,32 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         for bad in ["", "0s", "s", "-1s", "3h", "x"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dns_backends_are_addresses_or_node_ports() {
+        assert_eq!(
+            "100.96.0.7:53".parse::<DnsBackend>().unwrap(),
+            DnsBackend::Address("100.96.0.7:53".parse().unwrap())
+        );
+        assert_eq!(
+            "aa-1:5353".parse::<DnsBackend>().unwrap(),
+            DnsBackend::Node {
+                node: "aa-1".into(),
+                port: 5353
+            }
+        );
+        for bad in [
+            "",
+            "aa-1",
+            "aa-1:0",
+            ":53",
+            "a b:53",
+            "1.2.3.4:x",
+            "aa-1:70000",
+        ] {
+            assert!(bad.parse::<DnsBackend>().is_err(), "{bad:?} accepted");
         }
     }
 }

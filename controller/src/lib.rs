@@ -26,6 +26,7 @@ pub mod nodes;
 pub mod plan;
 pub mod reconcile;
 pub mod run;
+pub mod services;
 
 pub use config::RunConfig;
 pub use run::{ControllerError, run};

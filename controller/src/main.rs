@@ -99,6 +99,22 @@ struct RunFlags {
     /// The cluster's service VIP range handed to nodes.
     #[arg(long, default_value = fleet_core::config::DEFAULT_VIP_RANGE)]
     vip_range: ipnetwork::Ipv4Network,
+    /// A fleet-dns server of this cluster, put behind the DNS VIP (the VIP range's first usable
+    /// address, UDP and TCP 53) on every node: ip:port, or <node>:<port> for a fleet-dns bound
+    /// to that node's fleet gateway address in its CNF netns. Repeatable.
+    #[arg(long = "dns-backend")]
+    dns_backend: Vec<fleet_controller::config::DnsBackend>,
+    /// How often the nodes' pods are read for export endpoints.
+    #[arg(long, default_value = "1s")]
+    endpoint_poll_interval: String,
+    /// Withdraw an exporting cluster whose gateway record has not changed for this long
+    /// (default: three status intervals, at least 1s).
+    #[arg(long)]
+    liveness_timeout: Option<String>,
+    /// Damping: a cluster that dies a second time within 5 minutes returns only after it has
+    /// been alive this long (doubling with each further death, up to 120s); 0s turns it off.
+    #[arg(long, default_value = "2s")]
+    liveness_hold_down: String,
 }
 
 fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
@@ -147,7 +163,25 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         node_prefix: f.node_prefix,
         status_interval: parse_duration(&f.status_interval).context("--status-interval")?,
         vip_range: f.vip_range,
+        dns_backends: f.dns_backend,
+        endpoint_poll_interval: parse_duration(&f.endpoint_poll_interval)
+            .context("--endpoint-poll-interval")?,
+        liveness_timeout: f
+            .liveness_timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .context("--liveness-timeout")?,
+        liveness_hold_down: parse_hold_down(&f.liveness_hold_down)?,
     })
+}
+
+/// `0s` (damping off) or a duration.
+fn parse_hold_down(text: &str) -> anyhow::Result<std::time::Duration> {
+    if matches!(text.trim(), "0" | "0s" | "0ms") {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(text).context("--liveness-hold-down")
 }
 
 fn main() -> anyhow::Result<()> {

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet_proto::node::{
-    ClearGatewayResult, GatewayKey, GatewayStatus, NodeClient, NodeError, PeerNode, PlanChange,
-    SetGatewayRequest, SetGatewayResult, SetPlanRequest, StatusResult,
+    Attachment, ClearGatewayResult, GatewayKey, GatewayStatus, NodeClient, NodeError, PeerNode,
+    PlanChange, SetGatewayRequest, SetGatewayResult, SetPlanRequest, SetServicesRequest,
+    SetServicesResult, StatusResult,
 };
 
 use crate::plan::NodeSpec;
@@ -96,6 +97,10 @@ pub trait NodeApi: Send + Sync {
     async fn gateway_key(&self) -> Result<GatewayKey, NodeError>;
     /// Removes the device, its routes and its saved state.
     async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError>;
+    /// The node's pods with their fleet addresses and labels.
+    async fn list_attachments(&self) -> Result<Vec<Attachment>, NodeError>;
+    /// The node's whole VIP table.
+    async fn set_services(&self, req: SetServicesRequest) -> Result<SetServicesResult, NodeError>;
 }
 
 /// [`NodeApi`] over a node's socket (the blocking client, on tokio's blocking pool).
@@ -157,6 +162,14 @@ impl NodeApi for NodeSocket {
 
     async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
         self.blocking(|c| c.clear_gateway()).await
+    }
+
+    async fn list_attachments(&self) -> Result<Vec<Attachment>, NodeError> {
+        self.blocking(|c| c.list_attachments()).await
+    }
+
+    async fn set_services(&self, req: SetServicesRequest) -> Result<SetServicesResult, NodeError> {
+        self.blocking(move |c| c.set_services(req)).await
     }
 }
 

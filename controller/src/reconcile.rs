@@ -338,6 +338,10 @@ pub(crate) mod fakes {
         /// The gateway state last set (`set_gateway`), until cleared.
         pub gateway: Mutex<Option<SetGatewayRequest>>,
         pub clear_gateway_calls: Mutex<usize>,
+        /// What `list_attachments` answers.
+        pub pods: Mutex<Vec<fleet_proto::node::Attachment>>,
+        /// The VIP table last set.
+        pub services: Mutex<Option<fleet_proto::node::SetServicesRequest>>,
     }
 
     impl FakeNode {
@@ -454,6 +458,20 @@ pub(crate) mod fakes {
             Ok(ClearGatewayResult {
                 removed: self.gateway.lock().unwrap().take().is_some(),
             })
+        }
+        async fn list_attachments(&self) -> Result<Vec<fleet_proto::node::Attachment>, NodeError> {
+            self.check()?;
+            Ok(self.pods.lock().unwrap().clone())
+        }
+        async fn set_services(
+            &self,
+            req: fleet_proto::node::SetServicesRequest,
+        ) -> Result<fleet_proto::node::SetServicesResult, NodeError> {
+            self.check()?;
+            let mut s = self.services.lock().unwrap();
+            let changed = s.as_ref() != Some(&req);
+            *s = Some(req);
+            Ok(fleet_proto::node::SetServicesResult { changed })
         }
     }
 

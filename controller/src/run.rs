@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
-use fleet_hub_api::mirror::{FleetMirror, FleetSource, MirrorReader, WatcherConfig};
+use fleet_hub_api::mirror::{Fleet, FleetMirror, FleetSource, MirrorReader, WatcherConfig};
 use fleet_hub_api::model::{GatewayState, JoinRequest};
 use fleet_hub_api::wire::ErrorCode;
 use fleet_proto::wireguard::PublicKey;
@@ -25,8 +25,10 @@ use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
+use crate::services::{ServiceConfig, ServiceSync};
 use fleet_hub_api::records::GATEWAY_RECORD;
 use fleet_proto::node::NodeError;
+use fleet_services::LivenessConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -165,6 +167,9 @@ struct Active {
     /// The hub record says the gateway is up (set once the device exists).
     reported_up: bool,
     last_pass: PassReport,
+    /// The latest mirrored fleet (what service discovery acts on).
+    fleet: Arc<Fleet>,
+    services: ServiceSync,
 }
 
 struct Controller {
@@ -275,8 +280,11 @@ impl Controller {
         let mut held_by: Option<String> = None;
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(self.cfg.endpoint_poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(cluster = %self.cfg.cluster, holder = %self.cfg.holder, lease = %self.lease.describe(), "standby: waiting for the cluster lease");
         let result = loop {
+            let liveness_deadline = active.as_ref().and_then(|a| a.services.next_deadline());
             let fleet_changed = async {
                 match active.as_mut() {
                     Some(a) => a.reader.changed().await,
@@ -346,6 +354,20 @@ impl Controller {
                         break Err(e);
                     }
                     self.publish_status().await;
+                }
+                _ = poll.tick(), if role == Role::Active => {
+                    let Some(a) = active.as_mut() else { continue };
+                    if a.services.poll_pods(&self.nodes).await
+                        && let Err(e) = self.sync_services(a).await
+                    {
+                        break Err(e);
+                    }
+                }
+                _ = sleep_until(liveness_deadline), if liveness_deadline.is_some() => {
+                    let Some(a) = active.as_mut() else { continue };
+                    if let Err(e) = self.sync_services(a).await {
+                        break Err(e);
+                    }
                 }
             }
         };
@@ -419,13 +441,44 @@ impl Controller {
             reader,
             reported_up: false,
             last_pass: PassReport::default(),
+            fleet,
+            services: ServiceSync::new(self.service_config()),
         };
         if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
             return Err(self.removed("the cluster is not in the hub's listing"));
         }
         self.converge(&mut a).await?;
         self.publish_status().await;
+        a.services.poll_pods(&self.nodes).await;
+        self.sync_services(&mut a).await?;
         Ok(a)
+    }
+
+    fn service_config(&self) -> ServiceConfig {
+        let mut liveness = LivenessConfig::for_heartbeat_interval(self.cfg.status_interval);
+        if let Some(t) = self.cfg.liveness_timeout {
+            liveness.timeout = t;
+        }
+        liveness.hold_down = self.cfg.liveness_hold_down;
+        ServiceConfig {
+            cluster: self.cfg.cluster.clone(),
+            vip_range: self.cfg.vip_range,
+            dns_backends: self.cfg.dns_backends.clone(),
+            liveness,
+        }
+    }
+
+    /// A service-discovery pass over the latest fleet.
+    async fn sync_services(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let now = std::time::Instant::now();
+        match a
+            .services
+            .sync(&a.fleet, &self.nodes, &a.last_pass.subnets, &*self.hub, now)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.removed(e.to_string())),
+        }
     }
 
     /// The mirror changed: a removal of this cluster ends the run; a fleet change is a pass.
@@ -443,13 +496,16 @@ impl Controller {
         let next = FleetSnapshot::of(&fleet, &self.cfg.cluster);
         let effect = next.effect_since(Some(&a.snapshot), &self.cfg.cluster);
         a.snapshot = next;
+        a.fleet = fleet;
         match effect {
             EventEffect::OwnClusterRemoved => {
-                Err(self.removed("the hub reported this cluster removed"))
+                return Err(self.removed("the hub reported this cluster removed"));
             }
-            EventEffect::FleetChanged => self.converge(a).await,
-            EventEffect::OwnRecordChanged | EventEffect::Nothing => Ok(()),
+            EventEffect::FleetChanged => self.converge(a).await?,
+            EventEffect::OwnRecordChanged | EventEffect::Nothing => {}
         }
+        // Any record may be an export, an import or a heartbeat.
+        self.sync_services(a).await
     }
 
     /// One pass: nodes, the device, its peers.
@@ -534,6 +590,15 @@ impl Controller {
             tracing::warn!(error = %e, "removing the gateway device failed");
         }
         let Some(a) = active else { return };
+        for n in &self.nodes {
+            if let Err(e) = n
+                .api
+                .set_services(fleet_proto::node::SetServicesRequest::default())
+                .await
+            {
+                tracing::warn!(node = %n.spec.name, error = %e, "clearing the node's VIP table failed");
+            }
+        }
         let specs: Vec<_> = self.nodes.iter().map(|n| n.spec.clone()).collect();
         let peers = node_peers(&specs, &a.last_pass.subnets, &self.cfg.gateway_node, &[]);
         for n in &self.nodes {
@@ -543,6 +608,14 @@ impl Controller {
                 tracing::warn!(node = %n.spec.name, error = %e, "clearing routes to other clusters failed");
             }
         }
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -645,6 +718,10 @@ mod tests {
             node_prefix: 24,
             status_interval: Duration::from_millis(100),
             vip_range: "100.112.0.0/16".parse().unwrap(),
+            dns_backends: Vec::new(),
+            endpoint_poll_interval: Duration::from_millis(100),
+            liveness_timeout: None,
+            liveness_hold_down: Duration::from_secs(2),
         }
     }
 

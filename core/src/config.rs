@@ -42,6 +42,58 @@ pub enum PlanError {
         vip: Ipv4Network,
         fleet: Ipv4Network,
     },
+    #[error(
+        "the {range_name} {range} overlaps {used} ({seen_as}): fleet routes would take that \
+         network's traffic; give the fleet ranges no pod or node network uses (fleet-hub \
+         --fleet-cidr, fleet-controller --vip-range) or move the other network out of them"
+    )]
+    OverlapsUsed {
+        range_name: &'static str,
+        range: Ipv4Network,
+        used: Ipv4Network,
+        seen_as: String,
+    },
+}
+
+/// A network already in use where the fleet routes: a pod's primary network (its prevResult
+/// or its netns) or the node's own (the host's addresses and routes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedNetwork {
+    pub net: Ipv4Network,
+    /// Where it was seen, for the error: e.g. `address 100.96.128.7/24 on eth0`.
+    pub seen_as: String,
+}
+
+/// Routes shorter than this claim nothing specific (a default route, a VPN's `0/1` + `128/1`):
+/// the fleet's routes are more specific than them by design.
+pub const MIN_CLAIMING_PREFIX: u8 = 8;
+
+impl UsedNetwork {
+    /// An address with its prefix: the subnet it makes on-link, and always the address itself.
+    pub fn address(addr: Ipv4Addr, prefix: u8, seen_as: String) -> UsedNetwork {
+        let prefix = if prefix < MIN_CLAIMING_PREFIX {
+            32
+        } else {
+            prefix.min(32)
+        };
+        let net = Ipv4Network::new(addr, prefix).expect("prefix is at most 32");
+        UsedNetwork {
+            net: Ipv4Network::new(net.network(), prefix).expect("same prefix"),
+            seen_as,
+        }
+    }
+
+    /// A route's destination; `None` for routes that claim nothing specific.
+    pub fn route(dst: Ipv4Network, seen_as: String) -> Option<UsedNetwork> {
+        (dst.prefix() >= MIN_CLAIMING_PREFIX).then(|| UsedNetwork {
+            net: Ipv4Network::new(dst.network(), dst.prefix()).expect("same prefix"),
+            seen_as,
+        })
+    }
+}
+
+fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
 }
 
 /// Address plan handed to a node (later by the cluster controller).
@@ -95,6 +147,28 @@ impl NodePlan {
             nth_host(self.node_subnet, 2),
             nth_host(self.node_subnet, size - 2),
         )
+    }
+
+    /// Refuses a plan whose fleet CIDR or VIP range overlaps a network in use: a pod's primary
+    /// network or the node's own. The first overlap found is the error.
+    pub fn check_disjoint(&self, used: &[UsedNetwork]) -> Result<(), PlanError> {
+        let ranges = [
+            ("fleet CIDR", self.fleet_cidr),
+            ("VIP range", self.vip_range),
+        ];
+        for u in used {
+            for (range_name, range) in ranges {
+                if overlaps(range, u.net) {
+                    return Err(PlanError::OverlapsUsed {
+                        range_name,
+                        range,
+                        used: u.net,
+                        seen_as: u.seen_as.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn pod_capacity(&self) -> usize {
@@ -183,5 +257,46 @@ mod tests {
         // A /30 holds the gateway and one pod.
         let p = NodePlan::new(fleet, vip, net("100.96.0.4/30")).unwrap();
         assert_eq!(p.pod_capacity(), 1);
+    }
+
+    #[test]
+    fn overlap_with_used_networks_is_refused_by_name() {
+        let p = NodePlan::new(
+            net(DEFAULT_FLEET_CIDR),
+            net(DEFAULT_VIP_RANGE),
+            net("100.96.3.0/24"),
+        )
+        .unwrap();
+        let addr = |a: &str, len| {
+            UsedNetwork::address(
+                a.parse().unwrap(),
+                len,
+                format!("address {a}/{len} on eth0"),
+            )
+        };
+        // Issue 12 item 3: kops/Gardener hand out pod addresses inside 100.96.0.0/11.
+        let err = p.check_disjoint(&[addr("100.96.128.7", 24)]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("fleet CIDR 100.96.0.0/12") && msg.contains("100.96.128.0/24"),
+            "{msg}"
+        );
+        let err = p.check_disjoint(&[addr("100.112.9.9", 32)]).unwrap_err();
+        assert!(
+            err.to_string().contains("VIP range 100.112.0.0/16"),
+            "{err}"
+        );
+        // A covering route (kops' whole pod CIDR) overlaps too.
+        let kops = UsedNetwork::route(net("100.96.0.0/11"), "route".into()).unwrap();
+        assert!(p.check_disjoint(&[kops]).is_err());
+        // Ordinary primary networks and default-like routes do not.
+        let fine = [
+            addr("10.244.1.7", 24),
+            addr("192.168.3.2", 32),
+            addr("100.64.0.5", 4), // a silly prefix: only the address counts
+        ];
+        p.check_disjoint(&fine).unwrap();
+        assert!(UsedNetwork::route(net("0.0.0.0/0"), "default".into()).is_none());
+        assert!(UsedNetwork::route(net("0.0.0.0/1"), "vpn".into()).is_none());
     }
 }

@@ -9,6 +9,10 @@
 //! No fsync: the guarantee needed is "never handed out twice" across daemon crashes, which the
 //! page cache already gives; after a power loss every pod is recreated and re-added anyway.
 //!
+//! Every change of a record (`modify`, `update`) checks under the store's lock that the
+//! attachment still holds its address, so a metadata update racing a release can neither bring
+//! the address back nor overwrite the record of the pod that got it next.
+//!
 //! Addresses are handed out round-robin after the last one reserved (kept in `last_reserved`)
 //! so a released address is not reused at once.
 
@@ -62,7 +66,7 @@ struct State {
 impl NodeIpam {
     /// Opens (or creates) the store in `dir` and loads every record.
     pub fn open(dir: &Path, plan: NodePlan) -> Result<Self, IpamError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::private_socket::ensure_dir(dir, 0o700).map_err(io_err(dir))?;
         let mut by_address = BTreeMap::new();
         let mut unreadable = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -144,15 +148,53 @@ impl NodeIpam {
         })
     }
 
-    /// Rewrites the record of an attachment that holds an address (e.g. to add the MAC or
-    /// pod metadata). Atomic: readers see the old or the new record, never a mix.
-    pub fn update(&self, record: &Attachment) -> Result<(), IpamError> {
+    /// Rewrites the record of an attachment that still holds its address (e.g. to add the MAC
+    /// or pod metadata). `Ok(false)`, and nothing written, when `record`'s attachment no longer
+    /// holds `record.address` — released meanwhile, or the address already handed to another
+    /// pod: a stale copy can never bring an address back or overwrite another pod's record.
+    /// Atomic: readers see the old or the new record, never a mix.
+    pub fn update(&self, record: &Attachment) -> Result<bool, IpamError> {
+        let key = record.key.clone();
+        let network = record.network.clone();
+        let address = record.address;
+        let written = self.modify(&key, &network, |current| {
+            if current.address == address {
+                *current = record.clone();
+            }
+        })?;
+        Ok(written.is_some_and(|r| r == *record))
+    }
+
+    /// Applies `change` to the current record of (`key`, `network`) and persists it, under the
+    /// store's lock: the check that the attachment still holds its address and the write are
+    /// one step, so a release (or a reservation of the freed address) can never interleave.
+    /// The address, its veth name and the identity stay as they are whatever `change` does.
+    /// `Ok(None)` when the attachment holds no address.
+    pub fn modify(
+        &self,
+        key: &AttachmentKey,
+        network: &str,
+        change: impl FnOnce(&mut Attachment),
+    ) -> Result<Option<Attachment>, IpamError> {
         let mut state = self.state.lock().expect("ipam lock");
-        let tmp = self.write_tmp(record)?;
+        let Some(current) = state.find(key, network).cloned() else {
+            return Ok(None);
+        };
+        let mut record = current.clone();
+        change(&mut record);
+        record.key = current.key.clone();
+        record.network = current.network.clone();
+        record.address = current.address;
+        record.prefix_len = current.prefix_len;
+        record.host_veth = current.host_veth.clone();
+        if record == current {
+            return Ok(Some(record));
+        }
+        let tmp = self.write_tmp(&record)?;
         let path = self.dir.join(record.address.to_string());
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         state.by_address.insert(record.address, record.clone());
-        Ok(())
+        Ok(Some(record))
     }
 
     /// Releases the address of (`key`, `network`); `None` if it held none.
@@ -406,5 +448,65 @@ mod tests {
             .collect();
         let distinct: HashSet<_> = all.iter().collect();
         assert_eq!(distinct.len(), 200);
+    }
+
+    /// Issue 12 item 6: a metadata update (NRI, without the pod lock) racing a release must
+    /// never bring the released address back, nor overwrite the record of the pod that got the
+    /// address next. A /30 holds one pod, so the next reservation always reuses the address.
+    #[test]
+    fn updates_racing_releases_never_resurrect_or_overwrite() {
+        use std::sync::{Arc, Barrier};
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Arc::new(NodeIpam::open(dir.path(), plan("100.96.1.0/30")).unwrap());
+        let (mut resurrected, mut overwritten) = (0, 0);
+        for i in 0..500 {
+            let (a, _) = ipam.reserve(template(&format!("a{i}"))).unwrap();
+            let mut stale = a.clone();
+            stale.pod.name = format!("meta-{i}");
+            let barrier = Arc::new(Barrier::new(2));
+            let deleter = {
+                let (ipam, barrier, a) = (ipam.clone(), barrier.clone(), a.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ipam.release(&a.key, "fleet").unwrap();
+                    ipam.reserve(template(&format!("b{i}")))
+                        .ok()
+                        .map(|(b, _)| b)
+                })
+            };
+            let updater = {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let _ = ipam.update(&stale);
+                })
+            };
+            updater.join().unwrap();
+            let b = deleter.join().unwrap();
+            if ipam.find(&a.key, "fleet").is_some() {
+                resurrected += 1;
+            }
+            let on_disk: Option<Attachment> = fs::read(dir.path().join(a.address.to_string()))
+                .ok()
+                .map(|bytes| serde_json::from_slice(&bytes).unwrap());
+            match &b {
+                Some(b)
+                    if ipam.find(&b.key, "fleet").as_ref() != Some(b)
+                        || on_disk.as_ref() != Some(b) =>
+                {
+                    overwritten += 1
+                }
+                None if on_disk.is_some_and(|r| r.key == a.key) => resurrected += 1,
+                _ => {}
+            }
+            for r in ipam.list() {
+                ipam.release(&r.key, &r.network).unwrap();
+            }
+        }
+        assert_eq!(
+            (resurrected, overwritten),
+            (0, 0),
+            "(released addresses brought back, other pods' records overwritten) in 500 races"
+        );
     }
 }

@@ -7,5 +7,7 @@ pub mod ipam;
 pub mod netlink;
 pub mod netns;
 pub mod overlay;
+pub mod private_socket;
 pub mod routes;
 pub mod state;
+pub mod vip;

@@ -92,6 +92,36 @@ where
     })?
 }
 
+/// Runs blocking `work` on a dedicated thread that has entered `netns`, for programs spawned
+/// there (a child process starts in the netns of the thread that spawns it, e.g. `nft`). The
+/// caller's thread and runtime never change namespace. A missing netns is reported before any
+/// thread is started.
+pub async fn run_in<T, F>(netns: &Path, work: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let file = open(netns)?;
+    let path = netns.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let label = path.clone();
+    std::thread::Builder::new()
+        .name("fleet-netns".into())
+        .spawn(move || {
+            let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|source| NetnsError::Enter { path, source });
+            let _ = tx.send(entered.map(|()| work()));
+        })
+        .map_err(|e| NetnsError::Thread {
+            path: label.clone(),
+            reason: e.to_string(),
+        })?;
+    rx.await.map_err(|_| NetnsError::Thread {
+        path: label,
+        reason: "worker panicked".into(),
+    })?
+}
+
 fn run_on_this_thread<T, F, Fut>(files: Vec<(PathBuf, File)>, work: F) -> Result<T, NetnsError>
 where
     F: FnOnce(Vec<Handle>) -> Fut,

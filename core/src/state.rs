@@ -1,5 +1,6 @@
 //! What the cluster controller gave this node, persisted in the data dir so a restart (even a
-//! `kill -9`) keeps it: the plan (`plan.json`) and the peer nodes (`peers.json`).
+//! `kill -9`) keeps it: the plan (`plan.json`), the peer nodes (`peers.json`) and the VIP
+//! table (`services.json`).
 //!
 //! Each file is replaced atomically (write a temp file, fsync, rename, fsync the dir): a crash
 //! leaves either the old or the new content, never a torn one. Unlike an IPAM record, losing
@@ -9,12 +10,13 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use fleet_proto::node::{PeerNode, PlanChange};
+use fleet_proto::node::{PeerNode, PlanChange, VipService};
 
 use crate::config::NodePlan;
 
 const PLAN_FILE: &str = "plan.json";
 const PEERS_FILE: &str = "peers.json";
+const SERVICES_FILE: &str = "services.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -94,6 +96,15 @@ impl NodeStateStore {
         self.save(PEERS_FILE, &peers)
     }
 
+    /// The VIP table last accepted; `None` if `set_services` never came.
+    pub fn load_services(&self) -> Result<Option<Vec<VipService>>, StateError> {
+        self.load(SERVICES_FILE)
+    }
+
+    pub fn save_services(&self, services: &[VipService]) -> Result<(), StateError> {
+        self.save(SERVICES_FILE, &services)
+    }
+
     fn load<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
         let path = self.dir.join(name);
         match fs::read(&path) {
@@ -110,7 +121,8 @@ impl NodeStateStore {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        // The data dir also holds the gateway's key: nobody else may write to it.
+        crate::private_socket::ensure_dir(&self.dir, 0o700).map_err(io(&self.dir))?;
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -155,6 +167,24 @@ mod tests {
         let again = NodeStateStore::new(&dir.path().join("data"));
         assert_eq!(again.load_plan().unwrap(), Some(plan("100.96.3.0/24")));
         assert_eq!(again.load_peers().unwrap(), peers);
+        assert_eq!(again.load_services().unwrap(), None);
+        let services = vec![VipService {
+            name: "shop/web".into(),
+            vip: "100.112.0.10".parse().unwrap(),
+            ports: vec![fleet_proto::node::VipPort {
+                protocol: fleet_proto::node::VipProtocol::Tcp,
+                port: 80,
+                backends: vec!["100.96.3.7:8080".parse().unwrap()],
+            }],
+            affinity_timeout_seconds: Some(60),
+        }];
+        again.save_services(&services).unwrap();
+        assert_eq!(
+            NodeStateStore::new(&dir.path().join("data"))
+                .load_services()
+                .unwrap(),
+            Some(services)
+        );
         // Replacing leaves no temp file behind.
         again.save_peers(&[]).unwrap();
         assert!(again.load_peers().unwrap().is_empty());

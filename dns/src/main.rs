@@ -26,7 +26,7 @@ struct Flags {
     ca: String,
     /// The cluster's credential file, written by its controller when it joined (only read).
     #[arg(long)]
-    credential: PathBuf,
+    credential_file: PathBuf,
     /// This cluster's id; checked against the credential (which names it).
     #[arg(long)]
     cluster: Option<String>,
@@ -75,7 +75,7 @@ fn config(f: Flags) -> anyhow::Result<DaemonConfig> {
     Ok(DaemonConfig {
         hubs: f.hub,
         ca,
-        credential_file: f.credential,
+        credential_file: f.credential_file,
         cluster,
         dns: DnsConfig {
             zones: f.zones,

@@ -156,7 +156,7 @@ impl FleetDns {
         let log = hub.dir.path().join(format!("fleet-dns-{port}.log"));
         let child = Command::new(workspace_bin("fleet-dns"))
             .args(["--hub", &hub.addr, "--ca", &hub.ca().to_string()])
-            .arg("--credential")
+            .arg("--credential-file")
             .arg(credential)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "1"])
             .args(extra)

@@ -28,6 +28,9 @@ pub struct PodSpec {
     pub uid: String,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
+    /// The pod's resolv.conf (CRI `dns_config`): name servers and search domains; `None`:
+    /// the runtime's default.
+    pub dns: Option<(Vec<String>, Vec<String>)>,
 }
 
 impl PodSpec {
@@ -50,6 +53,14 @@ impl PodSpec {
     }
     pub fn annotation(mut self, k: &str, v: &str) -> Self {
         self.annotations.insert(k.to_string(), v.to_string());
+        self
+    }
+    /// resolv.conf with these name servers and search domains.
+    pub fn dns(mut self, servers: &[&str], searches: &[&str]) -> Self {
+        self.dns = Some((
+            servers.iter().map(ToString::to_string).collect(),
+            searches.iter().map(ToString::to_string).collect(),
+        ));
         self
     }
 }
@@ -247,6 +258,11 @@ impl CriClient {
                 .unwrap_or_default(),
             labels: pod.labels.clone(),
             annotations: pod.annotations.clone(),
+            dns_config: pod.dns.as_ref().map(|(servers, searches)| api::DnsConfig {
+                servers: servers.clone(),
+                searches: searches.clone(),
+                options: Vec::new(),
+            }),
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: self.config.cgroup_parent.clone().unwrap_or_default(),
                 ..Default::default()

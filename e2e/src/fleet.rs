@@ -55,6 +55,8 @@ pub const RELAY_PORT: u16 = 51820;
 pub const LAN_PREFIX: &str = "198.51.100";
 /// The gateway's WireGuard UDP port on its node.
 pub const GATEWAY_PORT: u16 = 51820;
+/// The DNS VIP of the default VIP range (its first usable address): pods' name server.
+pub const DNS_VIP: &str = "100.112.0.1";
 /// Interface of the internet bridge (in the internet netns).
 pub const INTERNET_BRIDGE: &str = "inet0";
 
@@ -279,6 +281,8 @@ pub struct Member {
     /// The gateway's WireGuard interface name (host-unique: it names the UAPI socket).
     pub wg_name: String,
     pub controllers: Vec<FleetController>,
+    /// `fleet-dns`, once started ([`SandboxFleet::start_dns`]).
+    pub dns: Option<ManagedProcess>,
     pub nodes: Vec<FleetNode>,
     pub router: NatRouter,
     /// credential file, nodes.json, controller data dirs, logs.
@@ -363,6 +367,16 @@ impl Member {
                 tail(&c.log(), 120)
             ));
         }
+        if let Some(dns) = &self.dns {
+            s.push_str(&format!(
+                "---- {} log:\n{}\n",
+                dns.label(),
+                tail(
+                    &std::fs::read_to_string(dns.log_path()).unwrap_or_default(),
+                    40
+                )
+            ));
+        }
         for n in &self.nodes {
             s.push_str(&format!(
                 "---- fleet-nri {} log:\n{}\n",
@@ -383,6 +397,9 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.remove_pods();
+        if let Some(dns) = &mut self.dns {
+            dns.terminate(Duration::from_secs(5));
+        }
         for c in &mut self.controllers {
             c.process.terminate(Duration::from_secs(5));
         }
@@ -903,6 +920,7 @@ impl FleetBuilder {
                 opts,
                 wg_name,
                 controllers: Vec::new(),
+                dns: None,
                 nodes,
                 router,
                 dir,
@@ -911,6 +929,7 @@ impl FleetBuilder {
             members.push(member);
         }
         Ok(SandboxFleet {
+            controller_extra_args: Vec::new(),
             members,
             hub,
             internet,
@@ -921,6 +940,9 @@ impl FleetBuilder {
 /// The whole sandbox. Field order is drop order after `Drop::drop` (members: pods,
 /// controllers, nodes, routers; then the hub; then the internet).
 pub struct SandboxFleet {
+    /// Appended to every `fleet-controller run` started from now on (benchmarks tune
+    /// intervals with it).
+    pub controller_extra_args: Vec<String>,
     pub members: Vec<Member>,
     pub hub: FleetHub,
     pub internet: Internet,
@@ -958,6 +980,15 @@ impl SandboxFleet {
             .unwrap_or_else(|| panic!("no member {id}"))
     }
 
+    /// `--status-interval` of the controllers: 1s unless the extra arguments set it.
+    fn status_interval(&self) -> &str {
+        self.controller_extra_args
+            .iter()
+            .position(|a| a == "--status-interval")
+            .and_then(|i| self.controller_extra_args.get(i + 1))
+            .map_or("1s", String::as_str)
+    }
+
     /// The `fleet-controller run` arguments for an instance of `member` (contract flags).
     fn controller_args(
         &self,
@@ -985,7 +1016,12 @@ impl SandboxFleet {
             "--listen-port",
             &GATEWAY_PORT.to_string(),
             "--status-interval",
-            "1s",
+            self.status_interval(),
+            // fleet-dns (when started, see `start_dns`) binds in the gateway node's CNF netns.
+            "--dns-backend",
+            &format!("{}:53", member.gateway().name),
+            "--endpoint-poll-interval",
+            "200ms",
             // The sandbox has no Kubernetes; say so, in case the tests run inside a pod.
             "--leader-election",
             "hub",
@@ -1003,6 +1039,14 @@ impl SandboxFleet {
         if let Some(ep) = member.endpoint() {
             args.push("--endpoint".into());
             args.push(ep.into());
+        }
+        let mut extra = self.controller_extra_args.iter();
+        while let Some(a) = extra.next() {
+            if a == "--status-interval" {
+                extra.next(); // already given
+                continue;
+            }
+            args.push(a.into());
         }
         args
     }
@@ -1095,8 +1139,19 @@ impl SandboxFleet {
     /// Runs a busybox pod named `name` on node `node` of `member` (retrying while the node
     /// has no plan yet) and reads its addresses.
     pub fn run_pod(&self, member: &str, node: usize, name: &str) -> Result<Pod> {
+        self.run_pod_spec(member, node, PodSpec::new(name))
+    }
+
+    /// [`Self::run_pod`] with labels, namespace etc. from `spec`. Without its own DNS
+    /// settings the pod resolves with the cluster's fleet-dns through the DNS VIP.
+    pub fn run_pod_spec(&self, member: &str, node: usize, mut spec: PodSpec) -> Result<Pod> {
         let n = &self.member(member).nodes[node].node;
-        let spec = PodSpec::new(name);
+        if spec.dns.is_none() {
+            let search = format!("{}.svc.clusterset.local", spec.namespace);
+            spec = spec.dns(&[DNS_VIP], &[&search, "svc.clusterset.local"]);
+        }
+        let name = spec.name.clone();
+        let name = name.as_str();
         let mut last = String::new();
         let (sandbox, container) = poll_until(
             &format!("pod {name} on {member}/{node}"),
@@ -1133,6 +1188,52 @@ impl SandboxFleet {
             primary_ip: inet_of(&eth0)
                 .ok_or_else(|| Error::Invalid(format!("no eth0 address: {eth0}")))?,
         })
+    }
+
+    /// Stops and removes the pod (as kubelet does when a pod is deleted).
+    pub fn delete_pod(&self, pod: &Pod) -> Result<()> {
+        let cri = self.node_of(pod).cri();
+        cri.stop_pod(&pod.sandbox)?;
+        cri.remove_pod(&pod.sandbox)
+    }
+
+    /// Starts `fleet-dns` for `member`: in its gateway node's netns (it talks to the hub from
+    /// there, with the member's credential), its sockets bound in that node's CNF netns on
+    /// port 53, where the controller's `--dns-backend <gateway>:53` points the DNS VIP.
+    pub fn start_dns(&mut self, member: &str) -> Result<()> {
+        let ca = self.hub.ca_hash()?;
+        let hub = self.hub.endpoints();
+        let m = self.member(member);
+        let cred = m.credential_file();
+        poll_until(
+            "the member's credential file",
+            Duration::from_secs(30),
+            || cred.exists().then_some(()),
+        )
+        .map_err(|e| Error::Invalid(format!("{e}\n{}", m.logs())))?;
+        let mut args = os(&[
+            "--hub",
+            &hub,
+            "--ca",
+            &ca,
+            "--netns",
+            m.gateway_cnf(),
+            "--listen",
+            "0.0.0.0:53",
+        ]);
+        args.push("--credential-file".into());
+        args.push(cred.into());
+        let mut process = ManagedProcess::new(
+            &format!("fleet-dns {member}"),
+            workspace_bin("fleet-dns"),
+            args,
+            &m.gateway().netns_path(),
+            m.dir.join("fleet-dns.log"),
+        )
+        .env("FLEET_LOG", "info");
+        process.spawn()?;
+        self.member_mut(member).dns = Some(process);
+        Ok(())
     }
 
     fn node_of(&self, pod: &Pod) -> &ClusterNode {

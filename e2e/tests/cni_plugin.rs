@@ -181,3 +181,70 @@ fn exhausted_subnet_and_daemon_down_are_cni_errors_that_leave_nothing() {
     assert_eq!(nri.status().unwrap().allocated, 0);
     nri.await_host_veths(0).unwrap();
 }
+
+/// Issue 12 item 3: a pod whose primary network overlaps the fleet CIDR or the VIP range would
+/// get fleet routes that take over part of it. ADD is refused, naming both ranges, and leaves
+/// no allocation and no link — whether prevResult says so or only the pod's netns shows it.
+#[test]
+fn primary_network_overlapping_the_fleet_is_refused_and_leaves_nothing() {
+    require_root("primary_network_overlapping_the_fleet_is_refused_and_leaves_nothing");
+    let nri = FleetNri::start("100.96.32.0/24", None).unwrap();
+    let pod = TestNetns::new("ovl");
+    let netns = pod.path().display().to_string();
+    let refused = |prev: Value| {
+        let (ok, err) = cni("ADD", "ovl", &netns, &config(&nri, Some(prev), json!({})));
+        assert!(!ok, "ADD must fail: {err}");
+        assert_eq!(err["code"], 7, "{err}");
+        assert_eq!(nri.status().unwrap().allocated, 0, "nothing allocated");
+        assert!(nri.host_veths().is_empty(), "no host veth");
+        assert!(!pod.ip(&["-o", "link"]).unwrap().contains("eth-fleet"));
+        err
+    };
+
+    // kops/Gardener hand out pod addresses from 100.96.0.0/11.
+    let mut prev = prev_result(0);
+    prev["ips"][0]["address"] = json!("100.96.128.7/24");
+    let err = refused(prev);
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("100.96.128.0/24") && msg.contains("fleet CIDR 100.96.0.0/12"),
+        "{err}"
+    );
+
+    // A primary route into the VIP range.
+    let mut prev = prev_result(0);
+    prev["routes"] = json!([{"dst": "0.0.0.0/0"}, {"dst": "100.112.4.0/24", "gw": "10.244.9.1"}]);
+    let err = refused(prev);
+    assert!(
+        err["msg"]
+            .as_str()
+            .unwrap()
+            .contains("VIP range 100.112.0.0/16"),
+        "{err}"
+    );
+
+    // prevResult without addresses (or an older fleet-cni, or NRI repair): the pod's netns is
+    // read instead.
+    pod.ip(&["link", "add", "eth0", "type", "bridge"]).unwrap();
+    pod.ip(&["addr", "add", "100.96.128.7/24", "dev", "eth0"])
+        .unwrap();
+    let mut prev = prev_result(0);
+    prev["ips"] = json!([]);
+    prev["routes"] = json!([]);
+    let err = refused(prev);
+    assert!(
+        err["details"].as_str().unwrap().contains("on eth0"),
+        "{err}"
+    );
+
+    // Once the primary network is outside the fleet's ranges the same pod attaches.
+    pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+    let (ok, out) = cni(
+        "ADD",
+        "ovl",
+        &netns,
+        &config(&nri, Some(prev_result(0)), json!({})),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(nri.status().unwrap().allocated, 1);
+}

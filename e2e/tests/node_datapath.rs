@@ -8,7 +8,7 @@ use fleet_e2e::{
     BridgeNetwork, Containerd, ContainerdOpts, Cri, FleetNri, PodSpec, TestNetns, poll_until,
     require_root, workspace_bin,
 };
-use fleet_proto::node::{Attachment, Origin};
+use fleet_proto::node::{AttachRequest, Attachment, AttachmentKey, Origin, PodMeta};
 
 const EXEC: Duration = Duration::from_secs(10);
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -374,6 +374,8 @@ fn allocations_of_pods_that_vanished_while_fleet_nri_was_down_are_released_on_sy
     ghost.address = "100.96.24.200".parse().unwrap();
     ghost.host_veth = "fl646018c8".into();
     ghost.created_unix = 0;
+    // Gone with its pod: a netns that still existed would keep the allocation (item 4).
+    ghost.netns = format!("/run/netns/fe2e-gone-{}", std::process::id());
     std::fs::write(
         ipam.join("100.96.24.200"),
         serde_json::to_vec(&ghost).unwrap(),
@@ -413,4 +415,172 @@ fn allocations_of_pods_that_vanished_while_fleet_nri_was_down_are_released_on_sy
     );
     assert_eq!(fleet_ip(&node, &live_c), live_ip);
     assert!(!ipam.join("100.96.24.200").exists());
+}
+
+/// Writes `ghost-sandbox`'s record at `address`: a pod that vanished while fleet-nri was
+/// down, its netns gone, aged past any grace. Its release marks a finished Synchronize.
+fn write_gone_record(node: &Node, template: &Attachment, address: &str) {
+    let mut ghost = template.clone();
+    ghost.key.container_id = "ghost-sandbox".into();
+    ghost.address = address.parse().unwrap();
+    ghost.host_veth = format!("fl{:08x}", u32::from(ghost.address));
+    ghost.netns = format!("/run/netns/fe2e-gone-{}", std::process::id());
+    ghost.created_unix = 0;
+    let ipam = node.nri().data_dir().join("ipam");
+    std::fs::write(ipam.join(address), serde_json::to_vec(&ghost).unwrap()).unwrap();
+}
+
+/// Issue 12 item 4: the runtime lost track of a sandbox (its shim stalled across a restart) or
+/// has not listed it yet (its CNI chain is still running), so Synchronize leaves it out; its
+/// netns is alive. Its address and link stay, however old the allocation.
+#[test]
+fn a_live_pod_missing_from_synchronize_keeps_its_address_and_link() {
+    require_root("a_live_pod_missing_from_synchronize_keeps_its_address_and_link");
+    let mut node = Node::new("unlisted", "100.96.25.0/24", true, true);
+    let (_, live_c) = node.cri().run_busybox_pod(&PodSpec::new("live")).unwrap();
+    let live_ip = fleet_ip(&node, &live_c);
+    let unlisted_ns = TestNetns::new("unlisted-pod");
+    let unlisted = node
+        .nri()
+        .client()
+        .attach(AttachRequest {
+            key: AttachmentKey {
+                container_id: "unlisted-sandbox".into(),
+                ifname: "eth0".into(),
+            },
+            network: "podnet".into(),
+            netns: unlisted_ns.path().display().to_string(),
+            pod: PodMeta::default(),
+            primary: vec![],
+        })
+        .unwrap();
+    node.nri.as_mut().unwrap().stop();
+
+    // Aged far past the 60 s the old grace allowed.
+    let ipam = node.nri().data_dir().join("ipam");
+    let path = ipam.join(unlisted.address.to_string());
+    let mut record: Attachment = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record.created_unix = 0;
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    write_gone_record(&node, &record, "100.96.25.200");
+
+    node.nri.as_mut().unwrap().spawn().unwrap();
+    poll_until(
+        "Synchronize to release the gone pod",
+        Duration::from_secs(15),
+        || {
+            let listed = node.nri().client().list_attachments().ok()?;
+            (!listed.iter().any(|a| a.key.container_id == "ghost-sandbox")).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.nri().log()));
+    let kept = node
+        .attachment_of("unlisted-sandbox")
+        .unwrap_or_else(|| panic!("the unlisted live pod was released\n{}", node.nri().log()));
+    assert_eq!(kept.address, unlisted.address);
+    let addrs = unlisted_ns
+        .ip(&["-4", "-o", "addr", "show", "eth-fleet"])
+        .unwrap();
+    assert!(
+        addrs.contains(&format!("{}/24", unlisted.address)),
+        "eth-fleet kept: {addrs}"
+    );
+    assert!(node.nri().host_veths().contains(&kept.host_veth));
+    assert_eq!(fleet_ip(&node, &live_c), live_ip);
+    // Once its netns is gone it is reclaimed like any vanished pod.
+    drop(unlisted_ns);
+    poll_until(
+        "the unlisted pod's release once its netns is gone",
+        Duration::from_secs(15),
+        || {
+            node.attachment_of("unlisted-sandbox")
+                .is_none()
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
+
+/// Issue 12 item 5: a sandbox removed while no CNI DEL and no NRI event reached fleet-nri
+/// (here: fleet-nri without NRI, and the runtime's conflist without fleet-cni by then) leaves
+/// an allocation whose netns is gone. The periodic sweep reclaims it within its interval (5 s
+/// by default), without a restart or a Synchronize.
+#[test]
+fn an_allocation_whose_sandbox_vanished_without_del_or_event_is_reclaimed_without_a_restart() {
+    require_root(
+        "an_allocation_whose_sandbox_vanished_without_del_or_event_is_reclaimed_without_a_restart",
+    );
+    let mut node = Node::new("reclaim", "100.96.26.0/24", false, false);
+    let nri = FleetNri::start(&node.subnet, None).unwrap();
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let plain = BridgeNetwork::new("podnet", &format!("fe2e-brr{n}"), "10.244.1.0/24");
+    plain
+        .clone()
+        .chain(nri.cni_entry())
+        .write_to(&node.containerd)
+        .unwrap();
+    node.nri = Some(nri);
+
+    // Run pods until containerd has loaded the chained conflist: one with an attachment.
+    let mut probe = 0;
+    let (sandbox, netns) = poll_until(
+        "a pod attached through the chained conflist",
+        Duration::from_secs(20),
+        || {
+            probe += 1;
+            let sb = node
+                .cri()
+                .run_pod(&PodSpec::new(&format!("p{probe}")))
+                .ok()?;
+            if node.attachment_of(&sb).is_some() {
+                return Some((sb.clone(), node.cri().pod_netns_path(&sb).ok()?));
+            }
+            node.remove_pod(&sb);
+            None
+        },
+    )
+    .unwrap();
+    // Then until it has loaded the conflist without fleet-cni: a pod without one.
+    plain.write_to(&node.containerd).unwrap();
+    poll_until(
+        "containerd to load the conflist without fleet-cni",
+        Duration::from_secs(20),
+        || {
+            probe += 1;
+            let sb = node
+                .cri()
+                .run_pod(&PodSpec::new(&format!("p{probe}")))
+                .ok()?;
+            let plain = node.attachment_of(&sb).is_none();
+            node.remove_pod(&sb);
+            plain.then_some(())
+        },
+    )
+    .unwrap();
+
+    node.remove_pod(&sandbox);
+    let removed = Instant::now();
+    assert!(!netns.exists(), "the runtime removed the pod's netns");
+    assert!(
+        node.attachment_of(&sandbox).is_some(),
+        "no DEL reached fleet-nri: the allocation is still held"
+    );
+    poll_until(
+        "the vanished sandbox's allocation to be reclaimed",
+        Duration::from_secs(12),
+        || {
+            (node.attachment_of(&sandbox).is_none() && node.nri().host_veths().is_empty())
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.nri().log()));
+    eprintln!(
+        "reclaimed {:.2} s after the sandbox was removed",
+        removed.elapsed().as_secs_f64()
+    );
+    assert!(
+        node.nri()
+            .log()
+            .contains("released the attachment of a pod whose netns is gone")
+    );
 }

@@ -2,6 +2,9 @@
 //! cluster's tunnel (from its `gateway` record) and nodes (from its `node/*` records) — as a
 //! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
 
+pub mod admin;
+pub mod services;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;

@@ -304,7 +304,7 @@ async fn start(
     builder: GotaBuilder,
 ) -> Result<GotaDevice> {
     let name = &config.name;
-    let uapi = UapiServer::default_unix_socket(name, None, None).map_err(|e| {
+    let uapi = serve_uapi(name).map_err(|e| {
         fail(
             name,
             format!("serve UAPI on {}", uapi_socket(name).display()),
@@ -401,6 +401,33 @@ async fn stats(device: &GotaDevice) -> Vec<PeerStats> {
             tx_bytes: s.stats.tx_bytes as u64,
         })
         .collect()
+}
+
+/// Serves the standard UAPI socket. gotatun's own `default_unix_socket` binds with the process
+/// umask (0777 under umask 000, and `/var/run/wireguard` too when it makes it), and `get=1`
+/// answers the private key: so the socket is bound here, 0600 from its first instant, in a
+/// directory made 0700 (as wireguard-go makes it) and never writable by others.
+fn serve_uapi(name: &str) -> std::io::Result<UapiServer> {
+    fleet_core::private_socket::ensure_dir(Path::new(UAPI_DIR), 0o700)?;
+    let listener = fleet_core::private_socket::bind_private(&uapi_socket(name))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    let (client, server) = UapiServer::new();
+    let device = name.to_owned();
+    // On the device thread's runtime: the loop ends with the device.
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let stream = stream.into_std().and_then(|s| {
+                s.set_nonblocking(false)?;
+                Ok(s)
+            });
+            match stream {
+                Ok(s) => client.clone().wrap_read_write(s),
+                Err(e) => tracing::warn!(%device, error = %e, "cannot serve a UAPI connection"),
+            }
+        }
+    });
+    Ok(server)
 }
 
 fn fail(name: &str, op: impl Into<String>, e: impl std::fmt::Display) -> GatewayError {

@@ -108,6 +108,9 @@ pub struct Joined {
     pub credential: Credential,
 }
 
+/// One reusable connection and when it was last used.
+type ConnectionSlot = Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>;
+
 struct Inner {
     endpoints: Vec<String>,
     tls: tokio_rustls::TlsConnector,
@@ -116,7 +119,9 @@ struct Inner {
     /// Index of the endpoint that last worked.
     current: AtomicUsize,
     /// The kept-alive call connection and when it was last used.
-    connection: Mutex<Option<(SendRequest<Full<Bytes>>, Instant)>>,
+    connection: ConnectionSlot,
+    /// Lease calls' own connection: a renewal never waits behind another call.
+    lease_connection: ConnectionSlot,
 }
 
 /// A client of the hub's API. Cheap to clone; clones share the connection and credential.
@@ -159,6 +164,7 @@ impl HubClient {
                 credential: std::sync::RwLock::new(None),
                 current: AtomicUsize::new(0),
                 connection: Mutex::new(None),
+                lease_connection: Mutex::new(None),
             }),
         })
     }
@@ -174,6 +180,7 @@ impl HubClient {
                 credential: std::sync::RwLock::new(Some(credential)),
                 current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
                 connection: Mutex::new(None),
+                lease_connection: Mutex::new(None),
             }),
         }
     }
@@ -257,7 +264,9 @@ impl HubClient {
     }
 
     /// One call on the shared connection. `retry` calls (idempotent ones) are sent again on a
-    /// fresh connection (possibly another replica) if the first attempt fails in transit.
+    /// fresh connection if the first attempt fails in transit, times out, or the replica
+    /// answers that it cannot serve (503 `unavailable`, 504 `timeout`) — then on the **next**
+    /// replica, so a replica that is up but cut from its store is left within one call.
     async fn call<T: Serialize, R: DeserializeOwned>(
         &self,
         name: &'static str,
@@ -266,8 +275,41 @@ impl HubClient {
         auth: bool,
         retry: bool,
     ) -> Result<R, HubError> {
+        self.call_on(
+            &self.inner.connection,
+            self.inner.options.call_timeout,
+            name,
+            path,
+            body,
+            auth,
+            retry,
+        )
+        .await
+    }
+
+    /// Moves the next connection attempt to the replica after the current one.
+    fn skip_current_replica(&self) {
+        let n = self.inner.endpoints.len();
+        if n > 1 {
+            let current = self.inner.current.load(Ordering::Relaxed);
+            self.inner
+                .current
+                .store((current + 1) % n, Ordering::Relaxed);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_on<T: Serialize, R: DeserializeOwned>(
+        &self,
+        connection: &ConnectionSlot,
+        timeout: Duration,
+        name: &'static str,
+        path: &str,
+        body: &T,
+        auth: bool,
+        retry: bool,
+    ) -> Result<R, HubError> {
         let body = serde_json::to_vec(body).expect("API calls serialise");
-        let timeout = self.inner.options.call_timeout;
         let attempts = if retry {
             1 + self.inner.endpoints.len()
         } else {
@@ -277,7 +319,7 @@ impl HubClient {
         for _ in 0..attempts {
             let request = self.request(path, body.clone(), auth)?;
             let once = async {
-                let mut slot = self.inner.connection.lock().await;
+                let mut slot = connection.lock().await;
                 // A connection idle longer than the hub's header timeout may be closing under us.
                 let cached = match slot.take() {
                     Some((mut s, used)) if used.elapsed() < REUSE_IDLE_CONNECTION_FOR => {
@@ -314,9 +356,21 @@ impl HubClient {
                 Ok(Err(e @ (HubError::Transport { .. } | HubError::Unreachable { .. }))) => {
                     last = Some(e)
                 }
+                Ok(Err(
+                    e @ HubError::Api {
+                        code: ErrorCode::Unavailable | ErrorCode::Timeout,
+                        ..
+                    },
+                )) if retry => {
+                    // Up but unable to serve: the next attempt goes to another replica.
+                    *connection.lock().await = None;
+                    self.skip_current_replica();
+                    last = Some(e)
+                }
                 Ok(result) => return result,
                 Err(_) => {
-                    *self.inner.connection.lock().await = None;
+                    *connection.lock().await = None;
+                    self.skip_current_replica();
                     last = Some(HubError::Timeout {
                         call: name,
                         timeout_ms: timeout.as_millis(),
@@ -438,7 +492,20 @@ impl HubClient {
             holder: holder.to_string(),
             ttl_ms: ttl.as_millis().try_into().unwrap_or(u64::MAX),
         };
-        let reply: LeaseReply = self.call("lease", "/v1/lease", &call, true, true).await?;
+        // Its own connection, and a timeout well below the TTL: a renewal that cannot finish
+        // in ttl/3 has failed, and the next replica is tried while the lease still runs.
+        let timeout = (ttl / 3).clamp(Duration::from_millis(200), self.inner.options.call_timeout);
+        let reply: LeaseReply = self
+            .call_on(
+                &self.inner.lease_connection,
+                timeout,
+                "lease",
+                "/v1/lease",
+                &call,
+                true,
+                true,
+            )
+            .await?;
         Ok(Lease {
             granted: reply.granted,
             holder: reply.holder,

@@ -7,6 +7,7 @@
 //! without a join string) waits for it to appear.
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -109,7 +110,12 @@ pub fn store_credential(path: &Path, credential: &Credential) -> Result<(), Cred
     };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).map_err(write)?;
+        // 0700 whatever the umask: whoever may write the directory may replace the file.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(write)?;
     }
     let name = path
         .file_name()
@@ -185,6 +191,12 @@ mod tests {
         store_credential(&path, &member("aa")).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(dir.path().join("sub"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700, "a directory it creates is private too");
         assert_eq!(load_credential(&path, &aa).unwrap(), Some(member("aa")));
         // A second writer loses and changes nothing.
         let other = Credential::Member {

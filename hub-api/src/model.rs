@@ -320,6 +320,24 @@ pub struct TokenInfo {
     pub revoked_at: Option<u64>,
 }
 
+/// A token lifetime: `90s`, `30m`, `24h`, `7d` (a positive whole number and one unit);
+/// `None` for anything else.
+pub fn parse_lifetime(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.len().checked_sub(1)?;
+    let (number, unit) = text.split_at_checked(split)?;
+    let n: u64 = number.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    let secs = n.checked_mul(scale).filter(|s| *s > 0)?;
+    Some(Duration::from_secs(secs))
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -149,6 +149,9 @@ pub enum ErrorCode {
     /// The watch's start is no longer in the store's history: relist, then watch again.
     Compacted,
     TooLarge,
+    /// The member is at its record count or byte quota: retrying gets the same answer until
+    /// it unpublishes something or the operator raises the quota.
+    QuotaExceeded,
     Timeout,
     Unavailable,
     Internal,
@@ -164,7 +167,7 @@ impl ErrorCode {
             | ErrorCode::TokenExpired
             | ErrorCode::TokenRevoked
             | ErrorCode::Unauthenticated => 401,
-            ErrorCode::PermissionDenied => 403,
+            ErrorCode::PermissionDenied | ErrorCode::QuotaExceeded => 403,
             ErrorCode::NotJoined | ErrorCode::NotFound => 404,
             ErrorCode::AlreadyJoined | ErrorCode::FleetExhausted => 409,
             ErrorCode::Compacted => 410,

@@ -15,11 +15,8 @@ use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 pub enum StoreLocation {
     /// The embedded store in this data dir (only one process may open it).
     Embedded(std::path::PathBuf),
-    /// etcd at these client URLs, under this key namespace.
-    Etcd {
-        endpoints: Vec<String>,
-        namespace: String,
-    },
+    /// etcd: client URLs, key namespace, TLS and credentials.
+    Etcd(EtcdOptions),
 }
 
 /// Opens the store and the registry on it.
@@ -29,13 +26,7 @@ pub async fn open_registry(
 ) -> Result<Registry, RegistryError> {
     let store: Arc<dyn Store> = match location {
         StoreLocation::Embedded(dir) => Arc::new(EmbeddedStore::open(dir.clone()).await?),
-        StoreLocation::Etcd {
-            endpoints,
-            namespace,
-        } => Arc::new(
-            EtcdStore::connect(EtcdOptions::new(endpoints.clone()).namespace(namespace.clone()))
-                .await?,
-        ),
+        StoreLocation::Etcd(options) => Arc::new(EtcdStore::connect(options.clone()).await?),
     };
     Registry::open(store, layout, Arc::new(SystemClock)).await
 }
@@ -66,22 +57,7 @@ pub enum AdminError {
 
 /// Parses `90s`, `30m`, `24h`, `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, AdminError> {
-    let bad = || AdminError::Duration(text.to_string());
-    let text = text.trim();
-    let split = text.len().checked_sub(1).ok_or_else(bad)?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(bad()),
-    };
-    if secs == 0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(secs))
+    fleet_hub_api::model::parse_lifetime(text).ok_or_else(|| AdminError::Duration(text.to_string()))
 }
 
 /// Creates a join token; the token text is the only thing on `out` (for scripts), the rest

@@ -12,6 +12,7 @@ use fleet_hub::admin::{self, StoreLocation};
 use fleet_hub::api::server::{ServerOptions, serve_with_relay_until_signal};
 use fleet_hub::registry::{DEFAULT_BLOCK_PREFIX, FleetLayout};
 use fleet_hub::relay::RelayOptions;
+use fleet_hub::store::EtcdOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,6 +30,25 @@ struct Flags {
     /// Key namespace in etcd.
     #[arg(long, default_value = "/fleetboard/")]
     etcd_namespace: String,
+    /// CA certificate (PEM) that verifies etcd's server certificate; for https:// endpoints.
+    #[arg(long)]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client certificate authentication.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd `auth enable`); the password comes from --etcd-password-file.
+    #[arg(long, requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (first line; keep it 0600).
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Allow plain http:// to an etcd that is not on this host's loopback (the store holds
+    /// the fleet's CA key and credentials: only on a network you trust).
+    #[arg(long)]
+    etcd_allow_insecure: bool,
     /// The fleet CIDR that cluster blocks are cut from (fixed for the life of a fleet).
     #[arg(long, default_value = fleet_core::config::DEFAULT_FLEET_CIDR)]
     fleet_cidr: ipnetwork::Ipv4Network,
@@ -69,6 +89,13 @@ enum Command {
         /// (every replica sweeps, relay or not): <n>ms or <n>s.
         #[arg(long, default_value = "1s", value_parser = fleet_hub::relay::parse_interval)]
         relay_sweep_interval: std::time::Duration,
+        /// Most records one member may publish (node/*, gateway, export/*, import/*, ...); a
+        /// publish past it is refused with `quota_exceeded`.
+        #[arg(long, default_value_t = fleet_hub::registry::DEFAULT_MEMBER_MAX_RECORDS)]
+        member_max_records: u64,
+        /// Most bytes (record names + values) one member's records may hold together.
+        #[arg(long, default_value_t = fleet_hub::registry::DEFAULT_MEMBER_MAX_BYTES)]
+        member_max_bytes: u64,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -169,10 +196,19 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let location = if flags.etcd.is_empty() {
         StoreLocation::Embedded(flags.data_dir.clone())
     } else {
-        StoreLocation::Etcd {
-            endpoints: flags.etcd.clone(),
-            namespace: flags.etcd_namespace.clone(),
+        let mut options =
+            EtcdOptions::new(flags.etcd.clone()).namespace(flags.etcd_namespace.clone());
+        options.ca_cert = flags.etcd_cacert.clone();
+        options.client_cert = flags.etcd_cert.clone();
+        options.client_key = flags.etcd_key.clone();
+        options.user = flags.etcd_user.clone();
+        options.allow_insecure = flags.etcd_allow_insecure;
+        if let Some(path) = &flags.etcd_password_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --etcd-password-file {}", path.display()))?;
+            options.password = Some(text.lines().next().unwrap_or_default().to_string());
         }
+        StoreLocation::Etcd(options)
     };
     if let Command::Relay { relay } = &flags.command {
         let hub = flags
@@ -216,9 +252,15 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Command::Serve {
         listen,
         relay_sweep_interval,
+        member_max_records,
+        member_max_bytes,
         relay,
     } = &flags.command
     {
+        let registry = registry.with_quotas(fleet_hub::registry::Quotas {
+            max_records: *member_max_records,
+            max_bytes: *member_max_bytes,
+        });
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
         options.relay_sweep_interval = Some(*relay_sweep_interval);
         // Replicas on etcd share one CA (members pin it) and admin credential.

@@ -14,7 +14,7 @@ use fleet_hub::api::server::{HubServer, ServerOptions};
 use fleet_hub::api::{CaHash, Credential, ErrorCode, JoinString};
 use fleet_hub::registry::{
     ClusterId, ClusterUpdate, FleetLayout, GatewayState, JoinRequest, ManualClock, PublicKey,
-    Registry, RegistryEvent, RelayRecord,
+    Quotas, Registry, RegistryEvent, RelayRecord,
 };
 use fleet_hub::store::{EmbeddedStore, Store};
 use fleet_hub_api::client::{HubClient, HubError};
@@ -30,6 +30,10 @@ struct Hub {
 
 impl Hub {
     async fn start(layout: FleetLayout) -> Hub {
+        Self::start_with(layout, Quotas::default()).await
+    }
+
+    async fn start_with(layout: FleetLayout, quotas: Quotas) -> Hub {
         let dir = tempfile::Builder::new()
             .prefix("fleet-hub-api-")
             .tempdir()
@@ -37,7 +41,10 @@ impl Hub {
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(dir.path().join("store")).await.unwrap());
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
-        let registry = Registry::open(store, layout, clock.clone()).await.unwrap();
+        let registry = Registry::open(store, layout, clock.clone())
+            .await
+            .unwrap()
+            .with_quotas(quotas);
         let options = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
         let server = HubServer::start(registry.clone(), options).await.unwrap();
         Hub {
@@ -296,6 +303,44 @@ async fn a_member_cannot_write_another_clusters_records() {
     assert_eq!(stored, &bb_record);
     assert_eq!(view.records.len(), 1);
     assert_eq!(view.records[0].value, b"mine");
+}
+
+/// Issue 12 item 10 over the API: a publish past the member's quota is `quota_exceeded`
+/// (HTTP 403), says which limit and how to raise it, changes nothing, and the client does not
+/// resend it (one refusal, not a retry loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_past_the_quota_is_refused_not_retried() {
+    let quotas = Quotas {
+        max_records: 3,
+        max_bytes: 1 << 20,
+    };
+    let hub = Hub::start_with(FleetLayout::default(), quotas).await;
+    let (join, _) = hub
+        .admin()
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    for i in 0..3 {
+        aa.publish(&id("aa"), &format!("import/ns/s{i}"), b"x")
+            .await
+            .unwrap();
+    }
+    let before = hub.revision().await;
+    let started = Instant::now();
+    let err = aa
+        .publish(&id("aa"), "import/ns/s3", b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    assert_eq!(ErrorCode::QuotaExceeded.http_status(), 403);
+    assert!(err.to_string().contains("--member-max-records"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(hub.revision().await, before, "nothing written");
+    // Unpublishing frees a place.
+    aa.unpublish(&id("aa"), "import/ns/s0").await.unwrap();
+    aa.publish(&id("aa"), "import/ns/s3", b"x").await.unwrap();
 }
 
 /// Reads until the server closes the connection (EOF or reset), within 5 s.
@@ -819,9 +864,10 @@ async fn relays_and_the_fleet_cidr_reach_members() {
     assert!(aa.list().await.unwrap().relays.is_empty());
 }
 
-/// Replicas on one etcd share one CA and admin credential through the store, with nothing
-/// copied between data dirs: a member pinned to the join string's CA talks to either, and a
-/// replica whose data dir holds another CA refuses to start.
+/// Replicas on one etcd share one CA through the store, with nothing copied between data dirs:
+/// a member pinned to the join string's CA talks to either, each replica's admin credential
+/// (kept in the store only as a hash) works on both, and a replica whose data dir holds
+/// another CA refuses to start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_etcd_share_one_ca_through_the_store() {
     let etcd = EtcdServer::start().await;
@@ -829,7 +875,18 @@ async fn replicas_on_etcd_share_one_ca_through_the_store() {
     let one = HubProcess::start(&store_flags).await;
     let two = HubProcess::start(&store_flags).await;
     assert_eq!(one.ca_hash(), two.ca_hash(), "one CA for the fleet");
-    assert_eq!(one.admin_credential(), two.admin_credential());
+    // Issue 12 item 9: admin credentials are no longer shared in clear through the store;
+    // each replica's own is registered by hash and accepted by every replica.
+    for admin in [one.admin_credential(), two.admin_credential()] {
+        for hub in [&one, &two] {
+            HubClient::new([hub.endpoint()], hub.ca_hash(), quick_options())
+                .unwrap()
+                .with_credential(admin.clone())
+                .list_tokens()
+                .await
+                .expect("every replica accepts every replica's admin credential");
+        }
+    }
 
     // A token from one replica; the member joins through the other and calls both.
     let (join, _) = one

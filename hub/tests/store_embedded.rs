@@ -231,6 +231,66 @@ async fn history_limit_compacts_and_asks_old_watchers_to_relist() {
     }
 }
 
+/// Issue 12 item 10: the in-memory watch history is bounded in bytes, not only in changes: 50
+/// changes of 1 KiB with a 10,000-byte budget keep the newest 9 (64 + key + value = 1,069
+/// bytes each); a watcher from before them relists, one from inside them resumes. It holds
+/// after a reopen too, and one change larger than the whole budget is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        history_bytes: 10_000,
+        ..Default::default()
+    };
+    let store = EmbeddedStore::open_with(dir.path(), options.clone())
+        .await
+        .unwrap();
+    let start = store.revision().await.unwrap();
+    let mut live = store.watch("b/", start).await.unwrap();
+    let mut revs = Vec::new();
+    for i in 0..50 {
+        revs.push(
+            store
+                .put(&format!("b/{i:02}"), vec![1; 1000])
+                .await
+                .unwrap(),
+        );
+    }
+    async fn check(store: &EmbeddedStore, revs: &[Revision]) {
+        let mut old = store.watch("b/", revs[39]).await.unwrap();
+        match next(&mut old).await {
+            Err(StoreError::Compacted { compacted, .. }) => assert_eq!(compacted, revs[40]),
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        let mut recent = store.watch("b/", revs[40]).await.unwrap();
+        for rev in &revs[41..] {
+            assert_eq!(next(&mut recent).await.unwrap().revision(), *rev);
+        }
+    }
+    check(&store, &revs).await;
+    // A live watcher that kept up saw every change (or was told to relist): never a gap.
+    let mut seen = 0;
+    while seen < 50 {
+        match next(&mut live).await {
+            Ok(change) => {
+                assert_eq!(change.revision(), revs[seen]);
+                seen += 1;
+            }
+            Err(StoreError::Compacted { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    drop(live);
+    drop(store);
+    let store = EmbeddedStore::open_with(dir.path(), options).await.unwrap();
+    check(&store, &revs).await;
+
+    let at = store.revision().await.unwrap();
+    let mut watch = store.watch("b/", at).await.unwrap();
+    let big = store.put("b/big", vec![2; 50_000]).await.unwrap();
+    assert_eq!(next(&mut watch).await.unwrap().revision(), big);
+}
+
 /// A watcher that falls behind the live channel catches up from history, in order, once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_watcher_catches_up_from_history() {
@@ -540,4 +600,25 @@ async fn a_damaged_old_log_is_refused_and_left_as_it_is() {
     assert_eq!(std::fs::read(dir.path().join("store.log")).unwrap(), bytes);
     assert!(!EmbeddedStore::db_path(dir.path()).exists());
     assert!(!dir.path().join("store.redb.importing").exists());
+}
+
+/// The data dir it makes and the store file are private whatever the umask: the directory
+/// also holds the CA key and the admin credential, and whoever may write it may replace them.
+#[tokio::test]
+async fn the_data_dir_and_the_store_file_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("a/data");
+    let _store = EmbeddedStore::open(&data).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "redb"))
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
 }

@@ -84,3 +84,41 @@ async fn unreachable_etcd_is_a_clear_error() {
     let err = EtcdStore::connect(options).await.unwrap_err();
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
+
+/// Issue 12 item 7: a request etcd refuses as such (here more operations than its
+/// `--max-txn-ops`) is a permanent `Refused` error — the API answers `invalid_argument`, which
+/// clients do not retry — not an outage (`unavailable`, retried for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_etcd_refuses_is_permanent_not_unavailable() {
+    let etcd = EtcdServer::start_with(&["--max-txn-ops=16"]).await;
+    let store = etcd.store("/fleetboard/").await;
+    let mut txn = fleet_hub::store::Txn::new();
+    for i in 0..20 {
+        txn = txn.put(format!("k/{i}"), b"x".to_vec());
+    }
+    let err = store.txn(txn).await.unwrap_err();
+    assert!(matches!(err, StoreError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("too many operations"), "{err}");
+    let code = fleet_hub::api::error_code(&fleet_hub::registry::RegistryError::Store(err));
+    assert_eq!(code, fleet_hub::api::ErrorCode::InvalidArgument);
+    assert!(store.list("k/").await.unwrap().items.is_empty());
+}
+
+/// A listing whose pages would exceed the client's message limit (large records) is fetched
+/// in smaller pages instead of failing: 12 values of 200 KiB under a 1 MiB limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_of_large_records_pages_down_instead_of_failing() {
+    let etcd = EtcdServer::start().await;
+    let mut options = etcd.options().namespace("/fleetboard/");
+    options.max_message = 1 << 20;
+    let store = EtcdStore::connect(options).await.unwrap();
+    for i in 0..12 {
+        store
+            .put(&format!("big/{i:02}"), vec![b'x'; 200 << 10])
+            .await
+            .unwrap();
+    }
+    let listing = store.list("big/").await.expect("paged listing");
+    assert_eq!(listing.items.len(), 12);
+    assert!(listing.items.iter().all(|kv| kv.value.len() == 200 << 10));
+}

@@ -1,7 +1,6 @@
 //! The node API server: one JSON request line in, one JSON reply line out, per connection.
 //! The protocol is `fleet_proto::node`; `docs/node-api.md` documents it.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,21 +16,17 @@ use crate::node::{Node, reply_line};
 const MAX_REQUEST: u64 = 1 << 20;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the socket (replacing a stale one from an earlier run), root-only.
+/// Binds the socket (replacing a stale one from an earlier run), root-only from its first
+/// instant whatever the umask: bound in a private staging directory, 0600, then renamed into
+/// place (see `fleet_core::private_socket`).
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("another fleet-nri already serves {}", path.display());
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => anyhow::bail!("another fleet-nri already serves {}", path.display()),
-        Err(_) => {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let listener = fleet_core::private_socket::bind_private(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
 }
 
 pub async fn serve(

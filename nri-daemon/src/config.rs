@@ -8,7 +8,8 @@
 //!              "data_dir": "/var/lib/fleetboard" },
 //!   "socket": "/run/fleetboard/node.sock",
 //!   "nri_socket": "/var/run/nri/nri.sock",
-//!   "network": "fleet"
+//!   "network": "fleet",
+//!   "reclaim_interval_secs": 5
 //! }
 //! ```
 //! `plan` is what the cluster controller hands out with `set_plan`. It may be left out: the
@@ -57,6 +58,14 @@ pub struct DaemonConfig {
     /// NRI plugin index: orders fleet-nri among other NRI plugins.
     #[serde(default = "default_plugin_idx")]
     pub plugin_idx: String,
+    /// How often allocations whose pod netns is gone are reclaimed when no CNI DEL or NRI event
+    /// said so: the bound on how long a vanished pod holds its address.
+    #[serde(default = "default_reclaim_interval_secs")]
+    pub reclaim_interval_secs: u64,
+}
+
+fn default_reclaim_interval_secs() -> u64 {
+    5
 }
 
 fn default_socket() -> PathBuf {
@@ -85,6 +94,10 @@ impl DaemonConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let cfg: DaemonConfig = serde_json::from_str(text)?;
         cfg.node_plan()?;
+        anyhow::ensure!(
+            cfg.reclaim_interval_secs > 0,
+            "reclaim_interval_secs must be at least 1"
+        );
         Ok(cfg)
     }
 
@@ -115,6 +128,7 @@ mod tests {
         assert_eq!(cfg.local.overlay_port, 4789);
         assert_eq!(cfg.local.bridge, "fleet0");
         assert_eq!(cfg.network, "fleet");
+        assert_eq!(cfg.reclaim_interval_secs, 5);
     }
 
     #[test]

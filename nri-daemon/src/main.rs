@@ -75,6 +75,11 @@ async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
     tracing::info!(socket = %cfg.socket.display(), node_subnet = %node_subnet, plan_set = !node_subnet.is_empty(), peers = node.peers().len(), allocated = node.list().len(), "fleet-nri serving");
 
     let api_task = tokio::spawn(api::serve(listener, node.clone(), stop_rx.clone()));
+    // Pods that vanished without a CNI DEL or an NRI event: reclaimed within the interval.
+    let reclaim_task = tokio::spawn(node.clone().reclaim_periodically(
+        std::time::Duration::from_secs(cfg.reclaim_interval_secs),
+        stop_rx.clone(),
+    ));
     let nri_task = with_nri.then(|| {
         let nri_cfg = nri::NriConfig {
             socket: cfg.nri_socket.clone(),
@@ -98,6 +103,7 @@ async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
     tracing::info!("stopping; pods keep their links and addresses");
     let _ = stop_tx.send(true);
     let _ = api_task.await;
+    let _ = reclaim_task.await;
     if let Some(t) = nri_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }

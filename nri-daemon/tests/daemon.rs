@@ -156,6 +156,7 @@ fn attach_req(id: &str, ns: &Ns) -> AttachRequest {
             name: id.into(),
             ..Default::default()
         },
+        primary: vec![],
     }
 }
 

@@ -34,6 +34,7 @@ fn attach_req(id: &str, netns: &TestNetns) -> AttachRequest {
         network: "fleet".into(),
         netns: netns.path().display().to_string(),
         pod: PodMeta::default(),
+        primary: vec![],
     }
 }
 
@@ -253,5 +254,42 @@ fn peers_are_validated_persisted_reprogrammed_after_kill_9_and_removed_without_l
         !ip_in(d.cnf_netns(), &["-o", "link"])
             .unwrap()
             .contains("fleetvx")
+    );
+}
+
+/// Issue 12 item 3: a plan whose fleet CIDR or VIP range overlaps the node's own networks (its
+/// addresses, its routes: kops' pod routes, say) is refused, naming both; nothing is set up.
+#[test]
+fn a_plan_overlapping_the_nodes_own_networks_is_refused() {
+    require_root("a_plan_overlapping_the_nodes_own_networks_is_refused");
+    let node = TestNetns::new("ovl-node");
+    let d = daemon_in(&node);
+    let c = d.client();
+    node.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
+    node.ip(&["link", "set", "cbr0", "up"]).unwrap();
+    node.ip(&["addr", "add", "100.96.128.1/24", "dev", "cbr0"])
+        .unwrap();
+    let e = c.set_plan(plan("100.96.50.0/24")).unwrap_err();
+    assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+    assert!(
+        e.details.contains("fleet CIDR 100.96.0.0/12") && e.details.contains("100.96.128.0/24"),
+        "{e}"
+    );
+    assert_eq!(c.get_plan().unwrap(), None);
+
+    // A route of the node into the VIP range (another node's pods, say).
+    node.ip(&["addr", "flush", "dev", "cbr0"]).unwrap();
+    node.ip(&["addr", "add", "10.244.0.1/24", "dev", "cbr0"])
+        .unwrap();
+    node.ip(&["route", "add", "100.112.7.0/24", "via", "10.244.0.9"])
+        .unwrap();
+    let e = c.set_plan(plan("100.96.50.0/24")).unwrap_err();
+    assert!(e.details.contains("VIP range 100.112.0.0/16"), "{e}");
+    assert_eq!(c.get_plan().unwrap(), None);
+
+    node.ip(&["route", "del", "100.112.7.0/24"]).unwrap();
+    assert_eq!(
+        c.set_plan(plan("100.96.50.0/24")).unwrap(),
+        PlanChange::Applied
     );
 }

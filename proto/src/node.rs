@@ -129,6 +129,29 @@ pub struct AttachRequest {
     pub netns: String,
     #[serde(default)]
     pub pod: PodMeta,
+    /// What the pod's primary plugin configured (fleet-cni sends prevResult's IPv4 addresses and
+    /// routes): fleet-nri refuses to attach when one overlaps the fleet CIDR or the VIP range.
+    /// Empty (NRI repair, an older fleet-cni): fleet-nri reads the pod's netns instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub primary: Vec<PrimaryNetwork>,
+}
+
+/// One network the pod's primary plugin configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryNetwork {
+    pub kind: PrimaryKind,
+    /// As prevResult has it: `100.96.128.7/24` (an address) or `10.96.0.0/12` (a route).
+    pub cidr: String,
+    /// The interface prevResult names for it; empty when it names none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub interface: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrimaryKind {
+    Address,
+    Route,
 }
 
 /// What ADD produced, in the terms a CNI result needs.

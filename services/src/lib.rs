@@ -9,13 +9,16 @@
 //!   `Valid` / `Ready` / `Conflict` conditions of every export;
 //! - [`import`]: imports on the wire (`import/<namespace>/<name>`, written by the importing
 //!   cluster, read by its `fleet-dns`), live clusters only;
-//! - [`vip`]: ClusterSetIP VIPs from a cluster's VIP range, stable across re-aggregation.
+//! - [`vip`]: ClusterSetIP VIPs from a cluster's VIP range, stable across re-aggregation;
+//! - [`liveness`]: which exporting clusters are resolved and routed to (heartbeats, damping).
 
 pub mod aggregate;
 pub mod export;
 pub mod import;
+pub mod liveness;
 pub mod vip;
 
 pub use aggregate::{Aggregation, ServiceImport, aggregate, aggregate_fleet};
 pub use export::{Export, ExportError, ExportKey, ServiceKey, ServiceType};
-pub use vip::{VipExhausted, VipTable, allocate_vips};
+pub use liveness::{Liveness, LivenessConfig};
+pub use vip::{VipExhausted, VipTable, allocate_vips, allocate_vips_reserving};

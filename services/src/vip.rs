@@ -96,6 +96,16 @@ pub fn allocate_vips(
     previous: &VipTable,
     imports: &BTreeMap<ServiceKey, ServiceImport>,
 ) -> Result<VipTable, VipExhausted> {
+    allocate_vips_reserving(range, previous, imports, &BTreeSet::new())
+}
+
+/// [`allocate_vips`], never handing out the `reserved` addresses (e.g. the cluster's DNS VIP).
+pub fn allocate_vips_reserving(
+    range: Ipv4Network,
+    previous: &VipTable,
+    imports: &BTreeMap<ServiceKey, ServiceImport>,
+    reserved: &BTreeSet<Ipv4Addr>,
+) -> Result<VipTable, VipExhausted> {
     let (first, count) = usable(range);
     let is_usable = |ip: Ipv4Addr| {
         let offset = u64::from(u32::from(ip).wrapping_sub(first));
@@ -108,7 +118,11 @@ pub fn allocate_vips(
         .collect();
 
     let mut table = BTreeMap::new();
-    let mut taken = BTreeSet::new();
+    let mut taken: BTreeSet<Ipv4Addr> = reserved
+        .iter()
+        .copied()
+        .filter(|ip| is_usable(*ip))
+        .collect();
     // Kept first, in name order: of two services that claim one address (a corrupt table)
     // the first keeps it.
     for service in &wanted {

@@ -6,15 +6,20 @@
 //! running containerd 1.7 + fleet-nri + fleet-cni (identical primary pod CIDR 10.244.1.0/24).
 //! Each member's fleet-controller joins the hub with a token. Then it starts `--pods N`
 //! busybox pods per member (spread over the nodes), shows their addresses, a cross-cluster
-//! ping and TCP exchange, and `fleetctl status`; then stays up until Ctrl-C (or exits at once
-//! with `--once`) and tears everything down.
+//! ping and TCP exchange; then service discovery: a web service of two pods in `aa`, exported
+//! with `fleetctl export`, fetched from a pod of `bb` by its name
+//! `web.default.svc.clusterset.local` (resolved by bb's fleet-dns to a ClusterSetIP VIP of bb,
+//! which bb's nodes send to aa's pods over the tunnel), and `fleetctl status`; then stays up
+//! until Ctrl-C (or exits at once with `--once`, non-zero if any step failed) and tears
+//! everything down.
 //!
 //! Everything lives in network namespaces this program creates; nothing touches the host's
 //! interfaces.
 
 use std::time::{Duration, Instant};
 
-use fleet_e2e::SandboxFleet;
+use fleet_e2e::fleet::DNS_VIP;
+use fleet_e2e::{Pod, PodSpec, SandboxFleet, poll_until};
 
 fn main() {
     if let Err(e) = run() {
@@ -58,6 +63,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("== starting fleet-controller in aa and bb (join with a token from fleet-hub)");
     fleet.start_controllers(false)?;
     println!("   every node has its plan after {:?}", t0.elapsed());
+    println!(
+        "== starting fleet-dns in aa and bb (in each gateway node's CNF netns, behind the DNS VIP {DNS_VIP})"
+    );
+    fleet.start_dns("aa")?;
+    fleet.start_dns("bb")?;
 
     let mut running = Vec::new();
     for id in ["aa", "bb"] {
@@ -112,6 +122,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let got = fleet.exec(client, &["timeout", "5", "wget", "-q", "-O", "-", &url])?;
         println!("== TCP: {} fetched {url}: {}", client.name, got.trim());
     }
+    let discovered = service_discovery(&fleet, client);
+    if let Err(e) = &discovered {
+        println!("== service discovery FAILED: {e}");
+    }
     let status = fleet.fleetctl("bb", &["status"])?;
     println!(
         "\n== fleetctl status (from bb):\n{}{}",
@@ -135,7 +149,84 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("== tearing down");
     drop(fleet);
     reached?;
+    discovered?;
     Ok(())
+}
+
+/// Deploys `web` (two pods labelled app=web) in aa, exports it, and fetches it by name from
+/// `client` in bb, printing each step.
+fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn std::error::Error>> {
+    println!("\n== service discovery: two httpd pods labelled app=web in aa");
+    for (node, name) in [(0, "web-1"), (1, "web-2")] {
+        let pod = fleet.run_pod_spec("aa", node, PodSpec::new(name).label("app", "web"))?;
+        fleet.exec(
+            &pod,
+            &[
+                "sh",
+                "-c",
+                &format!("mkdir -p /www && echo hello from {name} in aa > /www/index.html && httpd -p 80 -h /www"),
+            ],
+        )?;
+        println!("   {name} on aa node {node}: eth-fleet {}", pod.fleet_ip);
+    }
+    let export = [
+        "export",
+        "web",
+        "-n",
+        "default",
+        "--selector",
+        "app=web",
+        "--port",
+        "http:tcp:80",
+    ];
+    println!("== fleetctl {} (as aa)", export.join(" "));
+    let out = fleet.fleetctl("aa", &export)?;
+    print!("   {}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        return Err(format!("fleetctl export: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let url = "http://web.default.svc.clusterset.local/";
+    let t = Instant::now();
+    let body = poll_until(
+        "the service by its clusterset name",
+        Duration::from_secs(45),
+        || {
+            fleet
+                .exec(client, &["timeout", "4", "wget", "-q", "-O", "-", url])
+                .ok()
+        },
+    )?;
+    println!(
+        "== {} (bb) fetched {url} {:?} after the export: {}",
+        client.name,
+        t.elapsed(),
+        body.trim()
+    );
+    let lookup = fleet.exec(client, &["nslookup", "web.default.svc.clusterset.local"])?;
+    println!("   nslookup in {} (bb):\n{}", client.name, indent(&lookup));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        if let Ok(b) = fleet.exec(client, &["timeout", "4", "wget", "-q", "-O", "-", url]) {
+            seen.insert(b.trim().to_string());
+        }
+    }
+    println!("   20 more requests were answered by: {seen:?}");
+    if seen.len() < 2 {
+        return Err("the requests did not reach both of aa's pods".into());
+    }
+    let services = fleet.fleetctl("bb", &["services"])?;
+    println!(
+        "== fleetctl services (from bb):\n{}",
+        String::from_utf8_lossy(&services.stdout)
+    );
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("     {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Delivers SIGINT/SIGTERM to a channel (blocking the signals in this thread and waiting).

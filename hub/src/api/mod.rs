@@ -28,6 +28,7 @@ pub fn error_code(error: &RegistryError) -> ErrorCode {
         RegistryError::NotJoined(_) => ErrorCode::NotJoined,
         RegistryError::AlreadyJoined(_) => ErrorCode::AlreadyJoined,
         RegistryError::FleetExhausted { .. } => ErrorCode::FleetExhausted,
+        RegistryError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         RegistryError::Model(ModelError::InvalidClusterId(_) | ModelError::InvalidPublicKey(_))
         | RegistryError::InvalidRecordName(_)
         | RegistryError::InvalidTokenTtl
@@ -36,6 +37,10 @@ pub fn error_code(error: &RegistryError) -> ErrorCode {
         | RegistryError::InvalidRelayTtl(_)
         | RegistryError::InvalidRelayId(_) => ErrorCode::InvalidArgument,
         RegistryError::Store(StoreError::Compacted { .. }) => ErrorCode::Compacted,
+        // The store will refuse the same request again: not worth a retry.
+        RegistryError::Store(StoreError::InvalidTxn(_) | StoreError::Refused { .. }) => {
+            ErrorCode::InvalidArgument
+        }
         RegistryError::Store(_) | RegistryError::Contended { .. } => ErrorCode::Unavailable,
         RegistryError::InvalidLayout { .. }
         | RegistryError::LayoutMismatch { .. }

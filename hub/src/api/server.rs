@@ -341,10 +341,20 @@ async fn authenticate(state: &State, req: &Request<Incoming>) -> Result<Caller, 
         Credential::parse(text).ok_or_else(|| unauthenticated("malformed credential"))?;
     match &credential {
         Credential::Admin(_) => {
-            if crate::registry::constant_time_eq(
-                &credential.secret_sha256(),
-                &state.identity.admin_secret_sha256,
-            ) {
+            let hash = credential.secret_sha256();
+            let local =
+                crate::registry::constant_time_eq(&hash, &state.identity.admin_secret_sha256);
+            // Replicas on one store accept each other's admin credentials, registered by hash.
+            let registered = !local
+                && state.options.share_identity
+                && state
+                    .registry
+                    .store()
+                    .get(&format!("{}{hash}", super::tls::ADMIN_HASHES))
+                    .await
+                    .map_err(|e| CallError::from(RegistryError::from(e)))?
+                    .is_some();
+            if local || registered {
                 Ok(Caller::Admin)
             } else {
                 tracing::warn!("refused a wrong admin credential");

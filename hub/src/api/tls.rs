@@ -4,14 +4,17 @@
 //! P-256) into its data dir (`ca.pem`, `ca.key` 0600) and an admin credential
 //! (`admin.credential`, 0600). On every start it issues itself a fresh server certificate
 //! signed by that CA for the name [`HUB_SERVER_NAME`], and serves the chain `[server, CA]`.
-//! Replicas on one etcd share one CA and admin credential through the store
-//! ([`share_identity`], `meta/identity`): the first to start publishes its own, the others
-//! adopt it into their data dirs.
+//! Replicas on one etcd share one CA through the store ([`share_identity`], `meta/identity`):
+//! the first to start publishes its own, the others adopt it into their data dirs. Admin
+//! credentials never enter the store in clear: each replica keeps its own in its data dir and
+//! registers its SHA-256 under `meta/admins/<sha256>`; every replica accepts every registered
+//! one.
 //!
 //! Client side ([`CaHash`], [`pinned_client_config`]): the members' contract, in
 //! `fleet_hub_api::tls` (re-exported here).
 
 use std::fmt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -50,9 +53,9 @@ pub enum TlsError {
     #[error("sharing the hub identity through the store failed: {0}")]
     Store(String),
     #[error(
-        "the hub data dir {dir} holds CA {local} (or another admin credential), but the fleet's \
-         replicas share CA {shared} through the store; members pin that one: move this data \
-         dir's ca.pem, ca.key and admin.credential aside to adopt the shared identity"
+        "the hub data dir {dir} holds CA {local}, but the fleet's replicas share CA {shared} \
+         through the store; members pin that one: move this data dir's ca.pem and ca.key \
+         aside to adopt the shared identity"
     )]
     Mismatch {
         dir: PathBuf,
@@ -126,14 +129,20 @@ pub(crate) fn random_secret() -> Result<String, std::io::Error> {
 /// Where replicas on one store keep the fleet's TLS identity.
 pub const SHARED_IDENTITY_KEY: &str = "meta/identity";
 
-/// The hub's CA and admin credential as kept in the store (replicas on etcd share them; the
-/// store is then as secret as `ca.key`: protect etcd like the CA key).
+/// Where replicas register the SHA-256 of their admin credentials (`meta/admins/<sha256>`):
+/// any registered admin credential is accepted by every replica; deleting the key revokes it.
+pub const ADMIN_HASHES: &str = "meta/admins/";
+
+/// The hub's CA as kept in the store (replicas on etcd share it; the store is then as secret
+/// as `ca.key`: reach etcd over TLS with credentials, see `EtcdOptions`).
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct SharedIdentity {
     pub ca_pem: String,
     pub ca_key_pem: String,
-    /// `a.<secret>`.
-    pub admin_credential: String,
+    /// `a.<secret>` as an older hub stored it, in clear: adopted and moved to
+    /// [`ADMIN_HASHES`] by the first replica that reads it, then removed from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_credential: Option<String>,
 }
 
 impl fmt::Debug for SharedIdentity {
@@ -142,37 +151,38 @@ impl fmt::Debug for SharedIdentity {
     }
 }
 
+/// The admin credential secret's SHA-256 (hex), as `meta/admins/` and the server keep it.
+pub fn admin_hash(credential_text: &str) -> Option<String> {
+    match super::Credential::parse(credential_text.trim()) {
+        Some(super::Credential::Admin(secret)) => {
+            Some(crate::registry::sha256_hex(secret.as_bytes()))
+        }
+        _ => None,
+    }
+}
+
 impl SharedIdentity {
     fn generate() -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let cert = ca_params()?.self_signed(&key)?;
-        let secret = random_secret().map_err(|source| TlsError::Io {
-            path: PathBuf::from("<random>"),
-            source,
-        })?;
         Ok(SharedIdentity {
             ca_pem: cert.pem(),
             ca_key_pem: key.serialize_pem(),
-            admin_credential: super::Credential::Admin(secret).expose(),
+            admin_credential: None,
         })
     }
 
-    /// The identity in `data_dir`, if all three files are there.
+    /// The CA in `data_dir`, if both files are there.
     fn read_local(data_dir: &Path) -> Result<Option<Self>, TlsError> {
-        let read = |name: &str| {
-            let path = data_dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => Ok(Some(text)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(source) => Err(TlsError::Io { path, source }),
-            }
-        };
         Ok(
-            match (read(CA_CERT)?, read(CA_KEY)?, read(ADMIN_CREDENTIAL)?) {
-                (Some(ca_pem), Some(ca_key_pem), Some(admin)) => Some(SharedIdentity {
+            match (
+                read_optional(data_dir, CA_CERT)?,
+                read_optional(data_dir, CA_KEY)?,
+            ) {
+                (Some(ca_pem), Some(ca_key_pem)) => Some(SharedIdentity {
                     ca_pem,
                     ca_key_pem,
-                    admin_credential: admin.trim().to_string(),
+                    admin_credential: None,
                 }),
                 _ => None,
             },
@@ -180,13 +190,13 @@ impl SharedIdentity {
     }
 
     fn write_local(&self, data_dir: &Path) -> Result<(), TlsError> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(io_err(data_dir))?;
         write_private(&data_dir.join(CA_KEY), self.ca_key_pem.as_bytes())?;
-        write_private(&data_dir.join(CA_CERT), self.ca_pem.as_bytes())?;
-        write_private(
-            &data_dir.join(ADMIN_CREDENTIAL),
-            format!("{}\n", self.admin_credential).as_bytes(),
-        )
+        write_private(&data_dir.join(CA_CERT), self.ca_pem.as_bytes())
     }
 
     pub fn ca_hash(&self) -> Result<CaHash, TlsError> {
@@ -194,15 +204,27 @@ impl SharedIdentity {
     }
 }
 
-/// Makes `data_dir` hold the fleet's one identity, kept in `store` (for replicas on etcd):
-/// the first replica to start publishes its CA and admin credential (its existing files, or
-/// new ones), every other replica writes the published ones into its data dir. A data dir with
-/// a *different* CA is refused (its members' join strings pin the other CA).
+fn read_optional(data_dir: &Path, name: &str) -> Result<Option<String>, TlsError> {
+    let path = data_dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TlsError::Io { path, source }),
+    }
+}
+
+/// Makes `data_dir` hold the fleet's one CA, kept in `store` (for replicas on etcd): the first
+/// replica to start publishes its CA (its existing files, or new ones), every other replica
+/// writes the published one into its data dir. A data dir with a *different* CA is refused
+/// (its members' join strings pin the other CA). The replica's admin credential (its own,
+/// generated if absent) is registered by hash only; a clear-text one an older hub left in the
+/// store is adopted (written here if this data dir has none), registered by hash and removed.
 pub async fn share_identity(
     data_dir: &Path,
     store: &dyn crate::store::Store,
 ) -> Result<CaHash, TlsError> {
     let store_err = |e: crate::store::StoreError| TlsError::Store(e.to_string());
+    let mut hash = None;
     for _ in 0..8 {
         let local = SharedIdentity::read_local(data_dir)?;
         match store.get(SHARED_IDENTITY_KEY).await.map_err(store_err)? {
@@ -212,24 +234,53 @@ pub async fn share_identity(
                         path: PathBuf::from(SHARED_IDENTITY_KEY),
                         reason: e.to_string(),
                     })?;
-                let hash = shared.ca_hash()?;
+                let shared_hash = shared.ca_hash()?;
                 match local {
-                    Some(local)
-                        if local.ca_hash()? == hash
-                            && local.admin_credential == shared.admin_credential => {}
+                    Some(local) if local.ca_hash()? == shared_hash => {}
                     Some(local) => {
                         return Err(TlsError::Mismatch {
                             dir: data_dir.to_path_buf(),
                             local: local.ca_hash()?,
-                            shared: hash,
+                            shared: shared_hash,
                         });
                     }
                     None => {
                         shared.write_local(data_dir)?;
-                        tracing::info!(dir = %data_dir.display(), ca_sha256 = %hash, "adopted the fleet's CA and admin credential from the store");
+                        tracing::info!(dir = %data_dir.display(), ca_sha256 = %shared_hash, "adopted the fleet's CA from the store");
                     }
                 }
-                return Ok(hash);
+                if let Some(legacy) = &shared.admin_credential {
+                    // An older hub's clear-text admin credential: keep it working (by hash)
+                    // and take it out of the store.
+                    if read_optional(data_dir, ADMIN_CREDENTIAL)?.is_none() {
+                        write_private(
+                            &data_dir.join(ADMIN_CREDENTIAL),
+                            format!("{legacy}\n").as_bytes(),
+                        )?;
+                    }
+                    if let Some(h) = admin_hash(legacy) {
+                        store
+                            .put(&format!("{ADMIN_HASHES}{h}"), Vec::new())
+                            .await
+                            .map_err(store_err)?;
+                    }
+                    let cleaned = SharedIdentity {
+                        admin_credential: None,
+                        ..shared.clone()
+                    };
+                    let value = serde_json::to_vec(&cleaned).expect("serialises");
+                    if store
+                        .compare_and_swap(SHARED_IDENTITY_KEY, kv.mod_revision, value)
+                        .await
+                        .map_err(store_err)?
+                        .is_none()
+                    {
+                        continue;
+                    }
+                    tracing::info!("moved the admin credential in the store to a hash");
+                }
+                hash = Some(shared_hash);
+                break;
             }
             None => {
                 let (identity, fresh) = match local {
@@ -246,24 +297,49 @@ pub async fn share_identity(
                     if fresh {
                         identity.write_local(data_dir)?;
                     }
-                    let hash = identity.ca_hash()?;
-                    tracing::info!(ca_sha256 = %hash, generated = fresh, "published the hub CA and admin credential for the other replicas");
-                    return Ok(hash);
+                    let h = identity.ca_hash()?;
+                    tracing::info!(ca_sha256 = %h, generated = fresh, "published the hub CA for the other replicas");
+                    hash = Some(h);
+                    break;
                 }
-                // Another replica published first: adopt its identity on the next round.
+                // Another replica published first: adopt its CA on the next round.
             }
         }
     }
-    Err(TlsError::Store(
-        "the shared identity kept changing under us; retry".into(),
-    ))
+    let hash = hash.ok_or_else(|| {
+        TlsError::Store("the shared identity kept changing under us; retry".into())
+    })?;
+    // This replica's admin credential (generated on first start), registered by hash.
+    let admin_path = data_dir.join(ADMIN_CREDENTIAL);
+    let text = match read_optional(data_dir, ADMIN_CREDENTIAL)? {
+        Some(text) => text,
+        None => {
+            let secret = random_secret().map_err(io_err(&admin_path))?;
+            let text = format!("{}\n", super::Credential::Admin(secret).expose());
+            write_private(&admin_path, text.as_bytes())?;
+            text
+        }
+    };
+    let admin = admin_hash(&text).ok_or_else(|| TlsError::Bad {
+        path: admin_path.clone(),
+        reason: "not an admin credential".into(),
+    })?;
+    store
+        .put(&format!("{ADMIN_HASHES}{admin}"), Vec::new())
+        .await
+        .map_err(store_err)?;
+    Ok(hash)
 }
 
 impl HubIdentity {
     /// Loads the CA and admin credential from `data_dir`, generating them on first start, and
     /// issues this start's server certificate.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, TlsError> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(io_err(data_dir))?;
         let cert_path = data_dir.join(CA_CERT);
         let key_path = data_dir.join(CA_KEY);
         if !cert_path.exists() || !key_path.exists() {

@@ -3,9 +3,11 @@
 //! `leases/<cluster id>` holds a [`LeaseRecord`]. Every change is a compare-and-swap on the
 //! record's revision that also requires the cluster to exist, so two acquirers — on one hub or
 //! on two replicas sharing an etcd — never both win, and a removed cluster's lease cannot come
-//! back. Expiry is by the hub's clock (milliseconds); replicas' clocks should agree to well
-//! under a lease's TTL. A release keeps the record (expired) so the generation keeps counting:
-//! a holder change always makes the generation grow, never repeat.
+//! back. Expiry never compares two hosts' clocks: the replica asked judges a lease expired
+//! once it has itself seen the record unchanged for the lease's TTL ([`super::expiry`]), so
+//! replicas whose clocks disagree by any amount neither hand out a live lease nor hold a dead
+//! one for longer than TTL + one ask. A release keeps the record (expired) so the generation
+//! keeps counting: a holder change always makes the generation grow, never repeat.
 
 use std::time::Duration;
 
@@ -25,8 +27,13 @@ pub(super) struct LeaseRecord {
     pub holder: String,
     /// Starts at 1; +1 whenever the holder changes.
     pub generation: u64,
-    /// Unix milliseconds (hub clock) after which the lease is free; 0 once released.
+    /// Unix milliseconds (the granting replica's clock; for operators, never compared with
+    /// another clock); 0 once released, which frees the lease at once.
     pub expires_at_ms: u64,
+    /// The TTL granted: how long a replica must see the record unchanged to judge it expired.
+    /// 0 in a record of an older hub (the asker's TTL is used then).
+    #[serde(default)]
+    pub ttl_ms: u64,
 }
 
 pub use fleet_hub_api::model::Lease;
@@ -66,6 +73,7 @@ impl Registry {
         let key = lease_key(writer);
         let cluster = format!("{CLUSTERS}{writer}");
         for _ in 0..MAX_CONTENDED_RETRIES {
+            let observed_at = self.clock.now();
             let now = self.now_ms();
             let current = self.store.get(&key).await?;
             let (next, condition) = match &current {
@@ -74,19 +82,28 @@ impl Registry {
                         holder: holder.to_string(),
                         generation: 1,
                         expires_at_ms: 0,
+                        ttl_ms: 0,
                     },
                     Condition::Absent(key.clone()),
                 ),
                 Some(kv) => {
                     let record: LeaseRecord = decode(&key, &kv.value)?;
-                    let live = record.expires_at_ms > now;
-                    if live && record.holder != holder {
-                        return Ok(Lease {
-                            granted: false,
-                            ttl: Duration::from_millis(record.expires_at_ms - now),
-                            holder: record.holder,
-                            generation: record.generation,
-                        });
+                    if record.holder != holder && record.expires_at_ms != 0 {
+                        let granted_for = match record.ttl_ms {
+                            0 => ttl,
+                            ms => Duration::from_millis(ms),
+                        };
+                        let unchanged =
+                            self.observed
+                                .unchanged_for(&key, kv.mod_revision, observed_at);
+                        if unchanged < granted_for {
+                            return Ok(Lease {
+                                granted: false,
+                                ttl: granted_for - unchanged,
+                                holder: record.holder,
+                                generation: record.generation,
+                            });
+                        }
                     }
                     let generation = if record.holder == holder {
                         record.generation
@@ -98,6 +115,7 @@ impl Registry {
                             holder: holder.to_string(),
                             generation,
                             expires_at_ms: 0,
+                            ttl_ms: 0,
                         },
                         Condition::ModRevision(key.clone(), kv.mod_revision),
                     )
@@ -105,13 +123,15 @@ impl Registry {
             };
             let next = LeaseRecord {
                 expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+                ttl_ms: ttl.as_millis() as u64,
                 ..next
             };
             let txn = Txn::new()
                 .when(Condition::Exists(cluster.clone()))
                 .when(condition)
                 .put(key.clone(), encode(&next));
-            if self.store.txn(txn).await?.committed().is_some() {
+            if let Some(revision) = self.store.txn(txn).await?.committed() {
+                self.observed.wrote(&key, revision, observed_at);
                 let previous = current
                     .as_ref()
                     .and_then(|kv| decode::<LeaseRecord>(&key, &kv.value).ok());

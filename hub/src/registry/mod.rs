@@ -16,13 +16,16 @@
 //! credentials/<id>          SHA-256 of the cluster's API credential secret (set at join)
 //! leases/<id>               the cluster's controller lease (holder, generation, expiry)
 //! relays/<relay id>         a hub replica's relay (WireGuard key + endpoint + expiry)
+//! usage/<id>                what cluster <id>'s records hold (count, bytes): its quota
 //! ```
 //! Ownership: every member write names the writer's cluster id; a writer may only touch its own
 //! cluster's records ([`RegistryError::NotOwner`] otherwise). Admin operations (tokens,
 //! removing a cluster) take no writer; the API layer decides who may call them.
 
+mod expiry;
 mod lease;
 mod model;
+mod quota;
 mod relay;
 mod token;
 
@@ -41,6 +44,7 @@ pub use fleet_hub_api::model::{
 };
 pub use lease::{Lease, MAX_LEASE_TTL};
 pub use model::{DEFAULT_BLOCK_PREFIX, FleetLayout};
+pub use quota::{DEFAULT_MEMBER_MAX_BYTES, DEFAULT_MEMBER_MAX_RECORDS, Quotas, Usage};
 pub use relay::{MAX_RELAY_TTL, RelayRecord};
 pub use token::{Clock, JoinToken, ManualClock, SystemClock, TokenInfo};
 
@@ -138,6 +142,17 @@ pub enum RegistryError {
     InvalidRelayId(String),
     #[error("invalid relay TTL {0:?}: it must be positive and at most an hour")]
     InvalidRelayTtl(Duration),
+    #[error(
+        "cluster {cluster} is over its quota: {what} would be {would_be}, the limit is {limit}; \
+         unpublish records it no longer needs, or have the hub's operator raise \
+         --member-max-records / --member-max-bytes"
+    )]
+    QuotaExceeded {
+        cluster: ClusterId,
+        what: &'static str,
+        would_be: u64,
+        limit: u64,
+    },
 }
 
 /// The hub's registry. Cheap to clone.
@@ -146,6 +161,10 @@ pub struct Registry {
     store: Arc<dyn Store>,
     layout: FleetLayout,
     clock: Arc<dyn Clock>,
+    quotas: Quotas,
+    /// Since when (by this replica's own clock) it has seen each lease and relay record at
+    /// its current revision: expiry is judged on that, never on another host's clock.
+    observed: Arc<expiry::Observations>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -230,7 +249,19 @@ impl Registry {
             store,
             layout,
             clock,
+            quotas: Quotas::default(),
+            observed: Arc::default(),
         })
+    }
+
+    /// The same registry with other per-member quotas.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
     }
 
     pub fn layout(&self) -> FleetLayout {
@@ -586,21 +617,19 @@ impl Registry {
                 return Ok(false);
             };
             let record: ClusterRecord = decode(&key, &kv.value)?;
-            let mut txn = Txn::new()
+            // One prefix delete for the records: the transaction's size does not grow with
+            // them (etcd refuses more than 128 operations), and a publish cannot slip in
+            // between (it requires the cluster record this transaction deletes).
+            let txn = Txn::new()
                 .when(Condition::ModRevision(key.clone(), kv.mod_revision))
                 .delete(key.clone())
                 .delete(block_key(record.block))
                 .delete(format!("{CREDENTIALS}{id}"))
-                .delete(lease::lease_key(id));
-            for item in self.store.list(&prefix).await?.items {
-                txn = txn.delete(item.key);
-            }
+                .delete(lease::lease_key(id))
+                .delete(quota::usage_key(id))
+                .delete_prefix(prefix.clone());
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                // A publish that raced the listing above: no new one can land now the
-                // cluster is gone, so one sweep finishes the job.
-                for item in self.store.list(&prefix).await?.items {
-                    self.store.delete(&item.key).await?;
-                }
+                self.observed.forget(&lease::lease_key(id));
                 tracing::info!(cluster = %id, block = %record.block, revision, "cluster removed");
                 return Ok(true);
             }
@@ -613,7 +642,8 @@ impl Registry {
 
     // ---- member records ----------------------------------------------------------------
 
-    /// A member publishes (creates or replaces) one of its records.
+    /// A member publishes (creates or replaces) one of its records, within its quota
+    /// ([`RegistryError::QuotaExceeded`] otherwise, and nothing is written).
     pub async fn publish(
         &self,
         writer: &ClusterId,
@@ -623,13 +653,36 @@ impl Registry {
     ) -> Result<Revision, RegistryError> {
         check_owner(writer, owner)?;
         check_record_name(name)?;
-        let txn = Txn::new()
-            .when(Condition::Exists(cluster_key(owner)))
-            .put(record_key(owner, name), value);
-        match self.store.txn(txn).await? {
-            TxnOutcome::Committed { revision } => Ok(revision),
-            TxnOutcome::ConditionFailed => Err(RegistryError::NotJoined(owner.clone())),
+        let key = record_key(owner, name);
+        for _ in 0..MAX_CONTENDED_RETRIES {
+            let old = self.store.get(&key).await?;
+            let (usage, usage_unchanged) = self.usage(owner).await?;
+            let next = usage
+                .without(old.as_ref().map(|kv| (name, kv.value.len())))
+                .with(name, value.len());
+            self.quotas.check(owner, &usage, &next)?;
+            let record_unchanged = match &old {
+                Some(kv) => Condition::ModRevision(key.clone(), kv.mod_revision),
+                None => Condition::Absent(key.clone()),
+            };
+            let txn = Txn::new()
+                .when(Condition::Exists(cluster_key(owner)))
+                .when(usage_unchanged)
+                .when(record_unchanged)
+                .put(key.clone(), value.clone())
+                .put(quota::usage_key(owner), encode(&next));
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok(revision);
+            }
+            if self.store.get(&cluster_key(owner)).await?.is_none() {
+                return Err(RegistryError::NotJoined(owner.clone()));
+            }
+            // Another write of this member's records came first: count again.
         }
+        Err(RegistryError::Contended {
+            operation: "publish a record",
+            attempts: MAX_CONTENDED_RETRIES,
+        })
     }
 
     /// A member withdraws one of its records; false if it did not exist.
@@ -641,7 +694,44 @@ impl Registry {
     ) -> Result<bool, RegistryError> {
         check_owner(writer, owner)?;
         check_record_name(name)?;
-        Ok(self.store.delete(&record_key(owner, name)).await?.is_some())
+        let key = record_key(owner, name);
+        for _ in 0..MAX_CONTENDED_RETRIES {
+            let Some(old) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let (usage, usage_unchanged) = self.usage(owner).await?;
+            let next = usage.without(Some((name, old.value.len())));
+            let txn = Txn::new()
+                .when(Condition::ModRevision(key.clone(), old.mod_revision))
+                .when(usage_unchanged)
+                .delete(key.clone())
+                .put(quota::usage_key(owner), encode(&next));
+            if self.store.txn(txn).await?.committed().is_some() {
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Contended {
+            operation: "unpublish a record",
+            attempts: MAX_CONTENDED_RETRIES,
+        })
+    }
+
+    /// What `owner`'s records hold, and the condition that it is still so. A member without a
+    /// usage record (records published before quotas existed) is counted once from its records.
+    pub async fn usage(&self, owner: &ClusterId) -> Result<(Usage, Condition), RegistryError> {
+        let key = quota::usage_key(owner);
+        if let Some(kv) = self.store.get(&key).await? {
+            return Ok((
+                decode(&key, &kv.value)?,
+                Condition::ModRevision(key, kv.mod_revision),
+            ));
+        }
+        let mut usage = Usage::default();
+        for kv in self.store.list(&format!("{RECORDS}{owner}/")).await?.items {
+            let name = &kv.key[RECORDS.len() + owner.as_str().len() + 1..];
+            usage = usage.with(name, kv.value.len());
+        }
+        Ok((usage, Condition::Absent(key)))
     }
 
     /// Clusters and published records at one revision: the starting point of a watch.

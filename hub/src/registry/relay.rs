@@ -3,10 +3,12 @@
 //! when they have no direct tunnel. Written by the hub itself (its relay process, through the
 //! admin API), never by members.
 //!
-//! Liveness: a record carries `expires_at` (unix ms, set by the hub from the publisher's TTL);
-//! the relay renews it (publishes again) every TTL/3, and every serving hub replica sweeps
-//! records past their expiry ([`Registry::sweep_relays`]), so the relay of a dead host
-//! disappears from members' views within TTL + one sweep interval and they switch to another.
+//! Liveness: a record carries its TTL; the relay renews it (publishes again, a new revision)
+//! every TTL/3, and every serving hub replica sweeps the records it has itself seen unchanged
+//! for their TTL, by its own clock ([`Registry::sweep_relays`], [`super::expiry`]), so the
+//! relay of a dead host disappears from members' views within TTL + one sweep interval and
+//! they switch to another — and replicas whose clocks disagree never sweep a live relay.
+//! `expires_at` (unix ms by the publishing replica's clock) is informational.
 
 use std::time::Duration;
 
@@ -67,10 +69,10 @@ impl Registry {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         record.expires_at = self.now_ms().saturating_add(ttl_ms);
         let stored = StoredRelay { record, ttl_ms };
-        let revision = self
-            .store
-            .put(&relay_key(&stored.record.id), encode(&stored))
-            .await?;
+        let key = relay_key(&stored.record.id);
+        let written_at = self.clock.now();
+        let revision = self.store.put(&key, encode(&stored)).await?;
+        self.observed.wrote(&key, revision, written_at);
         let record = stored.record;
         tracing::debug!(relay = %record.id, endpoint = %record.endpoint, expires_at = record.expires_at, "relay published");
         Ok((revision, record))
@@ -86,8 +88,9 @@ impl Registry {
         Ok(removed)
     }
 
-    /// Deletes every relay record past its expiry (by this hub's clock), each only if it is
-    /// still the exact version read (a renewal in between wins, and of several replicas
+    /// Deletes every relay record this replica has seen unchanged (same revision) for its TTL,
+    /// by its own clock — never comparing another replica's clock with its own — each only if
+    /// it is still the exact version read (a renewal in between wins, and of several replicas
     /// sweeping at once only one deletes). Returns the ids removed.
     ///
     /// `sweeping_since` (by the registry's clock): when this sweeper started. A record is
@@ -98,13 +101,15 @@ impl Registry {
         &self,
         sweeping_since: std::time::SystemTime,
     ) -> Result<Vec<String>, RegistryError> {
-        let now = self.now_ms();
-        let since = sweeping_since
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let sweeping_for = now.saturating_sub(since);
+        let observed_at = self.clock.now();
+        let sweeping_for = observed_at
+            .duration_since(sweeping_since)
+            .unwrap_or_default();
+        let listing = self.store.list(RELAYS).await?;
+        self.observed
+            .retain(RELAYS, |key| listing.items.iter().any(|kv| kv.key == key));
         let mut removed = Vec::new();
-        for kv in self.store.list(RELAYS).await?.items {
+        for kv in listing.items {
             let (expires_at, ttl_ms) = match decode::<StoredRelay>(&kv.key, &kv.value) {
                 Ok(stored) => (stored.record.expires_at, stored.ttl_ms),
                 Err(e) => {
@@ -112,7 +117,18 @@ impl Registry {
                     (0, 0)
                 }
             };
-            if expires_at > now || sweeping_for < ttl_ms {
+            if ttl_ms > 0 {
+                let ttl = Duration::from_millis(ttl_ms);
+                // Observed on every sweep, also while the sweeper is young, so a record's
+                // count starts when it is first seen.
+                let unchanged = self
+                    .observed
+                    .unchanged_for(&kv.key, kv.mod_revision, observed_at);
+                if sweeping_for < ttl || unchanged < ttl {
+                    continue;
+                }
+            } else if expires_at > self.now_ms() {
+                // A record of a hub from before TTLs were stored: its absolute expiry.
                 continue;
             }
             let txn = Txn::new()
@@ -120,7 +136,7 @@ impl Registry {
                 .delete(kv.key.clone());
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 let id = kv.key[RELAYS.len()..].to_string();
-                tracing::warn!(relay = %id, expires_at, now, revision, "relay record expired (its relay stopped renewing it); removed");
+                tracing::warn!(relay = %id, ttl_ms, revision, "relay record expired (unchanged for its TTL: its relay stopped renewing it); removed");
                 removed.push(id);
             }
         }

@@ -8,12 +8,13 @@
 //! from the last revision it delivered, so a short etcd outage costs no changes.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient,
-    TxnOp, WatchClient, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, KvClient, TlsOptions, TxnOp, WatchClient, WatchOptions,
 };
 
 use super::{
@@ -22,9 +23,9 @@ use super::{
 };
 
 /// How to reach etcd.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdOptions {
-    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    /// Client URLs, e.g. `https://10.0.0.5:2379` (or `http://127.0.0.1:2379`).
     pub endpoints: Vec<String>,
     /// Prepended to every key; ends in `/`.
     pub namespace: String,
@@ -32,6 +33,33 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// How long a watch keeps trying to re-establish itself before it reports the failure.
     pub watch_retry_for: Duration,
+    /// The CA that signed etcd's server certificate (PEM file); needed for `https://`.
+    pub ca_cert: Option<PathBuf>,
+    /// This client's certificate and key (PEM files), for etcd's `--client-cert-auth`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// etcd user and password (etcd's `auth enable`); the password is never logged.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Allow plain `http://` to an etcd that is not on this host's loopback.
+    pub allow_insecure: bool,
+    /// Largest response accepted; a listing page that would exceed it is fetched in smaller
+    /// pages, so a listing's size never fails it.
+    pub max_message: usize,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("allow_insecure", &self.allow_insecure)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EtcdOptions {
@@ -41,6 +69,13 @@ impl EtcdOptions {
             namespace: "/fleetboard/".into(),
             request_timeout: Duration::from_secs(5),
             watch_retry_for: Duration::from_secs(30),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            user: None,
+            password: None,
+            allow_insecure: false,
+            max_message: MAX_MESSAGE,
         }
     }
 
@@ -48,6 +83,97 @@ impl EtcdOptions {
         self.namespace = namespace.into();
         self
     }
+
+    /// Refuses settings that cannot work or would expose the store: mixed or unknown
+    /// schemes, `https://` without a CA, TLS files with `http://`, half a client identity, a
+    /// user without a password, and plain `http://` to an etcd off this host's loopback
+    /// (the store holds the fleet's CA key and credentials) unless `allow_insecure`.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let bad = |reason: String| Err(StoreError::Config(reason));
+        if self.endpoints.is_empty() {
+            return bad("no etcd endpoint given".into());
+        }
+        let mut tls = None;
+        for endpoint in &self.endpoints {
+            let (secure, rest) = if let Some(rest) = endpoint.strip_prefix("https://") {
+                (true, rest)
+            } else if let Some(rest) = endpoint.strip_prefix("http://") {
+                (false, rest)
+            } else if endpoint.contains("://") {
+                return bad(format!("etcd endpoint {endpoint}: use http:// or https://"));
+            } else {
+                (false, endpoint.as_str())
+            };
+            if *tls.get_or_insert(secure) != secure {
+                return bad("etcd endpoints mix http:// and https://: use one scheme".into());
+            }
+            let host = rest.split('/').next().unwrap_or_default();
+            let host = match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            };
+            if !secure && !self.allow_insecure && !is_loopback(host) {
+                return bad(format!(
+                    "refusing plain http:// to etcd at {endpoint}, which is not on this host's \
+                     loopback: the hub's store holds the fleet's CA key and credentials. Use \
+                     https:// with --etcd-cacert (and --etcd-cert/--etcd-key or --etcd-user), or \
+                     pass --etcd-allow-insecure on a network you trust"
+                ));
+            }
+        }
+        let secure = tls == Some(true);
+        if secure && self.ca_cert.is_none() {
+            return bad(
+                "https:// etcd endpoints need --etcd-cacert (the CA of etcd's server certificate)"
+                    .into(),
+            );
+        }
+        if !secure
+            && (self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some())
+        {
+            return bad("--etcd-cacert/--etcd-cert/--etcd-key are for https:// endpoints; the etcd endpoints are http://".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return bad("give both --etcd-cert and --etcd-key, or neither".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad(
+                "--etcd-user needs a password (--etcd-password-file), and a password a user".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
+        self.check()?;
+        let mut options = ConnectOptions::new().with_connect_timeout(self.request_timeout);
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            // etcd's auth tokens expire; the client fetches a new one instead of failing.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(ca) = &self.ca_cert {
+            let read = |path: &PathBuf| {
+                std::fs::read(path)
+                    .map_err(|e| StoreError::Config(format!("reading {}: {e}", path.display())))
+            };
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(options)
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The etcd-backed [`Store`]. Cheap to clone.
@@ -71,6 +197,9 @@ impl std::fmt::Debug for EtcdStore {
 /// Largest response accepted (gRPC's default is 4 MiB; a watch catching up on many
 /// revisions can send more in one message).
 const MAX_MESSAGE: usize = 64 << 20;
+
+/// gRPC's status code `INVALID_ARGUMENT`.
+const GRPC_INVALID_ARGUMENT: i32 = 3;
 
 /// Keys per page of a listing.
 const LIST_PAGE: i64 = 500;
@@ -100,10 +229,7 @@ impl EtcdStore {
     /// Connects and checks that etcd answers within the request timeout.
     pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
         let endpoints = options.endpoints.join(",");
-        let connect = Client::connect(
-            &options.endpoints,
-            Some(ConnectOptions::new().with_connect_timeout(options.request_timeout)),
-        );
+        let connect = Client::connect(&options.endpoints, Some(options.connect_options()?));
         let client = match tokio::time::timeout(options.request_timeout, connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(source)) => {
@@ -122,8 +248,12 @@ impl EtcdStore {
             }
         };
         let store = EtcdStore {
-            kv_api: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
-            watch_api: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+            kv_api: client
+                .kv_client()
+                .max_decoding_message_size(options.max_message),
+            watch_api: client
+                .watch_client()
+                .max_decoding_message_size(options.max_message),
             options,
             endpoints,
         };
@@ -159,6 +289,17 @@ impl EtcdStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.options.request_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
+            // etcd answers InvalidArgument for a request it will never accept (too many
+            // operations, too large, ...): permanent, unlike an outage.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status.code() as i32 == GRPC_INVALID_ARGUMENT =>
+            {
+                Err(StoreError::Refused {
+                    endpoints: self.endpoints.clone(),
+                    operation,
+                    reason: status.message().to_string(),
+                })
+            }
             Ok(Err(source)) => Err(StoreError::Etcd {
                 endpoints: self.endpoints.clone(),
                 operation,
@@ -194,10 +335,11 @@ impl Store for EtcdStore {
             let mut items = Vec::new();
             let mut revision = 0i64;
             let mut from = full_prefix.clone();
+            let mut page = LIST_PAGE;
             loop {
                 let mut options = GetOptions::new()
                     .with_range(range_end.clone())
-                    .with_limit(LIST_PAGE);
+                    .with_limit(page);
                 if revision > 0 {
                     options = options.with_revision(revision);
                 }
@@ -214,6 +356,14 @@ impl Store for EtcdStore {
                             && source.to_string().contains("compacted") =>
                     {
                         continue 'listing;
+                    }
+                    // Large values: the page exceeded the message limit. Smaller pages (one
+                    // record always fits: a request is at most etcd's 1.5 MiB).
+                    Err(StoreError::Etcd { ref source, .. })
+                        if page > 1 && source.to_string().contains("message length too large") =>
+                    {
+                        page = (page / 2).max(1);
+                        continue;
                     }
                     Err(e) => return Err(e),
                 };
@@ -260,6 +410,11 @@ impl Store for EtcdStore {
             .map(|op| match op {
                 Op::Put { key, value } => TxnOp::put(self.full_key(key), value.clone(), None),
                 Op::Delete { key } => TxnOp::delete(self.full_key(key), None),
+                // One range delete, whatever the number of keys under the prefix.
+                Op::DeletePrefix { prefix } => TxnOp::delete(
+                    self.full_key(prefix),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
             })
             .collect();
         let mut client = self.kv_api.clone();

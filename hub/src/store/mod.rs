@@ -81,12 +81,28 @@ pub enum Condition {
 /// One write of a [`Txn`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    /// Deletes every key starting with `prefix` (non-empty), however many: one operation, so
+    /// removing a member's records never grows a transaction with the data.
+    DeletePrefix {
+        prefix: String,
+    },
 }
 
+/// The most conditions, and the most operations, one [`Txn`] may hold: etcd's default
+/// `--max-txn-ops`. Both backends refuse more ([`StoreError::InvalidTxn`]), so code that works
+/// on the embedded store cannot fail on etcd; an operation on data of any size uses
+/// [`Op::DeletePrefix`] instead of one operation per key.
+pub const MAX_TXN_OPS: usize = 128;
+
 /// All-or-nothing: if every condition holds, every operation is applied at one new revision.
-/// A key may appear in at most one operation.
+/// A key may appear in at most one operation (a prefix delete counts for every key under it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Txn {
     pub conditions: Vec<Condition>,
@@ -116,12 +132,63 @@ impl Txn {
         self
     }
 
+    /// Deletes every key under `prefix` (see [`Op::DeletePrefix`]).
+    pub fn delete_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.ops.push(Op::DeletePrefix {
+            prefix: prefix.into(),
+        });
+        self
+    }
+
     fn check_keys(&self) -> Result<(), StoreError> {
+        if self.ops.len() > MAX_TXN_OPS || self.conditions.len() > MAX_TXN_OPS {
+            return Err(StoreError::InvalidTxn(format!(
+                "{} operations and {} conditions in one transaction; at most {MAX_TXN_OPS} of \
+                 each (etcd's limit): use a prefix delete for data of any size",
+                self.ops.len(),
+                self.conditions.len()
+            )));
+        }
+        let prefixes: Vec<&str> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::DeletePrefix { prefix } => Some(prefix.as_str()),
+                _ => None,
+            })
+            .collect();
         let mut seen = std::collections::HashSet::new();
         for op in &self.ops {
             let key = match op {
                 Op::Put { key, .. } | Op::Delete { key } => key,
+                Op::DeletePrefix { prefix } => {
+                    if prefix.is_empty() {
+                        return Err(StoreError::InvalidTxn(
+                            "a prefix delete needs a non-empty prefix".into(),
+                        ));
+                    }
+                    if prefixes
+                        .iter()
+                        .filter(|p| *p != prefix)
+                        .any(|p| prefix.starts_with(p))
+                    {
+                        return Err(StoreError::InvalidTxn(format!(
+                            "prefix {prefix:?} lies under another prefix delete of the transaction"
+                        )));
+                    }
+                    if !seen.insert(prefix.as_str()) {
+                        return Err(StoreError::InvalidTxn(format!(
+                            "prefix {prefix:?} appears in more than one operation of one transaction"
+                        )));
+                    }
+                    continue;
+                }
             };
+            if prefixes.iter().any(|p| key.starts_with(p)) {
+                return Err(StoreError::InvalidTxn(format!(
+                    "key {key:?} lies under a prefix delete of the same transaction"
+                )));
+            }
             if key.is_empty() {
                 return Err(StoreError::InvalidTxn(
                     "an operation has an empty key".into(),
@@ -171,6 +238,17 @@ pub enum StoreError {
     },
     #[error("invalid transaction: {0}")]
     InvalidTxn(String),
+    /// The store refused the request as such (etcd's `InvalidArgument`: too many operations,
+    /// request too large, ...): sending it again gets the same answer.
+    #[error(
+        "etcd at {endpoints} refused {operation}: {reason}; the same request will be refused \
+         again"
+    )]
+    Refused {
+        endpoints: String,
+        operation: &'static str,
+        reason: String,
+    },
     #[error(
         "store data dir {dir} is in use by another process ({holder}); stop it or pick another \
          data dir"
@@ -204,6 +282,8 @@ pub enum StoreError {
         operation: &'static str,
         timeout_ms: u128,
     },
+    #[error("etcd settings: {0}")]
+    Config(String),
     #[error("etcd watch on {prefix:?} was cancelled by the server: {reason}")]
     WatchCancelled { prefix: String, reason: String },
     #[error("the store was closed")]

@@ -16,6 +16,11 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    extra_args: Vec<String>,
+    /// `http` or `https`.
+    scheme: &'static str,
+    /// How this harness connects (readiness, `store`): TLS files and credentials.
+    client: EtcdOptions,
 }
 
 fn free_port() -> u16 {
@@ -26,6 +31,21 @@ fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts etcd and waits (bounded) until it serves requests.
     pub async fn start() -> EtcdServer {
+        Self::start_with(&[]).await
+    }
+
+    /// [`EtcdServer::start`] with extra etcd flags (e.g. `--max-txn-ops=16`).
+    pub async fn start_with(extra_args: &[&str]) -> EtcdServer {
+        Self::start_secured(extra_args, "http", EtcdOptions::new(Vec::<String>::new())).await
+    }
+
+    /// etcd serving clients over `scheme` with `extra_args` (TLS files, ...); the harness
+    /// connects with `client`'s TLS files and credentials.
+    pub async fn start_secured(
+        extra_args: &[&str],
+        scheme: &'static str,
+        client: EtcdOptions,
+    ) -> EtcdServer {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: run scripts/install-deps.sh (Debian's etcd-server) — the etcd \
@@ -39,13 +59,28 @@ impl EtcdServer {
                 .expect("temp dir"),
             client_port: free_port(),
             peer_port: free_port(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            scheme,
+            client,
         };
         server.spawn().await;
         server
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+    }
+
+    /// The harness's connection settings for this etcd.
+    pub fn options(&self) -> EtcdOptions {
+        let mut options = self.client.clone();
+        options.endpoints = vec![self.endpoint()];
+        options
+    }
+
+    /// Replaces the harness's connection settings (e.g. once auth is enabled).
+    pub fn set_client(&mut self, client: EtcdOptions) {
+        self.client = client;
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -78,6 +113,7 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=fleet-test={peer}"))
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -92,11 +128,9 @@ impl EtcdServer {
                     self.log()
                 );
             }
-            if let Ok(Ok(_)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                EtcdStore::connect(EtcdOptions::new([self.endpoint()])),
-            )
-            .await
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), EtcdStore::connect(self.options()))
+                    .await
             {
                 return;
             }
@@ -136,7 +170,7 @@ impl EtcdServer {
 
     /// A store on this etcd, in its own namespace.
     pub async fn store(&self, namespace: &str) -> EtcdStore {
-        EtcdStore::connect(EtcdOptions::new([self.endpoint()]).namespace(namespace))
+        EtcdStore::connect(self.options().namespace(namespace))
             .await
             .expect("connect to the test etcd")
     }

@@ -30,6 +30,7 @@ pub struct HubProcess {
     pub dir: tempfile::TempDir,
     pub port: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl HubProcess {
@@ -47,11 +48,36 @@ impl HubProcess {
 
     /// Starts it on an existing data dir (e.g. one holding another replica's CA).
     pub async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> HubProcess {
+        Self::start_in_with_env(dir, extra, &[]).await
+    }
+
+    /// Starts it with extra environment variables (e.g. libfaketime's, to skew its clock).
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> HubProcess {
+        Self::start_in_with_env(
+            tempfile::Builder::new()
+                .prefix("fleet-hub-api-")
+                .tempdir()
+                .unwrap(),
+            extra,
+            env,
+        )
+        .await
+    }
+
+    pub async fn start_in_with_env(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> HubProcess {
         let mut hub = HubProcess {
             child: None,
             dir,
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         hub.spawn().await;
         hub
@@ -108,6 +134,7 @@ impl HubProcess {
             .arg("--listen")
             .arg(self.endpoint())
             .env("FLEET_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))

@@ -723,6 +723,176 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
     );
 }
 
+/// Issue 12 item 7: a member with 200 records (etcd takes at most 128 operations per
+/// transaction) is removed by the operator, another one leaves: both succeed and leave no
+/// record, block, credential or lease behind; a third member's records are untouched.
+pub async fn members_with_200_records_are_removed_and_leave(
+    store: Arc<dyn Store>,
+    replica: Arc<dyn Store>,
+) {
+    let reg = registry(store.clone(), FleetLayout::default()).await;
+    let other = registry(replica, FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    for (n, name) in ["aa", "bb", "cc"].iter().enumerate() {
+        reg.join(&token, request(name, n as u8 + 1)).await.unwrap();
+    }
+    for i in 0..200 {
+        for name in ["aa", "bb"] {
+            reg.publish(
+                &id(name),
+                &id(name),
+                &format!("import/ns/svc-{i}"),
+                vec![b'x'; 64],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    reg.publish(&id("cc"), &id("cc"), "gateway", b"cc".to_vec())
+        .await
+        .unwrap();
+    reg.acquire_lease(&id("aa"), "ctl-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    assert!(
+        reg.remove_cluster(&id("aa"))
+            .await
+            .expect("remove with 200 records")
+    );
+    assert!(
+        other
+            .leave(&id("bb"), &id("bb"))
+            .await
+            .expect("leave with 200 records")
+    );
+
+    let left: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|kv| kv.key)
+        .filter(|k| !k.starts_with("tokens/") && (k.contains("/aa") || k.contains("/bb")))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let view = reg.view().await.unwrap();
+    assert_eq!(view.clusters.len(), 1);
+    assert_eq!(view.records.len(), 1, "cc's record stays");
+    // The freed blocks are handed out again.
+    let again = reg.join(&token, request("dd", 9)).await.unwrap();
+    assert_eq!(again.block.to_string(), "100.96.0.0/20");
+}
+
+/// Issue 12 item 10: a member's records are held to a count and a byte quota. Past either, a
+/// publish is `QuotaExceeded` (the API's `quota_exceeded`, not retried) and writes nothing;
+/// replacing, unpublishing and publishing again stay exact; two replicas publishing at once
+/// never overshoot; with the default quotas thousands of small records fit.
+pub async fn member_quotas_hold_on_count_and_bytes(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
+    use fleet_hub::registry::Quotas;
+    let quotas = Quotas {
+        max_records: 10,
+        max_bytes: 2_000,
+    };
+    let reg = registry(store.clone(), FleetLayout::default())
+        .await
+        .with_quotas(quotas);
+    let other = registry(replica, FleetLayout::default())
+        .await
+        .with_quotas(quotas);
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    reg.join(&token, request("aa", 1)).await.unwrap();
+    reg.join(&token, request("bb", 2)).await.unwrap();
+    let aa = id("aa");
+
+    // Two replicas, 20 concurrent publishes of distinct records: exactly 10 land.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let reg = if i % 2 == 0 {
+            reg.clone()
+        } else {
+            other.clone()
+        };
+        let aa = aa.clone();
+        tasks.push(tokio::spawn(async move {
+            reg.publish(&aa, &aa, &format!("import/ns/s{i:02}"), vec![b'x'; 10])
+                .await
+        }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => granted += 1,
+            Err(RegistryError::QuotaExceeded { what, limit, .. }) => {
+                assert_eq!((what, limit), ("records", 10))
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(granted, 10);
+    let mine = |s: Arc<dyn Store>| async move { s.list("records/aa/").await.unwrap().items };
+    assert_eq!(mine(store.clone()).await.len(), 10);
+
+    let before = store.revision().await.unwrap();
+    let err = reg
+        .publish(&aa, &aa, "import/ns/one-more", b"x".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::QuotaExceeded { .. }), "{err}");
+    assert!(err.to_string().contains("--member-max-records"), "{err}");
+    assert_eq!(
+        fleet_hub::api::error_code(&err),
+        fleet_hub::api::ErrorCode::QuotaExceeded
+    );
+    assert_eq!(store.revision().await.unwrap(), before, "nothing written");
+
+    // Replacing a record is not a new one; a removed one frees its place.
+    let name = mine(store.clone()).await[0].key["records/aa/".len()..].to_string();
+    reg.publish(&aa, &aa, &name, vec![b'y'; 20]).await.unwrap();
+    assert!(reg.unpublish(&aa, &aa, &name).await.unwrap());
+    reg.publish(&aa, &aa, "import/ns/new", vec![b'z'; 10])
+        .await
+        .unwrap();
+    // Bytes: a value that would take the member past 2,000 bytes is refused.
+    let err = reg
+        .publish(&aa, &aa, "import/ns/new", vec![b'z'; 1_900])
+        .await
+        .unwrap_err();
+    match err {
+        RegistryError::QuotaExceeded { what, limit, .. } => {
+            assert_eq!((what, limit), ("bytes", 2_000))
+        }
+        other => panic!("expected QuotaExceeded, got {other}"),
+    }
+    let (usage, _) = reg.usage(&aa).await.unwrap();
+    let listed = mine(store.clone()).await;
+    assert_eq!(usage.records, listed.len() as u64);
+    assert_eq!(
+        usage.bytes,
+        listed
+            .iter()
+            .map(|kv| (kv.key.len() - "records/aa/".len() + kv.value.len()) as u64)
+            .sum::<u64>()
+    );
+    // Another member is not affected by aa's usage.
+    reg.publish(&id("bb"), &id("bb"), "gateway", b"up".to_vec())
+        .await
+        .unwrap();
+
+    // Default quotas: 3,000 small import records fit.
+    let reg = registry(store.clone(), FleetLayout::default()).await;
+    let bb = id("bb");
+    for i in 0..3_000 {
+        reg.publish(&bb, &bb, &format!("import/ns/svc-{i}"), vec![b'i'; 200])
+            .await
+            .unwrap();
+    }
+    // Removing the member removes its usage record with it.
+    assert!(reg.remove_cluster(&aa).await.unwrap());
+    assert!(store.get("usage/aa").await.unwrap().is_none());
+}
+
 #[macro_export]
 macro_rules! registry_suite {
     ($setup:path) => {
@@ -792,6 +962,16 @@ macro_rules! registry_suite {
             async fn relays_are_in_the_view_and_the_watch() {
                 let (store, replica, _guard) = $setup().await;
                 suite::relays_are_in_the_view_and_the_watch(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn members_with_200_records_are_removed_and_leave() {
+                let (store, replica, _guard) = $setup().await;
+                suite::members_with_200_records_are_removed_and_leave(store, replica).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn member_quotas_hold_on_count_and_bytes() {
+                let (store, replica, _guard) = $setup().await;
+                suite::member_quotas_hold_on_count_and_bytes(store, replica).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expired_relays_are_swept_once_and_renewed_ones_stay() {

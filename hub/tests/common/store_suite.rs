@@ -356,6 +356,71 @@ pub async fn watch_sees_every_concurrent_write_once(store: Arc<dyn Store>) {
 
 /// Instantiates the suite for a backend: `$setup` is an async fn returning
 /// `(Arc<dyn Store>, guard)`; the guard keeps the backend alive for the test.
+/// Issue 12 item 7: a prefix delete removes any number of keys (250, past etcd's 128
+/// operations per transaction) in one transaction at one revision, and nothing outside the
+/// prefix (`r/a/` leaves `r/ab/` alone).
+pub async fn prefix_delete_removes_any_number_of_keys_at_one_revision(store: Arc<dyn Store>) {
+    for i in 0..250 {
+        store
+            .put(&format!("r/a/{i:03}"), b"x".to_vec())
+            .await
+            .unwrap();
+    }
+    store.put("r/ab/keep", b"y".to_vec()).await.unwrap();
+    let start = store.revision().await.unwrap();
+    let mut watch = store.watch("r/", start).await.unwrap();
+    let outcome = store
+        .txn(Txn::new().delete("r/ab/none").delete_prefix("r/a/"))
+        .await
+        .unwrap();
+    let revision = outcome.committed().expect("no conditions");
+    assert!(revision > start);
+    assert!(store.list("r/a/").await.unwrap().items.is_empty());
+    let left = store.list("r/").await.unwrap().items;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].key, "r/ab/keep");
+    let mut deleted = Vec::new();
+    for _ in 0..250 {
+        match next(&mut watch).await.unwrap() {
+            Change::Delete { key, revision: r } => {
+                assert_eq!(r, revision, "every delete at the transaction's revision");
+                deleted.push(key);
+            }
+            other => panic!("expected a delete, got {other:?}"),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted.first().map(String::as_str), Some("r/a/000"));
+    assert_eq!(deleted.last().map(String::as_str), Some("r/a/249"));
+    assert_quiet(&mut watch).await;
+
+    // A put under a prefix deleted by the same transaction is ambiguous: refused.
+    let err = store
+        .txn(
+            Txn::new()
+                .put("r/ab/keep", b"z".to_vec())
+                .delete_prefix("r/ab/"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidTxn(_)), "{err}");
+}
+
+/// A transaction with more operations than etcd takes (128) is refused the same way by every
+/// backend, before anything is written: an invalid transaction, never an outage.
+pub async fn oversized_transaction_is_refused_everywhere(store: Arc<dyn Store>) {
+    let before = store.revision().await.unwrap();
+    let mut txn = Txn::new();
+    for i in 0..=fleet_hub::store::MAX_TXN_OPS {
+        txn = txn.put(format!("big/{i}"), b"x".to_vec());
+    }
+    let err = store.txn(txn).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidTxn(_)), "{err}");
+    assert!(err.to_string().contains("at most 128"), "{err}");
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert!(store.list("big/").await.unwrap().items.is_empty());
+}
+
 #[macro_export]
 macro_rules! store_suite {
     ($setup:path) => {
@@ -415,6 +480,18 @@ macro_rules! store_suite {
             async fn compacted_history_asks_for_relist() {
                 let (store, _guard) = $setup().await;
                 suite::compacted_history_asks_for_relist(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn prefix_delete_removes_any_number_of_keys_at_one_revision() {
+                let (store, _guard) = $setup().await;
+                suite::prefix_delete_removes_any_number_of_keys_at_one_revision(store).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn oversized_transaction_is_refused_everywhere() {
+                let (store, _guard) = $setup().await;
+                suite::oversized_transaction_is_refused_everywhere(store).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! Every failure of a node operation, and the one place that maps it to the node API's
 //! [`NodeError`] (a CNI error code, a message saying what failed, the cause as details).
 
+use fleet_core::config::PlanError;
 use fleet_core::datapath::DatapathError;
 use fleet_core::ipam::IpamError;
 use fleet_proto::node::{NodeError, code};
@@ -35,6 +36,13 @@ pub enum Failure {
     AttachArgs(String),
     #[error("the pod's network namespace does not exist: {0}")]
     PodNetnsMissing(String),
+    /// The pod's primary network (prevResult, or its netns) overlaps the fleet CIDR or the VIP
+    /// range: attaching would route part of it over eth-fleet.
+    #[error("the pod's primary network overlaps the fleet's ranges: {0}")]
+    PrimaryOverlap(PlanError),
+    /// The pod's primary network could not be read (its netns, or a malformed `primary`).
+    #[error("cannot read the pod's primary network: {0}")]
+    PrimaryUnreadable(String),
     #[error("cannot reserve an address: {0}")]
     Reserve(IpamError),
     #[error("cannot attach eth-fleet to the pod: {0}")]
@@ -52,6 +60,12 @@ pub enum Failure {
     /// A gateway request that cannot be carried out as given.
     #[error("invalid gateway request: {0}")]
     InvalidGateway(String),
+    /// A `set_services` table that cannot be programmed as given.
+    #[error("invalid service table: {0}")]
+    InvalidServices(String),
+    /// Programming the VIP table in the CNF netns failed (the table is recorded).
+    #[error("cannot program the service VIPs: {0}")]
+    Services(String),
     /// The WireGuard device, its key or its own-block route failed.
     #[error("cannot {op}: {reason}")]
     Gateway { op: &'static str, reason: String },
@@ -116,6 +130,26 @@ impl From<Failure> for NodeError {
                 "the pod's network namespace does not exist".into(),
                 e,
             ),
+            Failure::PrimaryOverlap(e) => {
+                let msg = match &e {
+                    PlanError::OverlapsUsed {
+                        range_name,
+                        range,
+                        used,
+                        ..
+                    } => format!(
+                        "the pod's primary network {used} overlaps the {range_name} {range}; no fleet address was allocated"
+                    ),
+                    other => other.to_string(),
+                };
+                (code::INVALID_CONFIG, msg, e.to_string())
+            }
+            Failure::PrimaryUnreadable(e) => (
+                code::INVALID_CONFIG,
+                "cannot read the pod's primary network to check it against the fleet's ranges"
+                    .into(),
+                e,
+            ),
             Failure::Reserve(e) => match e {
                 IpamError::Exhausted { .. } => (
                     code::POOL_EXHAUSTED,
@@ -161,6 +195,14 @@ impl From<Failure> for NodeError {
             Failure::InvalidGateway(e) => {
                 (code::INVALID_CONFIG, "invalid gateway request".into(), e)
             }
+            Failure::InvalidServices(e) => {
+                (code::INVALID_CONFIG, "invalid service table".into(), e)
+            }
+            Failure::Services(e) => (
+                code::SERVICES_FAILED,
+                "cannot program the service VIPs; the table is recorded, resend to retry".into(),
+                e,
+            ),
             Failure::Gateway { op, reason } => (
                 code::GATEWAY_FAILED,
                 format!("cannot {op}; resend to retry"),
@@ -201,5 +243,17 @@ mod tests {
             NodeError::from(Failure::PlanConflict("x".into())).code,
             code::PLAN_CONFLICT
         );
+        let e = NodeError::from(Failure::InvalidServices("VIP 1.2.3.4 ...".into()));
+        assert_eq!(
+            (e.code, e.msg.as_str(), e.details.as_str()),
+            (
+                code::INVALID_CONFIG,
+                "invalid service table",
+                "VIP 1.2.3.4 ..."
+            )
+        );
+        let e = NodeError::from(Failure::Services("nft: ...".into()));
+        assert_eq!(e.code, code::SERVICES_FAILED);
+        assert!(e.msg.contains("resend to retry"), "{e}");
     }
 }

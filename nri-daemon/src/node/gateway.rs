@@ -463,10 +463,19 @@ async fn remove_stale(name: &str, netns: &Path) -> Result<(), GatewayError> {
 /// directory fsynced (like the plan).
 fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    fleet_core::private_socket::ensure_dir(dir, 0o700)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{}.tmp", name.unwrap_or_default()));
-    let mut f = std::fs::File::create(&tmp)?;
+    // 0600 whatever the umask: it names the gateway's peers and endpoints.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?
+    };
     f.write_all(&serde_json::to_vec_pretty(value).expect("state serializes"))?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

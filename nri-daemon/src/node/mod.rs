@@ -9,7 +9,7 @@
 //! One file per concern: [`plan`] (the plan and its CNF netns), [`pods`] (attach, detach,
 //! check, gc), [`peers`] (the intra-cluster overlay), [`repair`] (NRI: synchronize and pod
 //! events), [`gateway`] (the cluster's WireGuard gateway on the gateway node, with
-//! [`own_block`]); [`error`] maps every failure to the node API's error codes, in one place. This file
+//! [`own_block`]), [`services`] (the ClusterSetIP VIPs: nftables in the CNF netns); [`error`] maps every failure to the node API's error codes, in one place. This file
 //! holds the [`Node`] and the request dispatch.
 
 mod error;
@@ -19,6 +19,7 @@ mod peers;
 mod plan;
 mod pods;
 mod repair;
+mod services;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -63,6 +64,10 @@ pub struct Node {
     gateway: Arc<tokio::sync::Mutex<gateway::GatewayState>>,
     /// The gateway's private key once loaded or made (never logged, never sent).
     gateway_key: Mutex<Option<fleet_gateway::PrivateKey>>,
+    /// The VIP table (`set_services`) and whether the CNF netns holds it.
+    services: Mutex<services::ServicesState>,
+    /// What the CNF netns' VIP table holds, so a change programs only what differs.
+    vips: tokio::sync::Mutex<fleet_core::vip::VipProgrammer>,
 }
 
 /// What exists once the node has a plan.
@@ -94,12 +99,14 @@ impl Node {
             pod_locks: Mutex::new(HashMap::new()),
             gateway: Arc::default(),
             gateway_key: Mutex::new(None),
+            services: Mutex::default(),
+            vips: Default::default(),
         }
     }
 
     /// Start-up: the persisted plan (the controller's latest word) or else the config's, then
-    /// the persisted peers, then the persisted gateway. A plan that cannot be set up is fatal;
-    /// peers or a gateway that cannot be programmed are logged and retried at the controller's
+    /// the persisted peers, then the persisted gateway, then the VIP table. A plan that cannot be set up is fatal;
+    /// peers, a gateway or VIPs that cannot be programmed are logged and retried at the controller's
     /// next request.
     pub async fn restore(&self, config_plan: Option<NodePlan>) -> anyhow::Result<()> {
         use anyhow::Context;
@@ -124,7 +131,8 @@ impl Node {
                 tracing::error!(error = %NodeError::from(e), "cannot restore the overlay; the next set_peers retries");
             }
         }
-        self.restore_gateway().await
+        self.restore_gateway().await?;
+        self.restore_services().await
     }
 
     fn planned_now(&self) -> Option<Arc<Planned>> {
@@ -178,15 +186,8 @@ impl Node {
             NodeRequest::GatewayStatus => reply_line(self.gateway_status().await),
             NodeRequest::GatewayKey => reply_line(self.gateway_key()),
             NodeRequest::ClearGateway => reply_line(self.clear_gateway().await),
-            // The VIP table (nftables in the CNF netns) is being built; until then a clear
-            // refusal, never a silent success.
-            NodeRequest::SetServices(_) | NodeRequest::ListServices => {
-                reply_line::<(), _>(Err(NodeError::new(
-                    fleet_proto::node::code::UNSUPPORTED_FIELD,
-                    "this fleet-nri cannot program service VIPs yet",
-                    "upgrade fleet-nri",
-                )))
-            }
+            NodeRequest::SetServices(r) => reply_line(self.set_services(r).await),
+            NodeRequest::ListServices => reply_line::<_, Failure>(Ok(self.services())),
         }
     }
 }

@@ -12,6 +12,7 @@ use fleet_proto::node::{
     GcResult, Origin,
 };
 
+use super::plan::{networks_in, primary_of};
 use super::{Failure, Node, Planned, now_unix};
 
 impl Node {
@@ -53,6 +54,19 @@ impl Node {
         if let Err(e) = netns::open(netns_path) {
             return Err(Failure::PodNetnsMissing(e.to_string()));
         }
+        // Before anything is reserved: a pod whose primary network overlaps the fleet's ranges
+        // is refused with nothing left behind.
+        let used = if req.primary.is_empty() {
+            networks_in(netns_path, Some(POD_INTERFACE), "the pod's")
+                .await
+                .map_err(Failure::PrimaryUnreadable)?
+        } else {
+            primary_of(&req.primary)?
+        };
+        p.datapath
+            .plan()
+            .check_disjoint(&used)
+            .map_err(Failure::PrimaryOverlap)?;
         let template = Attachment {
             key: req.key.clone(),
             network: req.network.clone(),
@@ -72,10 +86,13 @@ impl Node {
         }
         match p.datapath.attach(netns_path, &att).await {
             Ok(link) => {
-                let changed = att.mac != link.mac || att.netns != req.netns;
                 att.mac = link.mac;
                 att.netns = req.netns.clone();
-                if changed && let Err(e) = p.ipam.update(&att) {
+                let recorded = p.ipam.modify(&att.key, &att.network, |r| {
+                    r.mac = att.mac.clone();
+                    r.netns = att.netns.clone();
+                });
+                if let Err(e) = recorded {
                     tracing::warn!(error = %e, address = %att.address, "cannot record the pod's link; the allocation stands");
                 }
                 tracing::info!(container = %att.key.container_id, pod = %att.pod.name, namespace = %att.pod.namespace, address = %att.address, ?origin, "pod attached");

@@ -1,14 +1,24 @@
 //! NRI's side of the node: Synchronize reconciles the node with the runtime's pods (repairs
 //! pods without `eth-fleet`, releases pods that are gone, deletes veths nobody owns); pod
 //! events record metadata and release removed pods; CreateContainer injects the fleet IP.
+//! Beside NRI, a periodic sweep reclaims allocations whose pod is gone when no event said so.
+//!
+//! **What "gone" means**: the pod's network namespace no longer exists. That alone decides,
+//! never the runtime's list: a runtime that lost track of a sandbox (its shim stalled across a
+//! restart) leaves it out of Synchronize while its netns and containers live on, and a sandbox
+//! whose CNI chain is still running is not listed yet. The runtime removes a sandbox's netns
+//! when it stops it, so an allocation whose DEL and RemovePodSandbox never reached us is
+//! reclaimed within the config's `reclaim_interval_secs` (5 s by default). A netns the runtime leaked (never unmounted) keeps
+//! its address until it is removed.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_proto::node::{AttachRequest, AttachmentKey, NodeError, Origin, PodMeta};
 
-use super::{Node, now_unix};
+use super::Node;
 use crate::nri::handler::{ContainerAdjust, ContainerInfo, NriHandler, PodSandboxInfo};
 
 /// Env var carrying the pod's fleet IP into every container (NRI CreateContainer).
@@ -17,9 +27,20 @@ pub const ENV_FLEET_IP: &str = "FLEETBOARD_IP";
 pub const ANNOTATION_FLEET_IP: &str = "fleetboard.io/ip";
 /// CNI_IFNAME recorded for NRI repairs: what the runtime's later DEL of the chain will carry.
 const REPAIR_IFNAME: &str = "eth0";
-/// Attachments younger than this are never treated as stale by Synchronize: their pod may be
-/// mid-creation and not yet in the runtime's list.
-const STALE_GRACE: Duration = Duration::from_secs(60);
+/// Whether the pod netns at `path` still exists: a mounted (or `/proc`) netns, not a leftover
+/// file. When it cannot be told (a permission error, say) it counts as existing.
+fn pod_netns_exists(path: &str) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::statfs::{NSFS_MAGIC, statfs};
+    if path.is_empty() {
+        return false;
+    }
+    match statfs(Path::new(path)) {
+        Ok(fs) => fs.filesystem_type() == NSFS_MAGIC,
+        Err(Errno::ENOENT | Errno::ENOTDIR) => false,
+        Err(_) => true,
+    }
+}
 
 impl Node {
     /// Brings the node in line with the runtime's pods: attaches pods that lack `eth-fleet`
@@ -33,20 +54,14 @@ impl Node {
             );
             return;
         };
+        // Pods whose netns is gone are released (listed or not); pods the runtime does not
+        // list but whose netns exists are kept: the runtime may have lost track of a live
+        // sandbox, or may not list one whose CNI chain is still running.
+        self.reclaim_gone().await;
         let live: HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
-        let now = now_unix();
         for att in p.ipam.list() {
-            let young = now.saturating_sub(att.created_unix) < STALE_GRACE.as_secs();
-            if !live.contains(att.key.container_id.as_str()) && !young {
-                let _guard = self.lock_pod(&att.key.container_id).await;
-                match Self::release(&p, &att).await {
-                    Ok(()) => {
-                        tracing::info!(container = %att.key.container_id, address = %att.address, "released attachment of a pod that is gone")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %NodeError::from(e), "cannot release stale attachment")
-                    }
-                }
+            if !live.contains(att.key.container_id.as_str()) {
+                tracing::warn!(container = %att.key.container_id, address = %att.address, netns = %att.netns, "the runtime does not list this sandbox but its netns exists; keeping its address and link");
             }
         }
         for pod in &pods {
@@ -60,6 +75,7 @@ impl Node {
                     network: att.network.clone(),
                     netns: netns.to_owned(),
                     pod: att.pod.clone(),
+                    primary: vec![],
                 },
                 None => AttachRequest {
                     key: AttachmentKey {
@@ -69,6 +85,7 @@ impl Node {
                     network: self.network.clone(),
                     netns: netns.to_owned(),
                     pod: meta_of(pod),
+                    primary: vec![],
                 },
             };
             let origin = existing
@@ -98,18 +115,68 @@ impl Node {
         }
     }
 
+    /// Releases every allocation whose pod netns is gone; returns how many. Re-checked under
+    /// the pod's lock, so an ADD that re-attached the sandbox meanwhile is never undone.
+    pub async fn reclaim_gone(&self) -> usize {
+        let Some(p) = self.planned_now() else {
+            return 0;
+        };
+        let mut released = 0;
+        for att in p.ipam.list() {
+            if pod_netns_exists(&att.netns) {
+                continue;
+            }
+            let _guard = self.lock_pod(&att.key.container_id).await;
+            let Some(current) = p.ipam.find(&att.key, &att.network) else {
+                continue;
+            };
+            if pod_netns_exists(&current.netns) {
+                continue;
+            }
+            match Self::release(&p, &current).await {
+                Ok(()) => {
+                    released += 1;
+                    tracing::info!(container = %current.key.container_id, address = %current.address, netns = %current.netns, "released the attachment of a pod whose netns is gone")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %NodeError::from(e), "cannot release the attachment of a gone pod")
+                }
+            }
+        }
+        released
+    }
+
+    /// Runs [`Node::reclaim_gone`] every `every` until `shutdown`.
+    pub async fn reclaim_periodically(
+        self: Arc<Self>,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    self.reclaim_gone().await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
     /// Adds NRI's view of the pod (labels, annotations, names) to its attachment records.
     fn record_meta(&self, pod: &PodSandboxInfo) {
         let Some(p) = self.planned_now() else {
             return;
         };
         let meta = meta_of(pod);
-        for mut att in p.ipam.find_by_container(&pod.id) {
-            if att.pod != meta {
-                att.pod = meta.clone();
-                if let Err(e) = p.ipam.update(&att) {
-                    tracing::warn!(error = %e, "cannot record pod metadata");
-                }
+        // Without the pod lock: `modify` checks under the store's lock that the attachment
+        // still holds its address, so a DEL racing this never sees its address come back.
+        for att in p.ipam.find_by_container(&pod.id) {
+            if att.pod != meta
+                && let Err(e) = p
+                    .ipam
+                    .modify(&att.key, &att.network, |r| r.pod = meta.clone())
+            {
+                tracing::warn!(error = %e, "cannot record pod metadata");
             }
         }
     }

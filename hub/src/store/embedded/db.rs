@@ -153,6 +153,7 @@ impl Db {
             floor: get("floor")?,
             entries: BTreeMap::new(),
             history: VecDeque::new(),
+            history_bytes: 0,
         };
         let keys = txn.open_table(KEYS).map_err(|e| db_err(path, e))?;
         for item in keys.iter().map_err(e)? {

@@ -71,6 +71,7 @@ pub(super) fn read(path: &Path) -> Result<State, StoreError> {
         floor,
         entries: BTreeMap::new(),
         history: VecDeque::new(),
+        history_bytes: 0,
     };
     for record in records {
         match record {

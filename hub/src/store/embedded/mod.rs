@@ -62,14 +62,33 @@ pub struct EmbeddedOptions {
     /// How many changes of watch history to keep; older ones are compacted away (watchers
     /// that far behind must relist).
     pub history_limit: usize,
-    /// Buffered revisions per live watcher before it falls back to reading history.
+    /// How many bytes of watch history (keys + values + [`CHANGE_OVERHEAD`] per change) to
+    /// keep in memory, whatever their number: a member rewriting large records cannot grow
+    /// the hub's memory past it. The newest revision is always kept.
+    pub history_bytes: usize,
+    /// Revision notices buffered per live watcher before it re-reads history (the notices
+    /// carry no data: watchers read the changes from the bounded history).
     pub watch_buffer: usize,
+}
+
+/// What one change of history costs beyond its key and value (the entry and its bookkeeping),
+/// counted so that many empty values are bounded too.
+pub const CHANGE_OVERHEAD: usize = 64;
+
+fn change_bytes(change: &Change) -> usize {
+    CHANGE_OVERHEAD
+        + change.key().len()
+        + match change {
+            Change::Put(kv) => kv.value.len(),
+            Change::Delete { .. } => 0,
+        }
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             history_limit: 100_000,
+            history_bytes: 64 << 20,
             watch_buffer: 1024,
         }
     }
@@ -81,6 +100,8 @@ struct State {
     floor: Revision,
     entries: BTreeMap<String, KeyValue>,
     history: VecDeque<Change>,
+    /// [`change_bytes`] of everything in `history`.
+    history_bytes: usize,
 }
 
 impl State {
@@ -95,23 +116,39 @@ impl State {
                 }
             }
             self.revision = self.revision.max(change.revision());
+            self.history_bytes += change_bytes(change);
             self.history.push_back(change.clone());
         }
     }
 
     /// The floor after adding `added` to the history and dropping whole revisions from its
-    /// front until at most `limit` changes remain.
-    fn floor_after<'a>(&self, added: impl Iterator<Item = &'a Change>, limit: usize) -> Revision {
+    /// front until at most `limit` changes and `byte_limit` bytes remain (a count limit of 0
+    /// empties it; the byte limit never drops the newest revision).
+    fn floor_after<'a>(
+        &self,
+        added: impl Iterator<Item = &'a Change>,
+        limit: usize,
+        byte_limit: usize,
+    ) -> Revision {
         let added: Vec<&Change> = added.collect();
         let mut remaining = self.history.len() + added.len();
+        let mut bytes = self.history_bytes + added.iter().map(|c| change_bytes(c)).sum::<usize>();
+        let newest = added
+            .last()
+            .copied()
+            .or(self.history.back())
+            .map(Change::revision);
         let mut floor = self.floor;
         let mut changes = self.history.iter().chain(added).peekable();
-        while remaining > limit {
-            let Some(rev) = changes.peek().map(|c| c.revision()) else {
+        while let Some(rev) = changes.peek().map(|c| c.revision()) {
+            let over_count = remaining > limit;
+            let over_bytes = bytes > byte_limit && Some(rev) != newest;
+            if !over_count && !over_bytes {
                 break;
-            };
-            while changes.next_if(|c| c.revision() == rev).is_some() {
+            }
+            while let Some(c) = changes.next_if(|c| c.revision() == rev) {
                 remaining -= 1;
+                bytes -= change_bytes(c);
             }
             floor = floor.max(rev);
         }
@@ -124,31 +161,38 @@ impl State {
             .front()
             .is_some_and(|c| c.revision() <= revision)
         {
-            self.history.pop_front();
+            if let Some(change) = self.history.pop_front() {
+                self.history_bytes -= change_bytes(&change);
+            }
         }
         self.floor = self.floor.max(revision);
     }
 
-    fn replay(&self, prefix: &str, after: Revision) -> Result<Vec<Change>, StoreError> {
+    /// The changes under `prefix` after `after`, and the revision they bring a reader to.
+    fn replay(&self, prefix: &str, after: Revision) -> Result<(Vec<Change>, Revision), StoreError> {
         if after < self.floor {
             return Err(StoreError::Compacted {
                 after,
                 compacted: self.floor,
             });
         }
-        Ok(self
+        let start = self.history.partition_point(|c| c.revision() <= after);
+        let changes = self
             .history
-            .iter()
-            .filter(|c| c.revision() > after && c.key().starts_with(prefix))
+            .range(start..)
+            .filter(|c| c.key().starts_with(prefix))
             .cloned()
-            .collect())
+            .collect();
+        Ok((changes, self.revision.max(after)))
     }
 }
 
 /// What readers and watchers share with the committer.
 struct Shared {
     state: RwLock<State>,
-    changes: broadcast::Sender<Arc<Vec<Change>>>,
+    /// The revision of each commit, for live watchers: the changes themselves are read from
+    /// `state.history`, so buffered notices hold no values (memory stays the bounded history).
+    changes: broadcast::Sender<Revision>,
 }
 
 enum Command {
@@ -252,13 +296,28 @@ impl EmbeddedStore {
     }
 
     fn open_blocking(dir: PathBuf, options: EmbeddedOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        // The data dir holds the store (and, beside it, the CA key and admin credential): 0700
+        // whatever the umask.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .map_err(|e| io_err(&dir, e))?;
         let lock = lock_data_dir(&dir)?;
         import_legacy_log(&dir)?;
         let db = Db::open(&dir.join(DB_FILE))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let file = dir.join(DB_FILE);
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| io_err(&file, e))?;
+        }
         let mut state = db.load()?;
         // A smaller limit than the one the history was kept with applies from now on.
-        state.compact(state.floor_after(std::iter::empty(), options.history_limit));
+        state.history_bytes = state.history.iter().map(change_bytes).sum();
+        state.compact(state.floor_after(
+            std::iter::empty(),
+            options.history_limit,
+            options.history_bytes,
+        ));
         tracing::info!(
             dir = %dir.display(),
             revision = state.revision,
@@ -399,26 +458,47 @@ impl Committer {
                     continue;
                 }
                 let next = revision + 1;
-                let changes: Vec<Change> = txn
-                    .ops
-                    .into_iter()
-                    .filter_map(|op| match op {
+                let mut changes: Vec<Change> = Vec::new();
+                for op in txn.ops {
+                    match op {
                         Op::Put { key, value } => {
                             let create_revision =
                                 current(&key).map_or(next, |kv| kv.create_revision);
-                            Some(Change::Put(KeyValue {
+                            changes.push(Change::Put(KeyValue {
                                 key,
                                 value,
                                 create_revision,
                                 mod_revision: next,
-                            }))
+                            }));
                         }
-                        Op::Delete { key } => current(&key).is_some().then_some(Change::Delete {
-                            key,
-                            revision: next,
-                        }),
-                    })
-                    .collect();
+                        Op::Delete { key } => {
+                            if current(&key).is_some() {
+                                changes.push(Change::Delete {
+                                    key,
+                                    revision: next,
+                                });
+                            }
+                        }
+                        Op::DeletePrefix { prefix } => {
+                            // Live keys under the prefix: the stored ones and this batch's.
+                            let keys: std::collections::BTreeSet<&String> = state
+                                .entries
+                                .range(prefix.clone()..)
+                                .take_while(|(k, _)| k.starts_with(&prefix))
+                                .map(|(k, _)| k)
+                                .chain(overlay.keys().filter(|k| k.starts_with(&prefix)))
+                                .collect();
+                            for key in keys {
+                                if current(key).is_some() {
+                                    changes.push(Change::Delete {
+                                        key: key.clone(),
+                                        revision: next,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
                 if !changes.is_empty() {
                     revision = next;
                     for change in &changes {
@@ -443,7 +523,11 @@ impl Committer {
                 let revision = written().last().map_or(state.revision, Change::revision);
                 (
                     revision,
-                    state.floor_after(written(), self.options.history_limit),
+                    state.floor_after(
+                        written(),
+                        self.options.history_limit,
+                        self.options.history_bytes,
+                    ),
                 )
             };
             if let Err(error) = self.db.commit(written(), revision, floor) {
@@ -462,11 +546,11 @@ impl Committer {
                     continue;
                 }
                 state.apply(&p.changes);
-                // Sent under the state lock: a watcher subscribes under it too, so it sees
-                // each revision either in its replay or on the channel, never neither.
-                let _ = self.shared.changes.send(Arc::new(p.changes.clone()));
             }
             state.compact(floor);
+            // Sent under the state lock: a watcher subscribes under it too, so it sees each
+            // revision either in its replay or through a notice, never neither.
+            let _ = self.shared.changes.send(state.revision);
         }
         for p in pending {
             let _ = p.reply.send(Ok(p.outcome));
@@ -523,9 +607,8 @@ impl Store for EmbeddedStore {
         };
         Ok(Box::pin(async_stream::stream! {
             let mut rx = rx;
-            let mut last = after;
-            let mut pending = match replay {
-                Ok(changes) => changes,
+            let (mut pending, mut last) = match replay {
+                Ok(replayed) => replayed,
                 Err(e) => {
                     yield Err(e);
                     return;
@@ -533,41 +616,33 @@ impl Store for EmbeddedStore {
             };
             loop {
                 for change in pending.drain(..) {
-                    last = last.max(change.revision());
                     yield Ok(change);
                 }
                 match rx.recv().await {
-                    Ok(batch) => {
-                        let revision = batch.first().map_or(0, Change::revision);
-                        if revision > last {
-                            pending.extend(
-                                batch.iter().filter(|c| c.key().starts_with(&prefix)).cloned(),
-                            );
-                            last = revision;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        // Too slow for the live channel: catch up from history, resubscribing
-                        // under the same lock so nothing falls between the two.
-                        tracing::debug!(prefix, missed, last, "watcher lagged; replaying history");
-                        let replay = match shared.upgrade() {
-                            None => Err(StoreError::Closed),
-                            Some(shared) => {
-                                let state = shared.state.read().unwrap_or_else(|p| p.into_inner());
-                                rx = shared.changes.subscribe();
-                                state.replay(&prefix, last)
-                            }
-                        };
-                        match replay {
-                            Ok(changes) => pending = changes,
-                            Err(e) => {
-                                yield Err(e);
-                                return;
-                            }
-                        }
-                    }
+                    Ok(revision) if revision <= last => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
                         yield Err(StoreError::Closed);
+                        return;
+                    }
+                }
+                // Read what is new from the history (a watcher that lagged behind the notices
+                // reads the same way; one that fell behind the history's floor must relist).
+                let replay = match shared.upgrade() {
+                    None => Err(StoreError::Closed),
+                    Some(shared) => {
+                        let state = shared.state.read().unwrap_or_else(|p| p.into_inner());
+                        rx = rx.resubscribe();
+                        state.replay(&prefix, last)
+                    }
+                };
+                match replay {
+                    Ok((changes, revision)) => {
+                        pending = changes;
+                        last = revision;
+                    }
+                    Err(e) => {
+                        yield Err(e);
                         return;
                     }
                 }

@@ -480,6 +480,8 @@ impl Committer {
                             key,
                             revision: next,
                         }),
+                        // Refused by `check_keys` above.
+                        Op::DeletePrefix { .. } => None,
                     })
                     .collect();
                 if !changes.is_empty() {
