@@ -13,6 +13,7 @@
 # cross-cluster-latency and cross-cluster-throughput run fleet-e2e's sandbox fleet (hub,
 # relay, two NATed members with real containerd nodes, fleet-controller): they also need the
 # release fleet-hub, fleet-controller and fleetctl, and wireguard-go, wg and iperf3.
+# dns-qps needs knot, bind9 and dnsperf (scripts/install-bench-deps.sh, run here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,13 @@ done
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] ||
   benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput
-    sd-convergence sd-withdrawal)
+    sd-convergence sd-withdrawal dns-qps)
+# dns-qps's baselines and load generator are needed by no test: installed here when missing.
+for b in "${benches[@]}"; do
+  if [ "$b" = dns-qps ] && ! { command -v knotd && command -v named && command -v dnsperf; } >/dev/null; then
+    scripts/install-bench-deps.sh
+  fi
+done
 
 cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench \
   -p fleet-hub -p fleet-controller -p fleetctl -p fleet-dns

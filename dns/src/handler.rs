@@ -29,16 +29,53 @@ const HEADER_LEN: usize = 12;
 /// Answers one query received over UDP. `max_udp` is the largest reply we send (and the EDNS
 /// payload size we advertise); a client's smaller EDNS size, or 512 without EDNS, is honoured.
 pub fn answer(table: &DnsTable, query: &[u8], max_udp: usize) -> Option<Vec<u8>> {
-    respond(
-        table,
-        query,
-        Some(max_udp.clamp(MIN_UDP_PAYLOAD, MAX_TCP_MESSAGE)),
-    )
+    let mut out = Vec::new();
+    answer_into(table, query, Some(max_udp), &mut out).then_some(out)
 }
 
 /// Answers one query received over TCP: no truncation below 65535 bytes.
 pub fn answer_tcp(table: &DnsTable, query: &[u8]) -> Option<Vec<u8>> {
-    respond(table, query, None)
+    let mut out = Vec::new();
+    answer_into(table, query, None, &mut out).then_some(out)
+}
+
+/// [`answer`] (`max_udp` given) or [`answer_tcp`] (`None`) into a buffer the caller reuses;
+/// false when there is no reply. Plain queries are answered from the table's prebuilt wire
+/// answers (copying bytes); everything else takes the general path ([`answer_general`]).
+pub fn answer_into(
+    table: &DnsTable,
+    query: &[u8],
+    max_udp: Option<usize>,
+    out: &mut Vec<u8>,
+) -> bool {
+    let max_udp = max_udp.map(|m| m.clamp(MIN_UDP_PAYLOAD, MAX_TCP_MESSAGE));
+    if crate::wire::answer_plain(&table.wire, query, max_udp, advertised(max_udp), out) {
+        return true;
+    }
+    match respond(table, query, max_udp) {
+        Some(reply) => {
+            *out = reply;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The general path alone: parses the query into a hickory `Message` and encodes the reply
+/// (what the prebuilt answers must agree with; tests compare the two).
+pub fn answer_general(table: &DnsTable, query: &[u8], max_udp: Option<usize>) -> Option<Vec<u8>> {
+    respond(
+        table,
+        query,
+        max_udp.map(|m| m.clamp(MIN_UDP_PAYLOAD, MAX_TCP_MESSAGE)),
+    )
+}
+
+/// The EDNS payload size we advertise.
+fn advertised(max_udp: Option<usize>) -> u16 {
+    max_udp
+        .unwrap_or(DEFAULT_UDP_PAYLOAD as usize)
+        .min(u16::MAX as usize) as u16
 }
 
 fn respond(table: &DnsTable, query: &[u8], max_udp: Option<usize>) -> Option<Vec<u8>> {
@@ -56,9 +93,7 @@ fn respond(table: &DnsTable, query: &[u8], max_udp: Option<usize>) -> Option<Vec
             return Some(header_only_error(query, ResponseCode::FormErr));
         }
     };
-    let advertised = max_udp
-        .unwrap_or(DEFAULT_UDP_PAYLOAD as usize)
-        .min(u16::MAX as usize) as u16;
+    let advertised = advertised(max_udp);
     let mut response = Message::new(request.id, MessageType::Response, OpCode::Query);
     response.metadata = Metadata::response_from_request(&request.metadata);
     if let Some(client) = &request.edns {
@@ -139,10 +174,9 @@ fn respond(table: &DnsTable, query: &[u8], max_udp: Option<usize>) -> Option<Vec
 
 /// The negative-answer SOA: TTL = min(SOA TTL, SOA minimum) (RFC 2308 §3).
 fn negative_soa(soa: &Record) -> Record {
+    let ttl = crate::table::negative_ttl(soa);
     let mut soa = soa.clone();
-    if let hickory_proto::rr::RData::SOA(data) = &soa.data {
-        soa.ttl = soa.ttl.min(data.minimum);
-    }
+    soa.ttl = ttl;
     soa
 }
 

@@ -178,7 +178,8 @@ impl Follower {
         }
         let Some(fleet) = state.fleet else { return };
         if let Some(table) = self.rebuild(&fleet) {
-            tables.send_replace(Arc::new(table));
+            drop(tables.send_replace(Arc::new(table)));
+            release_free_memory();
         }
     }
 
@@ -221,6 +222,17 @@ impl Follower {
         );
         self.built_from = Some(versions);
         Some(table)
+    }
+}
+
+/// Hands memory freed by a rebuild (the previous table, the parsed records) back to the system:
+/// glibc keeps freed heap otherwise, and a large table's rebuild would leave the process at
+/// its peak size.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator; it takes no pointers.
+    unsafe {
+        nix::libc::malloc_trim(0);
     }
 }
 

@@ -57,12 +57,14 @@ pub async fn serve(
 /// The UDP loop: one datagram in, at most one out.
 pub async fn serve_udp(
     socket: UdpSocket,
-    tables: watch::Receiver<Arc<DnsTable>>,
+    mut tables: watch::Receiver<Arc<DnsTable>>,
     config: ServerConfig,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 65535];
+    let mut reply = Vec::with_capacity(usize::from(config.max_udp_payload));
     let max_udp = usize::from(config.max_udp_payload);
+    let mut table = tables.borrow_and_update().clone();
     loop {
         let (len, peer) = tokio::select! {
             () = stopped(&mut stop) => return Ok(()),
@@ -75,8 +77,11 @@ pub async fn serve_udp(
                 }
             },
         };
-        let table = tables.borrow().clone();
-        if let Some(reply) = handler::answer(&table, &buf[..len], max_udp)
+        // A new table is picked up at the next datagram (checking is one atomic load).
+        if tables.has_changed().unwrap_or(false) {
+            table = tables.borrow_and_update().clone();
+        }
+        if handler::answer_into(&table, &buf[..len], Some(max_udp), &mut reply)
             && let Err(error) = socket.send_to(&reply, peer).await
         {
             tracing::debug!(%error, %peer, "DNS UDP reply not sent");

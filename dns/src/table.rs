@@ -21,6 +21,8 @@ use fleet_services::{ServiceImport, ServiceKey, ServiceType, VipTable};
 use hickory_proto::rr::rdata::{A, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
+use crate::wire::WireAnswers;
+
 /// The MCS zone (KEP-1645: must be `clusterset.local` today; configurable here).
 pub const DEFAULT_ZONE: &str = "clusterset.local";
 /// The TTL of every record and of negative answers, in seconds.
@@ -84,6 +86,8 @@ struct Zone {
 #[derive(Debug)]
 pub struct DnsTable {
     zones: Vec<Zone>,
+    /// The same answers prebuilt in wire form (the handler's fast path).
+    pub(crate) wire: WireAnswers,
     /// An empty list is an empty non-terminal (or the zone apex's non-SOA types).
     names: HashMap<LowerName, Vec<Record>>,
     ttl: u32,
@@ -116,15 +120,31 @@ impl DnsTable {
             }
             zones.push(zone);
         }
+        // Most names hold one or two records; a grown Vec keeps room for four.
+        for records in names.values_mut() {
+            records.shrink_to_fit();
+        }
+        names.shrink_to_fit();
         let serial = content_serial(&names);
-        let zones = zones
+        let zones: Vec<Zone> = zones
             .into_iter()
             .map(|zone| Zone {
                 soa: soa_record(&zone, ttl, serial),
                 name: LowerName::new(&zone),
             })
             .collect();
-        Ok(DnsTable { zones, names, ttl })
+        let wire = WireAnswers::build(
+            zones
+                .iter()
+                .map(|z| (&z.soa.name, &z.soa, negative_ttl(&z.soa))),
+            &names,
+        );
+        Ok(DnsTable {
+            zones,
+            wire,
+            names,
+            ttl,
+        })
     }
 
     /// An empty table for `config`'s zones: SOA and dns-version only.
@@ -181,6 +201,14 @@ impl DnsTable {
             records,
             additional,
         }
+    }
+
+    /// Every record held, each zone's SOA first (e.g. to write the same data as a zone file).
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.zones
+            .iter()
+            .map(|z| &z.soa)
+            .chain(self.names.values().flatten())
     }
 
     /// The number of names held (with empty non-terminals), for logs.
@@ -331,10 +359,16 @@ impl ZoneBuilder<'_> {
     }
 
     /// `name` and its ancestors down to the zone exist (empty non-terminals unless filled).
+    /// A name that exists already has its ancestors: the walk stops there.
     fn add_name(&mut self, name: &Name) {
         let mut name = name.clone();
         while name.num_labels() > self.zone.num_labels() {
-            self.names.entry(LowerName::new(&name)).or_default();
+            match self.names.entry(LowerName::new(&name)) {
+                std::collections::hash_map::Entry::Occupied(_) => return,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(Vec::new());
+                }
+            }
             name = name.base_name();
         }
     }
@@ -347,6 +381,14 @@ fn srv_labels(port: &str, protocol: Protocol) -> [String; 2] {
         Protocol::Sctp => "_sctp",
     };
     [format!("_{port}"), proto.to_string()]
+}
+
+/// The TTL of a negative answer's SOA: min(SOA TTL, SOA minimum) (RFC 2308 §3).
+pub(crate) fn negative_ttl(soa: &Record) -> u32 {
+    match &soa.data {
+        RData::SOA(data) => soa.ttl.min(data.minimum),
+        _ => soa.ttl,
+    }
 }
 
 fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
@@ -367,22 +409,30 @@ fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
     Record::from_rdata(zone.clone(), ttl, RData::SOA(soa))
 }
 
-/// A serial that changes when the content does (FNV-1a over the sorted records), so a table
-/// rebuilt from the same model carries the same SOA.
+/// A serial that changes when the content does, so a table rebuilt from the same model carries
+/// the same SOA: per name, FNV-1a over the name and its records; the names' hashes summed (the
+/// map's order does not matter, and no copy of the table is made).
 fn content_serial(names: &HashMap<LowerName, Vec<Record>>) -> u32 {
-    let mut lines: Vec<String> = names
-        .iter()
-        .flat_map(|(name, records)| {
-            std::iter::once(name.to_string()).chain(records.iter().map(ToString::to_string))
-        })
-        .collect();
-    lines.sort_unstable();
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in lines.iter().flat_map(|l| l.bytes().chain([b'\n'])) {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
+    use std::fmt::Write as _;
+    struct Fnv(u64);
+    impl std::fmt::Write for Fnv {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for byte in s.bytes() {
+                self.0 ^= u64::from(byte);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+            Ok(())
+        }
     }
-    hash
+    let sum = names.iter().fold(0u64, |sum, (name, records)| {
+        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        let _ = writeln!(hash, "{name}");
+        for record in records {
+            let _ = writeln!(hash, "{record}");
+        }
+        sum.wrapping_add(hash.0)
+    });
+    (sum ^ (sum >> 32)) as u32
 }
 
 #[cfg(test)]
