@@ -114,6 +114,8 @@ pub struct ContainerSpec {
     pub privileged: bool,
     /// Capabilities added to the runtime's default set (`securityContext.capabilities.add`).
     pub add_capabilities: Vec<String>,
+    /// Capabilities dropped from it (`securityContext.capabilities.drop`; `ALL` for all).
+    pub drop_capabilities: Vec<String>,
 }
 
 impl ContainerSpec {
@@ -168,6 +170,11 @@ impl ContainerSpec {
     /// Adds a capability, e.g. `NET_ADMIN` (without the `CAP_` prefix, as a pod spec says).
     pub fn add_capability(mut self, cap: &str) -> Self {
         self.add_capabilities.push(cap.to_string());
+        self
+    }
+    /// Drops a capability (`ALL`: every one the runtime would give).
+    pub fn drop_capability(mut self, cap: &str) -> Self {
+        self.drop_capabilities.push(cap.to_string());
         self
     }
 }
@@ -456,11 +463,12 @@ impl CriClient {
             linux: Some(api::LinuxContainerConfig {
                 security_context: Some(api::LinuxContainerSecurityContext {
                     privileged: container.privileged,
-                    capabilities: (!container.add_capabilities.is_empty()).then(|| {
-                        api::Capability {
-                            add_capabilities: container.add_capabilities.clone(),
-                            ..Default::default()
-                        }
+                    capabilities: (!container.add_capabilities.is_empty()
+                        || !container.drop_capabilities.is_empty())
+                    .then(|| api::Capability {
+                        add_capabilities: container.add_capabilities.clone(),
+                        drop_capabilities: container.drop_capabilities.clone(),
+                        ..Default::default()
                     }),
                     ..Default::default()
                 }),

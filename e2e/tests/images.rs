@@ -1,4 +1,4 @@
-//! The `fleet-nri` image of `scripts/build-images.sh`, run as `deploy/base/member/fleet-nri.yaml`'s
+//! The `fleet-nri` image of `scripts/build-images.sh`, run as `deploy/member/fleet-nri.yaml`'s
 //! DaemonSet pod would run it, on a sandbox node: the archive imported with `ctr images
 //! import` (what `kind load image-archive` does), a host-network privileged pod through CRI,
 //! the init container running `install.sh` into the node's CNI dirs, the daemon container
@@ -145,6 +145,8 @@ fn the_fleet_nri_image_runs_as_the_daemonset_pod_and_serves_the_node() {
             "--socket",
             &host_socket.display().to_string(),
         ])
+        // As the DaemonSet's: root without any capability (it writes root-owned dirs).
+        .drop_capability("ALL")
         .mount(
             containerd.cni_bin_dir(),
             "/host/opt/cni/bin",
@@ -179,6 +181,8 @@ fn the_fleet_nri_image_runs_as_the_daemonset_pod_and_serves_the_node() {
     )
     .env("FLEET_LOG", "debug")
     .privileged()
+    .add_capability("NET_ADMIN")
+    .add_capability("SYS_ADMIN")
     // DaemonSet: /var/run/nri; the sandbox containerd's socket is in its instance dir.
     .mount(
         containerd.nri_socket(),
