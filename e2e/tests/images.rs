@@ -174,26 +174,22 @@ fn the_fleet_nri_image_runs_as_the_daemonset_pod_and_serves_the_node() {
     assert!(conflist.contains("fleet-cni"), "{conflist}");
 
     // The daemon container: the DaemonSet's mounts (host path → container path).
-    let daemon = ContainerSpec::image(
-        "fleet-nri",
-        &image,
-        &["--config", "/etc/fleetboard/node.json"],
-    )
-    .env("FLEET_LOG", "debug")
-    .privileged()
-    .add_capability("NET_ADMIN")
-    .add_capability("SYS_ADMIN")
-    // DaemonSet: /var/run/nri; the sandbox containerd's socket is in its instance dir.
-    .mount(
-        containerd.nri_socket(),
-        "/var/run/nri/nri.sock",
-        Propagation::Private,
-    )
-    .mount("/run/netns", "/run/netns", Propagation::Bidirectional)
-    .mount(&pod_netns_dir, &pod_netns_dir, Propagation::HostToContainer)
-    .mount(&data_dir, "/var/lib/fleetboard", Propagation::Private)
-    .mount(&socket_dir, "/run/fleetboard", Propagation::Private)
-    .mount(&config_dir, "/etc/fleetboard", Propagation::Private);
+    let daemon = ContainerSpec::image("fleet-nri", &image, &["--config=/etc/fleetboard/node.json"])
+        .env("FLEET_LOG", "debug")
+        .privileged()
+        .add_capability("NET_ADMIN")
+        .add_capability("SYS_ADMIN")
+        // DaemonSet: /var/run/nri; the sandbox containerd's socket is in its instance dir.
+        .mount(
+            containerd.nri_socket(),
+            "/var/run/nri/nri.sock",
+            Propagation::Private,
+        )
+        .mount("/run/netns", "/run/netns", Propagation::Bidirectional)
+        .mount(&pod_netns_dir, &pod_netns_dir, Propagation::HostToContainer)
+        .mount(&data_dir, "/var/lib/fleetboard", Propagation::Private)
+        .mount(&socket_dir, "/run/fleetboard", Propagation::Private)
+        .mount(&config_dir, "/etc/fleetboard", Propagation::Private);
     let daemon = cri.create_container(&sandbox, &pod, &daemon).unwrap();
     cri.start_container(&daemon).unwrap();
 
