@@ -255,3 +255,54 @@ fn logs(containerd: &Containerd) -> String {
     }
     out
 }
+
+/// Every image of `scripts/build-images.sh` imports with `ctr` under its `deploy/` name and
+/// its binary runs in it (`--version`): the libraries `ldd` listed are all there.
+#[test]
+fn every_image_imports_and_its_binary_runs() {
+    require_root("every_image_imports_and_its_binary_runs");
+    let containerd = Containerd::start(ContainerdOpts::new("imgall")).unwrap();
+    BridgeNetwork::new("podnet", "fe2e-imgbr2", PRIMARY_POD_CIDR)
+        .write_to(&containerd)
+        .unwrap();
+    let cri = containerd.cri().unwrap();
+    cri.wait_network_ready(Duration::from_secs(15)).unwrap();
+    let pod = PodSpec::new("versions");
+    let sandbox = cri.run_pod(&pod).unwrap();
+    for name in [
+        "fleet-nri",
+        "fleet-controller",
+        "fleet-dns",
+        "fleet-hub",
+        "fleetctl",
+    ] {
+        let archive = build_deploy_image(name).unwrap();
+        import_archive(&containerd.grpc_socket(), &archive).unwrap();
+        if let Some(dir) = archive.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let image = deploy_image(name);
+        let c = cri
+            .create_container(
+                &sandbox,
+                &pod,
+                &ContainerSpec::image(name, &image, &["--version"]),
+            )
+            .unwrap();
+        cri.start_container(&c).unwrap();
+        let code = poll_until(
+            &format!("{name} --version to exit"),
+            Duration::from_secs(20),
+            || match cri.container_state(&c).ok()? {
+                ContainerState::Exited(code) => Some(code),
+                _ => None,
+            },
+        )
+        .unwrap();
+        let log = logs(&containerd);
+        assert_eq!(code, 0, "{image}: {name} --version\n{log}");
+        assert!(log.contains(name), "{log}");
+    }
+    let _ = cri.stop_pod(&sandbox);
+    let _ = cri.remove_pod(&sandbox);
+}
