@@ -830,4 +830,36 @@ mod tests {
         assert_eq!(c.labels["app"], "web");
         assert_eq!(c.linux.unwrap().cgroup_parent, "/fleet-e2e-x");
     }
+
+    #[test]
+    fn a_host_network_pod_shares_the_node_netns_and_has_no_hostname() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let channel = rt.block_on(async { Endpoint::from_static("http://[::]:1").connect_lazy() });
+        let client = CriClient {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+            config: CriConfig::socket("/x.sock"),
+        };
+        let ordinary = client.sandbox_config(&PodSpec::new("web"));
+        let security = ordinary.linux.unwrap().security_context.unwrap();
+        assert_eq!(
+            security.namespace_options.unwrap().network,
+            api::NamespaceMode::Pod as i32
+        );
+        assert!(!security.privileged);
+        assert_eq!(ordinary.hostname, "web");
+
+        let daemon = client.sandbox_config(&PodSpec::new("fleet-nri").host_network().privileged());
+        // runc cannot set a hostname in the node's UTS namespace (a kubelet leaves it empty).
+        assert_eq!(daemon.hostname, "");
+        let security = daemon.linux.unwrap().security_context.unwrap();
+        assert_eq!(
+            security.namespace_options.unwrap().network,
+            api::NamespaceMode::Node as i32
+        );
+        assert!(security.privileged);
+    }
 }
