@@ -200,6 +200,15 @@ fn the_fleet_nri_image_runs_as_the_daemonset_pod_and_serves_the_node() {
         || node.status().ok().filter(|s| s.nri_registered),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&containerd)));
+    // The DaemonSet's readinessProbe passes in the image.
+    let probe = cri
+        .exec_sync(
+            &daemon,
+            &["/bin/test", "-S", "/run/fleetboard/node.sock"],
+            EXEC,
+        )
+        .unwrap();
+    assert!(probe.success(), "readinessProbe: {probe:?}");
     // The CNF netns was made inside the container and reached the host (Bidirectional).
     assert!(
         Path::new("/run/netns").join(&cnf_netns).exists(),
