@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds OCI image archives of fleetboard's binaries without a Docker engine: one OCI layout
-# per image, written by umoci (Debian's `umoci`: the OCI project's own layout tool), tarred
+# per image, kept by umoci (Debian's `umoci`: the OCI project's own layout tool), tarred
 # into <out>/<image>.tar. `ctr -n k8s.io images import <image>.tar` and
 # `kind load image-archive <image>.tar` (which runs that same `ctr images import` on the node)
 # accept it; the image is named by the index's `io.containerd.image.name` annotation.
@@ -138,7 +138,12 @@ build_image() {
 
 	umoci init --layout "$layout"
 	umoci new --image "$layout:$tag"
-	umoci insert --image "$layout:$tag" --history.created_by "scripts/build-images.sh $name" "$rootfs" /
+	# The layer tar is GNU tar's (umoci 0.4.7's own `insert` drops the tar's end: the last
+	# file came out truncated); umoci compresses it and adds it to the image.
+	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 \
+		-C "$rootfs" -cf "$work/$name/layer.tar" .
+	umoci raw add-layer --image "$layout:$tag" \
+		--history.created_by "scripts/build-images.sh $name" "$work/$name/layer.tar"
 	umoci config --image "$layout:$tag" \
 		--config.entrypoint "/usr/local/bin/$name" \
 		--config.env PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -147,6 +152,16 @@ build_image() {
 		--config.label "org.opencontainers.image.version=$tag" \
 		--history.created_by "scripts/build-images.sh $name config"
 	umoci gc --layout "$layout"
+	# Self-check: the blobs match their digests and the binary in the layer is the one built.
+	local manifest layer
+	manifest=$(jq -r '.manifests[0].digest' "$layout/index.json")
+	layer=$(jq -r '.layers[-1].digest' "$layout/blobs/sha256/${manifest#sha256:}")
+	for blob in "$manifest" "$layer"; do
+		echo "${blob#sha256:}  $layout/blobs/sha256/${blob#sha256:}" | sha256sum --quiet -c - ||
+			die "$name: blob $blob does not match its digest"
+	done
+	gzip -dc "$layout/blobs/sha256/${layer#sha256:}" | tar -xOf - "./usr/local/bin/$name" | cmp -s - "$bin" ||
+		die "$name: the layer's /usr/local/bin/$name differs from $bin"
 	# The OCI ref name is only the tag; containerd names the image after this annotation.
 	jq --arg ref "$ref" '.manifests[0].annotations["io.containerd.image.name"] = $ref' \
 		"$layout/index.json" >"$layout/index.json.new"
