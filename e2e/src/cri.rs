@@ -31,6 +31,11 @@ pub struct PodSpec {
     /// The pod's resolv.conf (CRI `dns_config`): name servers and search domains; `None`:
     /// the runtime's default.
     pub dns: Option<(Vec<String>, Vec<String>)>,
+    /// `hostNetwork: true`: the sandbox shares the netns the runtime runs in (no CNI ADD).
+    pub host_network: bool,
+    /// A privileged sandbox (what a kubelet asks for when one of the pod's containers is
+    /// privileged; containerd refuses a privileged container in an unprivileged sandbox).
+    pub privileged: bool,
 }
 
 impl PodSpec {
@@ -63,15 +68,54 @@ impl PodSpec {
         ));
         self
     }
+    /// `hostNetwork: true`, as a DaemonSet pod of a node agent runs.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
+    }
+    /// A privileged sandbox, for pods with a privileged container.
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
+    }
 }
 
-/// One container of a pod. Runs unprivileged (`privileged = false`).
+/// Mount propagation of a [`ContainerMount`], as a pod spec's `mountPropagation` says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// `None` (rprivate).
+    #[default]
+    Private,
+    /// `HostToContainer` (rslave): mounts made on the host later appear inside.
+    HostToContainer,
+    /// `Bidirectional` (rshared): mounts made inside also appear on the host.
+    Bidirectional,
+}
+
+/// A hostPath volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerMount {
+    pub host_path: PathBuf,
+    pub container_path: PathBuf,
+    pub readonly: bool,
+    pub propagation: Propagation,
+}
+
+/// One container of a pod. Runs unprivileged (`privileged = false`) unless [`Self::privileged`].
 #[derive(Debug, Clone, Default)]
 pub struct ContainerSpec {
     pub name: String,
     pub image: String,
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Arguments after the image's entrypoint (a pod spec's `args`), when `command` is empty.
+    pub args: Vec<String>,
+    pub mounts: Vec<ContainerMount>,
+    pub privileged: bool,
+    /// Capabilities added to the runtime's default set (`securityContext.capabilities.add`).
+    pub add_capabilities: Vec<String>,
+    /// Capabilities dropped from it (`securityContext.capabilities.drop`; `ALL` for all).
+    pub drop_capabilities: Vec<String>,
 }
 
 impl ContainerSpec {
@@ -81,9 +125,68 @@ impl ContainerSpec {
             name: name.to_string(),
             image: BUSYBOX_IMAGE.to_string(),
             command: vec!["sleep".into(), "3600".into()],
-            env: Vec::new(),
+            ..Default::default()
         }
     }
+
+    /// A container of `image` running its entrypoint with `args`.
+    pub fn image(name: &str, image: &str, args: &[&str]) -> Self {
+        ContainerSpec {
+            name: name.to_string(),
+            image: image.to_string(),
+            args: args.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        }
+    }
+    /// Replaces the image's entrypoint (a pod spec's `command`).
+    pub fn command(mut self, command: &[&str]) -> Self {
+        self.command = command.iter().map(ToString::to_string).collect();
+        self
+    }
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+    /// Mounts `host_path` at `container_path` (a hostPath volume).
+    pub fn mount(
+        mut self,
+        host_path: impl Into<PathBuf>,
+        container_path: impl Into<PathBuf>,
+        propagation: Propagation,
+    ) -> Self {
+        self.mounts.push(ContainerMount {
+            host_path: host_path.into(),
+            container_path: container_path.into(),
+            readonly: false,
+            propagation,
+        });
+        self
+    }
+    /// `securityContext.privileged: true` (the pod must be [`PodSpec::privileged`] too).
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
+    }
+    /// Adds a capability, e.g. `NET_ADMIN` (without the `CAP_` prefix, as a pod spec says).
+    pub fn add_capability(mut self, cap: &str) -> Self {
+        self.add_capabilities.push(cap.to_string());
+        self
+    }
+    /// Drops a capability (`ALL`: every one the runtime would give).
+    pub fn drop_capability(mut self, cap: &str) -> Self {
+        self.drop_capabilities.push(cap.to_string());
+        self
+    }
+}
+
+/// A container's state as CRI reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    Created,
+    Running,
+    /// Exited with this code.
+    Exited(i32),
+    Unknown,
 }
 
 /// Result of `exec_sync`. A non-zero exit code is not an error; check `exit_code`.
@@ -245,7 +348,13 @@ impl CriClient {
                 namespace: pod.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: pod.name.clone(),
+            // As a kubelet does: a host-network pod shares the node's UTS namespace, where
+            // runc cannot set a hostname.
+            hostname: if pod.host_network {
+                String::new()
+            } else {
+                pod.name.clone()
+            },
             log_directory: self
                 .config
                 .log_dir
@@ -265,6 +374,18 @@ impl CriClient {
             }),
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: self.config.cgroup_parent.clone().unwrap_or_default(),
+                security_context: Some(api::LinuxSandboxSecurityContext {
+                    namespace_options: Some(api::NamespaceOption {
+                        network: if pod.host_network {
+                            api::NamespaceMode::Node as i32
+                        } else {
+                            api::NamespaceMode::Pod as i32
+                        },
+                        ..Default::default()
+                    }),
+                    privileged: pod.privileged,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -306,6 +427,26 @@ impl CriClient {
                 ..Default::default()
             }),
             command: container.command.clone(),
+            args: container.args.clone(),
+            mounts: container
+                .mounts
+                .iter()
+                .map(|m| api::Mount {
+                    container_path: m.container_path.display().to_string(),
+                    host_path: m.host_path.display().to_string(),
+                    readonly: m.readonly,
+                    propagation: match m.propagation {
+                        Propagation::Private => api::MountPropagation::PropagationPrivate,
+                        Propagation::HostToContainer => {
+                            api::MountPropagation::PropagationHostToContainer
+                        }
+                        Propagation::Bidirectional => {
+                            api::MountPropagation::PropagationBidirectional
+                        }
+                    } as i32,
+                    ..Default::default()
+                })
+                .collect(),
             envs: container
                 .env
                 .iter()
@@ -321,7 +462,14 @@ impl CriClient {
             },
             linux: Some(api::LinuxContainerConfig {
                 security_context: Some(api::LinuxContainerSecurityContext {
-                    privileged: false,
+                    privileged: container.privileged,
+                    capabilities: (!container.add_capabilities.is_empty()
+                        || !container.drop_capabilities.is_empty())
+                    .then(|| api::Capability {
+                        add_capabilities: container.add_capabilities.clone(),
+                        drop_capabilities: container.drop_capabilities.clone(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -390,6 +538,37 @@ impl CriClient {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// The container's state and, once it has exited, its exit code.
+    pub async fn container_state(&self, container_id: &str) -> Result<ContainerState> {
+        let status = self
+            .runtime
+            .clone()
+            .container_status(api::ContainerStatusRequest {
+                container_id: container_id.to_string(),
+                verbose: false,
+            })
+            .await
+            .map_err(cri_err(
+                "ContainerStatus",
+                format!("container {container_id}"),
+            ))?
+            .into_inner()
+            .status
+            .ok_or_else(|| {
+                Error::Invalid(format!("container {container_id}: status has no `status`"))
+            })?;
+        Ok(
+            match api::ContainerState::try_from(status.state)
+                .unwrap_or(api::ContainerState::ContainerUnknown)
+            {
+                api::ContainerState::ContainerCreated => ContainerState::Created,
+                api::ContainerState::ContainerRunning => ContainerState::Running,
+                api::ContainerState::ContainerExited => ContainerState::Exited(status.exit_code),
+                api::ContainerState::ContainerUnknown => ContainerState::Unknown,
+            },
+        )
     }
 
     /// StopPodSandbox (stops containers, runs CNI DEL).
@@ -577,6 +756,9 @@ impl Cri {
         self.rt
             .block_on(self.client.exec_sync(container_id, cmd, timeout))
     }
+    pub fn container_state(&self, container_id: &str) -> Result<ContainerState> {
+        self.rt.block_on(self.client.container_state(container_id))
+    }
     pub fn stop_pod(&self, sandbox_id: &str) -> Result<()> {
         self.rt.block_on(self.client.stop_pod(sandbox_id))
     }
@@ -647,5 +829,37 @@ mod tests {
         );
         assert_eq!(c.labels["app"], "web");
         assert_eq!(c.linux.unwrap().cgroup_parent, "/fleet-e2e-x");
+    }
+
+    #[test]
+    fn a_host_network_pod_shares_the_node_netns_and_has_no_hostname() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let channel = rt.block_on(async { Endpoint::from_static("http://[::]:1").connect_lazy() });
+        let client = CriClient {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+            config: CriConfig::socket("/x.sock"),
+        };
+        let ordinary = client.sandbox_config(&PodSpec::new("web"));
+        let security = ordinary.linux.unwrap().security_context.unwrap();
+        assert_eq!(
+            security.namespace_options.unwrap().network,
+            api::NamespaceMode::Pod as i32
+        );
+        assert!(!security.privileged);
+        assert_eq!(ordinary.hostname, "web");
+
+        let daemon = client.sandbox_config(&PodSpec::new("fleet-nri").host_network().privileged());
+        // runc cannot set a hostname in the node's UTS namespace (a kubelet leaves it empty).
+        assert_eq!(daemon.hostname, "");
+        let security = daemon.linux.unwrap().security_context.unwrap();
+        assert_eq!(
+            security.namespace_options.unwrap().network,
+            api::NamespaceMode::Node as i32
+        );
+        assert!(security.privileged);
     }
 }

@@ -57,6 +57,54 @@ pub fn import_into(grpc_socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Imports one image archive (docker-archive or OCI layout tar) into the containerd at
+/// `grpc_socket`, namespace `k8s.io`, as `kind load image-archive` does on a kind node.
+pub fn import_archive(grpc_socket: &Path, archive: &Path) -> Result<()> {
+    run_command(
+        Command::new("ctr")
+            .arg("-a")
+            .arg(grpc_socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(archive),
+    )?;
+    Ok(())
+}
+
+/// The image reference `scripts/build-images.sh` gives `name` by default (what `deploy/`
+/// names): `fleetboard.local/<name>:<workspace version>`.
+pub fn deploy_image(name: &str) -> String {
+    format!("fleetboard.local/{name}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Builds the `deploy/` image archive of `name` (`fleet-nri`, `fleet-controller`, ...) with
+/// `scripts/build-images.sh` from the binaries this test run uses (its profile, no cargo
+/// run), into `<target>/fleet-e2e-images/deploy-<pid>/`; returns the archive's path.
+pub fn build_deploy_image(name: &str) -> Result<PathBuf> {
+    let nri = crate::workspace_bin("fleet-nri");
+    let profile_dir = nri
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("{} has no parent dir", nri.display())))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .ok_or_else(|| Error::Invalid(format!("no profile dir in {}", nri.display())))?;
+    let target = profile_dir
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("no target dir above {}", nri.display())))?;
+    let out = crate::bins::target_dir()
+        .join("fleet-e2e-images")
+        .join(format!("deploy-{}", std::process::id()));
+    run_command(
+        Command::new(crate::bins::workspace_root().join("scripts/build-images.sh"))
+            .args(["--no-build", "--profile", profile, "--target-dir"])
+            .arg(target)
+            .arg("--out")
+            .arg(&out)
+            .arg(name),
+    )?;
+    Ok(out.join(format!("{name}.tar")))
+}
+
 fn build_archives(dir: &Path) -> Result<ImageArchives> {
     fs::create_dir_all(dir).map_err(|e| Error::io("creating image cache dir", dir, e))?;
     let work = dir.join(format!("work-{}", std::process::id()));

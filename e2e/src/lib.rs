@@ -62,7 +62,10 @@ pub use capture::{Capture, Packet, Packets, UdpDatagram};
 pub use cluster_node::ClusterNode;
 pub use cni::BridgeNetwork;
 pub use containerd::{Containerd, ContainerdOpts, NetnsChoice};
-pub use cri::{ContainerSpec, Cri, CriClient, CriConfig, ExecOutput, PodSpec};
+pub use cri::{
+    ContainerMount, ContainerSpec, ContainerState, Cri, CriClient, CriConfig, ExecOutput, PodSpec,
+    Propagation,
+};
 pub use error::{Error, Result};
 pub use fleet::{FleetController, FleetHub, MemberOpts, Pod, SandboxFleet};
 pub use fleet_nri::{FleetNri, FleetNriOpts};
