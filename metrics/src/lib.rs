@@ -142,17 +142,17 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
         .expect("metrics response")
 }
 
-/// Fetches `http://addr/metrics` (for tests and tools): the body of a 200 reply.
-pub async fn scrape(addr: SocketAddr) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let raw = String::from_utf8_lossy(&raw);
+/// Fetches `http://addr/metrics` (blocking; for tests and tools): the body of a 200 reply.
+pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     if !head.starts_with("HTTP/1.1 200") {
         return Err(std::io::Error::other(format!(
@@ -168,7 +168,7 @@ mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn serves_the_registry_in_the_prometheus_text_format() {
         let mut registry = Registry::default();
         register_build_info(&mut registry, "test", "1.2.3");
@@ -185,7 +185,10 @@ mod tests {
         let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
             .await
             .unwrap();
-        let body = scrape(addr).await.unwrap();
+        let body = tokio::task::spawn_blocking(move || scrape(addr))
+            .await
+            .unwrap()
+            .unwrap();
         let parsed =
             prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
         let value = |name: &str| {
