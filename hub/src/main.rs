@@ -69,6 +69,10 @@ enum Command {
         /// (every replica sweeps, relay or not): <n>ms or <n>s.
         #[arg(long, default_value = "1s", value_parser = fleet_hub::relay::parse_interval)]
         relay_sweep_interval: std::time::Duration,
+        /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9642); off if
+        /// unset.
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -216,11 +220,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Command::Serve {
         listen,
         relay_sweep_interval,
+        metrics_address,
         relay,
     } = &flags.command
     {
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
         options.relay_sweep_interval = Some(*relay_sweep_interval);
+        options.metrics_address = *metrics_address;
         // Replicas on etcd share one CA (members pin it) and admin credential.
         options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;

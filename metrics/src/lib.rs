@@ -8,7 +8,9 @@
 //! client binaries (`fleet-hub-api`, `fleetctl`) do not link it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,11 +81,26 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
+/// Runs before each scrape is encoded, to update gauges whose source is async (e.g. a store
+/// read); bounded by [`REFRESH_TIMEOUT`], after which the last values are served.
+pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Binds `addr` and serves `GET /metrics` from `registry` until the task is aborted (or the
 /// runtime stops). Returns the bound address (useful with port 0) and the server task.
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_with_refresh(addr, registry, None).await
+}
+
+/// [`serve`], with `refresh` awaited before each scrape.
+pub async fn serve_with_refresh(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    refresh: Option<Refresh>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(
@@ -104,10 +121,21 @@ pub async fn serve(
                 }
             };
             let registry = registry.clone();
+            let refresh = refresh.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let registry = registry.clone();
-                    async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+                    let refresh = refresh.clone();
+                    async move {
+                        if let Some(refresh) = refresh
+                            && tokio::time::timeout(REFRESH_TIMEOUT, refresh())
+                                .await
+                                .is_err()
+                        {
+                            tracing::debug!("metrics refresh timed out; serving the last values");
+                        }
+                        Ok::<_, Infallible>(respond(&req, &registry))
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
