@@ -22,6 +22,7 @@ pub mod hub;
 pub mod identity;
 pub mod kube_lease;
 pub mod leader;
+pub mod metrics;
 pub mod nodes;
 pub mod plan;
 pub mod reconcile;

@@ -22,6 +22,7 @@ use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unav
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
+use crate::metrics::ControllerMetrics;
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
@@ -182,10 +183,20 @@ struct Controller {
     nodes: Vec<ClusterNode>,
     gateway: Gateway,
     plan_cfg: NodePlanConfig,
+    metrics: ControllerMetrics,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
-pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+pub async fn run(cfg: RunConfig, stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+    run_with_metrics(cfg, stop, ControllerMetrics::default()).await
+}
+
+/// [`run`], recording into `metrics` (served by `--metrics-address`).
+pub async fn run_with_metrics(
+    cfg: RunConfig,
+    mut stop: watch::Receiver<bool>,
+    metrics: ControllerMetrics,
+) -> Result<(), ControllerError> {
     let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
@@ -254,6 +265,7 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
         cfg,
         nodes,
         gateway,
+        metrics,
     };
     c.lead(&mut stop).await
 }
@@ -298,6 +310,7 @@ impl Controller {
                         break Err(ControllerError::Lease("the lease task ended".into()));
                     }
                     let Some(event) = lease.borrow_and_update().clone() else { continue };
+                    self.metrics.hub_reachable(!matches!(event, LeaseEvent::HubUnavailable(_)));
                     match &event {
                         LeaseEvent::HubUnavailable(e) if !hub_down => {
                             hub_down = true;
@@ -324,6 +337,7 @@ impl Controller {
                         Transition::Stay => {}
                         Transition::Activate => match self.activate().await {
                             Ok(a) => {
+                                self.metrics.set_active(true);
                                 role = Role::Active;
                                 held_by = None;
                                 active = Some(a);
@@ -334,6 +348,7 @@ impl Controller {
                         Transition::StepDown => {
                             tracing::warn!(holder = ?event, "lost the lease to another replica: stepping down");
                             self.step_down().await;
+                            self.metrics.set_active(false);
                             active = None;
                             role = Role::Standby;
                         }
@@ -371,6 +386,7 @@ impl Controller {
                 }
             }
         };
+        self.metrics.set_active(false);
         match &result {
             Ok(()) => self.shut_down(role).await,
             Err(ControllerError::Removed { .. }) => {
@@ -471,11 +487,12 @@ impl Controller {
     /// A service-discovery pass over the latest fleet.
     async fn sync_services(&mut self, a: &mut Active) -> Result<(), ControllerError> {
         let now = std::time::Instant::now();
-        match a
+        let result = a
             .services
             .sync(&a.fleet, &self.nodes, &a.last_pass.subnets, &*self.hub, now)
-            .await
-        {
+            .await;
+        self.metrics.pass("services", result.is_ok(), now);
+        match result {
             Ok(()) => Ok(()),
             Err(e) => Err(self.removed(e.to_string())),
         }
@@ -490,6 +507,7 @@ impl Controller {
             }
             tracing::debug!(error = %e, "following the fleet: the hub is unavailable; keeping the last fleet");
         }
+        let reachable = state.error.is_none();
         let Some(fleet) = state.fleet else {
             return Ok(());
         };
@@ -497,6 +515,8 @@ impl Controller {
         let effect = next.effect_since(Some(&a.snapshot), &self.cfg.cluster);
         a.snapshot = next;
         a.fleet = fleet;
+        self.metrics
+            .fleet(&self.cfg.cluster, a.fleet.clone(), reachable);
         match effect {
             EventEffect::OwnClusterRemoved => {
                 return Err(self.removed("the hub reported this cluster removed"));
@@ -510,6 +530,7 @@ impl Controller {
 
     /// One pass: nodes, the device, its peers.
     async fn converge(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let started = std::time::Instant::now();
         let report = reconcile_nodes(&self.plan_cfg, &a.snapshot, &self.nodes, &*self.hub).await;
         if report.removed {
             return Err(self.removed("the hub refused this cluster's credential"));
@@ -547,6 +568,7 @@ impl Controller {
                 tracing::warn!(problem = %p, "not converged; retrying");
             }
         }
+        self.metrics.pass("nodes", problems.is_empty(), started);
         a.last_pass = PassReport { problems, ..report };
         Ok(())
     }
@@ -561,8 +583,9 @@ impl Controller {
             }
         };
         let value = serde_json::to_vec(&record).expect("records serialise");
-        if let Err(e) = self.hub.publish(GATEWAY_RECORD, &value).await {
-            tracing::debug!(error = %e, "publishing the gateway record failed");
+        match self.hub.publish(GATEWAY_RECORD, &value).await {
+            Ok(_) => self.metrics.published(),
+            Err(e) => tracing::debug!(error = %e, "publishing the gateway record failed"),
         }
     }
 
@@ -799,6 +822,7 @@ mod tests {
             cfg,
             nodes,
             gateway,
+            metrics: Default::default(),
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });
