@@ -80,6 +80,10 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RelayFlags {
+    /// Serve the relay process's Prometheus metrics (per-peer handshake age and bytes) on
+    /// http://ADDRESS/metrics, in the netns the relay process runs in; off if unset.
+    #[arg(long, value_name = "IP:PORT", requires = "relay_listen")]
+    relay_metrics_address: Option<std::net::SocketAddr>,
     /// Run the relay: its WireGuard device listens on this UDP port (WireGuard binds every
     /// address; the IP is the default --relay-endpoint).
     #[arg(long)]
@@ -122,6 +126,7 @@ impl RelayFlags {
         options.name = self.relay_name.clone();
         options.backend = backend;
         options.ttl = self.relay_ttl;
+        options.metrics_address = self.relay_metrics_address;
         Ok(Some(options))
     }
 }
