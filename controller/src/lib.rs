@@ -24,6 +24,7 @@ pub mod identity;
 pub mod kube_lease;
 pub mod kube_mcs;
 pub mod leader;
+pub mod metrics;
 pub mod nodes;
 pub mod plan;
 pub mod reconcile;

@@ -32,6 +32,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunFlags {
+    /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9640); off if unset.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// This cluster's id (a DNS label).
     #[arg(long)]
     cluster: String,
@@ -199,6 +202,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let metrics_address = flags.metrics_address;
     let cfg = config(flags)?;
     cfg.validate()?;
     tokio::runtime::Builder::new_multi_thread()
@@ -222,7 +226,26 @@ fn main() -> anyhow::Result<()> {
                 }
                 let _ = stop_tx.send(true);
             });
-            fleet_controller::run(cfg, stop_rx).await
+            let metrics = fleet_controller::metrics::ControllerMetrics::default();
+            let _metrics_server = match metrics_address {
+                Some(addr) => {
+                    let mut registry = prometheus_client::registry::Registry::default();
+                    fleet_metrics::register_build_info(
+                        &mut registry,
+                        "fleet-controller",
+                        env!("CARGO_PKG_VERSION"),
+                    );
+                    metrics.register(&mut registry);
+                    Some(
+                        fleet_metrics::serve(addr, std::sync::Arc::new(registry))
+                            .await?
+                            .1,
+                    )
+                }
+                None => None,
+            };
+            fleet_controller::run::run_with_metrics(cfg, stop_rx, metrics).await?;
+            anyhow::Ok(())
         })?;
     Ok(())
 }

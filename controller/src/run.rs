@@ -23,6 +23,7 @@ use crate::identity::{IdentityError, load_credential, store_credential, wait_for
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::kube_mcs::{KubeMcs, KubeMcsError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
+use crate::metrics::ControllerMetrics;
 use crate::nodes::{NodeSocket, load_nodes};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
@@ -189,10 +190,20 @@ struct Controller {
     kube: Option<KubeMcs>,
     /// The last error reading it (to log only changes).
     kube_error: Option<String>,
+    metrics: ControllerMetrics,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
-pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+pub async fn run(cfg: RunConfig, stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+    run_with_metrics(cfg, stop, ControllerMetrics::default()).await
+}
+
+/// [`run`], recording into `metrics` (served by `--metrics-address`).
+pub async fn run_with_metrics(
+    cfg: RunConfig,
+    mut stop: watch::Receiver<bool>,
+    metrics: ControllerMetrics,
+) -> Result<(), ControllerError> {
     let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
@@ -267,6 +278,7 @@ pub async fn run(cfg: RunConfig, mut stop: watch::Receiver<bool>) -> Result<(), 
         gateway,
         kube,
         kube_error: None,
+        metrics,
     };
     c.lead(&mut stop).await
 }
@@ -311,6 +323,7 @@ impl Controller {
                         break Err(ControllerError::Lease("the lease task ended".into()));
                     }
                     let Some(event) = lease.borrow_and_update().clone() else { continue };
+                    self.metrics.hub_reachable(!matches!(event, LeaseEvent::HubUnavailable(_)));
                     match &event {
                         LeaseEvent::HubUnavailable(e) if !hub_down => {
                             hub_down = true;
@@ -337,6 +350,7 @@ impl Controller {
                         Transition::Stay => {}
                         Transition::Activate => match self.activate().await {
                             Ok(a) => {
+                                self.metrics.set_active(true);
                                 role = Role::Active;
                                 held_by = None;
                                 active = Some(a);
@@ -347,6 +361,7 @@ impl Controller {
                         Transition::StepDown => {
                             tracing::warn!(holder = ?event, "lost the lease to another replica: stepping down");
                             self.step_down().await;
+                            self.metrics.set_active(false);
                             active = None;
                             role = Role::Standby;
                         }
@@ -385,6 +400,7 @@ impl Controller {
                 }
             }
         };
+        self.metrics.set_active(false);
         match &result {
             Ok(()) => self.shut_down(role).await,
             Err(ControllerError::Removed { .. }) => {
@@ -487,13 +503,13 @@ impl Controller {
     /// A service-discovery pass over the latest fleet.
     async fn sync_services(&mut self, a: &mut Active) -> Result<(), ControllerError> {
         let now = std::time::Instant::now();
-        match a
+        let result = a
             .services
             .sync(&a.fleet, &self.nodes, &a.last_pass.subnets, &*self.hub, now)
-            .await
-        {
-            Ok(()) => {}
-            Err(e) => return Err(self.removed(e.to_string())),
+            .await;
+        self.metrics.pass("services", result.is_ok(), now);
+        if let Err(e) = result {
+            return Err(self.removed(e.to_string()));
         }
         if let (Some(kube), Some(view)) = (self.kube.as_mut(), a.services.kube_view()) {
             for p in kube.write_statuses(view, a.services.own_statuses()).await {
@@ -538,6 +554,7 @@ impl Controller {
             }
             tracing::debug!(error = %e, "following the fleet: the hub is unavailable; keeping the last fleet");
         }
+        let reachable = state.error.is_none();
         let Some(fleet) = state.fleet else {
             return Ok(());
         };
@@ -545,6 +562,8 @@ impl Controller {
         let effect = next.effect_since(Some(&a.snapshot), &self.cfg.cluster);
         a.snapshot = next;
         a.fleet = fleet;
+        self.metrics
+            .fleet(&self.cfg.cluster, a.fleet.clone(), reachable);
         match effect {
             EventEffect::OwnClusterRemoved => {
                 return Err(self.removed("the hub reported this cluster removed"));
@@ -558,6 +577,7 @@ impl Controller {
 
     /// One pass: nodes, the device, its peers.
     async fn converge(&mut self, a: &mut Active) -> Result<(), ControllerError> {
+        let started = std::time::Instant::now();
         let report = reconcile_nodes(&self.plan_cfg, &a.snapshot, &self.nodes, &*self.hub).await;
         if report.removed {
             return Err(self.removed("the hub refused this cluster's credential"));
@@ -595,6 +615,7 @@ impl Controller {
                 tracing::warn!(problem = %p, "not converged; retrying");
             }
         }
+        self.metrics.pass("nodes", problems.is_empty(), started);
         a.last_pass = PassReport { problems, ..report };
         Ok(())
     }
@@ -609,8 +630,9 @@ impl Controller {
             }
         };
         let value = serde_json::to_vec(&record).expect("records serialise");
-        if let Err(e) = self.hub.publish(GATEWAY_RECORD, &value).await {
-            tracing::debug!(error = %e, "publishing the gateway record failed");
+        match self.hub.publish(GATEWAY_RECORD, &value).await {
+            Ok(_) => self.metrics.published(),
+            Err(e) => tracing::debug!(error = %e, "publishing the gateway record failed"),
         }
     }
 
@@ -850,6 +872,7 @@ mod tests {
             gateway,
             kube: None,
             kube_error: None,
+            metrics: Default::default(),
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });

@@ -886,3 +886,111 @@ fn replicas_racing_to_join_share_one_credential_and_one_is_active() {
     assert_eq!(hub.view().clusters.len(), 1);
     assert_eq!(devices(), 1, "{}", logs());
 }
+
+/// `--metrics-address`: the active controller's `/metrics`, parsed with a Prometheus text
+/// parser: leadership, reconcile passes with their durations, the hub's reachability and the
+/// age of the last published heartbeat.
+#[test]
+fn the_active_controller_serves_metrics() {
+    use prometheus_parse::{Scrape, Value};
+    require_root("the_active_controller_serves_metrics");
+    let hub = Hub::start();
+    let n1 = Node::new("ctm-n1", "192.0.2.1");
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_json(dir.path(), &[&n1]);
+    let credential = dir.path().join("secret/aa.credential");
+    let metrics: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut args = controller_args(
+        &hub,
+        &credential,
+        Some(&hub.join_string()),
+        &dir.path().join("data"),
+        &nodes,
+        n1.name(),
+        &uniq("fcm"),
+        "ctl-m",
+    );
+    args.extend(["--metrics-address".to_string(), metrics.to_string()]);
+    let ctl = Controller::start(args, dir.path().join("ctl.log"));
+    let value = |s: &Scrape, name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        let sample = s.samples.iter().find(|x| {
+            x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+        })?;
+        match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) => Some(*v),
+            Value::Histogram(b) => b.last().map(|b| b.count),
+            _ => None,
+        }
+    };
+    let scrape = poll_until("the controller to be active and converged", WAIT, || {
+        let body = fleet_metrics::scrape(metrics).ok()?;
+        let s = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid text");
+        (value(&s, "fleetboard_controller_active", &[]) == Some(1.0)
+            && value(
+                &s,
+                "fleetboard_controller_reconcile_passes_total",
+                &[("pass", "nodes"), ("result", "ok")],
+            )
+            .is_some_and(|n| n >= 1.0)
+            && value(&s, "fleetboard_controller_publish_age_seconds", &[]).is_some())
+        .then_some(s)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", ctl.log()));
+    assert_eq!(
+        value(
+            &scrape,
+            "fleetboard_build_info",
+            &[("component", "fleet-controller")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "fleetboard_controller_hub_reachable", &[]),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &scrape,
+            "fleetboard_controller_reconcile_duration_seconds",
+            &[("pass", "nodes")]
+        )
+        .is_some_and(|n| n >= 1.0)
+    );
+    assert!(
+        value(&scrape, "fleetboard_controller_publish_age_seconds", &[]).unwrap() < 30.0,
+        "published with --status-interval 1s"
+    );
+    assert_eq!(
+        value(&scrape, "fleetboard_controller_exports", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "fleetboard_controller_import_clusters",
+            &[("state", "live")]
+        ),
+        Some(0.0)
+    );
+    // The passes keep coming (every --status-interval): the counter moves.
+    let first = value(
+        &scrape,
+        "fleetboard_controller_reconcile_passes_total",
+        &[("pass", "nodes"), ("result", "ok")],
+    )
+    .unwrap();
+    poll_until("another reconcile pass", WAIT, || {
+        let body = fleet_metrics::scrape(metrics).ok()?;
+        let s = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()?;
+        value(
+            &s,
+            "fleetboard_controller_reconcile_passes_total",
+            &[("pass", "nodes"), ("result", "ok")],
+        )
+        .filter(|n| *n > first)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", ctl.log()));
+}

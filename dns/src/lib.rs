@@ -11,6 +11,7 @@
 //! It never makes a remote call per query: the table is all it reads.
 
 pub mod handler;
+pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod table;

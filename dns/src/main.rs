@@ -50,6 +50,9 @@ struct Flags {
     /// 0 is one worker per core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9643); off if unset.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<SocketAddr>,
 }
 
 fn config(f: Flags) -> anyhow::Result<DaemonConfig> {
@@ -87,6 +90,7 @@ fn config(f: Flags) -> anyhow::Result<DaemonConfig> {
             max_udp_payload: f.max_udp_payload,
             ..ServerConfig::default()
         },
+        metrics_address: f.metrics_address,
     })
 }
 

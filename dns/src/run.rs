@@ -28,6 +28,7 @@ use fleet_services::import::imports_from_records;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
+use crate::metrics::DnsMetrics;
 use crate::server::{ServerConfig, serve};
 use crate::table::{DnsConfig, DnsTable, TableError};
 
@@ -48,6 +49,8 @@ pub struct DaemonConfig {
     /// A named netns (`/run/netns/<name>`) to bind the sockets in.
     pub netns: Option<String>,
     pub server: ServerConfig,
+    /// Serve `/metrics` here (`--metrics-address`); `None`: no metrics endpoint.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,8 @@ pub enum DaemonError {
         where_: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Metrics(std::io::Error),
     #[error("the DNS server stopped: {0}")]
     Serve(std::io::Error),
 }
@@ -99,10 +104,28 @@ pub async fn run(config: DaemonConfig, mut stop: watch::Receiver<bool>) -> Resul
     let (udp, tcp) = bind(config.listen, config.netns.as_deref())?;
     tracing::info!(%cluster, listen = %config.listen, netns = config.netns.as_deref().unwrap_or("-"), zones = ?config.dns.zones, "fleet-dns serving");
 
+    let metrics = config.server.metrics.clone();
+    let metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            fleet_metrics::register_build_info(
+                &mut registry,
+                "fleet-dns",
+                env!("CARGO_PKG_VERSION"),
+            );
+            registry.register_collector(metrics.collector());
+            let (_, task) = fleet_metrics::serve(addr, Arc::new(registry))
+                .await
+                .map_err(DaemonError::Metrics)?;
+            Some(task)
+        }
+        None => None,
+    };
+    metrics.table_built(empty.len());
     let (tables_tx, tables) = watch::channel(Arc::new(empty));
     let server = tokio::spawn(serve(udp, tcp, tables, config.server.clone(), stop.clone()));
     let mirror = FleetMirror::spawn(Arc::new(client), WatcherConfig::default());
-    let mut follower = Follower::new(cluster, config.dns.clone());
+    let mut follower = Follower::new(cluster, config.dns.clone(), metrics);
     let mut reader = mirror.reader();
     loop {
         follower.apply(&mut reader, &tables_tx);
@@ -112,6 +135,9 @@ pub async fn run(config: DaemonConfig, mut stop: watch::Receiver<bool>) -> Resul
         }
     }
     drop(mirror);
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     // The server watches the same stop signal; if the mirror ended instead, stop it too.
     let _ = stop.wait_for(|s| *s).await;
     match server.await {
@@ -150,16 +176,18 @@ struct Follower {
     /// Unreadable records already logged (logged once each while they stay).
     logged_unreadable: BTreeSet<(String, Revision)>,
     hub_down: bool,
+    metrics: DnsMetrics,
 }
 
 impl Follower {
-    fn new(cluster: ClusterId, dns: DnsConfig) -> Self {
+    fn new(cluster: ClusterId, dns: DnsConfig, metrics: DnsMetrics) -> Self {
         Follower {
             cluster,
             dns,
             built_from: None,
             logged_unreadable: BTreeSet::new(),
             hub_down: false,
+            metrics,
         }
     }
 
@@ -176,8 +204,10 @@ impl Follower {
             }
             _ => {}
         }
+        self.metrics.set_hub_reachable(state.error.is_none());
         let Some(fleet) = state.fleet else { return };
         if let Some(table) = self.rebuild(&fleet) {
+            self.metrics.table_built(table.len());
             drop(tables.send_replace(Arc::new(table)));
             release_free_memory();
         }

@@ -6,7 +6,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::handler::{self, DEFAULT_UDP_PAYLOAD};
+use crate::metrics::DnsMetrics;
 use crate::table::DnsTable;
 
 /// Limits of the server.
@@ -25,6 +26,8 @@ pub struct ServerConfig {
     pub tcp_idle_timeout: Duration,
     /// TCP connections served at once; more are closed on accept.
     pub max_tcp_connections: usize,
+    /// Where every answered query is counted (`/metrics`).
+    pub metrics: DnsMetrics,
 }
 
 impl Default for ServerConfig {
@@ -33,6 +36,7 @@ impl Default for ServerConfig {
             max_udp_payload: DEFAULT_UDP_PAYLOAD,
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 128,
+            metrics: DnsMetrics::default(),
         }
     }
 }
@@ -77,13 +81,18 @@ pub async fn serve_udp(
                 }
             },
         };
+        let started = Instant::now();
         // A new table is picked up at the next datagram (checking is one atomic load).
         if tables.has_changed().unwrap_or(false) {
             table = tables.borrow_and_update().clone();
         }
-        if handler::answer_into(&table, &buf[..len], Some(max_udp), &mut reply)
-            && let Err(error) = socket.send_to(&reply, peer).await
-        {
+        let answered = handler::answer_into(&table, &buf[..len], Some(max_udp), &mut reply);
+        config.metrics.query(
+            &buf[..len],
+            answered.then_some(reply.as_slice()),
+            started.elapsed(),
+        );
+        if answered && let Err(error) = socket.send_to(&reply, peer).await {
             tracing::debug!(%error, %peer, "DNS UDP reply not sent");
         }
     }
@@ -118,8 +127,9 @@ pub async fn serve_tcp(
         };
         let tables = tables.clone();
         let timeout = config.tcp_idle_timeout;
+        let metrics = config.metrics.clone();
         connections.spawn(async move {
-            if let Err(error) = serve_connection(stream, peer, tables, timeout).await {
+            if let Err(error) = serve_connection(stream, peer, tables, timeout, metrics).await {
                 tracing::debug!(%error, %peer, "DNS TCP connection closed");
             }
             drop(slot);
@@ -134,6 +144,7 @@ async fn serve_connection(
     peer: SocketAddr,
     tables: watch::Receiver<Arc<DnsTable>>,
     timeout: Duration,
+    metrics: DnsMetrics,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; handler::MAX_TCP_MESSAGE];
     loop {
@@ -150,8 +161,11 @@ async fn serve_connection(
             .map_err(|_| {
                 io::Error::new(io::ErrorKind::TimedOut, "message body not received in time")
             })??;
+        let started = Instant::now();
         let table = tables.borrow().clone();
-        let Some(reply) = handler::answer_tcp(&table, message) else {
+        let reply = handler::answer_tcp(&table, message);
+        metrics.query(message, reply.as_deref(), started.elapsed());
+        let Some(reply) = reply else {
             tracing::debug!(%peer, "DNS TCP message without a reply; closing");
             return Ok(());
         };

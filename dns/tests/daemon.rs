@@ -510,3 +510,92 @@ fn fleet_dns_binds_in_the_named_netns() {
     let status = dns.terminate();
     assert!(status.success(), "{status}\n{}", dns.log());
 }
+
+/// `--metrics-address`: the daemon's `/metrics`, parsed with a Prometheus text parser; the
+/// query counters move with `dig`s, by type and rcode.
+#[test]
+fn fleet_dns_serves_metrics() {
+    use prometheus_parse::{Scrape, Value};
+    let hub = Hub::start();
+    let credential = hub.dir.path().join("cc.credential");
+    let _cc = hub.join("cc", &credential);
+    let metrics: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dns = FleetDns::start(
+        &hub,
+        &credential,
+        free_port(),
+        &["--metrics-address", &metrics.to_string()],
+    );
+    let log = || dns.log();
+    until_answer(
+        dns.server,
+        "dns-version.clusterset.local.",
+        "TXT",
+        &noerror(&["\"1.0.0\""]),
+        &log,
+    );
+    let scrape = || {
+        let body = fleet_metrics::scrape(metrics).expect("scrape /metrics");
+        Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text")
+    };
+    let value = |s: &Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        let sample = s
+            .samples
+            .iter()
+            .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)));
+        match sample.map(|x| &x.value) {
+            None => 0.0,
+            Some(Value::Counter(v) | Value::Gauge(v)) => *v,
+            Some(Value::Histogram(b)) => b.last().map_or(0.0, |b| b.count),
+            other => panic!("{name}: {other:?}"),
+        }
+    };
+    let before = scrape();
+    assert_eq!(
+        value(
+            &before,
+            "fleetboard_build_info",
+            &[("component", "fleet-dns")]
+        ),
+        1.0
+    );
+    let txt = [("qtype", "TXT"), ("rcode", "NOERROR")];
+    assert!(value(&before, "fleetboard_dns_queries_total", &txt) >= 1.0);
+    let nx = [("qtype", "A"), ("rcode", "NXDOMAIN")];
+    let nx_before = value(&before, "fleetboard_dns_queries_total", &nx);
+    let refused = [("qtype", "A"), ("rcode", "REFUSED")];
+    let refused_before = value(&before, "fleetboard_dns_queries_total", &refused);
+    assert_eq!(
+        dig(dns.server, &format!("nothing.shop.{ZONE}"), "A"),
+        Some(nxdomain())
+    );
+    dig(dns.server, "example.com.", "A");
+    let after = scrape();
+    assert_eq!(
+        value(&after, "fleetboard_dns_queries_total", &nx),
+        nx_before + 1.0
+    );
+    assert_eq!(
+        value(&after, "fleetboard_dns_queries_total", &refused),
+        refused_before + 1.0
+    );
+    let answered: f64 = after
+        .samples
+        .iter()
+        .filter(|x| x.metric == "fleetboard_dns_queries_total")
+        .map(|x| match x.value {
+            Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(
+        value(&after, "fleetboard_dns_answer_duration_seconds", &[]),
+        answered,
+        "every answered query has its latency observed"
+    );
+    assert!(value(&after, "fleetboard_dns_table_builds_total", &[]) >= 1.0);
+    assert_eq!(value(&after, "fleetboard_dns_hub_reachable", &[]), 1.0);
+}

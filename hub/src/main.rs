@@ -96,6 +96,10 @@ enum Command {
         /// Most bytes (record names + values) one member's records may hold together.
         #[arg(long, default_value_t = fleet_hub::registry::DEFAULT_MEMBER_MAX_BYTES)]
         member_max_bytes: u64,
+        /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9642); off if
+        /// unset.
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -103,6 +107,10 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RelayFlags {
+    /// Serve the relay process's Prometheus metrics (per-peer handshake age and bytes) on
+    /// http://ADDRESS/metrics, in the netns the relay process runs in; off if unset.
+    #[arg(long, value_name = "IP:PORT", requires = "relay_listen")]
+    relay_metrics_address: Option<std::net::SocketAddr>,
     /// Run the relay: its WireGuard device listens on this UDP port (WireGuard binds every
     /// address; the IP is the default --relay-endpoint).
     #[arg(long)]
@@ -145,6 +153,7 @@ impl RelayFlags {
         options.name = self.relay_name.clone();
         options.backend = backend;
         options.ttl = self.relay_ttl;
+        options.metrics_address = self.relay_metrics_address;
         Ok(Some(options))
     }
 }
@@ -254,6 +263,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         relay_sweep_interval,
         member_max_records,
         member_max_bytes,
+        metrics_address,
         relay,
     } = &flags.command
     {
@@ -263,6 +273,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         });
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
         options.relay_sweep_interval = Some(*relay_sweep_interval);
+        options.metrics_address = *metrics_address;
         // Replicas on etcd share one CA (members pin it) and admin credential.
         options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;

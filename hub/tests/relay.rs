@@ -31,6 +31,8 @@ use fleet_hub_api::client::{ClientOptions, HubClient};
 const HUB_IP: &str = "192.0.2.1";
 const API_PORT: u16 = 7443;
 const RELAY_PORT: u16 = 51820;
+/// The relay process's `/metrics`, on the hub's IP in its netns.
+const RELAY_METRICS_PORT: u16 = 9651;
 
 fn require_root() {
     assert!(
@@ -225,6 +227,10 @@ impl HubInNetns {
             ])
             .arg("--relay-netns")
             .arg(&self.relay_netns)
+            .args([
+                "--relay-metrics-address",
+                &format!("{}:{RELAY_METRICS_PORT}", self.ip),
+            ])
             .args([
                 "--relay-name",
                 &self.relay_name,
@@ -488,6 +494,32 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
         hub.log()
     );
     assert!(b_ns.ping(&b.address, &a.address), "and B reaches A");
+
+    // The relay's /metrics (scraped from the hub's netns): both peers, with a handshake and
+    // bytes each way.
+    let scrape = relay_metrics(&hub);
+    let relay_value = |name: &str, peer: Option<&str>| -> Vec<f64> {
+        scrape
+            .samples
+            .iter()
+            .filter(|x| x.metric == name && peer.is_none_or(|p| x.labels.get("peer") == Some(p)))
+            .filter_map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(relay_value("fleetboard_relay_peers", None), vec![2.0]);
+    let ages = relay_value("fleetboard_relay_peer_handshake_age_seconds", None);
+    assert!(
+        ages.len() == 2 && ages.iter().all(|a| *a < 60.0),
+        "{ages:?}"
+    );
+    let received = relay_value("fleetboard_relay_peer_received_bytes_total", None);
+    assert!(
+        received.len() == 2 && received.iter().all(|b| *b > 0.0),
+        "{received:?}"
+    );
 
     // The API process killed: the relay is its own process and keeps relaying.
     let relay_pid = hub.relay_pid().expect("relay.pid");
@@ -929,4 +961,24 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
     assert!(status.success(), "{status}; log:\n{}", survivor.log());
     // The killed relay's userspace device left its UAPI socket behind.
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{victim_name}.sock"));
+}
+
+/// The relay process's `/metrics`, fetched from a thread inside the hub's netns.
+fn relay_metrics(hub: &HubInNetns) -> prometheus_parse::Scrape {
+    let netns = File::open(&hub.netns).unwrap();
+    let addr: std::net::SocketAddr = format!("{}:{RELAY_METRICS_PORT}", hub.ip).parse().unwrap();
+    let body = std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match fleet_metrics::scrape(addr) {
+                Ok(body) => return body,
+                Err(e) if Instant::now() > deadline => panic!("scraping the relay: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid text")
 }

@@ -10,6 +10,7 @@ use fleet_proto::node::{NodeError, NodeRequest, code};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::metrics::{OpLabels, RequestLabels, ok_or_error};
 use crate::node::{Node, reply_line};
 
 /// A request larger than this is refused: no legitimate one comes near it.
@@ -78,11 +79,48 @@ async fn handle(stream: UnixStream, node: &Node) -> std::io::Result<()> {
                 "cannot decode the node API request",
                 &e.to_string(),
             ),
-            Ok(req) => node.dispatch(req).await,
+            Ok(req) => {
+                let op = op_name(&req);
+                let started = std::time::Instant::now();
+                let reply = node.dispatch(req).await;
+                let m = node.metrics();
+                m.request_duration
+                    .get_or_create(&OpLabels { op })
+                    .observe(started.elapsed().as_secs_f64());
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        op,
+                        result: ok_or_error(!reply.starts_with("{\"error\"")),
+                    })
+                    .inc();
+                reply
+            }
         },
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// The op's name on the wire, for the metrics' `op` label.
+fn op_name(req: &NodeRequest) -> &'static str {
+    match req {
+        NodeRequest::Attach(_) => "attach",
+        NodeRequest::Detach(_) => "detach",
+        NodeRequest::Check(_) => "check",
+        NodeRequest::Gc(_) => "gc",
+        NodeRequest::Status => "status",
+        NodeRequest::ListAttachments => "list_attachments",
+        NodeRequest::SetPlan(_) => "set_plan",
+        NodeRequest::GetPlan => "get_plan",
+        NodeRequest::SetPeers(_) => "set_peers",
+        NodeRequest::ListPeers => "list_peers",
+        NodeRequest::SetGateway(_) => "set_gateway",
+        NodeRequest::GatewayStatus => "gateway_status",
+        NodeRequest::GatewayKey => "gateway_key",
+        NodeRequest::ClearGateway => "clear_gateway",
+        NodeRequest::SetServices(_) => "set_services",
+        NodeRequest::ListServices => "list_services",
+    }
 }
 
 fn error_line(code: u32, msg: &str, details: &str) -> String {

@@ -6,5 +6,6 @@
 
 pub mod api;
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod nri;

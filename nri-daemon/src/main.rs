@@ -34,6 +34,9 @@ struct Flags {
     /// Run without NRI (no runtime to talk to): only the node API for fleet-cni.
     #[arg(long)]
     no_nri: bool,
+    /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9641); off if unset.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,10 +59,14 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(cfg, !flags.no_nri))
+        .block_on(run(cfg, !flags.no_nri, flags.metrics_address))
 }
 
-async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
+async fn run(
+    cfg: DaemonConfig,
+    with_nri: bool,
+    metrics_address: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let status = nri::NriStatus::new();
     let node = Arc::new(Node::new(
         cfg.local.clone(),
@@ -69,6 +76,19 @@ async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
     node.restore(cfg.node_plan()?)
         .await
         .context("cannot restore the node's state")?;
+    let metrics_task = match metrics_address {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            fleet_metrics::register_build_info(
+                &mut registry,
+                "fleet-nri",
+                env!("CARGO_PKG_VERSION"),
+            );
+            fleet_nri::metrics::register(&mut registry, node.clone());
+            Some(fleet_metrics::serve(addr, Arc::new(registry)).await?.1)
+        }
+        None => None,
+    };
     let listener = api::bind(&cfg.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let node_subnet = node.status().node_subnet;
@@ -108,5 +128,8 @@ async fn run(cfg: DaemonConfig, with_nri: bool) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     Ok(())
 }

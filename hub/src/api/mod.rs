@@ -3,6 +3,7 @@
 //! API's error codes. The protocol itself — calls, replies, watch lines, credentials, join
 //! strings — is the members' contract and lives in `fleet_hub_api::wire` (re-exported here).
 
+pub mod metrics;
 pub mod server;
 pub mod tls;
 

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use super::metrics::{HubMetrics, call_name};
 use super::{
     ClusterRemoveCall, Credential, DEFAULT_RELAY_TTL_MS, EndpointUpdate, ErrorBody, ErrorCode,
     HubIdentity, JoinCall, JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply,
@@ -51,6 +52,8 @@ pub struct ServerOptions {
     /// How often this replica deletes expired relay records (see
     /// [`Registry::sweep_relays`]); `None`: never.
     pub relay_sweep_interval: Option<Duration>,
+    /// Serve Prometheus metrics on `http://<address>/metrics`; `None`: not served.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// How often a serving hub sweeps expired relay records unless told otherwise.
@@ -68,6 +71,7 @@ impl ServerOptions {
             drain_timeout: Duration::from_secs(5),
             share_identity: false,
             relay_sweep_interval: Some(DEFAULT_RELAY_SWEEP_INTERVAL),
+            metrics_address: None,
         }
     }
 }
@@ -77,6 +81,7 @@ struct State {
     identity: HubIdentity,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
+    metrics: HubMetrics,
 }
 
 /// A running API server; [`HubServer::shutdown`] stops it gracefully.
@@ -85,6 +90,7 @@ pub struct HubServer {
     ca_hash: super::CaHash,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl HubServer {
@@ -104,11 +110,25 @@ impl HubServer {
         if let Some(every) = options.relay_sweep_interval {
             tokio::spawn(sweep_relays(registry.clone(), every, shutdown.clone()));
         }
+        let metrics = HubMetrics::default();
+        let metrics_task = match options.metrics_address {
+            Some(addr) => {
+                let mut r = prometheus_client::registry::Registry::default();
+                fleet_metrics::register_build_info(&mut r, "fleet-hub", env!("CARGO_PKG_VERSION"));
+                metrics.register(&mut r);
+                let refresh = metrics.refresh(registry.clone());
+                let (_, task) =
+                    fleet_metrics::serve_with_refresh(addr, Arc::new(r), Some(refresh)).await?;
+                Some(task)
+            }
+            None => None,
+        };
         let state = Arc::new(State {
             registry,
             identity,
             options,
             shutdown,
+            metrics,
         });
         let task = tokio::spawn(accept_loop(listener, state));
         Ok(HubServer {
@@ -116,6 +136,7 @@ impl HubServer {
             ca_hash,
             stop,
             task,
+            metrics_task,
         })
     }
 
@@ -131,6 +152,9 @@ impl HubServer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(task) = self.metrics_task {
+            task.abort();
+        }
     }
 }
 
@@ -396,14 +420,24 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         return error_response(ErrorCode::NotFound, "every call is POST /v1/<call>");
     }
     let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let name = call_name(&path);
+    let response = answer(&state, &path, req).await;
+    state
+        .metrics
+        .call(name, response.status().is_success(), started);
+    response
+}
+
+async fn answer(state: &Arc<State>, path: &str, req: Request<Incoming>) -> Response<Body> {
     if path == "/v1/watch" {
-        return match watch(state, req).await {
+        return match watch(state.clone(), req).await {
             Ok(response) => response,
             Err(CallError(code, message)) => error_response(code, message),
         };
     }
     let timeout = state.options.request_timeout;
-    match tokio::time::timeout(timeout, call(&state, &path, req)).await {
+    match tokio::time::timeout(timeout, call(state, path, req)).await {
         Ok(Ok(response)) => response,
         Ok(Err(CallError(code, message))) => {
             tracing::debug!(%path, ?code, "call failed");
@@ -625,7 +659,9 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
     tracing::debug!(caller = %who, after = call.after, "watch opened");
     let heartbeat = state.options.heartbeat;
     let mut shutdown = state.shutdown.clone();
+    let open = state.metrics.watch_open();
     let stream = async_stream::stream! {
+        let _open = open;
         let mut events = Box::pin(events);
         loop {
             tokio::select! {

@@ -25,6 +25,7 @@
 //! running — relayed traffic keeps flowing while the registry is away, and the restarted hub
 //! adopts it. While the API is unreachable the device keeps its last peers.
 
+pub mod metrics;
 pub mod process;
 
 use std::collections::HashSet;
@@ -124,6 +125,8 @@ pub struct RelayOptions {
     pub key_path: PathBuf,
     /// The lifetime of its record at the hub; renewed every third of it.
     pub ttl: Duration,
+    /// Serve the relay's Prometheus metrics here (`--relay-metrics-address`); `None`: not.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl RelayOptions {
@@ -136,6 +139,7 @@ impl RelayOptions {
             backend: None,
             key_path: data_dir.join(RELAY_KEY_FILE),
             ttl: DEFAULT_RELAY_TTL,
+            metrics_address: None,
         }
     }
 }
@@ -169,6 +173,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     follower: tokio::task::JoinHandle<()>,
     renewer: tokio::task::JoinHandle<()>,
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -240,6 +245,32 @@ impl Relay {
             expires_at: 0,
         };
         tracing::info!(relay = %record.id, device = %options.name, backend = %device.backend(), netns = %netns.display(), endpoint = %record.endpoint, public_key = %record.public_key, "relay up");
+        let metrics_server = match options.metrics_address {
+            Some(addr) => {
+                let metrics = metrics::RelayMetrics::default();
+                let mut registry = prometheus_client::registry::Registry::default();
+                fleet_metrics::register_build_info(
+                    &mut registry,
+                    "fleet-hub-relay",
+                    env!("CARGO_PKG_VERSION"),
+                );
+                registry.register_collector(Box::new(metrics.clone()));
+                let refresh = metrics.refresh(device.clone());
+                match fleet_metrics::serve_with_refresh(addr, Arc::new(registry), Some(refresh))
+                    .await
+                {
+                    Ok((_, task)) => Some(task),
+                    Err(e) => {
+                        let _ = device.delete().await;
+                        if let Some(name) = &owned_netns {
+                            let _ = fleet_core::netns::delete_named(name);
+                        }
+                        return Err(RelayError::Process(e.to_string()));
+                    }
+                }
+            }
+            None => None,
+        };
         let (stop, stopped) = watch::channel(false);
         let follower = tokio::spawn(follow(client.clone(), device.clone(), stopped.clone()));
         let renewer = tokio::spawn(renew(client.clone(), record.clone(), options.ttl, stopped));
@@ -251,6 +282,7 @@ impl Relay {
             stop,
             follower,
             renewer,
+            metrics_server,
         })
     }
 
@@ -282,6 +314,9 @@ impl Relay {
     /// Stops following, withdraws the relay record (members drop this relay; skipped after
     /// 5 s when the hub is away), deletes the device (and the netns the relay made for it).
     pub async fn stop(self) {
+        if let Some(task) = &self.metrics_server {
+            task.abort();
+        }
         let _ = self.stop.send(true);
         let _ = self.follower.await;
         // No renewal after this point: the withdrawal below is final.

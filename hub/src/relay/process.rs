@@ -168,6 +168,10 @@ pub fn relay_args(options: &RelayOptions, data_dir: &Path, api: SocketAddr) -> V
         args.push("--relay-netns".into());
         args.push(netns.into());
     }
+    if let Some(addr) = options.metrics_address {
+        args.push("--relay-metrics-address".into());
+        args.push(addr.to_string().into());
+    }
     args
 }
 

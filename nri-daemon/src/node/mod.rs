@@ -68,6 +68,8 @@ pub struct Node {
     services: Mutex<services::ServicesState>,
     /// What the CNF netns' VIP table holds, so a change programs only what differs.
     vips: tokio::sync::Mutex<fleet_core::vip::VipProgrammer>,
+    /// Counters for `/metrics` (see `crate::metrics`).
+    metrics: crate::metrics::NodeMetrics,
 }
 
 /// What exists once the node has a plan.
@@ -101,6 +103,7 @@ impl Node {
             gateway_key: Mutex::new(None),
             services: Mutex::default(),
             vips: Default::default(),
+            metrics: Default::default(),
         }
     }
 
@@ -167,6 +170,10 @@ impl Node {
         self.planned_now()
             .map(|p| p.ipam.list())
             .unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::NodeMetrics {
+        &self.metrics
     }
 
     /// Answers one node API request: the reply line (`{"ok":..}` or `{"error":..}`, newline).

@@ -19,6 +19,7 @@ use std::time::Duration;
 use fleet_proto::node::{AttachRequest, AttachmentKey, NodeError, Origin, PodMeta};
 
 use super::Node;
+use crate::metrics::{EventLabels, ReasonLabels, ResultLabels, ok_or_error};
 use crate::nri::handler::{ContainerAdjust, ContainerInfo, NriHandler, PodSandboxInfo};
 
 /// Env var carrying the pod's fleet IP into every container (NRI CreateContainer).
@@ -92,8 +93,18 @@ impl Node {
                 .first()
                 .map(|a| a.origin)
                 .unwrap_or(Origin::NriRepair);
+            let repairing = existing.is_empty();
             // attach() is a no-op for a pod whose link checks out.
-            match self.attach(req, origin).await {
+            let attached = self.attach(req, origin).await;
+            if repairing {
+                self.metrics
+                    .repairs
+                    .get_or_create(&ResultLabels {
+                        result: ok_or_error(attached.is_ok()),
+                    })
+                    .inc();
+            }
+            match attached {
                 Ok(r) => tracing::debug!(pod = %pod.name, address = %r.address, "pod in sync"),
                 Err(e) => {
                     tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %NodeError::from(e), "cannot repair pod")
@@ -136,6 +147,12 @@ impl Node {
             match Self::release(&p, &current).await {
                 Ok(()) => {
                     released += 1;
+                    self.metrics
+                        .reclaims
+                        .get_or_create(&ReasonLabels {
+                            reason: "netns_gone",
+                        })
+                        .inc();
                     tracing::info!(container = %current.key.container_id, address = %current.address, netns = %current.netns, "released the attachment of a pod whose netns is gone")
                 }
                 Err(e) => {
@@ -195,21 +212,36 @@ fn meta_of(pod: &PodSandboxInfo) -> PodMeta {
 /// NRI events, delivered by the transport. Long work is spawned so replies stay prompt.
 pub struct NodeEvents(pub Arc<Node>);
 
+impl NodeEvents {
+    fn event(&self, event: &'static str) {
+        self.0
+            .metrics
+            .nri_events
+            .get_or_create(&EventLabels { event })
+            .inc();
+    }
+}
+
 #[async_trait::async_trait]
 impl NriHandler for NodeEvents {
     async fn synchronize(&self, pods: Vec<PodSandboxInfo>, _containers: Vec<ContainerInfo>) {
+        self.event("synchronize");
         let node = self.0.clone();
         tracing::info!(pods = pods.len(), "NRI synchronize: reconciling pods");
         tokio::spawn(async move { node.reconcile(pods).await });
     }
 
     async fn pod_started(&self, pod: PodSandboxInfo) {
+        self.event("pod_started");
         self.0.record_meta(&pod);
     }
 
-    async fn pod_stopped(&self, _pod: PodSandboxInfo) {}
+    async fn pod_stopped(&self, _pod: PodSandboxInfo) {
+        self.event("pod_stopped");
+    }
 
     async fn pod_removed(&self, pod: PodSandboxInfo) {
+        self.event("pod_removed");
         // Safety net for a runtime whose CNI DEL never reached us (e.g. daemon was down).
         let node = self.0.clone();
         tokio::spawn(async move {
@@ -218,8 +250,18 @@ impl NriHandler for NodeEvents {
             };
             let _guard = node.lock_pod(&pod.id).await;
             for att in p.ipam.find_by_container(&pod.id) {
-                if let Err(e) = Node::release(&p, &att).await {
-                    tracing::warn!(pod = %pod.name, error = %NodeError::from(e), "cannot release removed pod");
+                match Node::release(&p, &att).await {
+                    Ok(()) => {
+                        node.metrics
+                            .reclaims
+                            .get_or_create(&ReasonLabels {
+                                reason: "pod_removed",
+                            })
+                            .inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.name, error = %NodeError::from(e), "cannot release removed pod")
+                    }
                 }
             }
         });
@@ -230,6 +272,7 @@ impl NriHandler for NodeEvents {
         pod: PodSandboxInfo,
         _container: ContainerInfo,
     ) -> ContainerAdjust {
+        self.event("create_container");
         let Some(att) = self.0.find_by_container(&pod.id).into_iter().next() else {
             return ContainerAdjust::default();
         };

@@ -11,6 +11,7 @@ use fleet_core::vip;
 use fleet_proto::node::{SetServicesRequest, SetServicesResult, VipService};
 
 use super::{Failure, Node, Planned};
+use crate::metrics::{ResultLabels, ok_or_error};
 
 /// What was accepted and whether the kernel holds it.
 #[derive(Debug, Default)]
@@ -77,6 +78,12 @@ impl Node {
             .apply(&planned.datapath.cnf_path(), planned.datapath.plan(), table)
             .await;
         self.services.lock().expect("services").in_sync = result.is_ok();
+        self.metrics
+            .vip_programs
+            .get_or_create(&ResultLabels {
+                result: ok_or_error(result.is_ok()),
+            })
+            .inc();
         result.map_err(|e| Failure::Services(e.to_string()))?;
         tracing::info!(vips = table.len(), "VIP table programmed");
         Ok(())
