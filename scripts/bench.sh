@@ -30,8 +30,8 @@ done
 
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] ||
-  benches=(cni-add cni-del pod-start nri-memory cross-cluster-latency cross-cluster-throughput
-    sd-convergence sd-withdrawal dns-qps)
+  benches=(cni-add cni-del pod-start nri-memory tunnel-throughput cross-cluster-latency
+    cross-cluster-throughput hub-store hub-scale sd-convergence sd-withdrawal dns-qps)
 # dns-qps's baselines and load generator are needed by no test: installed here when missing.
 for b in "${benches[@]}"; do
   if [ "$b" = dns-qps ] && ! { command -v knotd && command -v named && command -v dnsperf; } >/dev/null; then
