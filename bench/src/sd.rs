@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fleet_e2e::fleet::DNS_VIP;
-use fleet_e2e::{Pod, PodSpec, SandboxFleet};
+use fleet_e2e::{Pod, SandboxFleet};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use nix::sched::{CloneFlags, setns};
@@ -159,18 +159,7 @@ impl SdFleet {
 
     /// A pod of `member` labelled `app=<app>` serving its name over HTTP on port 80.
     pub fn web_pod(&self, member: &str, node: usize, name: &str, app: &str) -> Result<Pod> {
-        let pod = self
-            .fleet
-            .run_pod_spec(member, node, PodSpec::new(name).label("app", app))?;
-        self.fleet.exec(
-            &pod,
-            &[
-                "sh",
-                "-c",
-                &format!("mkdir -p /www && echo {name} > /www/index.html && httpd -p 80 -h /www"),
-            ],
-        )?;
-        Ok(pod)
+        Ok(self.fleet.run_http_pod(member, node, name, app, name)?)
     }
 
     /// `fleetctl <args>` as `member`; fails with its output.

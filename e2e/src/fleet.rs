@@ -1196,6 +1196,27 @@ impl SandboxFleet {
         })
     }
 
+    /// A pod labelled `app=<app>` serving `body` over HTTP on port 80 (busybox httpd).
+    pub fn run_http_pod(
+        &self,
+        member: &str,
+        node: usize,
+        name: &str,
+        app: &str,
+        body: &str,
+    ) -> Result<Pod> {
+        let pod = self.run_pod_spec(member, node, PodSpec::new(name).label("app", app))?;
+        self.exec(
+            &pod,
+            &[
+                "sh",
+                "-c",
+                &format!("mkdir -p /www && echo {body} > /www/index.html && httpd -p 80 -h /www"),
+            ],
+        )?;
+        Ok(pod)
+    }
+
     /// Stops and removes the pod (as kubelet does when a pod is deleted).
     pub fn delete_pod(&self, pod: &Pod) -> Result<()> {
         let cri = self.node_of(pod).cri();

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fleet_e2e::cri::PodSpec;
 use fleet_e2e::fleet::DNS_VIP;
 use fleet_e2e::{Pod, SandboxFleet, poll_until, require_root};
 
@@ -28,20 +27,7 @@ fn fleet() -> SandboxFleet {
 
 /// A pod labelled `app=<app>` serving its own name over HTTP on port 80.
 fn web_pod(fleet: &SandboxFleet, member: &str, node: usize, name: &str, app: &str) -> Pod {
-    let pod = fleet
-        .run_pod_spec(member, node, PodSpec::new(name).label("app", app))
-        .unwrap();
-    fleet
-        .exec(
-            &pod,
-            &[
-                "sh",
-                "-c",
-                &format!("mkdir -p /www && echo {name} > /www/index.html && httpd -p 80 -h /www"),
-            ],
-        )
-        .unwrap();
-    pod
+    fleet.run_http_pod(member, node, name, app, name).unwrap()
 }
 
 fn fleetctl_ok(fleet: &SandboxFleet, member: &str, args: &[&str]) -> String {

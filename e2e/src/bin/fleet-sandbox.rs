@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use fleet_e2e::fleet::DNS_VIP;
-use fleet_e2e::{Pod, PodSpec, SandboxFleet, poll_until};
+use fleet_e2e::{Pod, SandboxFleet, poll_until};
 
 fn main() {
     if let Err(e) = run() {
@@ -158,15 +158,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn std::error::Error>> {
     println!("\n== service discovery: two httpd pods labelled app=web in aa");
     for (node, name) in [(0, "web-1"), (1, "web-2")] {
-        let pod = fleet.run_pod_spec("aa", node, PodSpec::new(name).label("app", "web"))?;
-        fleet.exec(
-            &pod,
-            &[
-                "sh",
-                "-c",
-                &format!("mkdir -p /www && echo hello from {name} in aa > /www/index.html && httpd -p 80 -h /www"),
-            ],
-        )?;
+        let pod =
+            fleet.run_http_pod("aa", node, name, "web", &format!("hello from {name} in aa"))?;
         println!("   {name} on aa node {node}: eth-fleet {}", pod.fleet_ip);
     }
     let export = [
