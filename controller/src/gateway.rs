@@ -147,6 +147,28 @@ impl Gateway {
 
     /// The `gateway` record from the gateway node's device state; `None` without a device.
     pub async fn record(&self) -> Result<Option<GatewayRecord>, NodeError> {
+        self.reader().record().await
+    }
+
+    /// A handle that reads the device's state only (for the heartbeat task).
+    pub fn reader(&self) -> GatewayReader {
+        GatewayReader {
+            config: self.config.clone(),
+            api: self.api.clone(),
+        }
+    }
+}
+
+/// Reads the gateway device's state over the gateway node's API; cheap to clone.
+#[derive(Clone)]
+pub struct GatewayReader {
+    config: GatewayConfig,
+    api: Arc<dyn NodeApi>,
+}
+
+impl GatewayReader {
+    /// The `gateway` record from the gateway node's device state; `None` without a device.
+    pub async fn record(&self) -> Result<Option<GatewayRecord>, NodeError> {
         let Some(st) = self.api.gateway_status().await? else {
             return Ok(None);
         };
@@ -174,7 +196,9 @@ impl Gateway {
                 .collect(),
         }))
     }
+}
 
+impl Gateway {
     /// Removes the device, its own-block route and its persisted state on the gateway node:
     /// only for a cluster removed from the fleet.
     pub async fn delete(&mut self) -> Result<(), NodeError> {

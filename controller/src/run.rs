@@ -173,6 +173,8 @@ struct Active {
     last_pass: PassReport,
     /// The latest mirrored fleet (what service discovery acts on).
     fleet: Arc<Fleet>,
+    /// The task publishing the `gateway` record (the heartbeat); stops with the active role.
+    heartbeat: Option<AbortOnDrop>,
     services: ServiceSync,
 }
 
@@ -381,7 +383,6 @@ impl Controller {
                     if let Err(e) = self.converge(a).await {
                         break Err(e);
                     }
-                    self.publish_status().await;
                 }
                 _ = poll.tick(), if role == Role::Active => {
                     let Some(a) = active.as_mut() else { continue };
@@ -394,7 +395,9 @@ impl Controller {
                 }
                 _ = sleep_until(liveness_deadline), if liveness_deadline.is_some() => {
                     let Some(a) = active.as_mut() else { continue };
-                    if let Err(e) = self.sync_services(a).await {
+                    // Judge liveness on the newest fleet, not on one with changes still
+                    // waiting in the mirror (a busy loop must not see a heartbeat as missed).
+                    if let Err(e) = self.follow_fleet(a).await {
                         break Err(e);
                     }
                 }
@@ -472,13 +475,14 @@ impl Controller {
             reported_up: false,
             last_pass: PassReport::default(),
             fleet,
+            heartbeat: None,
             services: ServiceSync::new(self.service_config()),
         };
         if !a.snapshot.fleet.clusters.contains_key(&self.cfg.cluster) {
             return Err(self.removed("the cluster is not in the hub's listing"));
         }
         self.converge(&mut a).await?;
-        self.publish_status().await;
+        a.heartbeat = Some(self.spawn_heartbeat());
         a.services.poll_pods(&self.nodes).await;
         self.read_kube(&mut a).await;
         self.sync_services(&mut a).await?;
@@ -620,20 +624,34 @@ impl Controller {
         Ok(())
     }
 
-    async fn publish_status(&self) {
-        let record = match self.gateway.record().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the WireGuard statistics failed");
-                return;
+    /// Publishes the `gateway` record every status interval from a task of its own, so a
+    /// long pass of the main loop (many exports, a slow hub) never delays the heartbeat other
+    /// clusters judge this cluster's liveness by. Stops with the returned guard.
+    fn spawn_heartbeat(&self) -> AbortOnDrop {
+        let reader = self.gateway.reader();
+        let hub = self.hub.clone();
+        let metrics = self.metrics.clone();
+        let interval = self.cfg.status_interval;
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let record = match reader.record().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the WireGuard statistics failed");
+                        continue;
+                    }
+                };
+                let value = serde_json::to_vec(&record).expect("records serialise");
+                match hub.publish(GATEWAY_RECORD, &value).await {
+                    Ok(_) => metrics.published(),
+                    Err(e) => tracing::debug!(error = %e, "publishing the gateway record failed"),
+                }
             }
-        };
-        let value = serde_json::to_vec(&record).expect("records serialise");
-        match self.hub.publish(GATEWAY_RECORD, &value).await {
-            Ok(_) => self.metrics.published(),
-            Err(e) => tracing::debug!(error = %e, "publishing the gateway record failed"),
-        }
+        }))
     }
 
     /// The device stays on the gateway node: the replica now active re-sends the same state.
