@@ -24,8 +24,9 @@ struct HubArgs {
     /// The hub's API addresses, host:port, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     hub: Vec<String>,
-    /// The hub CA's SHA-256; default: from ca.pem beside the credential file (the hub's
-    /// data dir, when using its admin.credential).
+    /// The SHA-256 of the hub CA certificate's DER form, in hex (what the hub logs as
+    /// `ca_sha256` and what a join string ends with; not `sha256sum ca.pem`); default: from
+    /// ca.pem beside the credential file (the hub's data dir, with its admin.credential).
     #[arg(long)]
     ca: Option<String>,
     /// A member cluster's credential file, or the hub's admin.credential.

@@ -33,6 +33,12 @@ pub enum ExportArgError {
     NoSelector,
     #[error("at least one --port is required for a ClusterSetIP service (or pass --headless)")]
     NoPorts,
+    #[error("--selector gives the key {0:?} twice with different values: give each key once")]
+    SelectorKeyTwice(String),
+    #[error(
+        "--client-ip-affinity needs a ClusterSetIP service: a headless service has no VIP to keep a client on (drop --headless or the affinity)"
+    )]
+    AffinityWithoutVip,
     #[error("{0}")]
     Invalid(String),
 }
@@ -75,7 +81,8 @@ pub fn parse_port(text: &str) -> Result<ExportPortRecord, ExportArgError> {
         ),
         _ => return Err(bad()),
     };
-    if !name.is_empty() && !is_dns_label(name) {
+    // A Kubernetes port name (IANA_SVC_NAME): a DNS label of at most 15 characters.
+    if !name.is_empty() && (!is_dns_label(name) || name.len() > 15) {
         return Err(bad());
     }
     Ok(ExportPortRecord {
@@ -120,7 +127,11 @@ pub fn parse_selector(items: &[String]) -> Result<BTreeMap<String, String>, Expo
             if !is_label_key(k) || !is_label_part(v) {
                 return Err(ExportArgError::Selector(item.clone()));
             }
-            out.insert(k.to_string(), v.to_string());
+            if let Some(old) = out.insert(k.to_string(), v.to_string())
+                && old != v
+            {
+                return Err(ExportArgError::SelectorKeyTwice(k.to_string()));
+            }
         }
     }
     if out.is_empty() {
@@ -156,6 +167,9 @@ pub fn export_spec(
         .collect::<Result<Vec<_>, _>>()?;
     if ports.is_empty() && !args.headless {
         return Err(ExportArgError::NoPorts);
+    }
+    if args.headless && args.client_ip_affinity.is_some() {
+        return Err(ExportArgError::AffinityWithoutVip);
     }
     let spec = ServiceExportSpec {
         service_type: if args.headless {
@@ -491,6 +505,16 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert_eq!(s["example.com/team"], "a");
         assert_eq!(parse_selector(&[]), Err(ExportArgError::NoSelector));
+        assert_eq!(
+            parse_selector(&["app=web,app=other".into()]),
+            Err(ExportArgError::SelectorKeyTwice("app".into()))
+        );
+        assert_eq!(
+            parse_selector(&["app=web".into(), "app=web".into()])
+                .unwrap()
+                .len(),
+            1
+        );
         for bad in ["app", "=web", "app=we b", "app=-web", "/x=y", "a/b/c=d"] {
             assert!(parse_selector(&[bad.into()]).is_err(), "{bad:?} accepted");
         }
@@ -525,6 +549,13 @@ mod tests {
             export_spec(&two_unnamed, 5),
             Err(ExportArgError::Invalid(_))
         ));
+        let mut headless_affinity = args.clone();
+        headless_affinity.headless = true;
+        headless_affinity.client_ip_affinity = Some(60);
+        assert_eq!(
+            export_spec(&headless_affinity, 5),
+            Err(ExportArgError::AffinityWithoutVip)
+        );
         let mut affinity = args.clone();
         affinity.client_ip_affinity = Some(0);
         assert!(matches!(
