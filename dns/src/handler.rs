@@ -13,7 +13,7 @@
 //!   at most ours): first the additional section goes, then the answer, with TC set.
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::rr::{DNSClass, Record, RecordType};
 
 use crate::table::{DnsTable, Lookup};
 
@@ -113,6 +113,12 @@ fn respond(table: &DnsTable, query: &[u8], max_udp: Option<usize>) -> Option<Vec
     response.add_query(question.clone());
     if question.query_class() != DNSClass::IN {
         response.metadata.response_code = ResponseCode::Refused;
+        return encode(&response);
+    }
+    // Zone transfers are not offered (the zone is generated, each cluster's own): NOTIMP
+    // rather than an empty transfer that a secondary would take as the whole zone.
+    if matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR) {
+        response.metadata.response_code = ResponseCode::NotImp;
         return encode(&response);
     }
 

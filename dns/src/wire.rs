@@ -16,6 +16,9 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
 const HEADER_LEN: usize = 12;
 const TYPE_ANY: u16 = 255;
+/// Zone transfers (IXFR 251, AXFR 252): answered NOTIMP by the general path.
+const TYPE_IXFR: u16 = 251;
+const TYPE_AXFR: u16 = 252;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
 const RCODE_NXDOMAIN: u8 = 3;
@@ -259,7 +262,7 @@ pub(crate) fn answer_plain(
     };
     let qtype = u16::from_be_bytes([query[i], query[i + 1]]);
     let qclass = u16::from_be_bytes([query[i + 2], query[i + 3]]);
-    if qclass != CLASS_IN || qtype == TYPE_ANY {
+    if qclass != CLASS_IN || matches!(qtype, TYPE_ANY | TYPE_AXFR | TYPE_IXFR) {
         return false;
     }
     i += 4;

@@ -381,3 +381,15 @@ fn other_classes_are_refused() {
         assert!(reply.answers.is_empty());
     }
 }
+
+#[test]
+fn zone_transfers_are_not_implemented_rather_than_empty() {
+    for rtype in [RecordType::AXFR, RecordType::IXFR] {
+        let reply = ask(&table(), "clusterset.local.", rtype);
+        assert_eq!(reply.response_code, ResponseCode::NotImp, "{rtype}");
+        assert!(reply.answers.is_empty());
+        let tcp = answer_tcp(&table(), &query("clusterset.local.", rtype, None)).expect("a reply");
+        let tcp = Message::from_vec(&tcp).unwrap();
+        assert_eq!(tcp.response_code, ResponseCode::NotImp, "{rtype} over TCP");
+    }
+}
