@@ -3,6 +3,9 @@
 //! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
 
 pub mod admin;
+pub mod doctor;
+pub mod errors;
+pub mod gather;
 pub mod services;
 
 use std::collections::BTreeMap;

@@ -33,6 +33,9 @@ use crate::wire::{
     TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
 };
 
+mod probe;
+pub use probe::Probe;
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum HubError {
     /// The hub refused the call; `code` says why.
@@ -467,21 +470,7 @@ impl HubClient {
     /// Every cluster and record, at one revision (watch from it).
     pub async fn list(&self) -> Result<FleetView, HubError> {
         let reply: ListReply = self.call("list", "/v1/list", &(), true, true).await?;
-        Ok(FleetView {
-            fleet_cidr: reply.fleet_cidr,
-            relays: reply.relays,
-            clusters: reply.clusters,
-            records: reply
-                .records
-                .into_iter()
-                .map(|r| r.into_record())
-                .collect::<Result<_, _>>()
-                .map_err(|reason| HubError::Protocol {
-                    call: "list",
-                    reason,
-                })?,
-            revision: reply.revision,
-        })
+        fleet_view(reply)
     }
 
     /// Acquires (or renews) this member's cluster lease for `holder` for `ttl`; refused
@@ -735,6 +724,25 @@ fn api_error(call: &'static str, body: ErrorBody, after: Revision) -> HubError {
         code: body.code,
         message: body.message,
     }
+}
+
+/// The fleet a `list` reply carries.
+fn fleet_view(reply: ListReply) -> Result<FleetView, HubError> {
+    Ok(FleetView {
+        fleet_cidr: reply.fleet_cidr,
+        relays: reply.relays,
+        clusters: reply.clusters,
+        records: reply
+            .records
+            .into_iter()
+            .map(|r| r.into_record())
+            .collect::<Result<_, _>>()
+            .map_err(|reason| HubError::Protocol {
+                call: "list",
+                reason,
+            })?,
+        revision: reply.revision,
+    })
 }
 
 fn decode_reply<R: DeserializeOwned>(
