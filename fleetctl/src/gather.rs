@@ -57,12 +57,21 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
-/// `ip -j <args>` (in `netns` when given), parsed.
+/// `ip -j <args>` (in `netns` when given: a name in /run/netns or a path), parsed.
 fn ip_json(netns: Option<&str>, args: &[&str]) -> Result<Value, String> {
-    let mut cmd = Command::new("ip");
-    if let Some(ns) = netns {
-        cmd.args(["-n", ns]);
-    }
+    let mut cmd = match netns {
+        Some(path) if path.contains('/') => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={path}")).arg("ip");
+            c
+        }
+        Some(name) => {
+            let mut c = Command::new("ip");
+            c.args(["-n", name]);
+            c
+        }
+        None => Command::new("ip"),
+    };
     cmd.arg("-j").args(args);
     let out = cmd.output().map_err(|e| format!("cannot run `ip`: {e}"))?;
     if !out.status.success() {
