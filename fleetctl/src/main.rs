@@ -131,10 +131,12 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// Looks for known problems and says what to do about each: the hub down, a credential it
-    /// refuses, its CA expired or expiring within 30 days, this machine's clock (or a member's)
+    /// Looks for known problems and says what to do about each (exit status 1 if any).
+    ///
+    /// The checks: the hub down, a credential it refuses, its CA expired or expiring within 30 days, this machine's clock (or a member's)
     /// more than 30 s from the hub's, a node without a plan, a tunnel without a handshake for
     /// 3 minutes, and — run on a node — MTUs that do not fit the underlay.
+    ///
     /// Exit status: 0 no problem found, 1 problems found (each listed with its fix), 2 doctor
     /// could not run (bad flags, unreadable credential).
     Doctor {
@@ -597,5 +599,60 @@ fn main() -> std::process::ExitCode {
             // doctor: 1 means "problems found"; it could not run at all.
             std::process::ExitCode::from(if doctor { 2 } else { 1 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn output_of(args: &[&str]) -> bool {
+        let hub = ["--hub", "h:7443", "--credential-file", "c"];
+        let flags = Flags::try_parse_from(["fleetctl"].iter().chain(args).chain(&hub)).unwrap();
+        match flags.command {
+            Command::Status { out, .. }
+            | Command::Clusters { out, .. }
+            | Command::Services { out, .. }
+            | Command::Doctor { out, .. }
+            | Command::Token(TokenCommand::List { out, .. }) => out.json(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_printing_command_takes_o_json_and_keeps_the_json_alias() {
+        Flags::command().debug_assert();
+        for cmd in [
+            &["status"][..],
+            &["clusters"],
+            &["services"],
+            &["doctor"],
+            &["token", "list"],
+        ] {
+            let with = |extra: &[&str]| {
+                let args: Vec<&str> = cmd.iter().chain(extra).copied().collect();
+                output_of(&args)
+            };
+            assert!(!with(&[]), "{cmd:?}: table by default");
+            assert!(with(&["-o", "json"]), "{cmd:?}");
+            assert!(with(&["--output", "json"]), "{cmd:?}");
+            assert!(with(&["--json"]), "{cmd:?}");
+            assert!(!with(&["-o", "table"]), "{cmd:?}");
+        }
+        let hub = ["--hub", "h:7443", "--credential-file", "c"];
+        for cmd in [
+            &["token", "create", "-o", "json"][..],
+            &["token", "revoke", "x", "-o", "json"],
+            &["cluster", "remove", "aa", "-o", "json"],
+            &["export", "web", "--selector", "app=web", "-o", "json"],
+            &["unexport", "web", "-o", "json"],
+        ] {
+            let args = ["fleetctl"].iter().chain(cmd).chain(&hub);
+            assert!(Flags::try_parse_from(args).is_ok(), "{cmd:?}");
+        }
+        assert!(
+            Flags::try_parse_from(["fleetctl", "status", "-o", "yaml"].iter().chain(&hub)).is_err()
+        );
     }
 }
