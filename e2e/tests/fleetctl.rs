@@ -132,13 +132,20 @@ fn member_cmd(fleet: &SandboxFleet, member: &str, args: &[&str], env: &[(&str, &
         .unwrap()
 }
 
-/// `fleetctl doctor -o json` from aa's gateway node (its CNF netns's MTUs included).
+/// `fleetctl doctor -o json` from aa's gateway node, asking its fleet-nri (its plan, and the
+/// CNF netns whose MTUs to check).
 fn doctor(fleet: &SandboxFleet, env: &[(&str, &str)]) -> (Option<i32>, serde_json::Value, String) {
-    let cnf = fleet.member("aa").gateway_cnf().to_string();
+    let socket = fleet.member("aa").gateway().node.nri.socket();
     let out = member_cmd(
         fleet,
         "aa",
-        &["doctor", "-o", "json", "--cnf-netns", &cnf],
+        &[
+            "doctor",
+            "-o",
+            "json",
+            "--node-socket",
+            socket.to_str().unwrap(),
+        ],
         env,
     );
     let report = serde_json::from_slice(&out.stdout)
@@ -178,6 +185,31 @@ fn fleetctl_doctor_names_what_is_broken_in_a_real_fleet() {
         .member("aa", MemberOpts::nat(1))
         .start()
         .unwrap();
+
+    // Before aa's controller runs, its node has no plan (with the hub's admin credential: aa
+    // has not joined yet).
+    let m = fleet.member("aa");
+    let r = &fleet.hub.replicas[0];
+    let out = m
+        .gateway()
+        .node
+        .netns
+        .command(workspace_bin("fleetctl").to_str().unwrap())
+        .args(["doctor", "-o", "json", "--hub", &r.endpoint()])
+        .arg("--node-socket")
+        .arg(m.gateway().node.nri.socket())
+        .arg("--credential-file")
+        .arg(r.data_dir().join("admin.credential"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let node = findings(&report, "this-node");
+    assert!(
+        node[0]["problem"].as_str().unwrap().contains("has no plan"),
+        "{report}"
+    );
+
     fleet.start_controllers(false).unwrap();
     fleet.wait_nodes_ready(Duration::from_secs(60)).unwrap();
 
@@ -193,6 +225,7 @@ fn fleetctl_doctor_names_what_is_broken_in_a_real_fleet() {
         "credential",
         "ca",
         "clock",
+        "this-node",
         "node-plans",
         "tunnels",
         "mtu",

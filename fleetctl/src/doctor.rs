@@ -12,6 +12,7 @@ use fleet_hub_api::records::{
     NodeRecord,
 };
 use fleet_hub_api::wire::ErrorCode;
+use fleet_proto::node::StatusResult;
 use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
@@ -43,6 +44,16 @@ pub struct Facts {
     pub hub: HubFacts,
     /// The node's MTUs, or why they were not read.
     pub mtu: Result<MtuFacts, String>,
+    /// This node's fleet-nri, when doctor runs on a node; or why it was not asked.
+    pub node: Result<LocalNode, String>,
+}
+
+/// This node's `fleet-nri`, asked over its node API socket.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    pub socket: String,
+    /// Its status (plan, CNF netns), or why it did not answer.
+    pub status: Result<StatusResult, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +203,15 @@ pub fn diagnose(facts: &Facts) -> Report {
     let mut checks = vec![check_hub(facts), check_credential(facts)];
     match &facts.hub {
         HubFacts::Down { .. } => {
-            for name in ["ca", "clock", "node-plans", "tunnels"] {
+            for name in ["ca", "clock"] {
+                checks.push(CheckOutcome::skipped(name, "the hub did not answer"));
+            }
+            checks.push(check_local_node(
+                facts.node.as_ref(),
+                None,
+                &facts.credential,
+            ));
+            for name in ["node-plans", "tunnels"] {
                 checks.push(CheckOutcome::skipped(name, "the hub did not answer"));
             }
         }
@@ -207,6 +226,11 @@ pub fn diagnose(facts: &Facts) -> Report {
             checks.push(check_clock(clock.as_ref(), view));
             // Ages are judged by the hub's clock when we have it: ours may be the one that is off.
             let now = clock.map_or(facts.now, |c| c.hub_time);
+            checks.push(check_local_node(
+                facts.node.as_ref(),
+                view,
+                &facts.credential,
+            ));
             match view {
                 Some(view) => {
                     checks.push(check_node_plans(view, now));
@@ -426,6 +450,91 @@ fn gateways(view: &FleetView) -> Vec<(String, GatewayRecord)> {
         .filter(|r| r.name == GATEWAY_RECORD)
         .filter_map(|r| Some((r.owner.to_string(), serde_json::from_slice(&r.value).ok()?)))
         .collect()
+}
+
+/// This node's `fleet-nri` answers and has a plan from the controller, inside the fleet's CIDR
+/// and — with a member's credential — inside that cluster's block.
+pub fn check_local_node(
+    node: Result<&LocalNode, &String>,
+    view: Option<&FleetView>,
+    credential: &CredentialKind,
+) -> CheckOutcome {
+    let node = match node {
+        Ok(n) => n,
+        Err(why) => return CheckOutcome::skipped("this-node", why.clone()),
+    };
+    let subject = format!("this node ({})", node.socket);
+    let status = match &node.status {
+        Ok(s) => s,
+        Err(e) => {
+            return CheckOutcome::new(
+                "this-node",
+                "",
+                vec![finding(
+                    subject,
+                    format!("its fleet-nri does not answer: {e}"),
+                    format!(
+                        "start fleet-nri on this node (its config's \"socket\" is {}); its log \
+                         says why it stopped",
+                        node.socket
+                    ),
+                )],
+            );
+        }
+    };
+    let fix_plan = match credential {
+        CredentialKind::Member(c) => format!(
+            "check that cluster {c}'s active controller lists this node in its --nodes file with \
+             this socket, and its log (\"cannot read its state\", \"set_plan ... refused\")"
+        ),
+        CredentialKind::Admin => "check that the cluster's active controller lists this node \
+             in its --nodes file with this socket, and its log"
+            .to_string(),
+    };
+    if !status.ready || status.node_subnet.is_empty() {
+        return CheckOutcome::new(
+            "this-node",
+            "",
+            vec![finding(
+                subject,
+                "it has no plan: the cluster's controller has not handed it a subnet, so pods \
+                 here get no fleet address (CNI ADD answers \"try again later\")",
+                fix_plan,
+            )],
+        );
+    }
+    let mut findings = Vec::new();
+    let subnet: Option<Ipv4Network> = status.node_subnet.parse().ok();
+    if let (Some(view), Some(subnet)) = (view, subnet) {
+        if status.fleet_cidr != view.fleet_cidr.to_string() {
+            findings.push(finding(
+                subject.clone(),
+                format!(
+                    "its plan's fleet CIDR {} is not the hub's {}",
+                    status.fleet_cidr, view.fleet_cidr
+                ),
+                fix_plan.clone(),
+            ));
+        }
+        if let CredentialKind::Member(c) = credential
+            && let Some(own) = view.clusters.iter().find(|k| k.id.as_str() == c.as_str())
+            && !own.block.contains(subnet.network())
+        {
+            findings.push(finding(
+                subject.clone(),
+                format!(
+                    "its subnet {subnet} is outside cluster {c}'s block {}",
+                    own.block
+                ),
+                fix_plan,
+            ));
+        }
+    }
+    CheckOutcome::new(
+        "this-node",
+        format!("fleet-nri has its plan: subnet {}", status.node_subnet),
+        findings,
+    )
 }
 
 /// Every node the fleet mentions has a plan: the controller publishes `node/<name>` (the node's
@@ -821,6 +930,7 @@ mod tests {
             credential: CredentialKind::Admin,
             hub,
             mtu: Err("not on a node".into()),
+            node: Err("not on a node".into()),
         }
     }
 
@@ -1119,6 +1229,57 @@ mod tests {
             c.findings
                 .iter()
                 .any(|f| f.problem.contains("pods' MTU 1420 exceeds"))
+        );
+    }
+
+    fn local(ready: bool, subnet: &str) -> LocalNode {
+        LocalNode {
+            socket: "/run/fleetboard/node.sock".into(),
+            status: Ok(StatusResult {
+                ready,
+                node_subnet: subnet.into(),
+                fleet_cidr: "100.96.0.0/12".into(),
+                vip_range: "100.112.0.0/16".into(),
+                allocated: 0,
+                capacity: 253,
+                nri_registered: true,
+                nri_registrations: 1,
+                cnf_netns: "/run/netns/fleet-cnf".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn this_node_without_a_plan_or_with_a_foreign_one_is_a_problem() {
+        let aa = CredentialKind::Member("aa".into());
+        let view = healthy();
+        let ok = check_local_node(Ok(&local(true, "100.96.0.0/24")), Some(&view), &aa);
+        assert_eq!(ok.state, CheckState::Ok, "{ok:?}");
+        let none = check_local_node(Ok(&local(false, "")), Some(&view), &aa);
+        assert_eq!(none.state, CheckState::Problem);
+        assert!(none.findings[0].problem.contains("has no plan"), "{none:?}");
+        assert!(
+            none.findings[0]
+                .fix
+                .contains("cluster aa's active controller"),
+            "{none:?}"
+        );
+        let foreign = check_local_node(Ok(&local(true, "100.96.32.0/24")), Some(&view), &aa);
+        assert!(
+            foreign.findings[0]
+                .problem
+                .contains("outside cluster aa's block 100.96.0.0/20"),
+            "{foreign:?}"
+        );
+        let down = LocalNode {
+            socket: "/run/fleetboard/node.sock".into(),
+            status: Err("connection refused".into()),
+        };
+        let c = check_local_node(Ok(&down), None, &aa);
+        assert!(c.findings[0].problem.contains("does not answer"), "{c:?}");
+        assert_eq!(
+            check_local_node(Err(&"not on a node".to_string()), None, &aa).state,
+            CheckState::Skipped
         );
     }
 

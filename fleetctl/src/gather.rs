@@ -9,7 +9,16 @@ use fleet_hub_api::client::{HubClient, HubError, Probe};
 use fleet_hub_api::tls::CaHash;
 use serde_json::Value;
 
-use crate::doctor::{ClockSample, HubFacts, MtuFacts, Refusal};
+use crate::doctor::{ClockSample, HubFacts, LocalNode, MtuFacts, Refusal};
+
+/// This node's fleet-nri, asked for its status over the node API socket.
+pub fn local_node(socket: &std::path::Path) -> LocalNode {
+    let client = fleet_proto::node::NodeClient::new(socket, Duration::from_secs(5));
+    LocalNode {
+        socket: socket.display().to_string(),
+        status: client.status().map_err(|e| e.to_string()),
+    }
+}
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

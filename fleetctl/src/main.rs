@@ -142,8 +142,13 @@ enum Command {
     Doctor {
         #[command(flatten)]
         hub: HubArgs,
+        /// This node's fleet-nri socket, to check its plan; default: /run/fleetboard/node.sock
+        /// when it exists (on a node), else the check is skipped.
+        #[arg(long)]
+        node_socket: Option<PathBuf>,
         /// The node's CNF netns (a name in /run/netns or a path) whose MTUs to check; default:
-        /// fleet-cnf when /run/netns/fleet-cnf exists (on a node), else the MTU check is skipped.
+        /// the one fleet-nri reports, or fleet-cnf when /run/netns/fleet-cnf exists, else the
+        /// MTU check is skipped.
         #[arg(long)]
         cnf_netns: Option<String>,
         #[command(flatten)]
@@ -281,6 +286,9 @@ impl Hub {
         .map_err(|e| anyhow::anyhow!(explain(doing, &e, &self.cx)))
     }
 }
+
+/// Where fleet-nri serves the node API by default (nri-daemon's config).
+const DEFAULT_NODE_SOCKET: &str = "/run/fleetboard/node.sock";
 
 /// A call slower than this says what it waits for, then again every [`PROGRESS_EVERY`].
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
@@ -524,6 +532,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         }
         Command::Doctor {
             hub,
+            node_socket,
             cnf_netns,
             out,
         } => {
@@ -536,7 +545,22 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 gather::hub_facts(&hub.client, hub.ca),
             )
             .await;
-            let cnf = cnf_netns.or_else(|| {
+            let node = node_socket
+                .or_else(|| {
+                    let default = PathBuf::from(DEFAULT_NODE_SOCKET);
+                    default.exists().then_some(default)
+                })
+                .map(|socket| gather::local_node(&socket))
+                .ok_or_else(|| {
+                    format!("not on a node (no {DEFAULT_NODE_SOCKET}; pass --node-socket)")
+                });
+            let reported = node
+                .as_ref()
+                .ok()
+                .and_then(|n| n.status.as_ref().ok())
+                .map(|s| s.cnf_netns.clone())
+                .filter(|ns| !ns.is_empty());
+            let cnf = cnf_netns.or(reported).or_else(|| {
                 std::path::Path::new("/run/netns/fleet-cnf")
                     .exists()
                     .then(|| "fleet-cnf".to_string())
@@ -561,6 +585,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 },
                 hub: hub_facts,
                 mtu,
+                node,
             };
             let report = doctor::diagnose(&facts);
             if out.json() {
