@@ -94,6 +94,10 @@ enum Command {
         /// sessionAffinity ClientIP with this timeout in seconds (Kubernetes' default is 10800).
         #[arg(long)]
         client_ip_affinity: Option<u32>,
+        /// Wait (up to this long: 30s, 2m...) until the cluster's controller has published the
+        /// export with its endpoints, saying on stderr what it waits for.
+        #[arg(long)]
+        wait: Option<String>,
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
@@ -294,6 +298,45 @@ const DEFAULT_NODE_SOCKET: &str = "/run/fleetboard/node.sock";
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// Polls the hub until `cluster`'s controller has published the export for `spec`, saying on
+/// stderr what it waits for; its endpoints and ready endpoints.
+async fn wait_for_export(
+    hub: &Hub,
+    cluster: &ClusterId,
+    namespace: &str,
+    name: &str,
+    spec: &fleet_hub_api::records::ServiceExportSpec,
+    limit: Duration,
+) -> anyhow::Result<(usize, usize)> {
+    let record = fleet_hub_api::records::export_record_name(namespace, name);
+    let started = std::time::Instant::now();
+    let mut said = Duration::ZERO;
+    loop {
+        let view = hub.call("listing the fleet", hub.client.list()).await?;
+        if let Some(found) =
+            fleetctl::services::export_converged(&view, cluster, namespace, name, spec)
+        {
+            return Ok(found);
+        }
+        let waited = started.elapsed();
+        if waited >= limit {
+            anyhow::bail!(
+                "cluster {cluster}'s controller has not published {record} within {limit:?}: \
+                 check that it runs and is active (`fleetctl status` shows its gateway record's \
+                 age) and its log; the export spec stays published"
+            );
+        }
+        if waited >= said {
+            eprintln!(
+                "fleetctl: waiting for cluster {cluster}'s controller to publish {record} ({} s)…",
+                waited.as_secs()
+            );
+            said = waited + PROGRESS_EVERY;
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(limit - waited)).await;
+    }
+}
+
 /// The cluster a member credential speaks for; exports need one.
 fn member_cluster(credential: &Credential, file: &std::path::Path) -> anyhow::Result<ClusterId> {
     match credential {
@@ -455,9 +498,19 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             port,
             headless,
             client_ip_affinity,
+            wait,
             hub,
             out,
         } => {
+            let wait = wait
+                .map(|w| {
+                    fleet_hub_api::model::parse_lifetime(&w).with_context(|| {
+                        format!(
+                            "--wait {w:?}: expected a positive number with s, m or h (e.g. 30s)"
+                        )
+                    })
+                })
+                .transpose()?;
             let hub_args = hub;
             let hub = client(&hub_args)?;
             let cluster = member_cluster(&hub.credential, &hub_args.credential_file)?;
@@ -487,11 +540,27 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             )
             .await?;
             let dns = format!("{name}.{namespace}.svc.clusterset.local");
+            let endpoints = match wait {
+                Some(limit) => {
+                    Some(wait_for_export(&hub, &cluster, &namespace, &name, &spec, limit).await?)
+                }
+                None => None,
+            };
             if out.json() {
-                print_json(&serde_json::json!({
-                    "exported": { "cluster": cluster.to_string(), "namespace": namespace,
-                                  "name": name, "dns_name": dns },
-                }))?;
+                let mut exported = serde_json::json!({
+                    "cluster": cluster.to_string(), "namespace": namespace, "name": name,
+                    "dns_name": dns,
+                });
+                if let Some((all, ready)) = endpoints {
+                    exported["endpoints"] = all.into();
+                    exported["ready_endpoints"] = ready.into();
+                }
+                print_json(&serde_json::json!({ "exported": exported }))?;
+            } else if let Some((all, ready)) = endpoints {
+                println!(
+                    "exported {namespace}/{name} from cluster {cluster}: {dns}; its controller \
+                     published it with {all} endpoints, {ready} ready (see `fleetctl services`)"
+                );
             } else {
                 println!(
                     "exported {namespace}/{name} from cluster {cluster}: {dns} (its controller \
