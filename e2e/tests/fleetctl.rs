@@ -71,6 +71,26 @@ fn fleetctl_manages_tokens_and_members_with_the_admin_credential() {
         "never the secret"
     );
 
+    // -o json: the join string and the token as listed, on stdout alone.
+    let out = admin(&fleet, &["token", "create", "--ttl", "1h", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_id = created["token"]["id"].as_str().unwrap().to_string();
+    assert!(
+        created["join"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{json_id}.")),
+        "{created}"
+    );
+    assert_eq!(created["token"]["state"], "valid");
+    let out = admin(&fleet, &["token", "revoke", &json_id, "-o", "json"]);
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    let out = admin(&fleet, &["token", "revoke", "nosuchtoken"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("fleetctl token list"), "{}", text(&out));
+
     let out = admin(&fleet, &["token", "revoke", &id]);
     assert!(out.status.success(), "{}", text(&out));
     let out = admin(&fleet, &["token", "list"]);
