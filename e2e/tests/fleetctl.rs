@@ -126,6 +126,7 @@ fn fleetctl_manages_tokens_and_members_with_the_admin_credential() {
         "removing twice says it is not a member"
     );
     assert!(text(&out).contains("not a member"), "{}", text(&out));
+    assert!(text(&out).contains("`fleetctl clusters`"), "{}", text(&out));
     let out = admin(&fleet, &["clusters"]);
     assert!(text(&out).contains("(no members)"), "{}", text(&out));
 }
