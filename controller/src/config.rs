@@ -46,9 +46,6 @@ pub struct RunConfig {
     pub dns_backends: Vec<DnsBackend>,
     /// How often the nodes' pods are read for export endpoints.
     pub endpoint_poll_interval: Duration,
-    /// A cluster whose gateway record has not changed for this long is withdrawn from
-    /// service discovery; `None`: three status intervals (at least 1 s).
-    pub liveness_timeout: Option<Duration>,
     /// The hold-down after a cluster's second death within the flap window (doubling after
     /// each further one); zero turns damping off.
     pub liveness_hold_down: Duration,
@@ -188,13 +185,6 @@ pub enum ConfigError {
         "--dns-backend {0}: give the ip:port where a fleet-dns server listens (not 0.0.0.0, not port 0, not inside the VIP range)"
     )]
     DnsBackend(std::net::SocketAddrV4),
-    #[error(
-        "--liveness-timeout {timeout:?} is shorter than two status intervals ({status_interval:?}): every cluster would flap; raise it or lower --status-interval"
-    )]
-    LivenessTimeout {
-        timeout: Duration,
-        status_interval: Duration,
-    },
     #[error("--wg-name {0:?}: an interface name is 1 to 15 bytes without '/', ':' or spaces")]
     WgName(String),
     #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
@@ -261,14 +251,6 @@ impl RunConfig {
             {
                 return Err(ConfigError::DnsBackend(*a));
             }
-        }
-        if let Some(t) = self.liveness_timeout
-            && t < self.status_interval * 2
-        {
-            return Err(ConfigError::LivenessTimeout {
-                timeout: t,
-                status_interval: self.status_interval,
-            });
         }
         Ok(())
     }
@@ -369,7 +351,6 @@ mod tests {
             vip_range: fleet_core::config::DEFAULT_VIP_RANGE.parse().unwrap(),
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_secs(1),
-            liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
         };

@@ -114,10 +114,6 @@ struct RunFlags {
     /// How often the nodes' pods are read for export endpoints.
     #[arg(long, default_value = "1s")]
     endpoint_poll_interval: String,
-    /// Withdraw an exporting cluster whose gateway record has not changed for this long
-    /// (default: three status intervals, at least 1s).
-    #[arg(long)]
-    liveness_timeout: Option<String>,
     /// Damping: a cluster that dies a second time within 5 minutes returns only after it has
     /// been alive this long (doubling with each further death, up to 120s); 0s turns it off.
     #[arg(long, default_value = "2s")]
@@ -175,12 +171,6 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         dns_backends: f.dns_backend,
         endpoint_poll_interval: parse_duration(&f.endpoint_poll_interval)
             .context("--endpoint-poll-interval")?,
-        liveness_timeout: f
-            .liveness_timeout
-            .as_deref()
-            .map(parse_duration)
-            .transpose()
-            .context("--liveness-timeout")?,
         liveness_hold_down: parse_hold_down(&f.liveness_hold_down)?,
     })
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 use fleet_hub_api::mirror::{Fleet, FleetMirror, FleetSource, MirrorReader, WatcherConfig};
-use fleet_hub_api::model::{GatewayState, JoinRequest};
+use fleet_hub_api::model::{FleetScope, GatewayState, JoinRequest};
 use fleet_hub_api::wire::ErrorCode;
 use fleet_proto::wireguard::PublicKey;
 use tokio::sync::watch;
@@ -64,9 +64,16 @@ pub enum ControllerError {
     KubeMcs(#[from] KubeMcsError),
 }
 
-/// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
+/// Reads of the gateway device that fail in a row before the hub is told the gateway is down
+/// (one status interval each): one failure may be a restart of the node daemon in progress.
+const GATEWAY_DOWN_AFTER_FAILED_READS: u32 = 2;
+
+/// Hub timeouts fit for leadership: a lease call must fail well within a lease's life. The
+/// controller watches only what it needs ([`FleetScope::Member`]): the fleet's shape, every
+/// cluster's `export/*` records and its own records.
 fn client_options(ttl: Duration) -> ClientOptions {
     ClientOptions {
+        scope: FleetScope::Member,
         // A dead hub replica costs this much before the next address is tried.
         connect_timeout: (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(3)),
         call_timeout: (ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10)),
@@ -490,11 +497,10 @@ impl Controller {
     }
 
     fn service_config(&self) -> ServiceConfig {
-        let mut liveness = LivenessConfig::for_heartbeat_interval(self.cfg.status_interval);
-        if let Some(t) = self.cfg.liveness_timeout {
-            liveness.timeout = t;
-        }
-        liveness.hold_down = self.cfg.liveness_hold_down;
+        let liveness = LivenessConfig {
+            hold_down: self.cfg.liveness_hold_down,
+            ..LivenessConfig::default()
+        };
         ServiceConfig {
             cluster: self.cfg.cluster.clone(),
             vip_range: self.cfg.vip_range,
@@ -624,9 +630,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Publishes the `gateway` record every status interval from a task of its own, so a
-    /// long pass of the main loop (many exports, a slow hub) never delays the heartbeat other
-    /// clusters judge this cluster's liveness by. Stops with the returned guard.
+    /// Publishes the `gateway` record (tunnel statistics for operators: `fleetctl status`, the
+    /// fleet board; members do not watch each other's) every status interval from a task of
+    /// its own, and reports the gateway down to the hub when its device cannot be read
+    /// (other clusters judge this cluster's liveness by that and by its controller lease),
+    /// up again when it can. Stops with the returned guard.
     fn spawn_heartbeat(&self) -> AbortOnDrop {
         let reader = self.gateway.reader();
         let hub = self.hub.clone();
@@ -635,16 +643,44 @@ impl Controller {
         AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Consecutive failed reads of the gateway device, and whether the hub was told
+            // it is down: other clusters withdraw this cluster's services while it is.
+            let mut failed_reads = 0u32;
+            let mut reported_down = false;
             loop {
                 tick.tick().await;
                 let record = match reader.record().await {
                     Ok(Some(r)) => r,
                     Ok(None) => continue,
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading the WireGuard statistics failed");
+                        failed_reads += 1;
+                        tracing::warn!(error = %e, failed_reads, "reading the WireGuard statistics failed");
+                        if failed_reads >= GATEWAY_DOWN_AFTER_FAILED_READS && !reported_down {
+                            match hub.set_gateway_state(GatewayState::Down).await {
+                                Ok(()) => {
+                                    reported_down = true;
+                                    tracing::warn!(
+                                        "gateway device unreadable: reported down to the hub"
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "reporting the gateway down failed")
+                                }
+                            }
+                        }
                         continue;
                     }
                 };
+                failed_reads = 0;
+                if reported_down {
+                    match hub.set_gateway_state(GatewayState::Up).await {
+                        Ok(()) => {
+                            reported_down = false;
+                            tracing::info!("gateway device readable again: reported up to the hub");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "reporting the gateway up failed"),
+                    }
+                }
                 let value = serde_json::to_vec(&record).expect("records serialise");
                 match hub.publish(GATEWAY_RECORD, &value).await {
                     Ok(_) => metrics.published(),
@@ -780,6 +816,7 @@ mod tests {
             public_key: fleet_proto::wireguard::PublicKey::from_bytes([key; 32]),
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             gateway: GatewayState::Up,
+            controller_live: true,
             joined_at: 1,
             token_id: "t".into(),
         }
@@ -808,7 +845,6 @@ mod tests {
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_millis(100),
-            liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
         }

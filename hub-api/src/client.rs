@@ -22,15 +22,16 @@ use tokio::sync::Mutex;
 
 pub use crate::model::Lease;
 use crate::model::{
-    ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, Revision,
-    TokenInfo,
+    ClusterId, ClusterRecord, ClusterUpdate, FleetScope, FleetView, JoinRequest, RegistryEvent,
+    Revision, TokenInfo,
 };
 use crate::tls::{CaHash, HUB_SERVER_NAME, pinned_client_config};
 use crate::wire::{
     ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall, JoinReply,
-    JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall, RejoinCall,
-    RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
-    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
+    JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListCall, ListReply, RecordCall,
+    RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall,
+    TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine,
+    decode_b64, encode_b64,
 };
 
 mod probe;
@@ -89,6 +90,9 @@ pub struct ClientOptions {
     pub watch_idle_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// What [`HubClient::list`] and [`HubClient::watch`] ask for (and so the fleet mirror
+    /// built on this client): [`FleetScope::Member`] for controllers and `fleet-dns`.
+    pub scope: FleetScope,
 }
 
 impl Default for ClientOptions {
@@ -99,6 +103,7 @@ impl Default for ClientOptions {
             watch_idle_timeout: Duration::from_secs(20),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            scope: FleetScope::All,
         }
     }
 }
@@ -469,7 +474,10 @@ impl HubClient {
 
     /// Every cluster and record, at one revision (watch from it).
     pub async fn list(&self) -> Result<FleetView, HubError> {
-        let reply: ListReply = self.call("list", "/v1/list", &(), true, true).await?;
+        let call = ListCall {
+            scope: self.inner.options.scope,
+        };
+        let reply: ListReply = self.call("list", "/v1/list", &call, true, true).await?;
         fleet_view(reply)
     }
 
@@ -664,7 +672,11 @@ impl HubClient {
 
     async fn open_watch(&self, after: Revision) -> Result<LineReader, HubError> {
         let mut sender = self.connect().await?;
-        let body = serde_json::to_vec(&WatchCall { after }).expect("serialises");
+        let body = serde_json::to_vec(&WatchCall {
+            after,
+            scope: self.inner.options.scope,
+        })
+        .expect("serialises");
         let request = self.request("/v1/watch", body, true)?;
         let timeout = self.inner.options.call_timeout;
         let response = tokio::time::timeout(timeout, sender.send_request(request))

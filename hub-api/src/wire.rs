@@ -31,8 +31,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    ClusterId, ClusterRecord, GatewayState, JoinToken, MemberRecord, ModelError, PublicKey,
-    RegistryEvent, RelayRecord, Revision, TokenInfo,
+    ClusterId, ClusterRecord, FleetScope, GatewayState, JoinToken, MemberRecord, ModelError,
+    PublicKey, RegistryEvent, RelayRecord, Revision, TokenInfo,
 };
 pub use crate::tls::CaHash;
 
@@ -349,6 +349,16 @@ pub struct ClusterRemoveCall {
 pub struct WatchCall {
     /// Changes with a revision above this one.
     pub after: Revision,
+    /// Which changes (absent: all).
+    #[serde(default)]
+    pub scope: FleetScope,
+}
+
+/// The body of `/v1/list` (absent or `null`: the whole fleet).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListCall {
+    #[serde(default)]
+    pub scope: FleetScope,
 }
 
 /// One line of a watch stream.

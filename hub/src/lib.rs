@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod limits;
 pub mod registry;
 pub mod relay;
 pub mod store;

@@ -267,6 +267,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         relay,
     } = &flags.command
     {
+        match fleet_hub::limits::raise_nofile_limit() {
+            Ok(limit) => tracing::info!(limit, "open-file limit (soft) raised to the hard limit"),
+            Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
+        }
         let registry = registry.with_quotas(fleet_hub::registry::Quotas {
             max_records: *member_max_records,
             max_bytes: *member_max_bytes,

@@ -26,11 +26,13 @@ use super::metrics::{HubMetrics, call_name};
 use super::{
     ClusterRemoveCall, Credential, DEFAULT_RELAY_TTL_MS, EndpointUpdate, ErrorBody, ErrorCode,
     HubIdentity, JoinCall, JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply,
-    ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RelayPublishCall,
+    ListCall, ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RelayPublishCall,
     RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
     TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64,
 };
-use crate::registry::{ClusterId, ClusterUpdate, JoinRequest, JoinToken, Registry, RegistryError};
+use crate::registry::{
+    ClusterId, ClusterUpdate, FleetScope, JoinRequest, JoinToken, Registry, RegistryError,
+};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -158,7 +160,8 @@ impl HubServer {
     }
 }
 
-/// Every `every`, deletes the relay records past their expiry, until shutdown. Every replica
+/// Every `every`, deletes the relay records past their expiry and marks clusters whose
+/// controller lease lapsed as not live ([`Registry::sweep_leases`]), until shutdown. Every replica
 /// runs one; the store's compare-and-delete keeps them (and renewals) from colliding. A record
 /// is judged only once this sweeper has run for the record's TTL (see
 /// [`Registry::sweep_relays`]).
@@ -171,6 +174,9 @@ async fn sweep_relays(registry: Registry, every: Duration, mut shutdown: watch::
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
+        }
+        if let Err(e) = registry.sweep_leases(since).await {
+            tracing::debug!(error = %e, "lease sweep failed; retrying");
         }
         match registry.sweep_relays(since).await {
             Ok(_) if failing => {
@@ -342,6 +348,12 @@ async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, CallError> 
             }
         })?
         .to_bytes();
+    // No body at all reads as `null` (a listing without options, say).
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"null")
+    } else {
+        bytes
+    };
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON request: {e}")))
 }
 
@@ -349,6 +361,18 @@ async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, CallError> 
 enum Caller {
     Member(ClusterId),
     Admin,
+}
+
+/// The caller's own cluster for a scoped listing or watch; the member scope needs one.
+fn scoped_caller(caller: &Caller, scope: FleetScope) -> Result<Option<&ClusterId>, CallError> {
+    match (caller, scope) {
+        (Caller::Member(id), _) => Ok(Some(id)),
+        (Caller::Admin, FleetScope::Member) => Err(CallError(
+            ErrorCode::InvalidArgument,
+            "the member scope needs a member credential; an admin lists with scope all".into(),
+        )),
+        (Caller::Admin, _) => Ok(None),
+    }
 }
 
 async fn authenticate(state: &State, req: &Request<Incoming>) -> Result<Caller, CallError> {
@@ -528,8 +552,11 @@ async fn call(
             ok(&RemovedReply { removed })
         }
         "/v1/list" => {
-            authenticate(state, &req).await?;
-            let view = registry.view().await?;
+            let caller = authenticate(state, &req).await?;
+            let call: Option<ListCall> = read_json(req.into_body()).await?;
+            let scope = call.unwrap_or_default().scope;
+            let own = scoped_caller(&caller, scope)?;
+            let view = registry.view_scoped(scope, own).await?;
             ok(&ListReply {
                 fleet_cidr: view.fleet_cidr,
                 clusters: view.clusters,
@@ -644,14 +671,20 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
     })
     .await
     .map_err(|_| CallError(ErrorCode::Timeout, "watch request timed out".into()))??;
-    let events = tokio::time::timeout(timeout, state.registry.watch(call.after))
-        .await
-        .map_err(|_| {
-            CallError(
-                ErrorCode::Timeout,
-                "opening the watch timed out; retry".into(),
-            )
-        })??;
+    let own = scoped_caller(&caller, call.scope)?.cloned();
+    let events = tokio::time::timeout(
+        timeout,
+        state
+            .registry
+            .watch_scoped(call.after, call.scope, own.as_ref()),
+    )
+    .await
+    .map_err(|_| {
+        CallError(
+            ErrorCode::Timeout,
+            "opening the watch timed out; retry".into(),
+        )
+    })??;
     let who = match caller {
         Caller::Member(id) => id.to_string(),
         Caller::Admin => "admin".to_string(),

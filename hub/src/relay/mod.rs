@@ -449,6 +449,7 @@ mod tests {
             public_key: PublicKey::from_bytes([key; 32]),
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             gateway: GatewayState::Up,
+            controller_live: true,
             joined_at: 0,
             token_id: String::new(),
         }
