@@ -33,6 +33,9 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// How long a watch keeps trying to re-establish itself before it reports the failure.
     pub watch_retry_for: Duration,
+    /// A watch that received nothing this long asks etcd for a progress notification; one
+    /// unanswered within `request_timeout` means the stream is dead: it is re-created.
+    pub watch_progress_interval: Duration,
     /// The CA that signed etcd's server certificate (PEM file); needed for `https://`.
     pub ca_cert: Option<PathBuf>,
     /// This client's certificate and key (PEM files), for etcd's `--client-cert-auth`.
@@ -69,6 +72,7 @@ impl EtcdOptions {
             namespace: "/fleetboard/".into(),
             request_timeout: Duration::from_secs(5),
             watch_retry_for: Duration::from_secs(30),
+            watch_progress_interval: Duration::from_secs(10),
             ca_cert: None,
             client_cert: None,
             client_key: None,
@@ -448,10 +452,33 @@ impl Store for EtcdStore {
                 let opened = store.call("watch", client.watch(full_prefix.clone(), Some(options))).await;
                 let failure = match opened {
                     Err(e) => e,
-                    Ok(mut stream) => loop {
-                        // No deadline here: a watch waits for changes as long as its consumer
-                        // keeps it; dropping the stream cancels it.
-                        match stream.message().await {
+                    Ok(mut stream) => {
+                        // A watch waits for changes as long as its consumer keeps it, but a
+                        // quiet one asks etcd for progress: a stream that cannot answer that
+                        // (etcd gone silent, connection half-open) is broken.
+                        let mut progress_asked: Option<tokio::time::Instant> = None;
+                        loop {
+                        let wait = match progress_asked {
+                            Some(at) => (at + store.options.request_timeout).saturating_duration_since(tokio::time::Instant::now()),
+                            None => store.options.watch_progress_interval,
+                        };
+                        let message = match tokio::time::timeout(wait, stream.message()).await {
+                            Ok(message) => message,
+                            Err(_) if progress_asked.is_some() => break StoreError::Timeout {
+                                endpoints: store.endpoints.clone(),
+                                operation: "watch progress",
+                                timeout_ms: store.options.request_timeout.as_millis(),
+                            },
+                            Err(_) => {
+                                if let Err(source) = stream.request_progress().await {
+                                    break StoreError::Etcd { endpoints: store.endpoints.clone(), operation: "watch progress", source };
+                                }
+                                progress_asked = Some(tokio::time::Instant::now());
+                                continue;
+                            }
+                        };
+                        progress_asked = None;
+                        match message {
                             Ok(Some(resp)) => {
                                 if resp.compact_revision() > 0 {
                                     yield Err(StoreError::Compacted {
@@ -504,7 +531,8 @@ impl Store for EtcdStore {
                                 };
                             }
                         }
-                    },
+                        }
+                    }
                 };
                 let since = *retry_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= store.options.watch_retry_for {
