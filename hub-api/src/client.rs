@@ -290,6 +290,18 @@ impl HubClient {
         .await
     }
 
+    /// The watch found the current replica silent or unable to serve: calls must not wait on
+    /// their kept-alive connections to it either. Drops those not in use (one in use times out
+    /// on its own) and moves on to the next replica.
+    fn abandon_current_replica(&self) {
+        for slot in [&self.inner.connection, &self.inner.lease_connection] {
+            if let Ok(mut slot) = slot.try_lock() {
+                *slot = None;
+            }
+        }
+        self.skip_current_replica();
+    }
+
     /// Moves the next connection attempt to the replica after the current one.
     fn skip_current_replica(&self) {
         let n = self.inner.endpoints.len();
@@ -634,7 +646,7 @@ impl HubClient {
                         tracing::debug!(error = %e, after = last, "watch: hub unavailable; retrying");
                         if matches!(e, HubError::Api { .. } | HubError::Timeout { .. }) {
                             // That replica answered (or hung) but cannot serve: try the next.
-                            client.skip_current_replica();
+                            client.abandon_current_replica();
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(options.backoff_max);
@@ -648,7 +660,7 @@ impl HubClient {
                         Err(_) => {
                             // No heartbeat: the replica's host is gone or it cannot serve.
                             tracing::debug!("watch: hub silent; reconnecting to the next replica");
-                            client.skip_current_replica();
+                            client.abandon_current_replica();
                             break;
                         }
                         Ok(Err(e)) => { tracing::debug!(error = %e, "watch: stream broke; reconnecting"); break; }
@@ -662,7 +674,7 @@ impl HubClient {
                             if retryable(&e) {
                                 // The replica said it cannot serve (its store went quiet).
                                 tracing::debug!(error = %e, "watch: ended by the hub; reconnecting to the next replica");
-                                client.skip_current_replica();
+                                client.abandon_current_replica();
                                 break;
                             }
                             yield Err(e);

@@ -296,6 +296,10 @@ async fn the_board_draws_the_fleet_and_follows_it_live_in_a_real_browser() {
         Duration::from_secs(15),
         "aa→bb throughput from the byte delta",
     );
+    let live = browser.screenshot();
+    let live_png = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-board-live.png");
+    std::fs::write(&live_png, &live).unwrap();
+    eprintln!("screenshot after the live updates: {}", live_png.display());
     admin
         .remove_cluster(&ClusterId::new("bb").unwrap())
         .await

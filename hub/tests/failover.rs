@@ -172,9 +172,10 @@ async fn until_record(
 }
 
 /// Issue 12 item 8: replica 1 up, its etcd traffic blackholed. Before, its watches kept
-/// heartbeating and a change written through replica 2 reached the member only 44.7 s after
-/// the cut was *healed*. Now replica 1 ends them (`unavailable`) once its store has been
-/// quiet for 5 s, and the member's watch moves to replica 2.
+/// heartbeating and a change written through replica 2 did not reach the member within the
+/// 60 s this test waits (the issue: 44.7 s after the cut was *healed*). Now replica 1 ends
+/// them (`unavailable`) once its store has been quiet for 5 s, and the member's watch moves to
+/// replica 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_on_a_replica_cut_from_its_store_moves_to_the_other_replica() {
     let etcd = EtcdServer::start().await;
@@ -218,10 +219,10 @@ async fn a_watch_on_a_replica_cut_from_its_store_moves_to_the_other_replica() {
     let moved = until_record(&mut events, "bb", "during", t).await;
     eprintln!(
         "store cut: a change through the other replica reached the watch {moved:?} after the cut \
-         (before: only 44.7 s after the cut was healed)"
+         (before: not within the 60 s the test waits; the issue saw it 44.7 s after the cut was healed)"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !one.log().contains("the store is silent; ending watches") {
+    while !one.log().contains("; ending watches") {
         assert!(
             Instant::now() < deadline,
             "replica 1 did not say why it ended the watches; log:\n{}",
@@ -233,8 +234,9 @@ async fn a_watch_on_a_replica_cut_from_its_store_moves_to_the_other_replica() {
 }
 
 /// Issue 12 item 8: replica 1's host vanishes (every packet to and from it dropped, no
-/// reset), simulated by a blackhole in front of its API. Before: the watch moved after 21.1 s
-/// (the 20 s idle timeout + a connect). Now: 3 missed heartbeats (3 s), then the next replica.
+/// reset), simulated by a blackhole in front of its API. Before: the watch moved after 25.2 s
+/// (the 20 s idle timeout + a 5 s connect timeout on the same replica; the issue saw 21.1 s).
+/// Now: 3 missed heartbeats (3 s), then the next replica, and calls leave it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_replica_host_is_noticed_within_seconds() {
     let etcd = EtcdServer::start().await;
@@ -274,7 +276,7 @@ async fn a_vanished_replica_host_is_noticed_within_seconds() {
     let moved = until_record(&mut events, "bb", "during", t).await;
     eprintln!(
         "vanished host: the watch delivered a change through the other replica {moved:?} after \
-         the cut (idle timeout {:?}; before: 21.1 s with a 20 s idle timeout)",
+         the cut (idle timeout {:?}; before: 25.2 s here, 21.1 s in the issue, with a 20 s idle timeout)",
         options.watch_idle_timeout
     );
     // And calls follow: the member's next call is answered by replica 2.

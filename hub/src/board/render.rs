@@ -359,6 +359,7 @@ fn svg(
         "<svg id=\"map\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"fleet map\">"
     );
     let mut drawn_direct = BTreeSet::new();
+    let mut labels = String::new();
     for t in tunnels {
         let Some(&(x1, y1)) = position.get(&t.from) else {
             continue;
@@ -389,14 +390,38 @@ fn svg(
                 .map_or("no handshake".to_string(), |a| format!("hs {} ago", age(a))),
             rate(t.rate)
         );
+        // Direct pairs bend aside (a quadratic curve), so they never hide behind the relay's
+        // spokes; the label sits on the curve's midpoint.
+        let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+        let (dx, dy) = (x2 - x1, y2 - y1);
+        let len = (dx * dx + dy * dy).sqrt().max(1.0);
+        let bend = if t.via_relay { 0.0 } else { 200.0 };
+        // Bend away from the middle, where the relay sits.
+        let (mut nx, mut ny) = (-dy / len, dx / len);
+        if (mx - cx) * nx + (my - cy) * ny < 0.0 {
+            (nx, ny) = (-nx, -ny);
+        }
+        let (qx, qy) = (mx + nx * bend, my + ny * bend);
+        // The label: beside the spoke's middle, or just outside the curve's apex (the apex is
+        // half-way to the control point), on the side the curve bends to.
+        let (lx, ly, anchor) = if t.via_relay {
+            (mx + 6.0, my - 4.0, "start")
+        } else {
+            let out = bend / 2.0 + 10.0;
+            let anchor = if nx < 0.0 { "end" } else { "start" };
+            (mx + nx * out, my + ny * out, anchor)
+        };
         let _ = write!(
             html,
-            "<g class=\"{class}\" data-from=\"{from}\" data-to=\"{to}\"><line x1=\"{x1:.0}\" y1=\"{y1:.0}\" x2=\"{x2:.0}\" y2=\"{y2:.0}\"/><text x=\"{:.0}\" y=\"{:.0}\">{}</text></g>",
-            (x1 + x2) / 2.0,
-            (y1 + y2) / 2.0 - 4.0,
-            esc(&label),
+            "<g class=\"{class}\" data-from=\"{from}\" data-to=\"{to}\"><path d=\"M {x1:.0} {y1:.0} Q {qx:.0} {qy:.0} {x2:.0} {y2:.0}\"/></g>",
             from = esc(t.from.as_str()),
             to = esc(&t.to),
+        );
+        // Labels go on top of everything, after the relay and the clusters.
+        let _ = write!(
+            labels,
+            "<text class=\"edge-label\" x=\"{lx:.0}\" y=\"{ly:.0}\" text-anchor=\"{anchor}\">{}</text>",
+            esc(&label),
         );
     }
     if !fleet.relays.is_empty() {
@@ -429,6 +454,7 @@ fn svg(
             id = esc(id.as_str()),
         );
     }
+    html.push_str(&labels);
     html.push_str("</svg>");
 }
 
