@@ -162,12 +162,44 @@ async fn the_board_draws_the_fleet_and_follows_it_live_in_a_real_browser() {
     )
     .await;
 
-    // The one-time link, as `fleet-hub board-url` prints it.
+    // Only the admin mints login links, and the admin credential is never in one.
+    let refused = aa.board_login().await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(fleet_hub_api::wire::ErrorCode::PermissionDenied),
+        "{refused}"
+    );
     let login = admin.board_login().await.unwrap();
-    assert!(login.path.starts_with("/board/login?token="));
-    assert!(!login.path.contains(&hub.admin_credential().expose()));
+    assert!(
+        login.path.starts_with("/board/login?token="),
+        "{}",
+        login.path
+    );
+    let admin_secret = hub.admin_credential().expose();
+    assert!(!login.path.contains(&admin_secret));
+    // The operator's way: `fleet-hub board-url` prints the link.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-hub"))
+        .arg("--data-dir")
+        .arg(hub.data_dir())
+        .args(["--hub", &hub.endpoint(), "board-url"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let origin = format!("https://{}", hub.endpoint());
-    let link = format!("{origin}{}", login.path);
+    let token = link
+        .strip_prefix(&format!("{origin}/board/login?token="))
+        .unwrap_or_else(|| panic!("board-url printed {link}"));
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{link}"
+    );
+    assert!(!link.contains(&admin_secret));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&admin_secret));
 
     let mut browser = Browser::launch(&["--ignore-certificate-errors"]);
     browser.navigate(&link);

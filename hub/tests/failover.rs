@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::etcd::EtcdServer;
 use common::hub::{HubProcess, quick_options};
 use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+use fleet_hub::store::{EtcdStore, Store};
 use fleet_hub_api::client::{ClientOptions, HubClient};
 use fleet_hub_api::model::RegistryEvent;
 use futures::StreamExt;
@@ -286,4 +287,50 @@ async fn a_vanished_replica_host_is_noticed_within_seconds() {
         .unwrap();
     eprintln!("vanished host: the next call took {:?}", t.elapsed());
     drop((one, two, etcd));
+}
+
+/// The etcd store's own watch keep-alive: a watch on an etcd that went silent (its traffic
+/// blackholed, no reset) asks for a progress notification after `watch_progress_interval`,
+/// re-creates itself when none comes within the request timeout, and reports the failure
+/// after `watch_retry_for`. Before: `stream.message()` had no deadline and the watch waited
+/// for ever (measured with the keep-alive off: nothing within 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_watch_on_a_silent_store_reports_it() {
+    let etcd = EtcdServer::start().await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let relay = blackhole_relay(
+        etcd.endpoint().trim_start_matches("http://").to_string(),
+        cut.clone(),
+    )
+    .await;
+    let mut options = etcd.options().namespace("/silent/");
+    options.endpoints = vec![format!("http://{relay}")];
+    options.request_timeout = Duration::from_secs(1);
+    options.watch_retry_for = Duration::from_secs(2);
+    options.watch_progress_interval = Duration::from_millis(500);
+    let cut_off = EtcdStore::connect(options).await.unwrap();
+    let direct = etcd.store("/silent/").await;
+    let mut changes = cut_off.watch("k/", 0).await.unwrap();
+    // Quiet for several progress intervals: the answered progress requests keep it open.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    direct.put("k/1", b"v".to_vec()).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), changes.next())
+        .await
+        .expect("a change after a quiet spell")
+        .expect("the watch is open");
+    assert!(first.is_ok(), "{first:?}");
+
+    cut.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(30), changes.next())
+        .await
+        .expect("the watch on a silent etcd must report it within 30 s");
+    eprintln!(
+        "silent etcd: the store's watch reported {:?} after {:?} (progress every 500 ms, 1 s \
+         request timeout, 2 s of retries; before, without progress requests: nothing within 30 s)",
+        end.as_ref()
+            .map(|r| r.as_ref().map(|_| "a change").map_err(|e| e.to_string())),
+        t.elapsed()
+    );
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
 }

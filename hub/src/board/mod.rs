@@ -240,8 +240,17 @@ impl Board {
                 if !board.session_valid(&session) {
                     break;
                 }
-                let Some(fleet) = reader.mark_seen().fleet else { continue };
-                let html = render::render(&fleet, unix_now(), &mut throughput);
+                let state = reader.mark_seen();
+                let Some(fleet) = state.fleet else { continue };
+                let mut html = String::new();
+                if let Some(error) = &state.error {
+                    // The last fleet stays on screen, marked as possibly stale.
+                    html.push_str(&format!(
+                        "<p class=\"stale\">This hub replica cannot read its store ({}); the board may be out of date.</p>",
+                        render::esc(&error.to_string())
+                    ));
+                }
+                html.push_str(&render::render(&fleet, unix_now(), &mut throughput));
                 if html != last {
                     let mut event = String::from("event: board\n");
                     for line in html.lines() {
