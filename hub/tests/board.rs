@@ -204,7 +204,7 @@ async fn the_board_draws_the_fleet_and_follows_it_live_in_a_real_browser() {
     let mut browser = Browser::launch(&["--ignore-certificate-errors"]);
     browser.navigate(&link);
     browser.wait_for(
-        "location.pathname === '/board' && document.querySelectorAll('#clusters tr.cluster').length === 2",
+        "location.pathname === '/board' && document.readyState === 'complete' && document.querySelectorAll('#clusters tr.cluster').length === 2",
         Duration::from_secs(30),
         "the board with clusters aa and bb",
     );
