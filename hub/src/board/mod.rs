@@ -397,3 +397,45 @@ impl FleetSource for RegistrySource {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{FleetLayout, SystemClock};
+    use crate::store::EmbeddedStore;
+
+    async fn board() -> (Board, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        let registry = Registry::open(store, FleetLayout::default(), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        (Board::new(registry), dir)
+    }
+
+    #[tokio::test]
+    async fn a_login_token_works_once_and_only_in_time() {
+        let (board, _dir) = board().await;
+        let token = board.mint_login().unwrap();
+        assert_eq!(token.len(), 64);
+        assert!(board.redeem("not-a-token").is_none());
+        let session = board.redeem(&token).expect("first use");
+        assert!(board.session_valid(&session));
+        assert!(board.redeem(&token).is_none(), "a second use");
+        assert!(
+            !board.session_valid(&token),
+            "a login token is not a session"
+        );
+        // Only hashes are kept.
+        assert!(!board.sessions.lock().unwrap().contains_key(&session));
+        // An expired token is refused (and gone).
+        let late = board.mint_login().unwrap();
+        board
+            .logins
+            .lock()
+            .unwrap()
+            .insert(sha256_hex(&late), Instant::now() - Duration::from_secs(1));
+        assert!(board.redeem(&late).is_none());
+        assert!(board.logins.lock().unwrap().is_empty());
+    }
+}
