@@ -19,6 +19,7 @@ fn cluster(id: &str, n: u8, joined_at: u64) -> ClusterRecord {
         public_key: key(n),
         endpoint: None,
         gateway: GatewayState::Up,
+        controller_live: true,
         joined_at,
         token_id: "t".into(),
     }
