@@ -22,9 +22,10 @@ use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unav
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::kube_mcs::{KubeMcs, KubeMcsError};
+use crate::kube_secret::{CredentialSecret, SecretError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::metrics::ControllerMetrics;
-use crate::nodes::{NodeSocket, load_nodes};
+use crate::nodes::{api_node_specs, load_nodes, node_api};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
 use crate::services::{ServiceConfig, ServiceSync};
@@ -62,6 +63,10 @@ pub enum ControllerError {
     KubeLease(#[from] KubeLeaseError),
     #[error("the Kubernetes API (--kubernetes): {0}")]
     KubeMcs(#[from] KubeMcsError),
+    #[error("the credential Secret: {0}")]
+    Secret(#[from] SecretError),
+    #[error("the node API's TLS files (--node-api-tls): {0}")]
+    NodeTls(#[from] fleet_core::node_tls::NodeTlsError),
 }
 
 /// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
@@ -83,11 +88,13 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The cluster's hub client with its credential: read from the credential file, or obtained
-/// by joining (and written), or — without a join string — waited for. `None` when stopped.
+/// The cluster's hub client with its credential: read from the credential file (or the
+/// credential Secret, `--credential-secret`), or obtained by joining (and written), or —
+/// without a join string — waited for. `None` when stopped.
 async fn identity(
     cfg: &RunConfig,
     key: &PublicKey,
+    secret: Option<&CredentialSecret>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<HubClient>, ControllerError> {
     let ca = cfg
@@ -97,14 +104,45 @@ async fn identity(
     let base = HubClient::new(cfg.hubs.clone(), ca, client_options(cfg.lease_ttl))
         .map_err(ControllerError::Client)?;
     let wait = async {
-        wait_for_credential(
-            &cfg.credential_file,
-            &cfg.cluster,
-            Duration::from_millis(500),
-        )
-        .await
+        match secret {
+            Some(s) => Ok(s.wait(&cfg.cluster, Duration::from_millis(500)).await?),
+            None => Ok::<_, ControllerError>(
+                wait_for_credential(
+                    &cfg.credential_file,
+                    &cfg.cluster,
+                    Duration::from_millis(500),
+                )
+                .await?,
+            ),
+        }
     };
-    if let Some(c) = load_credential(&cfg.credential_file, &cfg.cluster)? {
+    let stored = match secret {
+        Some(s) => {
+            // Never "absent" while the API cannot be read: joining again would orphan the
+            // cluster's block.
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let read = tokio::select! {
+                    r = s.read(&cfg.cluster) => r,
+                    _ = stopped(stop) => return Ok(None),
+                };
+                match read {
+                    Ok(c) => break c,
+                    Err(e @ SecretError::Api { .. }) => {
+                        tracing::warn!(error = %e, "reading the credential Secret; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stopped(stop) => return Ok(None),
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        None => load_credential(&cfg.credential_file, &cfg.cluster)?,
+    };
+    if let Some(c) = stored {
         return Ok(Some(base.with_credential(c)));
     }
     let Some(join) = &cfg.join else {
@@ -126,16 +164,20 @@ async fn identity(
         };
         match attempt {
             Ok(joined) => {
-                store_credential(&cfg.credential_file, &joined.credential)?;
-                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), "joined the fleet");
+                match secret {
+                    Some(s) => store_in_secret(s, &joined.credential, &ca, stop).await?,
+                    None => store_credential(&cfg.credential_file, &joined.credential)?,
+                }
+                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), credential_secret = ?secret, "joined the fleet");
                 return Ok(Some(base.with_credential(joined.credential)));
             }
             Err(e) if e.code() == Some(ErrorCode::AlreadyJoined) => {
-                // Another replica joined first; it writes the credential file.
+                // Another replica joined first; it writes the credential file (or Secret).
                 tracing::info!(
                     cluster = %cfg.cluster,
                     credential_file = %cfg.credential_file.display(),
-                    "cluster already joined, by another replica: waiting for its credential file (if \
+                    credential_secret = ?secret,
+                    "cluster already joined, by another replica: waiting for its credential (if \
                      the replica that joined lost it, remove the cluster at the hub and join again)"
                 );
                 return tokio::select! {
@@ -157,6 +199,65 @@ async fn identity(
                     source,
                 });
             }
+        }
+    }
+}
+
+/// The cluster's nodes from the Kubernetes API (`--nodes-from-kubernetes`), once the Node
+/// objects are listed and the gateway node is among them; `None` when stopped.
+async fn api_nodes(
+    kube: &mut KubeMcs,
+    gateway: &str,
+    port: u16,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Vec<crate::plan::NodeSpec>> {
+    let mut logged = String::new();
+    loop {
+        let problem = match kube.read() {
+            Ok(view) if view.nodes.contains_key(gateway) => {
+                kube.follow_nodes(&view);
+                return Some(api_node_specs(&view.nodes, port));
+            }
+            Ok(_) => format!(
+                "the gateway node {gateway} is not among the Node objects (with an IPv4 InternalIP) yet"
+            ),
+            Err(e) => e,
+        };
+        if problem != logged {
+            tracing::info!(%problem, "waiting for the cluster's nodes from the Kubernetes API");
+            logged = problem;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stopped(stop) => return None,
+        }
+    }
+}
+
+/// Writes a fresh join's credential to the Secret, retrying while the API is unavailable:
+/// the credential exists nowhere else, so the controller does not go on without it.
+async fn store_in_secret(
+    secret: &CredentialSecret,
+    credential: &fleet_hub_api::wire::Credential,
+    ca: &fleet_hub_api::wire::CaHash,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), ControllerError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match secret.create(credential, ca).await {
+            Ok(()) => return Ok(()),
+            Err(e @ SecretError::Api { .. }) => {
+                tracing::warn!(error = %e, "writing the credential Secret after the join; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(stop) => {
+                        tracing::error!(secret = %secret.describe(), "stopped before the joined credential was written: remove the cluster at the hub and join again");
+                        return Err(e.into());
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -193,6 +294,8 @@ struct Controller {
     /// The last error reading it (to log only changes).
     kube_error: Option<String>,
     metrics: ControllerMetrics,
+    /// The controller's client TLS for node daemons on TCP (`--node-api-tls`).
+    node_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
@@ -206,7 +309,14 @@ pub async fn run_with_metrics(
     mut stop: watch::Receiver<bool>,
     metrics: ControllerMetrics,
 ) -> Result<(), ControllerError> {
-    let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
+    let node_tls = match &cfg.node_api_tls {
+        Some(dir) => Some(fleet_core::node_tls::client_config(dir)?),
+        None => None,
+    };
+    let file_specs = match cfg.nodes_from_api {
+        None => Some(load_nodes(&cfg.nodes_file, &cfg.gateway_node)?),
+        Some(_) => None,
+    };
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
         LeaderElection::Hub => None,
@@ -216,9 +326,23 @@ pub async fn run_with_metrics(
             kubeconfig,
         } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
     };
-    let kube = match &cfg.kubernetes {
+    let mut kube = match &cfg.kubernetes {
         Some(api) => Some(KubeMcs::connect(api.kubeconfig.as_deref()).await?),
         None => None,
+    };
+    let specs = match (file_specs, cfg.nodes_from_api, kube.as_mut()) {
+        (Some(specs), _, _) => specs,
+        (None, Some(port), Some(kube)) => {
+            match api_nodes(kube, &cfg.gateway_node, port, &mut stop).await {
+                Some(specs) => specs,
+                None => return Ok(()),
+            }
+        }
+        _ => unreachable!("validate: --nodes-from-kubernetes needs --kubernetes"),
+    };
+    let secret = match (&cfg.credential_secret, kube.as_ref()) {
+        (Some((ns, name)), Some(kube)) => Some(CredentialSecret::new(kube.client(), ns, name)),
+        _ => None,
     };
     let gateway_spec = specs
         .iter()
@@ -234,7 +358,7 @@ pub async fn run_with_metrics(
             node: gateway_spec.name.clone(),
             holder: cfg.holder.clone(),
         },
-        Arc::new(NodeSocket::new(&gateway_spec)),
+        node_api(&gateway_spec, node_tls.as_ref())?,
     );
     // The key lives on the gateway node: its public half is what the cluster joins with.
     let key = match gateway.wait_public_key(&mut stop).await {
@@ -247,16 +371,18 @@ pub async fn run_with_metrics(
             });
         }
     };
-    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
+    let Some(client) = identity(&cfg, &key, secret.as_ref(), &mut stop).await? else {
         return Ok(());
     };
     let nodes = specs
         .into_iter()
-        .map(|spec| ClusterNode {
-            api: Arc::new(NodeSocket::new(&spec)),
-            spec,
+        .map(|spec| {
+            Ok(ClusterNode {
+                api: node_api(&spec, node_tls.as_ref())?,
+                spec,
+            })
         })
-        .collect();
+        .collect::<Result<_, crate::nodes::NodesError>>()?;
     let hub = Arc::new(MemberHub {
         client: client.clone(),
         cluster: cfg.cluster.clone(),
@@ -281,6 +407,7 @@ pub async fn run_with_metrics(
         kube,
         kube_error: None,
         metrics,
+        node_tls,
     };
     c.lead(&mut stop).await
 }
@@ -536,7 +663,19 @@ impl Controller {
                 if self.kube_error.take().is_some() {
                     tracing::info!("the Kubernetes API is readable again");
                 }
-                kube.follow_nodes(&view);
+                let changes = kube.follow_nodes(&view);
+                if let Some(port) = self.cfg.nodes_from_api
+                    && !changes.is_empty()
+                {
+                    // The next pass (within --status-interval) plans and peers them.
+                    self.nodes = api_node_specs(&view.nodes, port)
+                        .into_iter()
+                        .filter_map(|spec| {
+                            let api = node_api(&spec, self.node_tls.as_ref()).ok()?;
+                            Some(ClusterNode { spec, api })
+                        })
+                        .collect();
+                }
                 a.services.set_kube_view(view)
             }
             Err(e) => {
@@ -811,6 +950,9 @@ mod tests {
             liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
+            node_api_tls: None,
+            nodes_from_api: None,
+            credential_secret: None,
         }
     }
 
@@ -891,6 +1033,7 @@ mod tests {
             kube: None,
             kube_error: None,
             metrics: Default::default(),
+            node_tls: None,
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });

@@ -291,6 +291,11 @@ impl KubeMcs {
         }
     }
 
+    /// The API client (the credential Secret uses it too).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The latest state of the watched ServiceExports, Services, EndpointSlices, Namespaces,
     /// Nodes and our ServiceImports; an error until every kind has been listed once.
     pub fn read(&mut self) -> Result<KubeView, String> {
