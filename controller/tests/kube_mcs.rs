@@ -5,7 +5,8 @@
 //! then new ones as they happen; `410 Expired` as an ERROR event when N is older than the
 //! compacted history, as the API server does), create, JSON merge patch (object and `/status`
 //! subresource, kept apart as for CRDs with a status subresource) and delete for any resource
-//! path, with a `resourceVersion` per write and 404 / 409 like the API server.
+//! path, with a `resourceVersion` per write and 404 / 409 like the API server; get by name.
+//! The credential Secret (`kube_secret`) is tested against it too.
 //!
 //! No root needed.
 
@@ -296,6 +297,10 @@ async fn handle(
         )
     };
     Ok(match (method, name) {
+        (Method::GET, Some(name)) => match s.objects.get(&key(&name)) {
+            Some(v) => respond(200, v),
+            None => failure(404, "NotFound", format!("{name} not found")),
+        },
         (Method::GET, None) => {
             let items: Vec<Value> = s
                 .objects
@@ -824,4 +829,98 @@ async fn service_exports_are_read_their_status_written_and_imports_mirrored_as_m
     })
     .await;
     assert!(api.expired_watches() >= 1);
+}
+
+const SECRETS: &str = "/secrets";
+
+fn member_credential(cluster: &str, fill: char) -> fleet_hub_api::wire::Credential {
+    let secret: String = std::iter::repeat_n(fill, 64).collect();
+    fleet_hub_api::wire::Credential::parse(&format!("m.{cluster}.{secret}")).unwrap()
+}
+
+/// `--credential-secret`: absent → `None` (the controller joins); the joining replica's
+/// create writes `credential` and `ca`; a restart reads it back; a second create with another
+/// credential loses (never replaces); a replica waiting for it sees it once written; a Secret
+/// of another cluster is refused, not used.
+#[tokio::test]
+async fn the_credential_secret_is_created_once_read_back_and_waited_for() {
+    use fleet_controller::kube_secret::{CredentialSecret, SecretError};
+    use fleet_hub_api::model::ClusterId;
+    use fleet_hub_api::wire::CaHash;
+
+    let api = FakeKubeApi::start().await;
+    let client = KubeMcs::connect(Some(&api.kubeconfig))
+        .await
+        .unwrap()
+        .client();
+    let secret = CredentialSecret::new(client.clone(), "fleetboard-system", "fleet-credential");
+    let aa = ClusterId::new("aa").unwrap();
+    let ca: CaHash = "ab".repeat(32).parse().unwrap();
+    assert_eq!(secret.read(&aa).await.unwrap(), None, "absent: join");
+
+    // A standby waits for it while the first replica joins and writes it.
+    let waiter = {
+        let s = secret.clone();
+        let aa = aa.clone();
+        tokio::spawn(async move { s.wait(&aa, Duration::from_millis(50)).await })
+    };
+    let joined = member_credential("aa", '1');
+    secret.create(&joined, &ca).await.unwrap();
+    let stored = api
+        .get(SECRETS, "fleetboard-system", "fleet-credential")
+        .expect("the Secret was created");
+    let data = |k: &str| {
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(stored["data"][k].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(data("credential"), format!("{}\n", joined.expose()));
+    assert_eq!(data("ca"), "ab".repeat(32));
+    assert_eq!(stored["type"], "Opaque");
+    assert_eq!(
+        stored["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "fleet-controller"
+    );
+    let waited = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiting replica sees the Secret")
+        .unwrap()
+        .unwrap();
+    assert_eq!(waited, joined);
+
+    // A restart reads it back; a retried create of the same credential is fine.
+    assert_eq!(secret.read(&aa).await.unwrap(), Some(joined.clone()));
+    secret.create(&joined, &ca).await.unwrap();
+    // Another credential never replaces it.
+    let e = secret
+        .create(&member_credential("aa", '2'), &ca)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SecretError::LostRace { .. }), "{e}");
+    assert_eq!(secret.read(&aa).await.unwrap(), Some(joined.clone()));
+    let creates = api
+        .take_writes()
+        .iter()
+        .filter(|w| w.starts_with("POST") && w.contains("/secrets"))
+        .count();
+    assert_eq!(creates, 3, "creates only; never an update or delete");
+
+    // Another cluster's credential in the Secret is refused, not used.
+    let bb = CredentialSecret::new(client, "fleetboard-system", "bb-credential");
+    bb.create(&member_credential("bb", '3'), &ca).await.unwrap();
+    let other = CredentialSecret::new(
+        KubeMcs::connect(Some(&api.kubeconfig))
+            .await
+            .unwrap()
+            .client(),
+        "fleetboard-system",
+        "bb-credential",
+    );
+    let e = other.read(&aa).await.unwrap_err();
+    assert!(matches!(e, SecretError::Malformed { .. }), "{e}");
+    assert!(e.to_string().contains("cluster bb"), "{e}");
 }
