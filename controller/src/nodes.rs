@@ -376,6 +376,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn node_addresses_are_a_socket_path_or_tcp_and_tcp_needs_tls() {
+        let spec = |socket: &str| NodeSpec {
+            name: "aa-1".into(),
+            socket: socket.into(),
+            underlay_ip: "198.51.100.11".parse().unwrap(),
+            netns: "/run/netns/a".into(),
+        };
+        assert_eq!(
+            NodeAddress::of(&spec("/run/fleetboard/node.sock")).unwrap(),
+            NodeAddress::Unix("/run/fleetboard/node.sock".into())
+        );
+        assert_eq!(
+            NodeAddress::of(&spec("tcp://198.51.100.11:9650")).unwrap(),
+            NodeAddress::Tcp("198.51.100.11:9650".parse().unwrap())
+        );
+        assert!(matches!(
+            NodeAddress::of(&spec("tcp://aa-1:9650")),
+            Err(NodesError::BadAddress { .. })
+        ));
+        assert!(node_api(&spec("/run/a.sock"), None).is_ok());
+        let e = node_api(&spec("tcp://198.51.100.11:9650"), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--node-api-tls"), "{e}");
+
+        let nodes = BTreeMap::from([
+            ("aa-1".to_string(), "172.18.0.2".parse().unwrap()),
+            ("aa-2".to_string(), "172.18.0.3".parse().unwrap()),
+        ]);
+        let specs = api_node_specs(&nodes, 9650);
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].name, "aa-2");
+        assert_eq!(specs[1].socket.to_str().unwrap(), "tcp://172.18.0.3:9650");
+        assert_eq!(specs[1].underlay_ip.to_string(), "172.18.0.3");
+    }
+
+    #[test]
     fn nodes_file_is_checked() {
         let ok = r#"[{"name":"aa-1","socket":"/run/a.sock","underlay_ip":"198.51.100.11","netns":"/run/netns/a"},
                      {"name":"aa-2","socket":"/run/b.sock","underlay_ip":"198.51.100.12","netns":"/run/netns/b"}]"#;
