@@ -137,7 +137,11 @@ k cc -n fleetboard-hub rollout status statefulset/fleet-hub --timeout=180s
 #    `a_controller_on_another_node_drives_fleet_nri_over_tcp` and
 #    `the_node_api_over_tcp_serves_only_clients_of_the_node_api_ca_and_the_client_only_its_daemons`;
 #    it writes its credential to the Secret at the first join: controller/tests/kube_mcs.rs
-#    `the_credential_secret_is_created_once_read_back_and_waited_for`; nodes planned and
+#    `the_credential_secret_is_created_once_read_back_and_waited_for`; both with the
+#    Kubernetes API (Node objects, the Secret) and a real hub and fleet-nri:
+#    controller/tests/node_api_tls.rs
+#    `with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_a_secret`;
+#    nodes planned and
 #    peered over the overlay: e2e/tests/multi_node.rs
 #    `pods_on_two_nodes_reach_each_other_over_the_overlay_the_controller_programs`.
 controller_bin=$here/target/release/fleet-controller

@@ -245,6 +245,9 @@ impl NodeApi for NodeSocket {
     }
 }
 
+/// How long a TCP connect to a node daemon may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// [`NodeApi`] over TCP with mutual TLS: a `fleet-nri` on another node (`--node-api-listen`).
 /// The same JSON lines as the unix socket, one request per connection.
 #[derive(Clone)]
@@ -287,8 +290,11 @@ impl NodeTcp {
             )
         };
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
+            // A node that is down (no answer to ARP or SYN) costs at most this much per call.
+            let connect = self.timeout.min(CONNECT_TIMEOUT);
+            let tcp = tokio::time::timeout(connect, tokio::net::TcpStream::connect(self.addr))
                 .await
+                .map_err(|_| unreachable("connect", &format!("no answer within {connect:?}")))?
                 .map_err(|e| unreachable("connect", &e))?;
             let _ = tcp.set_nodelay(true);
             let mut tls = self

@@ -20,6 +20,9 @@ use fleet_e2e::process::ManagedProcess;
 use fleet_e2e::{poll_until, workspace_bin};
 use fleet_proto::node::{NodeError, SetPlanRequest, code};
 
+mod fake_kube;
+use fake_kube::FakeKubeApi;
+
 const NODE_IP: &str = "192.0.2.1";
 const CTL_IP: &str = "192.0.2.2";
 const PORT: u16 = 9650;
@@ -259,37 +262,7 @@ fn a_controller_on_another_node_drives_fleet_nri_over_tcp() {
     )
     .unwrap();
 
-    // The hub on the controller's node.
-    let hub_dir = dir.path().join("hub");
-    let hub_addr = "127.0.0.1:7443";
-    let mut hub = ManagedProcess::new(
-        "fleet-hub",
-        workspace_bin("fleet-hub"),
-        os(&[
-            "--data-dir",
-            hub_dir.join("data").to_str().unwrap(),
-            "serve",
-            "--listen",
-            hub_addr,
-        ]),
-        &net.ctl.path(),
-        dir.path().join("hub.log"),
-    );
-    hub.spawn().unwrap();
-    let join = poll_until("a join token from the hub", WAIT, || {
-        let out = net
-            .ctl
-            .command(workspace_bin("fleet-hub").to_str().unwrap())
-            .args(["--hub", hub_addr, "--data-dir"])
-            .arg(hub_dir.join("data"))
-            .args(["token", "create", "--ttl", "1h"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8(out.stdout).unwrap().trim().to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", hub.log()));
+    let (_hub, join) = hub_in(&net, dir.path());
 
     let nodes = dir.path().join("nodes.json");
     std::fs::write(
@@ -312,7 +285,7 @@ fn a_controller_on_another_node_drives_fleet_nri_over_tcp() {
             "--cluster",
             "aa",
             "--hub",
-            hub_addr,
+            HUB_ADDR,
             "--join",
             &join,
             "--credential-file",
@@ -357,6 +330,192 @@ fn a_controller_on_another_node_drives_fleet_nri_over_tcp() {
     controller.terminate(Duration::from_secs(10));
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{wg_name}.sock"));
     drop(nri);
+}
+
+const HUB_ADDR: &str = "127.0.0.1:7443";
+
+/// A hub in the controller's netns; its process and a join string.
+fn hub_in(net: &Net, dir: &Path) -> (ManagedProcess, String) {
+    let hub_dir = dir.join("hub");
+    let mut hub = ManagedProcess::new(
+        "fleet-hub",
+        workspace_bin("fleet-hub"),
+        os(&[
+            "--data-dir",
+            hub_dir.join("data").to_str().unwrap(),
+            "serve",
+            "--listen",
+            HUB_ADDR,
+        ]),
+        &net.ctl.path(),
+        dir.join("hub.log"),
+    );
+    hub.spawn().unwrap();
+    let join = poll_until("a join token from the hub", WAIT, || {
+        let out = net
+            .ctl
+            .command(workspace_bin("fleet-hub").to_str().unwrap())
+            .args(["--hub", HUB_ADDR, "--data-dir"])
+            .arg(hub_dir.join("data"))
+            .args(["token", "create", "--ttl", "1h"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8(out.stdout).unwrap().trim().to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", hub.log()));
+    (hub, join)
+}
+
+/// `--kubernetes on` as in a pod: the nodes from Node objects (each `fleet-nri` at
+/// `tcp://<InternalIP>:9650`), the credential created in the Secret at the first join (no
+/// credential file), read back by the next start (which does not join again), and a Node added
+/// later followed. The fake API server listens in the controller's netns.
+#[test]
+fn with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_a_secret() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(&dir.path().join("certs"));
+    let nri = FleetNri::start_with_args(
+        FleetNriOpts {
+            node_subnet: None,
+            nri_socket: None,
+            netns: Some(net.node.path()),
+        },
+        tls_args(&tls.join("node")),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(fleet_core::netns::run_in(&net.ctl.path(), || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+        }))
+        .unwrap()
+        .unwrap();
+    let api = {
+        let _guard = rt.enter();
+        FakeKubeApi::start_on(listener)
+    };
+    let node = |name: &str, ip: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+    };
+    api.put("/nodes", "", node("n1", NODE_IP));
+    let (hub, join) = hub_in(&net, dir.path());
+    let ca = fleet_hub_api::wire::CaHash::of_pem(
+        &std::fs::read_to_string(dir.path().join("hub/data/ca.pem")).unwrap(),
+    )
+    .unwrap()
+    .to_string();
+
+    let wg_name = format!("fwk{}", std::process::id() % 100_000);
+    let args = |first: bool| {
+        let mut a = vec![
+            "run",
+            "--cluster",
+            "aa",
+            "--hub",
+            HUB_ADDR,
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            api.kubeconfig.to_str().unwrap(),
+            "--credential-secret",
+            "fleetboard-system/fleet-credential",
+            "--data-dir",
+            dir.path().join("ctl").to_str().unwrap(),
+            "--nodes-from-kubernetes",
+            "9650",
+            "--node-api-tls",
+            tls.join("controller").to_str().unwrap(),
+            "--gateway-node",
+            "n1",
+            "--wg-name",
+            &wg_name,
+            "--wg-backend",
+            "userspace",
+            "--leader-election",
+            "hub",
+            "--status-interval",
+            "1s",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if first {
+            a.extend(["--join".to_string(), join.clone()]);
+        } else {
+            a.extend(["--ca".to_string(), ca.clone()]);
+        }
+        a.into_iter().map(OsString::from).collect::<Vec<_>>()
+    };
+    let start = |first: bool, log: &str| {
+        let mut c = ManagedProcess::new(
+            "fleet-controller",
+            workspace_bin("fleet-controller"),
+            args(first),
+            &net.ctl.path(),
+            dir.path().join(log),
+        )
+        .env("FLEET_LOG", "info");
+        c.spawn().unwrap();
+        c
+    };
+
+    let mut first = start(true, "controller-1.log");
+    let client = nri.client();
+    poll_until(
+        "the node from its Node object planned over TCP",
+        WAIT,
+        || client.get_plan().ok().flatten(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", first.log(), hub.log()));
+    let secret = poll_until("the credential Secret", WAIT, || {
+        api.get("/secrets", "fleetboard-system", "fleet-credential")
+    })
+    .unwrap();
+    let text = {
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(secret["data"]["credential"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert!(text.starts_with("m.aa."), "the cluster's credential");
+    first.await_log("joined the fleet", WAIT).unwrap();
+
+    // A Node added later is followed (its daemon is not there: the pass reports it, n1 stays).
+    // The pass then tries to plan it at tcp://192.0.2.9:9650 (no route there: not converged).
+    api.put("/nodes", "", node("n2", "192.0.2.9"));
+    poll_until("the added Node followed and driven", WAIT, || {
+        let log = first.log();
+        (log.contains(r#"Added { name: "n2""#) && log.contains("192.0.2.9:9650")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", first.log()));
+    assert!(client.get_plan().unwrap().is_some());
+
+    // The next start reads the credential back from the Secret: active without a join.
+    first.terminate(Duration::from_secs(10));
+    let mut second = start(false, "controller-2.log");
+    second
+        .await_log("active: holding the cluster lease", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
+    assert!(
+        !second.log().contains("joined the fleet"),
+        "{}",
+        second.log()
+    );
+    second.terminate(Duration::from_secs(10));
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{wg_name}.sock"));
+    drop(api);
+    drop(rt);
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {
