@@ -36,6 +36,8 @@ pub enum SecretError {
         expected: ClusterId,
         found: String,
     },
+    #[error("the Secret {secret} has a `ca` that is not a SHA-256 in hex")]
+    BadCa { secret: String },
     #[error(
         "the Secret {secret} was created by someone else with another credential while this \
          replica joined; this replica's credential is lost: remove the cluster at the hub, \
@@ -106,6 +108,28 @@ impl CredentialSecret {
             }
             _ => Err(malformed("not a member credential")),
         }
+    }
+
+    /// The hub CA's hash the Secret holds (key `ca`); `Ok(None)` without the Secret or the
+    /// key.
+    pub async fn read_ca(&self) -> Result<Option<CaHash>, SecretError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_error(&e))?;
+        let Some(text) = secret.and_then(|s| s.data).and_then(|d| {
+            d.get(CA_KEY)
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        }) else {
+            return Ok(None);
+        };
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| SecretError::BadCa {
+                secret: self.describe(),
+            })
     }
 
     /// Creates the Secret with `credential` and the hub CA's hash. `Ok(())` also when it

@@ -41,7 +41,10 @@ pub enum ControllerError {
     Identity(#[from] IdentityError),
     #[error("the gateway's WireGuard key from the gateway node {node}: {source}")]
     Key { node: String, source: NodeError },
-    #[error("no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash)")]
+    #[error(
+        "no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash; with \
+         --credential-secret, a Secret written at the join holds it)"
+    )]
     NoCa,
     #[error("joining the fleet as {cluster} failed: {source}")]
     Join { cluster: String, source: HubError },
@@ -97,10 +100,21 @@ async fn identity(
     secret: Option<&CredentialSecret>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<HubClient>, ControllerError> {
-    let ca = cfg
-        .ca
-        .or_else(|| cfg.join.as_ref().map(|j| j.ca_hash))
-        .ok_or(ControllerError::NoCa)?;
+    let ca = match (
+        cfg.ca.or_else(|| cfg.join.as_ref().map(|j| j.ca_hash)),
+        secret,
+    ) {
+        (Some(ca), _) => ca,
+        // Neither --ca nor --join: the hub CA's hash the joining replica stored in the Secret.
+        (None, Some(s)) => {
+            let read = tokio::select! {
+                r = s.read_ca() => r,
+                _ = stopped(stop) => return Ok(None),
+            };
+            read?.ok_or(ControllerError::NoCa)?
+        }
+        (None, None) => return Err(ControllerError::NoCa),
+    };
     let base = HubClient::new(cfg.hubs.clone(), ca, client_options(cfg.lease_ttl))
         .map_err(ControllerError::Client)?;
     let wait = async {

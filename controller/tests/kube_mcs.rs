@@ -387,6 +387,7 @@ async fn the_credential_secret_is_created_once_read_back_and_waited_for() {
     let aa = ClusterId::new("aa").unwrap();
     let ca: CaHash = "ab".repeat(32).parse().unwrap();
     assert_eq!(secret.read(&aa).await.unwrap(), None, "absent: join");
+    assert_eq!(secret.read_ca().await.unwrap(), None);
 
     // A standby waits for it while the first replica joins and writes it.
     let waiter = {
@@ -422,8 +423,10 @@ async fn the_credential_secret_is_created_once_read_back_and_waited_for() {
         .unwrap();
     assert_eq!(waited, joined);
 
-    // A restart reads it back; a retried create of the same credential is fine.
+    // A restart reads it back (and the CA's hash, when it has no --ca); a retried create of
+    // the same credential is fine.
     assert_eq!(secret.read(&aa).await.unwrap(), Some(joined.clone()));
+    assert_eq!(secret.read_ca().await.unwrap(), Some(ca));
     secret.create(&joined, &ca).await.unwrap();
     // Another credential never replaces it.
     let e = secret

@@ -370,7 +370,8 @@ fn hub_in(net: &Net, dir: &Path) -> (ManagedProcess, String) {
 
 /// `--kubernetes on` as in a pod: the nodes from Node objects (each `fleet-nri` at
 /// `tcp://<InternalIP>:9650`), the credential created in the Secret at the first join (no
-/// credential file), read back by the next start (which does not join again), and a Node added
+/// credential file), read back by the next start (which gets neither --join nor --ca and does
+/// not join again), and a Node added
 /// later followed. The fake API server listens in the controller's netns.
 #[test]
 fn with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_a_secret() {
@@ -447,10 +448,9 @@ fn with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
+        // The next start has neither --join nor --ca: the Secret holds the CA's hash.
         if first {
             a.extend(["--join".to_string(), join.clone()]);
-        } else {
-            a.extend(["--ca".to_string(), ca.clone()]);
         }
         a.into_iter().map(OsString::from).collect::<Vec<_>>()
     };
@@ -489,6 +489,10 @@ fn with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_
         .unwrap()
     };
     assert!(text.starts_with("m.aa."), "the cluster's credential");
+    assert_eq!(secret["data"]["ca"], {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&ca)
+    });
     first.await_log("joined the fleet", WAIT).unwrap();
 
     // A Node added later is followed (its daemon is not there: the pass reports it, n1 stays).
@@ -501,7 +505,8 @@ fn with_the_kubernetes_api_nodes_come_from_node_objects_and_the_credential_from_
     .unwrap_or_else(|e| panic!("{e}\n{}", first.log()));
     assert!(client.get_plan().unwrap().is_some());
 
-    // The next start reads the credential back from the Secret: active without a join.
+    // The next start reads the credential and the CA's hash back from the Secret: active
+    // without a join string.
     first.terminate(Duration::from_secs(10));
     let mut second = start(false, "controller-2.log");
     second
