@@ -110,6 +110,35 @@ impl CredentialSecret {
         }
     }
 
+    /// [`CredentialSecret::read`], retrying API errors with a backoff: never "absent" while
+    /// the API cannot be read (a second join would orphan the cluster's block). `Ok(None)`
+    /// when stopped.
+    pub async fn read_retrying(
+        &self,
+        cluster: &ClusterId,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Option<Credential>>, SecretError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let read = tokio::select! {
+                r = self.read(cluster) => r,
+                _ = crate::run::stopped(stop) => return Ok(None),
+            };
+            match read {
+                Ok(c) => return Ok(Some(c)),
+                Err(e @ SecretError::Api { .. }) => {
+                    tracing::warn!(error = %e, "reading the credential Secret; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = crate::run::stopped(stop) => return Ok(None),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The hub CA's hash the Secret holds (key `ca`); `Ok(None)` without the Secret or the
     /// key.
     pub async fn read_ca(&self) -> Result<Option<CaHash>, SecretError> {
@@ -171,6 +200,35 @@ impl CredentialSecret {
                 }
             }
             Err(e) => Err(self.api_error(&e)),
+        }
+    }
+
+    /// Writes a fresh join's credential, retrying while the API is unavailable: the credential
+    /// exists nowhere else, so the controller does not go on without it. Stopped before it is
+    /// written: an error saying what to do.
+    pub async fn store_joined(
+        &self,
+        credential: &Credential,
+        ca: &CaHash,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SecretError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.create(credential, ca).await {
+                Ok(()) => return Ok(()),
+                Err(e @ SecretError::Api { .. }) => {
+                    tracing::warn!(error = %e, "writing the credential Secret after the join; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = crate::run::stopped(stop) => {
+                            tracing::error!(secret = %self.describe(), "stopped before the joined credential was written: remove the cluster at the hub and join again");
+                            return Err(e);
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

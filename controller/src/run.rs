@@ -131,29 +131,10 @@ async fn identity(
         }
     };
     let stored = match secret {
-        Some(s) => {
-            // Never "absent" while the API cannot be read: joining again would orphan the
-            // cluster's block.
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let read = tokio::select! {
-                    r = s.read(&cfg.cluster) => r,
-                    _ = stopped(stop) => return Ok(None),
-                };
-                match read {
-                    Ok(c) => break c,
-                    Err(e @ SecretError::Api { .. }) => {
-                        tracing::warn!(error = %e, "reading the credential Secret; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stopped(stop) => return Ok(None),
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        Some(s) => match s.read_retrying(&cfg.cluster, stop).await? {
+            Some(read) => read,
+            None => return Ok(None),
+        },
         None => load_credential(&cfg.credential_file, &cfg.cluster)?,
     };
     if let Some(c) = stored {
@@ -179,7 +160,7 @@ async fn identity(
         match attempt {
             Ok(joined) => {
                 match secret {
-                    Some(s) => store_in_secret(s, &joined.credential, &ca, stop).await?,
+                    Some(s) => s.store_joined(&joined.credential, &ca, stop).await?,
                     None => store_credential(&cfg.credential_file, &joined.credential)?,
                 }
                 tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), credential_secret = ?secret, "joined the fleet");
@@ -213,65 +194,6 @@ async fn identity(
                     source,
                 });
             }
-        }
-    }
-}
-
-/// The cluster's nodes from the Kubernetes API (`--nodes-from-kubernetes`), once the Node
-/// objects are listed and the gateway node is among them; `None` when stopped.
-async fn api_nodes(
-    kube: &mut KubeMcs,
-    gateway: &str,
-    port: u16,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<Vec<crate::plan::NodeSpec>> {
-    let mut logged = String::new();
-    loop {
-        let problem = match kube.read() {
-            Ok(view) if view.nodes.contains_key(gateway) => {
-                kube.follow_nodes(&view);
-                return Some(api_node_specs(&view.nodes, port));
-            }
-            Ok(_) => format!(
-                "the gateway node {gateway} is not among the Node objects (with an IPv4 InternalIP) yet"
-            ),
-            Err(e) => e,
-        };
-        if problem != logged {
-            tracing::info!(%problem, "waiting for the cluster's nodes from the Kubernetes API");
-            logged = problem;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stopped(stop) => return None,
-        }
-    }
-}
-
-/// Writes a fresh join's credential to the Secret, retrying while the API is unavailable:
-/// the credential exists nowhere else, so the controller does not go on without it.
-async fn store_in_secret(
-    secret: &CredentialSecret,
-    credential: &fleet_hub_api::wire::Credential,
-    ca: &fleet_hub_api::wire::CaHash,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), ControllerError> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match secret.create(credential, ca).await {
-            Ok(()) => return Ok(()),
-            Err(e @ SecretError::Api { .. }) => {
-                tracing::warn!(error = %e, "writing the credential Secret after the join; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(stop) => {
-                        tracing::error!(secret = %secret.describe(), "stopped before the joined credential was written: remove the cluster at the hub and join again");
-                        return Err(e.into());
-                    }
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -347,7 +269,7 @@ pub async fn run_with_metrics(
     let specs = match (file_specs, cfg.nodes_from_api, kube.as_mut()) {
         (Some(specs), _, _) => specs,
         (None, Some(port), Some(kube)) => {
-            match api_nodes(kube, &cfg.gateway_node, port, &mut stop).await {
+            match kube.wait_nodes(&cfg.gateway_node, port, &mut stop).await {
                 Some(specs) => specs,
                 None => return Ok(()),
             }
