@@ -31,6 +31,6 @@ apt-get install -y -qq --no-install-recommends \
   containerd/trixie runc containernetworking-plugins \
   iproute2 nftables busybox-static protobuf-compiler iperf3 socat procps gcc libc6-dev \
   etcd-server etcd-client wireguard-go wireguard-tools tcpdump libprotobuf-dev dnsutils \
-  faketime umoci jq openssl chromium \
+  faketime umoci jq openssl chromium shellcheck \
   >/dev/null
 containerd --version

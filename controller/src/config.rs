@@ -53,6 +53,15 @@ pub struct RunConfig {
     /// exports, their status, the Nodes. `None`: no Kubernetes (nodes.json and `fleetctl
     /// export` only).
     pub kubernetes: Option<KubeApi>,
+    /// The controller's client certificate for node daemons reached over TCP (`ca.crt`,
+    /// `tls.crt`, `tls.key`; `fleet_core::node_tls`); needed by `tcp://` nodes.
+    pub node_api_tls: Option<PathBuf>,
+    /// The cluster's nodes from the Kubernetes API's Node objects instead of `nodes_file`,
+    /// each `fleet-nri` reached at `tcp://<InternalIP>:<this port>`.
+    pub nodes_from_api: Option<u16>,
+    /// The credential in this Secret (`<namespace>, <name>`) instead of the credential file:
+    /// read at start, written at the first join (needs `kubernetes`).
+    pub credential_secret: Option<(String, String)>,
 }
 
 /// How the controller reaches its cluster's Kubernetes API.
@@ -177,6 +186,14 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--nodes-from-kubernetes needs --kubernetes on and --node-api-tls")]
+    NodesFromApi,
+    #[error("--nodes-from-kubernetes: the node API port must not be 0")]
+    NodeApiPort,
+    #[error("--credential-secret needs --kubernetes on")]
+    CredentialSecretNeedsApi,
+    #[error("--credential-secret {0:?}: expected [<namespace>/]<name> (DNS names)")]
+    CredentialSecret(String),
     #[error(
         "--vip-range {0} is too small: it needs the DNS VIP and at least one service VIP (use /30 or wider)"
     )]
@@ -227,6 +244,22 @@ impl RunConfig {
             }
             if !is_dns_subdomain(name) {
                 return Err(ConfigError::LeaseName(name.clone()));
+            }
+        }
+        if let Some(port) = self.nodes_from_api {
+            if self.kubernetes.is_none() || self.node_api_tls.is_none() {
+                return Err(ConfigError::NodesFromApi);
+            }
+            if port == 0 {
+                return Err(ConfigError::NodeApiPort);
+            }
+        }
+        if let Some((ns, name)) = &self.credential_secret {
+            if self.kubernetes.is_none() {
+                return Err(ConfigError::CredentialSecretNeedsApi);
+            }
+            if !is_dns_label(ns) || !is_dns_subdomain(name) {
+                return Err(ConfigError::CredentialSecret(format!("{ns}/{name}")));
             }
         }
         if self.listen_port == 0 {
@@ -353,8 +386,57 @@ mod tests {
             endpoint_poll_interval: Duration::from_secs(1),
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
+            node_api_tls: None,
+            nodes_from_api: None,
+            credential_secret: None,
         };
         ok.validate().unwrap();
+        let api = Some(KubeApi { kubeconfig: None });
+        RunConfig {
+            kubernetes: api.clone(),
+            node_api_tls: Some("/tls".into()),
+            nodes_from_api: Some(9650),
+            credential_secret: Some(("fleetboard-system".into(), "fleet-credential".into())),
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap();
+        for (bad, expected) in [
+            (
+                RunConfig {
+                    nodes_from_api: Some(9650),
+                    node_api_tls: Some("/tls".into()),
+                    ..ok.clone()
+                },
+                "needs --kubernetes on",
+            ),
+            (
+                RunConfig {
+                    nodes_from_api: Some(9650),
+                    kubernetes: api.clone(),
+                    ..ok.clone()
+                },
+                "--node-api-tls",
+            ),
+            (
+                RunConfig {
+                    credential_secret: Some(("ns".into(), "c".into())),
+                    ..ok.clone()
+                },
+                "--credential-secret needs",
+            ),
+            (
+                RunConfig {
+                    credential_secret: Some(("Bad_NS".into(), "c".into())),
+                    kubernetes: api.clone(),
+                    ..ok.clone()
+                },
+                "Bad_NS/c",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
+        }
         let bad = [
             RunConfig {
                 wg_name: "a-very-long-name-x".into(),

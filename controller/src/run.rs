@@ -22,9 +22,10 @@ use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unav
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::kube_mcs::{KubeMcs, KubeMcsError};
+use crate::kube_secret::{CredentialSecret, SecretError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::metrics::ControllerMetrics;
-use crate::nodes::{NodeSocket, load_nodes};
+use crate::nodes::{api_node_specs, load_nodes, node_api};
 use crate::plan::{GatewayMode, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
 use crate::services::{ServiceConfig, ServiceSync};
@@ -40,7 +41,10 @@ pub enum ControllerError {
     Identity(#[from] IdentityError),
     #[error("the gateway's WireGuard key from the gateway node {node}: {source}")]
     Key { node: String, source: NodeError },
-    #[error("no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash)")]
+    #[error(
+        "no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash; with \
+         --credential-secret, a Secret written at the join holds it)"
+    )]
     NoCa,
     #[error("joining the fleet as {cluster} failed: {source}")]
     Join { cluster: String, source: HubError },
@@ -62,6 +66,10 @@ pub enum ControllerError {
     KubeLease(#[from] KubeLeaseError),
     #[error("the Kubernetes API (--kubernetes): {0}")]
     KubeMcs(#[from] KubeMcsError),
+    #[error("the credential Secret: {0}")]
+    Secret(#[from] SecretError),
+    #[error("the node API's TLS files (--node-api-tls): {0}")]
+    NodeTls(#[from] fleet_core::node_tls::NodeTlsError),
 }
 
 /// Reads of the gateway device that fail in a row before the hub is told the gateway is down
@@ -90,28 +98,53 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The cluster's hub client with its credential: read from the credential file, or obtained
-/// by joining (and written), or — without a join string — waited for. `None` when stopped.
+/// The cluster's hub client with its credential: read from the credential file (or the
+/// credential Secret, `--credential-secret`), or obtained by joining (and written), or —
+/// without a join string — waited for. `None` when stopped.
 async fn identity(
     cfg: &RunConfig,
     key: &PublicKey,
+    secret: Option<&CredentialSecret>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<HubClient>, ControllerError> {
-    let ca = cfg
-        .ca
-        .or_else(|| cfg.join.as_ref().map(|j| j.ca_hash))
-        .ok_or(ControllerError::NoCa)?;
+    let ca = match (
+        cfg.ca.or_else(|| cfg.join.as_ref().map(|j| j.ca_hash)),
+        secret,
+    ) {
+        (Some(ca), _) => ca,
+        // Neither --ca nor --join: the hub CA's hash the joining replica stored in the Secret.
+        (None, Some(s)) => {
+            let read = tokio::select! {
+                r = s.read_ca() => r,
+                _ = stopped(stop) => return Ok(None),
+            };
+            read?.ok_or(ControllerError::NoCa)?
+        }
+        (None, None) => return Err(ControllerError::NoCa),
+    };
     let base = HubClient::new(cfg.hubs.clone(), ca, client_options(cfg.lease_ttl))
         .map_err(ControllerError::Client)?;
     let wait = async {
-        wait_for_credential(
-            &cfg.credential_file,
-            &cfg.cluster,
-            Duration::from_millis(500),
-        )
-        .await
+        match secret {
+            Some(s) => Ok(s.wait(&cfg.cluster, Duration::from_millis(500)).await?),
+            None => Ok::<_, ControllerError>(
+                wait_for_credential(
+                    &cfg.credential_file,
+                    &cfg.cluster,
+                    Duration::from_millis(500),
+                )
+                .await?,
+            ),
+        }
     };
-    if let Some(c) = load_credential(&cfg.credential_file, &cfg.cluster)? {
+    let stored = match secret {
+        Some(s) => match s.read_retrying(&cfg.cluster, stop).await? {
+            Some(read) => read,
+            None => return Ok(None),
+        },
+        None => load_credential(&cfg.credential_file, &cfg.cluster)?,
+    };
+    if let Some(c) = stored {
         return Ok(Some(base.with_credential(c)));
     }
     let Some(join) = &cfg.join else {
@@ -133,16 +166,20 @@ async fn identity(
         };
         match attempt {
             Ok(joined) => {
-                store_credential(&cfg.credential_file, &joined.credential)?;
-                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), "joined the fleet");
+                match secret {
+                    Some(s) => s.store_joined(&joined.credential, &ca, stop).await?,
+                    None => store_credential(&cfg.credential_file, &joined.credential)?,
+                }
+                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), credential_secret = ?secret, "joined the fleet");
                 return Ok(Some(base.with_credential(joined.credential)));
             }
             Err(e) if e.code() == Some(ErrorCode::AlreadyJoined) => {
-                // Another replica joined first; it writes the credential file.
+                // Another replica joined first; it writes the credential file (or Secret).
                 tracing::info!(
                     cluster = %cfg.cluster,
                     credential_file = %cfg.credential_file.display(),
-                    "cluster already joined, by another replica: waiting for its credential file (if \
+                    credential_secret = ?secret,
+                    "cluster already joined, by another replica: waiting for its credential (if \
                      the replica that joined lost it, remove the cluster at the hub and join again)"
                 );
                 return tokio::select! {
@@ -200,6 +237,8 @@ struct Controller {
     /// The last error reading it (to log only changes).
     kube_error: Option<String>,
     metrics: ControllerMetrics,
+    /// The controller's client TLS for node daemons on TCP (`--node-api-tls`).
+    node_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
@@ -213,7 +252,14 @@ pub async fn run_with_metrics(
     mut stop: watch::Receiver<bool>,
     metrics: ControllerMetrics,
 ) -> Result<(), ControllerError> {
-    let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
+    let node_tls = match &cfg.node_api_tls {
+        Some(dir) => Some(fleet_core::node_tls::client_config(dir)?),
+        None => None,
+    };
+    let file_specs = match cfg.nodes_from_api {
+        None => Some(load_nodes(&cfg.nodes_file, &cfg.gateway_node)?),
+        Some(_) => None,
+    };
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
         LeaderElection::Hub => None,
@@ -223,9 +269,23 @@ pub async fn run_with_metrics(
             kubeconfig,
         } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
     };
-    let kube = match &cfg.kubernetes {
+    let mut kube = match &cfg.kubernetes {
         Some(api) => Some(KubeMcs::connect(api.kubeconfig.as_deref()).await?),
         None => None,
+    };
+    let specs = match (file_specs, cfg.nodes_from_api, kube.as_mut()) {
+        (Some(specs), _, _) => specs,
+        (None, Some(port), Some(kube)) => {
+            match kube.wait_nodes(&cfg.gateway_node, port, &mut stop).await {
+                Some(specs) => specs,
+                None => return Ok(()),
+            }
+        }
+        _ => unreachable!("validate: --nodes-from-kubernetes needs --kubernetes"),
+    };
+    let secret = match (&cfg.credential_secret, kube.as_ref()) {
+        (Some((ns, name)), Some(kube)) => Some(CredentialSecret::new(kube.client(), ns, name)),
+        _ => None,
     };
     let gateway_spec = specs
         .iter()
@@ -241,7 +301,7 @@ pub async fn run_with_metrics(
             node: gateway_spec.name.clone(),
             holder: cfg.holder.clone(),
         },
-        Arc::new(NodeSocket::new(&gateway_spec)),
+        node_api(&gateway_spec, node_tls.as_ref())?,
     );
     // The key lives on the gateway node: its public half is what the cluster joins with.
     let key = match gateway.wait_public_key(&mut stop).await {
@@ -254,16 +314,18 @@ pub async fn run_with_metrics(
             });
         }
     };
-    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
+    let Some(client) = identity(&cfg, &key, secret.as_ref(), &mut stop).await? else {
         return Ok(());
     };
     let nodes = specs
         .into_iter()
-        .map(|spec| ClusterNode {
-            api: Arc::new(NodeSocket::new(&spec)),
-            spec,
+        .map(|spec| {
+            Ok(ClusterNode {
+                api: node_api(&spec, node_tls.as_ref())?,
+                spec,
+            })
         })
-        .collect();
+        .collect::<Result<_, crate::nodes::NodesError>>()?;
     let hub = Arc::new(MemberHub {
         client: client.clone(),
         cluster: cfg.cluster.clone(),
@@ -288,6 +350,7 @@ pub async fn run_with_metrics(
         kube,
         kube_error: None,
         metrics,
+        node_tls,
     };
     c.lead(&mut stop).await
 }
@@ -542,7 +605,19 @@ impl Controller {
                 if self.kube_error.take().is_some() {
                     tracing::info!("the Kubernetes API is readable again");
                 }
-                kube.follow_nodes(&view);
+                let changes = kube.follow_nodes(&view);
+                if let Some(port) = self.cfg.nodes_from_api
+                    && !changes.is_empty()
+                {
+                    // The next pass (within --status-interval) plans and peers them.
+                    self.nodes = api_node_specs(&view.nodes, port)
+                        .into_iter()
+                        .filter_map(|spec| {
+                            let api = node_api(&spec, self.node_tls.as_ref()).ok()?;
+                            Some(ClusterNode { spec, api })
+                        })
+                        .collect();
+                }
                 a.services.set_kube_view(view)
             }
             Err(e) => {
@@ -847,6 +922,9 @@ mod tests {
             endpoint_poll_interval: Duration::from_millis(100),
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
+            node_api_tls: None,
+            nodes_from_api: None,
+            credential_secret: None,
         }
     }
 
@@ -927,6 +1005,7 @@ mod tests {
             kube: None,
             kube_error: None,
             metrics: Default::default(),
+            node_tls: None,
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });
