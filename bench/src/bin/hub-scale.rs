@@ -1,8 +1,10 @@
 //! hub-scale: the hub's TLS API under many lightweight simulated members (no netns).
 //!
-//! N clusters join with one token, each publishes R records, then every member watches and
-//! one member at a time publishes a change: the fan-out time is from the publish call until
-//! the last of the N watchers has the change. Reports join time (total, per-join p50/p99),
+//! N clusters join with one token, each publishes R records (`export/…`: what members share),
+//! then every member watches with the product's member scope while every member makes the
+//! product's steady traffic (a lease renewal every TTL/3, its `gateway` record every status
+//! interval), and one member at a time publishes a change: the fan-out time is from the
+//! publish call until the last of the N watchers has the change. Reports join time (total, per-join p50/p99),
 //! fan-out p50/p99 and the hub's RSS. The hub is this same binary re-executed as
 //! `hub-scale --serve-hub ...` (the library's `serve_until_signal` on an embedded store), so
 //! its memory is its own; it is stopped by PID.
@@ -220,7 +222,7 @@ impl HubGuard {
                 let admin = HubClient::new(
                     [self.endpoint.clone()],
                     CaHash::of_pem(&pem).ok()?,
-                    options(),
+                    ClientOptions::default(),
                 )
                 .ok()?
                 .with_credential(Credential::parse(&cred)?);
@@ -257,9 +259,14 @@ impl Drop for HubGuard {
     }
 }
 
-/// The product's client settings (the controller's and fleet-dns's).
+/// The product's member client settings (the controller's and fleet-dns's): default
+/// timeouts, and the member scope, so a member's watch carries the fleet's shape, the exports
+/// and its own records, not every other member's `gateway` record.
 fn options() -> ClientOptions {
-    ClientOptions::default()
+    ClientOptions {
+        scope: fleet_hub_api::model::FleetScope::Member,
+        ..ClientOptions::default()
+    }
 }
 
 fn cluster_name(i: usize) -> String {
@@ -344,7 +351,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
             async move {
                 let owner = ClusterId::new(cluster_name(m))?;
                 client
-                    .publish(&owner, &format!("svc-{r:03}"), &value)
+                    .publish(&owner, &format!("export/bench/svc-{r:03}"), &value)
                     .await?;
                 anyhow::Ok(())
             }
@@ -368,13 +375,24 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     let revision = retried(|| admin.list()).await?.revision;
     let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let mut watchers = tokio::task::JoinSet::new();
-    for client in &members {
+    // Clusters the hub marked not live while they renewed (seen by the first watcher): a
+    // renewal lost often enough to let a lease lapse flaps the cluster for every member.
+    let lapses = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (w, client) in members.iter().enumerate() {
         let tx = arrivals_tx.clone();
+        let lapses = lapses.clone();
         let mut watch = Box::pin(client.watch(revision));
         watchers.spawn(async move {
             while let Some(event) = watch.next().await {
                 match event {
-                    Ok(RegistryEvent::RecordPut { name, .. }) if name.starts_with("change-") => {
+                    Ok(RegistryEvent::ClusterUpserted { record, .. })
+                        if w == 0 && !record.controller_live =>
+                    {
+                        lapses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(RegistryEvent::RecordPut { name, .. })
+                        if name.starts_with("export/bench/change-") =>
+                    {
                         if tx.send((name, Instant::now())).is_err() {
                             return;
                         }
@@ -407,7 +425,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     let mut fanout = Samples::new("fan-out to all watchers");
     let mut pending: HashMap<String, usize> = HashMap::new();
     for i in 0..=flags.changes {
-        let name = format!("change-{i:04}");
+        let name = format!("export/bench/change-{i:04}");
         let owner = ClusterId::new(cluster_name(i % n))?;
         let t0 = Instant::now();
         retried(|| members[i % n].publish(&owner, &name, b"changed")).await?;
@@ -458,6 +476,13 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         report.publish_rate(flags, n),
         steady_cpu
     );
+    println!(
+        "liveness: {} clusters marked not live by the hub while their controllers renewed",
+        lapses.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for (kind, count) in &report.renewal_errors {
+        println!("lease renewal error x{count}: {kind}");
+    }
     println!("{}", report.renewals.summary());
     println!("{}", report.publishes.summary());
     println!(
@@ -491,6 +516,7 @@ struct BackgroundReport {
     renewal_failures: usize,
     renewals_past_ttl: usize,
     publish_failures: usize,
+    renewal_errors: std::collections::BTreeMap<String, usize>,
 }
 
 impl BackgroundReport {
@@ -514,6 +540,7 @@ impl BackgroundReport {
 
 #[derive(Default)]
 struct Tally {
+    renewal_errors: std::collections::BTreeMap<String, usize>,
     renewals: Vec<Duration>,
     publishes: Vec<Duration>,
     renewal_failures: usize,
@@ -561,7 +588,15 @@ impl Background {
                                     tally.renewals_past_ttl += 1;
                                 }
                             }
-                            _ => tally.renewal_failures += 1,
+                            Ok(_) => {
+                                tally.renewal_failures += 1;
+                                *tally.renewal_errors.entry("refused".into()).or_default() += 1;
+                            }
+                            Err(e) => {
+                                tally.renewal_failures += 1;
+                                let kind: String = e.to_string().chars().take(60).collect();
+                                *tally.renewal_errors.entry(kind).or_default() += 1;
+                            }
                         }
                     }
                 });
@@ -610,6 +645,7 @@ impl Background {
             renewal_failures: tally.renewal_failures,
             renewals_past_ttl: tally.renewals_past_ttl,
             publish_failures: tally.publish_failures,
+            renewal_errors: tally.renewal_errors,
         }
     }
 }
