@@ -607,8 +607,7 @@ fn fault_member_restart_keeps_block_and_key() {
 }
 
 /// aa removed at the hub (`fleet-hub cluster remove aa`): its routes disappear from bb's
-/// nodes, its peer from the relay (bb's gateway peers only with the relay, whose allowed IPs
-/// are the fleet CIDR), and traffic stops.
+/// nodes, its peer from bb's gateway and from the relay's members, and traffic stops.
 #[test]
 fn fault_member_removed_its_routes_and_peers_disappear() {
     require_root("fault_member_removed_its_routes_and_peers_disappear");
@@ -618,14 +617,14 @@ fn fault_member_removed_its_routes_and_peers_disappear() {
         .wg_show("public-key")
         .unwrap();
     let bb = fleet.member("bb");
-    // The non-gateway node routes aa's block over the overlay to the gateway node; the relay
-    // has aa as a peer with its block.
+    // The non-gateway node routes aa's block over the overlay to the gateway node; bb's
+    // gateway has aa as a peer (end to end, through the relay) with its block; the relay
+    // forwards for aa.
     assert!(bb.cnf_routes(1).contains(&aa_block), "{}", bb.cnf_routes(1));
-    let relay = fleet.hub.relay_wg_show("allowed-ips").unwrap();
-    assert!(
-        relay.contains(&aa_key) && relay.contains(&aa_block),
-        "{relay}"
-    );
+    let gw = bb.controllers[0].wg_show("allowed-ips").unwrap();
+    assert!(gw.contains(&aa_key) && gw.contains(&aa_block), "{gw}");
+    let members = fleet.hub.relay_members().unwrap();
+    assert!(members.contains(&aa_key), "{members:?}");
     let out = fleet.hub.remove_cluster("aa").unwrap();
     println!("cluster remove aa: {out}");
     poll_until(
@@ -634,22 +633,18 @@ fn fault_member_removed_its_routes_and_peers_disappear() {
         || {
             let bb = fleet.member("bb");
             let routes_gone = (0..bb.nodes.len()).all(|n| !bb.cnf_routes(n).contains(&aa_block));
-            let relay = fleet.hub.relay_wg_show("allowed-ips").ok()?;
+            let members = fleet.hub.relay_members().ok()?;
             let gw = bb.controllers[0].wg_show("allowed-ips").ok()?;
-            (routes_gone
-                && !relay.contains(&aa_key)
-                && !relay.contains(&aa_block)
-                && !gw.contains(&aa_key))
-            .then_some(())
+            (routes_gone && !members.contains(&aa_key) && !gw.contains(&aa_key)).then_some(())
         },
     )
     .unwrap_or_else(|e| {
         let bb = fleet.member("bb");
         panic!(
-            "{e}\n{}\n{}\nrelay: {:?}",
+            "{e}\n{}\n{}\nrelay members: {:?}",
             bb.cnf_routes(0),
             bb.cnf_routes(1),
-            fleet.hub.relay_wg_show("allowed-ips")
+            fleet.hub.relay_members()
         )
     });
     assert!(!fleet.ping(&client, &server.fleet_ip, 1), "aa is gone");

@@ -288,6 +288,7 @@ mod tests {
                 public_key: relay_key,
                 endpoint: "203.0.113.1:51820".parse().unwrap(),
                 expires_at: 0,
+                instance: String::new(),
             }],
             revision: 42,
         }

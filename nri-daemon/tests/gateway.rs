@@ -66,6 +66,7 @@ fn the_gateway_lives_in_the_daemon_and_survives_its_restarts() {
         mtu: 1420,
         backend: Some(WireguardBackend::Userspace),
         own_block: Some("100.96.16.0/20".into()),
+        relay: None,
         peers: vec![
             GatewayPeer {
                 public_key: relay,

@@ -321,6 +321,20 @@ pub struct SetGatewayRequest {
     pub own_block: Option<String>,
     /// The complete peer set; replaces the previous one.
     pub peers: Vec<GatewayPeer>,
+    /// The hub relay among `peers`, with its instance. When the instance changes (the relay
+    /// process restarted and knows no member's address nor any session), the node resets the
+    /// sessions of the relay peer and of every peer sent to the relay's endpoint, so they
+    /// register with the new relay and handshake through it at once. `None`: no relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<GatewayRelay>,
+}
+
+/// Which peer of a `set_gateway` request is the hub relay, and which start of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRelay {
+    pub public_key: PublicKey,
+    /// New at every start of the relay process.
+    pub instance: String,
 }
 
 /// The gateway device as it is.

@@ -391,6 +391,44 @@ impl GatewayState {
         Ok(())
     }
 
+    /// Re-adds the relay peer and every peer sent to the relay's endpoint (fresh sessions:
+    /// each initiates a handshake at once, so a restarted relay learns our mapped address and
+    /// the session indices again), and has the kicker repeat that every [`KICK_AFTER`] until
+    /// each has a handshake: the other member may register with the new relay a moment after
+    /// our first initiation went out. Without this, a member that only receives would wait
+    /// for its next rekey (up to 2 minutes) before the relay could reach it again.
+    async fn reset_relayed(&mut self, relay: &PublicKey) -> Result<(), GatewayError> {
+        let (Some(device), Some(peers)) = (&self.device, &self.peers) else {
+            return Ok(());
+        };
+        let Some(endpoint) = peers
+            .iter()
+            .find(|p| p.public_key == *relay)
+            .and_then(|p| p.endpoint)
+        else {
+            return Ok(());
+        };
+        let through: Vec<PublicKey> = peers
+            .iter()
+            .filter(|p| p.endpoint == Some(endpoint))
+            .map(|p| p.public_key)
+            .collect();
+        let without: Vec<Peer> = peers
+            .iter()
+            .filter(|p| !through.contains(&p.public_key))
+            .cloned()
+            .collect();
+        device.set_peers(&without).await?;
+        device.set_peers(peers).await?;
+        let now = Instant::now();
+        for k in &through {
+            self.awaiting.insert(*k, now);
+        }
+        self.last_kick = Some(now);
+        tracing::info!(device = %device.name(), relay = %endpoint, peers = through.len(), "the relay restarted: sessions through it reset");
+        Ok(())
+    }
+
     async fn delete_device(&mut self) -> Result<(), Failure> {
         self.peers = None;
         self.awaiting.clear();
@@ -512,6 +550,16 @@ impl Node {
         let planned = self.planned()?;
         let key = self.gateway_private_key()?;
         let mut g = self.gateway.lock().await;
+        // A relay that restarted knows no member's address and no session index: sessions
+        // through it must start again (see `GatewayState::reset_relayed`).
+        let relay_restarted = match (
+            g.request.as_ref().and_then(|r| r.relay.as_ref()),
+            &req.relay,
+        ) {
+            (Some(before), Some(now)) => before.instance != now.instance,
+            _ => false,
+        };
+        let relay_key = req.relay.as_ref().map(|r| r.public_key);
         if g.request.as_ref() != Some(&req) {
             save_json(&self.gateway_state_path(), &req).map_err(|e| Failure::Persist {
                 what: "gateway state",
@@ -527,6 +575,14 @@ impl Node {
                 &key,
             )
             .await?;
+        if relay_restarted
+            && !created
+            && let Some(relay) = relay_key
+        {
+            g.reset_relayed(&relay).await.map_err(gateway_failure(
+                "reset the sessions through the restarted relay",
+            ))?;
+        }
         if g.awaiting_handshakes() && !g.kicker {
             g.kicker = true;
             spawn_kicker(self.gateway.clone());
@@ -640,6 +696,7 @@ mod tests {
             mtu: 1420,
             backend: None,
             own_block: Some("100.96.16.0/20".into()),
+            relay: None,
             peers: vec![GatewayPeer {
                 public_key: PrivateKey::generate().public_key(),
                 endpoint: Some("203.0.113.10:51820".parse().unwrap()),
