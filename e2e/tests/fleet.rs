@@ -521,6 +521,59 @@ fn fault_hub_killed_traffic_flows_and_restart_resyncs_without_duplicates() {
     exchange(&fleet, &server, &client);
 }
 
+/// Issue 12 item 1: the relay process killed (`kill -9`; `fleet-hub serve` starts it again,
+/// a new instance that knows no member's address nor any session). aa and bb are idle, and
+/// bb then only receives (aa pings it; bb sends nothing until a request reaches it): traffic
+/// reaches bb and comes back within 5 s, then flows from bb too. Before the relay carried an
+/// instance that the gateways react to, bb was cut off until its next rekey (58.7 s after
+/// 60 s idle, bound 120 s).
+#[test]
+fn fault_relay_restarted_an_idle_receiving_member_is_reached_within_5s() {
+    require_root("fault_relay_restarted_an_idle_receiving_member_is_reached_within_5s");
+    let (fleet, server, client, _) = talking_fleet(false);
+    let relay_pid_file = fleet
+        .hub
+        .replicas
+        .last()
+        .unwrap()
+        .data_dir()
+        .join("relay.pid");
+    let relay_pid = || -> Option<i32> {
+        std::fs::read_to_string(&relay_pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let before = relay_pid().expect("relay.pid");
+    // Idle: both tunnels through the relay have sessions, nobody sends.
+    std::thread::sleep(Duration::from_secs(5));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let took = fleet
+        .time_until_ping(&server, &client, t0, Duration::from_secs(60))
+        .unwrap();
+    let restarted = relay_pid().is_some_and(|p| p != before);
+    println!(
+        "RECOVERY relay kill -9 -> restarted by the hub -> aa reaches idle, receive-only bb \
+         after {took:?}"
+    );
+    assert!(restarted, "the hub did not restart the relay");
+    assert!(
+        took <= Duration::from_secs(5),
+        "recovery took {took:?} (> 5 s)"
+    );
+    let back = fleet
+        .time_until_ping(&client, &server, Instant::now(), Duration::from_secs(10))
+        .unwrap();
+    println!("... and bb reaches aa {back:?} later");
+    exchange(&fleet, &server, &client);
+}
+
 /// `node name -> subnet` from `fleetctl status --json` (objects with `name` and `subnet`).
 fn node_subnets(v: &serde_json::Value) -> BTreeMap<String, String> {
     fn walk(v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
