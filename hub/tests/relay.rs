@@ -539,6 +539,8 @@ struct Member {
     id: ClusterId,
     client: HubClient,
     address: String,
+    /// Its block, e.g. `100.96.0.0/20`.
+    block: String,
     public_key: [u8; 32],
     device: Arc<dyn WireguardDevice>,
 }
@@ -583,6 +585,7 @@ async fn member(
         id: joined.record.id,
         client,
         address: first.to_string(),
+        block: block.to_string(),
         public_key,
         device: Arc::from(device),
     }
@@ -599,9 +602,10 @@ impl Capture {
     fn start(ns: &Netns, dev: &str, port: u16) -> Capture {
         let file = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, "tcpdump", "-i", dev, "-U", "-s", "0", "-w",
-            ])
+            // Immediate mode: without it libpcap hands packets over in blocks (1 s timeout),
+            // and a block still pending at SIGINT is lost.
+            .args(["netns", "exec", &ns.name, "tcpdump", "--immediate-mode"])
+            .args(["-i", dev, "-U", "-s", "0", "-w"])
             .arg(file.path())
             .args(["udp", "port", &port.to_string()])
             .stdout(Stdio::null())
@@ -800,7 +804,8 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
     );
     assert!(
         initiations > 0 && data > 0,
-        "{initiations} initiations, {data} data"
+        "{initiations} initiations, {data} data in {} datagrams",
+        datagrams.len()
     );
     println!(
         "CAPTURE at the hub: {} datagrams, {initiations} member-to-member initiations, {data} \
@@ -966,6 +971,137 @@ fn relay_value_now(hub: &HubInNetns, name: &str) -> Option<f64> {
             prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => Some(v),
             _ => None,
         })
+}
+
+/// The relay forwards standard WireGuard messages only, so any implementation works as a
+/// member: B is Debian's wireguard-go (configured with `wg`, as a kernel-WireGuard gateway
+/// would be), A is ours; they reach each other end to end through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wireguard_go_member_and_ours_talk_through_the_relay() {
+    require_root();
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let pid = std::process::id();
+    let hub_ns = Netns::new("gh");
+    let a_ns = Netns::new("ga");
+    let b_ns = Netns::new("gb");
+    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub_ns.ip(&["addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+    hub_ns.ip(&["link", "set", "br0", "up"]);
+    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
+    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
+    let mut hub = HubInNetns::start(&hub_ns);
+    wait_for_relay(&mut hub, &a_ns);
+    let apis = vec![hub.api()];
+    let admin = HubClient::new(apis.clone(), hub.ca_hash(), options())
+        .unwrap()
+        .with_credential(hub.admin_credential());
+    let (join, _) = {
+        let admin = admin.clone();
+        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
+            .unwrap()
+    };
+    let a = member(&a_ns, "aa", &join, &format!("fga{pid}"), &apis).await;
+    let _a_follow = Follower::start(&a_ns, a.client.clone(), a.device.clone(), a.id.clone());
+
+    // B: a key file for wg, a join, wireguard-go in b's netns.
+    let dir = tempfile::tempdir().unwrap();
+    let b_key_file = dir.path().join("b.key");
+    let b_key = PrivateKey::load_or_generate(&b_key_file).unwrap();
+    let b_client = HubClient::new(apis.clone(), join.ca_hash, options()).unwrap();
+    let request = JoinRequest {
+        cluster: ClusterId::new("bb").unwrap(),
+        public_key: PublicKey::from_bytes(*b_key.public_key().as_bytes()),
+        endpoint: None,
+    };
+    let (joined, view) = b_ns.block_on({
+        let join = join.clone();
+        async move {
+            let joined = b_client.join(&join, request).await.unwrap();
+            let view = b_client.list().await.unwrap();
+            (joined, view)
+        }
+    });
+    let relay = &view.relays[0];
+    let go_name = format!("fgo{pid}");
+    let sock = format!("/var/run/wireguard/{go_name}.sock");
+    let mut go = Command::new("ip")
+        .args(["netns", "exec", &b_ns.name, "wireguard-go", "-f", &go_name])
+        .env("LOG_LEVEL", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go (scripts/install-deps.sh installs it)");
+    assert!(
+        eventually(Duration::from_secs(10), || Path::new(&sock).exists()),
+        "wireguard-go did not open {sock}"
+    );
+    let relay_endpoint = relay.endpoint.to_string();
+    run(
+        "wg",
+        &[
+            "set",
+            &go_name,
+            "private-key",
+            b_key_file.to_str().unwrap(),
+            "listen-port",
+            &RELAY_PORT.to_string(),
+            "peer",
+            &fleet_gateway::PublicKey::from_bytes(*relay.public_key.as_bytes()).to_base64(),
+            "endpoint",
+            &relay_endpoint,
+            "persistent-keepalive",
+            "1",
+            "peer",
+            &fleet_gateway::PublicKey::from_bytes(a.public_key).to_base64(),
+            "endpoint",
+            &relay_endpoint,
+            "allowed-ips",
+            &a.block,
+            "persistent-keepalive",
+            "1",
+        ],
+    );
+    let block = joined.record.block;
+    let b_address = std::net::Ipv4Addr::from(u32::from(block.network()) + 1).to_string();
+    b_ns.ip(&[
+        "addr",
+        "add",
+        &format!("{b_address}/{}", block.prefix()),
+        "dev",
+        &go_name,
+    ]);
+    b_ns.ip(&["link", "set", &go_name, "mtu", "1420", "up"]);
+    b_ns.ip(&["route", "add", &a.block, "dev", &go_name]);
+
+    let reached = eventually(Duration::from_secs(20), || {
+        a_ns.ping(&a.address, &b_address)
+    });
+    let _ = go.try_wait();
+    assert!(
+        reached,
+        "ours could not reach wireguard-go through the relay; hub log:\n{}",
+        hub.log()
+    );
+    assert!(
+        b_ns.ping(&b_address, &a.address),
+        "and wireguard-go reaches ours"
+    );
+    let handshakes = run("wg", &["show", &go_name, "latest-handshakes"]);
+    assert!(
+        handshakes.contains(&fleet_gateway::PublicKey::from_bytes(a.public_key).to_base64()),
+        "{handshakes}"
+    );
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(go.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = go.wait();
+    let _ = std::fs::remove_file(&sock);
+    drop(_a_follow);
+    a.device.delete().await.unwrap();
+    let status = hub.stop().expect("the hub was running");
+    assert!(status.success(), "{status}; log:\n{}", hub.log());
 }
 
 /// Two hub replicas on one etcd, each with its relay (default TTL 6 s, sweep 1 s), and two
