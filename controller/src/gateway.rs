@@ -200,6 +200,8 @@ impl GatewayReader {
                     last_handshake: p.last_handshake,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
+                    path: p.path,
+                    path_since: p.path_since,
                 })
                 .collect(),
         }))

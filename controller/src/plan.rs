@@ -222,6 +222,11 @@ impl GatewayMode {
 /// keeps open) a member's mapped address only from the member's own packets.
 pub const RELAY_KEEPALIVE: u16 = 25;
 
+/// Keepalive on direct tunnels (both ends) while a relay exists: a working direct path then
+/// brings received bytes every second, and `fleet-nri` falls back to the relay after a few
+/// silent seconds (see `fleet-nri`'s `paths`). About 150 bytes/s each way per direct peer.
+pub const DIRECT_KEEPALIVE: u16 = 1;
+
 /// The relay the gateway uses: the first by id.
 pub fn chosen_relay(fleet: &FleetState) -> Option<&RelayInfo> {
     fleet.relays.values().next()
@@ -250,13 +255,20 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
             endpoint: Some(relay.endpoint),
             allowed_ips: Vec::new(),
             keepalive: Some(mode.keepalive().unwrap_or(RELAY_KEEPALIVE)),
+            fallback: None,
         });
     }
     for c in fleet.clusters.values().filter(|c| &c.id != own) {
-        let endpoint = match (c.endpoint, mode.public, relay) {
-            (Some(e), _, _) => Some(e),
-            (None, true, _) => None, // it dials us
-            (None, false, Some(r)) => Some(r.endpoint),
+        // Direct tunnels (we dial it, or it dials us) keep a short keepalive and the relay's
+        // address as a fallback while there is a relay (`fleet-nri` watches both ends).
+        let direct_keepalive = match relay {
+            Some(_) => Some(DIRECT_KEEPALIVE),
+            None => mode.keepalive(),
+        };
+        let (endpoint, fallback, keepalive) = match (c.endpoint, mode.public, relay) {
+            (Some(e), _, r) => (Some(e), r.map(|r| r.endpoint), direct_keepalive),
+            (None, true, r) => (None, r.map(|r| r.endpoint), direct_keepalive), // it dials us
+            (None, false, Some(r)) => (Some(r.endpoint), None, mode.keepalive()),
             (None, false, None) => continue, // unreachable until a relay is up
         };
         if !keys.insert(c.public_key) {
@@ -267,7 +279,8 @@ pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -
             public_key: c.public_key,
             endpoint,
             allowed_ips: vec![c.block.to_string()],
-            keepalive: mode.keepalive(),
+            keepalive,
+            fallback,
         });
     }
     peers
@@ -504,7 +517,11 @@ mod tests {
         assert_eq!(bb.public_key, key(2));
         assert_eq!(bb.endpoint, Some("198.51.100.2:51820".parse().unwrap()));
         assert_eq!(bb.allowed_ips, vec!["100.96.16.0/20".to_string()]);
+        // A direct tunnel falls back to the relay; both ends keep a 1 s keepalive for that.
+        assert_eq!(bb.fallback, Some("203.0.113.1:51820".parse().unwrap()));
+        assert_eq!(bb.keepalive, Some(DIRECT_KEEPALIVE));
         assert_eq!(peers[2].public_key, key(3));
+        assert_eq!(peers[2].fallback, None);
         assert_eq!(
             peers[2].endpoint,
             Some("203.0.113.1:51820".parse().unwrap())
@@ -514,6 +531,12 @@ mod tests {
         let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
         assert_eq!(keys, vec![key(99), key(1), key(3)]);
         assert!(peers[1..].iter().all(|p| p.endpoint.is_none()));
+        assert!(
+            peers[1..]
+                .iter()
+                .all(|p| p.keepalive == Some(DIRECT_KEEPALIVE)
+                    && p.fallback == Some("203.0.113.1:51820".parse().unwrap()))
+        );
         assert_eq!(peers[2].allowed_ips, vec!["100.96.32.0/20".to_string()]);
     }
 

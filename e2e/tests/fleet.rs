@@ -574,6 +574,133 @@ fn fault_relay_restarted_an_idle_receiving_member_is_reached_within_5s() {
     exchange(&fleet, &server, &client);
 }
 
+/// The path (`direct` / `relay`) and since-when the gateway record in `fleetctl status --json`
+/// (as `member` sees it) gives for the peer with key `peer`.
+fn peer_path(fleet: &SandboxFleet, member: &str, peer: &str) -> Option<(String, Option<u64>)> {
+    fn walk(v: &serde_json::Value, peer: &str) -> Option<(String, Option<u64>)> {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("public_key").and_then(|k| k.as_str()) == Some(peer)
+                    && let Some(path) = map.get("path").and_then(|p| p.as_str())
+                {
+                    return Some((
+                        path.to_string(),
+                        map.get("path_since").and_then(|s| s.as_u64()),
+                    ));
+                }
+                map.values().find_map(|x| walk(x, peer))
+            }
+            serde_json::Value::Array(items) => items.iter().find_map(|x| walk(x, peer)),
+            _ => None,
+        }
+    }
+    walk(&fleet.status_json(member).ok()?, peer)
+}
+
+/// Applies (or with `None` removes) an nftables table `fe2e_block` in `member`'s router.
+fn router_block(fleet: &SandboxFleet, member: &str, rule: Option<&str>) {
+    use std::io::Write;
+    let ruleset = match rule {
+        Some(r) => format!(
+            "table ip fe2e_block {{\n chain pre {{\n type filter hook prerouting priority -150;\n {r}\n }}\n}}\n"
+        ),
+        None => "delete table ip fe2e_block\n".to_string(),
+    };
+    let mut child = fleet
+        .member(member)
+        .router
+        .netns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ruleset.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft {ruleset}");
+}
+
+/// Issue 12 item 2: aa public, bb behind NAT, talking directly. aa's router loses its port
+/// forward (only UDP from the hub passes; aa's own packets still reach bb, so the break is
+/// one-way): traffic moves to the relay within 5 s and both gateways' records say `relay`;
+/// with the forward back, bb's next probe returns them to the direct path. Before: no packet
+/// either way for 60-90 s, no fallback, status unchanged.
+#[test]
+fn fault_direct_path_broken_falls_back_to_the_relay_within_5s_and_returns() {
+    require_root("fault_direct_path_broken_falls_back_to_the_relay_within_5s_and_returns");
+    let mut fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::public(2))
+        .member("bb", MemberOpts::nat(2))
+        .start()
+        .unwrap();
+    fleet.start_controllers(false).unwrap();
+    let (server, client) = pods(&fleet);
+    let aa_key = fleet.member("aa").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    let bb_key = fleet.member("bb").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    let direct = |m: &str, k: &str, want: &str| {
+        poll_until(
+            &format!("{m}'s record: the peer's path {want}"),
+            Duration::from_secs(30),
+            || peer_path(&fleet, m, k).filter(|(p, _)| p == want),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}", fleet.status_json(m)))
+    };
+    direct("bb", &aa_key, "direct");
+    direct("aa", &bb_key, "direct");
+
+    router_block(
+        &fleet,
+        "aa",
+        Some(&format!(
+            "iifname \"wan0\" udp dport {RELAY_PORT} ip saddr != {HUB_IP} drop"
+        )),
+    );
+    let t0 = Instant::now();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(60))
+        .unwrap();
+    println!(
+        "RECOVERY direct path broken (aa's port forward gone) -> ping through the relay after {took:?}"
+    );
+    let (path, since) = direct("bb", &aa_key, "relay");
+    println!("bb's record: aa via {path} since {since:?}");
+    assert!(since.is_some());
+    direct("aa", &bb_key, "relay");
+    exchange(&fleet, &server, &client);
+    assert!(
+        took <= Duration::from_secs(5),
+        "fallback took {took:?} (> 5 s)"
+    );
+
+    router_block(&fleet, "aa", None);
+    let t1 = Instant::now();
+    direct("bb", &aa_key, "direct");
+    direct("aa", &bb_key, "direct");
+    println!(
+        "the direct path works again -> records say direct after {:?}",
+        t1.elapsed()
+    );
+    // And the traffic takes it: tunnel packets between the two members' public addresses.
+    let capture = fleet.internet.capture(Duration::from_secs(60)).unwrap();
+    exchange(&fleet, &server, &client);
+    let packets = capture.finish().unwrap();
+    assert!(
+        packets
+            .ip()
+            .any(|p| p.is_udp() && p.involves("203.0.113.21") && p.involves("203.0.113.22")),
+        "no direct tunnel packet:\n{}",
+        packets.text
+    );
+}
+
 /// `node name -> subnet` from `fleetctl status --json` (objects with `name` and `subnet`).
 fn node_subnets(v: &serde_json::Value) -> BTreeMap<String, String> {
     fn walk(v: &serde_json::Value, out: &mut BTreeMap<String, String>) {

@@ -238,6 +238,8 @@ mod tests {
                 last_handshake: Some(95),
                 rx_bytes: 2048,
                 tx_bytes: 10,
+                path: None,
+                path_since: None,
             }],
         };
         let rec = |owner: &ClusterId, name: &str, value: Vec<u8>| MemberRecord {

@@ -73,12 +73,14 @@ fn the_gateway_lives_in_the_daemon_and_survives_its_restarts() {
                 endpoint: Some("192.0.2.200:51820".parse().unwrap()),
                 allowed_ips: vec!["100.96.0.0/12".into()],
                 keepalive: Some(25),
+                fallback: None,
             },
             GatewayPeer {
                 public_key: direct,
                 endpoint: None,
                 allowed_ips: vec!["100.96.32.0/20".into()],
                 keepalive: None,
+                fallback: None,
             },
         ],
     };

@@ -104,6 +104,7 @@ fn nothing_secret_is_reachable_by_others_under_umask_000() {
             endpoint: Some("192.0.2.200:51820".parse().unwrap()),
             allowed_ips: vec!["100.96.0.0/12".into()],
             keepalive: Some(25),
+            fallback: None,
         }],
     };
     let result = c.set_gateway(req);
