@@ -26,10 +26,11 @@ PIN
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# chromium (bookworm's): the fleet board's real-browser test (hub/tests/board.rs).
 apt-get install -y -qq --no-install-recommends \
   containerd/trixie runc containernetworking-plugins \
   iproute2 nftables busybox-static protobuf-compiler iperf3 socat procps gcc libc6-dev \
   etcd-server etcd-client wireguard-go wireguard-tools tcpdump libprotobuf-dev dnsutils \
-  faketime umoci jq \
+  faketime umoci jq openssl chromium shellcheck \
   >/dev/null
 containerd --version

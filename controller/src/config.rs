@@ -46,9 +46,6 @@ pub struct RunConfig {
     pub dns_backends: Vec<DnsBackend>,
     /// How often the nodes' pods are read for export endpoints.
     pub endpoint_poll_interval: Duration,
-    /// A cluster whose gateway record has not changed for this long is withdrawn from
-    /// service discovery; `None`: three status intervals (at least 1 s).
-    pub liveness_timeout: Option<Duration>,
     /// The hold-down after a cluster's second death within the flap window (doubling after
     /// each further one); zero turns damping off.
     pub liveness_hold_down: Duration,
@@ -56,6 +53,15 @@ pub struct RunConfig {
     /// exports, their status, the Nodes. `None`: no Kubernetes (nodes.json and `fleetctl
     /// export` only).
     pub kubernetes: Option<KubeApi>,
+    /// The controller's client certificate for node daemons reached over TCP (`ca.crt`,
+    /// `tls.crt`, `tls.key`; `fleet_core::node_tls`); needed by `tcp://` nodes.
+    pub node_api_tls: Option<PathBuf>,
+    /// The cluster's nodes from the Kubernetes API's Node objects instead of `nodes_file`,
+    /// each `fleet-nri` reached at `tcp://<InternalIP>:<this port>`.
+    pub nodes_from_api: Option<u16>,
+    /// The credential in this Secret (`<namespace>, <name>`) instead of the credential file:
+    /// read at start, written at the first join (needs `kubernetes`).
+    pub credential_secret: Option<(String, String)>,
 }
 
 /// How the controller reaches its cluster's Kubernetes API.
@@ -180,6 +186,14 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--nodes-from-kubernetes needs --kubernetes on and --node-api-tls")]
+    NodesFromApi,
+    #[error("--nodes-from-kubernetes: the node API port must not be 0")]
+    NodeApiPort,
+    #[error("--credential-secret needs --kubernetes on")]
+    CredentialSecretNeedsApi,
+    #[error("--credential-secret {0:?}: expected [<namespace>/]<name> (DNS names)")]
+    CredentialSecret(String),
     #[error(
         "--vip-range {0} is too small: it needs the DNS VIP and at least one service VIP (use /30 or wider)"
     )]
@@ -188,13 +202,6 @@ pub enum ConfigError {
         "--dns-backend {0}: give the ip:port where a fleet-dns server listens (not 0.0.0.0, not port 0, not inside the VIP range)"
     )]
     DnsBackend(std::net::SocketAddrV4),
-    #[error(
-        "--liveness-timeout {timeout:?} is shorter than two status intervals ({status_interval:?}): every cluster would flap; raise it or lower --status-interval"
-    )]
-    LivenessTimeout {
-        timeout: Duration,
-        status_interval: Duration,
-    },
     #[error("--wg-name {0:?}: an interface name is 1 to 15 bytes without '/', ':' or spaces")]
     WgName(String),
     #[error("--lease-ttl {0:?} is too short: use at least 500ms (it is renewed every ttl/3)")]
@@ -239,6 +246,22 @@ impl RunConfig {
                 return Err(ConfigError::LeaseName(name.clone()));
             }
         }
+        if let Some(port) = self.nodes_from_api {
+            if self.kubernetes.is_none() || self.node_api_tls.is_none() {
+                return Err(ConfigError::NodesFromApi);
+            }
+            if port == 0 {
+                return Err(ConfigError::NodeApiPort);
+            }
+        }
+        if let Some((ns, name)) = &self.credential_secret {
+            if self.kubernetes.is_none() {
+                return Err(ConfigError::CredentialSecretNeedsApi);
+            }
+            if !is_dns_label(ns) || !is_dns_subdomain(name) {
+                return Err(ConfigError::CredentialSecret(format!("{ns}/{name}")));
+            }
+        }
         if self.listen_port == 0 {
             return Err(ConfigError::ListenPort);
         }
@@ -261,14 +284,6 @@ impl RunConfig {
             {
                 return Err(ConfigError::DnsBackend(*a));
             }
-        }
-        if let Some(t) = self.liveness_timeout
-            && t < self.status_interval * 2
-        {
-            return Err(ConfigError::LivenessTimeout {
-                timeout: t,
-                status_interval: self.status_interval,
-            });
         }
         Ok(())
     }
@@ -369,11 +384,59 @@ mod tests {
             vip_range: fleet_core::config::DEFAULT_VIP_RANGE.parse().unwrap(),
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_secs(1),
-            liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
+            node_api_tls: None,
+            nodes_from_api: None,
+            credential_secret: None,
         };
         ok.validate().unwrap();
+        let api = Some(KubeApi { kubeconfig: None });
+        RunConfig {
+            kubernetes: api.clone(),
+            node_api_tls: Some("/tls".into()),
+            nodes_from_api: Some(9650),
+            credential_secret: Some(("fleetboard-system".into(), "fleet-credential".into())),
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap();
+        for (bad, expected) in [
+            (
+                RunConfig {
+                    nodes_from_api: Some(9650),
+                    node_api_tls: Some("/tls".into()),
+                    ..ok.clone()
+                },
+                "needs --kubernetes on",
+            ),
+            (
+                RunConfig {
+                    nodes_from_api: Some(9650),
+                    kubernetes: api.clone(),
+                    ..ok.clone()
+                },
+                "--node-api-tls",
+            ),
+            (
+                RunConfig {
+                    credential_secret: Some(("ns".into(), "c".into())),
+                    ..ok.clone()
+                },
+                "--credential-secret needs",
+            ),
+            (
+                RunConfig {
+                    credential_secret: Some(("Bad_NS".into(), "c".into())),
+                    kubernetes: api.clone(),
+                    ..ok.clone()
+                },
+                "Bad_NS/c",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
+        }
         let bad = [
             RunConfig {
                 wg_name: "a-very-long-name-x".into(),

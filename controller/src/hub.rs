@@ -201,6 +201,7 @@ mod tests {
             public_key: PublicKey::from_bytes([k; 32]),
             endpoint: None,
             gateway: GatewayState::Pending,
+            controller_live: true,
             joined_at: 0,
             token_id: "t".into(),
         }

@@ -27,7 +27,20 @@ struct Flags {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller (one of the cluster's replicas; the lease holder is active).
-    Run(RunFlags),
+    Run(Box<RunFlags>),
+    /// Make a cluster's node-API CA and its certificates (fleet-nri's serverAuth, the
+    /// controller's clientAuth) into a new directory: ca.crt, ca.key, node/, controller/.
+    NodeApiCerts(CertsFlags),
+}
+
+#[derive(clap::Args, Debug)]
+struct CertsFlags {
+    /// A directory to create (existing files are never replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Validity in years, from 1 January of this year.
+    #[arg(long, default_value_t = 5)]
+    years: u16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -42,8 +55,13 @@ struct RunFlags {
     #[arg(long, value_delimiter = ',', required = true)]
     hub: Vec<String>,
     /// The cluster's credential (0600), shared by its replicas; written at the first join.
-    #[arg(long)]
-    credential_file: PathBuf,
+    #[arg(long, required_unless_present = "credential_secret")]
+    credential_file: Option<PathBuf>,
+    /// Keep the credential in this Secret instead of the file ([<namespace>/]<name>, the
+    /// namespace defaults to --lease-namespace): read at start, created at the first join.
+    /// Needs --kubernetes on.
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    credential_secret: Option<String>,
     /// Join string `<token>.<CA sha256>`; used only while the credential file does not exist.
     /// Also read from the environment variable FLEET_JOIN (keeps it out of `ps`).
     #[arg(long)]
@@ -55,9 +73,19 @@ struct RunFlags {
     /// gateway node's fleet-nri (a `wg.key` left here by an older version is not used).
     #[arg(long)]
     data_dir: PathBuf,
-    /// nodes.json: [{"name","socket","underlay_ip","netns"}, ...].
-    #[arg(long)]
-    nodes: PathBuf,
+    /// nodes.json: [{"name","socket","underlay_ip","netns"}, ...]; socket is a unix socket
+    /// path or tcp://<ip>:<port> (needs --node-api-tls).
+    #[arg(long, required_unless_present = "nodes_from_kubernetes")]
+    nodes: Option<PathBuf>,
+    /// The nodes from the Kubernetes API's Node objects instead of --nodes: each fleet-nri at
+    /// tcp://<InternalIP>:PORT (its --node-api-listen), followed as nodes come and go. Needs
+    /// --kubernetes on and --node-api-tls.
+    #[arg(long, value_name = "PORT", conflicts_with = "nodes")]
+    nodes_from_kubernetes: Option<u16>,
+    /// Directory with ca.crt (the node-API CA), tls.crt and tls.key (the controller's
+    /// clientAuth certificate) for node daemons reached over TCP.
+    #[arg(long, value_name = "DIR")]
+    node_api_tls: Option<PathBuf>,
     /// The node whose fleet-nri runs the WireGuard interface (in its CNF netns).
     #[arg(long)]
     gateway_node: String,
@@ -114,10 +142,6 @@ struct RunFlags {
     /// How often the nodes' pods are read for export endpoints.
     #[arg(long, default_value = "1s")]
     endpoint_poll_interval: String,
-    /// Withdraw an exporting cluster whose gateway record has not changed for this long
-    /// (default: three status intervals, at least 1s).
-    #[arg(long)]
-    liveness_timeout: Option<String>,
     /// Damping: a cluster that dies a second time within 5 minutes returns only after it has
     /// been alive this long (doubling with each further death, up to 120s); 0s turns it off.
     #[arg(long, default_value = "2s")]
@@ -146,14 +170,21 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         ),
     };
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
+    let credential_secret = f.credential_secret.map(|s| match s.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => (f.lease_namespace.clone(), s),
+    });
     Ok(RunConfig {
         cluster: ClusterId::new(f.cluster)?,
         hubs: f.hub,
-        credential_file: f.credential_file,
+        credential_file: f.credential_file.unwrap_or_default(),
+        credential_secret,
+        node_api_tls: f.node_api_tls,
+        nodes_from_api: f.nodes_from_kubernetes,
         join,
         ca,
         data_dir: f.data_dir,
-        nodes_file: f.nodes,
+        nodes_file: f.nodes.unwrap_or_default(),
         gateway_node: f.gateway_node,
         endpoint: f.endpoint,
         listen_port: f.listen_port,
@@ -175,12 +206,6 @@ fn config(f: RunFlags) -> anyhow::Result<RunConfig> {
         dns_backends: f.dns_backend,
         endpoint_poll_interval: parse_duration(&f.endpoint_poll_interval)
             .context("--endpoint-poll-interval")?,
-        liveness_timeout: f
-            .liveness_timeout
-            .as_deref()
-            .map(parse_duration)
-            .transpose()
-            .context("--liveness-timeout")?,
         liveness_hold_down: parse_hold_down(&f.liveness_hold_down)?,
     })
 }
@@ -194,7 +219,21 @@ fn parse_hold_down(text: &str) -> anyhow::Result<std::time::Duration> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Run(flags) = Flags::parse().command;
+    let flags = match Flags::parse().command {
+        Command::Run(flags) => *flags,
+        Command::NodeApiCerts(c) => {
+            let certs = fleet_controller::node_api_certs::generate(c.years)
+                .context("generating the node-API certificates")?;
+            fleet_controller::node_api_certs::write(&c.out, &certs)
+                .with_context(|| format!("writing into {}", c.out.display()))?;
+            println!(
+                "{0}/node: the fleet-nri Secret; {0}/controller: the controller's Secret; \
+                 {0}/ca.key: keep it outside the cluster",
+                c.out.display()
+            );
+            return Ok(());
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")

@@ -1,15 +1,19 @@
 //! The cluster's nodes: nodes.json, and the node API calls the controller makes on each
 //! node's `fleet-nri`, behind [`NodeApi`] so the reconciler is testable with a fake.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_core::node_tls::TCP_SCHEME;
 use fleet_proto::node::{
-    Attachment, ClearGatewayResult, GatewayKey, GatewayStatus, NodeClient, NodeError, PeerNode,
-    PlanChange, SetGatewayRequest, SetGatewayResult, SetPlanRequest, SetServicesRequest,
-    SetServicesResult, StatusResult,
+    Attachment, ClearGatewayResult, GatewayKey, GatewayStatus, NodeClient, NodeError, NodeReply,
+    NodeRequest, PeerNode, PlanChange, SetGatewayRequest, SetGatewayResult, SetPeersRequest,
+    SetPlanRequest, SetServicesRequest, SetServicesResult, StatusResult, code,
 };
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::plan::NodeSpec;
 
@@ -32,6 +36,74 @@ pub enum NodesError {
     BadName { path: String, name: String },
     #[error("--gateway-node {gateway:?} is not in the nodes file {path}")]
     NoGateway { path: String, gateway: String },
+    #[error(
+        "node {name:?} has the node API address {address:?}: expected a unix socket path or \
+         tcp://<ip>:<port>"
+    )]
+    BadAddress { name: String, address: String },
+    #[error(
+        "node {name:?} is reached over TCP ({address}), which needs --node-api-tls (the \
+         controller's client certificate for the node API)"
+    )]
+    NoTls { name: String, address: String },
+}
+
+/// How the controller reaches a node's `fleet-nri`: nodes.json's `socket` is a unix socket
+/// path, or `tcp://<ip>:<port>` for a daemon serving `--node-api-listen` (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAddress {
+    Unix(std::path::PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl NodeAddress {
+    pub fn of(spec: &NodeSpec) -> Result<Self, NodesError> {
+        let text = spec.socket.to_string_lossy();
+        match text.strip_prefix(TCP_SCHEME) {
+            None => Ok(NodeAddress::Unix(spec.socket.clone())),
+            Some(addr) => addr
+                .parse()
+                .map(NodeAddress::Tcp)
+                .map_err(|_| NodesError::BadAddress {
+                    name: spec.name.clone(),
+                    address: text.into_owned(),
+                }),
+        }
+    }
+}
+
+/// The node API client for `spec`: its unix socket, or TCP with mutual TLS (`tls`: the
+/// controller's client configuration, `fleet_core::node_tls::client_config`).
+pub fn node_api(
+    spec: &NodeSpec,
+    tls: Option<&Arc<tokio_rustls::rustls::ClientConfig>>,
+) -> Result<Arc<dyn NodeApi>, NodesError> {
+    Ok(match NodeAddress::of(spec)? {
+        NodeAddress::Unix(_) => Arc::new(NodeSocket::new(spec)),
+        NodeAddress::Tcp(addr) => {
+            let Some(tls) = tls else {
+                return Err(NodesError::NoTls {
+                    name: spec.name.clone(),
+                    address: addr.to_string(),
+                });
+            };
+            Arc::new(NodeTcp::new(addr, tls.clone(), Duration::from_secs(10)))
+        }
+    })
+}
+
+/// The nodes of the Kubernetes API (name → InternalIP) as node specs, each `fleet-nri`
+/// reached at `tcp://<InternalIP>:<port>`.
+pub fn api_node_specs(nodes: &BTreeMap<String, Ipv4Addr>, port: u16) -> Vec<NodeSpec> {
+    nodes
+        .iter()
+        .map(|(name, ip)| NodeSpec {
+            name: name.clone(),
+            socket: format!("{TCP_SCHEME}{ip}:{port}").into(),
+            underlay_ip: *ip,
+            netns: std::path::PathBuf::new(),
+        })
+        .collect()
 }
 
 /// Reads and checks nodes.json; `gateway` must be one of its nodes.
@@ -173,9 +245,178 @@ impl NodeApi for NodeSocket {
     }
 }
 
+/// How long a TCP connect to a node daemon may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// [`NodeApi`] over TCP with mutual TLS: a `fleet-nri` on another node (`--node-api-listen`).
+/// The same JSON lines as the unix socket, one request per connection.
+#[derive(Clone)]
+pub struct NodeTcp {
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for NodeTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTcp").field("addr", &self.addr).finish()
+    }
+}
+
+impl NodeTcp {
+    pub fn new(
+        addr: SocketAddr,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+        timeout: Duration,
+    ) -> Self {
+        NodeTcp {
+            addr,
+            connector: tokio_rustls::TlsConnector::from(tls),
+            timeout,
+        }
+    }
+
+    /// One request, one reply. A daemon that cannot be reached (or refuses our certificate,
+    /// or shows one the node-API CA did not sign) is `TRY_AGAIN_LATER`, as on the socket.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: &NodeRequest,
+    ) -> Result<T, NodeError> {
+        let unreachable = |what: &str, e: &dyn std::fmt::Display| {
+            NodeError::new(
+                code::TRY_AGAIN_LATER,
+                format!("fleet-nri at {} is not reachable ({what})", self.addr),
+                e.to_string(),
+            )
+        };
+        let exchange = async {
+            // A node that is down (no answer to ARP or SYN) costs at most this much per call.
+            let connect = self.timeout.min(CONNECT_TIMEOUT);
+            let tcp = tokio::time::timeout(connect, tokio::net::TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| unreachable("connect", &format!("no answer within {connect:?}")))?
+                .map_err(|e| unreachable("connect", &e))?;
+            let _ = tcp.set_nodelay(true);
+            let mut tls = self
+                .connector
+                .connect(fleet_core::node_tls::server_name(), tcp)
+                .await
+                .map_err(|e| unreachable("TLS handshake", &e))?;
+            let mut line = serde_json::to_vec(req).expect("node requests always serialize");
+            line.push(b'\n');
+            tls.write_all(&line)
+                .await
+                .map_err(|e| unreachable("write", &e))?;
+            tls.flush().await.map_err(|e| unreachable("write", &e))?;
+            let mut reply = String::new();
+            BufReader::new(tls)
+                .read_line(&mut reply)
+                .await
+                .map_err(|e| unreachable("read", &e))?;
+            Ok::<_, NodeError>(reply)
+        };
+        let reply = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| {
+                unreachable("timeout", &format!("no answer within {:?}", self.timeout))
+            })??;
+        if reply.is_empty() {
+            return Err(NodeError::new(
+                code::TRY_AGAIN_LATER,
+                "fleet-nri closed the connection without an answer",
+                self.addr.to_string(),
+            ));
+        }
+        match serde_json::from_str::<NodeReply<T>>(&reply) {
+            Ok(NodeReply::Ok(v)) => Ok(v),
+            Ok(NodeReply::Error(e)) => Err(e),
+            Err(e) => Err(NodeError::new(
+                code::DECODE_FAILURE,
+                "fleet-nri sent a reply this client cannot decode (version skew?)",
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeApi for NodeTcp {
+    async fn status(&self) -> Result<StatusResult, NodeError> {
+        self.call(&NodeRequest::Status).await
+    }
+    async fn get_plan(&self) -> Result<Option<SetPlanRequest>, NodeError> {
+        self.call(&NodeRequest::GetPlan).await
+    }
+    async fn set_plan(&self, plan: SetPlanRequest) -> Result<PlanChange, NodeError> {
+        self.call(&NodeRequest::SetPlan(plan)).await
+    }
+    async fn set_peers(&self, peers: Vec<PeerNode>) -> Result<(), NodeError> {
+        self.call(&NodeRequest::SetPeers(SetPeersRequest { peers }))
+            .await
+    }
+    async fn list_peers(&self) -> Result<Vec<PeerNode>, NodeError> {
+        self.call(&NodeRequest::ListPeers).await
+    }
+    async fn set_gateway(&self, req: SetGatewayRequest) -> Result<SetGatewayResult, NodeError> {
+        self.call(&NodeRequest::SetGateway(req)).await
+    }
+    async fn gateway_status(&self) -> Result<Option<GatewayStatus>, NodeError> {
+        self.call(&NodeRequest::GatewayStatus).await
+    }
+    async fn gateway_key(&self) -> Result<GatewayKey, NodeError> {
+        self.call(&NodeRequest::GatewayKey).await
+    }
+    async fn clear_gateway(&self) -> Result<ClearGatewayResult, NodeError> {
+        self.call(&NodeRequest::ClearGateway).await
+    }
+    async fn list_attachments(&self) -> Result<Vec<Attachment>, NodeError> {
+        self.call(&NodeRequest::ListAttachments).await
+    }
+    async fn set_services(&self, req: SetServicesRequest) -> Result<SetServicesResult, NodeError> {
+        self.call(&NodeRequest::SetServices(req)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_addresses_are_a_socket_path_or_tcp_and_tcp_needs_tls() {
+        let spec = |socket: &str| NodeSpec {
+            name: "aa-1".into(),
+            socket: socket.into(),
+            underlay_ip: "198.51.100.11".parse().unwrap(),
+            netns: "/run/netns/a".into(),
+        };
+        assert_eq!(
+            NodeAddress::of(&spec("/run/fleetboard/node.sock")).unwrap(),
+            NodeAddress::Unix("/run/fleetboard/node.sock".into())
+        );
+        assert_eq!(
+            NodeAddress::of(&spec("tcp://198.51.100.11:9650")).unwrap(),
+            NodeAddress::Tcp("198.51.100.11:9650".parse().unwrap())
+        );
+        assert!(matches!(
+            NodeAddress::of(&spec("tcp://aa-1:9650")),
+            Err(NodesError::BadAddress { .. })
+        ));
+        assert!(node_api(&spec("/run/a.sock"), None).is_ok());
+        let e = node_api(&spec("tcp://198.51.100.11:9650"), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--node-api-tls"), "{e}");
+
+        let nodes = BTreeMap::from([
+            ("aa-1".to_string(), "172.18.0.2".parse().unwrap()),
+            ("aa-2".to_string(), "172.18.0.3".parse().unwrap()),
+        ]);
+        let specs = api_node_specs(&nodes, 9650);
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].name, "aa-2");
+        assert_eq!(specs[1].socket.to_str().unwrap(), "tcp://172.18.0.3:9650");
+        assert_eq!(specs[1].underlay_ip.to_string(), "172.18.0.3");
+    }
 
     #[test]
     fn nodes_file_is_checked() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 use fleet_hub_api::mirror::{Fleet, FleetMirror, FleetSource, MirrorReader, WatcherConfig};
-use fleet_hub_api::model::{GatewayState, JoinRequest};
+use fleet_hub_api::model::{FleetScope, GatewayState, JoinRequest};
 use fleet_hub_api::wire::ErrorCode;
 use fleet_proto::wireguard::PublicKey;
 use tokio::sync::watch;
@@ -22,9 +22,10 @@ use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unav
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::kube_mcs::{KubeMcs, KubeMcsError};
+use crate::kube_secret::{CredentialSecret, SecretError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::metrics::ControllerMetrics;
-use crate::nodes::{NodeSocket, load_nodes};
+use crate::nodes::{api_node_specs, load_nodes, node_api};
 use crate::plan::{GatewayMode, chosen_relay, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
 use crate::services::{ServiceConfig, ServiceSync};
@@ -40,7 +41,10 @@ pub enum ControllerError {
     Identity(#[from] IdentityError),
     #[error("the gateway's WireGuard key from the gateway node {node}: {source}")]
     Key { node: String, source: NodeError },
-    #[error("no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash)")]
+    #[error(
+        "no hub CA hash: give --ca <sha256> (or --join, whose last part is the CA hash; with \
+         --credential-secret, a Secret written at the join holds it)"
+    )]
     NoCa,
     #[error("joining the fleet as {cluster} failed: {source}")]
     Join { cluster: String, source: HubError },
@@ -62,11 +66,22 @@ pub enum ControllerError {
     KubeLease(#[from] KubeLeaseError),
     #[error("the Kubernetes API (--kubernetes): {0}")]
     KubeMcs(#[from] KubeMcsError),
+    #[error("the credential Secret: {0}")]
+    Secret(#[from] SecretError),
+    #[error("the node API's TLS files (--node-api-tls): {0}")]
+    NodeTls(#[from] fleet_core::node_tls::NodeTlsError),
 }
 
-/// Hub timeouts fit for leadership: a lease call must fail well within a lease's life.
+/// Reads of the gateway device that fail in a row before the hub is told the gateway is down
+/// (one status interval each): one failure may be a restart of the node daemon in progress.
+const GATEWAY_DOWN_AFTER_FAILED_READS: u32 = 2;
+
+/// Hub timeouts fit for leadership: a lease call must fail well within a lease's life. The
+/// controller watches only what it needs ([`FleetScope::Member`]): the fleet's shape, every
+/// cluster's `export/*` records and its own records.
 fn client_options(ttl: Duration) -> ClientOptions {
     ClientOptions {
+        scope: FleetScope::Member,
         // A dead hub replica costs this much before the next address is tried.
         connect_timeout: (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(3)),
         call_timeout: (ttl * 2).clamp(Duration::from_secs(2), Duration::from_secs(10)),
@@ -83,28 +98,53 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The cluster's hub client with its credential: read from the credential file, or obtained
-/// by joining (and written), or — without a join string — waited for. `None` when stopped.
+/// The cluster's hub client with its credential: read from the credential file (or the
+/// credential Secret, `--credential-secret`), or obtained by joining (and written), or —
+/// without a join string — waited for. `None` when stopped.
 async fn identity(
     cfg: &RunConfig,
     key: &PublicKey,
+    secret: Option<&CredentialSecret>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<HubClient>, ControllerError> {
-    let ca = cfg
-        .ca
-        .or_else(|| cfg.join.as_ref().map(|j| j.ca_hash))
-        .ok_or(ControllerError::NoCa)?;
+    let ca = match (
+        cfg.ca.or_else(|| cfg.join.as_ref().map(|j| j.ca_hash)),
+        secret,
+    ) {
+        (Some(ca), _) => ca,
+        // Neither --ca nor --join: the hub CA's hash the joining replica stored in the Secret.
+        (None, Some(s)) => {
+            let read = tokio::select! {
+                r = s.read_ca() => r,
+                _ = stopped(stop) => return Ok(None),
+            };
+            read?.ok_or(ControllerError::NoCa)?
+        }
+        (None, None) => return Err(ControllerError::NoCa),
+    };
     let base = HubClient::new(cfg.hubs.clone(), ca, client_options(cfg.lease_ttl))
         .map_err(ControllerError::Client)?;
     let wait = async {
-        wait_for_credential(
-            &cfg.credential_file,
-            &cfg.cluster,
-            Duration::from_millis(500),
-        )
-        .await
+        match secret {
+            Some(s) => Ok(s.wait(&cfg.cluster, Duration::from_millis(500)).await?),
+            None => Ok::<_, ControllerError>(
+                wait_for_credential(
+                    &cfg.credential_file,
+                    &cfg.cluster,
+                    Duration::from_millis(500),
+                )
+                .await?,
+            ),
+        }
     };
-    if let Some(c) = load_credential(&cfg.credential_file, &cfg.cluster)? {
+    let stored = match secret {
+        Some(s) => match s.read_retrying(&cfg.cluster, stop).await? {
+            Some(read) => read,
+            None => return Ok(None),
+        },
+        None => load_credential(&cfg.credential_file, &cfg.cluster)?,
+    };
+    if let Some(c) = stored {
         return Ok(Some(base.with_credential(c)));
     }
     let Some(join) = &cfg.join else {
@@ -126,16 +166,20 @@ async fn identity(
         };
         match attempt {
             Ok(joined) => {
-                store_credential(&cfg.credential_file, &joined.credential)?;
-                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), "joined the fleet");
+                match secret {
+                    Some(s) => s.store_joined(&joined.credential, &ca, stop).await?,
+                    None => store_credential(&cfg.credential_file, &joined.credential)?,
+                }
+                tracing::info!(cluster = %cfg.cluster, block = %joined.record.block, credential_file = %cfg.credential_file.display(), credential_secret = ?secret, "joined the fleet");
                 return Ok(Some(base.with_credential(joined.credential)));
             }
             Err(e) if e.code() == Some(ErrorCode::AlreadyJoined) => {
-                // Another replica joined first; it writes the credential file.
+                // Another replica joined first; it writes the credential file (or Secret).
                 tracing::info!(
                     cluster = %cfg.cluster,
                     credential_file = %cfg.credential_file.display(),
-                    "cluster already joined, by another replica: waiting for its credential file (if \
+                    credential_secret = ?secret,
+                    "cluster already joined, by another replica: waiting for its credential (if \
                      the replica that joined lost it, remove the cluster at the hub and join again)"
                 );
                 return tokio::select! {
@@ -193,6 +237,8 @@ struct Controller {
     /// The last error reading it (to log only changes).
     kube_error: Option<String>,
     metrics: ControllerMetrics,
+    /// The controller's client TLS for node daemons on TCP (`--node-api-tls`).
+    node_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// Runs until `stop` turns true (Ok) or the cluster is removed or a fatal error (Err).
@@ -206,7 +252,14 @@ pub async fn run_with_metrics(
     mut stop: watch::Receiver<bool>,
     metrics: ControllerMetrics,
 ) -> Result<(), ControllerError> {
-    let specs = load_nodes(&cfg.nodes_file, &cfg.gateway_node)?;
+    let node_tls = match &cfg.node_api_tls {
+        Some(dir) => Some(fleet_core::node_tls::client_config(dir)?),
+        None => None,
+    };
+    let file_specs = match cfg.nodes_from_api {
+        None => Some(load_nodes(&cfg.nodes_file, &cfg.gateway_node)?),
+        Some(_) => None,
+    };
     // Connect to the Kubernetes API first: a missing configuration fails before anything else.
     let kube_lease = match &cfg.leader_election {
         LeaderElection::Hub => None,
@@ -216,9 +269,23 @@ pub async fn run_with_metrics(
             kubeconfig,
         } => Some(KubeLease::connect(namespace, name, kubeconfig.as_deref(), cfg.lease_ttl).await?),
     };
-    let kube = match &cfg.kubernetes {
+    let mut kube = match &cfg.kubernetes {
         Some(api) => Some(KubeMcs::connect(api.kubeconfig.as_deref()).await?),
         None => None,
+    };
+    let specs = match (file_specs, cfg.nodes_from_api, kube.as_mut()) {
+        (Some(specs), _, _) => specs,
+        (None, Some(port), Some(kube)) => {
+            match kube.wait_nodes(&cfg.gateway_node, port, &mut stop).await {
+                Some(specs) => specs,
+                None => return Ok(()),
+            }
+        }
+        _ => unreachable!("validate: --nodes-from-kubernetes needs --kubernetes"),
+    };
+    let secret = match (&cfg.credential_secret, kube.as_ref()) {
+        (Some((ns, name)), Some(kube)) => Some(CredentialSecret::new(kube.client(), ns, name)),
+        _ => None,
     };
     let gateway_spec = specs
         .iter()
@@ -234,7 +301,7 @@ pub async fn run_with_metrics(
             node: gateway_spec.name.clone(),
             holder: cfg.holder.clone(),
         },
-        Arc::new(NodeSocket::new(&gateway_spec)),
+        node_api(&gateway_spec, node_tls.as_ref())?,
     );
     // The key lives on the gateway node: its public half is what the cluster joins with.
     let key = match gateway.wait_public_key(&mut stop).await {
@@ -247,16 +314,18 @@ pub async fn run_with_metrics(
             });
         }
     };
-    let Some(client) = identity(&cfg, &key, &mut stop).await? else {
+    let Some(client) = identity(&cfg, &key, secret.as_ref(), &mut stop).await? else {
         return Ok(());
     };
     let nodes = specs
         .into_iter()
-        .map(|spec| ClusterNode {
-            api: Arc::new(NodeSocket::new(&spec)),
-            spec,
+        .map(|spec| {
+            Ok(ClusterNode {
+                api: node_api(&spec, node_tls.as_ref())?,
+                spec,
+            })
         })
-        .collect();
+        .collect::<Result<_, crate::nodes::NodesError>>()?;
     let hub = Arc::new(MemberHub {
         client: client.clone(),
         cluster: cfg.cluster.clone(),
@@ -281,6 +350,7 @@ pub async fn run_with_metrics(
         kube,
         kube_error: None,
         metrics,
+        node_tls,
     };
     c.lead(&mut stop).await
 }
@@ -490,11 +560,10 @@ impl Controller {
     }
 
     fn service_config(&self) -> ServiceConfig {
-        let mut liveness = LivenessConfig::for_heartbeat_interval(self.cfg.status_interval);
-        if let Some(t) = self.cfg.liveness_timeout {
-            liveness.timeout = t;
-        }
-        liveness.hold_down = self.cfg.liveness_hold_down;
+        let liveness = LivenessConfig {
+            hold_down: self.cfg.liveness_hold_down,
+            ..LivenessConfig::default()
+        };
         ServiceConfig {
             cluster: self.cfg.cluster.clone(),
             vip_range: self.cfg.vip_range,
@@ -536,7 +605,19 @@ impl Controller {
                 if self.kube_error.take().is_some() {
                     tracing::info!("the Kubernetes API is readable again");
                 }
-                kube.follow_nodes(&view);
+                let changes = kube.follow_nodes(&view);
+                if let Some(port) = self.cfg.nodes_from_api
+                    && !changes.is_empty()
+                {
+                    // The next pass (within --status-interval) plans and peers them.
+                    self.nodes = api_node_specs(&view.nodes, port)
+                        .into_iter()
+                        .filter_map(|spec| {
+                            let api = node_api(&spec, self.node_tls.as_ref()).ok()?;
+                            Some(ClusterNode { spec, api })
+                        })
+                        .collect();
+                }
                 a.services.set_kube_view(view)
             }
             Err(e) => {
@@ -631,9 +712,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Publishes the `gateway` record every status interval from a task of its own, so a
-    /// long pass of the main loop (many exports, a slow hub) never delays the heartbeat other
-    /// clusters judge this cluster's liveness by. Stops with the returned guard.
+    /// Publishes the `gateway` record (tunnel statistics for operators: `fleetctl status`, the
+    /// fleet board; members do not watch each other's) every status interval from a task of
+    /// its own, and reports the gateway down to the hub when its device cannot be read
+    /// (other clusters judge this cluster's liveness by that and by its controller lease),
+    /// up again when it can. Stops with the returned guard.
     fn spawn_heartbeat(&self) -> AbortOnDrop {
         let reader = self.gateway.reader();
         let hub = self.hub.clone();
@@ -642,16 +725,44 @@ impl Controller {
         AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Consecutive failed reads of the gateway device, and whether the hub was told
+            // it is down: other clusters withdraw this cluster's services while it is.
+            let mut failed_reads = 0u32;
+            let mut reported_down = false;
             loop {
                 tick.tick().await;
                 let record = match reader.record().await {
                     Ok(Some(r)) => r,
                     Ok(None) => continue,
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading the WireGuard statistics failed");
+                        failed_reads += 1;
+                        tracing::warn!(error = %e, failed_reads, "reading the WireGuard statistics failed");
+                        if failed_reads >= GATEWAY_DOWN_AFTER_FAILED_READS && !reported_down {
+                            match hub.set_gateway_state(GatewayState::Down).await {
+                                Ok(()) => {
+                                    reported_down = true;
+                                    tracing::warn!(
+                                        "gateway device unreadable: reported down to the hub"
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "reporting the gateway down failed")
+                                }
+                            }
+                        }
                         continue;
                     }
                 };
+                failed_reads = 0;
+                if reported_down {
+                    match hub.set_gateway_state(GatewayState::Up).await {
+                        Ok(()) => {
+                            reported_down = false;
+                            tracing::info!("gateway device readable again: reported up to the hub");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "reporting the gateway up failed"),
+                    }
+                }
                 let value = serde_json::to_vec(&record).expect("records serialise");
                 match hub.publish(GATEWAY_RECORD, &value).await {
                     Ok(_) => metrics.published(),
@@ -787,6 +898,7 @@ mod tests {
             public_key: fleet_proto::wireguard::PublicKey::from_bytes([key; 32]),
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             gateway: GatewayState::Up,
+            controller_live: true,
             joined_at: 1,
             token_id: "t".into(),
         }
@@ -815,9 +927,11 @@ mod tests {
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: Vec::new(),
             endpoint_poll_interval: Duration::from_millis(100),
-            liveness_timeout: None,
             liveness_hold_down: Duration::from_secs(2),
             kubernetes: None,
+            node_api_tls: None,
+            nodes_from_api: None,
+            credential_secret: None,
         }
     }
 
@@ -899,6 +1013,7 @@ mod tests {
             kube: None,
             kube_error: None,
             metrics: Default::default(),
+            node_tls: None,
         };
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move { c.lead(&mut stopped).await });

@@ -754,7 +754,7 @@ pub(crate) mod tests {
     }
 
     /// aa (own, block 100.96.0.0/16) and bb (100.97.0.0/16); bb exports default/web with two
-    /// endpoints and beats with its gateway record at `beat`.
+    /// endpoints; `beat` is the fleet revision.
     fn fleet(beat: u64, aa_records: &[(&str, Vec<u8>)]) -> Fleet {
         use fleet_hub_api::model::{ClusterRecord, GatewayState, MemberRecord};
         use fleet_proto::wireguard::PublicKey;
@@ -777,6 +777,7 @@ pub(crate) mod tests {
                     public_key: PublicKey::from_bytes([i as u8 + 1; 32]),
                     endpoint: None,
                     gateway: GatewayState::Up,
+                    controller_live: true,
                     joined_at: 1,
                     token_id: "t".into(),
                 },
@@ -850,7 +851,6 @@ pub(crate) mod tests {
         let hub = FakeHub::default();
         let subnets = BTreeMap::from([("aa-1".to_string(), "100.96.0.0/24".parse().unwrap())]);
         let liveness = LivenessConfig {
-            timeout: Duration::from_secs(3),
             hold_down: Duration::from_secs(2),
             max_hold_down: Duration::from_secs(8),
             flap_window: Duration::from_secs(60),
@@ -924,9 +924,12 @@ pub(crate) mod tests {
         assert_eq!(web.vip, vip);
         assert_eq!(web.ports[0].backends.len(), 3);
 
-        // bb falls silent: after the timeout only aa's endpoint is routed to.
-        let t_dead = t0 + Duration::from_secs(1) + liveness.timeout;
-        assert_eq!(sync.next_deadline(), Some(t_dead));
+        // bb's controller lease lapses (the hub marks it not live): only aa's endpoint is
+        // routed to, at once.
+        let t_dead = t0 + Duration::from_secs(2);
+        assert_eq!(sync.next_deadline(), None, "nothing times out by itself");
+        let mut f = f;
+        f.clusters.get_mut(&cid("bb")).unwrap().controller_live = false;
         sync.sync(&f, &nodes, &subnets, &hub, t_dead).await.unwrap();
         let table = node.services.lock().unwrap().clone().unwrap().services;
         let web = table.iter().find(|s| s.name == "default/web").unwrap();
@@ -978,7 +981,7 @@ pub(crate) mod tests {
             cluster: cid("aa"),
             vip_range: "100.112.0.0/16".parse().unwrap(),
             dns_backends: Vec::new(),
-            liveness: LivenessConfig::for_heartbeat_interval(Duration::from_secs(1)),
+            liveness: LivenessConfig::default(),
             kubernetes: true,
         });
         sync.poll_pods(&nodes).await;

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod ipam;
 pub mod netlink;
 pub mod netns;
+pub mod node_tls;
 pub mod overlay;
 pub mod private_socket;
 pub mod routes;

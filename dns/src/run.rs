@@ -161,9 +161,17 @@ fn hub_client(config: &DaemonConfig) -> Result<(ClusterId, HubClient), DaemonErr
             expected: expected.clone(),
         });
     }
-    let client = HubClient::new(config.hubs.clone(), config.ca, ClientOptions::default())
-        .map_err(|e| DaemonError::Client(e.to_string()))?
-        .with_credential(credential);
+    let client = HubClient::new(
+        config.hubs.clone(),
+        config.ca,
+        // Only its own cluster's `import/*` records are read: the member scope.
+        ClientOptions {
+            scope: fleet_hub_api::model::FleetScope::Member,
+            ..ClientOptions::default()
+        },
+    )
+    .map_err(|e| DaemonError::Client(e.to_string()))?
+    .with_credential(credential);
     Ok((found, client))
 }
 

@@ -22,6 +22,8 @@ pub struct FleetNri {
     cnf: String,
     nri_socket: Option<PathBuf>,
     netns: Option<PathBuf>,
+    /// Flags added to every start (e.g. `--node-api-listen`).
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -40,6 +42,11 @@ pub struct FleetNriOpts {
 impl FleetNri {
     /// Starts fleet-nri as `opts` says.
     pub fn start_with(opts: FleetNriOpts) -> Result<FleetNri> {
+        Self::start_with_args(opts, Vec::new())
+    }
+
+    /// [`FleetNri::start_with`], with `args` added to the command line of every start.
+    pub fn start_with_args(opts: FleetNriOpts, args: Vec<String>) -> Result<FleetNri> {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("fe2e-nri-{id}"));
@@ -62,10 +69,16 @@ impl FleetNri {
             cnf,
             nri_socket: opts.nri_socket,
             netns: opts.netns,
+            extra_args: args,
             child: None,
         };
         d.spawn()?;
         Ok(d)
+    }
+
+    /// Replaces the added flags for the next [`FleetNri::spawn`].
+    pub fn set_extra_args(&mut self, args: Vec<String>) {
+        self.extra_args = args;
     }
 
     /// Starts fleet-nri for `node_subnet` (a block of 100.96.0.0/12). With `nri_socket` it
@@ -101,6 +114,7 @@ impl FleetNri {
         if self.nri_socket.is_none() {
             cmd.arg("--no-nri");
         }
+        cmd.args(&self.extra_args);
         cmd.env("FLEET_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

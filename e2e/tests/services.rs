@@ -97,7 +97,9 @@ fn a_service_exported_in_aa_is_fetched_by_name_from_bb_and_follows_its_endpoints
     let client = fleet.run_pod("bb", 1, "client").unwrap();
 
     let t = Instant::now();
-    fleetctl_ok(
+    // --wait: returns once aa's controller has published the export (what it waits for goes
+    // to stderr while it waits).
+    let said = fleetctl_ok(
         &fleet,
         "aa",
         &[
@@ -109,8 +111,11 @@ fn a_service_exported_in_aa_is_fetched_by_name_from_bb_and_follows_its_endpoints
             "app=web",
             "--port",
             "http:tcp:80",
+            "--wait",
+            "30s",
         ],
     );
+    assert!(said.contains("its controller published it with"), "{said}");
     poll_until("web by name from bb", Duration::from_secs(30), || {
         fetch(&fleet, &client, WEB)
     })

@@ -3,6 +3,9 @@
 //! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
 
 pub mod admin;
+pub mod doctor;
+pub mod errors;
+pub mod gather;
 pub mod services;
 
 use std::collections::BTreeMap;
@@ -256,6 +259,7 @@ mod tests {
                     public_key: PublicKey::from_bytes([2; 32]),
                     endpoint: None,
                     gateway: GatewayState::Pending,
+                    controller_live: true,
                     joined_at: 0,
                     token_id: "t".into(),
                 },
@@ -265,6 +269,7 @@ mod tests {
                     public_key: PublicKey::from_bytes([1; 32]),
                     endpoint: None,
                     gateway: GatewayState::Up,
+                    controller_live: true,
                     joined_at: 0,
                     token_id: "t".into(),
                 },

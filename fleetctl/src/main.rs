@@ -1,15 +1,22 @@
-//! fleetctl: operator commands against the hub. `status` and `services` list the fleet with a
-//! member's credential or the hub's admin credential; `export` and `unexport` act for the
-//! member credential's cluster.
+//! fleetctl: operator commands against the hub. `status`, `services` and `doctor` read the
+//! fleet with a member's credential or the hub's admin credential; `export` and `unexport` act
+//! for the member credential's cluster; `token` and `cluster remove` need the admin credential.
+//! Every command prints a table (`-o table`, the default) or JSON (`-o json`, alias `--json`);
+//! progress and errors go to stderr.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_hub_api::client::{ClientOptions, HubClient};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 use fleet_hub_api::model::ClusterId;
 use fleet_hub_api::records::{ServiceExportSpec, service_export_record_name};
 use fleet_hub_api::wire::{CaHash, Credential};
+use fleetctl::doctor::{self, CredentialKind, Facts};
+use fleetctl::errors::{CallContext, Caller, explain};
+use fleetctl::gather;
 
 #[derive(Parser, Debug)]
 #[command(name = "fleetctl", version, about = "fleetboard operator CLI")]
@@ -34,15 +41,38 @@ struct HubArgs {
     credential_file: PathBuf,
 }
 
+/// `-o table|json`, and `--json` as before.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct OutputArgs {
+    /// Output format: `table` for people, `json` for scripts (stable; shapes in
+    /// fleetctl/README.md). Progress and errors always go to stderr.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Same as `-o json`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+impl OutputArgs {
+    fn json(&self) -> bool {
+        self.json || self.output == Format::Json
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Clusters, blocks, tunnel state and nodes, then exports and imports, as the hub lists them.
     Status {
         #[command(flatten)]
         hub: HubArgs,
-        /// Print JSON instead of tables.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Exports a service of the credential's cluster (node-first: its endpoints are the pods of
     /// the namespace whose labels match --selector, as the cluster's node daemons see them).
@@ -64,8 +94,14 @@ enum Command {
         /// sessionAffinity ClientIP with this timeout in seconds (Kubernetes' default is 10800).
         #[arg(long)]
         client_ip_affinity: Option<u32>,
+        /// Wait (up to this long: 30s, 2m...) until the cluster's controller has published the
+        /// export with its endpoints, saying on stderr what it waits for.
+        #[arg(long)]
+        wait: Option<String>,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Withdraws a service exported with `fleetctl export` from the credential's cluster.
     Unexport {
@@ -74,6 +110,8 @@ enum Command {
         namespace: String,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Join tokens (the hub's admin credential): create one for a new member, list, revoke.
     #[command(subcommand)]
@@ -82,9 +120,8 @@ enum Command {
     Clusters {
         #[command(flatten)]
         hub: HubArgs,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Removes a member (the hub's admin credential): its block, records and tunnels go from
     /// every other cluster; its controller clears its gateway and stops.
@@ -95,9 +132,32 @@ enum Command {
     Services {
         #[command(flatten)]
         hub: HubArgs,
-        /// Print JSON instead of tables.
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Looks for known problems and says what to do about each (exit status 1 if any).
+    ///
+    /// The checks: the hub down, a credential it refuses, its CA expired or expiring within
+    /// 30 days, this machine's clock (or a member's) more than 30 s from the hub's, a node
+    /// without a plan, a tunnel without a handshake for 3 minutes, and — run on a node — its
+    /// fleet-nri's plan and MTUs that do not fit the underlay.
+    ///
+    /// Exit status: 0 no problem found, 1 problems found (each listed with its fix), 2 doctor
+    /// could not run (bad flags, unreadable credential).
+    Doctor {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// This node's fleet-nri socket, to check its plan; default: /run/fleetboard/node.sock
+        /// when it exists (on a node), else the check is skipped.
         #[arg(long)]
-        json: bool,
+        node_socket: Option<PathBuf>,
+        /// The node's CNF netns (a name in /run/netns or a path) whose MTUs to check; default:
+        /// the one fleet-nri reports, or fleet-cnf when /run/netns/fleet-cnf exists, else the
+        /// MTU check is skipped.
+        #[arg(long)]
+        cnf_netns: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -113,19 +173,23 @@ enum TokenCommand {
         description: String,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Lists the tokens (never their secrets).
     List {
         #[command(flatten)]
         hub: HubArgs,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Revokes a token by id: no new member can join with it (members that joined stay).
     Revoke {
         id: String,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -136,6 +200,8 @@ enum ClusterCommand {
         id: String,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -164,9 +230,22 @@ fn ca_hash(ca: Option<&str>, credential_file: &std::path::Path) -> anyhow::Resul
     CaHash::of_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", pem_path.display()))
 }
 
-fn client(args: &HubArgs) -> anyhow::Result<(HubClient, Credential)> {
-    let text = std::fs::read_to_string(&args.credential_file)
-        .with_context(|| format!("cannot read {}", args.credential_file.display()))?;
+/// A client of the hub, and how the command reached it (for the errors' advice).
+struct Hub {
+    client: HubClient,
+    credential: Credential,
+    ca: CaHash,
+    cx: CallContext,
+}
+
+fn client(args: &HubArgs) -> anyhow::Result<Hub> {
+    let text = std::fs::read_to_string(&args.credential_file).with_context(|| {
+        format!(
+            "cannot read the credential file {} (a member's is written at join, the hub's is \
+             admin.credential in its data dir)",
+            args.credential_file.display()
+        )
+    })?;
     let credential = Credential::parse(&text).with_context(|| {
         format!(
             "{} holds no credential (a member's `m.<cluster>.<secret>` or the hub's `a.<secret>`)",
@@ -176,7 +255,87 @@ fn client(args: &HubArgs) -> anyhow::Result<(HubClient, Credential)> {
     let ca = ca_hash(args.ca.as_deref(), &args.credential_file)?;
     let client = HubClient::new(args.hub.clone(), ca, ClientOptions::default())?
         .with_credential(credential.clone());
-    Ok((client, credential))
+    let cx = CallContext {
+        endpoints: args.hub.join(","),
+        credential_file: args.credential_file.display().to_string(),
+        caller: match &credential {
+            Credential::Admin(_) => Caller::Admin,
+            Credential::Member { cluster, .. } => Caller::Member(cluster.to_string()),
+        },
+    };
+    Ok(Hub {
+        client,
+        credential,
+        ca,
+        cx,
+    })
+}
+
+impl Hub {
+    /// Awaits a hub call, saying on stderr what it waits for when it is slow, and turns a
+    /// failure into a message with the next step.
+    async fn call<T>(
+        &self,
+        doing: &str,
+        fut: impl std::future::Future<Output = Result<T, HubError>>,
+    ) -> anyhow::Result<T> {
+        let what = format!("the hub at {} ({doing})", self.cx.endpoints);
+        gather::with_progress(
+            &what,
+            PROGRESS_AFTER,
+            PROGRESS_EVERY,
+            &mut std::io::stderr(),
+            fut,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(explain(doing, &e, &self.cx)))
+    }
+}
+
+/// Where fleet-nri serves the node API by default (nri-daemon's config).
+const DEFAULT_NODE_SOCKET: &str = "/run/fleetboard/node.sock";
+
+/// A call slower than this says what it waits for, then again every [`PROGRESS_EVERY`].
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Polls the hub until `cluster`'s controller has published the export for `spec`, saying on
+/// stderr what it waits for; its endpoints and ready endpoints.
+async fn wait_for_export(
+    hub: &Hub,
+    cluster: &ClusterId,
+    namespace: &str,
+    name: &str,
+    spec: &fleet_hub_api::records::ServiceExportSpec,
+    limit: Duration,
+) -> anyhow::Result<(usize, usize)> {
+    let record = fleet_hub_api::records::export_record_name(namespace, name);
+    let started = std::time::Instant::now();
+    let mut said = Duration::ZERO;
+    loop {
+        let view = hub.call("listing the fleet", hub.client.list()).await?;
+        if let Some(found) =
+            fleetctl::services::export_converged(&view, cluster, namespace, name, spec)
+        {
+            return Ok(found);
+        }
+        let waited = started.elapsed();
+        if waited >= limit {
+            anyhow::bail!(
+                "cluster {cluster}'s controller has not published {record} within {limit:?}: \
+                 check that it runs and is active (`fleetctl status` shows its gateway record's \
+                 age) and its log; the export spec stays published"
+            );
+        }
+        if waited >= said {
+            eprintln!(
+                "fleetctl: waiting for cluster {cluster}'s controller to publish {record} ({} s)…",
+                waited.as_secs()
+            );
+            said = waited + PROGRESS_EVERY;
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(limit - waited)).await;
+    }
 }
 
 /// The cluster a member credential speaks for; exports need one.
@@ -194,7 +353,6 @@ fn member_cluster(credential: &Credential, file: &std::path::Path) -> anyhow::Re
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
-    use std::io::Write;
     writeln!(out)?;
     Ok(())
 }
@@ -205,28 +363,27 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// What a command ended with: success, or doctor's findings (exit status 1).
+enum Outcome {
+    Done,
+    ProblemsFound,
+}
+
+async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Status { hub, json } => {
-            let (client, _) = client(&hub)?;
-            let view = client
-                .list()
-                .await
-                .context("listing the fleet at the hub")?;
+        Command::Status { hub, out } => {
+            let hub = client(&hub)?;
+            let view = hub.call("listing the fleet", hub.client.list()).await?;
             let status = fleetctl::status(&view);
             let services = fleetctl::services::services_view(&view);
-            if json {
+            if out.json() {
                 // The fleet's fields at the top (as before), the services beside them.
                 let mut value = serde_json::to_value(&status)?;
                 value["services"] = serde_json::to_value(&services)?;
                 print_json(&value)?;
             } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
                 let mut out = std::io::stdout().lock();
-                fleetctl::render_table(&status, now, &mut out)?;
-                use std::io::Write;
+                fleetctl::render_table(&status, unix_now(), &mut out)?;
                 writeln!(out)?;
                 fleetctl::services::render_services(&services, &mut out)?;
             }
@@ -235,54 +392,66 @@ async fn run(command: Command) -> anyhow::Result<()> {
             ttl,
             description,
             hub,
+            out,
         }) => {
             let lifetime = fleet_hub_api::model::parse_lifetime(&ttl).with_context(|| {
                 format!("--ttl {ttl:?}: expected a positive number with s, m, h or d (e.g. 24h)")
             })?;
-            let (client, _) = client(&hub)?;
-            let (join, info) = client
-                .create_token(lifetime, &description)
-                .await
-                .context("creating a join token at the hub (needs the hub's admin credential)")?;
-            println!("{}", join.expose_secret());
+            let hub = client(&hub)?;
+            let (join, info) = hub
+                .call(
+                    "creating a join token",
+                    hub.client.create_token(lifetime, &description),
+                )
+                .await?;
+            if out.json() {
+                print_json(&serde_json::json!({
+                    "join": join.expose_secret(),
+                    "token": fleetctl::admin::token_view(&info, unix_now()),
+                }))?;
+            } else {
+                println!("{}", join.expose_secret());
+            }
             eprintln!(
                 "join token {} created, valid until unix time {}; it is shown only now: pass it to \
                  the new member's fleet-controller as --join",
                 info.id, info.expires_at
             );
         }
-        Command::Token(TokenCommand::List { hub, json }) => {
-            let (client, _) = client(&hub)?;
+        Command::Token(TokenCommand::List { hub, out }) => {
+            let hub = client(&hub)?;
             let now = unix_now();
-            let tokens: Vec<_> = client
-                .list_tokens()
-                .await
-                .context("listing join tokens (needs the hub's admin credential)")?
+            let tokens: Vec<_> = hub
+                .call("listing join tokens", hub.client.list_tokens())
+                .await?
                 .iter()
                 .map(|t| fleetctl::admin::token_view(t, now))
                 .collect();
-            if json {
+            if out.json() {
                 print_json(&tokens)?;
             } else {
                 fleetctl::admin::render_tokens(&tokens, now, &mut std::io::stdout().lock())?;
             }
         }
-        Command::Token(TokenCommand::Revoke { id, hub }) => {
-            let (client, _) = client(&hub)?;
-            client
-                .revoke_token(&id)
-                .await
-                .with_context(|| format!("revoking join token {id} (see `fleetctl token list`)"))?;
-            println!("join token {id} revoked");
+        Command::Token(TokenCommand::Revoke { id, hub, out }) => {
+            let hub = client(&hub)?;
+            let info = hub
+                .call(
+                    &format!("revoking join token {id}"),
+                    hub.client.revoke_token(&id),
+                )
+                .await?;
+            if out.json() {
+                print_json(&fleetctl::admin::token_view(&info, unix_now()))?;
+            } else {
+                println!("join token {id} revoked");
+            }
         }
-        Command::Clusters { hub, json } => {
-            let (client, _) = client(&hub)?;
-            let view = client
-                .list()
-                .await
-                .context("listing the fleet at the hub")?;
+        Command::Clusters { hub, out } => {
+            let hub = client(&hub)?;
+            let view = hub.call("listing the fleet", hub.client.list()).await?;
             let clusters = fleetctl::admin::cluster_views(&view);
-            if json {
+            if out.json() {
                 print_json(&clusters)?;
             } else {
                 fleetctl::admin::render_clusters(
@@ -292,27 +461,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Command::Cluster(ClusterCommand::Remove { id, hub }) => {
+        Command::Cluster(ClusterCommand::Remove { id, hub, out }) => {
             let cluster =
                 ClusterId::new(&id).map_err(|e| anyhow::anyhow!("cluster id {id:?}: {e}"))?;
-            let (client, _) = client(&hub)?;
-            let removed = client.remove_cluster(&cluster).await.with_context(|| {
-                format!("removing cluster {id} (needs the hub's admin credential)")
-            })?;
-            if removed {
-                println!("cluster {id} removed; its controller clears its gateway and stops");
+            let hub = client(&hub)?;
+            let removed = hub
+                .call(
+                    &format!("removing cluster {id}"),
+                    hub.client.remove_cluster(&cluster),
+                )
+                .await?;
+            if !removed {
+                anyhow::bail!(
+                    "cluster {id} is not a member: `fleetctl clusters` lists the members"
+                );
+            }
+            if out.json() {
+                print_json(&serde_json::json!({ "removed": id }))?;
             } else {
-                anyhow::bail!("cluster {id} is not a member (see `fleetctl clusters`)");
+                println!("cluster {id} removed; its controller clears its gateway and stops");
             }
         }
-        Command::Services { hub, json } => {
-            let (client, _) = client(&hub)?;
-            let view = client
-                .list()
-                .await
-                .context("listing the fleet at the hub")?;
+        Command::Services { hub, out } => {
+            let hub = client(&hub)?;
+            let view = hub.call("listing the fleet", hub.client.list()).await?;
             let services = fleetctl::services::services_view(&view);
-            if json {
+            if out.json() {
                 print_json(&services)?;
             } else {
                 fleetctl::services::render_services(&services, &mut std::io::stdout().lock())?;
@@ -325,10 +499,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             port,
             headless,
             client_ip_affinity,
+            wait,
             hub,
+            out,
         } => {
-            let (client, credential) = client(&hub)?;
-            let cluster = member_cluster(&credential, &hub.credential_file)?;
+            let wait = wait
+                .map(|w| {
+                    fleet_hub_api::model::parse_lifetime(&w).with_context(|| {
+                        format!(
+                            "--wait {w:?}: expected a positive number with s, m or h (e.g. 30s)"
+                        )
+                    })
+                })
+                .transpose()?;
+            let hub_args = hub;
+            let hub = client(&hub_args)?;
+            let cluster = member_cluster(&hub.credential, &hub_args.credential_file)?;
             let record = service_export_record_name(&namespace, &name);
             let args = fleetctl::services::ExportArgs {
                 namespace: namespace.clone(),
@@ -340,10 +526,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             // Checked before any call, then again with the kept creation time.
             fleetctl::services::export_spec(&args, 0)?;
-            let view = client
-                .list()
-                .await
-                .context("listing the fleet at the hub")?;
+            let view = hub.call("listing the fleet", hub.client.list()).await?;
             let created_at_ms = view
                 .records
                 .iter()
@@ -352,41 +535,143 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .map_or_else(unix_ms, |old| old.created_at_ms);
             let spec = fleetctl::services::export_spec(&args, created_at_ms)?;
             let value = serde_json::to_vec(&spec)?;
-            client
-                .publish(&cluster, &record, &value)
-                .await
-                .with_context(|| format!("publishing {record} at the hub"))?;
-            println!(
-                "exported {namespace}/{name} from cluster {cluster}: {name}.{namespace}.svc.clusterset.local \
-                 (its controller publishes the endpoints; see `fleetctl services`)"
-            );
+            hub.call(
+                &format!("publishing {record}"),
+                hub.client.publish(&cluster, &record, &value),
+            )
+            .await?;
+            let dns = format!("{name}.{namespace}.svc.clusterset.local");
+            let endpoints = match wait {
+                Some(limit) => {
+                    Some(wait_for_export(&hub, &cluster, &namespace, &name, &spec, limit).await?)
+                }
+                None => None,
+            };
+            if out.json() {
+                let mut exported = serde_json::json!({
+                    "cluster": cluster.to_string(), "namespace": namespace, "name": name,
+                    "dns_name": dns,
+                });
+                if let Some((all, ready)) = endpoints {
+                    exported["endpoints"] = all.into();
+                    exported["ready_endpoints"] = ready.into();
+                }
+                print_json(&serde_json::json!({ "exported": exported }))?;
+            } else if let Some((all, ready)) = endpoints {
+                println!(
+                    "exported {namespace}/{name} from cluster {cluster}: {dns}; its controller \
+                     published it with {all} endpoints, {ready} ready (see `fleetctl services`)"
+                );
+            } else {
+                println!(
+                    "exported {namespace}/{name} from cluster {cluster}: {dns} (its controller \
+                     publishes the endpoints; see `fleetctl services`)"
+                );
+            }
         }
         Command::Unexport {
             name,
             namespace,
             hub,
+            out,
         } => {
-            let (client, credential) = client(&hub)?;
-            let cluster = member_cluster(&credential, &hub.credential_file)?;
+            let hub_args = hub;
+            let hub = client(&hub_args)?;
+            let cluster = member_cluster(&hub.credential, &hub_args.credential_file)?;
             let record = service_export_record_name(&namespace, &name);
-            let existed = client
-                .unpublish(&cluster, &record)
-                .await
-                .with_context(|| format!("deleting {record} at the hub"))?;
-            if existed {
-                println!("unexported {namespace}/{name} from cluster {cluster}");
-            } else {
+            let existed = hub
+                .call(
+                    &format!("deleting {record}"),
+                    hub.client.unpublish(&cluster, &record),
+                )
+                .await?;
+            if !existed {
                 anyhow::bail!(
                     "cluster {cluster} does not export {namespace}/{name} with fleetctl export \
                      (see `fleetctl services`)"
                 );
             }
+            if out.json() {
+                print_json(&serde_json::json!({
+                    "unexported": { "cluster": cluster.to_string(), "namespace": namespace,
+                                    "name": name },
+                }))?;
+            } else {
+                println!("unexported {namespace}/{name} from cluster {cluster}");
+            }
+        }
+        Command::Doctor {
+            hub,
+            node_socket,
+            cnf_netns,
+            out,
+        } => {
+            let hub = client(&hub)?;
+            let hub_facts = gather::with_progress(
+                &format!("the hub at {} (probing it)", hub.cx.endpoints),
+                PROGRESS_AFTER,
+                PROGRESS_EVERY,
+                &mut std::io::stderr(),
+                gather::hub_facts(&hub.client, hub.ca),
+            )
+            .await;
+            let node = node_socket
+                .or_else(|| {
+                    let default = PathBuf::from(DEFAULT_NODE_SOCKET);
+                    default.exists().then_some(default)
+                })
+                .map(|socket| gather::local_node(&socket))
+                .ok_or_else(|| {
+                    format!("not on a node (no {DEFAULT_NODE_SOCKET}; pass --node-socket)")
+                });
+            let reported = node
+                .as_ref()
+                .ok()
+                .and_then(|n| n.status.as_ref().ok())
+                .map(|s| s.cnf_netns.clone())
+                .filter(|ns| !ns.is_empty());
+            let cnf = cnf_netns.or(reported).or_else(|| {
+                std::path::Path::new("/run/netns/fleet-cnf")
+                    .exists()
+                    .then(|| "fleet-cnf".to_string())
+            });
+            let mtu = match cnf {
+                None => Err("not on a node (no /run/netns/fleet-cnf; pass --cnf-netns)".into()),
+                Some(ns) => match hub.cx.endpoints.split(',').next().and_then(gather::hub_ip) {
+                    Some(ip) => gather::mtu_facts(&ns, ip),
+                    None => Err(format!(
+                        "cannot resolve the hub address {}",
+                        hub.cx.endpoints
+                    )),
+                },
+            };
+            let facts = Facts {
+                now: unix_now(),
+                endpoints: hub.cx.endpoints.clone(),
+                credential_file: hub.cx.credential_file.clone(),
+                credential: match &hub.cx.caller {
+                    Caller::Admin => CredentialKind::Admin,
+                    Caller::Member(c) => CredentialKind::Member(c.clone()),
+                },
+                hub: hub_facts,
+                mtu,
+                node,
+            };
+            let report = doctor::diagnose(&facts);
+            if out.json() {
+                print_json(&report)?;
+            } else {
+                doctor::render_report(&report, &mut std::io::stdout().lock())?;
+            }
+            if report.problems > 0 {
+                return Ok(Outcome::ProblemsFound);
+            }
         }
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
@@ -395,8 +680,74 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let command = Flags::parse().command;
-    tokio::runtime::Builder::new_current_thread()
+    let doctor = matches!(command, Command::Doctor { .. });
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(run(command))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(command)));
+    match result {
+        Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::ProblemsFound) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            // doctor: 1 means "problems found"; it could not run at all.
+            std::process::ExitCode::from(if doctor { 2 } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn output_of(args: &[&str]) -> bool {
+        let hub = ["--hub", "h:7443", "--credential-file", "c"];
+        let flags = Flags::try_parse_from(["fleetctl"].iter().chain(args).chain(&hub)).unwrap();
+        match flags.command {
+            Command::Status { out, .. }
+            | Command::Clusters { out, .. }
+            | Command::Services { out, .. }
+            | Command::Doctor { out, .. }
+            | Command::Token(TokenCommand::List { out, .. }) => out.json(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_printing_command_takes_o_json_and_keeps_the_json_alias() {
+        Flags::command().debug_assert();
+        for cmd in [
+            &["status"][..],
+            &["clusters"],
+            &["services"],
+            &["doctor"],
+            &["token", "list"],
+        ] {
+            let with = |extra: &[&str]| {
+                let args: Vec<&str> = cmd.iter().chain(extra).copied().collect();
+                output_of(&args)
+            };
+            assert!(!with(&[]), "{cmd:?}: table by default");
+            assert!(with(&["-o", "json"]), "{cmd:?}");
+            assert!(with(&["--output", "json"]), "{cmd:?}");
+            assert!(with(&["--json"]), "{cmd:?}");
+            assert!(!with(&["-o", "table"]), "{cmd:?}");
+        }
+        let hub = ["--hub", "h:7443", "--credential-file", "c"];
+        for cmd in [
+            &["token", "create", "-o", "json"][..],
+            &["token", "revoke", "x", "-o", "json"],
+            &["cluster", "remove", "aa", "-o", "json"],
+            &["export", "web", "--selector", "app=web", "-o", "json"],
+            &["unexport", "web", "-o", "json"],
+        ] {
+            let args = ["fleetctl"].iter().chain(cmd).chain(&hub);
+            assert!(Flags::try_parse_from(args).is_ok(), "{cmd:?}");
+        }
+        assert!(
+            Flags::try_parse_from(["fleetctl", "status", "-o", "yaml"].iter().chain(&hub)).is_err()
+        );
+    }
 }

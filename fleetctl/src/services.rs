@@ -277,6 +277,37 @@ fn condition_status(s: ConditionStatus) -> &'static str {
     }
 }
 
+/// What `fleetctl export --wait` waits for: the cluster's controller has published
+/// `export/<namespace>/<name>` for exactly this spec (type, ports, affinity, labels,
+/// annotations and creation time as the spec says). Then the endpoints it found, and how many
+/// are ready.
+pub fn export_converged(
+    view: &FleetView,
+    cluster: &ClusterId,
+    namespace: &str,
+    name: &str,
+    spec: &ServiceExportSpec,
+) -> Option<(usize, usize)> {
+    let record = fleet_hub_api::records::export_record_name(namespace, name);
+    let published = view
+        .records
+        .iter()
+        .find(|r| &r.owner == cluster && r.name == record)
+        .and_then(|r| serde_json::from_slice::<ExportRecord>(&r.value).ok())?;
+    (published.service_type == spec.service_type
+        && published.ports == spec.ports
+        && published.session_affinity == spec.session_affinity
+        && published.labels == spec.labels
+        && published.annotations == spec.annotations
+        && published.created_at_ms == spec.created_at_ms)
+        .then(|| {
+            (
+                published.endpoints.len(),
+                published.endpoints.iter().filter(|e| e.ready).count(),
+            )
+        })
+}
+
 /// Every export with its conditions (KEP-1645 aggregation over the whole listing, the same
 /// every controller computes) and every cluster's imports.
 pub fn services_view(view: &FleetView) -> ServicesView {
@@ -466,6 +497,75 @@ pub fn render_services(s: &ServicesView, out: &mut impl Write) -> std::io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_export_converges_when_its_controller_published_this_spec() {
+        let args = ExportArgs {
+            namespace: "default".into(),
+            name: "web".into(),
+            selector: vec!["app=web".into()],
+            ports: vec!["http:tcp:80".into()],
+            headless: false,
+            client_ip_affinity: None,
+        };
+        let spec = export_spec(&args, 1_000).unwrap();
+        let aa = ClusterId::new("aa").unwrap();
+        let published = |spec: &ServiceExportSpec, ready: &[bool]| {
+            let record = ExportRecord {
+                service_type: spec.service_type,
+                ports: spec.ports.clone(),
+                session_affinity: spec.session_affinity,
+                internal_traffic_policy: InternalTrafficPolicy::Cluster,
+                traffic_distribution: None,
+                labels: spec.labels.clone(),
+                annotations: spec.annotations.clone(),
+                created_at_ms: spec.created_at_ms,
+                endpoints: ready
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| fleet_hub_api::records::EndpointRecord {
+                        ip: Ipv4Addr::new(100, 96, 0, 10 + i as u8),
+                        hostname: None,
+                        ready: *r,
+                        serving: *r,
+                        terminating: false,
+                        node_name: None,
+                    })
+                    .collect(),
+            };
+            FleetView {
+                clusters: vec![],
+                records: vec![fleet_hub_api::model::MemberRecord {
+                    owner: aa.clone(),
+                    name: "export/default/web".into(),
+                    value: serde_json::to_vec(&record).unwrap(),
+                    revision: 3,
+                }],
+                fleet_cidr: "100.96.0.0/12".parse().unwrap(),
+                relays: vec![],
+                revision: 3,
+            }
+        };
+        let empty = FleetView {
+            records: vec![],
+            ..published(&spec, &[])
+        };
+        assert_eq!(export_converged(&empty, &aa, "default", "web", &spec), None);
+        let view = published(&spec, &[true, false]);
+        assert_eq!(
+            export_converged(&view, &aa, "default", "web", &spec),
+            Some((2, 1))
+        );
+        // The controller still shows the previous ports: not converged on the new spec.
+        let mut changed = spec.clone();
+        changed.ports = vec![parse_port("http:tcp:8080").unwrap()];
+        assert_eq!(
+            export_converged(&view, &aa, "default", "web", &changed),
+            None
+        );
+        let bb = ClusterId::new("bb").unwrap();
+        assert_eq!(export_converged(&view, &bb, "default", "web", &spec), None);
+    }
 
     #[test]
     fn ports_parse_with_and_without_names_and_target_ports() {

@@ -22,16 +22,20 @@ use tokio::sync::Mutex;
 
 pub use crate::model::Lease;
 use crate::model::{
-    ClusterId, ClusterRecord, ClusterUpdate, FleetView, JoinRequest, RegistryEvent, Revision,
-    TokenInfo,
+    ClusterId, ClusterRecord, ClusterUpdate, FleetScope, FleetView, JoinRequest, RegistryEvent,
+    Revision, TokenInfo,
 };
 use crate::tls::{CaHash, HUB_SERVER_NAME, pinned_client_config};
 use crate::wire::{
-    ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall, JoinReply,
-    JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListReply, RecordCall, RejoinCall,
-    RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
-    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64, encode_b64,
+    BoardLoginReply, ClusterRemoveCall, Credential, EndpointUpdate, ErrorBody, ErrorCode, JoinCall,
+    JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply, ListCall, ListReply,
+    RecordCall, RejoinCall, RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply,
+    TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall,
+    WATCH_HEARTBEAT, WATCH_IDLE_HEARTBEATS, WatchCall, WatchLine, decode_b64, encode_b64,
 };
+
+mod probe;
+pub use probe::Probe;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum HubError {
@@ -82,10 +86,15 @@ impl HubError {
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     pub call_timeout: Duration,
-    /// A watch that hears nothing (not even a heartbeat) this long reconnects.
+    /// A watch that hears nothing (not even a heartbeat) this long reconnects, to the next
+    /// replica. Default: [`WATCH_IDLE_HEARTBEATS`] × the hub's [`WATCH_HEARTBEAT`] (3 s); raise
+    /// it together with a hub's `--watch-heartbeat`.
     pub watch_idle_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// What [`HubClient::list`] and [`HubClient::watch`] ask for (and so the fleet mirror
+    /// built on this client): [`FleetScope::Member`] for controllers and `fleet-dns`.
+    pub scope: FleetScope,
 }
 
 impl Default for ClientOptions {
@@ -93,9 +102,10 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(20),
-            watch_idle_timeout: Duration::from_secs(20),
+            watch_idle_timeout: WATCH_HEARTBEAT * WATCH_IDLE_HEARTBEATS,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            scope: FleetScope::All,
         }
     }
 }
@@ -287,6 +297,18 @@ impl HubClient {
         .await
     }
 
+    /// The watch found the current replica silent or unable to serve: calls must not wait on
+    /// their kept-alive connections to it either. Drops those not in use (one in use times out
+    /// on its own) and moves on to the next replica.
+    fn abandon_current_replica(&self) {
+        for slot in [&self.inner.connection, &self.inner.lease_connection] {
+            if let Ok(mut slot) = slot.try_lock() {
+                *slot = None;
+            }
+        }
+        self.skip_current_replica();
+    }
+
     /// Moves the next connection attempt to the replica after the current one.
     fn skip_current_replica(&self) {
         let n = self.inner.endpoints.len();
@@ -466,22 +488,11 @@ impl HubClient {
 
     /// Every cluster and record, at one revision (watch from it).
     pub async fn list(&self) -> Result<FleetView, HubError> {
-        let reply: ListReply = self.call("list", "/v1/list", &(), true, true).await?;
-        Ok(FleetView {
-            fleet_cidr: reply.fleet_cidr,
-            relays: reply.relays,
-            clusters: reply.clusters,
-            records: reply
-                .records
-                .into_iter()
-                .map(|r| r.into_record())
-                .collect::<Result<_, _>>()
-                .map_err(|reason| HubError::Protocol {
-                    call: "list",
-                    reason,
-                })?,
-            revision: reply.revision,
-        })
+        let call = ListCall {
+            scope: self.inner.options.scope,
+        };
+        let reply: ListReply = self.call("list", "/v1/list", &call, true, true).await?;
+        fleet_view(reply)
     }
 
     /// Acquires (or renews) this member's cluster lease for `holder` for `ttl`; refused
@@ -595,6 +606,12 @@ impl HubClient {
         Ok(reply.tokens)
     }
 
+    /// A one-time login link to the fleet board (admin): the path to open on this hub.
+    pub async fn board_login(&self) -> Result<BoardLoginReply, HubError> {
+        self.call("board login", "/v1/board/login", &(), true, false)
+            .await
+    }
+
     pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, HubError> {
         let call = TokenRevokeCall { id: id.to_string() };
         self.call("revoke token", "/v1/tokens/revoke", &call, true, true)
@@ -623,6 +640,10 @@ impl HubClient {
                     Ok(s) => s,
                     Err(e) if retryable(&e) => {
                         tracing::debug!(error = %e, after = last, "watch: hub unavailable; retrying");
+                        if matches!(e, HubError::Api { .. } | HubError::Timeout { .. }) {
+                            // That replica answered (or hung) but cannot serve: try the next.
+                            client.abandon_current_replica();
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(options.backoff_max);
                         continue;
@@ -632,7 +653,12 @@ impl HubClient {
                 backoff = options.backoff_min;
                 loop {
                     let line = match tokio::time::timeout(options.watch_idle_timeout, stream.next_line()).await {
-                        Err(_) => { tracing::debug!("watch: hub silent; reconnecting"); break; }
+                        Err(_) => {
+                            // No heartbeat: the replica's host is gone or it cannot serve.
+                            tracing::debug!("watch: hub silent; reconnecting to the next replica");
+                            client.abandon_current_replica();
+                            break;
+                        }
                         Ok(Err(e)) => { tracing::debug!(error = %e, "watch: stream broke; reconnecting"); break; }
                         Ok(Ok(None)) => { tracing::debug!("watch: hub ended the stream; reconnecting"); break; }
                         Ok(Ok(Some(line))) => line,
@@ -641,7 +667,12 @@ impl HubClient {
                         WatchLine::Heartbeat => continue,
                         WatchLine::Error(body) => {
                             let e = api_error("watch", body, last);
-                            if retryable(&e) { break; }
+                            if retryable(&e) {
+                                // The replica said it cannot serve (its store went quiet).
+                                tracing::debug!(error = %e, "watch: ended by the hub; reconnecting to the next replica");
+                                client.abandon_current_replica();
+                                break;
+                            }
                             yield Err(e);
                             return;
                         }
@@ -675,7 +706,11 @@ impl HubClient {
 
     async fn open_watch(&self, after: Revision) -> Result<LineReader, HubError> {
         let mut sender = self.connect().await?;
-        let body = serde_json::to_vec(&WatchCall { after }).expect("serialises");
+        let body = serde_json::to_vec(&WatchCall {
+            after,
+            scope: self.inner.options.scope,
+        })
+        .expect("serialises");
         let request = self.request("/v1/watch", body, true)?;
         let timeout = self.inner.options.call_timeout;
         let response = tokio::time::timeout(timeout, sender.send_request(request))
@@ -735,6 +770,25 @@ fn api_error(call: &'static str, body: ErrorBody, after: Revision) -> HubError {
         code: body.code,
         message: body.message,
     }
+}
+
+/// The fleet a `list` reply carries.
+fn fleet_view(reply: ListReply) -> Result<FleetView, HubError> {
+    Ok(FleetView {
+        fleet_cidr: reply.fleet_cidr,
+        relays: reply.relays,
+        clusters: reply.clusters,
+        records: reply
+            .records
+            .into_iter()
+            .map(|r| r.into_record())
+            .collect::<Result<_, _>>()
+            .map_err(|reason| HubError::Protocol {
+                call: "list",
+                reason,
+            })?,
+        revision: reply.revision,
+    })
 }
 
 fn decode_reply<R: DeserializeOwned>(

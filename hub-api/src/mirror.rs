@@ -362,6 +362,7 @@ mod tests {
             public_key: PublicKey::from_bytes([key; 32]),
             endpoint: None,
             gateway: GatewayState::Up,
+            controller_live: true,
             joined_at: 1,
             token_id: "t".into(),
         }

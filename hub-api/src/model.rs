@@ -109,10 +109,20 @@ pub struct ClusterRecord {
     /// Set when the cluster's gateway is publicly reachable (direct tunnels to it).
     pub endpoint: Option<SocketAddr>,
     pub gateway: GatewayState,
+    /// The cluster's controller lease is held: granted, and renewed within its TTL as the hub
+    /// observed it. Written by the hub only when it changes (a grant after a lapse; the
+    /// lease sweep), so members follow every cluster's liveness from this record without
+    /// receiving any renewal or heartbeat. `true` in records of hubs that predate it.
+    #[serde(default = "held")]
+    pub controller_live: bool,
     /// Unix seconds of the first join.
     pub joined_at: u64,
     /// The join token it joined with (its id only).
     pub token_id: String,
+}
+
+fn held() -> bool {
+    true
 }
 
 /// What a cluster sends to join (or re-join).
@@ -182,6 +192,40 @@ pub struct FleetView {
     /// The hub's relays (one per replica that runs one).
     pub relays: Vec<RelayRecord>,
     pub revision: Revision,
+}
+
+/// Which part of the fleet a listing or a watch carries (`/v1/list` and `/v1/watch`,
+/// field `scope`; `all` when absent, as before the field existed).
+///
+/// Scale: with `all`, every watcher receives every member's `gateway` record, republished by
+/// every member every status interval, so N members cost O(N²) events per interval (1,000
+/// members at the default 5 s: 200,000 events/s). A member needs only the fleet's shape, the
+/// other clusters' service exports and its own records; the relay needs only the shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetScope {
+    /// Everything: clusters, relays, every record (operators' tools, the fleet board).
+    #[default]
+    All,
+    /// Clusters, relays, every cluster's `export/*` records and every record of the caller's
+    /// own cluster (controllers, `fleet-dns`). Needs a member credential.
+    Member,
+    /// Clusters and relays, no records (the relay).
+    Clusters,
+}
+
+impl FleetScope {
+    /// Whether record `name` of `owner` is in this scope for a caller of cluster `own`.
+    pub fn includes_record(self, own: Option<&ClusterId>, owner: &str, name: &str) -> bool {
+        match self {
+            FleetScope::All => true,
+            FleetScope::Clusters => false,
+            FleetScope::Member => {
+                own.is_some_and(|o| o.as_str() == owner)
+                    || name.starts_with(crate::records::EXPORT_RECORD_PREFIX)
+            }
+        }
+    }
 }
 
 /// One change to the fleet as a member sees it (tokens and internals are not shown).

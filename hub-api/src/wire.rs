@@ -31,13 +31,22 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    ClusterId, ClusterRecord, GatewayState, JoinToken, MemberRecord, ModelError, PublicKey,
-    RegistryEvent, RelayRecord, Revision, TokenInfo,
+    ClusterId, ClusterRecord, FleetScope, GatewayState, JoinToken, MemberRecord, ModelError,
+    PublicKey, RegistryEvent, RelayRecord, Revision, TokenInfo,
 };
 pub use crate::tls::CaHash;
 
 /// Largest request body the hub reads (a record value is at most a little less).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// How often a hub sends a heartbeat line on a watch with nothing else to say. Heartbeats are
+/// sent only while the replica's store answers, so a silent watch means "this replica cannot
+/// serve" (its host gone, or its store cut) as well as "connection dead".
+pub const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A client gives up on a watch that heard nothing for this many heartbeat intervals (one
+/// late heartbeat is tolerated, two are not).
+pub const WATCH_IDLE_HEARTBEATS: u32 = 3;
 
 /// A credential presented as a bearer token. Its `Debug` never shows the secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -349,6 +358,16 @@ pub struct ClusterRemoveCall {
 pub struct WatchCall {
     /// Changes with a revision above this one.
     pub after: Revision,
+    /// Which changes (absent: all).
+    #[serde(default)]
+    pub scope: FleetScope,
+}
+
+/// The body of `/v1/list` (absent or `null`: the whole fleet).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListCall {
+    #[serde(default)]
+    pub scope: FleetScope,
 }
 
 /// One line of a watch stream.
@@ -449,6 +468,16 @@ pub struct TokenListReply {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenRevokeCall {
     pub id: String,
+}
+
+/// `board/login` (admin): a one-time link to the fleet board. The path carries a random
+/// token, never the admin credential; opening it within `expires_in_secs` swaps it for a
+/// browser session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BoardLoginReply {
+    /// `/board/login?token=…`, to append to `https://<hub address>`.
+    pub path: String,
+    pub expires_in_secs: u64,
 }
 
 /// Record values travel in base64.

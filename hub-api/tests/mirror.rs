@@ -39,6 +39,7 @@ fn cluster(id: &str) -> ClusterRecord {
         public_key: PublicKey::from_bytes([id.len() as u8; 32]),
         endpoint: None,
         gateway: GatewayState::Up,
+        controller_live: true,
         joined_at: 1,
         token_id: "t".into(),
     }

@@ -12,6 +12,8 @@ use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
 
 /// Where the hub's state lives.
 #[derive(Debug, Clone)]
+// Built once per process: the size of the etcd settings does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum StoreLocation {
     /// The embedded store in this data dir (only one process may open it).
     Embedded(std::path::PathBuf),

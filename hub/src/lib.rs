@@ -6,10 +6,13 @@
 //! - [`registry`]: the fleet model on top of it (joins, block allocation, tokens, ownership);
 //! - [`api`]: the TLS API members and operators call (and `fleet-hub serve`);
 //! - [`relay`]: the WireGuard relay that forwards member-to-member traffic;
+//! - [`board`]: the fleet board, the read-only live page `serve` shows the admin;
 //! - [`admin`]: the operator commands of the `fleet-hub` binary.
 
 pub mod admin;
 pub mod api;
+pub mod board;
+pub mod limits;
 pub mod registry;
 pub mod relay;
 pub mod store;

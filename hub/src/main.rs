@@ -74,6 +74,9 @@ enum Command {
     /// Manage one member cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Print a one-time login link to the fleet board of the serving hub at --hub (minted with
+    /// the admin credential of --data-dir; open it within 60 s, once).
+    BoardUrl,
     /// Run the relay on its own, following the hub at --hub with the admin credential and CA
     /// of --data-dir (what `serve --relay-listen` starts; it outlives a killed API process).
     Relay {
@@ -100,6 +103,13 @@ enum Command {
         /// unset.
         #[arg(long, value_name = "IP:PORT")]
         metrics_address: Option<std::net::SocketAddr>,
+        /// How often a watch with nothing to say gets a heartbeat (members give up on a watch
+        /// after 3 missed ones: keep their `watch_idle_timeout` in step): <n>ms or <n>s.
+        #[arg(long, default_value = "1s", value_parser = fleet_hub::relay::parse_interval)]
+        watch_heartbeat: std::time::Duration,
+        /// End every watch (members fail over) once the store has not answered for this long.
+        #[arg(long, default_value = "5s", value_parser = fleet_hub::relay::parse_interval)]
+        store_quiet_after: std::time::Duration,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -212,13 +222,31 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         fleet_hub::relay::process::run_until_signal(client, options, &flags.data_dir).await?;
         return Ok(());
     }
+    if let Command::BoardUrl = &flags.command {
+        let hub = flags
+            .hub
+            .as_deref()
+            .context("`board-url` asks a serving hub: give --hub HOST:PORT")?;
+        let client = admin::admin_client(hub, &flags.data_dir)?;
+        let login = client.board_login().await?;
+        println!("https://{hub}{}", login.path);
+        eprintln!(
+            "open it within {} s; it works once and gives that browser a session of 8 h \
+             (the hub's certificate is signed by the CA in {}/ca.pem)",
+            login.expires_in_secs,
+            flags.data_dir.display()
+        );
+        return Ok(());
+    }
     if let Some(hub) = &flags.hub
         && !matches!(flags.command, Command::Serve { .. })
     {
         let client = admin::admin_client(hub, &flags.data_dir)?;
         let mut out = std::io::stdout().lock();
         match &flags.command {
-            Command::Serve { .. } | Command::Relay { .. } => unreachable!("handled above"),
+            Command::Serve { .. } | Command::Relay { .. } | Command::BoardUrl => {
+                unreachable!("handled above")
+            }
             Command::Token(TokenCommand::Create { ttl, description }) => {
                 let ttl = admin::parse_duration(ttl)?;
                 admin::api_token_create(&client, ttl, description, &mut out, &mut std::io::stderr())
@@ -245,9 +273,15 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         member_max_records,
         member_max_bytes,
         metrics_address,
+        watch_heartbeat,
+        store_quiet_after,
         relay,
     } = &flags.command
     {
+        match fleet_hub::limits::raise_nofile_limit() {
+            Ok(limit) => tracing::info!(limit, "open-file limit (soft) raised to the hard limit"),
+            Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
+        }
         let registry = registry.with_quotas(fleet_hub::registry::Quotas {
             max_records: *member_max_records,
             max_bytes: *member_max_bytes,
@@ -255,6 +289,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         let mut options = ServerOptions::new(*listen, flags.data_dir.clone());
         options.relay_sweep_interval = Some(*relay_sweep_interval);
         options.metrics_address = *metrics_address;
+        options.heartbeat = *watch_heartbeat;
+        options.store_quiet_after = *store_quiet_after;
         // Replicas on etcd share one CA (members pin it) and admin credential.
         options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;
@@ -262,7 +298,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     match flags.command {
-        Command::Serve { .. } | Command::Relay { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Relay { .. } | Command::BoardUrl => {
+            unreachable!("handled above")
+        }
         Command::Token(TokenCommand::Create { ttl, description }) => {
             let ttl = admin::parse_duration(&ttl)?;
             admin::token_create(

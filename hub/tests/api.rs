@@ -17,7 +17,8 @@ use fleet_hub::registry::{
     Quotas, Registry, RegistryEvent, RelayRecord,
 };
 use fleet_hub::store::{EmbeddedStore, Store};
-use fleet_hub_api::client::{HubClient, HubError};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError};
+use fleet_hub_api::model::FleetScope;
 use futures::{Stream, StreamExt};
 
 /// An in-process hub on an embedded store with a clock the test moves.
@@ -1188,4 +1189,182 @@ async fn a_restarted_lone_hub_does_not_sweep_its_live_relay() {
     assert!(renewed >= 3, "renewals resumed ({renewed})");
     assert_eq!(admin.list().await.unwrap().relays.len(), 1);
     relay.abort();
+}
+
+fn scoped(hub: &Hub, ca: CaHash, scope: FleetScope) -> HubClient {
+    HubClient::new(
+        [hub.endpoint()],
+        ca,
+        ClientOptions {
+            scope,
+            ..quick_options()
+        },
+    )
+    .unwrap()
+}
+
+/// Issue 12, item 13: members watch only what they need. A member's scope carries the fleet's
+/// shape, every cluster's `export/*` records and its own records — not the others' `gateway`
+/// statistics (republished by every member every status interval: O(N²) events per interval
+/// with N members), node plans, imports or export specs. Listing and watch agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_watch_carries_the_fleet_shape_exports_and_its_own_records_only() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    let (join, _) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = scoped(&hub, join.ca_hash, FleetScope::Member);
+    let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    for name in [
+        "gateway",
+        "node/bb-1",
+        "import/default/web",
+        "serviceexport/default/web",
+        "export/default/web",
+    ] {
+        bb.publish(&id("bb"), name, b"v").await.unwrap();
+    }
+    aa.publish(&id("aa"), "gateway", b"v").await.unwrap();
+    aa.publish(&id("aa"), "import/default/web", b"v")
+        .await
+        .unwrap();
+
+    let names = |view: &fleet_hub_api::model::FleetView| {
+        let mut n: Vec<String> = view
+            .records
+            .iter()
+            .map(|r| format!("{}/{}", r.owner, r.name))
+            .collect();
+        n.sort();
+        n
+    };
+    let view = aa.list().await.unwrap();
+    assert_eq!(
+        names(&view),
+        [
+            "aa/gateway",
+            "aa/import/default/web",
+            "bb/export/default/web"
+        ]
+    );
+    assert_eq!(view.clusters.len(), 2, "the fleet's shape is all there");
+    assert_eq!(
+        names(&bb.list().await.unwrap()).len(),
+        7,
+        "scope all: everything"
+    );
+    let clusters_only = scoped(&hub, join.ca_hash, FleetScope::Clusters)
+        .with_credential(admin.credential().unwrap());
+    let view = clusters_only.list().await.unwrap();
+    assert!(
+        view.records.is_empty() && view.clusters.len() == 2,
+        "{view:?}"
+    );
+    // The member scope needs a member: an admin asking for it is told so.
+    let admin_as_member =
+        scoped(&hub, join.ca_hash, FleetScope::Member).with_credential(admin.credential().unwrap());
+    assert_eq!(
+        code(admin_as_member.list().await),
+        ErrorCode::InvalidArgument
+    );
+
+    let mut watch = Box::pin(aa.watch(aa.list().await.unwrap().revision));
+    for round in 0..3 {
+        bb.publish(&id("bb"), "gateway", format!("beat {round}").as_bytes())
+            .await
+            .unwrap();
+        bb.publish(&id("bb"), "node/bb-2", b"v").await.unwrap();
+    }
+    bb.publish(&id("bb"), "export/default/db", b"v")
+        .await
+        .unwrap();
+    aa.publish(&id("aa"), "gateway", b"beat").await.unwrap();
+    bb.unpublish(&id("bb"), "import/default/web").await.unwrap();
+    bb.unpublish(&id("bb"), "export/default/web").await.unwrap();
+    assert_eq!(
+        put_name(&next_event(&mut watch).await),
+        "bb/export/default/db"
+    );
+    assert_eq!(put_name(&next_event(&mut watch).await), "aa/gateway");
+    match next_event(&mut watch).await {
+        RegistryEvent::RecordDeleted { owner, name, .. } => {
+            assert_eq!(format!("{owner}/{name}"), "bb/export/default/web")
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_no_event(&mut watch, Duration::from_millis(300)).await;
+}
+
+/// Issue 12, item 13: liveness travels on change only. A cluster is live while its controller
+/// lease is held; renewals write the lease alone (no event reaches any member), the hub's
+/// sweep marks the cluster not live once the lease has gone unrenewed for its TTL (one
+/// event), and the next grant marks it live again (one event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_controller_lease_is_one_event_and_renewals_are_none() {
+    let hub = Hub::start(FleetLayout::default()).await;
+    let admin = hub.admin();
+    let (join, _) = admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap();
+    let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
+    let bb = scoped(&hub, join.ca_hash, FleetScope::Member);
+    aa.join(&join, request("aa", 1)).await.unwrap();
+    bb.join(&join, request("bb", 2)).await.unwrap();
+    let live = |view: &fleet_hub_api::model::FleetView| {
+        view.clusters
+            .iter()
+            .find(|c| c.id == id("aa"))
+            .unwrap()
+            .controller_live
+    };
+    let view = bb.list().await.unwrap();
+    assert!(!live(&view), "joined, no controller yet: not live");
+    let mut watch = Box::pin(bb.watch(view.revision));
+    let ttl = Duration::from_secs(3);
+
+    assert!(aa.acquire_lease("aa-ctl", ttl).await.unwrap().granted);
+    match next_event(&mut watch).await {
+        RegistryEvent::ClusterUpserted { record, .. } => {
+            assert!(record.controller_live && record.id == id("aa"))
+        }
+        e => panic!("{e:?}"),
+    }
+    // Renewals every TTL/3 for 6 s (manual clock; the sweeper runs every second): no event.
+    for _ in 0..6 {
+        hub.clock.advance(Duration::from_secs(1));
+        assert!(aa.acquire_lease("aa-ctl", ttl).await.unwrap().granted);
+        assert_no_event(&mut watch, Duration::from_millis(1_100)).await;
+    }
+    // The controller stops: after its TTL, one event says aa is not live.
+    let mut lapsed_at = None;
+    for second in 1..=6 {
+        hub.clock.advance(Duration::from_secs(1));
+        if let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(1_500), watch.next()).await
+        {
+            match event.unwrap() {
+                RegistryEvent::ClusterUpserted { record, .. } => {
+                    assert!(!record.controller_live && record.id == id("aa"));
+                    assert!(lapsed_at.is_none(), "one event");
+                    lapsed_at = Some(second);
+                }
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+    println!("LEASE LIVENESS lapsed lease marked at {lapsed_at:?} s of the hub clock (TTL 3 s)");
+    assert!(matches!(lapsed_at, Some(3..=4)), "{lapsed_at:?}");
+    assert!(!live(&bb.list().await.unwrap()));
+    // A standby (or the restarted controller) takes the lease: live again.
+    assert!(aa.acquire_lease("aa-ctl-2", ttl).await.unwrap().granted);
+    match next_event(&mut watch).await {
+        RegistryEvent::ClusterUpserted { record, .. } => assert!(record.controller_live),
+        e => panic!("{e:?}"),
+    }
+    assert_no_event(&mut watch, Duration::from_millis(300)).await;
 }

@@ -163,6 +163,7 @@ fn options() -> ClientOptions {
         watch_idle_timeout: Duration::from_secs(5),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        ..ClientOptions::default()
     }
 }
 

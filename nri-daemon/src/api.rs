@@ -1,5 +1,8 @@
 //! The node API server: one JSON request line in, one JSON reply line out, per connection.
-//! The protocol is `fleet_proto::node`; `docs/node-api.md` documents it.
+//! The protocol is `fleet_proto::node`; `docs/node-api.md` documents it. One implementation,
+//! two listeners: the root-only unix socket (fleet-cni, a controller on this node) and,
+//! with `--node-api-listen`, TCP with mutual TLS (`fleet_core::node_tls`) for a controller on
+//! another node.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fleet_proto::node::{NodeError, NodeRequest, code};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::metrics::{OpLabels, RequestLabels, ok_or_error};
 use crate::node::{Node, reply_line};
@@ -56,8 +59,52 @@ pub async fn serve(
     }
 }
 
-async fn handle(stream: UnixStream, node: &Node) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
+/// Serves the node API on `listener` to clients that complete the mutual-TLS handshake
+/// (`tls`: `fleet_core::node_tls::server_config`); a client without a certificate the node-API
+/// CA signed for `clientAuth` never gets to send a request.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    node: Arc<Node>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let node = node.clone();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        let stream = match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "node API: TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "node API: no TLS handshake within the read timeout");
+                                return;
+                            }
+                        };
+                        if let Err(e) = handle(stream, &node).await {
+                            tracing::debug!(%peer, error = %e, "node API connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "node API (TCP) accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, node: &Node) -> std::io::Result<()> {
+    let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;

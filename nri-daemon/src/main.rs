@@ -37,6 +37,14 @@ struct Flags {
     /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9641); off if unset.
     #[arg(long, value_name = "IP:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Also serve the node API on TCP at IP:PORT with mutual TLS (for a cluster controller on
+    /// another node); needs --node-api-tls. Off if unset.
+    #[arg(long, value_name = "IP:PORT", requires = "node_api_tls")]
+    node_api_listen: Option<std::net::SocketAddr>,
+    /// Directory with ca.crt (the node-API CA), tls.crt and tls.key (this daemon's serverAuth
+    /// certificate for fleet-nri.fleetboard.internal), e.g. a mounted Secret.
+    #[arg(long, value_name = "DIR", requires = "node_api_listen")]
+    node_api_tls: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,14 +67,28 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(cfg, !flags.no_nri, flags.metrics_address))
+        .block_on(run(
+            cfg,
+            !flags.no_nri,
+            flags.metrics_address,
+            flags.node_api_listen.zip(flags.node_api_tls),
+        ))
 }
 
 async fn run(
     cfg: DaemonConfig,
     with_nri: bool,
     metrics_address: Option<std::net::SocketAddr>,
+    node_api_tcp: Option<(std::net::SocketAddr, PathBuf)>,
 ) -> anyhow::Result<()> {
+    // A bad TLS directory fails before anything is touched.
+    let tls = match &node_api_tcp {
+        Some((_, dir)) => Some(
+            fleet_core::node_tls::server_config(dir)
+                .context("cannot load the node API's TLS files (--node-api-tls)")?,
+        ),
+        None => None,
+    };
     let status = nri::NriStatus::new();
     let node = Arc::new(Node::new(
         cfg.local.clone(),
@@ -95,6 +117,21 @@ async fn run(
     tracing::info!(socket = %cfg.socket.display(), node_subnet = %node_subnet, plan_set = !node_subnet.is_empty(), peers = node.peers().len(), allocated = node.list().len(), "fleet-nri serving");
 
     let api_task = tokio::spawn(api::serve(listener, node.clone(), stop_rx.clone()));
+    let tcp_task = match (node_api_tcp, tls) {
+        (Some((addr, _)), Some(tls)) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--node-api-listen)"))?;
+            tracing::info!(address = %tcp.local_addr()?, "node API also on TCP, mutual TLS");
+            Some(tokio::spawn(api::serve_tls(
+                tcp,
+                tls,
+                node.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     // Pods that vanished without a CNI DEL or an NRI event: reclaimed within the interval.
     let reclaim_task = tokio::spawn(node.clone().reclaim_periodically(
         std::time::Duration::from_secs(cfg.reclaim_interval_secs),
@@ -123,6 +160,9 @@ async fn run(
     tracing::info!("stopping; pods keep their links and addresses");
     let _ = stop_tx.send(true);
     let _ = api_task.await;
+    if let Some(t) = tcp_task {
+        let _ = t.await;
+    }
     let _ = reclaim_task.await;
     if let Some(t) = nri_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;

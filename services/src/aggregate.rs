@@ -886,6 +886,7 @@ mod tests {
                     public_key: PublicKey::from_bytes([i as u8 + 1; 32]),
                     endpoint: None,
                     gateway: GatewayState::Up,
+                    controller_live: true,
                     joined_at: 1,
                     token_id: "t".into(),
                 },

@@ -2,31 +2,31 @@
 //! they are. Pure: the caller feeds what it sees of each cluster and the time, measured on its
 //! own monotonic clock (never another host's clock).
 //!
-//! A cluster is **alive now** when it is a member, the hub does not say its gateway is down,
-//! and its heartbeat (the revision of its `gateway` record, republished every status interval
-//! while its gateway device exists) changed within `timeout`. It **leaves at once** when it
-//! stops being alive (no damping on the way out: traffic must not go to a dead cluster).
-//! It **returns** when it has been alive again for a hold-down that grows with its flapping:
-//! nothing after a single outage, `hold_down` × 2^(n-2) after the n-th death within
-//! `flap_window` (n ≥ 2), capped at `max_hold_down`. So one outage heals at once, and a
-//! flapping cluster stops churning every node's VIP table.
+//! A cluster is **alive now** when it is a member, the hub says its controller lease is held
+//! ([`ClusterRecord::controller_live`](fleet_hub_api::model::ClusterRecord), written by the
+//! hub only when it changes: a lease that lapsed for its TTL, a grant after that) and does not
+//! say its gateway is down (the controller reports that when it can no longer read its gateway
+//! device). Both signals travel only on change, so following N clusters costs nothing per
+//! interval — a heartbeat record per cluster fanned out to every member cost O(N²) events per
+//! interval (issue 12, item 13). It **leaves at once** when it stops being alive (no damping
+//! on the way out: traffic must not go to a dead cluster). It **returns** when it has been
+//! alive again for a hold-down that grows with its flapping: nothing after a single outage,
+//! `hold_down` × 2^(n-2) after the n-th death within `flap_window` (n ≥ 2), capped at
+//! `max_hold_down`. So one outage heals at once, and a flapping cluster stops churning every
+//! node's VIP table.
 //!
-//! A cluster seen for the first time with a heartbeat is live at once (a restarted
-//! controller must not withdraw the whole fleet); one without a heartbeat yet is not.
-//! The own cluster is always live (its endpoints need no tunnel).
+//! A cluster seen for the first time alive is live at once (a restarted controller must not
+//! withdraw the whole fleet). The own cluster is always live (its endpoints need no tunnel).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use fleet_hub_api::mirror::Fleet;
 use fleet_hub_api::model::{ClusterId, GatewayState};
-use fleet_hub_api::records::GATEWAY_RECORD;
 
-/// The liveness rule's parameters.
+/// The liveness rule's damping parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LivenessConfig {
-    /// A heartbeat older than this is a dead cluster. Give it ≥ 2 heartbeat intervals.
-    pub timeout: Duration,
     /// The hold-down after the second death within `flap_window`; doubles after each further one.
     pub hold_down: Duration,
     pub max_hold_down: Duration,
@@ -34,17 +34,18 @@ pub struct LivenessConfig {
     pub flap_window: Duration,
 }
 
-impl LivenessConfig {
-    /// The rule for heartbeats every `interval`: dead after three missed ones (at least 1 s).
-    pub fn for_heartbeat_interval(interval: Duration) -> Self {
+impl Default for LivenessConfig {
+    /// 2 s doubling to at most 2 min, deaths counted over 5 min.
+    fn default() -> Self {
         LivenessConfig {
-            timeout: (interval * 3).max(Duration::from_secs(1)),
             hold_down: Duration::from_secs(2),
             max_hold_down: Duration::from_secs(120),
             flap_window: Duration::from_secs(300),
         }
     }
+}
 
+impl LivenessConfig {
     /// The hold-down after `deaths` deaths within the window.
     pub fn hold_for(&self, deaths: usize) -> Duration {
         if deaths <= 1 {
@@ -60,16 +61,20 @@ impl LivenessConfig {
 /// What the caller sees of one cluster now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observation {
-    /// The heartbeat's current mark (the `gateway` record's revision); `None` without one.
-    pub heartbeat: Option<u64>,
+    /// The hub says the cluster's controller lease is held.
+    pub controller_live: bool,
     /// The hub says the cluster's gateway is down.
     pub gateway_down: bool,
 }
 
+impl Observation {
+    fn alive(&self) -> bool {
+        self.controller_live && !self.gateway_down
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Tracked {
-    mark: Option<u64>,
-    beat_at: Instant,
     live: bool,
     /// Alive again since (while not yet live).
     alive_since: Option<Instant>,
@@ -104,20 +109,15 @@ impl Liveness {
         &self.config
     }
 
-    /// Feeds the fleet as mirrored now: every member's heartbeat and gateway state. Members
-    /// no longer listed are forgotten (they are not live). Returns what changed.
+    /// Feeds the fleet as mirrored now: every member's lease and gateway state. Members no
+    /// longer listed are forgotten (they are not live). Returns what changed.
     pub fn observe_fleet(&mut self, fleet: &Fleet, now: Instant) -> Vec<Transition> {
         let seen: BTreeMap<ClusterId, Observation> = fleet
             .clusters
             .values()
             .map(|c| {
-                let heartbeat = fleet
-                    .records
-                    .get(&c.id)
-                    .and_then(|r| r.get(GATEWAY_RECORD))
-                    .map(|r| r.revision);
                 let observation = Observation {
-                    heartbeat,
+                    controller_live: c.controller_live,
                     gateway_down: c.gateway == GatewayState::Down,
                 };
                 (c.id.clone(), observation)
@@ -152,19 +152,11 @@ impl Liveness {
                 .clusters
                 .entry(cluster.clone())
                 .or_insert_with(|| Tracked {
-                    mark: o.heartbeat,
-                    beat_at: now,
-                    live: o.heartbeat.is_some() && !o.gateway_down,
+                    live: o.alive(),
                     alive_since: None,
                     deaths: VecDeque::new(),
                 });
-            if o.heartbeat != t.mark {
-                t.mark = o.heartbeat;
-                t.beat_at = now;
-            }
-            let alive = o.heartbeat.is_some()
-                && !o.gateway_down
-                && now.saturating_duration_since(t.beat_at) < self.config.timeout;
+            let alive = o.alive();
             while t
                 .deaths
                 .front()
@@ -206,17 +198,14 @@ impl Liveness {
     }
 
     /// The next instant at which a cluster's liveness can change with no new input (a
-    /// heartbeat timing out, a hold-down ending): observe again then.
+    /// hold-down ending): observe again then.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.clusters
             .values()
+            .filter(|t| !t.live)
             .filter_map(|t| {
-                if t.live {
-                    t.mark.map(|_| t.beat_at + self.config.timeout)
-                } else {
-                    t.alive_since
-                        .map(|s| s + self.config.hold_for(t.deaths.len()))
-                }
+                t.alive_since
+                    .map(|s| s + self.config.hold_for(t.deaths.len()))
             })
             .min()
     }
@@ -232,46 +221,47 @@ mod tests {
 
     fn config() -> LivenessConfig {
         LivenessConfig {
-            timeout: Duration::from_secs(3),
             hold_down: Duration::from_secs(2),
             max_hold_down: Duration::from_secs(16),
             flap_window: Duration::from_secs(60),
         }
     }
 
-    fn beat(mark: u64) -> BTreeMap<ClusterId, Observation> {
+    fn bb(controller_live: bool, gateway_down: bool) -> BTreeMap<ClusterId, Observation> {
         BTreeMap::from([(
             id("bb"),
             Observation {
-                heartbeat: Some(mark),
-                gateway_down: false,
+                controller_live,
+                gateway_down,
             },
         )])
     }
 
     #[test]
-    fn a_silent_cluster_is_withdrawn_after_the_timeout_and_returns_at_once() {
+    fn a_lapsed_lease_withdraws_at_once_and_a_single_outage_returns_at_once() {
         let t0 = Instant::now();
         let mut l = Liveness::new(id("aa"), config());
-        assert!(l.observe(&beat(1), t0).is_empty());
+        assert!(l.observe(&bb(true, false), t0).is_empty());
         assert_eq!(l.live(), BTreeSet::from([id("aa"), id("bb")]));
-        assert_eq!(l.next_deadline(), Some(t0 + Duration::from_secs(3)));
-        // Heartbeats keep it live.
-        l.observe(&beat(2), t0 + Duration::from_secs(2));
+        // Nothing times out by itself: only the hub's word changes liveness.
+        assert_eq!(l.next_deadline(), None);
         assert!(
-            l.observe(&beat(2), t0 + Duration::from_millis(4900))
+            l.observe(&bb(true, false), t0 + Duration::from_secs(3600))
                 .is_empty()
         );
-        // Silent for the timeout: withdrawn.
         assert_eq!(
-            l.observe(&beat(2), t0 + Duration::from_secs(5)),
+            l.observe(&bb(false, false), t0 + Duration::from_secs(3601)),
             vec![Transition::Withdrawn(id("bb"))]
         );
         assert_eq!(l.live(), BTreeSet::from([id("aa")]));
-        // The first outage has no hold-down: the next heartbeat brings it back.
         assert_eq!(
-            l.observe(&beat(3), t0 + Duration::from_secs(9)),
+            l.observe(&bb(true, false), t0 + Duration::from_secs(3605)),
             vec![Transition::Returned(id("bb"))]
+        );
+        // A gateway reported down withdraws as well.
+        assert_eq!(
+            l.observe(&bb(true, true), t0 + Duration::from_secs(3606)),
+            vec![Transition::Withdrawn(id("bb"))]
         );
     }
 
@@ -281,25 +271,17 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(id("aa"), cfg);
         let mut now = t0;
-        let mut mark = 0;
-        let mut beat_now = |l: &mut Liveness, now: Instant, down: bool| {
-            mark += 1;
-            let o = Observation {
-                heartbeat: Some(mark),
-                gateway_down: down,
-            };
-            l.observe(&BTreeMap::from([(id("bb"), o)]), now)
-        };
-        beat_now(&mut l, now, false);
+        let see = |l: &mut Liveness, now: Instant, down: bool| l.observe(&bb(true, down), now);
+        see(&mut l, now, false);
         for (death, hold) in [(1, 0), (2, 2), (3, 4), (4, 8), (5, 16), (6, 16)] {
             now += Duration::from_millis(100);
             assert_eq!(
-                beat_now(&mut l, now, true),
+                see(&mut l, now, true),
                 vec![Transition::Withdrawn(id("bb"))],
                 "death {death}"
             );
             now += Duration::from_millis(100);
-            let back = beat_now(&mut l, now, false);
+            let back = see(&mut l, now, false);
             if hold == 0 {
                 assert_eq!(back, vec![Transition::Returned(id("bb"))]);
                 continue;
@@ -311,19 +293,19 @@ mod tests {
                 "death {death}"
             );
             now += Duration::from_secs(hold) - Duration::from_millis(1);
-            assert!(beat_now(&mut l, now, false).is_empty());
+            assert!(see(&mut l, now, false).is_empty());
             now += Duration::from_millis(1);
             assert_eq!(
-                beat_now(&mut l, now, false),
+                see(&mut l, now, false),
                 vec![Transition::Returned(id("bb"))]
             );
         }
         // After a quiet window the history is forgotten.
         now += cfg.flap_window + Duration::from_secs(1);
-        beat_now(&mut l, now, false);
-        beat_now(&mut l, now, true);
+        see(&mut l, now, false);
+        see(&mut l, now, true);
         assert_eq!(
-            beat_now(&mut l, now + Duration::from_millis(1), false),
+            see(&mut l, now + Duration::from_millis(1), false),
             vec![Transition::Returned(id("bb"))]
         );
     }
@@ -332,58 +314,49 @@ mod tests {
     fn a_hold_down_restarts_when_the_cluster_dies_again_during_it() {
         let t0 = Instant::now();
         let mut l = Liveness::new(id("aa"), config());
-        let o = |mark, down| {
-            BTreeMap::from([(
-                id("bb"),
-                Observation {
-                    heartbeat: Some(mark),
-                    gateway_down: down,
-                },
-            )])
-        };
-        l.observe(&o(1, false), t0);
-        l.observe(&o(2, true), t0);
-        l.observe(&o(3, false), t0);
-        l.observe(&o(4, true), t0); // second death: 2 s hold-down
-        l.observe(&o(5, false), t0 + Duration::from_secs(1));
-        l.observe(&o(6, true), t0 + Duration::from_millis(1500)); // down during it: not a new death
+        l.observe(&bb(true, false), t0);
+        l.observe(&bb(false, false), t0);
+        l.observe(&bb(true, false), t0);
+        l.observe(&bb(false, false), t0); // second death: 2 s hold-down
+        l.observe(&bb(true, false), t0 + Duration::from_secs(1));
+        l.observe(&bb(false, false), t0 + Duration::from_millis(1500)); // not a new death
         assert!(
-            l.observe(&o(7, false), t0 + Duration::from_secs(2))
+            l.observe(&bb(true, false), t0 + Duration::from_secs(2))
                 .is_empty()
         );
         assert!(
-            l.observe(&o(8, false), t0 + Duration::from_secs(3))
+            l.observe(&bb(true, false), t0 + Duration::from_secs(3))
                 .is_empty()
         );
         assert_eq!(
-            l.observe(&o(9, false), t0 + Duration::from_secs(4)),
+            l.observe(&bb(true, false), t0 + Duration::from_secs(4)),
             vec![Transition::Returned(id("bb"))]
         );
     }
 
     #[test]
-    fn members_without_a_heartbeat_or_gone_are_not_live_and_the_own_cluster_always_is() {
+    fn members_not_live_or_gone_are_not_live_and_the_own_cluster_always_is() {
         let t0 = Instant::now();
         let mut l = Liveness::new(id("aa"), config());
         let members = BTreeMap::from([
             (
                 id("aa"),
                 Observation {
-                    heartbeat: None,
+                    controller_live: false,
                     gateway_down: true,
                 },
             ),
             (
                 id("cc"),
                 Observation {
-                    heartbeat: None,
+                    controller_live: false,
                     gateway_down: false,
                 },
             ),
         ]);
         assert!(l.observe(&members, t0).is_empty());
         assert_eq!(l.live(), BTreeSet::from([id("aa")]));
-        l.observe(&beat(1), t0);
+        l.observe(&bb(true, false), t0);
         assert!(l.live().contains(&id("bb")));
         // bb removed from the fleet: withdrawn at once.
         assert_eq!(
@@ -402,7 +375,9 @@ mod tests {
         assert_eq!(c.hold_for(2), Duration::from_secs(2));
         assert_eq!(c.hold_for(3), Duration::from_secs(4));
         assert_eq!(c.hold_for(1000), Duration::from_secs(16));
-        let d = LivenessConfig::for_heartbeat_interval(Duration::from_millis(100));
-        assert_eq!(d.timeout, Duration::from_secs(1));
+        assert_eq!(
+            LivenessConfig::default().hold_for(100),
+            Duration::from_secs(120)
+        );
     }
 }

@@ -22,6 +22,7 @@ use fleet_bench::stats::{Samples, last_line};
 use fleet_hub::registry::FleetLayout;
 use fleet_hub_api::client::{ClientOptions, HubClient};
 use fleet_hub_api::model::{ClusterId, JoinRequest, PublicKey, RegistryEvent};
+use fleet_hub_api::records::{GATEWAY_RECORD, GatewayPeerRecord, GatewayRecord};
 use fleet_hub_api::wire::{CaHash, Credential};
 use futures::StreamExt;
 
@@ -46,6 +47,18 @@ struct Flags {
     /// Block prefix of the bench's hub (the default /20 holds only 256 clusters; /22: 1,024).
     #[arg(long, default_value_t = 22)]
     block_prefix: u8,
+    /// Lease TTL of every simulated controller (the product's default, 3 s); each renews
+    /// every third of it on its own connection, as `fleet-controller` does. 0: no leases.
+    #[arg(long, default_value_t = 3000)]
+    lease_ttl_ms: u64,
+    /// How often each member republishes its `gateway` record (the controller's default
+    /// `--status-interval`, 5 s). 0: no republishing.
+    #[arg(long, default_value_t = 5000)]
+    status_interval_ms: u64,
+    /// Seconds of steady background traffic (leases + gateway records) measured before the
+    /// timed changes: the hub's CPU over it is reported.
+    #[arg(long, default_value_t = 20)]
+    steady_seconds: u64,
     /// The whole run must finish within this many seconds.
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
@@ -65,6 +78,16 @@ fn layout(block_prefix: u8) -> anyhow::Result<FleetLayout> {
 
 fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
+    // The bench holds ~3 connections per simulated member and the hub as many descriptors:
+    // 10,000 clusters need ~30,000 each. Root may raise the hard limit; the hub (a child)
+    // inherits it and raises its soft limit to it as `fleet-hub serve` does.
+    let want = 262_144;
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    if hard < want {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want);
+    }
+    fleet_hub::limits::raise_nofile_limit()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,8 +115,8 @@ async fn serve_hub(
 ) -> anyhow::Result<()> {
     let location = fleet_hub::admin::StoreLocation::Embedded(dir.to_path_buf());
     let registry = fleet_hub::admin::open_registry(&location, layout(block_prefix)?).await?;
-    let mut options = fleet_hub::api::server::ServerOptions::new(listen, dir);
-    options.request_timeout = Duration::from_secs(60);
+    let options = fleet_hub::api::server::ServerOptions::new(listen, dir);
+    fleet_hub::limits::raise_nofile_limit()?;
     fleet_hub::api::server::serve_until_signal(registry, options).await
 }
 
@@ -159,6 +182,34 @@ impl HubGuard {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// CPU seconds (user + system) the hub process has used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .map_or(100.0, |hz| hz as f64);
+        (ticks(11) + ticks(12)) / hz
+    }
+
+    /// Open file descriptors of the hub.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     async fn admin(&self) -> anyhow::Result<HubClient> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -206,12 +257,9 @@ impl Drop for HubGuard {
     }
 }
 
+/// The product's client settings (the controller's and fleet-dns's).
 fn options() -> ClientOptions {
-    ClientOptions {
-        call_timeout: Duration::from_secs(60),
-        watch_idle_timeout: Duration::from_secs(30),
-        ..ClientOptions::default()
-    }
+    ClientOptions::default()
 }
 
 fn cluster_name(i: usize) -> String {
@@ -317,7 +365,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     let (rss_records, _) = hub.memory_mib();
 
     // Watchers: every member watches from the current revision.
-    let revision = admin.list().await?.revision;
+    let revision = retried(|| admin.list()).await?.revision;
     let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let mut watchers = tokio::task::JoinSet::new();
     for client in &members {
@@ -342,6 +390,19 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     }
     drop(arrivals_tx);
 
+    // The members' steady traffic, as the product makes it: every controller renews its
+    // lease every TTL/3 and republishes its `gateway` record every status interval.
+    let background = Background::start(&members, flags);
+    let steady = Duration::from_secs(flags.steady_seconds);
+    let cpu0 = hub.cpu_seconds();
+    let t_steady = Instant::now();
+    tokio::time::sleep(steady).await;
+    let steady_cpu = (hub.cpu_seconds() - cpu0) / t_steady.elapsed().as_secs_f64();
+    let fds = hub.open_fds();
+    let (rss_steady, _) = hub.memory_mib();
+    // Drain what the watchers got during the steady phase (gateway records are not counted).
+    while arrivals.try_recv().is_ok() {}
+
     // One change reaches all N watchers; the first ("warm-up") also proves they are all open.
     let mut fanout = Samples::new("fan-out to all watchers");
     let mut pending: HashMap<String, usize> = HashMap::new();
@@ -349,7 +410,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         let name = format!("change-{i:04}");
         let owner = ClusterId::new(cluster_name(i % n))?;
         let t0 = Instant::now();
-        members[i % n].publish(&owner, &name, b"changed").await?;
+        retried(|| members[i % n].publish(&owner, &name, b"changed")).await?;
         let deadline = t0 + Duration::from_secs(if i == 0 { 120 } else { 30 });
         let mut last = t0;
         while pending.get(&name).copied().unwrap_or(0) < n {
@@ -377,6 +438,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         }
     }
     let (rss, hwm) = hub.memory_mib();
+    let report = background.stop().await;
     watchers.abort_all();
 
     let p50 = fanout.quantile(0.5);
@@ -388,7 +450,22 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         fanout.len()
     );
     println!(
-        "hub memory: RSS {rss0:.1} MiB idle, {rss_records:.1} MiB after {total_records} records, {rss:.1} MiB with {n} watchers (peak {hwm:.1} MiB)"
+        "hub memory: RSS {rss0:.1} MiB idle, {rss_records:.1} MiB after {total_records} records, {rss_steady:.1} MiB in steady traffic, {rss:.1} MiB with {n} watchers (peak {hwm:.1} MiB)"
+    );
+    println!(
+        "steady traffic: {} lease renewals/s + {} gateway records/s; hub CPU {:.2} cores (of 2, shared with the simulated members); {fds} open files",
+        report.renewal_rate(flags, n),
+        report.publish_rate(flags, n),
+        steady_cpu
+    );
+    println!("{}", report.renewals.summary());
+    println!("{}", report.publishes.summary());
+    println!(
+        "lease renewals: {} failed or refused of {}, {} slower than the TTL (a standby could take over); gateway publishes: {} failed",
+        report.renewal_failures,
+        report.renewals.len() + report.renewal_failures,
+        report.renewals_past_ttl,
+        report.publish_failures
     );
     println!(
         "baseline: there is no peer hub to run side by side here; the baseline is the target itself (p99 fan-out 1000 ms at 1,000 clusters), ratio = ours / 1000, below 1.0 meets it"
@@ -405,4 +482,179 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     );
     drop(hub);
     Ok(())
+}
+
+/// What the background traffic measured.
+struct BackgroundReport {
+    renewals: Samples,
+    publishes: Samples,
+    renewal_failures: usize,
+    renewals_past_ttl: usize,
+    publish_failures: usize,
+}
+
+impl BackgroundReport {
+    fn renewal_rate(&self, flags: &Flags, n: usize) -> String {
+        if flags.lease_ttl_ms == 0 {
+            return "0".into();
+        }
+        format!("{:.0}", n as f64 / (flags.lease_ttl_ms as f64 / 3000.0))
+    }
+
+    fn publish_rate(&self, flags: &Flags, n: usize) -> String {
+        if flags.status_interval_ms == 0 {
+            return "0".into();
+        }
+        format!(
+            "{:.0}",
+            n as f64 / (flags.status_interval_ms as f64 / 1000.0)
+        )
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    renewals: Vec<Duration>,
+    publishes: Vec<Duration>,
+    renewal_failures: usize,
+    renewals_past_ttl: usize,
+    publish_failures: usize,
+}
+
+/// Every member's lease renewals and gateway republishing, spread evenly over the interval.
+struct Background {
+    tasks: tokio::task::JoinSet<()>,
+    tally: std::sync::Arc<std::sync::Mutex<Tally>>,
+}
+
+impl Background {
+    fn start(members: &[HubClient], flags: &Flags) -> Background {
+        let owner = |c: &HubClient| match c.credential() {
+            Some(Credential::Member { cluster, .. }) => Some(cluster.clone()),
+            _ => None,
+        };
+        let tally = std::sync::Arc::new(std::sync::Mutex::new(Tally::default()));
+        let mut tasks = tokio::task::JoinSet::new();
+        let n = members.len().max(1) as u32;
+        let ttl = Duration::from_millis(flags.lease_ttl_ms);
+        let status = Duration::from_millis(flags.status_interval_ms);
+        for (i, client) in members.iter().enumerate() {
+            let i = i as u32;
+            if !ttl.is_zero() {
+                let client = client.clone();
+                let tally = tally.clone();
+                tasks.spawn(async move {
+                    let period = ttl / 3;
+                    tokio::time::sleep(period * i / n).await;
+                    let mut tick = tokio::time::interval(period);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        let t = Instant::now();
+                        let result = client.acquire_lease("controller-0", ttl).await;
+                        let took = t.elapsed();
+                        let mut tally = tally.lock().expect("tally");
+                        match result {
+                            Ok(lease) if lease.granted => {
+                                tally.renewals.push(took);
+                                if took > ttl {
+                                    tally.renewals_past_ttl += 1;
+                                }
+                            }
+                            _ => tally.renewal_failures += 1,
+                        }
+                    }
+                });
+            }
+            if let (false, Some(own)) = (status.is_zero(), owner(client)) {
+                let client = client.clone();
+                let tally = tally.clone();
+                tasks.spawn(async move {
+                    tokio::time::sleep(status * i / n).await;
+                    let mut tick = tokio::time::interval(status);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut beat = 0u64;
+                    loop {
+                        tick.tick().await;
+                        beat += 1;
+                        let value = gateway_record(i, beat);
+                        let t = Instant::now();
+                        let result = client
+                            .publish(&own, GATEWAY_RECORD, &value)
+                            .await
+                            .map(|_| ());
+                        let took = t.elapsed();
+                        let mut tally = tally.lock().expect("tally");
+                        match result {
+                            Ok(()) => tally.publishes.push(took),
+                            Err(_) => tally.publish_failures += 1,
+                        }
+                    }
+                });
+            }
+        }
+        Background { tasks, tally }
+    }
+
+    async fn stop(mut self) -> BackgroundReport {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        let tally = std::mem::take(&mut *self.tally.lock().expect("tally"));
+        let mut renewals = Samples::new("lease renewal (per call)");
+        tally.renewals.into_iter().for_each(|d| renewals.push(d));
+        let mut publishes = Samples::new("gateway record publish (per call)");
+        tally.publishes.into_iter().for_each(|d| publishes.push(d));
+        BackgroundReport {
+            renewals,
+            publishes,
+            renewal_failures: tally.renewal_failures,
+            renewals_past_ttl: tally.renewals_past_ttl,
+            publish_failures: tally.publish_failures,
+        }
+    }
+}
+
+/// A `gateway` record as a relay-mode controller publishes it (one peer: the relay).
+fn gateway_record(i: u32, beat: u64) -> Vec<u8> {
+    let record = GatewayRecord {
+        node: format!("sim-{i:05}-1"),
+        holder: "controller-0".into(),
+        backend: "userspace".into(),
+        public_key: "6NR1f2LgUEM0eTfsz4kMBZ5Zj7o8k1GQqG0Xb8pUqW8=".into(),
+        listen_port: 51820,
+        updated_at: beat,
+        peers: vec![GatewayPeerRecord {
+            public_key: "x6y1tWn8pWwJc3C1jgqf8bqvC3dYzXo2a6C1Y9P2Gk0=".into(),
+            endpoint: Some("203.0.113.1:51820".parse().expect("address")),
+            last_handshake: Some(beat),
+            rx_bytes: beat * 1000,
+            tx_bytes: beat * 1000,
+            path: None,
+            path_since: None,
+        }],
+    };
+    serde_json::to_vec(&record).expect("records serialise")
+}
+
+/// Retries a call that failed as unavailable for up to 30 s, as the product's controllers do
+/// (a hub busy with a thousand TLS handshakes may time a connect out).
+async fn retried<T, F, Fut>(mut call: F) -> Result<T, fleet_hub_api::client::HubError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, fleet_hub_api::client::HubError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Err(
+                e @ (fleet_hub_api::client::HubError::Unreachable { .. }
+                | fleet_hub_api::client::HubError::Transport { .. }
+                | fleet_hub_api::client::HubError::Timeout { .. }),
+            ) if Instant::now() < deadline => {
+                eprintln!("retrying a call: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }

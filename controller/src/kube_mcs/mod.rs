@@ -291,6 +291,11 @@ impl KubeMcs {
         }
     }
 
+    /// The API client (the credential Secret uses it too).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The latest state of the watched ServiceExports, Services, EndpointSlices, Namespaces,
     /// Nodes and our ServiceImports; an error until every kind has been listed once.
     pub fn read(&mut self) -> Result<KubeView, String> {
@@ -361,6 +366,39 @@ impl KubeMcs {
                 .collect(),
             nodes,
         })
+    }
+
+    /// The cluster's nodes (`--nodes-from-kubernetes`), each `fleet-nri` at
+    /// `tcp://<InternalIP>:<port>`, once the Node objects are listed and the gateway node is
+    /// among them; `None` when stopped.
+    pub async fn wait_nodes(
+        &mut self,
+        gateway: &str,
+        port: u16,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Vec<crate::plan::NodeSpec>> {
+        let mut logged = String::new();
+        loop {
+            let problem = match self.read() {
+                Ok(view) if view.nodes.contains_key(gateway) => {
+                    self.follow_nodes(&view);
+                    return Some(crate::nodes::api_node_specs(&view.nodes, port));
+                }
+                Ok(_) => format!(
+                    "the gateway node {gateway} is not among the Node objects (with an IPv4 \
+                     InternalIP) yet"
+                ),
+                Err(e) => e,
+            };
+            if problem != logged {
+                tracing::info!(%problem, "waiting for the cluster's nodes from the Kubernetes API");
+                logged = problem;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = crate::run::stopped(stop) => return None,
+            }
+        }
     }
 
     /// Logs the nodes added, removed or moved since the last read; returns the changes.

@@ -1,9 +1,9 @@
 //! The cluster's nodes from the Kubernetes API, pure: each Node's name and its `InternalIP`
 //! (the overlay's underlay address), and what changed since the last read.
 //!
-//! This is the data only. The controller reaches a node's `fleet-nri` over its unix socket
-//! (`nodes.json` gives the path), which a controller pod on another node cannot open; see
-//! `controller/README.md` ("Nodes from the Kubernetes API") for what is missing.
+//! With `--nodes-from-kubernetes` these are the cluster's nodes, each `fleet-nri` reached at
+//! `tcp://<InternalIP>:<port>` with mutual TLS (`crate::nodes::api_node_specs`); see
+//! `controller/README.md` ("Nodes from the Kubernetes API").
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use crate::registry::Registry;
 
 /// The calls the API serves; any other path is counted as `unknown` (bounded cardinality).
-const CALLS: [&str; 16] = [
+const CALLS: [&str; 17] = [
     "join",
     "rejoin",
     "update",
@@ -28,6 +28,7 @@ const CALLS: [&str; 16] = [
     "clusters/remove",
     "relays/publish",
     "relays/remove",
+    "board/login",
     "tokens/create",
     "tokens/list",
     "tokens/revoke",

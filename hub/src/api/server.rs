@@ -24,13 +24,16 @@ use tokio::task::JoinSet;
 
 use super::metrics::{HubMetrics, call_name};
 use super::{
-    ClusterRemoveCall, Credential, DEFAULT_RELAY_TTL_MS, EndpointUpdate, ErrorBody, ErrorCode,
-    HubIdentity, JoinCall, JoinReply, JoinString, LeaseCall, LeaseReleaseCall, LeaseReply,
-    ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire, RejoinCall, RelayPublishCall,
-    RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply, TokenCreateCall, TokenCreateReply,
-    TokenListReply, TokenRevokeCall, UpdateCall, WatchCall, WatchLine, decode_b64,
+    BoardLoginReply, ClusterRemoveCall, Credential, DEFAULT_RELAY_TTL_MS, EndpointUpdate,
+    ErrorBody, ErrorCode, HubIdentity, JoinCall, JoinReply, JoinString, LeaseCall,
+    LeaseReleaseCall, LeaseReply, ListCall, ListReply, MAX_REQUEST_BYTES, RecordCall, RecordWire,
+    RejoinCall, RelayPublishCall, RelayRemoveCall, ReleasedReply, RemovedReply, RevisionReply,
+    TokenCreateCall, TokenCreateReply, TokenListReply, TokenRevokeCall, UpdateCall, WatchCall,
+    WatchLine, decode_b64,
 };
-use crate::registry::{ClusterId, ClusterUpdate, JoinRequest, JoinToken, Registry, RegistryError};
+use crate::registry::{
+    ClusterId, ClusterUpdate, FleetScope, JoinRequest, JoinToken, Registry, RegistryError,
+};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -41,8 +44,12 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     pub request_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// A watch with nothing to say sends a heartbeat this often.
+    /// A watch with nothing to say sends a heartbeat this often (while the store answers).
     pub heartbeat: Duration,
+    /// The store is probed every `heartbeat`; once it has not answered for this long, every
+    /// watch on this replica ends with `unavailable` and new ones are refused, so members
+    /// fail over to a replica that can serve.
+    pub store_quiet_after: Duration,
     pub max_connections: usize,
     /// How long shutdown waits for connections to finish.
     pub drain_timeout: Duration,
@@ -66,7 +73,8 @@ impl ServerOptions {
             data_dir: data_dir.into(),
             request_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
-            heartbeat: Duration::from_secs(5),
+            heartbeat: super::WATCH_HEARTBEAT,
+            store_quiet_after: Duration::from_secs(5),
             max_connections: 16_384,
             drain_timeout: Duration::from_secs(5),
             share_identity: false,
@@ -78,6 +86,8 @@ impl ServerOptions {
 
 struct State {
     registry: Registry,
+    board: Arc<crate::board::Board>,
+    store_liveness: Arc<StoreLiveness>,
     identity: HubIdentity,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
@@ -110,6 +120,14 @@ impl HubServer {
         if let Some(every) = options.relay_sweep_interval {
             tokio::spawn(sweep_relays(registry.clone(), every, shutdown.clone()));
         }
+        let store_liveness = Arc::new(StoreLiveness::new());
+        tokio::spawn(probe_store(
+            registry.clone(),
+            store_liveness.clone(),
+            options.heartbeat,
+            options.store_quiet_after,
+            shutdown.clone(),
+        ));
         let metrics = HubMetrics::default();
         let metrics_task = match options.metrics_address {
             Some(addr) => {
@@ -124,7 +142,9 @@ impl HubServer {
             None => None,
         };
         let state = Arc::new(State {
+            board: Arc::new(crate::board::Board::new(registry.clone())),
             registry,
+            store_liveness,
             identity,
             options,
             shutdown,
@@ -158,7 +178,96 @@ impl HubServer {
     }
 }
 
-/// Every `every`, deletes the relay records past their expiry, until shutdown. Every replica
+/// When this replica's store last answered.
+struct StoreLiveness {
+    since: std::time::Instant,
+    /// Milliseconds after `since` of the last answer.
+    last_answer_ms: std::sync::atomic::AtomicU64,
+}
+
+impl StoreLiveness {
+    fn new() -> Self {
+        StoreLiveness {
+            since: std::time::Instant::now(),
+            last_answer_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn answered(&self) {
+        let ms = self
+            .since
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        self.last_answer_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the store has not answered.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(
+            self.last_answer_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
+/// Asks the store for its revision every `every` (each ask bounded by `quiet_after`) and
+/// notes each answer: one probe per replica, however many watches it serves.
+async fn probe_store(
+    registry: Registry,
+    liveness: Arc<StoreLiveness>,
+    every: Duration,
+    quiet_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match tokio::time::timeout(quiet_after, registry.store().revision()).await {
+            Ok(Ok(_)) => {
+                liveness.answered();
+                if quiet {
+                    quiet = false;
+                    tracing::info!("the store answers again; watches are served");
+                }
+            }
+            Ok(Err(e)) if !quiet && liveness.quiet_for() >= quiet_after => {
+                quiet = true;
+                tracing::warn!(error = %e, "the store does not answer; ending watches");
+            }
+            Err(_) if !quiet && liveness.quiet_for() >= quiet_after => {
+                quiet = true;
+                tracing::warn!(
+                    quiet_after_ms = quiet_after.as_millis(),
+                    "the store is silent; ending watches"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The error a watch ends with when this replica's store went quiet.
+fn store_quiet_error(quiet_for: Duration) -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::Unavailable,
+        message: format!(
+            "this hub replica's store has not answered for {} ms; use another replica",
+            quiet_for.as_millis()
+        ),
+    }
+}
+
+/// Every `every`, deletes the relay records past their expiry and marks clusters whose
+/// controller lease lapsed as not live ([`Registry::sweep_leases`]), until shutdown. Every replica
 /// runs one; the store's compare-and-delete keeps them (and renewals) from colliding. A record
 /// is judged only once this sweeper has run for the record's TTL (see
 /// [`Registry::sweep_relays`]).
@@ -171,6 +280,9 @@ async fn sweep_relays(registry: Registry, every: Duration, mut shutdown: watch::
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
+        }
+        if let Err(e) = registry.sweep_leases(since).await {
+            tracing::debug!(error = %e, "lease sweep failed; retrying");
         }
         match registry.sweep_relays(since).await {
             Ok(_) if failing => {
@@ -342,6 +454,12 @@ async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, CallError> 
             }
         })?
         .to_bytes();
+    // No body at all reads as `null` (a listing without options, say).
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"null")
+    } else {
+        bytes
+    };
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON request: {e}")))
 }
 
@@ -349,6 +467,18 @@ async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, CallError> 
 enum Caller {
     Member(ClusterId),
     Admin,
+}
+
+/// The caller's own cluster for a scoped listing or watch; the member scope needs one.
+fn scoped_caller(caller: &Caller, scope: FleetScope) -> Result<Option<&ClusterId>, CallError> {
+    match (caller, scope) {
+        (Caller::Member(id), _) => Ok(Some(id)),
+        (Caller::Admin, FleetScope::Member) => Err(CallError(
+            ErrorCode::InvalidArgument,
+            "the member scope needs a member credential; an admin lists with scope all".into(),
+        )),
+        (Caller::Admin, _) => Ok(None),
+    }
 }
 
 async fn authenticate(state: &State, req: &Request<Incoming>) -> Result<Caller, CallError> {
@@ -416,6 +546,10 @@ fn admin(caller: Caller, what: &str) -> Result<(), CallError> {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    // The fleet board: pages for a browser (see `crate::board`).
+    if req.method() == hyper::Method::GET && req.uri().path().starts_with("/board") {
+        return state.board.serve(&req, state.shutdown.clone()).await;
+    }
     if req.method() != hyper::Method::POST {
         return error_response(ErrorCode::NotFound, "every call is POST /v1/<call>");
     }
@@ -528,8 +662,11 @@ async fn call(
             ok(&RemovedReply { removed })
         }
         "/v1/list" => {
-            authenticate(state, &req).await?;
-            let view = registry.view().await?;
+            let caller = authenticate(state, &req).await?;
+            let call: Option<ListCall> = read_json(req.into_body()).await?;
+            let scope = call.unwrap_or_default().scope;
+            let own = scoped_caller(&caller, scope)?;
+            let view = registry.view_scoped(scope, own).await?;
             ok(&ListReply {
                 fleet_cidr: view.fleet_cidr,
                 clusters: view.clusters,
@@ -601,6 +738,17 @@ async fn call(
                 info,
             })
         }
+        "/v1/board/login" => {
+            admin(authenticate(state, &req).await?, "open the fleet board")?;
+            let token = state
+                .board
+                .mint_login()
+                .map_err(|e| CallError(ErrorCode::Internal, e.to_string()))?;
+            ok(&BoardLoginReply {
+                path: format!("{}?token={token}", crate::board::LOGIN_PATH),
+                expires_in_secs: crate::board::LOGIN_TTL.as_secs(),
+            })
+        }
         "/v1/tokens/list" => {
             admin(authenticate(state, &req).await?, "manage join tokens")?;
             ok(&TokenListReply {
@@ -644,14 +792,26 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
     })
     .await
     .map_err(|_| CallError(ErrorCode::Timeout, "watch request timed out".into()))??;
-    let events = tokio::time::timeout(timeout, state.registry.watch(call.after))
-        .await
-        .map_err(|_| {
-            CallError(
-                ErrorCode::Timeout,
-                "opening the watch timed out; retry".into(),
-            )
-        })??;
+    let quiet_after = state.options.store_quiet_after;
+    let quiet_for = state.store_liveness.quiet_for();
+    if quiet_for >= quiet_after {
+        let body = store_quiet_error(quiet_for);
+        return Err(CallError(body.code, body.message));
+    }
+    let own = scoped_caller(&caller, call.scope)?.cloned();
+    let events = tokio::time::timeout(
+        timeout,
+        state
+            .registry
+            .watch_scoped(call.after, call.scope, own.as_ref()),
+    )
+    .await
+    .map_err(|_| {
+        CallError(
+            ErrorCode::Timeout,
+            "opening the watch timed out; retry".into(),
+        )
+    })??;
     let who = match caller {
         Caller::Member(id) => id.to_string(),
         Caller::Admin => "admin".to_string(),
@@ -660,6 +820,7 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
     let heartbeat = state.options.heartbeat;
     let mut shutdown = state.shutdown.clone();
     let open = state.metrics.watch_open();
+    let liveness = state.store_liveness.clone();
     let stream = async_stream::stream! {
         let _open = open;
         let mut events = Box::pin(events);
@@ -667,7 +828,16 @@ async fn watch(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
             tokio::select! {
                 _ = shutdown.changed() => break,
                 next = tokio::time::timeout(heartbeat, events.next()) => match next {
-                    Err(_) => yield line(&WatchLine::Heartbeat),
+                    // A heartbeat vouches for the store too: a replica cut from it goes silent
+                    // on its own watches' behalf and ends them.
+                    Err(_) => match liveness.quiet_for() {
+                        quiet if quiet >= quiet_after => {
+                            tracing::debug!(caller = %who, quiet_ms = quiet.as_millis(), "watch ended: the store went quiet");
+                            yield line(&WatchLine::Error(store_quiet_error(quiet)));
+                            break;
+                        }
+                        _ => yield line(&WatchLine::Heartbeat),
+                    },
                     Ok(None) => break,
                     Ok(Some(Ok(event))) => yield line(&WatchLine::from(event)),
                     Ok(Some(Err(e))) => {

@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CLUSTERS, ClusterId, MAX_CONTENDED_RETRIES, Registry, RegistryError, decode, encode};
-use crate::store::{Condition, Txn};
+use super::{
+    CLUSTERS, ClusterId, ClusterRecord, MAX_CONTENDED_RETRIES, Registry, RegistryError, decode,
+    encode,
+};
+use crate::store::{Condition, Txn, TxnOutcome};
 
 pub(super) const LEASES: &str = "leases/";
 
@@ -75,6 +78,9 @@ impl Registry {
         for _ in 0..MAX_CONTENDED_RETRIES {
             let observed_at = self.clock.now();
             let now = self.now_ms();
+            let Some(cluster_kv) = self.store.get(&cluster).await? else {
+                return Err(RegistryError::NotJoined(writer.clone()));
+            };
             let current = self.store.get(&key).await?;
             let (next, condition) = match &current {
                 None => (
@@ -126,15 +132,29 @@ impl Registry {
                 ttl_ms: ttl.as_millis() as u64,
                 ..next
             };
-            let txn = Txn::new()
-                .when(Condition::Exists(cluster.clone()))
-                .when(condition)
-                .put(key.clone(), encode(&next));
+            let mut txn = Txn::new().when(condition).put(key.clone(), encode(&next));
+            // A grant makes the cluster live again if the sweep had marked it not live; the
+            // cluster record is written only then (renewals write the lease alone).
+            let mut record: ClusterRecord = decode(&cluster, &cluster_kv.value)?;
+            if record.controller_live {
+                txn = txn.when(Condition::Exists(cluster.clone()));
+            } else {
+                record.controller_live = true;
+                txn = txn
+                    .when(Condition::ModRevision(
+                        cluster.clone(),
+                        cluster_kv.mod_revision,
+                    ))
+                    .put(cluster.clone(), encode(&record));
+            }
             if let Some(revision) = self.store.txn(txn).await?.committed() {
                 self.observed.wrote(&key, revision, observed_at);
                 let previous = current
                     .as_ref()
                     .and_then(|kv| decode::<LeaseRecord>(&key, &kv.value).ok());
+                if !cluster_was_live(&cluster_kv.value) {
+                    tracing::info!(cluster = %writer, holder, "controller lease held again: cluster live");
+                }
                 if previous.as_ref().is_none_or(|p| p.holder != holder) {
                     tracing::info!(cluster = %writer, holder, generation = next.generation, "lease granted to a new holder");
                 }
@@ -189,4 +209,69 @@ impl Registry {
             attempts: MAX_CONTENDED_RETRIES,
         })
     }
+
+    /// Marks every cluster whose controller lease lapsed as not live
+    /// ([`ClusterRecord::controller_live`] = false) and returns their ids.
+    ///
+    /// A lease has lapsed once this replica has seen its record unchanged for the lease's TTL
+    /// (renewals write it; a release is judged the same way, so a controller restarted within
+    /// one TTL never makes its cluster look dead), and this sweeper has itself run that long
+    /// (a hub coming back gives every controller one TTL to renew). Each change is one
+    /// compare-and-swap on both the lease and the cluster record, so a renewal racing the
+    /// sweep wins and the cluster stays live. Bound: TTL + the sweep interval.
+    pub async fn sweep_leases(
+        &self,
+        sweeping_since: std::time::SystemTime,
+    ) -> Result<Vec<ClusterId>, RegistryError> {
+        let observed_at = self.clock.now();
+        let sweeping_for = observed_at
+            .duration_since(sweeping_since)
+            .unwrap_or_default();
+        let listing = self.store.list(LEASES).await?;
+        let mut lapsed = Vec::new();
+        for kv in listing.items {
+            let Ok(lease) = decode::<LeaseRecord>(&kv.key, &kv.value) else {
+                continue;
+            };
+            // A record of an older hub without its TTL: judged by the longest one.
+            let ttl = match lease.ttl_ms {
+                0 => MAX_LEASE_TTL,
+                ms => Duration::from_millis(ms),
+            };
+            let unchanged = self
+                .observed
+                .unchanged_for(&kv.key, kv.mod_revision, observed_at);
+            if sweeping_for < ttl || unchanged < ttl {
+                continue;
+            }
+            let Ok(id) = ClusterId::new(&kv.key[LEASES.len()..]) else {
+                continue;
+            };
+            let cluster = format!("{CLUSTERS}{id}");
+            let Some(cluster_kv) = self.store.get(&cluster).await? else {
+                continue;
+            };
+            let mut record: ClusterRecord = decode(&cluster, &cluster_kv.value)?;
+            if !record.controller_live {
+                continue;
+            }
+            record.controller_live = false;
+            let txn = Txn::new()
+                .when(Condition::ModRevision(kv.key.clone(), kv.mod_revision))
+                .when(Condition::ModRevision(
+                    cluster.clone(),
+                    cluster_kv.mod_revision,
+                ))
+                .put(cluster.clone(), encode(&record));
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                tracing::warn!(cluster = %id, holder = %lease.holder, revision, "controller lease lapsed (unchanged for its TTL): cluster not live");
+                lapsed.push(id);
+            }
+        }
+        Ok(lapsed)
+    }
+}
+
+fn cluster_was_live(value: &[u8]) -> bool {
+    serde_json::from_slice::<ClusterRecord>(value).is_ok_and(|r| r.controller_live)
 }

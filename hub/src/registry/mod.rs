@@ -39,8 +39,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use fleet_hub_api::model::{
-    ClusterId, ClusterRecord, ClusterUpdate, FleetView, GatewayState, JoinRequest, MemberRecord,
-    ModelError, PublicKey, RegistryEvent,
+    ClusterId, ClusterRecord, ClusterUpdate, FleetScope, FleetView, GatewayState, JoinRequest,
+    MemberRecord, ModelError, PublicKey, RegistryEvent,
 };
 pub use lease::{Lease, MAX_LEASE_TTL};
 pub use model::{DEFAULT_BLOCK_PREFIX, FleetLayout};
@@ -499,6 +499,8 @@ impl Registry {
                 public_key: request.public_key,
                 endpoint: request.endpoint,
                 gateway: GatewayState::Pending,
+                // Live once its controller takes the lease.
+                controller_live: false,
                 joined_at: self.now(),
                 token_id: info.id.clone(),
             };
@@ -736,6 +738,15 @@ impl Registry {
 
     /// Clusters and published records at one revision: the starting point of a watch.
     pub async fn view(&self) -> Result<FleetView, RegistryError> {
+        self.view_scoped(FleetScope::All, None).await
+    }
+
+    /// The part of the fleet `scope` shows to a caller of cluster `own` (see [`FleetScope`]).
+    pub async fn view_scoped(
+        &self,
+        scope: FleetScope,
+        own: Option<&ClusterId>,
+    ) -> Result<FleetView, RegistryError> {
         // One listing of both prefixes' parent, so both halves are at the same revision.
         let listing = self.store.list("").await?;
         let mut view = FleetView {
@@ -750,7 +761,9 @@ impl Registry {
                 view.clusters.push(decode(&kv.key, &kv.value)?);
             } else if kv.key.starts_with(relay::RELAYS) {
                 view.relays.push(decode(&kv.key, &kv.value)?);
-            } else if let Some((owner, name)) = split_record_key(&kv.key) {
+            } else if let Some((owner, name)) = split_record_key(&kv.key)
+                && scope.includes_record(own, owner.as_str(), &name)
+            {
                 view.records.push(MemberRecord {
                     owner,
                     name,
@@ -771,11 +784,30 @@ impl Registry {
         impl Stream<Item = Result<RegistryEvent, RegistryError>> + Send + use<>,
         RegistryError,
     > {
+        self.watch_scoped(after, FleetScope::All, None).await
+    }
+
+    /// [`Registry::watch`] of the part of the fleet `scope` shows to a caller of cluster
+    /// `own`. Changes out of scope are dropped by key, before their values are decoded.
+    pub async fn watch_scoped(
+        &self,
+        after: Revision,
+        scope: FleetScope,
+        own: Option<&ClusterId>,
+    ) -> Result<
+        impl Stream<Item = Result<RegistryEvent, RegistryError>> + Send + use<>,
+        RegistryError,
+    > {
+        let own = own.cloned();
         let changes = self.store.watch("", after).await?;
-        Ok(changes.filter_map(|change| async move {
-            match change {
-                Err(e) => Some(Err(RegistryError::Store(e))),
-                Ok(change) => to_event(change).transpose(),
+        Ok(changes.filter_map(move |change| {
+            let own = own.clone();
+            async move {
+                match change {
+                    Err(e) => Some(Err(RegistryError::Store(e))),
+                    Ok(change) if !in_scope(change.key(), scope, own.as_ref()) => None,
+                    Ok(change) => to_event(change).transpose(),
+                }
             }
         }))
     }
@@ -785,6 +817,21 @@ fn random_below(n: u64) -> Result<u64, RegistryError> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(|e| RegistryError::Random(e.to_string()))?;
     Ok(u64::from_le_bytes(bytes) % n)
+}
+
+/// Whether a change of store key `key` belongs to `scope` for a caller of cluster `own`
+/// (keys that are neither clusters, relays nor records never become events anyway).
+fn in_scope(key: &str, scope: FleetScope, own: Option<&ClusterId>) -> bool {
+    if scope == FleetScope::All || key.starts_with(CLUSTERS) || key.starts_with(relay::RELAYS) {
+        return true;
+    }
+    match key
+        .strip_prefix(RECORDS)
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((owner, name)) => scope.includes_record(own, owner, name),
+        None => false,
+    }
 }
 
 fn split_record_key(key: &str) -> Option<(ClusterId, String)> {

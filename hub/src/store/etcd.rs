@@ -33,6 +33,9 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// How long a watch keeps trying to re-establish itself before it reports the failure.
     pub watch_retry_for: Duration,
+    /// A watch that received nothing this long asks etcd for a progress notification; one
+    /// unanswered within `request_timeout` means the stream is dead: it is re-created.
+    pub watch_progress_interval: Duration,
     /// The CA that signed etcd's server certificate (PEM file); needed for `https://`.
     pub ca_cert: Option<PathBuf>,
     /// This client's certificate and key (PEM files), for etcd's `--client-cert-auth`.
@@ -69,6 +72,7 @@ impl EtcdOptions {
             namespace: "/fleetboard/".into(),
             request_timeout: Duration::from_secs(5),
             watch_retry_for: Duration::from_secs(30),
+            watch_progress_interval: Duration::from_secs(10),
             ca_cert: None,
             client_cert: None,
             client_key: None,
@@ -448,63 +452,87 @@ impl Store for EtcdStore {
                 let opened = store.call("watch", client.watch(full_prefix.clone(), Some(options))).await;
                 let failure = match opened {
                     Err(e) => e,
-                    Ok(mut stream) => loop {
-                        // No deadline here: a watch waits for changes as long as its consumer
-                        // keeps it; dropping the stream cancels it.
-                        match stream.message().await {
-                            Ok(Some(resp)) => {
-                                if resp.compact_revision() > 0 {
-                                    yield Err(StoreError::Compacted {
-                                        after: last,
-                                        compacted: rev_u64(resp.compact_revision()),
-                                    });
-                                    return;
-                                }
-                                if resp.canceled() {
-                                    yield Err(StoreError::WatchCancelled {
-                                        prefix: prefix.clone(),
-                                        reason: resp.cancel_reason().to_string(),
-                                    });
-                                    return;
-                                }
-                                retry_since = None;
-                                backoff = Duration::from_millis(100);
-                                for event in resp.events() {
-                                    let Some(kv) = event.kv() else { continue };
-                                    let revision = rev_u64(kv.mod_revision());
-                                    if revision <= last && revision != 0 {
-                                        // Already delivered before a reconnect.
-                                        continue;
-                                    }
-                                    let change = match event.event_type() {
-                                        EventType::Put => Change::Put(store.kv(kv)),
-                                        EventType::Delete => Change::Delete {
-                                            key: store.strip(kv.key()),
-                                            revision,
-                                        },
-                                    };
-                                    yield Ok(change);
-                                }
-                                // Events of one revision come in one response: advance after it.
-                                if let Some(rev) = resp.events().iter().filter_map(|e| e.kv()).map(|kv| rev_u64(kv.mod_revision())).max() {
-                                    last = last.max(rev);
-                                }
-                            }
-                            Ok(None) => {
-                                break StoreError::WatchCancelled {
-                                    prefix: prefix.clone(),
-                                    reason: "etcd closed the watch stream".into(),
-                                };
-                            }
-                            Err(source) => {
-                                break StoreError::Etcd {
+                    Ok(mut stream) => {
+                        // A watch waits for changes as long as its consumer keeps it, but a
+                        // quiet one asks etcd for progress: a stream that cannot answer that
+                        // (etcd gone silent, connection half-open) is broken.
+                        let mut progress_asked: Option<tokio::time::Instant> = None;
+                        loop {
+                            let wait = match progress_asked {
+                                Some(at) => (at + store.options.request_timeout).saturating_duration_since(tokio::time::Instant::now()),
+                                None => store.options.watch_progress_interval,
+                            };
+                            let message = match tokio::time::timeout(wait, stream.message()).await {
+                                Ok(message) => message,
+                                Err(_) if progress_asked.is_some() => break StoreError::Timeout {
                                     endpoints: store.endpoints.clone(),
-                                    operation: "watch",
-                                    source,
-                                };
+                                    operation: "watch progress",
+                                    timeout_ms: store.options.request_timeout.as_millis(),
+                                },
+                                Err(_) => {
+                                    if let Err(source) = stream.request_progress().await {
+                                        break StoreError::Etcd { endpoints: store.endpoints.clone(), operation: "watch progress", source };
+                                    }
+                                    progress_asked = Some(tokio::time::Instant::now());
+                                    continue;
+                                }
+                            };
+                            progress_asked = None;
+                            match message {
+                                Ok(Some(resp)) => {
+                                    if resp.compact_revision() > 0 {
+                                        yield Err(StoreError::Compacted {
+                                            after: last,
+                                            compacted: rev_u64(resp.compact_revision()),
+                                        });
+                                        return;
+                                    }
+                                    if resp.canceled() {
+                                        yield Err(StoreError::WatchCancelled {
+                                            prefix: prefix.clone(),
+                                            reason: resp.cancel_reason().to_string(),
+                                        });
+                                        return;
+                                    }
+                                    retry_since = None;
+                                    backoff = Duration::from_millis(100);
+                                    for event in resp.events() {
+                                        let Some(kv) = event.kv() else { continue };
+                                        let revision = rev_u64(kv.mod_revision());
+                                        if revision <= last && revision != 0 {
+                                            // Already delivered before a reconnect.
+                                            continue;
+                                        }
+                                        let change = match event.event_type() {
+                                            EventType::Put => Change::Put(store.kv(kv)),
+                                            EventType::Delete => Change::Delete {
+                                                key: store.strip(kv.key()),
+                                                revision,
+                                            },
+                                        };
+                                        yield Ok(change);
+                                    }
+                                    // Events of one revision come in one response: advance after it.
+                                    if let Some(rev) = resp.events().iter().filter_map(|e| e.kv()).map(|kv| rev_u64(kv.mod_revision())).max() {
+                                        last = last.max(rev);
+                                    }
+                                }
+                                Ok(None) => {
+                                    break StoreError::WatchCancelled {
+                                        prefix: prefix.clone(),
+                                        reason: "etcd closed the watch stream".into(),
+                                    };
+                                }
+                                Err(source) => {
+                                    break StoreError::Etcd {
+                                        endpoints: store.endpoints.clone(),
+                                        operation: "watch",
+                                        source,
+                                    };
+                                }
                             }
                         }
-                    },
+                    }
                 };
                 let since = *retry_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= store.options.watch_retry_for {

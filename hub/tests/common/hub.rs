@@ -22,6 +22,7 @@ pub fn quick_options() -> ClientOptions {
         watch_idle_timeout: Duration::from_secs(5),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        ..ClientOptions::default()
     }
 }
 

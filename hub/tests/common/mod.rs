@@ -1,6 +1,7 @@
 //! Shared test support: the store and registry suites and a real etcd.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod etcd;
 pub mod hub;
 pub mod registry_suite;
