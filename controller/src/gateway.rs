@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use fleet_proto::node::{GatewayPeer, NodeError, SetGatewayRequest, WireguardBackend, code};
+use fleet_proto::node::{
+    GatewayPeer, GatewayRelay, NodeError, SetGatewayRequest, WireguardBackend, code,
+};
 use fleet_proto::wireguard::PublicKey;
 use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
@@ -110,9 +112,14 @@ impl Gateway {
         self.own_block = Some(block);
     }
 
-    /// Sends the whole desired state with `peers`: the gateway node makes the device if it
-    /// has none and changes only what differs.
-    pub async fn set_peers(&mut self, peers: Vec<GatewayPeer>) -> Result<(), NodeError> {
+    /// Sends the whole desired state with `peers` and the relay among them (a new relay
+    /// instance resets the sessions through it): the gateway node makes the device if it has
+    /// none and changes only what differs.
+    pub async fn set_peers(
+        &mut self,
+        peers: Vec<GatewayPeer>,
+        relay: Option<GatewayRelay>,
+    ) -> Result<(), NodeError> {
         let req = SetGatewayRequest {
             name: self.config.name.clone(),
             listen_port: self.config.listen_port,
@@ -120,6 +127,7 @@ impl Gateway {
             backend: self.config.backend,
             own_block: self.own_block.map(|b| b.to_string()),
             peers,
+            relay,
         };
         let sent = req.clone();
         let result = self.api.set_gateway(req).await;
@@ -192,6 +200,8 @@ impl GatewayReader {
                     last_handshake: p.last_handshake,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
+                    path: p.path,
+                    path_since: p.path_since,
                 })
                 .collect(),
         }))

@@ -146,6 +146,7 @@ fn relay_info(r: &RelayRecord) -> RelayInfo {
         id: r.id.clone(),
         public_key: r.public_key,
         endpoint: r.endpoint,
+        instance: r.instance.clone(),
     }
 }
 
@@ -252,6 +253,7 @@ mod tests {
             public_key: PublicKey::from_bytes([9; 32]),
             endpoint: "203.0.113.1:51820".parse().unwrap(),
             expires_at: 1,
+            instance: String::new(),
         };
         assert_eq!(
             step(RegistryEvent::RelayUpserted {
@@ -264,11 +266,22 @@ mod tests {
         let renewal = RegistryEvent::RelayUpserted {
             record: RelayRecord {
                 expires_at: 2,
-                ..relay
+                ..relay.clone()
             },
             revision: 8,
         };
         assert_eq!(step(renewal), EventEffect::Nothing);
+        // The relay restarted (same key and endpoint, a new instance): the gateway must reset
+        // its sessions through it, so it is a fleet change.
+        let restarted = RegistryEvent::RelayUpserted {
+            record: RelayRecord {
+                expires_at: 3,
+                instance: "b1".into(),
+                ..relay
+            },
+            revision: 9,
+        };
+        assert_eq!(step(restarted), EventEffect::FleetChanged);
         let other_record = RegistryEvent::RecordPut {
             owner: bb.clone(),
             name: "x".into(),

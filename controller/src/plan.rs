@@ -26,6 +26,8 @@ pub struct RelayInfo {
     pub id: String,
     pub public_key: PublicKey,
     pub endpoint: SocketAddr,
+    /// New at every start of the relay process (see `fleet_hub_api::model::RelayRecord`).
+    pub instance: String,
 }
 
 /// The fleet as last listed and watched: what every decision is computed from.
@@ -216,39 +218,69 @@ impl GatewayMode {
     }
 }
 
-/// The gateway's WireGuard peers: the first relay (allowed: the whole fleet CIDR), a direct
-/// peer for each other cluster that declares an endpoint (allowed: its block) and, when we
-/// are public ourselves, every other cluster as a peer that dials us. Our own cluster and
-/// keys seen twice are left out.
+/// Keepalive towards the relay when the gateway has none configured: the relay learns (and
+/// keeps open) a member's mapped address only from the member's own packets.
+pub const RELAY_KEEPALIVE: u16 = 25;
+
+/// Keepalive on direct tunnels (both ends) while a relay exists: a working direct path then
+/// brings received bytes every second, and `fleet-nri` falls back to the relay after a few
+/// silent seconds (see `fleet-nri`'s `paths`). About 150 bytes/s each way per direct peer.
+pub const DIRECT_KEEPALIVE: u16 = 1;
+
+/// The relay the gateway uses: the first by id.
+pub fn chosen_relay(fleet: &FleetState) -> Option<&RelayInfo> {
+    fleet.relays.values().next()
+}
+
+/// The gateway's WireGuard peers:
+/// - the first relay itself: its key, **no allowed IPs**, a keepalive — the relay's own
+///   session with us, from which it learns our mapped address;
+/// - a direct peer for each other cluster that declares an endpoint (allowed: its block);
+/// - when we are public ourselves, every other cluster as a peer that dials us;
+/// - every other cluster, when neither side is public: a peer end to end (its key, its
+///   block) whose endpoint is the relay — the relay forwards the datagrams without being
+///   able to read them.
+///
+/// Our own cluster and keys seen twice are left out.
 pub fn wireguard_peers(fleet: &FleetState, own: &ClusterId, mode: GatewayMode) -> Vec<GatewayPeer> {
     let mut peers = Vec::new();
     let mut keys = BTreeSet::new();
     if let Some(own_info) = fleet.clusters.get(own) {
         keys.insert(own_info.public_key);
     }
-    if let Some(relay) = fleet.relays.values().next()
-        && keys.insert(relay.public_key)
-    {
+    let relay = chosen_relay(fleet).filter(|r| keys.insert(r.public_key));
+    if let Some(relay) = relay {
         peers.push(GatewayPeer {
             public_key: relay.public_key,
             endpoint: Some(relay.endpoint),
-            allowed_ips: vec![fleet.fleet_cidr.to_string()],
-            keepalive: mode.keepalive(),
+            allowed_ips: Vec::new(),
+            keepalive: Some(mode.keepalive().unwrap_or(RELAY_KEEPALIVE)),
+            fallback: None,
         });
     }
     for c in fleet.clusters.values().filter(|c| &c.id != own) {
-        if c.endpoint.is_none() && !mode.public {
-            continue; // reached through the relay
-        }
+        // Direct tunnels (we dial it, or it dials us) keep a short keepalive and the relay's
+        // address as a fallback while there is a relay (`fleet-nri` watches both ends).
+        let direct_keepalive = match relay {
+            Some(_) => Some(DIRECT_KEEPALIVE),
+            None => mode.keepalive(),
+        };
+        let (endpoint, fallback, keepalive) = match (c.endpoint, mode.public, relay) {
+            (Some(e), _, r) => (Some(e), r.map(|r| r.endpoint), direct_keepalive),
+            (None, true, r) => (None, r.map(|r| r.endpoint), direct_keepalive), // it dials us
+            (None, false, Some(r)) => (Some(r.endpoint), None, mode.keepalive()),
+            (None, false, None) => continue, // unreachable until a relay is up
+        };
         if !keys.insert(c.public_key) {
             tracing::warn!(cluster = %c.id, key = %c.public_key, "cluster shares a WireGuard key with another peer; left out");
             continue;
         }
         peers.push(GatewayPeer {
             public_key: c.public_key,
-            endpoint: c.endpoint,
+            endpoint,
             allowed_ips: vec![c.block.to_string()],
-            keepalive: mode.keepalive(),
+            keepalive,
+            fallback,
         });
     }
     peers
@@ -403,6 +435,7 @@ mod tests {
                     id: "hub".into(),
                     public_key: key(99),
                     endpoint: "203.0.113.1:51820".parse().unwrap(),
+                    instance: "1".into(),
                 },
             );
         }
@@ -423,7 +456,7 @@ mod tests {
     };
 
     #[test]
-    fn a_nated_member_talks_to_nated_members_through_the_relay_only() {
+    fn nated_members_peer_end_to_end_through_the_relay() {
         let aa = ClusterId::new("aa").unwrap();
         let f = fleet(
             vec![
@@ -433,11 +466,28 @@ mod tests {
             true,
         );
         let peers = wireguard_peers(&f, &aa, NATED);
-        assert_eq!(peers.len(), 1);
+        assert_eq!(peers.len(), 2);
+        // The relay itself: no allowed IPs (it is never a next hop for inner packets).
         assert_eq!(peers[0].public_key, key(99));
-        assert_eq!(peers[0].allowed_ips, vec!["100.96.0.0/12".to_string()]);
+        assert!(peers[0].allowed_ips.is_empty());
         assert_eq!(peers[0].keepalive, Some(25));
+        // bb end to end: its own key and block, sent to the relay's address.
+        assert_eq!(peers[1].public_key, key(2));
+        assert_eq!(peers[1].allowed_ips, vec!["100.96.16.0/20".to_string()]);
+        assert_eq!(
+            peers[1].endpoint,
+            Some("203.0.113.1:51820".parse().unwrap())
+        );
+        assert_eq!(peers[1].keepalive, Some(25));
         assert_eq!(f.other_blocks(&aa), vec![net("100.96.16.0/20")]);
+        // No keepalive configured: the relay peer still gets one (registration).
+        let quiet = GatewayMode {
+            keepalive: 0,
+            public: false,
+        };
+        let peers = wireguard_peers(&f, &aa, quiet);
+        assert_eq!(peers[0].keepalive, Some(RELAY_KEEPALIVE));
+        assert_eq!(peers[1].keepalive, None);
         // No relay and nobody public: no peers at all.
         assert!(
             wireguard_peers(
@@ -460,18 +510,33 @@ mod tests {
             ],
             true,
         );
-        // NAT'd aa: relay + a direct tunnel to public bb (it dials bb).
+        // NAT'd aa: relay, a direct tunnel to public bb (it dials bb), NAT'd cc via the relay.
         let peers = wireguard_peers(&f, &aa, NATED);
-        assert_eq!(peers.len(), 2);
+        assert_eq!(peers.len(), 3);
         let bb = &peers[1];
         assert_eq!(bb.public_key, key(2));
         assert_eq!(bb.endpoint, Some("198.51.100.2:51820".parse().unwrap()));
         assert_eq!(bb.allowed_ips, vec!["100.96.16.0/20".to_string()]);
+        // A direct tunnel falls back to the relay; both ends keep a 1 s keepalive for that.
+        assert_eq!(bb.fallback, Some("203.0.113.1:51820".parse().unwrap()));
+        assert_eq!(bb.keepalive, Some(DIRECT_KEEPALIVE));
+        assert_eq!(peers[2].public_key, key(3));
+        assert_eq!(peers[2].fallback, None);
+        assert_eq!(
+            peers[2].endpoint,
+            Some("203.0.113.1:51820".parse().unwrap())
+        );
         // Public bb: relay, and aa and cc as peers that dial in (no endpoint).
         let peers = wireguard_peers(&f, &ClusterId::new("bb").unwrap(), PUBLIC);
         let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
         assert_eq!(keys, vec![key(99), key(1), key(3)]);
         assert!(peers[1..].iter().all(|p| p.endpoint.is_none()));
+        assert!(
+            peers[1..]
+                .iter()
+                .all(|p| p.keepalive == Some(DIRECT_KEEPALIVE)
+                    && p.fallback == Some("203.0.113.1:51820".parse().unwrap()))
+        );
         assert_eq!(peers[2].allowed_ips, vec!["100.96.32.0/20".to_string()]);
     }
 

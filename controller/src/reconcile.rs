@@ -442,6 +442,8 @@ pub(crate) mod fakes {
                             last_handshake: None,
                             rx_bytes: 0,
                             tx_bytes: 0,
+                            path: None,
+                            path_since: None,
                         })
                         .collect(),
                 }))

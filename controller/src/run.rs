@@ -26,11 +26,11 @@ use crate::kube_secret::{CredentialSecret, SecretError};
 use crate::leader::{HubLease, LeaseBackend, LeaseEvent, Role, Transition, lease_task, on_lease};
 use crate::metrics::ControllerMetrics;
 use crate::nodes::{api_node_specs, load_nodes, node_api};
-use crate::plan::{GatewayMode, node_peers, wireguard_peers};
+use crate::plan::{GatewayMode, chosen_relay, node_peers, wireguard_peers};
 use crate::reconcile::{ClusterNode, NodePlanConfig, PassReport, reconcile_nodes};
 use crate::services::{ServiceConfig, ServiceSync};
 use fleet_hub_api::records::GATEWAY_RECORD;
-use fleet_proto::node::NodeError;
+use fleet_proto::node::{GatewayRelay, NodeError};
 use fleet_services::LivenessConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -676,10 +676,17 @@ impl Controller {
             public: self.cfg.endpoint.is_some(),
         };
         // Once the gateway node has its plan (its CNF netns exists).
+        let relay = chosen_relay(&a.snapshot.fleet).map(|r| GatewayRelay {
+            public_key: r.public_key,
+            instance: r.instance.clone(),
+        });
         if report.gateway_cnf_netns.is_some()
             && let Err(e) = self
                 .gateway
-                .set_peers(wireguard_peers(&a.snapshot.fleet, &self.cfg.cluster, mode))
+                .set_peers(
+                    wireguard_peers(&a.snapshot.fleet, &self.cfg.cluster, mode),
+                    relay,
+                )
                 .await
         {
             problems.push(format!("setting the WireGuard gateway on its node: {e}"));
@@ -956,6 +963,7 @@ mod tests {
                     public_key: fleet_proto::wireguard::PublicKey::from_bytes([9; 32]),
                     endpoint: "203.0.113.10:51820".parse().unwrap(),
                     expires_at: u64::MAX,
+                    instance: String::new(),
                 }],
                 revision: 10,
             }),
@@ -1046,10 +1054,23 @@ mod tests {
     async fn leads_converges_follows_the_fleet_and_a_stop_keeps_the_data_plane() {
         let w = start();
         let relay = fleet_proto::wireguard::PublicKey::from_bytes([9; 32]).to_string();
+        // The relay itself as a peer without allowed IPs (its own session with us), and the
+        // relay named as such in the request (a new instance resets sessions through it).
         until("the gateway device with the relay as its peer", || {
-            gateway_peers(&w.n1) == vec![(relay.clone(), vec!["100.96.0.0/12".to_string()])]
+            gateway_peers(&w.n1) == vec![(relay.clone(), vec![])]
         })
         .await;
+        assert_eq!(
+            w.n1.gateway
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .relay
+                .as_ref()
+                .map(|r| r.public_key.to_string()),
+            Some(relay.clone())
+        );
         assert_eq!(
             w.n1.gateway
                 .lock()

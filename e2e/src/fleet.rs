@@ -51,6 +51,8 @@ pub const HUB_IP: &str = "203.0.113.10";
 pub const HUB_API_PORT: u16 = 7443;
 /// The hub relay's WireGuard UDP port.
 pub const RELAY_PORT: u16 = 51820;
+/// The relay process's `/metrics` port (on the relay replica's IP).
+pub const RELAY_METRICS_PORT: u16 = 9102;
 /// Every member's LAN (identical on purpose).
 pub const LAN_PREFIX: &str = "198.51.100";
 /// The gateway's WireGuard UDP port on its node.
@@ -459,14 +461,18 @@ impl Drop for HubReplica {
 
 /// The hub `cc`: one `fleet-hub serve` on the embedded store at 203.0.113.10:7443, or several
 /// replicas (203.0.113.10, .11, ...) on a real etcd that lives on a private hub network
-/// (192.0.2.0/24, not on the internet). The last replica runs the relay (UDP 51820, its
-/// interface in a netns of ours).
+/// (192.0.2.0/24, not on the internet). The last replica runs the relay (UDP 51820, a
+/// forwarder of WireGuard datagrams; its `/metrics` on the same IP, port 9102).
 pub struct FleetHub {
     pub replicas: Vec<HubReplica>,
-    /// The relay's interface netns (`--relay-netns`), when relaying.
+    /// Always `None`: the relay forwards WireGuard datagrams and has no interface of its own
+    /// any more. Kept only so `bench/` builds until it stops reading it.
     pub relay_netns: Option<TestNetns>,
-    /// The relay's WireGuard interface (`--relay-name`), when relaying.
+    /// Always `None` (see `relay_netns`).
     pub relay_name: Option<String>,
+    /// The relay's `/metrics` (`--relay-metrics-address`): the netns it is reachable from
+    /// and its address, when relaying.
+    pub relay_metrics: Option<(PathBuf, String)>,
     /// etcd (in `backnet`), with several replicas.
     pub etcd: Option<ManagedProcess>,
     pub backnet: Option<TestNetns>,
@@ -483,6 +489,7 @@ impl FleetHub {
             replicas: Vec::new(),
             relay_netns: None,
             relay_name: None,
+            relay_metrics: None,
             etcd: None,
             backnet: None,
             etcd_dir: None,
@@ -519,20 +526,14 @@ impl FleetHub {
             args.extend(store_args.iter().cloned());
             args.extend(os(&["serve", "--listen", &format!("{ip}:{HUB_API_PORT}")]));
             if relay && i == replicas - 1 {
-                let name = format!("fr{}x{}", std::process::id(), seq());
-                let rns = quiet_netns("ccrelay", true)?;
+                let metrics = format!("{ip}:{RELAY_METRICS_PORT}");
                 args.extend(os(&[
                     "--relay-listen",
                     &format!("{ip}:{RELAY_PORT}"),
-                    "--relay-name",
-                    &name,
-                    "--wg-backend",
-                    "userspace",
+                    "--relay-metrics-address",
+                    &metrics,
                 ]));
-                args.push("--relay-netns".into());
-                args.push(rns.path().into());
-                hub.relay_netns = Some(rns);
-                hub.relay_name = Some(name);
+                hub.relay_metrics = Some((netns.path(), metrics));
             }
             let process = ManagedProcess::new(
                 &format!("fleet-hub cc{i}"),
@@ -615,14 +616,31 @@ impl FleetHub {
         }
     }
 
-    /// `wg show <relay interface> <what>` (through its UAPI socket).
-    pub fn relay_wg_show(&self, what: &str) -> Result<String> {
-        let name = self
-            .relay_name
-            .as_deref()
+    /// The relay's Prometheus metrics text (fetched from inside the relay replica's netns).
+    pub fn relay_metrics(&self) -> Result<String> {
+        let (netns, addr) = self
+            .relay_metrics
+            .as_ref()
             .ok_or_else(|| Error::Invalid("the hub runs no relay".into()))?;
-        let out = run_command(Command::new("wg").args(["show", name, what]))?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let out = run_command(
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["--", "busybox", "wget", "-q", "-O", "-"])
+                .arg(format!("http://{addr}/metrics")),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The public keys (base64) of the members the relay forwards for.
+    pub fn relay_members(&self) -> Result<Vec<String>> {
+        let text = self.relay_metrics()?;
+        let prefix = "fleetboard_relay_peer_received_bytes_total{peer=\"";
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_string)
+            .collect())
     }
 
     /// The first replica's API address.

@@ -521,6 +521,186 @@ fn fault_hub_killed_traffic_flows_and_restart_resyncs_without_duplicates() {
     exchange(&fleet, &server, &client);
 }
 
+/// Issue 12 item 1: the relay process killed (`kill -9`; `fleet-hub serve` starts it again,
+/// a new instance that knows no member's address nor any session). aa and bb are idle, and
+/// bb then only receives (aa pings it; bb sends nothing until a request reaches it): traffic
+/// reaches bb and comes back within 5 s, then flows from bb too. Before the relay carried an
+/// instance that the gateways react to, bb was cut off until its next rekey (58.7 s after
+/// 60 s idle, bound 120 s).
+#[test]
+fn fault_relay_restarted_an_idle_receiving_member_is_reached_within_5s() {
+    require_root("fault_relay_restarted_an_idle_receiving_member_is_reached_within_5s");
+    let (fleet, server, client, _) = talking_fleet(false);
+    let relay_pid_file = fleet
+        .hub
+        .replicas
+        .last()
+        .unwrap()
+        .data_dir()
+        .join("relay.pid");
+    let relay_pid = || -> Option<i32> {
+        std::fs::read_to_string(&relay_pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let before = relay_pid().expect("relay.pid");
+    // Idle: both tunnels through the relay have sessions, nobody sends.
+    std::thread::sleep(Duration::from_secs(5));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let took = fleet
+        .time_until_ping(&server, &client, t0, Duration::from_secs(60))
+        .unwrap();
+    let restarted = relay_pid().is_some_and(|p| p != before);
+    println!(
+        "RECOVERY relay kill -9 -> restarted by the hub -> aa reaches idle, receive-only bb \
+         after {took:?}"
+    );
+    assert!(restarted, "the hub did not restart the relay");
+    assert!(
+        took <= Duration::from_secs(5),
+        "recovery took {took:?} (> 5 s)"
+    );
+    let back = fleet
+        .time_until_ping(&client, &server, Instant::now(), Duration::from_secs(10))
+        .unwrap();
+    println!("... and bb reaches aa {back:?} later");
+    exchange(&fleet, &server, &client);
+}
+
+/// The path (`direct` / `relay`) and since-when the gateway record in `fleetctl status --json`
+/// (as `member` sees it) gives for the peer with key `peer`.
+fn peer_path(fleet: &SandboxFleet, member: &str, peer: &str) -> Option<(String, Option<u64>)> {
+    fn walk(v: &serde_json::Value, peer: &str) -> Option<(String, Option<u64>)> {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("public_key").and_then(|k| k.as_str()) == Some(peer)
+                    && let Some(path) = map.get("path").and_then(|p| p.as_str())
+                {
+                    return Some((
+                        path.to_string(),
+                        map.get("path_since").and_then(|s| s.as_u64()),
+                    ));
+                }
+                map.values().find_map(|x| walk(x, peer))
+            }
+            serde_json::Value::Array(items) => items.iter().find_map(|x| walk(x, peer)),
+            _ => None,
+        }
+    }
+    walk(&fleet.status_json(member).ok()?, peer)
+}
+
+/// Applies (or with `None` removes) an nftables table `fe2e_block` in `member`'s router.
+fn router_block(fleet: &SandboxFleet, member: &str, rule: Option<&str>) {
+    use std::io::Write;
+    let ruleset = match rule {
+        Some(r) => format!(
+            "table ip fe2e_block {{\n chain pre {{\n type filter hook prerouting priority -150;\n {r}\n }}\n}}\n"
+        ),
+        None => "delete table ip fe2e_block\n".to_string(),
+    };
+    let mut child = fleet
+        .member(member)
+        .router
+        .netns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ruleset.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft {ruleset}");
+}
+
+/// Issue 12 item 2: aa public, bb behind NAT, talking directly. aa's router loses its port
+/// forward (only UDP from the hub passes; aa's own packets still reach bb, so the break is
+/// one-way): traffic moves to the relay within 5 s and both gateways' records say `relay`;
+/// with the forward back, bb's next probe returns them to the direct path. Before: no packet
+/// either way for 60-90 s, no fallback, status unchanged.
+#[test]
+fn fault_direct_path_broken_falls_back_to_the_relay_within_5s_and_returns() {
+    require_root("fault_direct_path_broken_falls_back_to_the_relay_within_5s_and_returns");
+    let mut fleet = SandboxFleet::builder()
+        .member("aa", MemberOpts::public(2))
+        .member("bb", MemberOpts::nat(2))
+        .start()
+        .unwrap();
+    fleet.start_controllers(false).unwrap();
+    let (server, client) = pods(&fleet);
+    let aa_key = fleet.member("aa").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    let bb_key = fleet.member("bb").controllers[0]
+        .wg_show("public-key")
+        .unwrap();
+    let direct = |m: &str, k: &str, want: &str| {
+        poll_until(
+            &format!("{m}'s record: the peer's path {want}"),
+            Duration::from_secs(30),
+            || peer_path(&fleet, m, k).filter(|(p, _)| p == want),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}", fleet.status_json(m)))
+    };
+    direct("bb", &aa_key, "direct");
+    direct("aa", &bb_key, "direct");
+
+    router_block(
+        &fleet,
+        "aa",
+        Some(&format!(
+            "iifname \"wan0\" udp dport {RELAY_PORT} ip saddr != {HUB_IP} drop"
+        )),
+    );
+    let t0 = Instant::now();
+    let took = fleet
+        .time_until_ping(&client, &server, t0, Duration::from_secs(60))
+        .unwrap();
+    println!(
+        "RECOVERY direct path broken (aa's port forward gone) -> ping through the relay after {took:?}"
+    );
+    let (path, since) = direct("bb", &aa_key, "relay");
+    println!("bb's record: aa via {path} since {since:?}");
+    assert!(since.is_some());
+    direct("aa", &bb_key, "relay");
+    exchange(&fleet, &server, &client);
+    assert!(
+        took <= Duration::from_secs(5),
+        "fallback took {took:?} (> 5 s)"
+    );
+
+    router_block(&fleet, "aa", None);
+    let t1 = Instant::now();
+    direct("bb", &aa_key, "direct");
+    direct("aa", &bb_key, "direct");
+    println!(
+        "the direct path works again -> records say direct after {:?}",
+        t1.elapsed()
+    );
+    // And the traffic takes it: tunnel packets between the two members' public addresses.
+    let capture = fleet.internet.capture(Duration::from_secs(60)).unwrap();
+    exchange(&fleet, &server, &client);
+    let packets = capture.finish().unwrap();
+    assert!(
+        packets
+            .ip()
+            .any(|p| p.is_udp() && p.involves("203.0.113.21") && p.involves("203.0.113.22")),
+        "no direct tunnel packet:\n{}",
+        packets.text
+    );
+}
+
 /// `node name -> subnet` from `fleetctl status --json` (objects with `name` and `subnet`).
 fn node_subnets(v: &serde_json::Value) -> BTreeMap<String, String> {
     fn walk(v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
@@ -607,8 +787,7 @@ fn fault_member_restart_keeps_block_and_key() {
 }
 
 /// aa removed at the hub (`fleet-hub cluster remove aa`): its routes disappear from bb's
-/// nodes, its peer from the relay (bb's gateway peers only with the relay, whose allowed IPs
-/// are the fleet CIDR), and traffic stops.
+/// nodes, its peer from bb's gateway and from the relay's members, and traffic stops.
 #[test]
 fn fault_member_removed_its_routes_and_peers_disappear() {
     require_root("fault_member_removed_its_routes_and_peers_disappear");
@@ -618,14 +797,14 @@ fn fault_member_removed_its_routes_and_peers_disappear() {
         .wg_show("public-key")
         .unwrap();
     let bb = fleet.member("bb");
-    // The non-gateway node routes aa's block over the overlay to the gateway node; the relay
-    // has aa as a peer with its block.
+    // The non-gateway node routes aa's block over the overlay to the gateway node; bb's
+    // gateway has aa as a peer (end to end, through the relay) with its block; the relay
+    // forwards for aa.
     assert!(bb.cnf_routes(1).contains(&aa_block), "{}", bb.cnf_routes(1));
-    let relay = fleet.hub.relay_wg_show("allowed-ips").unwrap();
-    assert!(
-        relay.contains(&aa_key) && relay.contains(&aa_block),
-        "{relay}"
-    );
+    let gw = bb.controllers[0].wg_show("allowed-ips").unwrap();
+    assert!(gw.contains(&aa_key) && gw.contains(&aa_block), "{gw}");
+    let members = fleet.hub.relay_members().unwrap();
+    assert!(members.contains(&aa_key), "{members:?}");
     let out = fleet.hub.remove_cluster("aa").unwrap();
     println!("cluster remove aa: {out}");
     poll_until(
@@ -634,22 +813,18 @@ fn fault_member_removed_its_routes_and_peers_disappear() {
         || {
             let bb = fleet.member("bb");
             let routes_gone = (0..bb.nodes.len()).all(|n| !bb.cnf_routes(n).contains(&aa_block));
-            let relay = fleet.hub.relay_wg_show("allowed-ips").ok()?;
+            let members = fleet.hub.relay_members().ok()?;
             let gw = bb.controllers[0].wg_show("allowed-ips").ok()?;
-            (routes_gone
-                && !relay.contains(&aa_key)
-                && !relay.contains(&aa_block)
-                && !gw.contains(&aa_key))
-            .then_some(())
+            (routes_gone && !members.contains(&aa_key) && !gw.contains(&aa_key)).then_some(())
         },
     )
     .unwrap_or_else(|e| {
         let bb = fleet.member("bb");
         panic!(
-            "{e}\n{}\n{}\nrelay: {:?}",
+            "{e}\n{}\n{}\nrelay members: {:?}",
             bb.cnf_routes(0),
             bb.cnf_routes(1),
-            fleet.hub.relay_wg_show("allowed-ips")
+            fleet.hub.relay_members()
         )
     });
     assert!(!fleet.ping(&client, &server.fleet_ip, 1), "aa is gone");

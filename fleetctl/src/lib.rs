@@ -241,6 +241,8 @@ mod tests {
                 last_handshake: Some(95),
                 rx_bytes: 2048,
                 tx_bytes: 10,
+                path: None,
+                path_since: None,
             }],
         };
         let rec = |owner: &ClusterId, name: &str, value: Vec<u8>| MemberRecord {
@@ -293,6 +295,7 @@ mod tests {
                 public_key: relay_key,
                 endpoint: "203.0.113.1:51820".parse().unwrap(),
                 expires_at: 0,
+                instance: String::new(),
             }],
             revision: 42,
         }

@@ -163,6 +163,11 @@ pub struct RelayRecord {
     /// expired.
     #[serde(default)]
     pub expires_at: u64,
+    /// New at every start of the relay process: a member that sees it change resets its
+    /// sessions through the relay (the new process knows no member's address nor any session
+    /// index). Empty from a relay that predates it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 impl RelayRecord {

@@ -55,6 +55,12 @@ pub struct GatewayPeerRecord {
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// `direct` or `relay`: the path the peer's packets take now (absent from older members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Unix seconds since when that path is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_since: Option<u64>,
 }
 
 /// Record name prefix of the service exports.
@@ -318,12 +324,16 @@ mod tests {
                 last_handshake: None,
                 rx_bytes: 1,
                 tx_bytes: 2,
+                path: Some("relay".into()),
+                path_since: Some(5),
             }],
         };
         let v = serde_json::to_value(&g).unwrap();
         assert_eq!(v["listen_port"], 51820);
         assert!(v["peers"][0]["endpoint"].is_null());
         assert!(v["peers"][0]["last_handshake"].is_null());
+        assert_eq!(v["peers"][0]["path"], "relay");
+        assert_eq!(v["peers"][0]["path_since"], 5);
         assert_eq!(serde_json::from_value::<GatewayRecord>(v).unwrap(), g);
         assert_eq!(node_record_name("aa-1"), "node/aa-1");
     }

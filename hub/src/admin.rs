@@ -150,6 +150,16 @@ pub async fn token_revoke(
 
 /// A client of a serving hub with the admin credential and CA from its data dir.
 pub fn admin_client(hub: &str, data_dir: &std::path::Path) -> Result<HubClient, AdminError> {
+    admin_client_with(hub, data_dir, ClientOptions::default())
+}
+
+/// [`admin_client`] with other client options (the relay lists and watches only the
+/// clusters and relays: [`fleet_hub_api::model::FleetScope::Clusters`]).
+pub fn admin_client_with(
+    hub: &str,
+    data_dir: &std::path::Path,
+    options: ClientOptions,
+) -> Result<HubClient, AdminError> {
     let read = |name: &str, what: &'static str| {
         let path = data_dir.join(name);
         std::fs::read_to_string(&path).map_err(|e| AdminError::Identity {
@@ -167,7 +177,7 @@ pub fn admin_client(hub: &str, data_dir: &std::path::Path) -> Result<HubClient, 
         .map_err(|e| bad("CA certificate", "ca.pem", e.to_string()))?;
     let credential = Credential::parse(&read("admin.credential", "admin credential")?)
         .ok_or_else(|| bad("admin credential", "admin.credential", "malformed".into()))?;
-    Ok(HubClient::new([hub], ca, ClientOptions::default())?.with_credential(credential))
+    Ok(HubClient::new([hub], ca, options)?.with_credential(credential))
 }
 
 /// `token create` against a serving hub: the join string on `out`.

@@ -117,26 +117,18 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RelayFlags {
-    /// Serve the relay process's Prometheus metrics (per-peer handshake age and bytes) on
-    /// http://ADDRESS/metrics, in the netns the relay process runs in; off if unset.
+    /// Serve the relay process's Prometheus metrics (per-member session age and bytes,
+    /// datagrams forwarded and dropped) on http://ADDRESS/metrics, in the netns the relay
+    /// process runs in; off if unset.
     #[arg(long, value_name = "IP:PORT", requires = "relay_listen")]
     relay_metrics_address: Option<std::net::SocketAddr>,
-    /// Run the relay: its WireGuard device listens on this UDP port (WireGuard binds every
-    /// address; the IP is the default --relay-endpoint).
+    /// Run the relay: it forwards members' WireGuard datagrams from this UDP address (its IP
+    /// is the default --relay-endpoint).
     #[arg(long)]
     relay_listen: Option<std::net::SocketAddr>,
     /// What members dial to reach the relay (default: --relay-listen).
     #[arg(long, requires = "relay_listen")]
     relay_endpoint: Option<std::net::SocketAddr>,
-    /// Netns of the relay's interface (default: named netns fleet-hub-relay, made by the hub).
-    #[arg(long, requires = "relay_listen")]
-    relay_netns: Option<PathBuf>,
-    /// Relay interface name; host-unique (it names the UAPI socket).
-    #[arg(long, default_value = fleet_hub::relay::DEFAULT_RELAY_NAME)]
-    relay_name: String,
-    /// WireGuard backend of the relay: auto, kernel or userspace.
-    #[arg(long, default_value = "auto")]
-    wg_backend: String,
     /// Lifetime of the relay's record at the hub (<n>ms or <n>s, at least 300ms): the relay
     /// renews it every third of that; if it stops (its host died), any serving replica
     /// removes the record after this long and members switch to another relay.
@@ -149,19 +141,8 @@ impl RelayFlags {
         let Some(listen) = self.relay_listen else {
             return Ok(None);
         };
-        let backend = match self.wg_backend.as_str() {
-            "auto" => None,
-            other => Some(
-                other
-                    .parse()
-                    .context("--wg-backend: use auto, kernel or userspace")?,
-            ),
-        };
         let mut options = RelayOptions::new(listen, data_dir);
         options.endpoint = self.relay_endpoint.unwrap_or(listen);
-        options.netns = self.relay_netns.clone();
-        options.name = self.relay_name.clone();
-        options.backend = backend;
         options.ttl = self.relay_ttl;
         options.metrics_address = self.relay_metrics_address;
         Ok(Some(options))
@@ -237,7 +218,15 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         let options = relay
             .options(&flags.data_dir)?
             .context("`relay` needs --relay-listen IP:PORT")?;
-        let client = admin::admin_client(hub, &flags.data_dir)?;
+        // The relay needs the members' keys and the relays, not their records.
+        let client = admin::admin_client_with(
+            hub,
+            &flags.data_dir,
+            fleet_hub_api::client::ClientOptions {
+                scope: fleet_hub_api::model::FleetScope::Clusters,
+                ..Default::default()
+            },
+        )?;
         fleet_hub::relay::process::run_until_signal(client, options, &flags.data_dir).await?;
         return Ok(());
     }

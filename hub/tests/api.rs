@@ -833,6 +833,7 @@ async fn relays_and_the_fleet_cidr_reach_members() {
         public_key: key(9),
         endpoint: "192.0.2.1:51820".parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     let (_, relay) = hub
         .registry
@@ -966,6 +967,7 @@ async fn relays_that_stop_renewing_are_swept_and_watchers_see_one_removal() {
         public_key: key(n),
         endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     let (dead, live) = (relay(7), relay(8));
     let ttl = Duration::from_secs(6);
@@ -1066,6 +1068,7 @@ async fn a_dead_replicas_relay_is_swept_by_the_survivor() {
         public_key: key(n),
         endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     // A relay process: renews every TTL/3 through its replica's API, until aborted.
     let renewing = |admin: HubClient, record: RelayRecord| {
@@ -1153,6 +1156,7 @@ async fn a_restarted_lone_hub_does_not_sweep_its_live_relay() {
         public_key: key(5),
         endpoint: "192.0.2.5:51820".parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     let relay = {
         let (admin, record) = (admin.clone(), record.clone());

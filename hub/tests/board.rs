@@ -95,6 +95,7 @@ async fn the_board_draws_the_fleet_and_follows_it_live_in_a_real_browser() {
                 public_key: relay_key,
                 endpoint: "203.0.113.1:51820".parse().unwrap(),
                 expires_at: 0,
+                instance: String::new(),
             },
             Duration::from_secs(3600),
         )

@@ -1,19 +1,23 @@
 //! The hub's relay, for real (root): `fleet-hub serve --relay-listen ...` in a netns of its
-//! own ("the hub host"), its relay interface in another netns, and two fake members — plain
-//! fleet-gateway userspace devices in their own netns that join through `HubClient` and peer
-//! only with the relay (allowed IPs = the fleet CIDR). Member A pings member B's block address
-//! through the relay; the API process is killed and the pings go on (the relay is its own
-//! process), the restarted hub adopts the relay; once B is removed from the fleet the relay
-//! drops B and the ping stops; SIGTERM takes the relay down.
+//! own ("the hub host") and two fake members — plain fleet-gateway userspace devices in their
+//! own netns that join through `HubClient`. Each member's [`Follower`] does what the
+//! controller and `fleet-nri` do: it peers the device with the first relay by id (its key, no
+//! allowed IPs, keepalive) and with every other member end to end (the member's key and
+//! block, endpoint = the relay), and resets those sessions when the relay's instance changes.
+//! Member A pings member B's block address through the relay, which only forwards their
+//! WireGuard datagrams: a capture at the hub shows only WireGuard messages between the
+//! members' keys, none of which the relay's key opens. The API process is killed and the
+//! pings go on (the relay is its own process), the restarted hub adopts the relay; the relay
+//! killed, the hub restarts it and traffic resumes within seconds; once B is removed from the
+//! fleet the relay drops B and the ping stops; SIGTERM takes the relay down.
 //!
 //! The fail-over test: two replicas on one etcd (in the hub netns), each with its relay; the
-//! fake members' controllers use the first relay by id; that replica's host dies (kill -9 of
-//! both its processes) and the members move to the other relay once its record expires.
+//! fake members use the first relay by id; that replica's host dies (kill -9 of both its
+//! processes) and the members move to the other relay once its record expires.
 //!
 //! ```text
 //!  netns A (192.0.2.2) ──veth──┐            ┌──veth── netns B (192.0.2.3)
 //!   fha<pid> 100.96.0.1/20     br0 192.0.2.1 (netns H: fleet-hub serve, relay UDP :51820)
-//!                                   │ relay interface in netns R (forwarding, no redirects)
 //! ```
 
 use std::fs::File;
@@ -21,11 +25,14 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey};
+use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey, WireguardDevice};
 use fleet_hub::api::{CaHash, Credential, JoinString};
 use fleet_hub::registry::{ClusterId, JoinRequest, PublicKey};
+use fleet_hub::relay::forward::{INIT_MAC1, RESPONSE_MAC1, mac1_key, mac1_matches};
 use fleet_hub_api::client::{ClientOptions, HubClient};
 
 const HUB_IP: &str = "192.0.2.1";
@@ -165,8 +172,6 @@ struct HubInNetns {
     child: Option<Child>,
     dir: tempfile::TempDir,
     netns: PathBuf,
-    relay_netns: PathBuf,
-    relay_name: String,
     /// API and relay IP.
     ip: String,
     relay_port: u16,
@@ -175,19 +180,12 @@ struct HubInNetns {
 }
 
 impl HubInNetns {
-    fn start(hub: &Netns, relay_netns: &Netns, relay_name: &str) -> HubInNetns {
-        Self::replica(hub, relay_netns, relay_name, HUB_IP, RELAY_PORT, &[])
+    fn start(hub: &Netns) -> HubInNetns {
+        Self::replica(hub, HUB_IP, RELAY_PORT, &[])
     }
 
     /// A hub (replica) at `ip` (API :7443, relay UDP :`relay_port`) with store flags `store`.
-    fn replica(
-        hub: &Netns,
-        relay_netns: &Netns,
-        relay_name: &str,
-        ip: &str,
-        relay_port: u16,
-        store: &[&str],
-    ) -> HubInNetns {
+    fn replica(hub: &Netns, ip: &str, relay_port: u16, store: &[&str]) -> HubInNetns {
         let mut hub = HubInNetns {
             child: None,
             dir: tempfile::Builder::new()
@@ -195,8 +193,6 @@ impl HubInNetns {
                 .tempdir()
                 .unwrap(),
             netns: hub.path(),
-            relay_netns: relay_netns.path(),
-            relay_name: relay_name.to_string(),
             ip: ip.to_string(),
             relay_port,
             store: store.iter().map(|s| s.to_string()).collect(),
@@ -226,17 +222,9 @@ impl HubInNetns {
                 "--relay-listen",
                 &format!("{}:{}", self.ip, self.relay_port),
             ])
-            .arg("--relay-netns")
-            .arg(&self.relay_netns)
             .args([
                 "--relay-metrics-address",
                 &format!("{}:{RELAY_METRICS_PORT}", self.ip),
-            ])
-            .args([
-                "--relay-name",
-                &self.relay_name,
-                "--wg-backend",
-                "userspace",
             ])
             .env("FLEET_LOG", "info")
             .stdin(Stdio::null())
@@ -357,273 +345,6 @@ fn wire(hub: &Netns, ns: &Netns, tag: &str, addr: &str) {
     ns.ip(&["link", "set", "ul0", "up"]);
 }
 
-struct Member {
-    id: ClusterId,
-    client: HubClient,
-    address: String,
-    device: Box<dyn fleet_gateway::WireguardDevice>,
-}
-
-/// A fake member in `ns`: a key, a join through the hub's API, a userspace WireGuard device
-/// with the first address of its block, peered with the relay for the whole fleet CIDR.
-async fn member(ns: &Netns, name: &str, join: &JoinString, wg_name: &str) -> Member {
-    let key = PrivateKey::generate();
-    let client = HubClient::new([format!("{HUB_IP}:{API_PORT}")], join.ca_hash, options()).unwrap();
-    let request = JoinRequest {
-        cluster: ClusterId::new(name).unwrap(),
-        public_key: PublicKey::from_bytes(*key.public_key().as_bytes()),
-        endpoint: None,
-    };
-    let (joined, view) = ns.block_on({
-        let client = client.clone();
-        let join = join.clone();
-        async move {
-            let joined = client.join(&join, request).await.unwrap();
-            let view = client.list().await.unwrap();
-            (joined, view)
-        }
-    });
-    assert_eq!(
-        view.relays.len(),
-        1,
-        "the hub published its relay: {view:?}"
-    );
-    let relay = &view.relays[0];
-    assert_eq!(relay.endpoint.to_string(), format!("{HUB_IP}:{RELAY_PORT}"));
-    let block = joined.record.block;
-    let first = std::net::Ipv4Addr::from(u32::from(block.network()) + 1);
-    let address = format!("{first}/{}", block.prefix());
-    let device = fleet_gateway::create_device(
-        BackendKind::Userspace,
-        DeviceConfig {
-            name: wg_name.into(),
-            netns: ns.path(),
-            underlay_netns: None,
-            private_key: key,
-            listen_port: RELAY_PORT,
-            mtu: 1420,
-            addresses: vec![address.parse().unwrap()],
-        },
-    )
-    .await
-    .unwrap();
-    device
-        .set_peers(&[Peer {
-            public_key: fleet_gateway::PublicKey::from_bytes(*relay.public_key.as_bytes()),
-            endpoint: Some(relay.endpoint),
-            allowed_ips: vec![ipnetwork::IpNetwork::V4(view.fleet_cidr)],
-            persistent_keepalive: Some(1),
-        }])
-        .await
-        .unwrap();
-    Member {
-        id: joined.record.id,
-        client,
-        address: first.to_string(),
-        device,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
-    require_root();
-    // The relay outlives a killed hub process; orphaned, it becomes ours to reap.
-    nix::sys::prctl::set_child_subreaper(true).unwrap();
-    let pid = std::process::id();
-    let hub_ns = Netns::new("h");
-    let relay_ns = Netns::new("r");
-    let a_ns = Netns::new("a");
-    let b_ns = Netns::new("b");
-    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
-    hub_ns.ip(&["addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
-    hub_ns.ip(&["link", "set", "br0", "up"]);
-    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
-    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
-
-    let relay_name = format!("fhr{pid}");
-    let mut hub = HubInNetns::start(&hub_ns, &relay_ns, &relay_name);
-    wait_for_relay(&mut hub, &a_ns);
-    let admin = HubClient::new([format!("{HUB_IP}:{API_PORT}")], hub.ca_hash(), options())
-        .unwrap()
-        .with_credential(hub.admin_credential());
-
-    // The relay's interface is in the relay netns with forwarding on and redirects off; its
-    // UDP socket is in the hub's netns (the relay netns has no uplink at all).
-    relay_ns.ip(&["link", "show", &relay_name]);
-    assert_eq!(
-        relay_ns
-            .exec(&["cat", "/proc/sys/net/ipv4/ip_forward"])
-            .trim(),
-        "1"
-    );
-    assert_eq!(
-        relay_ns
-            .exec(&["cat", "/proc/sys/net/ipv4/conf/all/send_redirects"])
-            .trim(),
-        "0"
-    );
-    assert!(
-        hub_ns.has_udp_port(RELAY_PORT),
-        "relay UDP in the hub netns"
-    );
-    assert!(
-        !relay_ns.has_udp_port(RELAY_PORT),
-        "no UDP in the relay netns"
-    );
-    let key_mode = std::fs::metadata(hub.data_dir().join("relay.key")).unwrap();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
-        0o600
-    );
-
-    let (join, _) = {
-        let admin = admin.clone();
-        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
-            .unwrap()
-    };
-    let a = member(&a_ns, "aa", &join, &format!("fha{pid}")).await;
-    let b = member(&b_ns, "bb", &join, &format!("fhb{pid}")).await;
-    assert_ne!(a.address, b.address);
-
-    // A -> relay -> B and back: ICMP between the two blocks.
-    let reached = eventually(Duration::from_secs(20), || {
-        a_ns.ping(&a.address, &b.address)
-    });
-    assert!(
-        reached,
-        "A could not reach B through the relay; hub log:\n{}",
-        hub.log()
-    );
-    assert!(b_ns.ping(&b.address, &a.address), "and B reaches A");
-
-    // The relay's /metrics (scraped from the hub's netns): both peers, with a handshake and
-    // bytes each way.
-    let scrape = relay_metrics(&hub);
-    let relay_value = |name: &str, peer: Option<&str>| -> Vec<f64> {
-        scrape
-            .samples
-            .iter()
-            .filter(|x| x.metric == name && peer.is_none_or(|p| x.labels.get("peer") == Some(p)))
-            .filter_map(|x| match x.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => Some(v),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(relay_value("fleetboard_relay_peers", None), vec![2.0]);
-    let ages = relay_value("fleetboard_relay_peer_handshake_age_seconds", None);
-    assert!(
-        ages.len() == 2 && ages.iter().all(|a| *a < 60.0),
-        "{ages:?}"
-    );
-    let received = relay_value("fleetboard_relay_peer_received_bytes_total", None);
-    assert!(
-        received.len() == 2 && received.iter().all(|b| *b > 0.0),
-        "{received:?}"
-    );
-
-    // The API process killed: the relay is its own process and keeps relaying.
-    let relay_pid = hub.relay_pid().expect("relay.pid");
-    hub.kill9();
-    // Running (a zombie — exited, its new parent not yet reaping — does not count).
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-    };
-    assert!(alive(relay_pid), "the relay outlives a killed hub");
-    for _ in 0..5 {
-        assert!(
-            a_ns.ping(&a.address, &b.address),
-            "relayed traffic stopped with the hub killed; log:\n{}",
-            hub.log()
-        );
-    }
-    // The hub restarts and adopts the running relay (no second one).
-    hub.spawn();
-    wait_for_relay(&mut hub, &a_ns);
-    assert_eq!(hub.relay_pid(), Some(relay_pid));
-    assert!(
-        hub.log().contains("adopted the running relay"),
-        "{}",
-        hub.log()
-    );
-
-    // The relay itself killed: the hub starts it again (same key, so members need no change).
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(relay_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
-    let restarted = eventually(Duration::from_secs(15), || {
-        hub.relay_pid().is_some_and(|p| p != relay_pid && alive(p))
-    });
-    assert!(
-        restarted,
-        "the relay was not restarted; log:\n{}",
-        hub.log()
-    );
-    let relay_pid = hub.relay_pid().unwrap();
-    let reached = eventually(Duration::from_secs(20), || {
-        a_ns.ping(&a.address, &b.address)
-    });
-    assert!(
-        reached,
-        "no traffic through the restarted relay; log:\n{}",
-        hub.log()
-    );
-
-    // The admin removes B: the relay (its watch resumed against the restarted hub) drops B's
-    // peer, and A's pings stop.
-    let removed = {
-        let admin = admin.clone();
-        let id = b.id.clone();
-        a_ns.block_on(async move { admin.remove_cluster(&id).await })
-    };
-    assert!(removed.unwrap());
-    let stopped = eventually(Duration::from_secs(15), || {
-        !a_ns.ping(&a.address, &b.address)
-    });
-    assert!(stopped, "traffic to a removed member still flows");
-    // ... and stays stopped (B's keepalives no longer reach a peer at the relay).
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(!a_ns.ping(&a.address, &b.address));
-    let (a_client, b_client) = (a.client.clone(), b.client.clone());
-    let (a_view, b_refused) = a_ns.block_on(async move {
-        (
-            a_client.list().await.unwrap(),
-            b_client.list().await.unwrap_err(),
-        )
-    });
-    assert_eq!(a_view.clusters.len(), 1, "only A is left");
-    assert_eq!(
-        b_refused.code(),
-        Some(fleet_hub::api::ErrorCode::Unauthenticated)
-    );
-
-    // SIGTERM: the relay's device goes (interface and UAPI socket), the hub exits cleanly.
-    let status = hub.stop().expect("the hub was running");
-    assert!(status.success(), "{status}; log:\n{}", hub.log());
-    assert!(
-        Command::new("ip")
-            .args(["-n", &relay_ns.name, "link", "show", &relay_name])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| !s.success()),
-        "the relay interface is deleted on shutdown"
-    );
-    assert!(!Path::new(&format!("/var/run/wireguard/{relay_name}.sock")).exists());
-    assert!(hub.log().contains("relay stopped"), "{}", hub.log());
-    assert!(!alive(relay_pid), "the relay process is gone");
-    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
-    assert!(!hub.data_dir().join("relay.pid").exists());
-    a.device.delete().await.unwrap();
-    b.device.delete().await.unwrap();
-}
-
 /// etcd inside `ns` (its 127.0.0.1:2379), stopped by PID on drop.
 struct EtcdInNetns {
     child: Child,
@@ -686,24 +407,48 @@ impl Drop for EtcdInNetns {
     }
 }
 
-/// A fake member's controller: follows the hub's view (list + watch, through any replica)
-/// and peers its device with the first relay by id, switching when relays come and go.
+/// A fake member's controller + gateway daemon: polls the hub's view (through any replica)
+/// and keeps the device's peers as the controller plans them — the first relay by id (its
+/// key, no allowed IPs, keepalive 1 s) and every other cluster end to end through that relay
+/// — and, like `fleet-nri`, resets the sessions through the relay when its instance changes
+/// and re-adds peers that have no handshake yet every second (for 15 s after a change).
 struct Follower {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The relay id it currently uses.
-    current: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    current: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// The peers the controller plans for `own` (see `fleet_controller::plan::wireguard_peers`).
+fn planned_peers(view: &fleet_hub_api::model::FleetView, own: &ClusterId) -> Vec<Peer> {
+    let Some(relay) = view.relays.iter().min_by_key(|r| r.id.clone()) else {
+        return Vec::new();
+    };
+    let key = |k: &PublicKey| fleet_gateway::PublicKey::from_bytes(*k.as_bytes());
+    let mut peers = vec![Peer {
+        public_key: key(&relay.public_key),
+        endpoint: Some(relay.endpoint),
+        allowed_ips: Vec::new(),
+        persistent_keepalive: Some(1),
+    }];
+    for c in view.clusters.iter().filter(|c| &c.id != own) {
+        peers.push(Peer {
+            public_key: key(&c.public_key),
+            endpoint: Some(relay.endpoint),
+            allowed_ips: vec![ipnetwork::IpNetwork::V4(c.block)],
+            persistent_keepalive: Some(1),
+        });
+    }
+    peers
 }
 
 impl Follower {
     fn start(
         ns: &Netns,
         client: HubClient,
-        device: std::sync::Arc<dyn fleet_gateway::WireguardDevice>,
+        device: Arc<dyn WireguardDevice>,
+        own: ClusterId,
     ) -> Follower {
-        use futures::StreamExt;
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let current = Arc::new(std::sync::Mutex::new(None));
         let file = File::open(ns.path()).unwrap();
@@ -715,64 +460,56 @@ impl Follower {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let mut used: Option<fleet_hub::RelayRecord> = None;
+                let mut applied: Vec<Peer> = Vec::new();
+                let mut relay_seen: Option<(String, String)> = None;
+                let mut changed_at: Option<Instant> = None;
+                let mut kicked_at = Instant::now();
                 while !stop2.load(Ordering::SeqCst) {
-                    let Ok(view) = client.list().await else {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    };
-                    let mut relays: std::collections::BTreeMap<String, fleet_hub::RelayRecord> =
-                        view.relays.into_iter().map(|r| (r.id.clone(), r)).collect();
-                    let mut events = Box::pin(client.watch(view.revision));
-                    loop {
-                        let first = relays.values().next().cloned();
-                        let changed = match (&first, &used) {
-                            (Some(f), Some(u)) => !f.same_relay(u),
-                            (None, None) => false,
-                            _ => true,
-                        };
-                        if changed {
-                            let peers: Vec<Peer> = first
-                                .iter()
-                                .map(|r| Peer {
-                                    public_key: fleet_gateway::PublicKey::from_bytes(
-                                        *r.public_key.as_bytes(),
-                                    ),
-                                    endpoint: Some(r.endpoint),
-                                    allowed_ips: vec![ipnetwork::IpNetwork::V4(view.fleet_cidr)],
-                                    persistent_keepalive: Some(1),
-                                })
-                                .collect();
+                    if let Ok(Ok(view)) =
+                        tokio::time::timeout(Duration::from_secs(2), client.list()).await
+                    {
+                        let peers = planned_peers(&view, &own);
+                        let relay = view
+                            .relays
+                            .iter()
+                            .min_by_key(|r| r.id.clone())
+                            .map(|r| (r.id.clone(), r.instance.clone()));
+                        if peers != applied {
                             device.set_peers(&peers).await.unwrap();
-                            *current2.lock().unwrap() = first.as_ref().map(|r| r.id.clone());
-                            used = first;
+                            applied = peers;
+                            changed_at = Some(Instant::now());
                         }
-                        let event = tokio::select! {
-                            event = events.next() => event,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                                if stop2.load(Ordering::SeqCst) {
-                                    return;
-                                }
-                                continue;
-                            }
-                        };
-                        match event {
-                            Some(Ok(fleet_hub::registry::RegistryEvent::RelayUpserted {
-                                record,
-                                ..
-                            })) => {
-                                relays.insert(record.id.clone(), record);
-                            }
-                            Some(Ok(fleet_hub::registry::RegistryEvent::RelayRemoved {
-                                id,
-                                ..
-                            })) => {
-                                relays.remove(&id);
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break,
+                        if relay_seen.is_some() && relay.is_some() && relay != relay_seen {
+                            // Fresh sessions: a new relay knows no address and no index.
+                            device.set_peers(&[]).await.unwrap();
+                            device.set_peers(&applied).await.unwrap();
+                            changed_at = Some(Instant::now());
+                            kicked_at = Instant::now();
                         }
+                        *current2.lock().unwrap() = relay.as_ref().map(|(id, _)| id.clone());
+                        relay_seen = relay;
                     }
+                    if changed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(15))
+                        && kicked_at.elapsed() >= Duration::from_secs(1)
+                    {
+                        let stats = device.stats().await.unwrap();
+                        let stalled: Vec<_> = stats
+                            .iter()
+                            .filter(|s| s.last_handshake.is_none())
+                            .map(|s| s.public_key)
+                            .collect();
+                        if !stalled.is_empty() {
+                            let without: Vec<Peer> = applied
+                                .iter()
+                                .filter(|p| !stalled.contains(&p.public_key))
+                                .cloned()
+                                .collect();
+                            device.set_peers(&without).await.unwrap();
+                            device.set_peers(&applied).await.unwrap();
+                        }
+                        kicked_at = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             });
         });
@@ -790,31 +527,38 @@ impl Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-/// A member for the fail-over test: joins through any of `apis`, a userspace device with the
-/// first address of its block and no peers yet (its [`Follower`] adds the relay).
-async fn follower_member(
+/// A fake member: joins through any of `apis`, a userspace device with the first address of
+/// its block and no peers yet (its [`Follower`] adds them).
+struct Member {
+    id: ClusterId,
+    client: HubClient,
+    address: String,
+    /// Its block, e.g. `100.96.0.0/20`.
+    block: String,
+    public_key: [u8; 32],
+    device: Arc<dyn WireguardDevice>,
+}
+
+async fn member(
     ns: &Netns,
     name: &str,
     join: &JoinString,
     wg_name: &str,
     apis: &[String],
-) -> (
-    HubClient,
-    String,
-    std::sync::Arc<dyn fleet_gateway::WireguardDevice>,
-) {
+) -> Member {
     let key = PrivateKey::generate();
+    let public_key = *key.public_key().as_bytes();
     let client = HubClient::new(apis.to_vec(), join.ca_hash, options()).unwrap();
     let request = JoinRequest {
         cluster: ClusterId::new(name).unwrap(),
-        public_key: PublicKey::from_bytes(*key.public_key().as_bytes()),
+        public_key: PublicKey::from_bytes(public_key),
         endpoint: None,
     };
     let joined = ns.block_on({
@@ -838,7 +582,527 @@ async fn follower_member(
     )
     .await
     .unwrap();
-    (client, first.to_string(), std::sync::Arc::from(device))
+    Member {
+        id: joined.record.id,
+        client,
+        address: first.to_string(),
+        block: block.to_string(),
+        public_key,
+        device: Arc::from(device),
+    }
+}
+
+/// `tcpdump` on `dev` in `ns` writing a pcap of UDP port `port` (full datagrams), stopped by
+/// PID.
+struct Capture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Capture {
+    fn start(ns: &Netns, dev: &str, port: u16) -> Capture {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("ip")
+            // Immediate mode: without it libpcap hands packets over in blocks (1 s timeout),
+            // and a block still pending at SIGINT is lost.
+            .args(["netns", "exec", &ns.name, "tcpdump", "--immediate-mode"])
+            .args(["-i", dev, "-U", "-s", "0", "-w"])
+            .arg(file.path())
+            .args(["udp", "port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (scripts/install-deps.sh installs it)");
+        let capture = Capture { child, file };
+        // tcpdump writes the pcap header once it listens.
+        let ready = eventually(Duration::from_secs(10), || {
+            std::fs::metadata(capture.file.path()).is_ok_and(|m| m.len() >= 24)
+        });
+        assert!(ready, "tcpdump did not start");
+        capture
+    }
+
+    /// Stops tcpdump (SIGINT: it flushes) and returns the UDP payloads it saw, with their
+    /// source and destination ports.
+    fn finish(mut self) -> Vec<(u16, u16, Vec<u8>)> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        udp_payloads(&std::fs::read(self.file.path()).unwrap())
+    }
+}
+
+/// The UDP payloads of a classic little-endian pcap of Ethernet frames carrying IPv4.
+fn udp_payloads(raw: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= raw.len() {
+        let caplen = u32::from_le_bytes(raw[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &raw[at + 16..(at + 16 + caplen).min(raw.len())];
+        at += 16 + caplen;
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[9] != 17 || ip.len() < ihl + 8 {
+            continue;
+        }
+        let udp = &ip[ihl..];
+        let port = |i: usize| u16::from_be_bytes([udp[i], udp[i + 1]]);
+        out.push((port(0), port(2), udp[8..].to_vec()));
+    }
+    out
+}
+
+/// Every datagram to or from the relay is a WireGuard message; every handshake message is
+/// addressed (mac1) to a member or to the relay; every member-to-member initiation is sealed
+/// against the relay's key. Returns the number of member-to-member initiations and of
+/// transport data messages seen.
+fn assert_only_wireguard_between_member_keys(
+    datagrams: &[(u16, u16, Vec<u8>)],
+    members: &[[u8; 32]],
+    relay_private: &PrivateKey,
+) -> (usize, usize) {
+    use gotatun::x25519;
+    let relay_secret = x25519::StaticSecret::from(*relay_private.as_bytes());
+    let relay_public = x25519::PublicKey::from(&relay_secret);
+    let member_macs: Vec<[u8; 32]> = members.iter().map(mac1_key).collect();
+    let relay_mac = mac1_key(relay_public.as_bytes());
+    let (mut between_members, mut data) = (0, 0);
+    for (_, _, d) in datagrams {
+        assert!(d.len() >= 4 && d[1..4] == [0, 0, 0], "not WireGuard: {d:?}");
+        match (d[0], d.len()) {
+            (1, 148) => {
+                let to_member = member_macs.iter().any(|k| mac1_matches(k, d, INIT_MAC1));
+                let to_relay = mac1_matches(&relay_mac, d, INIT_MAC1);
+                assert!(to_member ^ to_relay, "an initiation to no known key");
+                if to_member {
+                    between_members += 1;
+                    let packet = gotatun::packet::Packet::from_bytes(bytes::BytesMut::from(&d[..]))
+                        .try_into_wg()
+                        .unwrap();
+                    let gotatun::packet::WgKind::HandshakeInit(init) = packet else {
+                        unreachable!()
+                    };
+                    assert!(
+                        gotatun::noise::handshake::parse_handshake_anon(
+                            &relay_secret,
+                            &relay_public,
+                            &init
+                        )
+                        .is_err(),
+                        "the relay's key opened a member-to-member initiation"
+                    );
+                }
+            }
+            (2, 92) => assert!(
+                member_macs
+                    .iter()
+                    .any(|k| mac1_matches(k, d, RESPONSE_MAC1)),
+                "a response to no member key"
+            ),
+            (3, 64) => {}
+            (4, n) if n >= 32 && (n - 16) % 16 == 0 => data += 1,
+            other => panic!("not a WireGuard message: type/len {other:?}"),
+        }
+    }
+    (between_members, data)
+}
+
+/// Members peered end to end through the relay; the capture at the hub; the API killed and
+/// the relay outliving it; the relay killed and restarted (traffic resumes within seconds);
+/// a member removed; a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
+    require_root();
+    // The relay outlives a killed hub process; orphaned, it becomes ours to reap.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let pid = std::process::id();
+    let hub_ns = Netns::new("h");
+    let a_ns = Netns::new("a");
+    let b_ns = Netns::new("b");
+    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub_ns.ip(&["addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+    hub_ns.ip(&["link", "set", "br0", "up"]);
+    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
+    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
+
+    let mut hub = HubInNetns::start(&hub_ns);
+    wait_for_relay(&mut hub, &a_ns);
+    let apis = vec![hub.api()];
+    let admin = HubClient::new(apis.clone(), hub.ca_hash(), options())
+        .unwrap()
+        .with_credential(hub.admin_credential());
+
+    // The relay is one UDP socket in the hub's netns: no interface, no TUN.
+    assert!(
+        hub_ns.has_udp_port(RELAY_PORT),
+        "relay UDP in the hub netns"
+    );
+    let links = hub_ns.ip(&["-o", "link", "show"]);
+    assert!(
+        links.lines().all(|l| ["lo", "br0", "va", "vb"]
+            .iter()
+            .any(|n| l.contains(&format!(": {n}")))),
+        "the relay made an interface: {links}"
+    );
+    let key_path = hub.data_dir().join("relay.key");
+    let key_mode = std::fs::metadata(&key_path).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let (join, _) = {
+        let admin = admin.clone();
+        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
+            .unwrap()
+    };
+    let a = member(&a_ns, "aa", &join, &format!("fha{pid}"), &apis).await;
+    let b = member(&b_ns, "bb", &join, &format!("fhb{pid}"), &apis).await;
+    assert_ne!(a.address, b.address);
+
+    // Everything the relay sees from here on, captured on the hub's bridge.
+    let capture = Capture::start(&hub_ns, "br0", RELAY_PORT);
+    let a_follow = Follower::start(&a_ns, a.client.clone(), a.device.clone(), a.id.clone());
+    let b_follow = Follower::start(&b_ns, b.client.clone(), b.device.clone(), b.id.clone());
+
+    // A -> relay -> B and back: ICMP between the two blocks.
+    let reached = eventually(Duration::from_secs(20), || {
+        a_ns.ping(&a.address, &b.address)
+    });
+    assert!(
+        reached,
+        "A could not reach B through the relay; hub log:\n{}",
+        hub.log()
+    );
+    assert!(b_ns.ping(&b.address, &a.address), "and B reaches A");
+    // Each gateway has the other member as a peer (its key), reached at the relay's address.
+    let a_stats = a.device.stats().await.unwrap();
+    let b_on_a = a_stats
+        .iter()
+        .find(|s| s.public_key.as_bytes() == &b.public_key)
+        .expect("B is A's peer");
+    assert!(
+        b_on_a.last_handshake.is_some() && b_on_a.rx_bytes > 0,
+        "{b_on_a:?}"
+    );
+    assert_eq!(
+        b_on_a.endpoint.map(|e| e.to_string()),
+        Some(format!("{HUB_IP}:{RELAY_PORT}"))
+    );
+
+    // The security claim: the capture holds only WireGuard messages between the members'
+    // keys (and their keepalive sessions with the relay), and the relay's key — the only key
+    // in the relay's data dir — opens none of the member-to-member handshakes.
+    let datagrams = capture.finish();
+    let relay_key = PrivateKey::load(&key_path).unwrap();
+    let (initiations, data) = assert_only_wireguard_between_member_keys(
+        &datagrams,
+        &[a.public_key, b.public_key],
+        &relay_key,
+    );
+    assert!(
+        initiations > 0 && data > 0,
+        "{initiations} initiations, {data} data in {} datagrams",
+        datagrams.len()
+    );
+    println!(
+        "CAPTURE at the hub: {} datagrams, {initiations} member-to-member initiations, {data} \
+         transport data, all WireGuard between member keys",
+        datagrams.len()
+    );
+
+    // The relay's /metrics (scraped from the hub's netns): both members, each with a session
+    // with the relay and bytes forwarded from it; datagrams forwarded by type, none dropped
+    // for want of an address.
+    let scrape = relay_metrics(&hub);
+    let relay_value = |name: &str, label: Option<(&str, &str)>| -> Vec<f64> {
+        scrape
+            .samples
+            .iter()
+            .filter(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .filter_map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(relay_value("fleetboard_relay_peers", None), vec![2.0]);
+    assert_eq!(
+        relay_value("fleetboard_relay_registered_peers", None),
+        vec![2.0]
+    );
+    let ages = relay_value("fleetboard_relay_peer_handshake_age_seconds", None);
+    assert!(
+        ages.len() == 2 && ages.iter().all(|a| *a < 60.0),
+        "{ages:?}"
+    );
+    let received = relay_value("fleetboard_relay_peer_received_bytes_total", None);
+    assert!(
+        received.len() == 2 && received.iter().all(|b| *b > 0.0),
+        "{received:?}"
+    );
+    let forwarded = |t| {
+        relay_value(
+            "fleetboard_relay_forwarded_datagrams_total",
+            Some(("type", t)),
+        )
+    };
+    assert!(forwarded("initiation")[0] >= 1.0 && forwarded("data")[0] >= 2.0);
+
+    // The API process killed: the relay is its own process and keeps relaying.
+    let relay_pid = hub.relay_pid().expect("relay.pid");
+    hub.kill9();
+    // Running (a zombie — exited, its new parent not yet reaping — does not count).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    assert!(alive(relay_pid), "the relay outlives a killed hub");
+    for _ in 0..5 {
+        assert!(
+            a_ns.ping(&a.address, &b.address),
+            "relayed traffic stopped with the hub killed; log:\n{}",
+            hub.log()
+        );
+    }
+    // The hub restarts and adopts the running relay (no second one).
+    hub.spawn();
+    wait_for_relay(&mut hub, &a_ns);
+    assert_eq!(hub.relay_pid(), Some(relay_pid));
+    assert!(
+        hub.log().contains("adopted the running relay"),
+        "{}",
+        hub.log()
+    );
+
+    // The relay itself killed: the hub starts it again with a new instance; the members
+    // reset their sessions through it and traffic resumes at once.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
+    let mut both_ways = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        if a_ns.ping(&a.address, &b.address) && b_ns.ping(&b.address, &a.address) {
+            both_ways = Some(killed.elapsed());
+            break;
+        }
+    }
+    let Some(took) = both_ways else {
+        panic!(
+            "no traffic through the restarted relay; log:\n{}",
+            hub.log()
+        );
+    };
+    println!(
+        "RECOVERY relay killed -> restarted by the hub -> ping both ways after {took:?} \
+         (includes the hub's restart of the relay)"
+    );
+    let relay_pid = hub.relay_pid().unwrap();
+    assert!(alive(relay_pid));
+
+    // The admin removes B: the relay (its watch resumed against the restarted hub) forgets B,
+    // and A's pings stop.
+    let removed = {
+        let admin = admin.clone();
+        let id = b.id.clone();
+        a_ns.block_on(async move { admin.remove_cluster(&id).await })
+    };
+    assert!(removed.unwrap());
+    let stopped = eventually(Duration::from_secs(15), || {
+        !a_ns.ping(&a.address, &b.address)
+    });
+    assert!(stopped, "traffic to a removed member still flows");
+    assert!(
+        eventually(Duration::from_secs(10), || relay_value_now(
+            &hub,
+            "fleetboard_relay_peers"
+        ) == Some(1.0)),
+        "the relay still forwards for B"
+    );
+    drop(b_follow);
+    // ... and B cannot reach A either: its device still peers with A through the relay,
+    // but the relay no longer forwards for B.
+    assert!(!eventually(Duration::from_secs(3), || b_ns.ping(&b.address, &a.address)));
+    let (a_client, b_client) = (a.client.clone(), b.client.clone());
+    let (a_view, b_refused) = a_ns.block_on(async move {
+        (
+            a_client.list().await.unwrap(),
+            b_client.list().await.unwrap_err(),
+        )
+    });
+    assert_eq!(a_view.clusters.len(), 1, "only A is left");
+    assert_eq!(
+        b_refused.code(),
+        Some(fleet_hub::api::ErrorCode::Unauthenticated)
+    );
+
+    // SIGTERM: the relay closes its socket and withdraws, the hub exits cleanly.
+    drop(a_follow);
+    let status = hub.stop().expect("the hub was running");
+    assert!(status.success(), "{status}; log:\n{}", hub.log());
+    assert!(hub.log().contains("relay stopped"), "{}", hub.log());
+    assert!(!alive(relay_pid), "the relay process is gone");
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(relay_pid), None);
+    assert!(!hub.data_dir().join("relay.pid").exists());
+    assert!(
+        !hub_ns.has_udp_port(RELAY_PORT),
+        "the relay's socket is closed"
+    );
+    a.device.delete().await.unwrap();
+    b.device.delete().await.unwrap();
+}
+
+/// One gauge of the relay's metrics now.
+fn relay_value_now(hub: &HubInNetns, name: &str) -> Option<f64> {
+    relay_metrics(hub)
+        .samples
+        .iter()
+        .find(|x| x.metric == name)
+        .and_then(|x| match x.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// The relay forwards standard WireGuard messages only, so any implementation works as a
+/// member: B is Debian's wireguard-go (configured with `wg`, as a kernel-WireGuard gateway
+/// would be), A is ours; they reach each other end to end through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wireguard_go_member_and_ours_talk_through_the_relay() {
+    require_root();
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let pid = std::process::id();
+    let hub_ns = Netns::new("gh");
+    let a_ns = Netns::new("ga");
+    let b_ns = Netns::new("gb");
+    hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub_ns.ip(&["addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+    hub_ns.ip(&["link", "set", "br0", "up"]);
+    wire(&hub_ns, &a_ns, "a", "192.0.2.2/24");
+    wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
+    let mut hub = HubInNetns::start(&hub_ns);
+    wait_for_relay(&mut hub, &a_ns);
+    let apis = vec![hub.api()];
+    let admin = HubClient::new(apis.clone(), hub.ca_hash(), options())
+        .unwrap()
+        .with_credential(hub.admin_credential());
+    let (join, _) = {
+        let admin = admin.clone();
+        a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
+            .unwrap()
+    };
+    let a = member(&a_ns, "aa", &join, &format!("fga{pid}"), &apis).await;
+    let _a_follow = Follower::start(&a_ns, a.client.clone(), a.device.clone(), a.id.clone());
+
+    // B: a key file for wg, a join, wireguard-go in b's netns.
+    let dir = tempfile::tempdir().unwrap();
+    let b_key_file = dir.path().join("b.key");
+    let b_key = PrivateKey::load_or_generate(&b_key_file).unwrap();
+    let b_client = HubClient::new(apis.clone(), join.ca_hash, options()).unwrap();
+    let request = JoinRequest {
+        cluster: ClusterId::new("bb").unwrap(),
+        public_key: PublicKey::from_bytes(*b_key.public_key().as_bytes()),
+        endpoint: None,
+    };
+    let (joined, view) = b_ns.block_on({
+        let join = join.clone();
+        async move {
+            let joined = b_client.join(&join, request).await.unwrap();
+            let view = b_client.list().await.unwrap();
+            (joined, view)
+        }
+    });
+    let relay = &view.relays[0];
+    let go_name = format!("fgo{pid}");
+    let sock = format!("/var/run/wireguard/{go_name}.sock");
+    let mut go = Command::new("ip")
+        .args(["netns", "exec", &b_ns.name, "wireguard-go", "-f", &go_name])
+        .env("LOG_LEVEL", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go (scripts/install-deps.sh installs it)");
+    assert!(
+        eventually(Duration::from_secs(10), || Path::new(&sock).exists()),
+        "wireguard-go did not open {sock}"
+    );
+    let relay_endpoint = relay.endpoint.to_string();
+    run(
+        "wg",
+        &[
+            "set",
+            &go_name,
+            "private-key",
+            b_key_file.to_str().unwrap(),
+            "listen-port",
+            &RELAY_PORT.to_string(),
+            "peer",
+            &fleet_gateway::PublicKey::from_bytes(*relay.public_key.as_bytes()).to_base64(),
+            "endpoint",
+            &relay_endpoint,
+            "persistent-keepalive",
+            "1",
+            "peer",
+            &fleet_gateway::PublicKey::from_bytes(a.public_key).to_base64(),
+            "endpoint",
+            &relay_endpoint,
+            "allowed-ips",
+            &a.block,
+            "persistent-keepalive",
+            "1",
+        ],
+    );
+    let block = joined.record.block;
+    let b_address = std::net::Ipv4Addr::from(u32::from(block.network()) + 1).to_string();
+    b_ns.ip(&[
+        "addr",
+        "add",
+        &format!("{b_address}/{}", block.prefix()),
+        "dev",
+        &go_name,
+    ]);
+    b_ns.ip(&["link", "set", &go_name, "mtu", "1420", "up"]);
+    b_ns.ip(&["route", "add", &a.block, "dev", &go_name]);
+
+    let reached = eventually(Duration::from_secs(20), || {
+        a_ns.ping(&a.address, &b_address)
+    });
+    let _ = go.try_wait();
+    assert!(
+        reached,
+        "ours could not reach wireguard-go through the relay; hub log:\n{}",
+        hub.log()
+    );
+    assert!(
+        b_ns.ping(&b_address, &a.address),
+        "and wireguard-go reaches ours"
+    );
+    let handshakes = run("wg", &["show", &go_name, "latest-handshakes"]);
+    assert!(
+        handshakes.contains(&fleet_gateway::PublicKey::from_bytes(a.public_key).to_base64()),
+        "{handshakes}"
+    );
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(go.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = go.wait();
+    let _ = std::fs::remove_file(&sock);
+    drop(_a_follow);
+    a.device.delete().await.unwrap();
+    let status = hub.stop().expect("the hub was running");
+    assert!(status.success(), "{status}; log:\n{}", hub.log());
 }
 
 /// Two hub replicas on one etcd, each with its relay (default TTL 6 s, sweep 1 s), and two
@@ -852,8 +1116,6 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let pid = std::process::id();
     let hub_ns = Netns::new("fh");
-    let relay1_ns = Netns::new("fr1");
-    let relay2_ns = Netns::new("fr2");
     let a_ns = Netns::new("fa");
     let b_ns = Netns::new("fb");
     hub_ns.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -864,10 +1126,9 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
     wire(&hub_ns, &b_ns, "b", "192.0.2.3/24");
     let _etcd = EtcdInNetns::start(&hub_ns);
     let store = ["--etcd", EtcdInNetns::URL];
-    let (name1, name2) = (format!("fhx{pid}"), format!("fhy{pid}"));
-    let mut one = HubInNetns::replica(&hub_ns, &relay1_ns, &name1, "192.0.2.1", 51820, &store);
+    let mut one = HubInNetns::replica(&hub_ns, "192.0.2.1", 51820, &store);
     wait_for_relay(&mut one, &a_ns);
-    let mut two = HubInNetns::replica(&hub_ns, &relay2_ns, &name2, "192.0.2.4", 51821, &store);
+    let mut two = HubInNetns::replica(&hub_ns, "192.0.2.4", 51821, &store);
     wait_for_relay(&mut two, &a_ns);
     let apis = vec![one.api(), two.api()];
     let admin = HubClient::new(apis.clone(), one.ca_hash(), options())
@@ -878,12 +1139,12 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
         a_ns.block_on(async move { admin.create_token(Duration::from_secs(600), "relay").await })
             .unwrap()
     };
-    let (a_client, a_addr, a_dev) =
-        follower_member(&a_ns, "aa", &join, &format!("fha{pid}"), &apis).await;
-    let (b_client, b_addr, b_dev) =
-        follower_member(&b_ns, "bb", &join, &format!("fhb{pid}"), &apis).await;
-    let a_follow = Follower::start(&a_ns, a_client.clone(), a_dev.clone());
-    let b_follow = Follower::start(&b_ns, b_client, b_dev.clone());
+    let a = member(&a_ns, "aa", &join, &format!("fha{pid}"), &apis).await;
+    let b = member(&b_ns, "bb", &join, &format!("fhb{pid}"), &apis).await;
+    let (a_client, a_addr, a_dev) = (a.client.clone(), a.address.clone(), a.device.clone());
+    let (b_addr, b_dev) = (b.address.clone(), b.device.clone());
+    let a_follow = Follower::start(&a_ns, a_client.clone(), a_dev.clone(), a.id.clone());
+    let b_follow = Follower::start(&b_ns, b.client.clone(), b_dev.clone(), b.id.clone());
     let reached = eventually(Duration::from_secs(30), || a_ns.ping(&a_addr, &b_addr));
     assert!(
         reached,
@@ -907,10 +1168,10 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
         .clone();
     assert_eq!(a_follow.current().as_deref(), Some(first.id.as_str()));
     assert_eq!(b_follow.current().as_deref(), Some(first.id.as_str()));
-    let (victim, survivor, victim_name) = if first.endpoint.port() == 51820 {
-        (&mut one, &mut two, &name1)
+    let (victim, survivor) = if first.endpoint.port() == 51820 {
+        (&mut one, &mut two)
     } else {
-        (&mut two, &mut one, &name2)
+        (&mut two, &mut one)
     };
     let relay_pid = victim.relay_pid().expect("relay.pid");
     victim.kill9();
@@ -960,8 +1221,6 @@ async fn members_fail_over_to_the_surviving_replicas_relay_when_a_replica_host_d
     b_dev.delete().await.unwrap();
     let status = survivor.stop().expect("the survivor was running");
     assert!(status.success(), "{status}; log:\n{}", survivor.log());
-    // The killed relay's userspace device left its UAPI socket behind.
-    let _ = std::fs::remove_file(format!("/var/run/wireguard/{victim_name}.sock"));
 }
 
 /// The relay process's `/metrics`, fetched from a thread inside the hub's netns.

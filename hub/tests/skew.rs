@@ -68,6 +68,7 @@ async fn skewed_replicas_neither_flap_the_relay_nor_steal_a_lease() {
         public_key: PublicKey::from_bytes([7; 32]),
         endpoint: "192.0.2.7:51820".parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     let admin = one.admin();
     admin.publish_relay(&relay, relay_ttl).await.unwrap();

@@ -66,18 +66,21 @@ fn the_gateway_lives_in_the_daemon_and_survives_its_restarts() {
         mtu: 1420,
         backend: Some(WireguardBackend::Userspace),
         own_block: Some("100.96.16.0/20".into()),
+        relay: None,
         peers: vec![
             GatewayPeer {
                 public_key: relay,
                 endpoint: Some("192.0.2.200:51820".parse().unwrap()),
                 allowed_ips: vec!["100.96.0.0/12".into()],
                 keepalive: Some(25),
+                fallback: None,
             },
             GatewayPeer {
                 public_key: direct,
                 endpoint: None,
                 allowed_ips: vec!["100.96.32.0/20".into()],
                 keepalive: None,
+                fallback: None,
             },
         ],
     };

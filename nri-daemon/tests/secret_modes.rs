@@ -98,11 +98,13 @@ fn nothing_secret_is_reachable_by_others_under_umask_000() {
         mtu: 1420,
         backend: Some(WireguardBackend::Userspace),
         own_block: Some("100.96.48.0/20".into()),
+        relay: None,
         peers: vec![GatewayPeer {
             public_key: fleet_gateway::PrivateKey::generate().public_key(),
             endpoint: Some("192.0.2.200:51820".parse().unwrap()),
             allowed_ips: vec!["100.96.0.0/12".into()],
             keepalive: Some(25),
+            fallback: None,
         }],
     };
     let result = c.set_gateway(req);

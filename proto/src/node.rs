@@ -300,6 +300,12 @@ pub struct GatewayPeer {
     /// Persistent keepalive in seconds (peers behind NAT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<u16>,
+    /// For a direct peer (dialled at its own `endpoint`, or dialling us): where to send while
+    /// the direct path does not work (the hub relay's address). The node watches the peer's
+    /// received bytes and falls back after a few seconds of silence; the dialling end probes
+    /// its direct endpoint again now and then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<SocketAddr>,
 }
 
 /// `set_gateway`: this node is the cluster's gateway. The whole desired state; persisted, so
@@ -321,6 +327,20 @@ pub struct SetGatewayRequest {
     pub own_block: Option<String>,
     /// The complete peer set; replaces the previous one.
     pub peers: Vec<GatewayPeer>,
+    /// The hub relay among `peers`, with its instance. When the instance changes (the relay
+    /// process restarted and knows no member's address nor any session), the node resets the
+    /// sessions of the relay peer and of every peer sent to the relay's endpoint, so they
+    /// register with the new relay and handshake through it at once. `None`: no relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<GatewayRelay>,
+}
+
+/// Which peer of a `set_gateway` request is the hub relay, and which start of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRelay {
+    pub public_key: PublicKey,
+    /// New at every start of the relay process.
+    pub instance: String,
 }
 
 /// The gateway device as it is.
@@ -354,6 +374,12 @@ pub struct GatewayPeerStatus {
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// `direct` or `relay`: the path the peer's packets take now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Unix seconds since when that path is used (known for peers with a fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_since: Option<u64>,
 }
 
 /// `gateway_status`: the device, its own-block route and its peers' tunnel state.

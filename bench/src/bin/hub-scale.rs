@@ -665,6 +665,8 @@ fn gateway_record(i: u32, beat: u64) -> Vec<u8> {
             last_handshake: Some(beat),
             rx_bytes: beat * 1000,
             tx_bytes: beat * 1000,
+            path: None,
+            path_since: None,
         }],
     };
     serde_json::to_vec(&record).expect("records serialise")

@@ -48,6 +48,8 @@ fn gateway(node: &str, updated_at: u64, handshake: Option<u64>) -> GatewayRecord
             last_handshake: handshake,
             rx_bytes: 1,
             tx_bytes: 1,
+            path: None,
+            path_since: None,
         }],
     }
 }
@@ -74,6 +76,7 @@ fn healthy() -> FleetView {
             public_key: key(9),
             endpoint: "203.0.113.1:51820".parse().unwrap(),
             expires_at: 0,
+            instance: String::new(),
         }],
         revision: 7,
     }

@@ -891,7 +891,8 @@ pub async fn serve_with_relay_until_signal(
             }
         }
     };
-    let mut check = tokio::time::interval(Duration::from_secs(2));
+    // A dead relay is restarted within this: members' traffic through it waits for it.
+    let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -1,26 +1,37 @@
-//! The relay process's Prometheus metrics (`--relay-metrics-address`): per peer (one per
-//! member cluster, labelled by its WireGuard public key) the handshake age and the bytes each
-//! way, read from the device right before each scrape. WireGuard's UAPI reports no packet or
-//! drop counts, so there are none here.
+//! The relay process's Prometheus metrics (`--relay-metrics-address`), read from the
+//! forwarder at each scrape: per member (labelled by its WireGuard public key) the age of its
+//! session with the relay and the bytes forwarded from and to it; datagrams forwarded by
+//! WireGuard message type and dropped by reason.
 
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::Instant;
 
-use fleet_gateway::{PeerStats, WireguardDevice, handshake_age};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::SharedForwarder;
+use super::forward::{DropReason, MemberStatus};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
 }
 
-/// The device's peer statistics as of the last refresh.
-#[derive(Clone, Default)]
-pub struct RelayMetrics(Arc<Mutex<Vec<PeerStats>>>);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The forwarder's state, read at each scrape.
+#[derive(Clone)]
+pub struct RelayMetrics(SharedForwarder);
 
 impl std::fmt::Debug for RelayMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -29,66 +40,102 @@ impl std::fmt::Debug for RelayMetrics {
 }
 
 impl RelayMetrics {
-    /// Reads the device's peers before each scrape.
-    pub fn refresh(&self, device: Arc<dyn WireguardDevice>) -> fleet_metrics::Refresh {
-        let metrics = self.clone();
-        Arc::new(move || {
-            let (metrics, device) = (metrics.clone(), device.clone());
-            Box::pin(async move {
-                match device.stats().await {
-                    Ok(stats) => *metrics.0.lock().expect("relay metrics") = stats,
-                    Err(e) => tracing::debug!(error = %e, "metrics: cannot read the relay's peers"),
-                }
-            })
-        })
+    pub fn new(forwarder: SharedForwarder) -> Self {
+        RelayMetrics(forwarder)
+    }
+}
+
+fn peer(m: &MemberStatus) -> PeerLabel {
+    PeerLabel {
+        peer: fleet_gateway::PublicKey::from_bytes(m.public_key).to_base64(),
     }
 }
 
 impl Collector for RelayMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = self.0.lock().expect("relay metrics").clone();
-        let now = SystemTime::now();
-        ConstGauge::new(stats.len() as i64).encode(encoder.encode_descriptor(
+        let (members, totals) = {
+            let f = self.0.lock().expect("forwarder");
+            (f.members(), f.totals().clone())
+        };
+        let now = Instant::now();
+        ConstGauge::new(members.len() as i64).encode(encoder.encode_descriptor(
             "fleetboard_relay_peers",
-            "Peers on the relay's WireGuard device (one per member cluster)",
+            "Member clusters the relay forwards for",
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(members.iter().filter(|m| m.addr.is_some()).count() as i64).encode(
+            encoder.encode_descriptor(
+                "fleetboard_relay_registered_peers",
+                "Members whose mapped address the relay has authenticated",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         {
             let mut family = encoder.encode_descriptor(
                 "fleetboard_relay_peer_handshake_age_seconds",
-                "Seconds since the peer's last WireGuard handshake (absent: none yet)",
+                "Seconds since the member's last handshake with the relay (absent: none yet)",
                 None,
                 MetricType::Gauge,
             )?;
-            for s in &stats {
-                if let Some(age) = handshake_age(s, now) {
-                    let label = PeerLabel {
-                        peer: s.public_key.to_string(),
-                    };
-                    ConstGauge::new(age.as_secs_f64()).encode(family.encode_family(&label)?)?;
+            for m in &members {
+                if let Some(t) = m.last_handshake {
+                    ConstGauge::new(now.duration_since(t).as_secs_f64())
+                        .encode(family.encode_family(&peer(m))?)?;
                 }
             }
         }
         for (name, help, bytes) in [
             (
                 "fleetboard_relay_peer_received_bytes",
-                "Bytes received from the peer",
-                (|s: &PeerStats| s.rx_bytes) as fn(&PeerStats) -> u64,
+                "Bytes forwarded from the member",
+                (|m: &MemberStatus| m.counters.rx_bytes) as fn(&MemberStatus) -> u64,
             ),
             (
                 "fleetboard_relay_peer_sent_bytes",
-                "Bytes sent to the peer",
-                |s: &PeerStats| s.tx_bytes,
+                "Bytes forwarded to the member",
+                |m: &MemberStatus| m.counters.tx_bytes,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for s in &stats {
-                let label = PeerLabel {
-                    peer: s.public_key.to_string(),
-                };
-                ConstCounter::new(bytes(s)).encode(family.encode_family(&label)?)?;
+            for m in &members {
+                ConstCounter::new(bytes(m)).encode(family.encode_family(&peer(m))?)?;
             }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "fleetboard_relay_forwarded_datagrams",
+                "WireGuard datagrams forwarded between members, by message type",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, t) in ["initiation", "response", "cookie_reply", "data"]
+                .into_iter()
+                .enumerate()
+            {
+                ConstCounter::new(totals.forwarded[i])
+                    .encode(family.encode_family(&TypeLabel { r#type: t })?)?;
+            }
+        }
+        ConstCounter::new(totals.own).encode(encoder.encode_descriptor(
+            "fleetboard_relay_own_session_datagrams",
+            "Datagrams of the relay's own sessions with members (handshakes, keepalives)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let mut family = encoder.encode_descriptor(
+            "fleetboard_relay_dropped_datagrams",
+            "Datagrams the relay did not forward, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in DropReason::ALL {
+            ConstCounter::new(totals.dropped.get(&reason).copied().unwrap_or(0)).encode(
+                family.encode_family(&ReasonLabel {
+                    reason: reason.as_str(),
+                })?,
+            )?;
         }
         Ok(())
     }

@@ -153,21 +153,9 @@ pub fn relay_args(options: &RelayOptions, data_dir: &Path, api: SocketAddr) -> V
         options.listen.to_string().into(),
         "--relay-endpoint".into(),
         options.endpoint.to_string().into(),
-        "--relay-name".into(),
-        options.name.clone().into(),
-        "--wg-backend".into(),
-        options
-            .backend
-            .map_or("auto", |b| b.as_str())
-            .to_string()
-            .into(),
         "--relay-ttl".into(),
         format!("{}ms", options.ttl.as_millis()).into(),
     ];
-    if let Some(netns) = &options.netns {
-        args.push("--relay-netns".into());
-        args.push(netns.into());
-    }
     if let Some(addr) = options.metrics_address {
         args.push("--relay-metrics-address".into());
         args.push(addr.to_string().into());
@@ -238,7 +226,7 @@ impl RelayProcess {
         }
     }
 
-    /// SIGTERM (the relay withdraws its record and deletes its device), SIGKILL after 10 s.
+    /// SIGTERM (the relay withdraws its record and closes its socket), SIGKILL after 10 s.
     pub async fn stop(mut self) {
         if !self.alive() {
             return;
@@ -298,9 +286,7 @@ mod tests {
 
     #[test]
     fn relay_args_carry_every_option() {
-        let mut options =
-            RelayOptions::new("192.0.2.1:51820".parse().unwrap(), Path::new("/tmp/d"));
-        options.netns = Some("/run/netns/r".into());
+        let options = RelayOptions::new("192.0.2.1:51820".parse().unwrap(), Path::new("/tmp/d"));
         let args = relay_args(
             &options,
             Path::new("/tmp/d"),
@@ -313,8 +299,7 @@ mod tests {
         assert_eq!(
             text.join(" "),
             "--data-dir /tmp/d --hub 127.0.0.1:7443 relay --relay-listen 192.0.2.1:51820 \
-             --relay-endpoint 192.0.2.1:51820 --relay-name fleet-relay --wg-backend auto \
-             --relay-ttl 6000ms --relay-netns /run/netns/r"
+             --relay-endpoint 192.0.2.1:51820 --relay-ttl 6000ms"
         );
     }
 

@@ -547,6 +547,7 @@ pub async fn relays_are_in_the_view_and_the_watch(store: Arc<dyn Store>, replica
         public_key: key(7),
         endpoint: "192.0.2.1:51820".parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     assert_eq!(relay.id, "070707070707");
     let (_, relay) = one.publish_relay(&relay, RELAY_TTL).await.unwrap();
@@ -618,6 +619,7 @@ pub async fn expired_relays_are_swept_once_and_renewed_ones_stay(
         public_key: key(n),
         endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
         expires_at: 0,
+        instance: String::new(),
     };
     let (dead, live) = (relay(1), relay(2));
     // Both replicas' sweepers run from here on.

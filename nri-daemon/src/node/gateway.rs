@@ -26,6 +26,7 @@ use fleet_proto::node::{
 };
 use ipnetwork::{IpNetwork, Ipv4Network};
 
+use super::paths::{Fallback, Paths};
 use super::{Failure, Node, own_block};
 
 /// The gateway's private key in the data dir (0600).
@@ -38,6 +39,8 @@ const KICK_AFTER: Duration = Duration::from_millis(1000);
 const KICK_WINDOW: Duration = Duration::from_secs(15);
 /// How often the kick task looks.
 const KICK_POLL: Duration = Duration::from_millis(250);
+/// How often the path watcher reads the direct peers' counters.
+const PATH_POLL: Duration = Duration::from_millis(500);
 
 /// A `set_gateway` request, checked and parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +51,8 @@ struct Desired {
     backend: Option<BackendKind>,
     own_block: Option<Ipv4Network>,
     peers: Vec<Peer>,
+    /// Direct peers with the relay's address to fall back to.
+    fallbacks: Vec<Fallback>,
 }
 
 fn invalid(what: impl Into<String>) -> Failure {
@@ -95,7 +100,15 @@ impl Desired {
             )));
         }
         let mut peers = Vec::with_capacity(req.peers.len());
+        let mut fallbacks = Vec::new();
         for p in &req.peers {
+            if let Some(fallback) = p.fallback {
+                fallbacks.push(Fallback {
+                    public_key: p.public_key,
+                    direct: p.endpoint,
+                    fallback,
+                });
+            }
             let allowed_ips = p
                 .allowed_ips
                 .iter()
@@ -122,6 +135,7 @@ impl Desired {
             backend: req.backend.map(kind_of),
             own_block,
             peers,
+            fallbacks,
         };
         // The device's own checks (name, port, MTU), before anything is made or persisted.
         desired
@@ -196,6 +210,9 @@ pub(super) struct GatewayState {
     awaiting: HashMap<PublicKey, Instant>,
     last_kick: Option<Instant>,
     kicker: bool,
+    /// The path (direct or relay) of each direct peer with a fallback.
+    paths: Paths,
+    path_watcher: bool,
 }
 
 fn device_info(d: &dyn WireguardDevice) -> GatewayDevice {
@@ -211,7 +228,19 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn peer_status(s: &PeerStats) -> GatewayPeerStatus {
+/// A peer's state; its path from the path watcher, else from where it is sent (the relay's
+/// address or not).
+fn peer_status(
+    s: &PeerStats,
+    paths: &Paths,
+    relay: Option<std::net::SocketAddr>,
+) -> GatewayPeerStatus {
+    let (path, since) = match (paths.path(&s.public_key), s.endpoint) {
+        (Some((path, since)), _) => (Some(path.as_str()), Some(unix(since))),
+        (None, Some(e)) if Some(e) == relay => (Some("relay"), None),
+        (None, Some(_)) => (Some("direct"), None),
+        (None, None) => (None, None),
+    };
     GatewayPeerStatus {
         public_key: s.public_key,
         endpoint: s.endpoint,
@@ -219,6 +248,8 @@ fn peer_status(s: &PeerStats) -> GatewayPeerStatus {
         last_handshake: s.last_handshake.map(unix),
         rx_bytes: s.rx_bytes,
         tx_bytes: s.tx_bytes,
+        path: path.map(str::to_string),
+        path_since: since,
     }
 }
 
@@ -233,7 +264,10 @@ impl GatewayState {
         key: &PrivateKey,
     ) -> Result<(bool, bool), Failure> {
         let created = self.ensure_device(want, cnf, underlay, key).await?;
-        let peers_changed = self.set_peers(&want.peers).await?;
+        self.paths
+            .set(&want.fallbacks, Instant::now(), SystemTime::now());
+        let peers = self.paths.effective(&want.peers);
+        let peers_changed = self.set_peers(&peers).await?;
         self.sync_own_block(want.own_block, cnf).await?;
         Ok((created, peers_changed))
     }
@@ -391,6 +425,94 @@ impl GatewayState {
         Ok(())
     }
 
+    /// Reads the direct peers' counters and moves each whose path changed (see
+    /// [`super::paths`]): re-added with the new endpoint, kicked until it has a handshake.
+    async fn watch_paths(&mut self) -> Result<(), GatewayError> {
+        let (Some(device), Some(peers)) = (&self.device, &self.peers) else {
+            return Ok(());
+        };
+        let stats = device.stats().await?;
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut moved: Vec<(PublicKey, std::net::SocketAddr)> = Vec::new();
+        for s in &stats {
+            if let Some(to) = self.paths.observe(
+                &s.public_key,
+                s.endpoint,
+                s.rx_bytes,
+                s.last_handshake,
+                now,
+                wall,
+            ) {
+                moved.push((s.public_key, to));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<PublicKey> = moved.iter().map(|(k, _)| *k).collect();
+        let without: Vec<Peer> = peers
+            .iter()
+            .filter(|p| !keys.contains(&p.public_key))
+            .cloned()
+            .collect();
+        let now_peers: Vec<Peer> = peers
+            .iter()
+            .map(|p| match moved.iter().find(|(k, _)| *k == p.public_key) {
+                Some((_, to)) => Peer {
+                    endpoint: Some(*to),
+                    ..p.clone()
+                },
+                None => p.clone(),
+            })
+            .collect();
+        device.set_peers(&without).await?;
+        device.set_peers(&now_peers).await?;
+        for (k, to) in &moved {
+            self.awaiting.insert(*k, now);
+            tracing::info!(device = %device.name(), peer = %k, endpoint = %to, path = ?self.paths.path(k).map(|(p, _)| p.as_str()), "peer path changed");
+        }
+        self.peers = Some(now_peers);
+        Ok(())
+    }
+
+    /// Re-adds the relay peer and every peer sent to the relay's endpoint (fresh sessions:
+    /// each initiates a handshake at once, so a restarted relay learns our mapped address and
+    /// the session indices again), and has the kicker repeat that every [`KICK_AFTER`] until
+    /// each has a handshake: the other member may register with the new relay a moment after
+    /// our first initiation went out. Without this, a member that only receives would wait
+    /// for its next rekey (up to 2 minutes) before the relay could reach it again.
+    async fn reset_relayed(&mut self, relay: &PublicKey) -> Result<(), GatewayError> {
+        let (Some(device), Some(peers)) = (&self.device, &self.peers) else {
+            return Ok(());
+        };
+        let Some(endpoint) = peers
+            .iter()
+            .find(|p| p.public_key == *relay)
+            .and_then(|p| p.endpoint)
+        else {
+            return Ok(());
+        };
+        let through: Vec<PublicKey> = peers
+            .iter()
+            .filter(|p| p.endpoint == Some(endpoint))
+            .map(|p| p.public_key)
+            .collect();
+        let without: Vec<Peer> = peers
+            .iter()
+            .filter(|p| !through.contains(&p.public_key))
+            .cloned()
+            .collect();
+        device.set_peers(&without).await?;
+        device.set_peers(peers).await?;
+        let now = Instant::now();
+        for k in &through {
+            self.awaiting.insert(*k, now);
+        }
+        self.last_kick = Some(now);
+        tracing::info!(device = %device.name(), relay = %endpoint, peers = through.len(), "the relay restarted: sessions through it reset");
+        Ok(())
+    }
+
     async fn delete_device(&mut self) -> Result<(), Failure> {
         self.peers = None;
         self.awaiting.clear();
@@ -421,6 +543,28 @@ fn spawn_kicker(state: Arc<tokio::sync::Mutex<GatewayState>>) {
             }
             if let Err(e) = g.kick_stalled_handshakes().await {
                 tracing::warn!(error = %e, "re-adding peers without a handshake failed");
+            }
+        }
+    });
+}
+
+/// While direct peers have a fallback: every [`PATH_POLL`], their paths (see
+/// [`super::paths`]). Ends when none has.
+fn spawn_path_watcher(state: Arc<tokio::sync::Mutex<GatewayState>>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PATH_POLL).await;
+            let mut g = state.lock().await;
+            if g.paths.is_empty() || g.device.is_none() {
+                g.path_watcher = false;
+                return;
+            }
+            if let Err(e) = g.watch_paths().await {
+                tracing::warn!(error = %e, "watching the direct peers' paths failed");
+            }
+            if g.awaiting_handshakes() && !g.kicker {
+                g.kicker = true;
+                spawn_kicker(state.clone());
             }
         }
     });
@@ -512,6 +656,16 @@ impl Node {
         let planned = self.planned()?;
         let key = self.gateway_private_key()?;
         let mut g = self.gateway.lock().await;
+        // A relay that restarted knows no member's address and no session index: sessions
+        // through it must start again (see `GatewayState::reset_relayed`).
+        let relay_restarted = match (
+            g.request.as_ref().and_then(|r| r.relay.as_ref()),
+            &req.relay,
+        ) {
+            (Some(before), Some(now)) => before.instance != now.instance,
+            _ => false,
+        };
+        let relay_key = req.relay.as_ref().map(|r| r.public_key);
         if g.request.as_ref() != Some(&req) {
             save_json(&self.gateway_state_path(), &req).map_err(|e| Failure::Persist {
                 what: "gateway state",
@@ -527,9 +681,21 @@ impl Node {
                 &key,
             )
             .await?;
+        if relay_restarted
+            && !created
+            && let Some(relay) = relay_key
+        {
+            g.reset_relayed(&relay).await.map_err(gateway_failure(
+                "reset the sessions through the restarted relay",
+            ))?;
+        }
         if g.awaiting_handshakes() && !g.kicker {
             g.kicker = true;
             spawn_kicker(self.gateway.clone());
+        }
+        if !g.paths.is_empty() && !g.path_watcher {
+            g.path_watcher = true;
+            spawn_path_watcher(self.gateway.clone());
         }
         let device = device_info(g.device.as_deref().expect("apply made the device"));
         Ok(SetGatewayResult {
@@ -545,6 +711,11 @@ impl Node {
         let (Some(device), Some((_, _, _, netns))) = (&g.device, &g.made_as) else {
             return Ok(None);
         };
+        // The relay's address: where the relay peer is sent.
+        let relay = g.request.as_ref().and_then(|r| {
+            let key = r.relay.as_ref()?.public_key;
+            r.peers.iter().find(|p| p.public_key == key)?.endpoint
+        });
         let stats = device
             .stats()
             .await
@@ -553,7 +724,10 @@ impl Node {
             device: device_info(device.as_ref()),
             cnf_netns: netns.display().to_string(),
             own_block: g.own_block.as_ref().map(|(b, _)| b.to_string()),
-            peers: stats.iter().map(peer_status).collect(),
+            peers: stats
+                .iter()
+                .map(|s| peer_status(s, &g.paths, relay))
+                .collect(),
         }))
     }
 
@@ -640,11 +814,13 @@ mod tests {
             mtu: 1420,
             backend: None,
             own_block: Some("100.96.16.0/20".into()),
+            relay: None,
             peers: vec![GatewayPeer {
                 public_key: PrivateKey::generate().public_key(),
                 endpoint: Some("203.0.113.10:51820".parse().unwrap()),
                 allowed_ips: vec!["100.96.0.0/12".into()],
                 keepalive: Some(25),
+                fallback: None,
             }],
         }
     }
@@ -708,6 +884,7 @@ mod tests {
                 endpoint: None,
                 allowed_ips: vec!["100.96.0.0/12".into()],
                 keepalive: None,
+                fallback: None,
             })
         });
         assert!(e.details.contains("two peers"), "{e}");

@@ -15,6 +15,7 @@
 mod error;
 mod gateway;
 mod own_block;
+mod paths;
 mod peers;
 mod plan;
 mod pods;
