@@ -9,10 +9,9 @@ if [ "$(id -u)" != 0 ]; then
   echo "local-fleet.sh: run as root (it installs packages, creates netns and runs containerd)" >&2
   exit 1
 fi
+# shellcheck source=scripts/need-rust.sh
+. scripts/need-rust.sh
+need_rust local-fleet.sh
 bash scripts/install-deps.sh
-if [ -f "$HOME/.cargo/env" ]; then
-  # shellcheck disable=SC1091
-  . "$HOME/.cargo/env"
-fi
 cargo build --release --workspace --bins
 exec target/release/fleet-sandbox "$@"

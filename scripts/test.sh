@@ -11,12 +11,10 @@ if [ "$(id -u)" != 0 ]; then
   echo "scripts/test.sh: the tests create network namespaces and run containerd: run as root (prefix sudo)" >&2
   exit 1
 fi
+# shellcheck source=scripts/need-rust.sh
+. scripts/need-rust.sh
+need_rust scripts/test.sh
 bash scripts/install-deps.sh
-if [ -f "$HOME/.cargo/env" ]; then
-  # shellcheck disable=SC1091
-  . "$HOME/.cargo/env"
-fi
-command -v cargo >/dev/null || { echo "scripts/test.sh: cargo not found on PATH (install Rust: rustup.rs)" >&2; exit 1; }
 
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"

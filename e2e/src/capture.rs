@@ -85,6 +85,14 @@ impl Packet {
     pub fn involves(&self, ip: &str) -> bool {
         Self::addr(&self.src) == ip || Self::addr(&self.dst) == ip
     }
+
+    /// To a multicast group (224.0.0.0/4): link-level housekeeping such as the IGMP report a
+    /// link sends when it comes up, not traffic between hosts.
+    pub fn is_multicast(&self) -> bool {
+        Self::addr(&self.dst)
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_multicast())
+    }
 }
 
 /// What a finished capture saw.
@@ -105,6 +113,11 @@ impl Packets {
 
     pub fn ip(&self) -> impl Iterator<Item = &Packet> {
         self.packets.iter().filter(|p| p.family == "IP")
+    }
+
+    /// [`Packets::ip`] without multicast housekeeping (IGMP reports of links coming up).
+    pub fn unicast_ip(&self) -> impl Iterator<Item = &Packet> {
+        self.ip().filter(|p| !p.is_multicast())
     }
 
     /// Every IPv4 UDP datagram in the capture (pcap, Ethernet link type), decoded from the
@@ -299,6 +312,20 @@ impl Drop for Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn igmp_reports_are_multicast_housekeeping() {
+        let igmp = Packet::parse(
+            "08:05:41.822825 IP 0.0.0.0 > 224.0.0.22: igmp v3 report, 1 group record(s)",
+        )
+        .unwrap();
+        assert!(igmp.is_multicast());
+        let udp = Packet::parse(
+            "18:30:01.123456 IP 203.0.113.21.51820 > 203.0.113.10.51820: UDP, length 148",
+        )
+        .unwrap();
+        assert!(!udp.is_multicast());
+    }
 
     #[test]
     fn tcpdump_lines_parse() {

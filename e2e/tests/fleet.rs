@@ -246,7 +246,7 @@ fn members_reach_the_hub_only_through_their_nat() {
         "the join string pins the CA"
     );
     let packets = capture.finish().unwrap();
-    let seen: Vec<&Packet> = packets.ip().collect();
+    let seen: Vec<&Packet> = packets.unicast_ip().collect();
     assert!(!seen.is_empty(), "{}", packets.text);
     for p in &seen {
         assert!(p.involves(HUB_IP), "{}", p.line);
