@@ -24,6 +24,7 @@
 pub mod kernel;
 pub mod key;
 pub mod link;
+pub mod offload_tun;
 pub mod userspace;
 
 use std::fmt;

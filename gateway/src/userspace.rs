@@ -15,13 +15,13 @@ use std::time::{Duration, SystemTime};
 
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{Device, DeviceBuilder};
-use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 use gotatun::x25519;
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::offload_tun::{Offloads, TunRecv, TunSend, open_tun};
 use crate::{
     BackendKind, DeviceConfig, GatewayError, Peer, PeerStats, PublicKey, Result, WireguardDevice,
     check_peers, link, routed_prefixes,
@@ -144,8 +144,8 @@ impl Drop for UserspaceDevice {
     }
 }
 
-type GotaDevice = Device<(BufferedUdp, TunDevice, TunDevice)>;
-type GotaBuilder = DeviceBuilder<BufferedUdp, TunDevice, TunDevice>;
+type GotaDevice = Device<(BufferedUdp, TunSend, TunRecv)>;
+type GotaBuilder = DeviceBuilder<BufferedUdp, TunSend, TunRecv>;
 
 /// Receive and send buffer asked for on the device's UDP socket (the kernel reports twice
 /// that). The kernel default (208 KiB, `net.core.rmem_default`) overflows while the single
@@ -233,10 +233,15 @@ impl Setup {
             let (conn, h, _) =
                 rtnetlink::new_connection().map_err(|e| fail(name, "open a netlink socket", e))?;
             rt.spawn(conn);
+            let offloads = Offloads::from_env().map_err(|e| fail(name, "read its offloads", e))?;
+            let mtu = u16::try_from(config.mtu)
+                .map_err(|e| fail(name, format!("use MTU {}", config.mtu), e))?;
+            let (send, recv) = open_tun(name, mtu, offloads)
+                .map_err(|e| fail(name, "create the TUN device", e))?;
+            tracing::debug!(device = %name, ?offloads, "TUN device created");
             let builder = DeviceBuilder::new()
                 .with_udp(BufferedUdp::default())
-                .create_tun(name)
-                .map_err(|e| fail(name, "create the TUN device", e))?;
+                .with_ip_pair(send, recv);
             (h, builder)
         };
         if let (Some(file), Some(path)) = (underlay, &config.underlay_netns) {
