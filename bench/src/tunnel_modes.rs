@@ -71,7 +71,7 @@ pub struct TunnelModes {
     gateways: Vec<Gateway>,
     go: Vec<GoSet>,
     /// The processes running our tunnels, named: the hub (relay device) and the two
-    /// controllers (gateway devices).
+    /// gateway nodes' fleet-nri (gateway devices).
     ours_pids: Vec<(String, u32)>,
     relay_ns: String,
     /// The netns holding the tunnels' UDP sockets (relay replica, aa and bb gateway nodes).
@@ -214,11 +214,12 @@ impl TunnelModes {
                 .active_controller()
                 .with_context(|| format!("{member}: no active gateway device"))?;
             let ours_dev = m.controllers[active].wg_name.clone();
+            // The gateway node's fleet-nri runs the member's WireGuard device.
             bench.ours_pids.push((
                 format!("{member} gateway"),
-                m.controllers[active]
-                    .pid()
-                    .with_context(|| format!("{member}: its controller is not running"))?,
+                m.gateway().node.nri.pid().with_context(|| {
+                    format!("{member}: its gateway node's fleet-nri is not running")
+                })?,
             ));
             let ours_conf = WgConf::show(&cnf, &ours_dev)?;
             let gw_mtu = mtu(&cnf, &ours_dev)?;

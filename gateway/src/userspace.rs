@@ -176,7 +176,34 @@ impl UdpTransportFactory for BufferedUdp {
         let (send, recv) = self.inner.bind(params).await?;
         // `send` and `recv` are clones of one socket.
         grow_buffers(&send, UDP_BUFFER_BYTES);
+        allow_fragmentation(&send);
         Ok((send, recv))
+    }
+}
+
+/// Sends the encrypted IPv4 datagrams without the don't-fragment bit (`IP_PMTUDISC_DONT`), as
+/// kernel WireGuard does: a datagram larger than some hop's MTU on the way (the inner packet
+/// plus 60 bytes of IPv4, UDP and WireGuard overhead) is fragmented by that router instead of
+/// dropped — dropped silently, when the router's "fragmentation needed" is filtered, which
+/// would black-hole TCP inside the tunnel (`e2e/tests/path_mtu.rs`). The socket is dual-stack
+/// (`::`); the IPv4 option applies to its IPv4 traffic. IPv6 routers never fragment: IPv6
+/// keeps the kernel's path MTU discovery. A failure is logged, not fatal.
+pub fn allow_fragmentation(socket: &impl AsFd) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_fd().as_raw_fd();
+    let value: nix::libc::c_int = nix::libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd,
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_MTU_DISCOVER,
+            (&value as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot clear don't-fragment on the WireGuard UDP socket");
     }
 }
 
@@ -447,6 +474,38 @@ fn fail(name: &str, op: impl Into<String>, e: impl std::fmt::Display) -> Gateway
 mod tests {
     use super::*;
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+    /// The dual-stack socket gotatun binds (`::`) sends its IPv4 datagrams without DF.
+    #[test]
+    fn allow_fragmentation_clears_df_on_a_dual_stack_socket() {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a UDP socket");
+        let get = || {
+            use std::os::fd::AsRawFd;
+            let mut value: nix::libc::c_int = -1;
+            let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+            // SAFETY: a valid fd, a c_int buffer and its length.
+            let rc = unsafe {
+                nix::libc::getsockopt(
+                    fd.as_raw_fd(),
+                    nix::libc::IPPROTO_IP,
+                    nix::libc::IP_MTU_DISCOVER,
+                    (&mut value as *mut nix::libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            value
+        };
+        assert_ne!(get(), nix::libc::IP_PMTUDISC_DONT);
+        allow_fragmentation(&fd);
+        assert_eq!(get(), nix::libc::IP_PMTUDISC_DONT);
+    }
 
     /// Needs root (`SO_RCVBUFFORCE`): asks for more than this host's `net.core.rmem_max` and
     /// `wmem_max` allow an unprivileged `SO_RCVBUF`, so the cap is shown to be bypassed. The

@@ -41,7 +41,14 @@ struct Args {
     /// Also measure the userspace implementations that were not chosen (boringtun).
     #[arg(long)]
     candidates: bool,
+    /// Also measure our device with each offload lever alone (`FLEET_GATEWAY_OFFLOADS` =
+    /// none, batch, tun; ours is all of them).
+    #[arg(long)]
+    levers: bool,
 }
+
+/// `FLEET_GATEWAY_OFFLOADS` of the `--levers` modes.
+const LEVERS: [&str; 3] = ["none", "batch", "tun"];
 
 const PORT: u16 = 51820;
 const MTU: u32 = 1420;
@@ -52,6 +59,8 @@ const SERVER_TUN: &str = "198.51.100.2";
 enum Mode {
     Plain,
     Ours,
+    /// Ours with only the offloads `LEVERS[i]`.
+    OursLever(usize),
     /// The wireguard-go build at this index of `fleet_bench::wg_go::builds` (0: baseline).
     WireguardGo(usize),
     Boringtun,
@@ -62,6 +71,9 @@ impl Mode {
         match self {
             Mode::Plain => "plain-veth",
             Mode::Ours => "fleet-gateway (gotatun, 1 thread)",
+            Mode::OursLever(0) => "fleet-gateway, offloads none",
+            Mode::OursLever(1) => "fleet-gateway, offloads batch",
+            Mode::OursLever(_) => "fleet-gateway, offloads tun",
             Mode::WireguardGo(0) => "wireguard-go 0.0.20231211",
             Mode::WireguardGo(_) => "wireguard-go 0.0.20220316",
             Mode::Boringtun => "boringtun 0.7 (1 thread)",
@@ -71,6 +83,9 @@ impl Mode {
         match self {
             Mode::Plain => "p",
             Mode::Ours => "o",
+            Mode::OursLever(0) => "x",
+            Mode::OursLever(1) => "y",
+            Mode::OursLever(_) => "z",
             Mode::WireguardGo(0) => "g",
             Mode::WireguardGo(_) => "h",
             Mode::Boringtun => "b",
@@ -99,6 +114,9 @@ fn main() -> Result<()> {
     ];
     if args.candidates {
         modes.push(Mode::Boringtun);
+    }
+    if args.levers {
+        modes.extend((0..LEVERS.len()).map(Mode::OursLever));
     }
     let mut setups = Vec::new();
     for &mode in &modes {
@@ -193,6 +211,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// One client/server netns pair with its tunnel (fields drop in order: tunnel, server, netns).
 struct Setup {
+    mode: Mode,
     target: &'static str,
     tunnel: Tunnel,
     _server: Proc,
@@ -249,7 +268,14 @@ impl Setup {
         ];
         let (tunnel, target) = match mode {
             Mode::Plain => (Tunnel::None, "192.0.2.2"),
-            Mode::Ours => {
+            Mode::Ours | Mode::OursLever(_) => {
+                let offloads = match mode {
+                    Mode::OursLever(i) => LEVERS[i],
+                    _ => "all",
+                };
+                // SAFETY: read by the device thread `create_device` starts; the setups are
+                // made one after another and no other thread reads the environment meanwhile.
+                unsafe { std::env::set_var("FLEET_GATEWAY_OFFLOADS", offloads) };
                 let mut devs = Vec::new();
                 for (ns, name, key, addr, peer_key, peer_ip, peer_tun) in ends {
                     let dev = fleet_gateway::create_device(
@@ -342,6 +368,7 @@ impl Setup {
             }
         }
         Ok(Self {
+            mode,
             target,
             tunnel,
             _server: server,
@@ -353,8 +380,8 @@ impl Setup {
     /// CPU seconds so far of each process (or, for ours, device thread) of the tunnel.
     fn cpu(&self) -> Vec<(String, f64)> {
         match &self.tunnel {
-            // The device threads are named `wg-<device>`, the devices `ftbo<end><pid>`.
-            Tunnel::Ours { .. } => own_threads_cpu("wg-ftbo"),
+            // The device threads are named `wg-<device>`, the devices `ftb<tag><end><pid>`.
+            Tunnel::Ours { .. } => own_threads_cpu(&format!("wg-ftb{}", self.mode.tag())),
             Tunnel::Procs { procs } => procs
                 .iter()
                 .zip(["client", "server"])
