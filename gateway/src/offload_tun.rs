@@ -48,6 +48,8 @@ pub struct Offloads {
     pub tun: bool,
     /// Drain several TUN reads per wake-up and write in batches (without `tun`: plain packets).
     pub batch: bool,
+    /// UDP GSO: runs of datagrams to one peer leave in one `sendmsg` (`src/udp_gso.rs`).
+    pub gso: bool,
 }
 
 impl Default for Offloads {
@@ -55,6 +57,7 @@ impl Default for Offloads {
         Offloads {
             tun: true,
             batch: true,
+            gso: true,
         }
     }
 }
@@ -65,10 +68,11 @@ impl Offloads {
     pub const NONE: Offloads = Offloads {
         tun: false,
         batch: false,
+        gso: false,
     };
 
     /// The default, or what `FLEET_GATEWAY_OFFLOADS` says: a comma-separated subset of `tun`,
-    /// `batch`, or `none` — a switch for measuring each lever alone (bench/README.md), read by
+    /// `batch`, `gso`, or `all` / `none` — a switch for measuring each lever alone (bench/README.md), read by
     /// every process that creates a userspace device. Unknown words are an error.
     pub fn from_env() -> Result<Offloads, String> {
         match std::env::var("FLEET_GATEWAY_OFFLOADS") {
@@ -83,11 +87,12 @@ impl Offloads {
             match word {
                 "tun" => o.tun = true,
                 "batch" => o.batch = true,
+                "gso" => o.gso = true,
                 "none" => {}
                 "all" => o = Offloads::default(),
                 other => {
                     return Err(format!(
-                        "FLEET_GATEWAY_OFFLOADS: unknown offload {other:?} (tun, batch, all, none)"
+                        "FLEET_GATEWAY_OFFLOADS: unknown offload {other:?} (tun, batch, gso, all, none)"
                     ));
                 }
             }
@@ -323,13 +328,14 @@ mod tests {
             Offloads::parse("tun").unwrap(),
             Offloads {
                 tun: true,
-                batch: false
+                batch: false,
+                gso: false
             }
         );
         assert_eq!(
-            Offloads::parse(" batch , tun ").unwrap(),
+            Offloads::parse(" batch , tun,gso ").unwrap(),
             Offloads::default()
         );
-        assert!(Offloads::parse("gso").is_err());
+        assert!(Offloads::parse("tso").is_err());
     }
 }

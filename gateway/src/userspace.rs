@@ -22,6 +22,7 @@ use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::offload_tun::{Offloads, TunRecv, TunSend, open_tun};
+use crate::udp_gso::GsoUdp;
 use crate::{
     BackendKind, DeviceConfig, GatewayError, Peer, PeerStats, PublicKey, Result, WireguardDevice,
     check_peers, link, routed_prefixes,
@@ -160,20 +161,32 @@ pub const UDP_BUFFER_BYTES: usize = 1 << 20;
 /// capped by `net.core.rmem_max`/`wmem_max`; else with `SO_RCVBUF`/`SO_SNDBUF` (capped). No
 /// host sysctl is changed. A buffer that cannot be set is logged, not fatal: the tunnel works
 /// with the default, only slower under load.
+/// Sends with UDP GSO when `gso` is set (`crate::udp_gso`).
 #[derive(Debug, Default)]
 pub struct BufferedUdp {
     inner: UdpSocketFactory,
+    gso: bool,
+}
+
+impl BufferedUdp {
+    pub fn new(gso: bool) -> Self {
+        BufferedUdp {
+            inner: UdpSocketFactory::default(),
+            gso,
+        }
+    }
 }
 
 impl UdpTransportFactory for BufferedUdp {
-    type Send = UdpSocket;
+    type Send = GsoUdp;
     type Recv = UdpSocket;
 
     async fn bind(
         &mut self,
         params: &UdpTransportFactoryParams,
-    ) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    ) -> std::io::Result<(GsoUdp, UdpSocket)> {
         let (send, recv) = self.inner.bind(params).await?;
+        let send = GsoUdp::new(send, self.gso);
         // `send` and `recv` are clones of one socket.
         grow_buffers(&send, UDP_BUFFER_BYTES);
         allow_fragmentation(&send);
@@ -267,7 +280,7 @@ impl Setup {
                 .map_err(|e| fail(name, "create the TUN device", e))?;
             tracing::debug!(device = %name, ?offloads, "TUN device created");
             let builder = DeviceBuilder::new()
-                .with_udp(BufferedUdp::default())
+                .with_udp(BufferedUdp::new(offloads.gso))
                 .with_ip_pair(send, recv);
             (h, builder)
         };

@@ -42,13 +42,13 @@ struct Args {
     #[arg(long)]
     candidates: bool,
     /// Also measure our device with each offload lever alone (`FLEET_GATEWAY_OFFLOADS` =
-    /// none, batch, tun; ours is all of them).
+    /// none, batch, tun, gso) and with the TUN levers but not GSO; ours is all of them.
     #[arg(long)]
     levers: bool,
 }
 
 /// `FLEET_GATEWAY_OFFLOADS` of the `--levers` modes.
-const LEVERS: [&str; 3] = ["none", "batch", "tun"];
+const LEVERS: [&str; 5] = ["none", "batch", "tun", "gso", "tun,batch"];
 
 const PORT: u16 = 51820;
 const MTU: u32 = 1420;
@@ -73,7 +73,9 @@ impl Mode {
             Mode::Ours => "fleet-gateway (gotatun, 1 thread)",
             Mode::OursLever(0) => "fleet-gateway, offloads none",
             Mode::OursLever(1) => "fleet-gateway, offloads batch",
-            Mode::OursLever(_) => "fleet-gateway, offloads tun",
+            Mode::OursLever(2) => "fleet-gateway, offloads tun",
+            Mode::OursLever(3) => "fleet-gateway, offloads gso",
+            Mode::OursLever(_) => "fleet-gateway, offloads tun,batch",
             Mode::WireguardGo(0) => "wireguard-go 0.0.20231211",
             Mode::WireguardGo(_) => "wireguard-go 0.0.20220316",
             Mode::Boringtun => "boringtun 0.7 (1 thread)",
@@ -85,7 +87,9 @@ impl Mode {
             Mode::Ours => "o",
             Mode::OursLever(0) => "x",
             Mode::OursLever(1) => "y",
-            Mode::OursLever(_) => "z",
+            Mode::OursLever(2) => "z",
+            Mode::OursLever(3) => "u",
+            Mode::OursLever(_) => "v",
             Mode::WireguardGo(0) => "g",
             Mode::WireguardGo(_) => "h",
             Mode::Boringtun => "b",
