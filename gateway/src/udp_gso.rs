@@ -106,15 +106,29 @@ impl UdpSend for GsoUdp {
         let mut start = 0;
         for end in gso_runs(&sizes) {
             let run = &packets[start..end];
-            let sent = if run.len() == 1 {
-                self.inner
-                    .socket()
-                    .send_to(&run[0].0[..], run[0].1)
-                    .await
-                    .map(|_| ())
+            let mut sent = if run.len() == 1 {
+                Err(io::Error::from(io::ErrorKind::InvalidInput))
             } else {
                 self.send_segments(run, run[0].0.len()).await
             };
+            // One at a time: a single datagram, or a run the kernel refuses to segment
+            // (EINVAL: the datagram plus headers exceeds the route's MTU, e.g. an underlay
+            // link below 1430 bytes, where only fragmentation gets it through; EIO: no
+            // checksum offload on the way out).
+            if let Err(e) = &sent
+                && matches!(
+                    e.raw_os_error(),
+                    None | Some(nix::libc::EINVAL) | Some(nix::libc::EIO)
+                )
+            {
+                sent = Ok(());
+                for (packet, target) in run {
+                    if let Err(e) = self.inner.socket().send_to(&packet[..], *target).await {
+                        sent = Err(e);
+                        break;
+                    }
+                }
+            }
             if let Err(e) = sent {
                 // As gotatun's own send: a failed datagram is dropped (WireGuard and the
                 // tunnelled protocols recover), the error ends this batch.
