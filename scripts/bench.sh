@@ -12,7 +12,8 @@
 #
 # cross-cluster-latency and cross-cluster-throughput run fleet-e2e's sandbox fleet (hub,
 # relay, two NATed members with real containerd nodes, fleet-controller): they also need the
-# release fleet-hub, fleet-controller and fleetctl, and wireguard-go, wg and iperf3.
+# release fleet-hub, fleet-controller and fleetctl, and wireguard-go, wg and iperf3; they and
+# tunnel-throughput compare against trixie's wireguard-go (scripts/install-bench-deps.sh).
 # dns-qps needs knot, bind9 and dnsperf (scripts/install-bench-deps.sh, run here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +34,16 @@ benches=("$@")
   benches=(cni-add cni-del pod-start nri-memory tunnel-throughput cross-cluster-latency
     cross-cluster-throughput hub-store hub-scale sd-convergence sd-withdrawal dns-qps)
 # dns-qps's baselines and load generator are needed by no test: installed here when missing.
+# The tunnel benchmarks' baseline (trixie's wireguard-go, unpacked beside bookworm's) likewise.
 for b in "${benches[@]}"; do
   if [ "$b" = dns-qps ] && ! { command -v knotd && command -v named && command -v dnsperf; } >/dev/null; then
     scripts/install-bench-deps.sh
   fi
+  case "$b" in tunnel-throughput | cross-cluster-*)
+    [ -x "${FLEET_BENCH_WG_GO_TRIXIE:-/opt/fleetboard-bench/wireguard-go-trixie/usr/bin/wireguard-go}" ] ||
+      scripts/install-bench-deps.sh
+    ;;
+  esac
 done
 
 cargo build --release -p fleet-cni -p fleet-nri -p fleet-bench \

@@ -31,6 +31,8 @@ apt-get install -y -qq --no-install-recommends \
   containerd/trixie runc containernetworking-plugins \
   iproute2 nftables busybox-static protobuf-compiler iperf3 socat procps gcc libc6-dev \
   etcd-server etcd-client wireguard-go wireguard-tools tcpdump libprotobuf-dev dnsutils \
-  faketime umoci jq openssl chromium shellcheck \
+  faketime umoci jq openssl chromium shellcheck ethtool \
   >/dev/null
+# trixie's wireguard-go beside bookworm's (the interop tests and tunnel benchmarks run both).
+"$(dirname "$0")"/install-wireguard-go-trixie.sh
 containerd --version

@@ -9,6 +9,8 @@
 //! - [`node`]: a private containerd with or without fleetboard chained (`pod-start`, `nri-memory`);
 //! - [`bins`]: the release binaries under test;
 //! - [`xcluster`]: the sandbox fleet and pods of the cross-cluster benchmarks;
+//! - [`tunnel_modes`]: their datapaths side by side (ours, each wireguard-go build, plain);
+//! - [`wg_go`]: the wireguard-go builds compared against, per-process CPU time;
 //! - [`sd`]: the sandbox fleet, client pod and in-netns probe of the service-discovery benchmarks.
 //!
 //! Everything runs in network namespaces the benchmark creates; guards delete them, stop the
@@ -21,6 +23,8 @@ pub mod daemon;
 pub mod node;
 pub mod sd;
 pub mod stats;
+pub mod tunnel_modes;
+pub mod wg_go;
 pub mod xcluster;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -24,6 +24,8 @@
 pub mod kernel;
 pub mod key;
 pub mod link;
+pub mod offload_tun;
+pub mod udp_gso;
 pub mod userspace;
 
 use std::fmt;

@@ -15,13 +15,14 @@ use std::time::{Duration, SystemTime};
 
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{Device, DeviceBuilder};
-use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 use gotatun::x25519;
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::offload_tun::{Offloads, TunRecv, TunSend, open_tun};
+use crate::udp_gso::GsoUdp;
 use crate::{
     BackendKind, DeviceConfig, GatewayError, Peer, PeerStats, PublicKey, Result, WireguardDevice,
     check_peers, link, routed_prefixes,
@@ -144,8 +145,8 @@ impl Drop for UserspaceDevice {
     }
 }
 
-type GotaDevice = Device<(BufferedUdp, TunDevice, TunDevice)>;
-type GotaBuilder = DeviceBuilder<BufferedUdp, TunDevice, TunDevice>;
+type GotaDevice = Device<(BufferedUdp, TunSend, TunRecv)>;
+type GotaBuilder = DeviceBuilder<BufferedUdp, TunSend, TunRecv>;
 
 /// Receive and send buffer asked for on the device's UDP socket (the kernel reports twice
 /// that). The kernel default (208 KiB, `net.core.rmem_default`) overflows while the single
@@ -160,23 +161,62 @@ pub const UDP_BUFFER_BYTES: usize = 1 << 20;
 /// capped by `net.core.rmem_max`/`wmem_max`; else with `SO_RCVBUF`/`SO_SNDBUF` (capped). No
 /// host sysctl is changed. A buffer that cannot be set is logged, not fatal: the tunnel works
 /// with the default, only slower under load.
+/// Sends with UDP GSO when `gso` is set (`crate::udp_gso`).
 #[derive(Debug, Default)]
 pub struct BufferedUdp {
     inner: UdpSocketFactory,
+    gso: bool,
+}
+
+impl BufferedUdp {
+    pub fn new(gso: bool) -> Self {
+        BufferedUdp {
+            inner: UdpSocketFactory::default(),
+            gso,
+        }
+    }
 }
 
 impl UdpTransportFactory for BufferedUdp {
-    type Send = UdpSocket;
+    type Send = GsoUdp;
     type Recv = UdpSocket;
 
     async fn bind(
         &mut self,
         params: &UdpTransportFactoryParams,
-    ) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    ) -> std::io::Result<(GsoUdp, UdpSocket)> {
         let (send, recv) = self.inner.bind(params).await?;
+        let send = GsoUdp::new(send, self.gso);
         // `send` and `recv` are clones of one socket.
         grow_buffers(&send, UDP_BUFFER_BYTES);
+        allow_fragmentation(&send);
         Ok((send, recv))
+    }
+}
+
+/// Sends the encrypted IPv4 datagrams without the don't-fragment bit (`IP_PMTUDISC_DONT`), as
+/// kernel WireGuard does: a datagram larger than some hop's MTU on the way (the inner packet
+/// plus 60 bytes of IPv4, UDP and WireGuard overhead) is fragmented by that router instead of
+/// dropped — dropped silently, when the router's "fragmentation needed" is filtered, which
+/// would black-hole TCP inside the tunnel (`e2e/tests/path_mtu.rs`). The socket is dual-stack
+/// (`::`); the IPv4 option applies to its IPv4 traffic. IPv6 routers never fragment: IPv6
+/// keeps the kernel's path MTU discovery. A failure is logged, not fatal.
+pub fn allow_fragmentation(socket: &impl AsFd) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_fd().as_raw_fd();
+    let value: nix::libc::c_int = nix::libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd,
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_MTU_DISCOVER,
+            (&value as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot clear don't-fragment on the WireGuard UDP socket");
     }
 }
 
@@ -233,10 +273,15 @@ impl Setup {
             let (conn, h, _) =
                 rtnetlink::new_connection().map_err(|e| fail(name, "open a netlink socket", e))?;
             rt.spawn(conn);
-            let builder = DeviceBuilder::new()
-                .with_udp(BufferedUdp::default())
-                .create_tun(name)
+            let offloads = Offloads::from_env().map_err(|e| fail(name, "read its offloads", e))?;
+            let mtu = u16::try_from(config.mtu)
+                .map_err(|e| fail(name, format!("use MTU {}", config.mtu), e))?;
+            let (send, recv) = open_tun(name, mtu, offloads)
                 .map_err(|e| fail(name, "create the TUN device", e))?;
+            tracing::debug!(device = %name, ?offloads, "TUN device created");
+            let builder = DeviceBuilder::new()
+                .with_udp(BufferedUdp::new(offloads.gso))
+                .with_ip_pair(send, recv);
             (h, builder)
         };
         if let (Some(file), Some(path)) = (underlay, &config.underlay_netns) {
@@ -442,6 +487,38 @@ fn fail(name: &str, op: impl Into<String>, e: impl std::fmt::Display) -> Gateway
 mod tests {
     use super::*;
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+    /// The dual-stack socket gotatun binds (`::`) sends its IPv4 datagrams without DF.
+    #[test]
+    fn allow_fragmentation_clears_df_on_a_dual_stack_socket() {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a UDP socket");
+        let get = || {
+            use std::os::fd::AsRawFd;
+            let mut value: nix::libc::c_int = -1;
+            let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+            // SAFETY: a valid fd, a c_int buffer and its length.
+            let rc = unsafe {
+                nix::libc::getsockopt(
+                    fd.as_raw_fd(),
+                    nix::libc::IPPROTO_IP,
+                    nix::libc::IP_MTU_DISCOVER,
+                    (&mut value as *mut nix::libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            value
+        };
+        assert_ne!(get(), nix::libc::IP_PMTUDISC_DONT);
+        allow_fragmentation(&fd);
+        assert_eq!(get(), nix::libc::IP_PMTUDISC_DONT);
+    }
 
     /// Needs root (`SO_RCVBUFFORCE`): asks for more than this host's `net.core.rmem_max` and
     /// `wmem_max` allow an unprivileged `SO_RCVBUF`, so the cap is shown to be bypassed. The

@@ -1,5 +1,7 @@
-//! Wire compatibility: our userspace device against Debian's wireguard-go, configured with
-//! `wg` over its UAPI socket.
+//! Wire compatibility: our userspace device (with its TUN offloads) against Debian's
+//! wireguard-go, both builds — bookworm's 0.0.20220316 and trixie's 0.0.20231211 (with its own
+//! TUN and UDP offloads) — configured with `wg` over its UAPI socket: handshakes, ping, a TCP
+//! exchange and a bulk transfer each way whose bytes must arrive intact.
 
 mod common;
 
@@ -10,21 +12,30 @@ use common::*;
 use fleet_gateway::{BackendKind, PrivateKey, create_device};
 
 #[tokio::test]
-async fn userspace_device_talks_to_wireguard_go() {
+async fn userspace_device_talks_to_wireguard_go_2022() {
+    talks_to(WG_GO_2022, "t3").await;
+}
+
+#[tokio::test]
+async fn userspace_device_talks_to_wireguard_go_2023() {
+    talks_to(&wg_go_2023(), "t4").await;
+}
+
+async fn talks_to(wireguard_go: &str, tag: &str) {
     require_root();
-    let net = Underlay::new("t3");
+    let net = Underlay::new(tag);
     let dir = tempfile::tempdir().unwrap();
     let ours_key = PrivateKey::generate();
     let ours_pub = ours_key.public_key();
     let theirs_key_file = dir.path().join("go.key");
     let theirs_key = PrivateKey::load_or_generate(&theirs_key_file).unwrap();
     let theirs_pub = theirs_key.public_key();
-    let go_name = wg_name("g");
+    let go_name = wg_name(&format!("g{tag}"));
     let sock = format!("/var/run/wireguard/{go_name}.sock");
 
     let _go = Proc(
         Command::new("ip")
-            .args(["netns", "exec", &net.b.name, "wireguard-go", "-f", &go_name])
+            .args(["netns", "exec", &net.b.name, wireguard_go, "-f", &go_name])
             .env("LOG_LEVEL", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -61,7 +72,12 @@ async fn userspace_device_talks_to_wireguard_go() {
 
     let ours = create_device(
         BackendKind::Userspace,
-        config(&wg_name("h"), &net.a, ours_key, "198.51.100.1/32"),
+        config(
+            &wg_name(&format!("h{tag}")),
+            &net.a,
+            ours_key,
+            "198.51.100.1/32",
+        ),
     )
     .await
     .unwrap();
@@ -81,6 +97,20 @@ async fn userspace_device_talks_to_wireguard_go() {
     let (got, reply) = tcp_exchange(&net.a, &net.b, "198.51.100.1", "hello from wireguard-go");
     assert_eq!(got, "hello from wireguard-go");
     assert_eq!(reply, "ack:hello from wireguard-go");
+
+    // Bulk both ways: super-packets split before our encryption and coalesced after our
+    // decryption (and wireguard-go 2023's own offloads on the other side).
+    for (server, client, addr) in [
+        (&net.b, &net.a, "198.51.100.2"),
+        (&net.a, &net.b, "198.51.100.1"),
+    ] {
+        let (sent, got, sent_hash, got_hash) = tcp_bulk(server, client, addr, 32 << 20);
+        assert_eq!(
+            (got, got_hash),
+            (sent, sent_hash),
+            "bulk transfer to {addr}"
+        );
+    }
 
     let stats = ours.stats().await.unwrap();
     assert!(

@@ -1,52 +1,31 @@
 //! `cross-cluster-throughput`: pod-to-pod TCP throughput across clusters (iperf3 in sandbox
-//! pods) through fleetboard's tunnels, against the same topology with Debian's `wireguard-go`
-//! as the tunnel, and against plain routing without a tunnel.
+//! pods) through fleetboard's tunnels, against the same topology with `wireguard-go` as the
+//! tunnel (trixie's 0.0.20231211, the baseline, and bookworm's 0.0.20220316), and against
+//! plain routing without a tunnel.
 //!
 //! One sandbox fleet (see `fleet_bench::xcluster`: hub cc + relay, aa and bb behind NAT, real
 //! containerd nodes, a controller per member); iperf3 runs in the pods' network namespaces
 //! (`nsenter --net=<netns from CRI>`): server in P1 (aa node 2), client in P3 (bb node 2).
-//! Three datapaths exist side by side and the gateways' CNF netns pick one per run with a
-//! policy-routing table (`ip rule to <remote pod>/32 lookup 50`, table 50's route changes):
-//!
-//! - **ours**: table 50 empty, so the controller's routes apply: aa's and bb's
-//!   fleet-gateway devices (interface in the gateway node's CNF netns, UDP in the node's netns)
-//!   → NAT → the hub relay's fleet-gateway device → NAT → the other gateway.
-//! - **wireguard-go**: one `wireguard-go` per gateway and one for the relay, each started in
-//!   the netns that holds its twin's UDP socket (gateway node netns, hub netns) and its
-//!   interface moved into its twin's interface netns (gateway CNF netns, relay netns) — the
-//!   same split as ours (wireguard-go follows a moved interface: it polls the TUN fd for
-//!   up/down). Configured with `wg` from `wg showconf` of the twin: same private keys, same
-//!   peers and allowed IPs, same keepalive, same MTU; only the UDP port differs (51821) so
-//!   both run at once. The relay's twin routes with `ip rule iif <its interface>`.
-//! - **plain**: no tunnel: veths gateway CNF netns ↔ relay netns ↔ gateway CNF netns,
-//!   kernel routing only. It skips what only a tunnel needs (the UDP legs through the node
-//!   netns, the NAT routers and the internet bridge, since plain packets cannot cross NAT).
-//!
-//! Each run checks that the mode's interface in aa's gateway CNF netns carried the bytes.
-//! Last line: `bench cross-cluster-throughput ours=<Gbit/s> baseline=<wireguard-go Gbit/s>
-//! ratio=.. target=1.5`; the line before it has plain.
+//! The datapaths exist side by side (`fleet_bench::tunnel_modes`) and the gateways' CNF
+//! netns pick one per run. Each run checks that the mode's interface in aa's gateway CNF
+//! netns carried the bytes, and prints the CPU seconds per GB of each tunnel process.
+//! Last line: `bench cross-cluster-throughput ours=<Gbit/s> baseline=<wireguard-go
+//! 0.0.20231211 Gbit/s> ratio=.. target=2.0`; the lines before it have the 2022 build and
+//! plain.
 
 use fleet_bench::Proc;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fleet_bench::stats::last_line;
+use fleet_bench::tunnel_modes::{Mode, TunnelModes};
 use fleet_bench::xcluster::CrossClusterPods;
 
 const NAME: &str = "cross-cluster-throughput";
-/// UDP port of the wireguard-go twins (ours use 51820).
-const GO_PORT: u16 = 51821;
-/// Gateways' policy-routing table and rule preference.
-const MODE_TABLE: &str = "50";
-/// Relay netns tables for the wireguard-go relay and for plain.
-const GO_TABLE: &str = "51";
-const PLAIN_TABLE: &str = "52";
-const PLAIN_GW_DEV: &str = "fbplain0";
-/// Plain veth addresses: aa CNF .1 / relay .2, bb CNF .5 / relay .6.
-const PLAIN_NET: &str = "169.254.51";
+/// The issue's target: ours ≥ 2 × trixie's wireguard-go (the relay no longer decrypts).
+const TARGET: &str = "2.0";
 
 #[derive(Debug, Parser)]
 #[command(about = "iperf3 pod to pod across clusters: fleet tunnels vs wireguard-go vs plain")]
@@ -62,47 +41,51 @@ struct Flags {
     max_seconds: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Ours,
-    WireguardGo,
-    Plain,
-}
-
-const MODES: [Mode; 3] = [Mode::Ours, Mode::WireguardGo, Mode::Plain];
-
-impl Mode {
-    fn label(self) -> &'static str {
-        match self {
-            Mode::Ours => "ours (fleet-gateway + relay)",
-            Mode::WireguardGo => "wireguard-go (gateways + relay)",
-            Mode::Plain => "plain (routing, no tunnel)",
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let flags = Flags::parse();
     if flags.runs == 0 || flags.seconds == 0 {
         bail!("{NAME}: --runs and --seconds must be positive");
     }
     fleet_bench::require_root(NAME)?;
-    for tool in ["iperf3", "wireguard-go", "wg", "ip", "nsenter", "ss"] {
+    for tool in ["iperf3", "wg", "ip", "nsenter", "ss"] {
         if which(tool).is_none() {
             bail!("{NAME}: {tool} is missing; run scripts/install-deps.sh");
         }
     }
+    let builds = fleet_bench::wg_go::builds()?;
     println!("{NAME}: {}", fleet_bench::load_line());
     let x = CrossClusterPods::start(NAME)?;
     fleet_bench::check_interrupted()?;
-    let bench = Bench::build(&x)?;
-    let result = bench.measure(&x, &flags);
+    let bench = TunnelModes::build(&x, &builds)?;
+    let result = measure(&bench, &x, &flags);
+    let modes = bench.modes();
+    let labels: Vec<String> = modes.iter().map(|m| bench.label(*m)).collect();
     drop(bench);
-    let (ours, go, plain) = result?;
+    let med = result?;
     println!("{NAME}: {} after the runs", fleet_bench::load_line());
     drop(x);
+    let at = |mode: Mode| {
+        modes
+            .iter()
+            .position(|m| *m == mode)
+            .map_or(0.0, |i| med[i])
+    };
+    let (ours, go, go_old, plain) = (
+        at(Mode::Ours),
+        at(Mode::WireguardGo(0)),
+        at(Mode::WireguardGo(1)),
+        at(Mode::Plain),
+    );
+    for (l, g) in labels.iter().zip(&med) {
+        println!(
+            "{NAME} {l:<44} median {g:.3} Gbit/s (ours/this {:.3})",
+            ours / g
+        );
+    }
     println!(
-        "{NAME} plain median {plain:.3} Gbit/s (ours/plain {:.3})",
+        "{NAME} second column: {} {go_old:.3} Gbit/s (ratio {:.3}); plain {plain:.3} Gbit/s (ours/plain {:.3})",
+        labels[2],
+        ours / go_old,
         ours / plain
     );
     println!(
@@ -112,762 +95,174 @@ fn main() -> Result<()> {
             &format!("{ours:.3}"),
             &format!("{go:.3}"),
             ours / go,
-            "1.5"
+            TARGET
         )
     );
     Ok(())
 }
 
-/// A gateway CNF netns as the bench uses it.
-struct Gateway {
-    /// Its CNF netns (named).
-    cnf: String,
-    /// The controller's WireGuard interface there.
-    ours_dev: String,
-    /// The remote pod whose /32 the mode table steers.
-    remote_ip: String,
-}
-
-/// Everything the bench adds to the sandbox; dropping it stops the wireguard-go processes
-/// and removes the rules, routes and veths (the netns themselves go with the fleet).
-struct Bench {
-    gateways: Vec<Gateway>,
-    go_devs: Vec<GoDevice>,
-    /// The processes running our tunnels: the two controllers (gateway devices) and the hub
-    /// (relay device).
-    ours_pids: Vec<u32>,
-    relay_ns: String,
-    /// The netns holding the tunnels' UDP sockets (relay replica, aa and bb gateway nodes).
-    underlay_ns: Vec<String>,
-    cleanup: Vec<Vec<String>>,
-    _keys: tempfile::TempDir,
-}
-
-impl Bench {
-    fn build(x: &CrossClusterPods) -> Result<Bench> {
-        let relay_ns = x
-            .fleet
-            .hub
-            .relay_netns
-            .as_ref()
-            .context("the sandbox hub runs no relay")?
-            .name()
-            .to_string();
-        // The relay runs with the last hub replica: its UDP socket is in that replica's netns.
-        let relay_replica = x
-            .fleet
-            .hub
-            .replicas
-            .last()
-            .context("the sandbox hub has no replica")?;
-        let hub_ns = relay_replica.netns.name().to_string();
-        let relay_dev = x
-            .fleet
-            .hub
-            .relay_name
-            .clone()
-            .context("the sandbox hub names no relay interface")?;
-        let keys = tempfile::tempdir()?;
-        let mut bench = Bench {
-            gateways: Vec::new(),
-            go_devs: Vec::new(),
-            ours_pids: Vec::new(),
-            relay_ns: relay_ns.clone(),
-            underlay_ns: vec![hub_ns.clone()],
-            cleanup: Vec::new(),
-            _keys: keys,
-        };
-        let tag = std::process::id() % 100_000;
-        // Our relay device runs in whichever process serves it (the hub replica or a relay
-        // process of its own): every process with the interface's name as an argument.
-        let relay_pids = pids_naming(&relay_dev);
-        if relay_pids.is_empty() {
-            bail!("no process names the relay interface {relay_dev} on its command line");
-        }
-        bench.ours_pids.extend(relay_pids);
-
-        // The relay's twin: in the hub netns (UDP), interface moved into the relay netns.
-        let relay_conf = WgConf::show(&relay_ns, &relay_dev)?;
-        let relay_mtu = mtu(&relay_ns, &relay_dev)?;
-        println!(
-            "{NAME}: relay {relay_dev} in {relay_ns}: {} peers, mtu {relay_mtu}",
-            relay_conf.peers.len()
-        );
-        let go_relay = format!("fbg{tag}r");
-        // The relay learns its peers' (NATed) endpoints from their handshakes; the twin must
-        // too: the addresses the relay learnt belong to its peers' other sockets.
-        let mut conf = relay_conf.clone();
-        conf.listen_port = Some(GO_PORT);
-        conf.peers.iter_mut().for_each(|p| p.endpoint = None);
-        bench.go_devs.push(GoDevice::start(
-            &go_relay,
-            &hub_ns,
-            &relay_ns,
-            &conf,
-            relay_mtu,
-            bench._keys.path(),
-        )?);
-        for p in &relay_conf.peers {
-            for a in &p.allowed_ips {
-                bench.ip(
-                    &relay_ns,
-                    &["route", "add", a, "dev", &go_relay, "table", GO_TABLE],
-                )?;
-            }
-        }
-        bench.rule(
-            &relay_ns,
-            &["iif", &go_relay, "lookup", GO_TABLE, "pref", GO_TABLE],
-        )?;
-
-        for (i, (member, remote)) in [("aa", &x.p3), ("bb", &x.p1)].into_iter().enumerate() {
-            let m = x.fleet.member(member);
-            let cnf = m.gateway_cnf().to_string();
-            let node_ns = m.gateway().node.netns.name().to_string();
-            bench.underlay_ns.push(node_ns.clone());
-            let active = m
-                .active_controller()
-                .with_context(|| format!("{member}: no active gateway device"))?;
-            let ours_dev = m.controllers[active].wg_name.clone();
-            bench.ours_pids.push(
-                m.controllers[active]
-                    .pid()
-                    .with_context(|| format!("{member}: its controller is not running"))?,
-            );
-            let ours_conf = WgConf::show(&cnf, &ours_dev)?;
-            let gw_mtu = mtu(&cnf, &ours_dev)?;
-            println!(
-                "{NAME}: {member} gateway {ours_dev} in {cnf}: peers {:?}, mtu {gw_mtu}",
-                ours_conf
-                    .peers
-                    .iter()
-                    .map(|p| (p.endpoint.clone(), p.allowed_ips.clone()))
-                    .collect::<Vec<_>>()
-            );
-            // wireguard-go twin: UDP in the gateway node's netns, interface in its CNF netns,
-            // dialing the relay's twin.
-            let go_dev = format!("fbg{tag}{}", &member[..1]);
-            let mut conf = ours_conf.clone();
-            conf.listen_port = Some(GO_PORT);
-            for p in &mut conf.peers {
-                if let Some(ep) = &mut p.endpoint {
-                    let host = ep.rsplit_once(':').map(|(h, _)| h.to_string());
-                    if host.as_deref() != Some(relay_replica.ip.as_str()) {
-                        bail!(
-                            "{member}'s gateway peer {ep} is not the hub relay: not a relayed fleet"
-                        );
-                    }
-                    *ep = format!("{}:{GO_PORT}", relay_replica.ip);
-                }
-            }
-            bench.go_devs.push(GoDevice::start(
-                &go_dev,
-                &node_ns,
-                &cnf,
-                &conf,
-                gw_mtu,
-                bench._keys.path(),
-            )?);
-            // plain: a veth from the CNF netns to the relay netns.
-            let relay_end = format!("fbpl{tag}{}", &member[..1]);
-            let (gw_ip, relay_ip) = (
-                format!("{PLAIN_NET}.{}", 1 + 4 * i),
-                format!("{PLAIN_NET}.{}", 2 + 4 * i),
-            );
-            bench.ip(
-                &cnf,
-                &[
-                    "link",
-                    "add",
-                    PLAIN_GW_DEV,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &relay_end,
-                    "netns",
-                    &relay_ns,
-                ],
-            )?;
-            bench
-                .cleanup
-                .push(ip_args(&cnf, &["link", "del", PLAIN_GW_DEV]));
-            bench.ip(
-                &cnf,
-                &["addr", "add", &format!("{gw_ip}/30"), "dev", PLAIN_GW_DEV],
-            )?;
-            bench.ip(&cnf, &["link", "set", PLAIN_GW_DEV, "up"])?;
-            bench.ip(
-                &relay_ns,
-                &["addr", "add", &format!("{relay_ip}/30"), "dev", &relay_end],
-            )?;
-            bench.ip(&relay_ns, &["link", "set", &relay_end, "up"])?;
-            let own_pod = if member == "aa" { &x.p1 } else { &x.p3 };
-            bench.ip(
-                &relay_ns,
-                &[
-                    "route",
-                    "add",
-                    &format!("{}/32", own_pod.fleet_ip),
-                    "via",
-                    &gw_ip,
-                    "table",
-                    PLAIN_TABLE,
-                ],
-            )?;
-            bench.rule(
-                &relay_ns,
-                &[
-                    "iif",
-                    &relay_end,
-                    "lookup",
-                    PLAIN_TABLE,
-                    "pref",
-                    PLAIN_TABLE,
-                ],
-            )?;
-            // The mode switch.
-            let remote_ip = remote.fleet_ip.clone();
-            bench.rule(
-                &cnf,
-                &[
-                    "to",
-                    &format!("{remote_ip}/32"),
-                    "lookup",
-                    MODE_TABLE,
-                    "pref",
-                    MODE_TABLE,
-                ],
-            )?;
-            bench.gateways.push(Gateway {
-                cnf,
-                ours_dev,
-                remote_ip,
-            });
-        }
-        Ok(bench)
-    }
-
-    /// `ip -n <ns> <args>`, failing with its error.
-    fn ip(&self, ns: &str, args: &[&str]) -> Result<String> {
-        run("ip", &ip_args(ns, args))
-    }
-
-    /// Adds an `ip rule` and remembers to delete it.
-    fn rule(&mut self, ns: &str, args: &[&str]) -> Result<()> {
-        let mut add = vec!["rule", "add"];
-        add.extend(args);
-        self.ip(ns, &add)?;
-        let mut del = vec!["rule", "del"];
-        del.extend(args);
-        self.cleanup.push(ip_args(ns, &del));
-        Ok(())
-    }
-
-    /// Points both gateways' mode table at `mode`'s interface.
-    fn select(&self, mode: Mode) -> Result<()> {
-        for (i, g) in self.gateways.iter().enumerate() {
-            let dst = format!("{}/32", g.remote_ip);
-            match mode {
-                Mode::Ours => {
-                    // Empty table: the lookup falls through to the main table (the controller's).
-                    let _ = self.ip(&g.cnf, &["route", "del", &dst, "table", MODE_TABLE]);
-                }
-                Mode::WireguardGo => {
-                    let dev = &self.go_devs[1 + i].name;
-                    self.ip(
-                        &g.cnf,
-                        &["route", "replace", &dst, "dev", dev, "table", MODE_TABLE],
-                    )?;
-                }
-                Mode::Plain => {
-                    let via = format!("{PLAIN_NET}.{}", 2 + 4 * i);
-                    self.ip(
-                        &g.cnf,
-                        &[
-                            "route",
-                            "replace",
-                            &dst,
-                            "via",
-                            &via,
-                            "dev",
-                            PLAIN_GW_DEV,
-                            "table",
-                            MODE_TABLE,
-                        ],
-                    )?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The interface each mode uses in aa's gateway CNF netns.
-    fn aa_devices(&self) -> [(Mode, String); 3] {
-        [
-            (Mode::Ours, self.gateways[0].ours_dev.clone()),
-            (Mode::WireguardGo, self.go_devs[1].name.clone()),
-            (Mode::Plain, PLAIN_GW_DEV.to_string()),
-        ]
-    }
-
-    /// CPU seconds used so far by the processes running `mode`'s tunnels (none for plain).
-    fn tunnel_cpu(&self, mode: Mode) -> f64 {
-        let pids: Vec<u32> = match mode {
-            Mode::Ours => self.ours_pids.clone(),
-            Mode::WireguardGo => self.go_devs.iter().map(|d| d.proc.0.id()).collect(),
-            Mode::Plain => Vec::new(),
-        };
-        pids.into_iter().map(cpu_seconds).sum()
-    }
-
-    /// rx+tx bytes of each mode's interface in aa's gateway CNF netns.
-    fn aa_bytes(&self) -> Result<Vec<u64>> {
-        let cnf = &self.gateways[0].cnf;
-        self.aa_devices()
-            .iter()
-            .map(|(_, dev)| link_bytes(cnf, dev))
-            .collect()
-    }
-
-    /// UDP datagrams dropped for a full socket receive buffer in each underlay netns (relay
-    /// replica, aa's gateway node, bb's gateway node).
-    fn udp_rcvbuf_errors(&self) -> Vec<u64> {
-        self.underlay_ns
-            .iter()
-            .map(|ns| udp_rcvbuf_errors(ns))
-            .collect()
-    }
-
-    /// Interleaved iperf3 runs; medians (Gbit/s) of ours, wireguard-go, plain.
-    fn measure(&self, x: &CrossClusterPods, flags: &Flags) -> Result<(f64, f64, f64)> {
-        let server = Proc::spawn(
-            x.in_pod(&x.p1, "iperf3")
-                .args(["-s", "-B", &x.p1.fleet_ip])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-            "iperf3 -s in P1",
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = x.in_pod(&x.p1, "ss").arg("-ltn").output()?;
-            if String::from_utf8_lossy(&out.stdout).contains(":5201") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("iperf3 -s did not listen in P1's netns");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Warm-up: each path once (handshakes, caches), checking it reaches P1.
-        for mode in MODES {
-            self.select(mode)?;
-            let t = Instant::now();
-            while !x.fleet.ping(&x.p3, &x.p1.fleet_ip, 1) {
-                if t.elapsed() > Duration::from_secs(30) {
-                    bail!("{}: P3 does not reach P1", mode.label());
-                }
-            }
-            let (gbps, _) = self.iperf(x, mode, 1)?;
-            println!("{NAME}: warm-up {:<32} {gbps:.3} Gbit/s", mode.label());
-        }
-        let mut results: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let start = Instant::now();
-        for run in 0..flags.runs {
-            fleet_bench::check_interrupted()?;
-            if start.elapsed() > Duration::from_secs(flags.max_seconds) {
-                println!("{NAME}: --max-seconds reached after {run} runs");
-                break;
-            }
-            for k in 0..MODES.len() {
-                let i = (k + run) % MODES.len();
-                let (gbps, carried) = self.iperf(x, MODES[i], flags.seconds)?;
-                println!(
-                    "run {run} {:<32} {gbps:.3} Gbit/s  ({carried})",
-                    MODES[i].label()
-                );
-                results[i].push(gbps);
-            }
-        }
-        self.select(Mode::Ours)?;
-        drop(server);
-        let med: Vec<f64> = results.iter().map(|r| median(r)).collect();
-        for (i, mode) in MODES.iter().enumerate() {
-            println!(
-                "{NAME} {:<32} median {:.3} Gbit/s (runs {})",
-                mode.label(),
-                med[i],
-                results[i]
-                    .iter()
-                    .map(|g| format!("{g:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-        }
-        Ok((med[0], med[1], med[2]))
-    }
-
-    /// One iperf3 run P3 -> P1 in `mode`; received Gbit/s, and the bytes each mode's
-    /// interface in aa's gateway CNF netns carried (the mode's own must carry them).
-    fn iperf(&self, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Result<(f64, String)> {
-        self.select(mode)?;
-        let before = self.aa_bytes()?;
-        let cpu_before = self.tunnel_cpu(mode);
-        let udp_drops_before = self.udp_rcvbuf_errors();
-        let out = x
-            .in_pod(&x.p3, "timeout")
-            .args([
-                &(seconds + 30).to_string(),
-                "iperf3",
-                "-c",
-                &x.p1.fleet_ip,
-                "-t",
-                &seconds.to_string(),
-                "-J",
-            ])
-            .output()
-            .context("iperf3 -c in P3")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: iperf3 -J output: {text}", mode.label()))?;
-        let received = &v["end"]["sum_received"];
-        let gbps = received["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e9)
-            .with_context(|| format!("{}: iperf3 reported no throughput: {text}", mode.label()))?;
-        let bytes = received["bytes"].as_f64().unwrap_or(0.0);
-        let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-        let cpu = &v["end"]["cpu_utilization_percent"];
-        let (cpu_client, cpu_server) = (
-            cpu["host_total"].as_f64().unwrap_or(0.0),
-            cpu["remote_total"].as_f64().unwrap_or(0.0),
-        );
-        let after = self.aa_bytes()?;
-        let tunnel_cpu = self.tunnel_cpu(mode) - cpu_before;
-        let udp_drops = self
-            .udp_rcvbuf_errors()
-            .iter()
-            .zip(&udp_drops_before)
-            .zip(["hub", "aa", "bb"])
-            .map(|((a, b), at)| format!("{at} {}", a.saturating_sub(*b)))
-            .collect::<Vec<_>>()
-            .join("/");
-        let deltas: Vec<u64> = after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a.saturating_sub(*b))
-            .collect();
-        let devices = self.aa_devices();
-        let own = devices
-            .iter()
-            .position(|(m, _)| *m == mode)
-            .map_or(0, |i| deltas[i]);
-        let total: u64 = deltas.iter().sum();
-        if (own as f64) < bytes || (own as f64) < 0.95 * total as f64 {
-            bail!(
-                "{}: the bytes did not take this mode's interface in aa's gateway CNF netns \
-                 (iperf3 moved {bytes} bytes; per interface {:?})",
-                mode.label(),
-                devices
-                    .iter()
-                    .map(|(_, d)| d)
-                    .zip(&deltas)
-                    .collect::<Vec<_>>()
-            );
-        }
-        let carried = devices
-            .iter()
-            .zip(&deltas)
-            .map(|((m, _), d)| format!("{}={d}", short(*m)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        Ok((
-            gbps,
-            format!(
-                "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
-                tunnel_cpu / (bytes / 1e9).max(1e-9)
-            ),
-        ))
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        for args in self.cleanup.iter().rev() {
-            let _ = Command::new("ip")
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["-n", &self.relay_ns, "route", "flush", "table", GO_TABLE])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("ip")
-            .args(["-n", &self.relay_ns, "route", "flush", "table", PLAIN_TABLE])
-            .stderr(Stdio::null())
-            .status();
-        for g in &self.gateways {
-            let _ = Command::new("ip")
-                .args(["-n", &g.cnf, "route", "flush", "table", MODE_TABLE])
-                .stderr(Stdio::null())
-                .status();
-        }
-        self.go_devs.clear();
-    }
-}
-
-fn short(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Ours => "ours",
-        Mode::WireguardGo => "wg-go",
-        Mode::Plain => "plain",
-    }
-}
-
-/// A `wg showconf` as far as the twins need it.
-#[derive(Debug, Clone, Default)]
-struct WgConf {
-    private_key: String,
-    listen_port: Option<u16>,
-    peers: Vec<WgPeer>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct WgPeer {
-    public_key: String,
-    allowed_ips: Vec<String>,
-    endpoint: Option<String>,
-    keepalive: Option<u16>,
-}
-
-impl WgConf {
-    /// `wg showconf <dev>` run in the device's netns (kernel devices are only visible there;
-    /// userspace ones answer on their UAPI socket either way).
-    fn show(ns: &str, dev: &str) -> Result<WgConf> {
-        let text = run(
-            "nsenter",
-            &[
-                format!("--net=/run/netns/{ns}"),
-                "--".into(),
-                "wg".into(),
-                "showconf".into(),
-                dev.into(),
-            ],
-        )?;
-        let conf = WgConf::parse(&text);
-        if conf.private_key.is_empty() || conf.peers.is_empty() {
-            bail!("wg showconf {dev} in {ns}: no private key or no peers:\n{text}");
-        }
-        Ok(conf)
-    }
-
-    fn parse(text: &str) -> WgConf {
-        let mut conf = WgConf::default();
-        for line in text.lines() {
-            let line = line.trim();
-            if line == "[Peer]" {
-                conf.peers.push(WgPeer::default());
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let (k, v) = (k.trim(), v.trim());
-            match (conf.peers.last_mut(), k) {
-                (None, "PrivateKey") => conf.private_key = v.to_string(),
-                (None, "ListenPort") => conf.listen_port = v.parse().ok(),
-                (Some(p), "PublicKey") => p.public_key = v.to_string(),
-                (Some(p), "AllowedIPs") => {
-                    p.allowed_ips = v
-                        .split(',')
-                        .map(|a| a.trim().to_string())
-                        .filter(|a| !a.is_empty())
-                        .collect()
-                }
-                (Some(p), "Endpoint") => p.endpoint = Some(v.to_string()),
-                (Some(p), "PersistentKeepalive") => p.keepalive = v.parse().ok(),
-                _ => {}
-            }
-        }
-        conf
-    }
-}
-
-/// A wireguard-go process whose interface was moved into another netns; dropping it stops
-/// the process (SIGTERM), which removes its interface and UAPI socket.
-struct GoDevice {
-    name: String,
-    proc: Proc,
-}
-
-impl GoDevice {
-    /// Starts `wireguard-go -f <name>` in `udp_ns` (where its UDP socket will live), moves the
-    /// interface into `if_ns`, configures it with `wg set` from `conf`, sets `mtu` and brings
-    /// it up there.
-    fn start(
-        name: &str,
-        udp_ns: &str,
-        if_ns: &str,
-        conf: &WgConf,
-        mtu: u32,
-        key_dir: &Path,
-    ) -> Result<GoDevice> {
-        let proc = Proc::spawn(
-            Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{udp_ns}"))
-                .args(["--", "wireguard-go", "-f", name])
-                .env("LOG_LEVEL", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-            "wireguard-go",
-        )?;
-        let dev = GoDevice {
-            name: name.to_string(),
-            proc,
-        };
-        let sock = uapi(name);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            if Instant::now() > deadline {
-                bail!(
-                    "wireguard-go {name}: UAPI socket {} did not appear",
-                    sock.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        run(
-            "ip",
-            &ip_args(udp_ns, &["link", "set", name, "netns", if_ns]),
-        )?;
-        let key_file = key_dir.join(format!("{name}.key"));
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&key_file)?;
-            writeln!(f, "{}", conf.private_key)?;
-        }
-        let mut args: Vec<String> = vec!["set".into(), name.into()];
-        args.push("private-key".into());
-        args.push(key_file.display().to_string());
-        if let Some(port) = conf.listen_port {
-            args.extend(["listen-port".into(), port.to_string()]);
-        }
-        for p in &conf.peers {
-            args.extend(["peer".into(), p.public_key.clone()]);
-            if let Some(ep) = &p.endpoint {
-                args.extend(["endpoint".into(), ep.clone()]);
-            }
-            args.extend(["allowed-ips".into(), p.allowed_ips.join(",")]);
-            if let Some(k) = p.keepalive {
-                args.extend(["persistent-keepalive".into(), k.to_string()]);
-            }
-        }
-        run("wg", &args)?;
-        run(
-            "ip",
-            &ip_args(if_ns, &["link", "set", name, "mtu", &mtu.to_string(), "up"]),
-        )?;
-        Ok(dev)
-    }
-}
-
-fn uapi(name: &str) -> PathBuf {
-    Path::new("/var/run/wireguard").join(format!("{name}.sock"))
-}
-
-/// PIDs of the processes with `arg` as one of their command-line arguments (exact match).
-fn pids_naming(arg: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-        })
-        .collect()
-}
-
-fn mtu(ns: &str, dev: &str) -> Result<u32> {
-    let out = run("ip", &ip_args(ns, &["-j", "link", "show", "dev", dev]))?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    v[0]["mtu"]
-        .as_u64()
-        .map(|m| m as u32)
-        .with_context(|| format!("no mtu for {dev} in {ns}: {out}"))
-}
-
-/// `Udp: RcvbufErrors` of /proc/net/snmp as seen in netns `ns` (0 when unreadable).
-fn udp_rcvbuf_errors(ns: &str) -> u64 {
-    let Ok(text) = run(
-        "nsenter",
-        &[
-            &format!("--net=/run/netns/{ns}"),
-            "--",
-            "cat",
-            "/proc/net/snmp",
-        ],
-    ) else {
-        return 0;
-    };
-    let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
-    let [names, values] = udp.as_slice() else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn link_bytes(ns: &str, dev: &str) -> Result<u64> {
-    let out = run(
-        "ip",
-        &ip_args(ns, &["-j", "-s", "link", "show", "dev", dev]),
+/// Interleaved iperf3 runs; the median Gbit/s of each of `modes()`, in that order.
+fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f64>> {
+    let modes = b.modes();
+    let server = Proc::spawn(
+        x.in_pod(&x.p1, "iperf3")
+            .args(["-s", "-B", &x.p1.fleet_ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "iperf3 -s in P1",
     )?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let s = &v[0]["stats64"];
-    match (s["rx"]["bytes"].as_u64(), s["tx"]["bytes"].as_u64()) {
-        (Some(rx), Some(tx)) => Ok(rx + tx),
-        _ => bail!("no byte counters for {dev} in {ns}: {out}"),
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = x.in_pod(&x.p1, "ss").arg("-ltn").output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(":5201") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("iperf3 -s did not listen in P1's netns");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    // Warm-up: each path once (handshakes, caches), checking it reaches P1.
+    for &mode in &modes {
+        b.select(mode)?;
+        let t = Instant::now();
+        while !x.fleet.ping(&x.p3, &x.p1.fleet_ip, 1) {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("{}: P3 does not reach P1", b.label(mode));
+            }
+        }
+        let (gbps, _) = iperf(b, x, mode, 1)?;
+        println!("{NAME}: warm-up {:<32} {gbps:.3} Gbit/s", b.label(mode));
+    }
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let start = Instant::now();
+    for run in 0..flags.runs {
+        fleet_bench::check_interrupted()?;
+        if start.elapsed() > Duration::from_secs(flags.max_seconds) {
+            println!("{NAME}: --max-seconds reached after {run} runs");
+            break;
+        }
+        for k in 0..modes.len() {
+            let i = (k + run) % modes.len();
+            let (gbps, carried) = iperf(b, x, modes[i], flags.seconds)?;
+            println!(
+                "run {run} {:<32} {gbps:.3} Gbit/s  ({carried})",
+                b.label(modes[i])
+            );
+            results[i].push(gbps);
+        }
+    }
+    b.select(Mode::Ours)?;
+    drop(server);
+    let med: Vec<f64> = results.iter().map(|r| median(r)).collect();
+    for (i, mode) in modes.iter().enumerate() {
+        println!(
+            "{NAME} {:<32} median {:.3} Gbit/s (runs {})",
+            b.label(*mode),
+            med[i],
+            results[i]
+                .iter()
+                .map(|g| format!("{g:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(med)
 }
 
-/// utime + stime of a process in seconds (0 when it is gone).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    let ticks: u64 = [11, 12]
+/// One iperf3 run P3 -> P1 in `mode`; received Gbit/s, and the bytes each mode's
+/// interface in aa's gateway CNF netns carried (the mode's own must carry them).
+fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Result<(f64, String)> {
+    b.select(mode)?;
+    let before = b.aa_bytes()?;
+    let cpu_before = b.tunnel_cpu(mode);
+    let udp_drops_before = b.udp_rcvbuf_errors();
+    let out = x
+        .in_pod(&x.p3, "timeout")
+        .args([
+            &(seconds + 30).to_string(),
+            "iperf3",
+            "-c",
+            &x.p1.fleet_ip,
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()
+        .context("iperf3 -c in P3")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: iperf3 -J output: {text}", b.label(mode)))?;
+    let received = &v["end"]["sum_received"];
+    let gbps = received["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("{}: iperf3 reported no throughput: {text}", b.label(mode)))?;
+    let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    let (cpu_client, cpu_server) = (
+        cpu["host_total"].as_f64().unwrap_or(0.0),
+        cpu["remote_total"].as_f64().unwrap_or(0.0),
+    );
+    let after = b.aa_bytes()?;
+    let gb = (bytes / 1e9).max(1e-9);
+    let per_process: Vec<(String, f64)> = b
+        .tunnel_cpu(mode)
+        .into_iter()
+        .zip(&cpu_before)
+        .map(|((name, after), (_, before))| (name, after - before))
+        .collect();
+    let tunnel_cpu: f64 = per_process.iter().map(|(_, c)| c).sum();
+    let per_process = per_process
         .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
-    ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 }
-}
-
-fn ip_args(ns: &str, args: &[&str]) -> Vec<String> {
-    let mut all = vec!["-n".to_string(), ns.to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    all
+        .map(|(n, c)| format!("{n} {:.1}", c / gb))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let udp_drops = b
+        .udp_rcvbuf_errors()
+        .iter()
+        .zip(&udp_drops_before)
+        .zip(["hub", "aa", "bb"])
+        .map(|((a, b), at)| format!("{at} {}", a.saturating_sub(*b)))
+        .collect::<Vec<_>>()
+        .join("/");
+    let deltas: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let devices = b.aa_devices();
+    let own = devices
+        .iter()
+        .position(|(m, _)| *m == mode)
+        .map_or(0, |i| deltas[i]);
+    let total: u64 = deltas.iter().sum();
+    if (own as f64) < bytes || (own as f64) < 0.95 * total as f64 {
+        bail!(
+            "{}: the bytes did not take this mode's interface in aa's gateway CNF netns \
+                 (iperf3 moved {bytes} bytes; per interface {:?})",
+            b.label(mode),
+            devices
+                .iter()
+                .map(|(_, d)| d)
+                .zip(&deltas)
+                .collect::<Vec<_>>()
+        );
+    }
+    let carried = devices
+        .iter()
+        .zip(&deltas)
+        .map(|((m, _), d)| format!("{}={d}", b.short(*m)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok((
+        gbps,
+        format!(
+            "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB; per process cpu-s/GB: {per_process}), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
+            tunnel_cpu / gb
+        ),
+    ))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -880,46 +275,10 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+fn which(tool: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join(tool))
             .find(|f| f.is_file())
     })
-}
-
-fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(cmd: &str, args: &[S]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("{cmd} {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn showconf_is_parsed_per_peer() {
-        let text = "[Interface]\nListenPort = 51820\nPrivateKey = cHJpdg==\n\n\
-                    [Peer]\nPublicKey = YWFh\nAllowedIPs = 100.96.0.0/16, 100.97.0.0/16\n\
-                    Endpoint = 203.0.113.21:4500\nPersistentKeepalive = 25\n\n\
-                    [Peer]\nPublicKey = YmJi\nAllowedIPs = 100.98.0.0/16\n";
-        let c = WgConf::parse(text);
-        assert_eq!(c.private_key, "cHJpdg==");
-        assert_eq!(c.listen_port, Some(51820));
-        assert_eq!(c.peers.len(), 2);
-        assert_eq!(c.peers[0].allowed_ips, ["100.96.0.0/16", "100.97.0.0/16"]);
-        assert_eq!(c.peers[0].endpoint.as_deref(), Some("203.0.113.21:4500"));
-        assert_eq!(c.peers[0].keepalive, Some(25));
-        assert_eq!(c.peers[1].public_key, "YmJi");
-        assert_eq!(c.peers[1].endpoint, None);
-    }
 }

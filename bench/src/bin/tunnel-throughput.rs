@@ -1,6 +1,8 @@
 //! `tunnel-throughput`: pod-to-pod-like TCP throughput through fleetboard's userspace tunnel
-//! (fleet-gateway, gotatun on one current-thread runtime per device) against Debian's
-//! `wireguard-go` in the same topology, and against plain routing over the veth.
+//! (fleet-gateway, gotatun on one current-thread runtime per device) against `wireguard-go`
+//! in the same topology — trixie's 0.0.20231211 (the baseline: TUN and UDP offloads) and
+//! bookworm's 0.0.20220316 (second column) — and against plain routing over the veth. Each
+//! run also prints the CPU seconds per GB of each tunnel process (or device thread, for ours).
 //!
 //! Topology, one pair per mode (all built up front, runs interleaved):
 //! ```text
@@ -12,8 +14,8 @@
 //! no multiqueue: its defaults lose on 2 cores) runs in the same topology too: that is how
 //! the userspace implementation was chosen (numbers and reasons in gateway/README.md).
 //!
-//! Last line: `bench tunnel-throughput ours=<Gbit/s> baseline=<wireguard-go Gbit/s> ratio=..
-//! target=1.5`. Everything lives in netns this binary creates (documentation ranges only);
+//! Last line: `bench tunnel-throughput ours=<Gbit/s> baseline=<wireguard-go 0.0.20231211
+//! Gbit/s> ratio=.. target=1.5`. Everything lives in netns this binary creates (documentation ranges only);
 //! guards delete them and stop its processes by PID, also on failure.
 
 use fleet_bench::Proc;
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use fleet_bench::wg_go::{GoBuild, cpu_seconds, own_threads_cpu};
 use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey, WireguardDevice};
 
 #[derive(Parser)]
@@ -38,7 +41,15 @@ struct Args {
     /// Also measure the userspace implementations that were not chosen (boringtun).
     #[arg(long)]
     candidates: bool,
+    /// Also measure our device with each offload lever alone (`FLEET_GATEWAY_OFFLOADS` =
+    /// none, batch, tun, gso) and with all (the TUN levers and UDP GSO); ours is the default
+    /// (the TUN levers, not GSO: see gateway/README.md).
+    #[arg(long)]
+    levers: bool,
 }
+
+/// `FLEET_GATEWAY_OFFLOADS` of the `--levers` modes.
+const LEVERS: [&str; 5] = ["none", "batch", "tun", "gso", "all"];
 
 const PORT: u16 = 51820;
 const MTU: u32 = 1420;
@@ -49,7 +60,10 @@ const SERVER_TUN: &str = "198.51.100.2";
 enum Mode {
     Plain,
     Ours,
-    WireguardGo,
+    /// Ours with only the offloads `LEVERS[i]`.
+    OursLever(usize),
+    /// The wireguard-go build at this index of `fleet_bench::wg_go::builds` (0: baseline).
+    WireguardGo(usize),
     Boringtun,
 }
 
@@ -58,7 +72,13 @@ impl Mode {
         match self {
             Mode::Plain => "plain-veth",
             Mode::Ours => "fleet-gateway (gotatun, 1 thread)",
-            Mode::WireguardGo => "wireguard-go",
+            Mode::OursLever(0) => "fleet-gateway, offloads none",
+            Mode::OursLever(1) => "fleet-gateway, offloads batch",
+            Mode::OursLever(2) => "fleet-gateway, offloads tun",
+            Mode::OursLever(3) => "fleet-gateway, offloads gso",
+            Mode::OursLever(_) => "fleet-gateway, offloads all (+gso)",
+            Mode::WireguardGo(0) => "wireguard-go 0.0.20231211",
+            Mode::WireguardGo(_) => "wireguard-go 0.0.20220316",
             Mode::Boringtun => "boringtun 0.7 (1 thread)",
         }
     }
@@ -66,7 +86,13 @@ impl Mode {
         match self {
             Mode::Plain => "p",
             Mode::Ours => "o",
-            Mode::WireguardGo => "g",
+            Mode::OursLever(0) => "x",
+            Mode::OursLever(1) => "y",
+            Mode::OursLever(2) => "z",
+            Mode::OursLever(3) => "u",
+            Mode::OursLever(_) => "v",
+            Mode::WireguardGo(0) => "g",
+            Mode::WireguardGo(_) => "h",
             Mode::Boringtun => "b",
         }
     }
@@ -75,23 +101,32 @@ impl Mode {
 fn main() -> Result<()> {
     let args = Args::parse();
     fleet_bench::require_root("tunnel-throughput")?;
-    for tool in ["iperf3", "wireguard-go", "wg", "ip"] {
+    for tool in ["iperf3", "wg", "ip"] {
         if which(tool).is_none() {
             bail!("tunnel-throughput: {tool} is missing; run scripts/install-deps.sh");
         }
     }
+    let builds = fleet_bench::wg_go::builds()?;
     println!("tunnel-throughput: {}", fleet_bench::load_line());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut modes = vec![Mode::Plain, Mode::Ours, Mode::WireguardGo];
+    let mut modes = vec![
+        Mode::Plain,
+        Mode::Ours,
+        Mode::WireguardGo(0),
+        Mode::WireguardGo(1),
+    ];
     if args.candidates {
         modes.push(Mode::Boringtun);
+    }
+    if args.levers {
+        modes.extend((0..LEVERS.len()).map(Mode::OursLever));
     }
     let mut setups = Vec::new();
     for &mode in &modes {
         setups.push(
-            rt.block_on(Setup::new(mode))
+            rt.block_on(Setup::new(mode, &builds))
                 .with_context(|| mode.label())?,
         );
     }
@@ -104,8 +139,21 @@ fn main() -> Result<()> {
         // Rotate the order every run so no mode always goes first.
         for k in 0..setups.len() {
             let i = (k + run) % setups.len();
-            let gbps = setups[i].iperf(args.seconds)?;
-            println!("run {run} {:<34} {gbps:.2} Gbit/s", modes[i].label());
+            let cpu_before = setups[i].cpu();
+            let (gbps, bytes) = setups[i].iperf(args.seconds)?;
+            let gb = (bytes / 1e9).max(1e-9);
+            let cpu: Vec<String> = setups[i]
+                .cpu()
+                .into_iter()
+                .zip(cpu_before)
+                .map(|((name, after), (_, before))| format!("{name} {:.1}", (after - before) / gb))
+                .collect();
+            let cpu = if cpu.is_empty() {
+                String::new()
+            } else {
+                format!("  (cpu-s/GB: {})", cpu.join(", "))
+            };
+            println!("run {run} {:<34} {gbps:.2} Gbit/s{cpu}", modes[i].label());
             results[i].push(gbps);
         }
     }
@@ -122,8 +170,11 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "tunnel-throughput plain-veth median {:.2} Gbit/s",
-        median(0)
+        "tunnel-throughput plain-veth median {:.2} Gbit/s; second column: {} median {:.2} Gbit/s (ours/it {:.3})",
+        median(0),
+        Mode::WireguardGo(1).label(),
+        median(3),
+        median(1) / median(3)
     );
     println!(
         "tunnel-throughput: {} after the runs",
@@ -165,6 +216,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// One client/server netns pair with its tunnel (fields drop in order: tunnel, server, netns).
 struct Setup {
+    mode: Mode,
     target: &'static str,
     tunnel: Tunnel,
     _server: Proc,
@@ -179,7 +231,7 @@ enum Tunnel {
         devices: Vec<Box<dyn WireguardDevice>>,
     },
     Procs {
-        _procs: Vec<Proc>,
+        procs: Vec<Proc>,
     },
     Boringtun {
         _devices: Vec<BoringtunDevice>,
@@ -187,7 +239,7 @@ enum Tunnel {
 }
 
 impl Setup {
-    async fn new(mode: Mode) -> Result<Self> {
+    async fn new(mode: Mode, builds: &[GoBuild]) -> Result<Self> {
         let c = Netns::new(&format!("{}c", mode.tag()))?;
         let s = Netns::new(&format!("{}s", mode.tag()))?;
         c.ip(&[
@@ -221,7 +273,14 @@ impl Setup {
         ];
         let (tunnel, target) = match mode {
             Mode::Plain => (Tunnel::None, "192.0.2.2"),
-            Mode::Ours => {
+            Mode::Ours | Mode::OursLever(_) => {
+                let offloads = match mode {
+                    Mode::OursLever(i) => LEVERS[i],
+                    _ => "tun,batch",
+                };
+                // SAFETY: read by the device thread `create_device` starts; the setups are
+                // made one after another and no other thread reads the environment meanwhile.
+                unsafe { std::env::set_var("FLEET_GATEWAY_OFFLOADS", offloads) };
                 let mut devs = Vec::new();
                 for (ns, name, key, addr, peer_key, peer_ip, peer_tun) in ends {
                     let dev = fleet_gateway::create_device(
@@ -248,11 +307,13 @@ impl Setup {
                 }
                 (Tunnel::Ours { devices: devs }, SERVER_TUN)
             }
-            Mode::WireguardGo => {
+            Mode::WireguardGo(b) => {
                 let mut procs = Vec::new();
                 for (ns, name, key, addr, peer_key, peer_ip, peer_tun) in ends {
                     let child = Command::new("ip")
-                        .args(["netns", "exec", &ns.name, "wireguard-go", "-f", name])
+                        .args(["netns", "exec", &ns.name])
+                        .arg(&builds[b].path)
+                        .args(["-f", name])
                         .env("LOG_LEVEL", "error")
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
@@ -270,7 +331,7 @@ impl Setup {
                         peer_tun,
                     )?;
                 }
-                (Tunnel::Procs { _procs: procs }, SERVER_TUN)
+                (Tunnel::Procs { procs }, SERVER_TUN)
             }
             Mode::Boringtun => {
                 let mut devs = Vec::new();
@@ -312,6 +373,7 @@ impl Setup {
             }
         }
         Ok(Self {
+            mode,
             target,
             tunnel,
             _server: server,
@@ -320,8 +382,22 @@ impl Setup {
         })
     }
 
-    /// One iperf3 run from the client netns; received Gbit/s.
-    fn iperf(&self, seconds: u32) -> Result<f64> {
+    /// CPU seconds so far of each process (or, for ours, device thread) of the tunnel.
+    fn cpu(&self) -> Vec<(String, f64)> {
+        match &self.tunnel {
+            // The device threads are named `wg-<device>`, the devices `ftb<tag><end><pid>`.
+            Tunnel::Ours { .. } => own_threads_cpu(&format!("wg-ftb{}", self.mode.tag())),
+            Tunnel::Procs { procs } => procs
+                .iter()
+                .zip(["client", "server"])
+                .map(|(p, end)| (end.to_string(), cpu_seconds(p.0.id())))
+                .collect(),
+            Tunnel::None | Tunnel::Boringtun { .. } => Vec::new(),
+        }
+    }
+
+    /// One iperf3 run from the client netns; received Gbit/s and bytes.
+    fn iperf(&self, seconds: u32) -> Result<(f64, f64)> {
         let out = self.client.exec(&[
             "iperf3",
             "-c",
@@ -331,10 +407,12 @@ impl Setup {
             "-J",
         ])?;
         let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
-        v["end"]["sum_received"]["bits_per_second"]
+        let received = &v["end"]["sum_received"];
+        let gbps = received["bits_per_second"]
             .as_f64()
             .map(|b| b / 1e9)
-            .with_context(|| format!("iperf3 reported no throughput: {out}"))
+            .with_context(|| format!("iperf3 reported no throughput: {out}"))?;
+        Ok((gbps, received["bytes"].as_f64().unwrap_or(0.0)))
     }
 }
 

@@ -259,3 +259,98 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// Sends `bytes` of a deterministic pseudo-random stream over one TCP connection from
+/// `client` to `server_addr` (bound in `server`, port 7001) and returns (bytes sent, bytes
+/// the server read, the sender's FNV-1a hash, the receiver's): a bulk transfer large enough
+/// to make the kernel hand the TUN super-packets and the device coalesce on write.
+pub fn tcp_bulk(
+    server: &Netns,
+    client: &Netns,
+    server_addr: &str,
+    bytes: usize,
+) -> (usize, usize, u64, u64) {
+    use std::io::{Read, Write};
+    let listener = server.run_in({
+        let addr = format!("{server_addr}:7001");
+        move || std::net::TcpListener::bind(addr).unwrap()
+    });
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = vec![0; 1 << 16];
+        let (mut n, mut hash) = (0usize, Fnv::new());
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    hash.write(&buf[..k]);
+                    n += k;
+                }
+                Err(e) => panic!("bulk read after {n} bytes: {e}"),
+            }
+        }
+        (n, hash.0)
+    });
+    let target: std::net::SocketAddr = format!("{server_addr}:7001").parse().unwrap();
+    let (sent, sent_hash) = client.run_in(move || {
+        let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (mut rng, mut hash, mut sent) = (0x9e37_79b9_7f4a_7c15u64, Fnv::new(), 0usize);
+        let mut chunk = vec![0u8; 1 << 16];
+        while sent < bytes {
+            let k = chunk.len().min(bytes - sent);
+            for b in chunk[..k].chunks_mut(8) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let r = rng.to_le_bytes();
+                b.copy_from_slice(&r[..b.len()]);
+            }
+            c.write_all(&chunk[..k]).unwrap();
+            hash.write(&chunk[..k]);
+            sent += k;
+        }
+        (sent, hash.0)
+    });
+    let (got, got_hash) = srv.join().unwrap();
+    (sent, got, sent_hash, got_hash)
+}
+
+/// FNV-1a, 64 bits: enough to tell a reordered or corrupted stream.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// `ethtool -k <dev>` in `ns`: the device's offload features, e.g. `tcp-segmentation-offload`.
+pub fn offload_feature(ns: &Netns, dev: &str, feature: &str) -> String {
+    ns.exec(&["ethtool", "-k", dev])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{feature}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The wireguard-go builds the interop tests run: bookworm's 0.0.20220316 (no offloads) and
+/// trixie's 0.0.20231211 (TUN and UDP offloads), unpacked by scripts/install-deps.sh.
+pub const WG_GO_2022: &str = "/usr/bin/wireguard-go";
+pub fn wg_go_2023() -> String {
+    let path = std::env::var("FLEET_BENCH_WG_GO_TRIXIE").unwrap_or_else(|_| {
+        "/opt/fleetboard-bench/wireguard-go-trixie/usr/bin/wireguard-go".into()
+    });
+    assert!(
+        Path::new(&path).is_file(),
+        "trixie's wireguard-go is not at {path}: run scripts/install-deps.sh"
+    );
+    path
+}
