@@ -3,6 +3,7 @@
 //! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
 
 pub mod admin;
+pub mod cli;
 pub mod doctor;
 pub mod errors;
 pub mod gather;
