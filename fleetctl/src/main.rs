@@ -168,9 +168,11 @@ enum Command {
     /// Looks for known problems and says what to do about each (exit status 1 if any).
     ///
     /// The checks: the hub down, a credential it refuses, its CA expired or expiring within
-    /// 30 days, this machine's clock (or a member's) more than 30 s from the hub's, a node
-    /// without a plan, a tunnel without a handshake for 3 minutes, and — run on a node — its
-    /// fleet-nri's plan and MTUs that do not fit the underlay.
+    /// 30 days, this machine's clock (or a member's) more than 30 s from the hub's, a cluster
+    /// whose controller holds no lease, a node without a plan, a tunnel without a handshake
+    /// for 3 minutes (or a stale gateway record), imports of withdrawn clusters, exports
+    /// without endpoints for a minute or in conflict, and — run on a node — its fleet-nri's
+    /// plan and MTUs that do not fit the underlay.
     ///
     /// Exit status: 0 no problem found, 1 problems found (each listed with its fix), 2 doctor
     /// could not run (bad flags, unreadable credential).
