@@ -1712,8 +1712,14 @@ pub fn operator_commands(o: &OperatorSetup) -> String {
             "socat TCP-LISTEN:{hub_port},bind=127.0.0.1,reuseaddr,fork EXEC:\"nsenter \
              --net={hub_ns} socat STDIO TCP\\:{hub_host}\\:{hub_port}\""
         ),
-        "# or, without a browser: fetch the board with the link inside the hub's netns".into(),
-        format!("nsenter --net={hub_ns} curl -sk -c /tmp/board.cookies -L '<the link>'"),
+        "# or, without a browser: sign in with the link, then fetch the board, inside the \
+         hub's netns"
+            .into(),
+        format!(
+            "nsenter --net={hub_ns} sh -c \"curl -sk -c /tmp/board.cookies '<the link>' && curl \
+             -sk -b /tmp/board.cookies https://{}/board\"",
+            o.hub_endpoint
+        ),
     ]
     .join("\n")
 }
@@ -1767,7 +1773,11 @@ mod tests {
             text.contains("127.0.0.1:7443 in place of 203.0.113.10:7443"),
             "{text}"
         );
-        assert!(lines[5].contains("curl -sk"), "{text}");
+        assert_eq!(
+            lines[5],
+            "nsenter --net=/run/netns/fe2e-hub sh -c \"curl -sk -c /tmp/board.cookies '<the \
+             link>' && curl -sk -b /tmp/board.cookies https://203.0.113.10:7443/board\""
+        );
     }
 
     #[test]
