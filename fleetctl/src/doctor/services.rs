@@ -41,8 +41,9 @@ pub fn check_controllers(view: &FleetView) -> CheckOutcome {
     )
 }
 
-/// Imports whose exporting clusters are withdrawn, exports that stayed without endpoints for
-/// [`EMPTY_EXPORT_SECS`], and exports in conflict, over the records the caller can read.
+/// Imports whose exporting clusters are withdrawn, exports without endpoints more than
+/// [`EMPTY_EXPORT_SECS`] after they were made (the records keep no time of the last endpoint),
+/// and exports in conflict, over the records the caller can read.
 pub fn check_services(view: &FleetView, now: u64) -> CheckOutcome {
     let s = services_view(view);
     let mut findings = Vec::new();
@@ -71,7 +72,10 @@ pub fn check_services(view: &FleetView, now: u64) -> CheckOutcome {
         {
             findings.push(finding(
                 subject.clone(),
-                format!("it has had 0 endpoints for {}", human(age as i64)),
+                format!(
+                    "it has 0 endpoints, {} after it was exported",
+                    human(age as i64)
+                ),
                 "check the export's selector (`fleetctl export ... --selector`) or the Service's \
                  selector against the pods' labels, and that those pods run",
             ));

@@ -476,7 +476,9 @@ fn services_checks_name_withdrawn_exporters_empty_exports_and_conflicts() {
         "{c:#?}"
     );
     assert!(
-        problems.iter().any(|p| p.contains("0 endpoints for 2 min")),
+        problems
+            .iter()
+            .any(|p| p.contains("0 endpoints, 2 min after it was exported")),
         "{c:#?}"
     );
     assert!(
