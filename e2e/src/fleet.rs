@@ -1408,6 +1408,26 @@ impl SandboxFleet {
             .map_err(|e| Error::io("run fleetctl in", m.gateway().netns_path(), e))
     }
 
+    /// Ready-to-paste commands for an operator while the sandbox is up: `fleetctl status` and
+    /// `doctor` as `member`, the hub's admin view, and the board's login link with how to reach
+    /// a hub that listens only inside its netns.
+    pub fn operator_commands(&self, member: &str) -> Result<String> {
+        let m = self.member(member);
+        let hub = &self.hub.replicas[0];
+        Ok(operator_commands(&OperatorSetup {
+            member,
+            member_netns: m.gateway().netns_path(),
+            credential_file: m.credential_file(),
+            hub_netns: hub.netns.path(),
+            hub_endpoint: hub.endpoint(),
+            hub_endpoints: self.hub.endpoints(),
+            hub_data_dir: hub.data_dir(),
+            ca_hash: self.hub.ca_hash()?,
+            fleetctl: workspace_bin("fleetctl"),
+            fleet_hub: workspace_bin("fleet-hub"),
+        }))
+    }
+
     /// `fleetctl status --json`, parsed.
     pub fn status_json(&self, member: &str) -> Result<serde_json::Value> {
         let out = self.fleetctl(member, &["status", "--json"])?;
@@ -1628,9 +1648,137 @@ impl Drop for ProbeStream {
     }
 }
 
+/// Where the commands of [`operator_commands`] point.
+pub struct OperatorSetup<'a> {
+    pub member: &'a str,
+    /// The member's gateway node netns: where its fleetctl reaches the hub.
+    pub member_netns: PathBuf,
+    pub credential_file: PathBuf,
+    pub hub_netns: PathBuf,
+    /// The first replica's `ip:port`.
+    pub hub_endpoint: String,
+    pub hub_endpoints: String,
+    pub hub_data_dir: PathBuf,
+    pub ca_hash: String,
+    pub fleetctl: PathBuf,
+    pub fleet_hub: PathBuf,
+}
+
+/// The operator's commands against a running sandbox, one per line with a comment above each.
+pub fn operator_commands(o: &OperatorSetup) -> String {
+    let (member, hub) = (o.member, &o.hub_endpoints);
+    let member_ns = o.member_netns.display();
+    let hub_ns = o.hub_netns.display();
+    let fleetctl = o.fleetctl.display();
+    let data = o.hub_data_dir.display();
+    let (hub_host, hub_port) = o
+        .hub_endpoint
+        .rsplit_once(':')
+        .unwrap_or((o.hub_endpoint.as_str(), "7443"));
+    let as_member = |cmd: &str| {
+        format!(
+            "nsenter --net={member_ns} {fleetctl} {cmd} --hub {hub} --ca {} --credential-file {}",
+            o.ca_hash,
+            o.credential_file.display()
+        )
+    };
+    [
+        format!(
+            "# the fleet as cluster {member} sees it (the hub is reachable only from the \
+             sandbox's namespaces: run fleetctl in {member}'s gateway node netns)"
+        ),
+        as_member("status"),
+        format!("# what is wrong and what to do, as cluster {member}"),
+        as_member("doctor"),
+        "# the hub's admin view (the admin credential; the CA from ca.pem beside it)".into(),
+        format!(
+            "nsenter --net={hub_ns} {fleetctl} clusters --hub {hub} --credential-file \
+             {data}/admin.credential"
+        ),
+        "# the fleet board: a one-time login link, to open within 60 s".into(),
+        format!(
+            "nsenter --net={hub_ns} {} --data-dir {data} --hub {} board-url",
+            o.fleet_hub.display(),
+            o.hub_endpoint
+        ),
+        format!(
+            "# the hub listens only inside its netns: to open the board in a browser on this \
+             machine, forward a local port into it (keep this running), then open the link \
+             with 127.0.0.1:{hub_port} in place of {} and accept the hub's certificate (its \
+             CA is {data}/ca.pem)",
+            o.hub_endpoint
+        ),
+        format!(
+            "socat TCP-LISTEN:{hub_port},bind=127.0.0.1,reuseaddr,fork EXEC:\"nsenter \
+             --net={hub_ns} socat STDIO TCP\\:{hub_host}\\:{hub_port}\""
+        ),
+        "# or, without a browser: sign in with the link, then fetch the board, inside the \
+         hub's netns"
+            .into(),
+        format!(
+            "nsenter --net={hub_ns} sh -c \"curl -sk -c /tmp/board.cookies '<the link>' && curl \
+             -sk -b /tmp/board.cookies https://{}/board\"",
+            o.hub_endpoint
+        ),
+    ]
+    .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operator_commands_are_complete_and_runnable_as_printed() {
+        let text = operator_commands(&OperatorSetup {
+            member: "aa",
+            member_netns: "/run/netns/fe2e-aa-1".into(),
+            credential_file: "/tmp/s/aa/credential".into(),
+            hub_netns: "/run/netns/fe2e-hub".into(),
+            hub_endpoint: "203.0.113.10:7443".into(),
+            hub_endpoints: "203.0.113.10:7443".into(),
+            hub_data_dir: "/tmp/s/hub/data".into(),
+            ca_hash: "ab".repeat(32),
+            fleetctl: "/w/target/release/fleetctl".into(),
+            fleet_hub: "/w/target/release/fleet-hub".into(),
+        });
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        let ca = "ab".repeat(32);
+        assert_eq!(
+            lines[0],
+            format!(
+                "nsenter --net=/run/netns/fe2e-aa-1 /w/target/release/fleetctl status --hub \
+                 203.0.113.10:7443 --ca {ca} --credential-file /tmp/s/aa/credential"
+            )
+        );
+        assert!(
+            lines[1].contains("fleetctl doctor --hub 203.0.113.10:7443 --ca"),
+            "{text}"
+        );
+        assert!(
+            lines[2].ends_with("--credential-file /tmp/s/hub/data/admin.credential"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[3],
+            "nsenter --net=/run/netns/fe2e-hub /w/target/release/fleet-hub --data-dir \
+             /tmp/s/hub/data --hub 203.0.113.10:7443 board-url"
+        );
+        assert_eq!(
+            lines[4],
+            "socat TCP-LISTEN:7443,bind=127.0.0.1,reuseaddr,fork EXEC:\"nsenter \
+             --net=/run/netns/fe2e-hub socat STDIO TCP\\:203.0.113.10\\:7443\""
+        );
+        assert!(
+            text.contains("127.0.0.1:7443 in place of 203.0.113.10:7443"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[5],
+            "nsenter --net=/run/netns/fe2e-hub sh -c \"curl -sk -c /tmp/board.cookies '<the \
+             link>' && curl -sk -b /tmp/board.cookies https://203.0.113.10:7443/board\""
+        );
+    }
 
     #[test]
     fn ca_hash_is_the_sha256_of_the_der() {

@@ -54,6 +54,17 @@ fn fleetctl_manages_tokens_and_members_with_the_admin_credential() {
         "{}",
         text(&out)
     );
+    // The expiry in RFC 3339 UTC, not unix seconds.
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let until = stderr
+        .split("valid until ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        until.len() == 20 && until.ends_with('Z') && until.as_bytes()[10] == b'T',
+        "{stderr}"
+    );
 
     let out = admin(&fleet, &["token", "list", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -66,6 +77,7 @@ fn fleetctl_manages_tokens_and_members_with_the_admin_credential() {
         .unwrap_or_else(|| panic!("{tokens}"));
     assert_eq!(t["state"], "valid");
     assert_eq!(t["description"], "for bb");
+    assert_eq!(t["expires_at_utc"].as_str(), Some(until), "{t}");
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains(join.split('.').nth(1).unwrap()),
         "never the secret"
@@ -100,6 +112,30 @@ fn fleetctl_manages_tokens_and_members_with_the_admin_credential() {
     let out = admin(&fleet, &["token", "create", "--ttl", "soon"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("--ttl"), "{}", text(&out));
+    let out = admin(&fleet, &["token", "create", "--ttl", "400d"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("at most 365d"), "{}", text(&out));
+
+    // `--hub` without a port reaches the hub on 7443; a reader that goes away (`| head`) ends
+    // fleetctl quietly with status 0.
+    let r = &fleet.hub.replicas[0];
+    let fleetctl = |args: &[&str]| {
+        let mut c = r.netns.command(workspace_bin("fleetctl").to_str().unwrap());
+        c.args(args)
+            .args(["--hub", &r.ip, "--credential-file"])
+            .arg(r.data_dir().join("admin.credential"));
+        c
+    };
+    let out = fleetctl(&["token", "list"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = fleetctl(&["token", "list", "-o", "json"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(out.stderr.is_empty(), "{}", text(&out));
 
     // A member joins (its own token), is listed, and is removed.
     fleet.start_controllers(false).unwrap();

@@ -15,6 +15,8 @@ pub struct TokenView {
     /// Unix seconds.
     pub created_at: u64,
     pub expires_at: u64,
+    /// `expires_at` as RFC 3339 UTC, for people reading the JSON.
+    pub expires_at_utc: String,
     pub revoked_at: Option<u64>,
     /// `valid`, `expired` or `revoked`, at `now`.
     pub state: String,
@@ -33,6 +35,7 @@ pub fn token_view(t: &TokenInfo, now: u64) -> TokenView {
         description: t.description.clone(),
         created_at: t.created_at,
         expires_at: t.expires_at,
+        expires_at_utc: crate::cli::rfc3339(t.expires_at),
         revoked_at: t.revoked_at,
         state: state.into(),
     }

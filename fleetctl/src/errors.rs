@@ -51,9 +51,10 @@ pub fn explain(doing: &str, e: &HubError, cx: &CallContext) -> String {
             ),
             (ErrorCode::Unauthenticated | ErrorCode::NotJoined, Caller::Member(c)) => format!(
                 "the hub refuses cluster {c}'s credential in {} (the cluster was removed, or it \
-                 re-joined with a new credential): get a join string with `fleetctl token \
-                 create` (the hub's admin credential) and run the cluster's fleet-controller \
-                 with --join <it>",
+                 re-joined with a new credential): `fleetctl clusters` (the hub's admin \
+                 credential) shows whether {c} is still a member; if it is, use its current \
+                 credential or `fleetctl cluster remove {c}` first; then get a join string with \
+                 `fleetctl token create` and run the cluster's fleet-controller with --join <it>",
                 cx.credential_file
             ),
             (ErrorCode::PermissionDenied, Caller::Member(_)) => "this call needs the hub's \

@@ -3,6 +3,7 @@
 //! table or JSON. Pure rendering of a [`FleetView`]; the binary does the listing.
 
 pub mod admin;
+pub mod cli;
 pub mod doctor;
 pub mod errors;
 pub mod gather;
@@ -39,6 +40,9 @@ pub struct ClusterStatus {
     pub endpoint: Option<SocketAddr>,
     /// The hub's gateway state: pending, up, down.
     pub gateway: String,
+    /// A controller of the cluster holds its lease (the hub's `controller_live`); when not,
+    /// the cluster's services are withdrawn from every other cluster.
+    pub controller_live: bool,
     pub public_key: String,
     /// The cluster's last `gateway` record, if any.
     pub tunnel: Option<GatewayRecord>,
@@ -62,6 +66,7 @@ pub fn status(view: &FleetView) -> Status {
             block: c.block,
             endpoint: c.endpoint,
             gateway: format!("{:?}", c.gateway).to_lowercase(),
+            controller_live: c.controller_live,
             public_key: c.public_key.to_string(),
             tunnel: None,
             nodes: Vec::new(),
@@ -122,6 +127,29 @@ fn ago(then: u64, now: u64) -> String {
     format!("{}s ago", now.saturating_sub(then))
 }
 
+/// The gateway column: the hub's state, except that `up` beside a record older than
+/// [`doctor::GATEWAY_RECORD_STALE_SECS`] is not known to be up any more.
+fn gateway_cell(c: &ClusterStatus, now: u64) -> String {
+    match &c.tunnel {
+        Some(t)
+            if c.gateway == "up"
+                && now.saturating_sub(t.updated_at) > doctor::GATEWAY_RECORD_STALE_SECS =>
+        {
+            format!("stale ({}s)", now.saturating_sub(t.updated_at))
+        }
+        _ => c.gateway.clone(),
+    }
+}
+
+/// `direct since 40s ago`, `relay since 3s ago`; `-` from members that predate `path`.
+fn path_cell(p: &fleet_hub_api::records::GatewayPeerRecord, now: u64) -> String {
+    match (&p.path, p.path_since) {
+        (Some(path), Some(since)) => format!("{path} since {}", ago(since, now)),
+        (Some(path), None) => path.clone(),
+        (None, _) => "-".to_string(),
+    }
+}
+
 /// The status as tables; `now` is unix seconds (ages are relative to it).
 pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Result<()> {
     // Who a tunnel peer is, by public key.
@@ -139,26 +167,40 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
     writeln!(out)?;
     writeln!(
         out,
-        "{:<16} {:<18} {:<22} {:<8} PUBLIC KEY",
-        "CLUSTER", "BLOCK", "ENDPOINT", "GATEWAY"
+        "{:<16} {:<18} {:<22} {:<12} {:<10} PUBLIC KEY",
+        "CLUSTER", "BLOCK", "ENDPOINT", "GATEWAY", "CONTROLLER"
     )?;
     for c in &s.clusters {
         let endpoint = c.endpoint.map_or("-".to_string(), |e| e.to_string());
         writeln!(
             out,
-            "{:<16} {:<18} {:<22} {:<8} {}",
+            "{:<16} {:<18} {:<22} {:<12} {:<10} {}",
             c.id,
             c.block.to_string(),
             endpoint,
-            c.gateway,
+            gateway_cell(c, now),
+            if c.controller_live {
+                "live"
+            } else {
+                "no lease"
+            },
             c.public_key
         )?;
     }
     writeln!(out)?;
     writeln!(
         out,
-        "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
-        "TUNNELS OF", "NODE", "BACKEND", "UPDATED", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:<22} {:>10} {:>10}",
+        "TUNNELS OF",
+        "NODE",
+        "BACKEND",
+        "UPDATED",
+        "PEER",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "PATH",
+        "RX",
+        "TX"
     )?;
     for c in &s.clusters {
         let Some(t) = &c.tunnel else {
@@ -182,7 +224,7 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
                 .unwrap_or_else(|| p.public_key.clone());
             writeln!(
                 out,
-                "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:>10} {:>10}",
+                "{:<16} {:<12} {:<10} {:<10} {:<24} {:<22} {:<15} {:<22} {:>10} {:>10}",
                 c.id,
                 t.node,
                 t.backend,
@@ -191,6 +233,7 @@ pub fn render_table(s: &Status, now: u64, out: &mut impl Write) -> std::io::Resu
                 p.endpoint.map_or("-".to_string(), |e| e.to_string()),
                 p.last_handshake
                     .map_or("never".to_string(), |h| ago(h, now)),
+                path_cell(p, now),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes)
             )?;
@@ -327,5 +370,34 @@ mod tests {
         assert!(text.contains("2.0 KiB"), "{text}");
         assert!(text.contains("100.96.1.0/24"), "{text}");
         assert!(text.contains("(no gateway record)"), "{text}");
+        assert!(text.contains(" live "), "{text}");
+        assert_eq!(json["clusters"][0]["controller_live"], true);
+    }
+
+    #[test]
+    fn status_marks_a_stale_gateway_a_lost_lease_and_each_tunnels_path() {
+        let mut v = view();
+        v.clusters[1].controller_live = false;
+        let mut g: GatewayRecord = serde_json::from_slice(&v.records[0].value).unwrap();
+        g.peers[0].path = Some("relay".into());
+        g.peers[0].path_since = Some(60);
+        v.records[0].value = serde_json::to_vec(&g).unwrap();
+        let s = status(&v);
+        assert!(!s.clusters[0].controller_live);
+        let mut out = Vec::new();
+        // 351 s after the record was written: not shown as `up`.
+        render_table(&s, 451, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let aa = text.lines().find(|l| l.starts_with("aa ")).unwrap();
+        assert!(aa.contains("stale (351s)"), "{text}");
+        assert!(!aa.contains(" up "), "{text}");
+        assert!(aa.contains("no lease"), "{text}");
+        assert!(text.contains("relay since 391s ago"), "{text}");
+        // A current record shows the hub's state.
+        let mut out = Vec::new();
+        render_table(&s, 120, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let aa = text.lines().find(|l| l.starts_with("aa ")).unwrap();
+        assert!(aa.contains(" up "), "{text}");
     }
 }

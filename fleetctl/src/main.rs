@@ -28,7 +28,7 @@ struct Flags {
 /// Where the hub is and who we are to it.
 #[derive(clap::Args, Debug)]
 struct HubArgs {
-    /// The hub's API addresses, host:port, comma-separated.
+    /// The hub's API addresses, host[:port] (port 7443 when none is given), comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     hub: Vec<String>,
     /// The SHA-256 of the hub CA certificate's DER form, in hex (what the hub logs as
@@ -46,8 +46,9 @@ struct HubArgs {
 struct OutputArgs {
     /// Output format: `table` for people, `json` for scripts (stable; shapes in
     /// fleetctl/README.md). Progress and errors always go to stderr.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
-    output: Format,
+    /// (default: table)
+    #[arg(short = 'o', long = "output", value_enum)]
+    output: Option<Format>,
     /// Same as `-o json`.
     #[arg(long)]
     json: bool,
@@ -61,7 +62,36 @@ enum Format {
 
 impl OutputArgs {
     fn json(&self) -> bool {
-        self.json || self.output == Format::Json
+        self.json || self.output == Some(Format::Json)
+    }
+
+    /// `--json` asks for JSON: with `-o table` the two contradict each other.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.json && self.output == Some(Format::Table) {
+            anyhow::bail!(
+                "--json and -o table contradict each other: pass one (`--json` is `-o json`)"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Command {
+    fn output(&self) -> Option<&OutputArgs> {
+        match self {
+            Command::Status { out, .. }
+            | Command::Export { out, .. }
+            | Command::Unexport { out, .. }
+            | Command::Clusters { out, .. }
+            | Command::Services { out, .. }
+            | Command::Doctor { out, .. }
+            | Command::Token(
+                TokenCommand::Create { out, .. }
+                | TokenCommand::List { out, .. }
+                | TokenCommand::Revoke { out, .. },
+            )
+            | Command::Cluster(ClusterCommand::Remove { out, .. }) => Some(out),
+        }
     }
 }
 
@@ -138,9 +168,11 @@ enum Command {
     /// Looks for known problems and says what to do about each (exit status 1 if any).
     ///
     /// The checks: the hub down, a credential it refuses, its CA expired or expiring within
-    /// 30 days, this machine's clock (or a member's) more than 30 s from the hub's, a node
-    /// without a plan, a tunnel without a handshake for 3 minutes, and — run on a node — its
-    /// fleet-nri's plan and MTUs that do not fit the underlay.
+    /// 30 days, this machine's clock (or a member's) more than 30 s from the hub's, a cluster
+    /// whose controller holds no lease, a node without a plan, a tunnel without a handshake
+    /// for 3 minutes (or a stale gateway record), imports of withdrawn clusters, exports
+    /// without endpoints for a minute or in conflict, and — run on a node — its fleet-nri's
+    /// plan and MTUs that do not fit the underlay.
     ///
     /// Exit status: 0 no problem found, 1 problems found (each listed with its fix), 2 doctor
     /// could not run (bad flags, unreadable credential).
@@ -253,10 +285,15 @@ fn client(args: &HubArgs) -> anyhow::Result<Hub> {
         )
     })?;
     let ca = ca_hash(args.ca.as_deref(), &args.credential_file)?;
-    let client = HubClient::new(args.hub.clone(), ca, ClientOptions::default())?
+    let endpoints: Vec<String> = args
+        .hub
+        .iter()
+        .map(|h| fleetctl::cli::hub_address(h))
+        .collect();
+    let client = HubClient::new(endpoints.clone(), ca, ClientOptions::default())?
         .with_credential(credential.clone());
     let cx = CallContext {
-        endpoints: args.hub.join(","),
+        endpoints: endpoints.join(","),
         credential_file: args.credential_file.display().to_string(),
         caller: match &credential {
             Credential::Admin(_) => Caller::Admin,
@@ -394,9 +431,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             hub,
             out,
         }) => {
-            let lifetime = fleet_hub_api::model::parse_lifetime(&ttl).with_context(|| {
-                format!("--ttl {ttl:?}: expected a positive number with s, m, h or d (e.g. 24h)")
-            })?;
+            let lifetime = fleetctl::cli::token_ttl(&ttl).map_err(anyhow::Error::msg)?;
             let hub = client(&hub)?;
             let (join, info) = hub
                 .call(
@@ -410,12 +445,13 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                     "token": fleetctl::admin::token_view(&info, unix_now()),
                 }))?;
             } else {
-                println!("{}", join.expose_secret());
+                writeln!(std::io::stdout(), "{}", join.expose_secret())?;
             }
             eprintln!(
-                "join token {} created, valid until unix time {}; it is shown only now: pass it to \
-                 the new member's fleet-controller as --join",
-                info.id, info.expires_at
+                "join token {} created, valid until {}; it is shown only now: pass it to the new \
+                 member's fleet-controller as --join",
+                info.id,
+                fleetctl::cli::rfc3339(info.expires_at)
             );
         }
         Command::Token(TokenCommand::List { hub, out }) => {
@@ -444,7 +480,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             if out.json() {
                 print_json(&fleetctl::admin::token_view(&info, unix_now()))?;
             } else {
-                println!("join token {id} revoked");
+                writeln!(std::io::stdout(), "join token {id} revoked")?;
             }
         }
         Command::Clusters { hub, out } => {
@@ -479,7 +515,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             if out.json() {
                 print_json(&serde_json::json!({ "removed": id }))?;
             } else {
-                println!("cluster {id} removed; its controller clears its gateway and stops");
+                writeln!(
+                    std::io::stdout(),
+                    "cluster {id} removed; its controller clears its gateway and stops"
+                )?;
             }
         }
         Command::Services { hub, out } => {
@@ -547,6 +586,17 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 }
                 None => None,
             };
+            if let Some((0, _)) = endpoints {
+                eprintln!(
+                    "{}",
+                    fleetctl::services::no_endpoints_warning(
+                        &cluster,
+                        &namespace,
+                        &name,
+                        &args.selector
+                    )
+                );
+            }
             if out.json() {
                 let mut exported = serde_json::json!({
                     "cluster": cluster.to_string(), "namespace": namespace, "name": name,
@@ -558,15 +608,17 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 }
                 print_json(&serde_json::json!({ "exported": exported }))?;
             } else if let Some((all, ready)) = endpoints {
-                println!(
+                writeln!(
+                    std::io::stdout(),
                     "exported {namespace}/{name} from cluster {cluster}: {dns}; its controller \
                      published it with {all} endpoints, {ready} ready (see `fleetctl services`)"
-                );
+                )?;
             } else {
-                println!(
+                writeln!(
+                    std::io::stdout(),
                     "exported {namespace}/{name} from cluster {cluster}: {dns} (its controller \
                      publishes the endpoints; see `fleetctl services`)"
-                );
+                )?;
             }
         }
         Command::Unexport {
@@ -597,7 +649,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                                     "name": name },
                 }))?;
             } else {
-                println!("unexported {namespace}/{name} from cluster {cluster}");
+                writeln!(
+                    std::io::stdout(),
+                    "unexported {namespace}/{name} from cluster {cluster}"
+                )?;
             }
         }
         Command::Doctor {
@@ -681,14 +736,21 @@ fn main() -> std::process::ExitCode {
         .init();
     let command = Flags::parse().command;
     let doctor = matches!(command, Command::Doctor { .. });
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
+    let result = command
+        .output()
+        .map_or(Ok(()), OutputArgs::check)
+        .and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+        })
         .and_then(|rt| rt.block_on(run(command)));
     match result {
         Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
         Ok(Outcome::ProblemsFound) => std::process::ExitCode::from(1),
+        // The reader of stdout went away (`fleetctl services | head`): stop quietly.
+        Err(e) if fleetctl::cli::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
             // doctor: 1 means "problems found"; it could not run at all.
@@ -749,5 +811,25 @@ mod tests {
         assert!(
             Flags::try_parse_from(["fleetctl", "status", "-o", "yaml"].iter().chain(&hub)).is_err()
         );
+    }
+
+    #[test]
+    fn json_with_o_table_is_a_clear_error() {
+        let hub = ["--hub", "h", "--credential-file", "c"];
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(["fleetctl"].iter().chain(args).chain(&hub))
+                .unwrap()
+                .command
+        };
+        let both = parse(&["status", "--json", "-o", "table"]);
+        let err = both.output().unwrap().check().unwrap_err().to_string();
+        assert!(err.contains("--json and -o table"), "{err}");
+        for ok in [
+            &["status", "--json", "-o", "json"][..],
+            &["status", "--json"],
+            &["token", "create", "-o", "table"],
+        ] {
+            assert!(parse(ok).output().unwrap().check().is_ok(), "{ok:?}");
+        }
     }
 }

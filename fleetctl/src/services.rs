@@ -277,6 +277,23 @@ fn condition_status(s: ConditionStatus) -> &'static str {
     }
 }
 
+/// What `fleetctl export --wait` says on stderr when the export converged with no endpoint:
+/// most often the selector matches no pod (a typo, or the pods are not running yet).
+pub fn no_endpoints_warning(
+    cluster: &ClusterId,
+    namespace: &str,
+    name: &str,
+    selector: &[String],
+) -> String {
+    format!(
+        "fleetctl: warning: cluster {cluster}'s controller published {namespace}/{name} with 0 \
+         endpoints: no running pod in namespace {namespace} has the labels {}; check \
+         --selector against the pods' labels for a typo, and that the pods run. The export \
+         stays, and takes the pods as soon as they match",
+        selector.join(",")
+    )
+}
+
 /// What `fleetctl export --wait` waits for: the cluster's controller has published
 /// `export/<namespace>/<name>` for exactly this spec (type, ports, affinity, labels,
 /// annotations and creation time as the spec says). Then the endpoints it found, and how many
@@ -662,5 +679,19 @@ mod tests {
             export_spec(&affinity, 5),
             Err(ExportArgError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn an_export_without_endpoints_warns_of_the_selector() {
+        let w = no_endpoints_warning(
+            &ClusterId::new("aa").unwrap(),
+            "default",
+            "web",
+            &["app=wbe".into(), "tier=front".into()],
+        );
+        assert!(w.starts_with("fleetctl: warning:"), "{w}");
+        assert!(w.contains("default/web with 0 endpoints"), "{w}");
+        assert!(w.contains("app=wbe,tier=front"), "{w}");
+        assert!(w.contains("--selector"), "{w}");
     }
 }

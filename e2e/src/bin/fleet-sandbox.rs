@@ -9,7 +9,9 @@
 //! ping and TCP exchange; then service discovery: a web service of two pods in `aa`, exported
 //! with `fleetctl export`, fetched from a pod of `bb` by its name
 //! `web.default.svc.clusterset.local` (resolved by bb's fleet-dns to a ClusterSetIP VIP of bb,
-//! which bb's nodes send to aa's pods over the tunnel), and `fleetctl status`; then stays up
+//! which bb's nodes send to aa's pods over the tunnel), and `fleetctl status`; then, up, prints
+//! ready-to-paste operator commands (`fleetctl status`/`doctor` as aa, the hub's admin view,
+//! the board's login link and how to reach the hub's netns from a browser) and stays up
 //! until Ctrl-C (or exits at once with `--once`, non-zero if any step failed) and tears
 //! everything down.
 //!
@@ -144,6 +146,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     if !once {
         println!("\n== up; press Ctrl-C to tear everything down");
+        println!("== operator commands (paste into a root shell on this machine):");
+        println!("{}", indent(&fleet.operator_commands("aa")?));
         let _ = stop_rx.recv();
     }
     println!("== tearing down");

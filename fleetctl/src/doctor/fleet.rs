@@ -139,7 +139,8 @@ pub fn check_tunnels(view: &FleetView, now: u64) -> CheckOutcome {
             continue;
         };
         let age = now.saturating_sub(g.updated_at);
-        if age > GATEWAY_RECORD_STALE_SECS {
+        let stale = age > GATEWAY_RECORD_STALE_SECS;
+        if stale {
             findings.push(finding(
                 format!("cluster {id}"),
                 format!(
@@ -155,6 +156,11 @@ pub fn check_tunnels(view: &FleetView, now: u64) -> CheckOutcome {
         }
         for p in &g.peers {
             peers += 1;
+            // A stale record's handshakes are old by construction: the one finding above says
+            // why, instead of one "no handshake" per tunnel.
+            if stale {
+                continue;
+            }
             let (who, peer_joined) = names
                 .get(&p.public_key)
                 .cloned()

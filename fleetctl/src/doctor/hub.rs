@@ -77,9 +77,22 @@ pub fn check_credential(facts: &Facts) -> CheckOutcome {
         (CredentialKind::Admin, true) => "use admin.credential from the hub's data dir (each \
              hub data dir has its own; replicas on one etcd accept each other's)"
             .to_string(),
+        (CredentialKind::Member(c), true) if refusal.code == Some(ErrorCode::NotJoined) => {
+            format!(
+                "the hub says cluster {c} is not a member: on the hub, `fleetctl token create` \
+                 (admin credential) gives a join string; run the cluster's fleet-controller \
+                 with --join <it> and a fresh --credential-file"
+            )
+        }
+        // Well-formed but refused: the hub cannot tell a removed cluster from a replaced
+        // credential, and a re-join while the cluster is still a member is refused too, so
+        // the operator looks first.
         (CredentialKind::Member(c), true) => format!(
-            "cluster {c} is no longer a member or its credential was replaced: on the hub, \
-             `fleetctl token create` (admin credential) gives a join string; run the cluster's \
+            "this is not the credential the hub holds for cluster {c}: with the hub's admin \
+             credential, `fleetctl clusters` shows whether {c} is still a member. If it is, \
+             its credential was replaced: use the current one (the file its controller \
+             joined with), or `fleetctl cluster remove {c}` before re-joining it. If it is \
+             not, re-join: `fleetctl token create` gives a join string; run the cluster's \
              fleet-controller with --join <it> and a fresh --credential-file"
         ),
     };

@@ -14,10 +14,12 @@ use serde::Serialize;
 mod fleet;
 mod hub;
 mod node;
+mod services;
 
 pub use fleet::{check_node_plans, check_tunnels};
 pub use hub::{check_ca, check_clock, check_credential, check_hub};
 pub use node::{check_local_node, check_mtu, overheads};
+pub use services::{EMPTY_EXPORT_SECS, check_controllers, check_services};
 
 /// WireGuard drops a session 180 s after its last handshake (`REJECT_AFTER_TIME`); a live
 /// tunnel re-handshakes every 120 s (`REKEY_AFTER_TIME`), and the gateways keep theirs alive.
@@ -149,7 +151,8 @@ pub enum CheckState {
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckOutcome {
-    /// Stable name: `hub`, `credential`, `ca`, `clock`, `node-plans`, `tunnels`, `mtu`.
+    /// Stable name: `hub`, `credential`, `ca`, `clock`, `controllers`, `node-plans`,
+    /// `tunnels`, `services`, `mtu`.
     pub check: &'static str,
     pub state: CheckState,
     /// One line: what was found fine, or why it was skipped.
@@ -214,7 +217,7 @@ pub fn diagnose(facts: &Facts) -> Report {
                 None,
                 &facts.credential,
             ));
-            for name in ["node-plans", "tunnels"] {
+            for name in ["controllers", "node-plans", "tunnels", "services"] {
                 checks.push(CheckOutcome::skipped(name, "the hub did not answer"));
             }
         }
@@ -236,11 +239,13 @@ pub fn diagnose(facts: &Facts) -> Report {
             ));
             match view {
                 Some(view) => {
+                    checks.push(check_controllers(view));
                     checks.push(check_node_plans(view, now));
                     checks.push(check_tunnels(view, now));
+                    checks.push(check_services(view, now));
                 }
                 None => {
-                    for name in ["node-plans", "tunnels"] {
+                    for name in ["controllers", "node-plans", "tunnels", "services"] {
                         checks.push(CheckOutcome::skipped(
                             name,
                             "the hub did not list the fleet",

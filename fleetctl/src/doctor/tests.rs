@@ -4,7 +4,10 @@ use super::*;
 use fleet_hub_api::model::{
     ClusterId, ClusterRecord, GatewayState, MemberRecord, PublicKey, RelayRecord,
 };
-use fleet_hub_api::records::{GatewayPeerRecord, NodeRecord};
+use fleet_hub_api::records::{
+    EndpointRecord, ExportPortRecord, ExportRecord, ExportedServiceType, GatewayPeerRecord,
+    ImportClusterRecord, ImportRecord, NodeRecord, Protocol,
+};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -119,7 +122,7 @@ fn a_healthy_fleet_has_no_problems() {
     assert!(states.contains(&("mtu", CheckState::Skipped)), "{states:?}");
     assert_eq!(
         states.iter().filter(|(_, s)| *s == CheckState::Ok).count(),
-        6,
+        8,
         "{states:?}"
     );
     let mut out = Vec::new();
@@ -142,7 +145,16 @@ fn a_hub_that_is_down_names_the_address_and_skips_what_needs_it() {
     assert!(
         r.checks
             .iter()
-            .filter(|c| ["ca", "clock", "node-plans", "tunnels", "credential"].contains(&c.check))
+            .filter(|c| [
+                "ca",
+                "clock",
+                "controllers",
+                "node-plans",
+                "tunnels",
+                "services",
+                "credential"
+            ]
+            .contains(&c.check))
             .all(|c| c.state == CheckState::Skipped)
     );
     let pinned = check_hub(&facts(HubFacts::Down {
@@ -164,8 +176,29 @@ fn a_refused_credential_says_how_to_get_a_new_one() {
         c.findings[0].problem.contains("cluster aa's credential"),
         "{c:?}"
     );
+    // Refused while the cluster may still be a member: look first, re-join only if it is not.
+    let fix = &c.findings[0].fix;
+    assert!(
+        fix.contains("`fleetctl clusters` shows whether aa"),
+        "{c:?}"
+    );
+    assert!(
+        fix.contains("`fleetctl cluster remove aa` before re-joining"),
+        "{c:?}"
+    );
+    assert!(
+        fix.find("fleetctl clusters") < fix.find("--join"),
+        "look before re-joining: {c:?}"
+    );
+    let mut gone = f.clone();
+    gone.hub = reached(Err(Refusal {
+        code: Some(ErrorCode::NotJoined),
+        message: "cluster aa is not joined".into(),
+    }));
+    let c = check_credential(&gone);
     assert!(c.findings[0].fix.contains("fleetctl token create"), "{c:?}");
     assert!(c.findings[0].fix.contains("--join"), "{c:?}");
+    assert!(!c.findings[0].fix.contains("cluster remove"), "{c:?}");
     let r = diagnose(&f);
     assert!(
         r.checks
@@ -329,6 +362,140 @@ fn a_stale_or_missing_gateway_record_is_a_problem() {
     view.records.remove(0);
     let c = check_tunnels(&view, NOW);
     assert!(c.findings[0].problem.contains("no gateway record"), "{c:?}");
+}
+
+#[test]
+fn a_stale_gateway_record_is_said_once_not_as_a_handshake_per_tunnel() {
+    let mut view = healthy();
+    // 351 s old, its last handshake 400 s old: only the record's staleness is a finding.
+    view.records[0] = record("aa", "gateway", gateway("aa-1", NOW - 351, Some(NOW - 400)));
+    let c = check_tunnels(&view, NOW);
+    assert_eq!(c.findings.len(), 1, "{c:#?}");
+    assert!(c.findings[0].problem.contains("old"), "{c:?}");
+    assert!(!c.findings[0].problem.contains("handshake"), "{c:?}");
+}
+
+#[test]
+fn a_cluster_whose_controller_holds_no_lease_is_named() {
+    assert_eq!(check_controllers(&healthy()).state, CheckState::Ok);
+    let mut view = healthy();
+    view.clusters[0].controller_live = false;
+    let c = check_controllers(&view);
+    assert_eq!(subjects(&c), vec!["cluster aa"]);
+    assert!(
+        c.findings[0]
+            .problem
+            .contains("no controller holds cluster aa's lease: its services are withdrawn"),
+        "{c:?}"
+    );
+    assert!(
+        c.findings[0]
+            .fix
+            .contains("start/restart fleet-controller for aa"),
+        "{c:?}"
+    );
+    assert!(diagnose(&facts(reached(Ok(view)))).problems >= 1);
+}
+
+fn export(service_type: ExportedServiceType, created_s: u64, endpoints: usize) -> ExportRecord {
+    ExportRecord {
+        service_type,
+        ports: vec![ExportPortRecord {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: None,
+            app_protocol: None,
+        }],
+        session_affinity: Default::default(),
+        internal_traffic_policy: Default::default(),
+        traffic_distribution: None,
+        labels: Default::default(),
+        annotations: Default::default(),
+        created_at_ms: created_s * 1000,
+        endpoints: (0..endpoints)
+            .map(|i| EndpointRecord {
+                ip: format!("100.96.0.{}", i + 10).parse().unwrap(),
+                hostname: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some("aa-1".into()),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn services_checks_name_withdrawn_exporters_empty_exports_and_conflicts() {
+    let mut view = healthy();
+    view.clusters.push(cluster("bb", 2, NOW - 3600));
+    view.records.push(record(
+        "aa",
+        "export/default/web",
+        export(ExportedServiceType::ClusterSetIP, NOW - 600, 2),
+    ));
+    assert_eq!(
+        check_services(&view, NOW).state,
+        CheckState::Ok,
+        "{view:#?}"
+    );
+
+    // bb exports the same service as headless (a type conflict) with no endpoints, 2 min ago.
+    view.records.push(record(
+        "bb",
+        "export/default/web",
+        export(ExportedServiceType::Headless, NOW - 120, 0),
+    ));
+    // aa imports it, bb withdrawn.
+    view.records.push(record(
+        "aa",
+        "import/default/web",
+        ImportRecord {
+            service_type: ExportedServiceType::ClusterSetIP,
+            ips: vec!["100.127.0.10".parse().unwrap()],
+            ports: vec![],
+            session_affinity: Default::default(),
+            internal_traffic_policy: Default::default(),
+            traffic_distribution: None,
+            labels: Default::default(),
+            annotations: Default::default(),
+            clusters: vec![ImportClusterRecord {
+                cluster: "bb".into(),
+                live: false,
+                endpoints: vec![],
+            }],
+        },
+    ));
+    let c = check_services(&view, NOW);
+    let problems: Vec<&str> = c.findings.iter().map(|f| f.problem.as_str()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("exporting cluster bb is withdrawn")),
+        "{c:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("0 endpoints, 2 min after it was exported")),
+        "{c:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("export conflict")),
+        "{c:#?}"
+    );
+    // An export younger than a minute may still be finding its pods.
+    view.records[4] = record(
+        "bb",
+        "export/default/web",
+        export(ExportedServiceType::ClusterSetIP, NOW - 30, 0),
+    );
+    let c = check_services(&view, NOW);
+    assert!(
+        !c.findings.iter().any(|f| f.problem.contains("0 endpoints")),
+        "{c:#?}"
+    );
 }
 
 fn mtus(underlay: u32, bridge: u32, wg: u32) -> MtuFacts {

@@ -119,10 +119,12 @@ fn bytes(n: f64) -> String {
     }
 }
 
+/// An idle tunnel is `↓ 0 B/s ↑ 0 B/s`; before a second record of the tunnel there is no
+/// rate to show, and the board says so rather than a bare dash.
 fn rate(r: Option<(f64, f64)>) -> String {
     match r {
         Some((rx, tx)) => format!("↓ {}/s ↑ {}/s", bytes(rx), bytes(tx)),
-        None => "—".to_string(),
+        None => "no second sample yet".to_string(),
     }
 }
 
@@ -151,6 +153,8 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
     let mut services: BTreeMap<(String, String), (BTreeSet<String>, BTreeSet<String>)> =
         BTreeMap::new();
     let mut labels: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
+    // (service, exporting cluster) that some importer holds withdrawn (`live: false`).
+    let mut withdrawn: BTreeSet<((String, String), String)> = BTreeSet::new();
     for id in fleet.clusters.keys() {
         for record in fleet.records_of(id) {
             let name = record.name.as_str();
@@ -181,6 +185,9 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
                     .1
                     .insert(id.to_string());
                 if let Some(import) = decode::<ImportRecord>(&record.value) {
+                    for c in import.clusters.iter().filter(|c| !c.live) {
+                        withdrawn.insert((key.clone(), c.cluster.clone()));
+                    }
                     labels.entry(key).or_default().extend(import.labels);
                 }
             }
@@ -230,7 +237,7 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
     );
     svg(&mut html, fleet, &tunnels, &nodes);
 
-    html.push_str("<h2>Clusters</h2><table id=\"clusters\"><tr><th>cluster</th><th>block</th><th>gateway</th><th>public endpoint</th><th>nodes</th></tr>");
+    html.push_str("<h2>Clusters</h2><table id=\"clusters\"><tr><th>cluster</th><th>block</th><th>controller</th><th>gateway</th><th>public endpoint</th><th>nodes</th></tr>");
     for c in fleet.clusters.values() {
         let state = match c.gateway {
             GatewayState::Pending => "pending",
@@ -258,9 +265,14 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
             ),
             None => state.to_string(),
         };
+        let controller = if c.controller_live {
+            "<td>live</td>"
+        } else {
+            "<td class=\"not-live\">no lease: its services are withdrawn</td>"
+        };
         let _ = write!(
             html,
-            "<tr class=\"cluster\" data-cluster=\"{id}\"><td>{id}</td><td>{}</td><td>{gateway}</td><td>{}</td><td>{node_list}</td></tr>",
+            "<tr class=\"cluster\" data-cluster=\"{id}\"><td>{id}</td><td>{}</td>{controller}<td>{gateway}</td><td>{}</td><td>{node_list}</td></tr>",
             c.block,
             c.endpoint.map_or("—".to_string(), |e| e.to_string()),
             id = esc(c.id.as_str()),
@@ -288,13 +300,35 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
     html.push_str("</table>");
 
     html.push_str("<h2>Services</h2><table id=\"services\"><tr><th>service</th><th>exported from</th><th>imported by</th><th>labels</th></tr>");
-    for ((ns, name), (exporters, importers)) in &services {
+    for (key, (exporters, importers)) in &services {
+        let (ns, name) = key;
         let list = |set: &BTreeSet<String>| {
             if set.is_empty() {
                 "—".to_string()
             } else {
                 set.iter().map(|s| esc(s)).collect::<Vec<_>>().join(", ")
             }
+        };
+        // An exporter is withdrawn when its controller holds no lease, its gateway is down, or
+        // an importer holds it withdrawn (the liveness rule's verdict, flapping included).
+        let exporter_list = if exporters.is_empty() {
+            "—".to_string()
+        } else {
+            exporters
+                .iter()
+                .map(|e| {
+                    let down = ClusterId::new(e)
+                        .ok()
+                        .and_then(|id| fleet.clusters.get(&id))
+                        .is_none_or(|c| !c.controller_live || c.gateway == GatewayState::Down);
+                    if down || withdrawn.contains(&(key.clone(), e.clone())) {
+                        format!("<span class=\"not-live\">{} (withdrawn)</span>", esc(e))
+                    } else {
+                        esc(e)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let label_text = labels
             .get(&(ns.clone(), name.clone()))
@@ -310,7 +344,7 @@ pub fn render(fleet: &Fleet, now: u64, throughput: &mut Throughput) -> String {
             "<tr class=\"service\"><td>{}/{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(ns),
             esc(name),
-            list(exporters),
+            exporter_list,
             list(importers),
             label_text
         );
@@ -564,5 +598,64 @@ mod tests {
             &mut t,
         );
         assert!(third.contains("↓ 2.0 KiB/s"), "{third}");
+    }
+
+    #[test]
+    fn an_idle_tunnel_shows_0_bytes_per_second_and_a_first_sample_says_so() {
+        let mut t = Throughput::default();
+        let first = render(
+            &fleet(vec![record("aa", "gateway", gateway(100, 2, 1000))]),
+            101,
+            &mut t,
+        );
+        assert!(first.contains("no second sample yet"), "{first}");
+        // The next record (a re-handshake) with the same counters: idle, not unknown.
+        let idle = render(
+            &fleet(vec![record("aa", "gateway", gateway(220, 2, 1000))]),
+            221,
+            &mut t,
+        );
+        assert!(idle.contains("↓ 0 B/s ↑ 0 B/s"), "{idle}");
+        assert!(!idle.contains("no second sample yet"), "{idle}");
+    }
+
+    #[test]
+    fn clusters_without_a_lease_and_withdrawn_exporters_are_marked() {
+        let export = serde_json::json!({"type": "ClusterSetIP", "created_at_ms": 1});
+        let import = serde_json::json!({
+            "type": "ClusterSetIP", "ports": [],
+            "clusters": [{"cluster": "bb", "live": false, "endpoints": []}]});
+        let mut view = FleetView {
+            fleet_cidr: "100.96.0.0/12".parse().unwrap(),
+            clusters: vec![cluster("aa", 1), cluster("bb", 2), cluster("cc", 3)],
+            records: vec![
+                record("aa", "export/default/web", export.clone()),
+                record("bb", "export/default/web", export.clone()),
+                record("cc", "export/default/db", export),
+                record("aa", "import/default/web", import),
+            ],
+            relays: vec![],
+            revision: 7,
+        };
+        view.clusters[2].controller_live = false;
+        let html = render(&Fleet::from(view), 10, &mut Throughput::default());
+        let row = |marker: &str| {
+            let at = html
+                .find(marker)
+                .unwrap_or_else(|| panic!("{marker}: {html}"));
+            html[at..at + html[at..].find("</tr>").unwrap()].to_string()
+        };
+        // bb: an importer holds it withdrawn; cc: its controller holds no lease.
+        let web = row("<td>default/web</td>");
+        assert!(web.contains("bb (withdrawn)"), "{web}");
+        assert!(!web.contains("aa (withdrawn)"), "{web}");
+        assert!(
+            row("<td>default/db</td>").contains("cc (withdrawn)"),
+            "{html}"
+        );
+        let cc = row("data-cluster=\"cc\"><td>");
+        assert!(cc.contains("no lease: its services are withdrawn"), "{cc}");
+        let aa = row("data-cluster=\"aa\"><td>");
+        assert!(aa.contains("<td>live</td>"), "{aa}");
     }
 }
