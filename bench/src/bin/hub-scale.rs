@@ -382,7 +382,11 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         let tx = arrivals_tx.clone();
         let lapses = lapses.clone();
         let mut watch = Box::pin(client.watch(revision));
+        // Members come up over time, not in one instant: at most CONNECTS_PER_SECOND new
+        // TLS connections per second (the bench's own clients share the hub's 2 cores).
+        let start = connect_slot(w);
         watchers.spawn(async move {
+            tokio::time::sleep(start).await;
             while let Some(event) = watch.next().await {
                 match event {
                     Ok(RegistryEvent::ClusterUpserted { record, .. })
@@ -572,7 +576,9 @@ impl Background {
                 let tally = tally.clone();
                 tasks.spawn(async move {
                     let period = ttl / 3;
-                    tokio::time::sleep(period * i / n).await;
+                    // First renewals (new connections) paced like the watches, then evenly
+                    // spread over TTL/3.
+                    tokio::time::sleep(connect_slot(i as usize).max(period * i / n)).await;
                     let mut tick = tokio::time::interval(period);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
@@ -605,7 +611,7 @@ impl Background {
                 let client = client.clone();
                 let tally = tally.clone();
                 tasks.spawn(async move {
-                    tokio::time::sleep(status * i / n).await;
+                    tokio::time::sleep(connect_slot(i as usize).max(status * i / n)).await;
                     let mut tick = tokio::time::interval(status);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let mut beat = 0u64;
@@ -693,4 +699,12 @@ where
             other => return other,
         }
     }
+}
+
+/// New TLS connections the simulated members open per second at most.
+const CONNECTS_PER_SECOND: u32 = 1000;
+
+/// When member `i` may open its first connection of a kind.
+fn connect_slot(i: usize) -> Duration {
+    Duration::from_secs(1) * u32::try_from(i).unwrap_or(u32::MAX) / CONNECTS_PER_SECOND
 }
