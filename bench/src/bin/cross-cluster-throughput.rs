@@ -1,7 +1,8 @@
 //! `cross-cluster-throughput`: pod-to-pod TCP throughput across clusters (iperf3 in sandbox
-//! pods) through fleetboard's tunnels, against the same topology with `wireguard-go` as the
-//! tunnel (trixie's 0.0.20231211, the baseline, and bookworm's 0.0.20220316), and against
-//! plain routing without a tunnel.
+//! pods) through fleetboard's tunnels and the hub's forwarding relay, against what
+//! wireguard-go users run on the same underlay path: wireguard-go gateways and a wireguard-go
+//! relay at the hub's address that decrypts and re-encrypts (trixie's 0.0.20231211, the
+//! baseline, and bookworm's 0.0.20220316), and against plain routing without a tunnel.
 //!
 //! One sandbox fleet (see `fleet_bench::xcluster`: hub cc + relay, aa and bb behind NAT, real
 //! containerd nodes, a controller per member); iperf3 runs in the pods' network namespaces
