@@ -3,33 +3,43 @@
 //! The two gateways' CNF netns pick one per run with a policy-routing table (`ip rule to
 //! <remote pod>/32 lookup 50`, table 50's route changes):
 //!
-//! - **ours**: table 50 empty, so the controller's routes apply: aa's and bb's
-//!   fleet-gateway devices (interface in the gateway node's CNF netns, UDP in the node's netns)
-//!   → NAT → the hub relay's fleet-gateway device → NAT → the other gateway.
+//! - **ours**: table 50 empty, so the controller's routes apply: the product path. aa's and
+//!   bb's gateway devices (fleet-gateway run by the gateway node's `fleet-nri`: interface in
+//!   its CNF netns, UDP in the node's netns) are WireGuard peers of each other end to end,
+//!   with the hub's address as the endpoint → NAT → the hub's forwarding relay (`fleet-hub
+//!   relay`: one UDP socket, forwards the ciphertext, decrypts nothing) → NAT → the other
+//!   gateway. One encryption and one decryption per packet.
 //! - **wireguard-go**, once per build ([`crate::wg_go::builds`]: trixie's 0.0.20231211, the
-//!   baseline, and bookworm's 0.0.20220316): one `wireguard-go` per gateway and one for the
-//!   relay, each started in the netns that holds its twin's UDP socket (gateway node netns,
-//!   hub netns) and its interface moved into its twin's interface netns (gateway CNF netns,
-//!   relay netns) — the same split as ours (wireguard-go follows a moved interface: it polls
-//!   the TUN fd for up/down). Configured with `wg` from `wg showconf` of the twin: same
-//!   private keys, same peers and allowed IPs, same keepalive, same MTU; only the UDP port
-//!   differs (51821, 51822) so all run at once. A relay twin routes with `ip rule iif <its
-//!   interface>`.
-//! - **plain**: no tunnel: veths gateway CNF netns ↔ relay netns ↔ gateway CNF netns,
-//!   kernel routing only. It skips what only a tunnel needs (the UDP legs through the node
-//!   netns, the NAT routers and the internet bridge, since plain packets cannot cross NAT).
+//!   baseline, and bookworm's 0.0.20220316): what a wireguard-go user runs without
+//!   fleetboard's forwarder — a hub-and-spoke WireGuard network whose relay **decrypts and
+//!   re-encrypts**. Per build three `wireguard-go` processes: one per gateway (same private
+//!   key as ours, one peer: the relay, allowed IPs = the other members' blocks, same
+//!   keepalive and MTU) and the relay (a key of its own, one peer per member with allowed IPs
+//!   = its block, no endpoints: it learns the members' NATed addresses from their
+//!   handshakes). Each is started in the netns that holds ours' UDP socket (gateway node
+//!   netns; the hub replica's netns, so it listens on the hub's address) and its interface
+//!   is moved into the netns that routes it (gateway CNF netns; for the relay, a netns of
+//!   the bench's own with forwarding on, `ip rule iif <relay interface>` picking its table).
+//!   Same underlay path as ours: the members' NAT routers → the hub's address. Only the UDP
+//!   port differs (51821, 51822), so all sets run at once. Four crypto operations per packet.
+//!   (wireguard-go follows a moved interface: it polls the TUN fd for up/down.)
+//! - **plain**: no tunnel: veths gateway CNF netns ↔ the bench's relay netns ↔ gateway CNF
+//!   netns, kernel routing only. It skips what only a tunnel needs (the UDP legs through the
+//!   node netns, the NAT routers and the internet bridge, since plain packets cannot cross NAT).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fleet_e2e::TestNetns;
+use fleet_e2e::fleet::RELAY_PORT;
 
 use crate::Proc;
 use crate::wg_go::{GoBuild, cpu_seconds};
 use crate::xcluster::CrossClusterPods;
 
-/// UDP port of the first wireguard-go build's twins (ours use 51820); the next build +1.
+/// UDP port of the first wireguard-go build's processes (ours use 51820); the next build +1.
 const GO_PORT: u16 = 51821;
 /// Gateways' policy-routing table and rule preference.
 const MODE_TABLE: &str = "50";
@@ -39,6 +49,9 @@ const PLAIN_TABLE: &str = "52";
 const PLAIN_GW_DEV: &str = "fbplain0";
 /// Plain veth addresses: aa CNF .1 / relay .2, bb CNF .5 / relay .6.
 const PLAIN_NET: &str = "169.254.51";
+/// A gateway's keepalive towards the relay when ours has none configured (the controller
+/// always sets one on the relay peer).
+const DEFAULT_KEEPALIVE: u16 = 25;
 
 /// One datapath between P3 (bb) and P1 (aa).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,24 +72,40 @@ struct Gateway {
     remote_ip: String,
 }
 
-/// The wireguard-go twins of one build: relay, aa gateway, bb gateway.
+/// The wireguard-go processes of one build: relay, aa gateway, bb gateway.
 struct GoSet {
     build: GoBuild,
     devs: Vec<GoDevice>,
 }
 
-/// Everything the bench adds to the sandbox; dropping it stops the wireguard-go processes
-/// and removes the rules, routes and veths (the netns themselves go with the fleet).
+/// What the bench reads of one member's gateway before building the modes.
+struct MemberGateway {
+    member: &'static str,
+    cnf: String,
+    node_ns: String,
+    ours_dev: String,
+    conf: WgConf,
+    public_key: String,
+    mtu: u32,
+    remote_ip: String,
+    own_pod_ip: String,
+}
+
+/// Everything the bench adds to the sandbox; dropping it stops the wireguard-go processes,
+/// removes the rules, routes and veths it added to the fleet's netns and deletes its relay
+/// netns (the fleet's netns themselves go with the fleet).
 pub struct TunnelModes {
     gateways: Vec<Gateway>,
     go: Vec<GoSet>,
-    /// The processes running our tunnels, named: the hub (relay device) and the two
+    /// The processes running our tunnels, named: the hub's relay process and the two
     /// gateway nodes' fleet-nri (gateway devices).
     ours_pids: Vec<(String, u32)>,
-    relay_ns: String,
-    /// The netns holding the tunnels' UDP sockets (relay replica, aa and bb gateway nodes).
+    /// The netns holding the tunnels' UDP sockets (hub relay replica, aa and bb gateway nodes).
     underlay_ns: Vec<String>,
     cleanup: Vec<Vec<String>>,
+    /// The bench's relay netns: the wireguard-go relays' interfaces and plain's router.
+    /// Dropped after the processes (field order).
+    relay_ns: TestNetns,
     _keys: tempfile::TempDir,
 }
 
@@ -91,8 +120,8 @@ impl TunnelModes {
 
     pub fn label(&self, mode: Mode) -> String {
         match mode {
-            Mode::Ours => "ours (fleet-gateway + relay)".into(),
-            Mode::WireguardGo(i) => format!("{} (gateways + relay)", self.go[i].build.label),
+            Mode::Ours => "ours (fleet-gateway + forwarding relay)".into(),
+            Mode::WireguardGo(i) => format!("{} (decrypting relay)", self.go[i].build.label),
             Mode::Plain => "plain (routing, no tunnel)".into(),
         }
     }
@@ -106,17 +135,9 @@ impl TunnelModes {
     }
 
     /// Builds every mode beside the controller-managed fleet; `builds` are the wireguard-go
-    /// builds to twin (see [`crate::wg_go::builds`]).
+    /// builds to run (see [`crate::wg_go::builds`]).
     pub fn build(x: &CrossClusterPods, builds: &[GoBuild]) -> Result<TunnelModes> {
         let bench_name = "tunnel-modes";
-        let relay_ns = x
-            .fleet
-            .hub
-            .relay_netns
-            .as_ref()
-            .context("the sandbox hub runs no relay")?
-            .name()
-            .to_string();
         // The relay runs with the last hub replica: its UDP socket is in that replica's netns.
         let relay_replica = x
             .fleet
@@ -125,12 +146,21 @@ impl TunnelModes {
             .last()
             .context("the sandbox hub has no replica")?;
         let hub_ns = relay_replica.netns.name().to_string();
-        let relay_dev = x
-            .fleet
-            .hub
-            .relay_name
-            .clone()
-            .context("the sandbox hub names no relay interface")?;
+        let hub_ip = relay_replica.ip.clone();
+        let relay_endpoint = format!("{hub_ip}:{RELAY_PORT}");
+        let relay_pid = relay_process(&relay_replica.data_dir())?;
+        let relay_ns = TestNetns::try_new("fbrelay").context("create the bench's relay netns")?;
+        sysctl(
+            relay_ns.name(),
+            &[
+                "net.ipv4.ip_forward=1",
+                // Packets leave by the interface they came in on: no ICMP redirects.
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.default.send_redirects=0",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
         let keys = tempfile::tempdir()?;
         let mut bench = TunnelModes {
             gateways: Vec::new(),
@@ -141,75 +171,22 @@ impl TunnelModes {
                     devs: Vec::new(),
                 })
                 .collect(),
-            ours_pids: Vec::new(),
-            relay_ns: relay_ns.clone(),
+            ours_pids: vec![("relay".to_string(), relay_pid)],
             underlay_ns: vec![hub_ns.clone()],
             cleanup: Vec::new(),
+            relay_ns,
             _keys: keys,
         };
+        let relay_ns = bench.relay_ns.name().to_string();
         let tag = std::process::id() % 100_000;
-        // Our relay device runs in whichever process serves it (the hub replica or a relay
-        // process of its own): every process with the interface's name as an argument.
-        let relay_pids = pids_naming(&relay_dev);
-        if relay_pids.is_empty() {
-            bail!("no process names the relay interface {relay_dev} on its command line");
-        }
-        bench
-            .ours_pids
-            .extend(relay_pids.into_iter().map(|p| ("relay".to_string(), p)));
 
-        // The relay's twin: in the hub netns (UDP), interface moved into the relay netns.
-        let relay_conf = WgConf::show(&relay_ns, &relay_dev)?;
-        let relay_mtu = mtu(&relay_ns, &relay_dev)?;
-        println!(
-            "{bench_name}: relay {relay_dev} in {relay_ns}: {} peers, mtu {relay_mtu}",
-            relay_conf.peers.len()
-        );
-        for (j, set) in bench.go.iter_mut().enumerate() {
-            let go_relay = format!("fbg{tag}{j}r");
-            let port = GO_PORT + j as u16;
-            let table = (GO_TABLE + 2 * j as u32).to_string();
-            // The relay learns its peers' (NATed) endpoints from their handshakes; the twin
-            // must too: the addresses the relay learnt belong to its peers' other sockets.
-            let mut conf = relay_conf.clone();
-            conf.listen_port = Some(port);
-            conf.peers.iter_mut().for_each(|p| p.endpoint = None);
-            set.devs.push(GoDevice::start(
-                &set.build,
-                &go_relay,
-                &hub_ns,
-                &relay_ns,
-                &conf,
-                relay_mtu,
-                bench._keys.path(),
-            )?);
-            for p in &relay_conf.peers {
-                for a in &p.allowed_ips {
-                    run(
-                        "ip",
-                        &ip_args(
-                            &relay_ns,
-                            &["route", "add", a, "dev", &go_relay, "table", &table],
-                        ),
-                    )?;
-                }
-            }
-            let rule = [
-                "rule", "add", "iif", &go_relay, "lookup", &table, "pref", &table,
-            ];
-            run("ip", &ip_args(&relay_ns, &rule))?;
-            let mut del = rule.to_vec();
-            del[1] = "del";
-            bench.cleanup.push(ip_args(&relay_ns, &del));
-            bench
-                .cleanup
-                .push(ip_args(&relay_ns, &["route", "flush", "table", &table]));
-        }
-        for (i, (member, remote)) in [("aa", &x.p3), ("bb", &x.p1)].into_iter().enumerate() {
+        // Ours as the controller built it: each gateway's peers are the relay (no allowed
+        // IPs) and the other member (its block), both at the relay's address.
+        let mut members = Vec::new();
+        for (member, remote, own) in [("aa", &x.p3, &x.p1), ("bb", &x.p1, &x.p3)] {
             let m = x.fleet.member(member);
             let cnf = m.gateway_cnf().to_string();
             let node_ns = m.gateway().node.netns.name().to_string();
-            bench.underlay_ns.push(node_ns.clone());
             let active = m
                 .active_controller()
                 .with_context(|| format!("{member}: no active gateway device"))?;
@@ -221,52 +198,158 @@ impl TunnelModes {
                     format!("{member}: its gateway node's fleet-nri is not running")
                 })?,
             ));
-            let ours_conf = WgConf::show(&cnf, &ours_dev)?;
-            let gw_mtu = mtu(&cnf, &ours_dev)?;
+            let conf = WgConf::show(&cnf, &ours_dev)?;
+            for p in &conf.peers {
+                if p.endpoint.as_deref() != Some(relay_endpoint.as_str()) {
+                    bail!(
+                        "{member}'s gateway peer {} has endpoint {:?}, not the hub relay {relay_endpoint}: not a relayed fleet",
+                        p.public_key,
+                        p.endpoint
+                    );
+                }
+            }
+            let mtu = mtu(&cnf, &ours_dev)?;
+            let public_key = wg_pubkey(&conf.private_key)?;
             println!(
-                "{bench_name}: {member} gateway {ours_dev} in {cnf}: peers {:?}, mtu {gw_mtu}",
-                ours_conf
-                    .peers
+                "{bench_name}: {member} gateway {ours_dev} in {cnf}, mtu {mtu}: peers {:?}",
+                conf.peers
                     .iter()
                     .map(|p| (p.endpoint.clone(), p.allowed_ips.clone()))
                     .collect::<Vec<_>>()
             );
-            // wireguard-go twin: UDP in the gateway node's netns, interface in its CNF netns,
-            // dialing the relay's twin.
-            for (j, set) in bench.go.iter_mut().enumerate() {
-                let go_dev = format!("fbg{tag}{j}{}", &member[..1]);
-                let port = GO_PORT + j as u16;
-                let mut conf = ours_conf.clone();
-                conf.listen_port = Some(port);
-                for p in &mut conf.peers {
-                    if let Some(ep) = &mut p.endpoint {
-                        let host = ep.rsplit_once(':').map(|(h, _)| h.to_string());
-                        if host.as_deref() != Some(relay_replica.ip.as_str()) {
-                            bail!(
-                                "{member}'s gateway peer {ep} is not the hub relay: not a relayed fleet"
-                            );
-                        }
-                        *ep = format!("{}:{port}", relay_replica.ip);
-                    }
+            bench.underlay_ns.push(node_ns.clone());
+            members.push(MemberGateway {
+                member,
+                cnf,
+                node_ns,
+                ours_dev,
+                conf,
+                public_key,
+                mtu,
+                remote_ip: remote.fleet_ip.clone(),
+                own_pod_ip: own.fleet_ip.clone(),
+            });
+        }
+        // Each member's block, as the other gateways route it (their peer for its key).
+        let blocks: Vec<Vec<String>> = members
+            .iter()
+            .map(|m| {
+                let block: Vec<String> = members
+                    .iter()
+                    .flat_map(|o| &o.conf.peers)
+                    .filter(|p| p.public_key == m.public_key)
+                    .flat_map(|p| p.allowed_ips.clone())
+                    .collect();
+                if block.is_empty() {
+                    bail!(
+                        "no other gateway has {}'s key {} as a peer with allowed IPs",
+                        m.member,
+                        m.public_key
+                    );
                 }
+                Ok(block)
+            })
+            .collect::<Result<_>>()?;
+        let relay_mtu = members.iter().map(|m| m.mtu).max().unwrap_or(1420);
+
+        for (j, set) in bench.go.iter_mut().enumerate() {
+            let port = GO_PORT + j as u16;
+            let table = (GO_TABLE + 2 * j as u32).to_string();
+            // The relay: a key of its own, every member a peer with its block.
+            let go_relay = format!("fbg{tag}{j}r");
+            let relay_key = run("wg", &["genkey"])?.trim().to_string();
+            let relay_conf = WgConf {
+                private_key: relay_key.clone(),
+                listen_port: Some(port),
+                peers: members
+                    .iter()
+                    .zip(&blocks)
+                    .map(|(m, block)| WgPeer {
+                        public_key: m.public_key.clone(),
+                        allowed_ips: block.clone(),
+                        endpoint: None,
+                        keepalive: None,
+                    })
+                    .collect(),
+            };
+            set.devs.push(GoDevice::start(
+                &set.build,
+                &go_relay,
+                &hub_ns,
+                &relay_ns,
+                &relay_conf,
+                relay_mtu,
+                bench._keys.path(),
+            )?);
+            for a in blocks.iter().flatten() {
+                run(
+                    "ip",
+                    &ip_args(
+                        &relay_ns,
+                        &["route", "add", a, "dev", &go_relay, "table", &table],
+                    ),
+                )?;
+            }
+            run(
+                "ip",
+                &ip_args(
+                    &relay_ns,
+                    &[
+                        "rule", "add", "iif", &go_relay, "lookup", &table, "pref", &table,
+                    ],
+                ),
+            )?;
+            // The gateways: their own key, one peer (the relay) for the other blocks.
+            let relay_public = wg_pubkey(&relay_key)?;
+            for m in &members {
+                let go_dev = format!("fbg{tag}{j}{}", &m.member[..1]);
+                let keepalive = m
+                    .conf
+                    .peers
+                    .iter()
+                    .find(|p| p.allowed_ips.is_empty())
+                    .and_then(|p| p.keepalive)
+                    .unwrap_or(DEFAULT_KEEPALIVE);
+                let conf = WgConf {
+                    private_key: m.conf.private_key.clone(),
+                    listen_port: Some(port),
+                    peers: vec![WgPeer {
+                        public_key: relay_public.clone(),
+                        allowed_ips: m
+                            .conf
+                            .peers
+                            .iter()
+                            .flat_map(|p| p.allowed_ips.clone())
+                            .collect(),
+                        endpoint: Some(format!("{hub_ip}:{port}")),
+                        keepalive: Some(keepalive),
+                    }],
+                };
                 set.devs.push(GoDevice::start(
                     &set.build,
                     &go_dev,
-                    &node_ns,
-                    &cnf,
+                    &m.node_ns,
+                    &m.cnf,
                     &conf,
-                    gw_mtu,
+                    m.mtu,
                     bench._keys.path(),
                 )?);
             }
-            // plain: a veth from the CNF netns to the relay netns.
-            let relay_end = format!("fbpl{tag}{}", &member[..1]);
+            println!(
+                "{bench_name}: {}: relay {go_relay} (UDP {hub_ip}:{port}, interface in {relay_ns}, mtu {relay_mtu}) with peers aa {:?}, bb {:?}",
+                set.build.label, blocks[0], blocks[1]
+            );
+        }
+        for (i, m) in members.iter().enumerate() {
+            // plain: a veth from the CNF netns to the bench's relay netns.
+            let cnf = &m.cnf;
+            let relay_end = format!("fbpl{tag}{}", &m.member[..1]);
             let (gw_ip, relay_ip) = (
                 format!("{PLAIN_NET}.{}", 1 + 4 * i),
                 format!("{PLAIN_NET}.{}", 2 + 4 * i),
             );
             bench.ip(
-                &cnf,
+                cnf,
                 &[
                     "link",
                     "add",
@@ -282,33 +365,34 @@ impl TunnelModes {
             )?;
             bench
                 .cleanup
-                .push(ip_args(&cnf, &["link", "del", PLAIN_GW_DEV]));
+                .push(ip_args(cnf, &["link", "del", PLAIN_GW_DEV]));
             bench.ip(
-                &cnf,
+                cnf,
                 &["addr", "add", &format!("{gw_ip}/30"), "dev", PLAIN_GW_DEV],
             )?;
-            bench.ip(&cnf, &["link", "set", PLAIN_GW_DEV, "up"])?;
+            bench.ip(cnf, &["link", "set", PLAIN_GW_DEV, "up"])?;
             bench.ip(
                 &relay_ns,
                 &["addr", "add", &format!("{relay_ip}/30"), "dev", &relay_end],
             )?;
             bench.ip(&relay_ns, &["link", "set", &relay_end, "up"])?;
-            let own_pod = if member == "aa" { &x.p1 } else { &x.p3 };
             bench.ip(
                 &relay_ns,
                 &[
                     "route",
                     "add",
-                    &format!("{}/32", own_pod.fleet_ip),
+                    &format!("{}/32", m.own_pod_ip),
                     "via",
                     &gw_ip,
                     "table",
                     PLAIN_TABLE,
                 ],
             )?;
-            bench.rule(
+            bench.ip(
                 &relay_ns,
                 &[
+                    "rule",
+                    "add",
                     "iif",
                     &relay_end,
                     "lookup",
@@ -318,12 +402,11 @@ impl TunnelModes {
                 ],
             )?;
             // The mode switch.
-            let remote_ip = remote.fleet_ip.clone();
             bench.rule(
-                &cnf,
+                cnf,
                 &[
                     "to",
-                    &format!("{remote_ip}/32"),
+                    &format!("{}/32", m.remote_ip),
                     "lookup",
                     MODE_TABLE,
                     "pref",
@@ -331,9 +414,9 @@ impl TunnelModes {
                 ],
             )?;
             bench.gateways.push(Gateway {
-                cnf,
-                ours_dev,
-                remote_ip,
+                cnf: cnf.clone(),
+                ours_dev: m.ours_dev.clone(),
+                remote_ip: m.remote_ip.clone(),
             });
         }
         Ok(bench)
@@ -451,10 +534,6 @@ impl Drop for TunnelModes {
                 .stderr(Stdio::null())
                 .status();
         }
-        let _ = Command::new("ip")
-            .args(["-n", &self.relay_ns, "route", "flush", "table", PLAIN_TABLE])
-            .stderr(Stdio::null())
-            .status();
         for g in &self.gateways {
             let _ = Command::new("ip")
                 .args(["-n", &g.cnf, "route", "flush", "table", MODE_TABLE])
@@ -624,18 +703,63 @@ fn uapi(name: &str) -> PathBuf {
     Path::new("/var/run/wireguard").join(format!("{name}.sock"))
 }
 
-/// PIDs of the processes with `arg` as one of their command-line arguments (exact match).
-fn pids_naming(arg: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-        })
-        .collect()
+/// The PID of the relay process serving the hub replica whose data dir is `data_dir`: the
+/// one its `relay.pid` names, checked to be a `fleet-hub ... relay` on that data dir.
+fn relay_process(data_dir: &Path) -> Result<u32> {
+    let file = data_dir.join("relay.pid");
+    let pid: u32 = std::fs::read_to_string(&file)
+        .with_context(|| format!("the hub's relay names no process: {}", file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no PID", file.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let dir = data_dir.as_os_str().as_encoded_bytes();
+    if !(args.contains(&&b"relay"[..])
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--data-dir" && w[1] == dir))
+    {
+        bail!(
+            "{} names PID {pid}, which is not a running relay on that data dir",
+            file.display()
+        );
+    }
+    Ok(pid)
+}
+
+/// `sysctl -qw <settings>` inside netns `ns`.
+fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    let mut args = vec![
+        format!("--net=/run/netns/{ns}"),
+        "--".into(),
+        "sysctl".into(),
+        "-qw".into(),
+    ];
+    args.extend(settings.iter().map(|s| s.to_string()));
+    run("nsenter", &args).map(|_| ())
+}
+
+/// The public key of a base64 WireGuard private key (`wg pubkey`).
+fn wg_pubkey(private_key: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn wg pubkey")?;
+    child
+        .stdin
+        .take()
+        .context("wg pubkey: no stdin")?
+        .write_all(format!("{private_key}\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("wg pubkey: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn mtu(ns: &str, dev: &str) -> Result<u32> {

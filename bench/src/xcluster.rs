@@ -8,8 +8,9 @@
 //! - `P3` on bb's node 2 (not the gateway node).
 //!
 //! P1 ↔ P2 is the intra-cluster path (eth-fleet → CNF netns → VXLAN → CNF netns → eth-fleet);
-//! P3 → P1 the cross-cluster one (VXLAN to bb's gateway node → WireGuard → bb's NAT → hub
-//! relay → aa's NAT → aa's gateway → VXLAN → P1). Tools run "in the pod" with `nsenter
+//! P3 → P1 the cross-cluster one (VXLAN to bb's gateway node → WireGuard to aa's gateway's
+//! key → bb's NAT → the hub relay, which forwards the ciphertext → aa's NAT → aa's gateway
+//! → VXLAN → P1). Tools run "in the pod" with `nsenter
 //! --net=<the pod's netns path from CRI>`: the host's binaries (busybox, iperf3) in the pod's
 //! network namespace.
 //!
@@ -36,8 +37,10 @@ pub struct CrossClusterPods {
 
 impl CrossClusterPods {
     /// Starts the fleet, its controllers and the pods; returns once P3 reaches P1 through the
-    /// relay and P1 reaches P2, and after checking that each gateway's only peer is the
-    /// hub relay (so the cross path is the relayed one).
+    /// relay and P1 reaches P2, and after checking that the cross path is the relayed one:
+    /// each gateway has exactly two peers, the hub relay (no allowed IPs) and the other
+    /// member's gateway (its key, allowed IPs covering the remote pod), both at the relay's
+    /// address, and the relay forwards for both gateways' keys.
     pub fn start(bench: &str) -> Result<CrossClusterPods> {
         let t0 = Instant::now();
         let mut fleet = SandboxFleet::standard().context("start the sandbox fleet")?;
@@ -74,12 +77,26 @@ impl CrossClusterPods {
         );
         let me = CrossClusterPods { p1, p2, p3, fleet };
         let relay = format!("{HUB_IP}:{RELAY_PORT}");
-        for m in ["aa", "bb"] {
-            let endpoints = me.gateway_wg(m, "endpoints")?;
-            let peers: Vec<&str> = endpoints.lines().collect();
-            if peers.len() != 1 || !peers[0].contains(&relay) {
+        let dumps = [me.gateway_wg("aa", "dump")?, me.gateway_wg("bb", "dump")?];
+        let keys: Vec<String> = dumps
+            .iter()
+            .map(|d| {
+                d.lines()
+                    .next()
+                    .and_then(|l| l.split('\t').nth(1))
+                    .map(str::to_string)
+                    .context("wg show dump: no interface line")
+            })
+            .collect::<Result<_>>()?;
+        for (i, (m, other_pod)) in [("aa", &me.p3), ("bb", &me.p1)].into_iter().enumerate() {
+            check_relayed_gateway(&dumps[i], &relay, &keys[1 - i], &other_pod.fleet_ip)
+                .with_context(|| format!("{bench}: {m}'s gateway is not relayed as expected"))?;
+        }
+        let forwarded_for = me.fleet.hub.relay_members()?;
+        for (m, key) in ["aa", "bb"].iter().zip(&keys) {
+            if !forwarded_for.contains(key) {
                 bail!(
-                    "{bench}: {m}'s gateway should have exactly one peer, the hub relay {relay}; wg show endpoints:\n{endpoints}"
+                    "{bench}: the hub relay does not forward for {m}'s gateway key {key} (it forwards for {forwarded_for:?})"
                 );
             }
         }
@@ -93,6 +110,14 @@ impl CrossClusterPods {
             .active_controller()
             .with_context(|| format!("{member} has no active gateway device"))?;
         Ok(m.controllers[active].wg_show(what)?)
+    }
+
+    /// Data datagrams the hub's relay has forwarded between members so far (its
+    /// `fleetboard_relay_forwarded_datagrams_total{type="data"}`).
+    pub fn relay_forwarded_data(&self) -> Result<u64> {
+        let text = self.fleet.hub.relay_metrics()?;
+        relay_data_datagrams(&text)
+            .with_context(|| format!("no forwarded data counter in the relay's metrics:\n{text}"))
     }
 
     /// `program` run in `pod`'s network namespace (`nsenter --net=<netns> -- program`).
@@ -142,6 +167,76 @@ impl CrossClusterPods {
     }
 }
 
+/// Checks one gateway's `wg show <dev> dump` for the relayed design: exactly two peers, both
+/// with `relay` as their endpoint — the relay itself (no allowed IPs) and the other member's
+/// gateway (key `other_key`, allowed IPs containing `other_pod_ip`).
+pub fn check_relayed_gateway(
+    dump: &str,
+    relay: &str,
+    other_key: &str,
+    other_pod_ip: &str,
+) -> Result<()> {
+    // Peer lines: public-key, preshared-key, endpoint, allowed-ips, handshake, rx, tx, keepalive.
+    let peers: Vec<Vec<&str>> = dump
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+        .collect();
+    if peers.len() != 2 {
+        bail!(
+            "expected two peers (the relay and the other member), found {}:\n{dump}",
+            peers.len()
+        );
+    }
+    if let Some(p) = peers.iter().find(|p| p[2] != relay) {
+        bail!(
+            "peer {} has endpoint {}, not the relay {relay}:\n{dump}",
+            p[0],
+            p[2]
+        );
+    }
+    if !peers.iter().any(|p| p[3] == "(none)" && p[0] != other_key) {
+        bail!("no peer without allowed IPs (the relay's own session):\n{dump}");
+    }
+    let Some(member) = peers.iter().find(|p| p[0] == other_key) else {
+        bail!("the other member's key {other_key} is not a peer:\n{dump}");
+    };
+    let ip: std::net::Ipv4Addr = other_pod_ip
+        .parse()
+        .with_context(|| format!("pod address {other_pod_ip}"))?;
+    if !member[3].split(',').any(|net| net_contains(net.trim(), ip)) {
+        bail!(
+            "the other member's peer allows {}, which does not cover its pod {ip}:\n{dump}",
+            member[3]
+        );
+    }
+    Ok(())
+}
+
+/// The relay's forwarded data datagrams from its Prometheus text.
+fn relay_data_datagrams(metrics: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let v = l.strip_prefix("fleetboard_relay_forwarded_datagrams_total{type=\"data\"} ")?;
+        v.trim().parse::<f64>().ok().map(|v| v as u64)
+    })
+}
+
+/// Whether IPv4 network `net` (`a.b.c.d/len`) contains `ip`.
+fn net_contains(net: &str, ip: std::net::Ipv4Addr) -> bool {
+    let Some((addr, len)) = net.split_once('/') else {
+        return false;
+    };
+    let (Ok(addr), Ok(len)) = (addr.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    if len > 32 {
+        return false;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(addr) & mask == u32::from(ip) & mask
+}
+
 /// The RTTs of busybox/iputils `ping` reply lines (`... time=0.123 ms`).
 pub fn parse_ping_rtts(text: &str) -> Vec<Duration> {
     text.lines()
@@ -156,6 +251,66 @@ pub fn parse_ping_rtts(text: &str) -> Vec<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RELAY: &str = "203.0.113.10:51820";
+
+    fn dump(peers: &[(&str, &str, &str)]) -> String {
+        let mut text = "cHJpdg==\tb3du\t51820\toff\n".to_string();
+        for (key, endpoint, allowed) in peers {
+            text.push_str(&format!(
+                "{key}\t(none)\t{endpoint}\t{allowed}\t1700000000\t10\t20\t25\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn relayed_gateway_has_the_relay_and_the_other_member() {
+        let ok = dump(&[
+            ("cmVsYXk=", RELAY, "(none)"),
+            ("YmI=", RELAY, "100.97.0.0/16"),
+        ]);
+        check_relayed_gateway(&ok, RELAY, "YmI=", "100.97.1.3").unwrap();
+        // The other member's block must cover its pod.
+        assert!(check_relayed_gateway(&ok, RELAY, "YmI=", "100.98.1.3").is_err());
+        // The other member's key must be a peer.
+        assert!(check_relayed_gateway(&ok, RELAY, "Y2M=", "100.97.1.3").is_err());
+        // Only the relay (the design before the forwarding relay): refused.
+        let relay_only = dump(&[("cmVsYXk=", RELAY, "100.97.0.0/16")]);
+        assert!(check_relayed_gateway(&relay_only, RELAY, "YmI=", "100.97.1.3").is_err());
+        // A direct peer is not the relayed path.
+        let direct = dump(&[
+            ("cmVsYXk=", RELAY, "(none)"),
+            ("YmI=", "203.0.113.22:51820", "100.97.0.0/16"),
+        ]);
+        assert!(check_relayed_gateway(&direct, RELAY, "YmI=", "100.97.1.3").is_err());
+        // No relay session peer.
+        let no_relay = dump(&[
+            ("cmVsYXk=", RELAY, "100.98.0.0/16"),
+            ("YmI=", RELAY, "100.97.0.0/16"),
+        ]);
+        assert!(check_relayed_gateway(&no_relay, RELAY, "YmI=", "100.97.1.3").is_err());
+    }
+
+    #[test]
+    fn relay_data_counter_is_read() {
+        let text = "# TYPE fleetboard_relay_forwarded_datagrams counter\n\
+                    fleetboard_relay_forwarded_datagrams_total{type=\"initiation\"} 4\n\
+                    fleetboard_relay_forwarded_datagrams_total{type=\"data\"} 123456\n";
+        assert_eq!(relay_data_datagrams(text), Some(123_456));
+        assert_eq!(relay_data_datagrams("fleetboard_relay_peers 2\n"), None);
+    }
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        assert!(net_contains("100.96.0.0/12", ip("100.97.3.4")));
+        assert!(!net_contains("100.96.0.0/16", ip("100.97.3.4")));
+        assert!(net_contains("0.0.0.0/0", ip("1.2.3.4")));
+        assert!(net_contains("100.97.3.4/32", ip("100.97.3.4")));
+        assert!(!net_contains("100.97.3.4/33", ip("100.97.3.4")));
+        assert!(!net_contains("garbage", ip("100.97.3.4")));
+    }
 
     #[test]
     fn ping_rtts_are_read_from_reply_lines_only() {

@@ -7,7 +7,8 @@
 //! busybox `ping` run in the pods' network namespaces, over eth-fleet:
 //! - intra-cluster: P1 (aa node 2) → P2 (aa node 1), one VXLAN hop;
 //! - cross-cluster: P3 (bb node 2) → P1 (aa node 2): VXLAN → bb's gateway (WireGuard)
-//!   → bb's NAT → hub relay → aa's NAT → aa's gateway → VXLAN, once per datapath of
+//!   → bb's NAT → the hub's address (ours: the forwarding relay; wireguard-go: a relay that
+//!   decrypts and re-encrypts) → aa's NAT → aa's gateway → VXLAN, once per datapath of
 //!   `fleet_bench::tunnel_modes` (ours, each wireguard-go build, plain routing), the gateways'
 //!   CNF netns switching between them.
 //!
@@ -137,7 +138,7 @@ fn main() -> Result<()> {
     );
     for m in ["aa", "bb"] {
         println!(
-            "{NAME}: {m} gateway transfer (relay peer): {}",
+            "{NAME}: {m} gateway transfer (the relay's session, the other member): {}",
             x.gateway_wg(m, "transfer")?.trim()
         );
     }

@@ -1,7 +1,8 @@
 //! `cross-cluster-throughput`: pod-to-pod TCP throughput across clusters (iperf3 in sandbox
-//! pods) through fleetboard's tunnels, against the same topology with `wireguard-go` as the
-//! tunnel (trixie's 0.0.20231211, the baseline, and bookworm's 0.0.20220316), and against
-//! plain routing without a tunnel.
+//! pods) through fleetboard's tunnels and the hub's forwarding relay, against what
+//! wireguard-go users run on the same underlay path: wireguard-go gateways and a wireguard-go
+//! relay at the hub's address that decrypts and re-encrypts (trixie's 0.0.20231211, the
+//! baseline, and bookworm's 0.0.20220316), and against plain routing without a tunnel.
 //!
 //! One sandbox fleet (see `fleet_bench::xcluster`: hub cc + relay, aa and bb behind NAT, real
 //! containerd nodes, a controller per member); iperf3 runs in the pods' network namespaces
@@ -177,6 +178,7 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
     let before = b.aa_bytes()?;
     let cpu_before = b.tunnel_cpu(mode);
     let udp_drops_before = b.udp_rcvbuf_errors();
+    let relayed_before = x.relay_forwarded_data()?;
     let out = x
         .in_pod(&x.p3, "timeout")
         .args([
@@ -206,6 +208,7 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
         cpu["remote_total"].as_f64().unwrap_or(0.0),
     );
     let after = b.aa_bytes()?;
+    let relayed = x.relay_forwarded_data()?.saturating_sub(relayed_before);
     let gb = (bytes / 1e9).max(1e-9);
     let per_process: Vec<(String, f64)> = b
         .tunnel_cpu(mode)
@@ -250,6 +253,14 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
                 .collect::<Vec<_>>()
         );
     }
+    // Ours must have gone through the hub's forwarding relay (a full-size TCP segment is one
+    // datagram or more); the other modes bypass it.
+    if mode == Mode::Ours && (relayed as f64) < bytes / 1500.0 {
+        bail!(
+            "{}: the hub relay forwarded {relayed} data datagrams for {bytes} bytes: not the relayed path",
+            b.label(mode)
+        );
+    }
     let carried = devices
         .iter()
         .zip(&deltas)
@@ -259,7 +270,7 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
     Ok((
         gbps,
         format!(
-            "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB; per process cpu-s/GB: {per_process}), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
+            "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB; per process cpu-s/GB: {per_process}), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, hub relay forwarded {relayed} data datagrams, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
             tunnel_cpu / gb
         ),
     ))
