@@ -47,6 +47,11 @@ use fleet_hub_api::client::{HubClient, HubError};
 use fleet_hub_api::mirror::{FleetMirror, WatcherConfig};
 use forward::{Action, Forwarder, MemberSpec};
 
+/// Receive and send buffer asked for on the relay's UDP socket (the kernel reports twice
+/// that): 4 × a gateway's ([`fleet_gateway::userspace::UDP_BUFFER_BYTES`]), since one socket
+/// carries every relayed member's datagrams. Set with `SO_RCVBUFFORCE` when the relay may
+/// (root or `CAP_NET_ADMIN`), else capped by `net.core.rmem_max`, and logged.
+pub const RELAY_UDP_BUFFER_BYTES: usize = 4 << 20;
 /// The relay's private key in the hub's data dir (0600, kept across restarts).
 pub const RELAY_KEY_FILE: &str = "relay.key";
 /// How long a relay record lives without renewal unless told otherwise (`--relay-ttl`); the
@@ -189,6 +194,11 @@ impl Relay {
                     addr: options.listen,
                     source,
                 })?;
+        // The kernel's default 208 KiB overflowed while the relay forwarded one tunnel's
+        // bursts (16-42 k receive-buffer drops per 5 s `cross-cluster-throughput` run, seen as
+        // TCP retransmits inside the tunnel); every member's traffic shares this one socket.
+        let (rcv, snd) = fleet_gateway::userspace::grow_buffers(&socket, RELAY_UDP_BUFFER_BYTES);
+        tracing::debug!(rcv, snd, "relay UDP socket buffers");
         let forwarder = Arc::new(Mutex::new(Forwarder::new(*key.as_bytes())));
         drop(key);
         let public_key = crate::registry::PublicKey::from_bytes(
