@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "local-fleet.sh: run as root (it installs packages, creates netns and runs containerd)" >&2
   exit 1
 fi
-# shellcheck source=scripts/need-rust.sh
+# shellcheck disable=SC1091 # scripts/need-rust.sh is checked on its own
 . scripts/need-rust.sh
 need_rust local-fleet.sh
 bash scripts/install-deps.sh

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "scripts/test.sh: the tests create network namespaces and run containerd: run as root (prefix sudo)" >&2
   exit 1
 fi
-# shellcheck source=scripts/need-rust.sh
+# shellcheck disable=SC1091 # scripts/need-rust.sh is checked on its own
 . scripts/need-rust.sh
 need_rust scripts/test.sh
 bash scripts/install-deps.sh
