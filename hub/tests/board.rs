@@ -103,6 +103,15 @@ async fn the_board_draws_the_fleet_and_follows_it_live_in_a_real_browser() {
         .unwrap();
     let aa = join(&hub, "aa", 1).await;
     let bb = join(&hub, "bb", 2).await;
+    // Both run a controller (a held lease): their services are live, not withdrawn.
+    for m in [&aa, &bb] {
+        assert!(
+            m.acquire_lease("ctl", Duration::from_secs(3600))
+                .await
+                .unwrap()
+                .granted
+        );
+    }
     let t0 = now();
     publish(&aa, "aa", "node/a1", node("100.96.0.0/26", "192.0.2.1")).await;
     publish(
