@@ -95,6 +95,15 @@ fn request(cluster: &str, n: u8) -> JoinRequest {
     }
 }
 
+/// A join token valid for an hour, from `admin`.
+async fn token(admin: &HubClient) -> JoinString {
+    admin
+        .create_token(Duration::from_secs(3600), "")
+        .await
+        .unwrap()
+        .0
+}
+
 fn code(result: Result<impl std::fmt::Debug, HubError>) -> ErrorCode {
     let e = result.expect_err("the call must fail");
     e.code().unwrap_or_else(|| panic!("not an API error: {e}"))
@@ -733,10 +742,7 @@ async fn leases_over_the_api_are_per_member_cluster() {
 async fn members_leave_admins_remove_and_members_cannot_remove_others() {
     let hub = Hub::start(FleetLayout::default()).await;
     let admin = hub.admin();
-    let (join, _) = admin
-        .create_token(Duration::from_secs(3600), "")
-        .await
-        .unwrap();
+    let join = token(&admin).await;
     let client = || HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
     let (aa, bb, cc) = (client(), client(), client());
     aa.join(&join, request("aa", 1)).await.unwrap();
@@ -956,10 +962,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 async fn relays_that_stop_renewing_are_swept_and_watchers_see_one_removal() {
     let hub = Hub::start(FleetLayout::default()).await;
     let admin = hub.admin();
-    let (join, _) = admin
-        .create_token(Duration::from_secs(3600), "")
-        .await
-        .unwrap();
+    let join = token(&admin).await;
     let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
     aa.join(&join, request("aa", 1)).await.unwrap();
     let relay = |n: u8| RelayRecord {
@@ -1055,10 +1058,7 @@ async fn a_dead_replicas_relay_is_swept_by_the_survivor() {
     let mut one = HubProcess::start(&store_flags).await;
     let two = HubProcess::start(&store_flags).await;
     let (admin1, admin2) = (one.admin(), two.admin());
-    let (join, _) = admin2
-        .create_token(Duration::from_secs(3600), "")
-        .await
-        .unwrap();
+    let join = token(&admin2).await;
     let member = HubClient::new([two.endpoint()], join.ca_hash, quick_options()).unwrap();
     member.join(&join, request("aa", 1)).await.unwrap();
 
@@ -1211,10 +1211,7 @@ fn scoped(hub: &Hub, ca: CaHash, scope: FleetScope) -> HubClient {
 async fn a_member_watch_carries_the_fleet_shape_exports_and_its_own_records_only() {
     let hub = Hub::start(FleetLayout::default()).await;
     let admin = hub.admin();
-    let (join, _) = admin
-        .create_token(Duration::from_secs(3600), "")
-        .await
-        .unwrap();
+    let join = token(&admin).await;
     let aa = scoped(&hub, join.ca_hash, FleetScope::Member);
     let bb = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
     aa.join(&join, request("aa", 1)).await.unwrap();
@@ -1307,10 +1304,7 @@ async fn a_member_watch_carries_the_fleet_shape_exports_and_its_own_records_only
 async fn a_lapsed_controller_lease_is_one_event_and_renewals_are_none() {
     let hub = Hub::start(FleetLayout::default()).await;
     let admin = hub.admin();
-    let (join, _) = admin
-        .create_token(Duration::from_secs(3600), "")
-        .await
-        .unwrap();
+    let join = token(&admin).await;
     let aa = HubClient::new([hub.endpoint()], join.ca_hash, quick_options()).unwrap();
     let bb = scoped(&hub, join.ca_hash, FleetScope::Member);
     aa.join(&join, request("aa", 1)).await.unwrap();
