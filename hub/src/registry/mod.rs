@@ -23,6 +23,7 @@
 //! removing a cluster) take no writer; the API layer decides who may call them.
 
 mod expiry;
+mod fanout;
 mod lease;
 mod model;
 mod quota;
@@ -165,6 +166,8 @@ pub struct Registry {
     /// Since when (by this replica's own clock) it has seen each lease and relay record at
     /// its current revision: expiry is judged on that, never on another host's clock.
     observed: Arc<expiry::Observations>,
+    /// One store watch shared by every member- and clusters-scoped watch ([`fanout`]).
+    fanout: fanout::Fanout,
 }
 
 impl std::fmt::Debug for Registry {
@@ -245,12 +248,14 @@ impl Registry {
                 configured_prefix: layout.block_prefix,
             });
         }
+        let fanout = fanout::Fanout::start(&store).await?;
         Ok(Registry {
             store,
             layout,
             clock,
             quotas: Quotas::default(),
             observed: Arc::default(),
+            fanout,
         })
     }
 
@@ -788,7 +793,9 @@ impl Registry {
     }
 
     /// [`Registry::watch`] of the part of the fleet `scope` shows to a caller of cluster
-    /// `own`. Changes out of scope are dropped by key, before their values are decoded.
+    /// `own`. Member and clusters scopes are served by the replica's watch fan-out (one store
+    /// watch, changes filed per member: a watcher wakes only for what it is shown); the all
+    /// scope by a store watch of its own, changes out of scope dropped by key.
     pub async fn watch_scoped(
         &self,
         after: Revision,
@@ -799,17 +806,23 @@ impl Registry {
         RegistryError,
     > {
         let own = own.cloned();
+        if scope != FleetScope::All {
+            // Members and relays: from the replica's one shared store watch.
+            return Ok(self.fanout.watch(after, scope, own).left_stream());
+        }
         let changes = self.store.watch("", after).await?;
-        Ok(changes.filter_map(move |change| {
-            let own = own.clone();
-            async move {
-                match change {
-                    Err(e) => Some(Err(RegistryError::Store(e))),
-                    Ok(change) if !in_scope(change.key(), scope, own.as_ref()) => None,
-                    Ok(change) => to_event(change).transpose(),
+        Ok(changes
+            .filter_map(move |change| {
+                let own = own.clone();
+                async move {
+                    match change {
+                        Err(e) => Some(Err(RegistryError::Store(e))),
+                        Ok(change) if !in_scope(change.key(), scope, own.as_ref()) => None,
+                        Ok(change) => to_event(change).transpose(),
+                    }
                 }
-            }
-        }))
+            })
+            .right_stream())
     }
 }
 

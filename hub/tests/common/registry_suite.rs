@@ -381,6 +381,183 @@ pub async fn view_and_watch_follow_the_fleet(store: Arc<dyn Store>, _: Arc<dyn S
     );
 }
 
+/// What a watcher saw, in short: `cluster <id> live=<b>`, `put <owner>/<name>`, ...
+fn brief(event: &RegistryEvent) -> String {
+    match event {
+        RegistryEvent::ClusterUpserted { record, .. } => {
+            format!("cluster {} live={}", record.id, record.controller_live)
+        }
+        RegistryEvent::ClusterRemoved { id, .. } => format!("removed {id}"),
+        RegistryEvent::RecordPut { owner, name, .. } => format!("put {owner}/{name}"),
+        RegistryEvent::RecordDeleted { owner, name, .. } => format!("deleted {owner}/{name}"),
+        RegistryEvent::RelayUpserted { record, .. } => format!("relay {}", record.id),
+        RegistryEvent::RelayRemoved { id, .. } => format!("relay removed {id}"),
+    }
+}
+
+/// Reads `events` until one reads `until`; every revision must grow.
+async fn briefs_until(
+    events: &mut (impl futures::Stream<Item = Result<RegistryEvent, RegistryError>> + Unpin),
+    until: &str,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut last = 0;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("{until:?} within 10 s; saw {seen:?}"))
+            .expect("stream open")
+            .unwrap();
+        assert!(
+            event.revision() > last,
+            "revisions grow: {event:?} after {last}"
+        );
+        last = event.revision();
+        seen.push(brief(&event));
+        if seen.last().map(String::as_str) == Some(until) {
+            return seen;
+        }
+    }
+}
+
+pub async fn scoped_watches_show_each_member_its_part_in_order(
+    store: Arc<dyn Store>,
+    _: Arc<dyn Store>,
+) {
+    use fleet_hub::registry::FleetScope;
+    let reg = registry(store, FleetLayout::default()).await;
+    let (token, _) = reg.create_token(DAY, "t").await.unwrap();
+    let (aa, bb) = (id("aa"), id("bb"));
+    reg.join(&token, request("aa", 1)).await.unwrap();
+    reg.join(&token, request("bb", 2)).await.unwrap();
+    let view = reg
+        .view_scoped(FleetScope::Member, Some(&aa))
+        .await
+        .unwrap();
+    let watch = |scope, own: Option<&ClusterId>| {
+        let reg = reg.clone();
+        let own = own.cloned();
+        async move {
+            Box::pin(
+                reg.watch_scoped(view.revision, scope, own.as_ref())
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let mut aa_events = watch(FleetScope::Member, Some(&aa)).await;
+    let mut bb_events = watch(FleetScope::Member, Some(&bb)).await;
+    let mut relay_events = watch(FleetScope::Clusters, None).await;
+
+    reg.publish(&bb, &bb, "gateway", b"bb-1".to_vec())
+        .await
+        .unwrap();
+    reg.publish(&aa, &aa, "gateway", b"aa-1".to_vec())
+        .await
+        .unwrap();
+    reg.publish(&bb, &bb, "export/default/web", b"w".to_vec())
+        .await
+        .unwrap();
+    // A lease renewal is no event; the first grant makes the cluster live (one event).
+    for _ in 0..3 {
+        assert!(
+            reg.acquire_lease(&aa, "controller-0", Duration::from_secs(30))
+                .await
+                .unwrap()
+                .granted
+        );
+    }
+    reg.publish(&aa, &aa, "gateway", b"aa-2".to_vec())
+        .await
+        .unwrap();
+    reg.join(&token, request("cc", 3)).await.unwrap();
+
+    assert_eq!(
+        briefs_until(&mut aa_events, "cluster cc live=false").await,
+        [
+            "put aa/gateway",
+            "put bb/export/default/web",
+            "cluster aa live=true",
+            "put aa/gateway",
+            "cluster cc live=false"
+        ]
+    );
+    assert_eq!(
+        briefs_until(&mut bb_events, "cluster cc live=false").await,
+        [
+            "put bb/gateway",
+            "put bb/export/default/web",
+            "cluster aa live=true",
+            "cluster cc live=false"
+        ]
+    );
+    assert_eq!(
+        briefs_until(&mut relay_events, "cluster cc live=false").await,
+        ["cluster aa live=true", "cluster cc live=false"]
+    );
+
+    // A watch from before the replica began following (or far behind a member's bounded
+    // history) is told to relist, as from a store watch.
+    let mut ancient = Box::pin(
+        reg.watch_scoped(0, FleetScope::Member, Some(&aa))
+            .await
+            .unwrap(),
+    );
+    let first = tokio::time::timeout(Duration::from_secs(10), ancient.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("stream open");
+    assert!(
+        matches!(
+            first,
+            Err(RegistryError::Store(
+                fleet_hub::store::StoreError::Compacted { .. }
+            ))
+        ),
+        "{first:?}"
+    );
+    let behind = reg
+        .view_scoped(FleetScope::Member, Some(&aa))
+        .await
+        .unwrap();
+    for n in 0..200 {
+        reg.publish(&aa, &aa, "gateway", format!("aa-{n}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let mut lagging = Box::pin(
+        reg.watch_scoped(behind.revision, FleetScope::Member, Some(&aa))
+            .await
+            .unwrap(),
+    );
+    let first = tokio::time::timeout(Duration::from_secs(10), lagging.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("stream open");
+    assert!(
+        matches!(
+            first,
+            Err(RegistryError::Store(
+                fleet_hub::store::StoreError::Compacted { .. }
+            ))
+        ),
+        "{first:?}"
+    );
+    // bb, whose ring did not move, resumes from the same revision without relisting.
+    let mut bb_resumed = Box::pin(
+        reg.watch_scoped(behind.revision, FleetScope::Member, Some(&bb))
+            .await
+            .unwrap(),
+    );
+    reg.publish(&bb, &bb, "gateway", b"bb-2".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        briefs_until(&mut bb_resumed, "put bb/gateway").await,
+        ["put bb/gateway"]
+    );
+}
+
 pub async fn a_different_layout_is_refused(store: Arc<dyn Store>, replica: Arc<dyn Store>) {
     registry(store, FleetLayout::default()).await;
     let err = Registry::open(replica, small_layout(), Arc::new(SystemClock))
@@ -906,6 +1083,12 @@ macro_rules! registry_suite {
             async fn join_allocates_blocks_and_rejoin_keeps_them() {
                 let (store, replica, _guard) = $setup().await;
                 suite::join_allocates_blocks_and_rejoin_keeps_them(store, replica).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn scoped_watches_show_each_member_its_part_in_order() {
+                let (store, replica, _guard) = $setup().await;
+                suite::scoped_watches_show_each_member_its_part_in_order(store, replica).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
