@@ -295,6 +295,9 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     let (rss0, _) = hub.memory_mib();
 
     // Joins.
+    let lease_ttl = Duration::from_millis(flags.lease_ttl_ms);
+    let background = Background::new();
+    let background = &background;
     let started = Instant::now();
     let results: Vec<anyhow::Result<(HubClient, Duration)>> = futures::stream::iter(0..n)
         .map(|i| {
@@ -316,7 +319,16 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
                     )
                     .await
                     .with_context(|| format!("join of {}", cluster_name(i)))?;
-                Ok((client, t.elapsed()))
+                let took = t.elapsed();
+                // The cluster's controller takes its lease as it starts (the cluster becomes
+                // live: one fleet-wide event, seen by the watchers of the members before it).
+                if lease_ttl > Duration::ZERO {
+                    retried(|| client.acquire_lease("controller-0", lease_ttl))
+                        .await
+                        .with_context(|| format!("first lease of {}", cluster_name(i)))?;
+                    background.renew(&client, lease_ttl);
+                }
+                Ok((client, took))
             }
         })
         .buffer_unordered(flags.concurrency)
@@ -335,7 +347,7 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
         _ => String::new(),
     });
     println!(
-        "joins: {n} in {:.2} s; per join p50={:.1} ms p99={:.1} ms",
+        "joins: {n} in {:.2} s (each followed by its controller's first lease); per join p50={:.1} ms p99={:.1} ms",
         join_total.as_secs_f64(),
         joins.quantile(0.5),
         joins.quantile(0.99)
@@ -413,8 +425,9 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
     drop(arrivals_tx);
 
     // The members' steady traffic, as the product makes it: every controller renews its
-    // lease every TTL/3 and republishes its `gateway` record every status interval.
-    let background = Background::start(&members, flags);
+    // lease every TTL/3 (since its join) and republishes its `gateway` record every status
+    // interval.
+    background.publish_gateways(&members, flags);
     let steady = Duration::from_secs(flags.steady_seconds);
     let cpu0 = hub.cpu_seconds();
     let t_steady = Instant::now();
@@ -554,62 +567,71 @@ struct Tally {
 
 /// Every member's lease renewals and gateway republishing, spread evenly over the interval.
 struct Background {
-    tasks: tokio::task::JoinSet<()>,
+    tasks: std::sync::Mutex<tokio::task::JoinSet<()>>,
     tally: std::sync::Arc<std::sync::Mutex<Tally>>,
 }
 
 impl Background {
-    fn start(members: &[HubClient], flags: &Flags) -> Background {
+    fn new() -> Background {
+        Background {
+            tasks: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+            tally: std::sync::Arc::default(),
+        }
+    }
+
+    /// Member `client`'s controller renews the lease it just took every TTL/3, from now on
+    /// (as `fleet-controller` does from its start).
+    fn renew(&self, client: &HubClient, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        let client = client.clone();
+        let tally = self.tally.clone();
+        self.tasks.lock().expect("tasks").spawn(async move {
+            let period = ttl / 3;
+            let mut tick = tokio::time::interval_at((Instant::now() + period).into(), period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let t = Instant::now();
+                let result = client.acquire_lease("controller-0", ttl).await;
+                let took = t.elapsed();
+                let mut tally = tally.lock().expect("tally");
+                match result {
+                    Ok(lease) if lease.granted => {
+                        tally.renewals.push(took);
+                        if took > ttl {
+                            tally.renewals_past_ttl += 1;
+                        }
+                    }
+                    Ok(_) => {
+                        tally.renewal_failures += 1;
+                        *tally.renewal_errors.entry("refused".into()).or_default() += 1;
+                    }
+                    Err(e) => {
+                        tally.renewal_failures += 1;
+                        let kind: String = e.to_string().chars().take(60).collect();
+                        *tally.renewal_errors.entry(kind).or_default() += 1;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Every member republishes its `gateway` record every status interval, spread evenly.
+    fn publish_gateways(&self, members: &[HubClient], flags: &Flags) {
         let owner = |c: &HubClient| match c.credential() {
             Some(Credential::Member { cluster, .. }) => Some(cluster.clone()),
             _ => None,
         };
-        let tally = std::sync::Arc::new(std::sync::Mutex::new(Tally::default()));
-        let mut tasks = tokio::task::JoinSet::new();
         let n = members.len().max(1) as u32;
-        let ttl = Duration::from_millis(flags.lease_ttl_ms);
         let status = Duration::from_millis(flags.status_interval_ms);
+        let mut tasks = self.tasks.lock().expect("tasks");
         for (i, client) in members.iter().enumerate() {
             let i = i as u32;
-            if !ttl.is_zero() {
-                let client = client.clone();
-                let tally = tally.clone();
-                tasks.spawn(async move {
-                    let period = ttl / 3;
-                    // First renewals (new connections) paced like the watches, then evenly
-                    // spread over TTL/3.
-                    tokio::time::sleep(connect_slot(i as usize).max(period * i / n)).await;
-                    let mut tick = tokio::time::interval(period);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tick.tick().await;
-                        let t = Instant::now();
-                        let result = client.acquire_lease("controller-0", ttl).await;
-                        let took = t.elapsed();
-                        let mut tally = tally.lock().expect("tally");
-                        match result {
-                            Ok(lease) if lease.granted => {
-                                tally.renewals.push(took);
-                                if took > ttl {
-                                    tally.renewals_past_ttl += 1;
-                                }
-                            }
-                            Ok(_) => {
-                                tally.renewal_failures += 1;
-                                *tally.renewal_errors.entry("refused".into()).or_default() += 1;
-                            }
-                            Err(e) => {
-                                tally.renewal_failures += 1;
-                                let kind: String = e.to_string().chars().take(60).collect();
-                                *tally.renewal_errors.entry(kind).or_default() += 1;
-                            }
-                        }
-                    }
-                });
-            }
             if let (false, Some(own)) = (status.is_zero(), owner(client)) {
                 let client = client.clone();
-                let tally = tally.clone();
+                let tally = self.tally.clone();
                 tasks.spawn(async move {
                     tokio::time::sleep(connect_slot(i as usize).max(status * i / n)).await;
                     let mut tick = tokio::time::interval(status);
@@ -634,12 +656,12 @@ impl Background {
                 });
             }
         }
-        Background { tasks, tally }
     }
 
-    async fn stop(mut self) -> BackgroundReport {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+    async fn stop(&self) -> BackgroundReport {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks"));
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
         let tally = std::mem::take(&mut *self.tally.lock().expect("tally"));
         let mut renewals = Samples::new("lease renewal (per call)");
         tally.renewals.into_iter().for_each(|d| renewals.push(d));
