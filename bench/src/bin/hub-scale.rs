@@ -308,17 +308,27 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
                 let mut key = [0u8; 32];
                 key[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 let t = Instant::now();
-                client
-                    .join(
-                        &join,
-                        JoinRequest {
-                            cluster: ClusterId::new(cluster_name(i))?,
-                            public_key: PublicKey::from_bytes(key),
-                            endpoint: None,
-                        },
-                    )
-                    .await
-                    .with_context(|| format!("join of {}", cluster_name(i)))?;
+                let request = JoinRequest {
+                    cluster: ClusterId::new(cluster_name(i))?,
+                    public_key: PublicKey::from_bytes(key),
+                    endpoint: None,
+                };
+                // Retried only when the hub was not reached (nothing was sent): a join whose
+                // answer was lost cannot be repeated with a token alone.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match client.join(&join, request.clone()).await {
+                        Err(fleet_hub_api::client::HubError::Unreachable { .. })
+                            if Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        other => {
+                            other.with_context(|| format!("join of {}", cluster_name(i)))?;
+                            break;
+                        }
+                    }
+                }
                 let took = t.elapsed();
                 // The cluster's controller takes its lease as it starts (the cluster becomes
                 // live: one fleet-wide event, seen by the watchers of the members before it).
