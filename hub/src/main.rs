@@ -110,6 +110,10 @@ enum Command {
         /// End every watch (members fail over) once the store has not answered for this long.
         #[arg(long, default_value = "5s", value_parser = fleet_hub::relay::parse_interval)]
         store_quiet_after: std::time::Duration,
+        /// Most API connections at once (each member holds ~3); further ones are closed at
+        /// accept. Default: the open-file limit (raised to its hard limit) less 1,024.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: Option<u64>,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -283,13 +287,26 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         metrics_address,
         watch_heartbeat,
         store_quiet_after,
+        max_connections,
         relay,
     } = &flags.command
     {
-        match fleet_hub::limits::raise_nofile_limit() {
-            Ok(limit) => tracing::info!(limit, "open-file limit (soft) raised to the hard limit"),
-            Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
-        }
+        let nofile = match fleet_hub::limits::raise_nofile_limit() {
+            Ok(limit) => {
+                tracing::info!(limit, "open-file limit (soft) raised to the hard limit");
+                limit
+            }
+            Err(e) => {
+                tracing::warn!("could not raise the open-file limit: {e}");
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .map_or(1024, |(soft, _)| soft)
+            }
+        };
+        let max_connections = max_connections.map_or_else(
+            || fleet_hub::limits::connection_budget(nofile),
+            |n| usize::try_from(n).unwrap_or(usize::MAX),
+        );
+        tracing::info!(max_connections, "API connections accepted at once");
         let registry = registry.with_quotas(fleet_hub::registry::Quotas {
             max_records: *member_max_records,
             max_bytes: *member_max_bytes,
@@ -299,6 +316,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         options.metrics_address = *metrics_address;
         options.heartbeat = *watch_heartbeat;
         options.store_quiet_after = *store_quiet_after;
+        options.max_connections = max_connections;
         // Replicas on etcd share one CA (members pin it) and admin credential.
         options.share_identity = !flags.etcd.is_empty();
         let relay = relay.options(&flags.data_dir)?;

@@ -244,3 +244,36 @@ async fn cluster_commands_through_a_serving_hub() {
     let err = member.list().await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unauthenticated), "{err}");
 }
+
+/// `serve` accepts as many connections as its open-file limit allows less a reserve (a fixed
+/// 16,384 refused members past ~5,000 clusters, each holding ~3); `--max-connections 0` is a
+/// clear error.
+#[tokio::test]
+async fn serve_sizes_its_connection_budget_from_the_open_file_limit() {
+    let hub = common::hub::HubProcess::start(&[]).await;
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let want = format!(
+        "max_connections={}",
+        fleet_hub::limits::connection_budget(hard)
+    );
+    // The log is coloured: drop the escape sequences.
+    let mut log = String::new();
+    let mut in_escape = false;
+    for c in hub.log().chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => log.push(c),
+            (true, _) => {}
+        }
+    }
+    assert!(log.contains(&want), "{want} in:\n{log}");
+    let refused = fleet_hub(&["serve", "--max-connections", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--max-connections"),
+        "{}",
+        stderr(&refused)
+    );
+}

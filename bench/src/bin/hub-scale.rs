@@ -117,8 +117,10 @@ async fn serve_hub(
 ) -> anyhow::Result<()> {
     let location = fleet_hub::admin::StoreLocation::Embedded(dir.to_path_buf());
     let registry = fleet_hub::admin::open_registry(&location, layout(block_prefix)?).await?;
-    let options = fleet_hub::api::server::ServerOptions::new(listen, dir);
-    fleet_hub::limits::raise_nofile_limit()?;
+    let mut options = fleet_hub::api::server::ServerOptions::new(listen, dir);
+    // As `fleet-hub serve` does.
+    options.max_connections =
+        fleet_hub::limits::connection_budget(fleet_hub::limits::raise_nofile_limit()?);
     fleet_hub::api::server::serve_until_signal(registry, options).await
 }
 

@@ -50,6 +50,8 @@ pub struct ServerOptions {
     /// watch on this replica ends with `unavailable` and new ones are refused, so members
     /// fail over to a replica that can serve.
     pub store_quiet_after: Duration,
+    /// Most connections at once; more are closed at accept. 16,384 here; `fleet-hub serve`
+    /// sets [`crate::limits::connection_budget`] of its open-file limit (members hold ~3).
     pub max_connections: usize,
     /// How long shutdown waits for connections to finish.
     pub drain_timeout: Duration,

@@ -291,17 +291,13 @@ fn collect(
             )
         });
     }
-    if let Some(id) = own {
-        match state.members.get(id) {
-            Some(ring) => {
-                let shared = out.len();
-                ring.after(last, &mut out)?;
-                if out.len() > shared && shared > 0 {
-                    out.sort_by_key(|(r, _)| *r);
-                }
-            }
-            // No event of this member since the follower started: nothing to read.
-            None => {}
+    // No ring: no event of this member since the follower started, nothing to read.
+    if let Some(ring) = own.and_then(|id| state.members.get(id)) {
+        let shared = out.len();
+        ring.after(last, &mut out)?;
+        if out.len() > shared && shared > 0 {
+            // Stable: changes of one revision keep their order.
+            out.sort_by_key(|(r, _)| *r);
         }
     }
     Ok(out)
