@@ -150,8 +150,10 @@ impl std::fmt::Debug for HubClient {
 
 type Sender = SendRequest<Full<Bytes>>;
 
-/// The hub drops a connection that sends no request header for 10 s; reuse one for less.
-const REUSE_IDLE_CONNECTION_FOR: Duration = Duration::from_secs(5);
+/// The hub closes a connection that sends no request header for 30 s (its `idle_timeout`);
+/// reuse one idle for less. Long enough for the controller's 5 s gateway records and a 15 s
+/// lease's 5 s renewals to keep their TLS session (at 5 s every such call made a handshake).
+const REUSE_IDLE_CONNECTION_FOR: Duration = Duration::from_secs(25);
 
 impl HubClient {
     /// A client of the hub at `endpoints` (`host:port`, tried in turn), trusting only the CA

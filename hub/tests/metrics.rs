@@ -190,3 +190,62 @@ async fn hub_calls_watches_members_and_revision_show_in_metrics() {
     })
     .await;
 }
+
+/// A member calling every 6 s (the controller publishes its gateway record every 5 s) keeps
+/// one TLS connection: with a 5 s reuse window every such call made a new handshake.
+#[tokio::test]
+async fn a_member_calling_every_6_s_keeps_its_connection() {
+    let hub = start();
+    let data = hub.dir.path().join("data");
+    let ca = CaHash::of_pem(&std::fs::read_to_string(data.join("ca.pem")).unwrap()).unwrap();
+    let client = HubClient::new([hub.api.to_string()], ca, ClientOptions::default()).unwrap();
+    let admin_secret = std::fs::read_to_string(data.join("admin.credential")).unwrap();
+    let admin = client.with_credential(Credential::parse(&admin_secret).expect("admin credential"));
+    let (join, _) = admin
+        .create_token(Duration::from_secs(3600), "reuse test")
+        .await
+        .unwrap();
+    let joined = client
+        .join(
+            &join,
+            JoinRequest {
+                cluster: ClusterId::new("aa").unwrap(),
+                public_key: PublicKey::from_bytes([7; 32]),
+                endpoint: None,
+            },
+        )
+        .await
+        .unwrap();
+    let aa = client.with_credential(joined.credential);
+    let owner = ClusterId::new("aa").unwrap();
+    aa.publish(&owner, "gateway", b"0").await.unwrap();
+    let accepted = |s: &Scrape| {
+        value(
+            s,
+            "fleetboard_hub_connections_total",
+            &[("result", "accepted")],
+        )
+    };
+    let before = accepted(&scrape(hub.metrics));
+    assert!(before >= 1.0);
+    for beat in 1..=2 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        aa.publish(&owner, "gateway", format!("{beat}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let s = scrape(hub.metrics);
+    assert_eq!(
+        accepted(&s),
+        before,
+        "no new connection for calls 6 s apart"
+    );
+    assert_eq!(
+        value(
+            &s,
+            "fleetboard_hub_connections_total",
+            &[("result", "refused")]
+        ),
+        0.0
+    );
+}

@@ -54,6 +54,13 @@ pub struct HubMetrics {
     watches_open: Gauge,
     members: Gauge,
     revision: Gauge,
+    connections: Family<ConnectionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `accepted` (a TLS session follows) or `refused` (over `max_connections`).
+    pub result: &'static str,
 }
 
 impl Default for HubMetrics {
@@ -64,6 +71,7 @@ impl Default for HubMetrics {
             watches_open: Gauge::default(),
             members: Gauge::default(),
             revision: Gauge::default(),
+            connections: Family::default(),
         }
     }
 }
@@ -90,6 +98,14 @@ impl HubMetrics {
             .inc();
     }
 
+    /// One TCP connection accepted (`true`) or refused for being over the budget.
+    pub fn connection(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "refused" };
+        self.connections
+            .get_or_create(&ConnectionLabels { result })
+            .inc();
+    }
+
     /// Counts a watch stream as open until the guard is dropped.
     pub fn watch_open(&self) -> WatchGuard {
         self.watches_open.inc();
@@ -111,6 +127,12 @@ impl HubMetrics {
             "fleetboard_hub_watches_open",
             "Watch streams open on this replica",
             self.watches_open.clone(),
+        );
+        registry.register(
+            "fleetboard_hub_connections",
+            "API connections accepted or refused (over --max-connections); members keep theirs \
+             while they call at least every 25 s",
+            self.connections.clone(),
         );
         registry.register(
             "fleetboard_hub_members",

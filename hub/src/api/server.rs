@@ -1,6 +1,7 @@
 //! The API server: TLS accept loop, HTTP/1.1 connections, routing, authentication, and the
-//! watch streams. Limits: request bodies of [`MAX_REQUEST_BYTES`], a TLS handshake and a
-//! request header within [`ServerOptions::handshake_timeout`], every call within
+//! watch streams. Limits: request bodies of [`MAX_REQUEST_BYTES`], a TLS handshake within
+//! [`ServerOptions::handshake_timeout`], each request header within
+//! [`ServerOptions::idle_timeout`] of the connection's start or last answer, every call within
 //! [`ServerOptions::request_timeout`], at most [`ServerOptions::max_connections`] connections.
 
 use std::convert::Infallible;
@@ -44,6 +45,11 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     pub request_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// A kept-alive connection that sends no (complete) request header this long after its
+    /// start or its last answer is closed. Clients reuse a connection idle for less
+    /// (`fleet_hub_api::client`, 25 s), so members calling every 5 s (gateway records) or
+    /// renewing a 15 s lease keep one TLS session instead of a handshake per call.
+    pub idle_timeout: Duration,
     /// A watch with nothing to say sends a heartbeat this often (while the store answers).
     pub heartbeat: Duration,
     /// The store is probed every `heartbeat`; once it has not answered for this long, every
@@ -75,6 +81,7 @@ impl ServerOptions {
             data_dir: data_dir.into(),
             request_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             heartbeat: super::WATCH_HEARTBEAT,
             store_quiet_after: Duration::from_secs(5),
             max_connections: 16_384,
@@ -321,9 +328,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    state.metrics.connection(false);
                     tracing::warn!(%peer, "connection refused: too many connections");
                     continue;
                 };
+                state.metrics.connection(true);
                 let _ = tcp.set_nodelay(true);
                 let state = state.clone();
                 let acceptor = acceptor.clone();
@@ -376,7 +385,7 @@ async fn serve_connection(
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.options.handshake_timeout)
+        .header_read_timeout(state.options.idle_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
