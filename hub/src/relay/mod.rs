@@ -29,9 +29,11 @@
 //! running — relayed traffic keeps flowing while the registry is away, and the restarted hub
 //! adopts it. While the API is unreachable the forwarder keeps its last members.
 
+pub mod batch;
 pub mod forward;
 pub mod metrics;
 pub mod process;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleet_gateway::PrivateKey;
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::registry::{ClusterRecord, RelayRecord};
@@ -61,8 +62,9 @@ pub const DEFAULT_RELAY_TTL: Duration = Duration::from_secs(6);
 pub const MIN_RELAY_TTL: Duration = Duration::from_millis(300);
 /// How often the relay's own sessions' timers run and expired index entries go.
 const TICK: Duration = Duration::from_secs(1);
-/// The largest datagram the relay takes (a WireGuard message in one UDP datagram).
-const MAX_DATAGRAM: usize = 65535;
+/// The longest the forwarding thread waits in a receive before it checks for a stop and its
+/// timers.
+const WAKE: Duration = Duration::from_millis(200);
 
 /// Parses `<n>ms` or `<n>s` (a positive duration of at most an hour).
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -169,7 +171,7 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     follower: tokio::task::JoinHandle<()>,
     renewer: tokio::task::JoinHandle<()>,
-    forwarding: tokio::task::JoinHandle<()>,
+    forwarding: std::thread::JoinHandle<()>,
     metrics_server: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -187,18 +189,18 @@ impl Relay {
     /// down at first; the relay keeps trying.
     pub async fn start(client: HubClient, options: RelayOptions) -> Result<Relay, RelayError> {
         let key = PrivateKey::load_or_generate(&options.key_path)?;
-        let socket =
-            UdpSocket::bind(options.listen)
-                .await
-                .map_err(|source| RelayError::Listen {
-                    addr: options.listen,
-                    source,
-                })?;
+        let listen_error = |source| RelayError::Listen {
+            addr: options.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(options.listen).map_err(listen_error)?;
         // The kernel's default 208 KiB overflowed while the relay forwarded one tunnel's
         // bursts (16-42 k receive-buffer drops per 5 s `cross-cluster-throughput` run, seen as
         // TCP retransmits inside the tunnel); every member's traffic shares this one socket.
         let (rcv, snd) = fleet_gateway::userspace::grow_buffers(&socket, RELAY_UDP_BUFFER_BYTES);
-        tracing::debug!(rcv, snd, "relay UDP socket buffers");
+        let socket = udp::RelaySocket::new(socket, WAKE).map_err(listen_error)?;
+        tracing::debug!(rcv, snd, gro = socket.gro(), "relay UDP socket");
+        let socket = Arc::new(socket);
         let forwarder = Arc::new(Mutex::new(Forwarder::new(*key.as_bytes())));
         drop(key);
         let public_key = crate::registry::PublicKey::from_bytes(
@@ -214,7 +216,7 @@ impl Relay {
         tracing::info!(relay = %record.id, instance = %record.instance, listen = %options.listen, endpoint = %record.endpoint, public_key = %record.public_key, "relay up (forwarding WireGuard datagrams between members)");
         let metrics_server = match options.metrics_address {
             Some(addr) => {
-                let metrics = metrics::RelayMetrics::new(forwarder.clone());
+                let metrics = metrics::RelayMetrics::new(forwarder.clone(), socket.clone());
                 let mut registry = prometheus_client::registry::Registry::default();
                 fleet_metrics::register_build_info(
                     &mut registry,
@@ -230,7 +232,13 @@ impl Relay {
             None => None,
         };
         let (stop, stopped) = watch::channel(false);
-        let forwarding = tokio::spawn(forward_loop(socket, forwarder.clone(), stopped.clone()));
+        let forwarding = {
+            let (forwarder, stopped) = (forwarder.clone(), stopped.clone());
+            std::thread::Builder::new()
+                .name("relay-forward".into())
+                .spawn(move || forward_loop(&socket, &forwarder, &stopped))
+                .map_err(|e| RelayError::Process(format!("starting the forwarding thread: {e}")))?
+        };
         let follower = tokio::spawn(follow(client.clone(), forwarder.clone(), stopped.clone()));
         let renewer = tokio::spawn(renew(client.clone(), record.clone(), options.ttl, stopped));
         Ok(Relay {
@@ -277,54 +285,80 @@ impl Relay {
                 tracing::warn!(relay = %self.record.id, "the hub did not answer; the relay record stays")
             }
         }
-        let _ = self.forwarding.await;
+        let forwarding = self.forwarding;
+        let _ = tokio::task::spawn_blocking(move || forwarding.join()).await;
         tracing::info!(relay = %self.record.id, "relay stopped");
     }
 }
 
-/// Receives every datagram on the relay's socket and does what the forwarder decides; runs
-/// the forwarder's timers every [`TICK`].
-async fn forward_loop(
-    socket: UdpSocket,
-    forwarder: SharedForwarder,
-    mut stopped: watch::Receiver<bool>,
+/// The forwarding thread: takes every datagram on the relay's socket in batches
+/// ([`udp::RelaySocket::recv_batch`]), decides each one's fate with the forwarder (locked once
+/// per batch), sends the forwarded ones in GSO runs per destination ([`batch::plan`]), and
+/// runs the forwarder's timers every [`TICK`]. Its own thread with a blocking socket: one
+/// `recvmmsg` per batch, no readiness wake-ups; it checks for a stop every [`WAKE`].
+fn forward_loop(
+    socket: &udp::RelaySocket,
+    forwarder: &SharedForwarder,
+    stopped: &watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stopped.changed() => return,
-            _ = tick.tick() => {
-                let out = forwarder.lock().expect("forwarder").tick(Instant::now());
-                for (addr, datagram) in out {
-                    let _ = socket.send_to(&datagram, addr).await;
+    let mut bufs = udp::RecvBuffers::default();
+    let mut scratch = udp::SendScratch::default();
+    let mut forwarded: Vec<(usize, std::ops::Range<usize>)> = Vec::with_capacity(udp::BATCH);
+    let mut routes: Vec<(usize, SocketAddr)> = Vec::with_capacity(udp::BATCH);
+    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut next_tick = Instant::now() + TICK;
+    // The sender gone (the relay dropped without `stop`) ends the thread too.
+    while !*stopped.borrow() && stopped.has_changed().is_ok() {
+        let received = match socket.recv_batch(&mut bufs) {
+            Ok(n) => n,
+            Err(e) => {
+                // ICMP errors surface here (a member's port closed): not fatal.
+                tracing::debug!(error = %e, "relay socket receive");
+                0
+            }
+        };
+        let now = Instant::now();
+        if received > 0 {
+            forwarded.clear();
+            routes.clear();
+            {
+                let mut f = forwarder.lock().expect("forwarder");
+                for (i, r) in bufs.received().iter().enumerate() {
+                    let bytes = bufs.bytes(i);
+                    // A GRO buffer is one source's run: every datagram is routed on its own.
+                    for d in batch::datagrams(r.len, r.stride) {
+                        match f.handle(r.src, &bytes[d.clone()], now) {
+                            Action::Forward(to) => {
+                                routes.push((d.len(), to));
+                                forwarded.push((i, d));
+                            }
+                            Action::Reply(out) => {
+                                replies.extend(out.into_iter().map(|o| (r.src, o)))
+                            }
+                            Action::Consumed | Action::Drop(_) => {}
+                        }
+                    }
                 }
             }
-            received = socket.recv_from(&mut buf) => {
-                let (len, src) = match received {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // ICMP errors surface here (a member's port closed): not fatal.
-                        tracing::debug!(error = %e, "relay socket receive");
-                        continue;
-                    }
-                };
-                let datagram = &buf[..len];
-                let action = forwarder.lock().expect("forwarder").handle(src, datagram, Instant::now());
-                match action {
-                    Action::Forward(to) => {
-                        if let Err(e) = socket.send_to(datagram, to).await {
-                            tracing::debug!(error = %e, %to, "relay forward");
-                        }
-                    }
-                    Action::Reply(replies) => {
-                        for r in replies {
-                            let _ = socket.send_to(&r, src).await;
-                        }
-                    }
-                    Action::Consumed | Action::Drop(_) => {}
-                }
+            let (order, runs) = batch::plan(&routes);
+            socket.send_runs(
+                &runs,
+                &order,
+                |k| {
+                    let (i, d) = &forwarded[k];
+                    &bufs.bytes(*i)[d.clone()]
+                },
+                &mut scratch,
+            );
+            for (to, reply) in replies.drain(..) {
+                socket.send_to(&reply, to);
+            }
+        }
+        if now >= next_tick {
+            next_tick = now + TICK;
+            let out = forwarder.lock().expect("forwarder").tick(now);
+            for (addr, datagram) in out {
+                socket.send_to(&datagram, addr);
             }
         }
     }
