@@ -456,6 +456,152 @@ mod tests {
         assert!(parse_interval("0ms").is_err());
     }
 
+    /// The forwarding thread over real sockets on loopback: gateway aa sends one UDP GSO
+    /// buffer holding data for two sessions (to bb and to cc) and one datagram with an index
+    /// no handshake taught; the relay takes it as one GRO buffer, routes every datagram on
+    /// its own and forwards each member's share as a GSO run: bb and cc receive exactly
+    /// their datagrams, in order, and the counters count each datagram.
+    #[test]
+    fn a_gro_buffer_is_routed_per_datagram_and_forwarded_in_gso_runs() {
+        use forward::tests::{End, ipv4_packet, out};
+        use gotatun::noise::TunnResult;
+        use gotatun::x25519;
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        use std::io::IoSlice;
+        use std::net::UdpSocket as StdSocket;
+        use std::os::fd::AsRawFd;
+
+        let relay_secret = x25519::StaticSecret::random();
+        let forwarder: SharedForwarder =
+            Arc::new(Mutex::new(Forwarder::new(relay_secret.to_bytes())));
+        let relay_key = forwarder.lock().unwrap().public_key();
+        let socket = StdSocket::bind("127.0.0.1:0").unwrap();
+        let relay_addr = socket.local_addr().unwrap();
+        let socket = Arc::new(udp::RelaySocket::new(socket, WAKE).unwrap());
+        assert!(socket.gro(), "this kernel has UDP GRO");
+        let (stop, stopped) = watch::channel(false);
+        let thread = {
+            let (socket, forwarder) = (socket.clone(), forwarder.clone());
+            std::thread::spawn(move || forward_loop(&socket, &forwarder, &stopped))
+        };
+
+        struct Gw {
+            secret: x25519::StaticSecret,
+            key: [u8; 32],
+            socket: StdSocket,
+        }
+        let gw = || {
+            let secret = x25519::StaticSecret::random();
+            let socket = StdSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            Gw {
+                key: *x25519::PublicKey::from(&secret).as_bytes(),
+                secret,
+                socket,
+            }
+        };
+        let (aa, bb, cc) = (gw(), gw(), gw());
+        forwarder
+            .lock()
+            .unwrap()
+            .set_members(
+                &[("aa", &aa), ("bb", &bb), ("cc", &cc)].map(|(id, g)| MemberSpec {
+                    id: id.into(),
+                    public_key: g.key,
+                }),
+            );
+        let recv = |g: &Gw| {
+            let mut buf = [0u8; 2048];
+            let (n, from) = g.socket.recv_from(&mut buf).expect("a datagram within 5 s");
+            assert_eq!(from, relay_addr);
+            buf[..n].to_vec()
+        };
+        // Each registers with the relay: initiation, the relay's response, a keepalive.
+        for g in [&aa, &bb, &cc] {
+            let mut session = End::new(&g.secret, relay_key);
+            g.socket.send_to(&session.initiation(), relay_addr).unwrap();
+            let keepalive = out(session.receive(&recv(g)));
+            g.socket.send_to(&keepalive, relay_addr).unwrap();
+        }
+        // aa handshakes with bb and with cc through the relay.
+        let mut sessions = Vec::new();
+        for peer in [&bb, &cc] {
+            let mut a_end = End::new(&aa.secret, peer.key);
+            let mut p_end = End::new(&peer.secret, aa.key);
+            // The relay takes datagrams in order: aa's and the peer's registration come first.
+            let init = a_end.initiation();
+            aa.socket.send_to(&init, relay_addr).unwrap();
+            let response = out(p_end.receive(&recv(peer)));
+            peer.socket.send_to(&response, relay_addr).unwrap();
+            let confirm = out(a_end.receive(&recv(&aa)));
+            aa.socket.send_to(&confirm, relay_addr).unwrap();
+            assert!(
+                matches!(p_end.receive(&recv(peer)), TunnResult::WriteToTunnel(p) if p.is_empty())
+            );
+            sessions.push((a_end, p_end));
+        }
+
+        // One GSO send from aa: 12 same-sized datagrams, alternately for bb and cc, and one
+        // (the 7th) whose receiver index no handshake taught.
+        let mut datagrams = Vec::new();
+        let mut expected: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        for i in 0..12u8 {
+            let inner = ipv4_packet(&[i; 100]);
+            let to = usize::from(i % 2);
+            let mut d = sessions[to].0.send(&inner);
+            if i == 6 {
+                d[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+            } else {
+                expected[to].push(d.clone());
+            }
+            datagrams.push(d);
+        }
+        let segment = datagrams[0].len() as u16;
+        assert!(datagrams.iter().all(|d| d.len() == usize::from(segment)));
+        let iov: Vec<IoSlice<'_>> = datagrams.iter().map(|d| IoSlice::new(d)).collect();
+        sendmsg(
+            aa.socket.as_raw_fd(),
+            &iov,
+            &[ControlMessage::UdpGsoSegments(&segment)],
+            MsgFlags::empty(),
+            Some(&SockaddrStorage::from(relay_addr)),
+        )
+        .expect("a UDP GSO send on loopback");
+        for (k, peer) in [&bb, &cc].into_iter().enumerate() {
+            let got: Vec<Vec<u8>> = (0..expected[k].len()).map(|_| recv(peer)).collect();
+            assert_eq!(got, expected[k], "member {k}: the same datagrams, in order");
+            for (d, i) in got.iter().zip((k as u8..12).step_by(2).filter(|i| *i != 6)) {
+                match sessions[k].1.receive(d) {
+                    TunnResult::WriteToTunnel(p) => assert_eq!(&p[..], &ipv4_packet(&[i; 100])[..]),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let totals = forwarder.lock().unwrap().totals().clone();
+        // 2 initiations, 2 responses, 2 confirmations + 11 data.
+        assert_eq!(totals.forwarded, [2, 2, 0, 13]);
+        assert_eq!(
+            totals.dropped.get(&forward::DropReason::UnknownIndex),
+            Some(&1)
+        );
+        let io = &socket.counters;
+        assert_eq!(
+            io.gro_datagrams.load(std::sync::atomic::Ordering::Relaxed),
+            12,
+            "one GRO buffer of 12"
+        );
+        assert_eq!(
+            io.gso_datagrams.load(std::sync::atomic::Ordering::Relaxed),
+            11,
+            "two GSO runs, 6 to bb and 5 to cc"
+        );
+
+        stop.send(true).unwrap();
+        thread.join().unwrap();
+    }
+
     #[test]
     fn instances_differ_per_start() {
         let (a, b) = (new_instance(), new_instance());
