@@ -301,15 +301,11 @@ fn forward_loop(
     forwarder: &SharedForwarder,
     stopped: &watch::Receiver<bool>,
 ) {
-    let mut bufs = udp::RecvBuffers::default();
-    let mut scratch = udp::SendScratch::default();
-    let mut forwarded: Vec<(usize, std::ops::Range<usize>)> = Vec::with_capacity(udp::BATCH);
-    let mut routes: Vec<(usize, SocketAddr)> = Vec::with_capacity(udp::BATCH);
-    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut batch = Batch::default();
     let mut next_tick = Instant::now() + TICK;
     // The sender gone (the relay dropped without `stop`) ends the thread too.
     while !*stopped.borrow() && stopped.has_changed().is_ok() {
-        let received = match socket.recv_batch(&mut bufs) {
+        let received = match socket.recv_batch(&mut batch.bufs) {
             Ok(n) => n,
             Err(e) => {
                 // ICMP errors surface here (a member's port closed): not fatal.
@@ -319,40 +315,7 @@ fn forward_loop(
         };
         let now = Instant::now();
         if received > 0 {
-            forwarded.clear();
-            routes.clear();
-            {
-                let mut f = forwarder.lock().expect("forwarder");
-                for (i, r) in bufs.received().iter().enumerate() {
-                    let bytes = bufs.bytes(i);
-                    // A GRO buffer is one source's run: every datagram is routed on its own.
-                    for d in batch::datagrams(r.len, r.stride) {
-                        match f.handle(r.src, &bytes[d.clone()], now) {
-                            Action::Forward(to) => {
-                                routes.push((d.len(), to));
-                                forwarded.push((i, d));
-                            }
-                            Action::Reply(out) => {
-                                replies.extend(out.into_iter().map(|o| (r.src, o)))
-                            }
-                            Action::Consumed | Action::Drop(_) => {}
-                        }
-                    }
-                }
-            }
-            let (order, runs) = batch::plan(&routes);
-            socket.send_runs(
-                &runs,
-                &order,
-                |k| {
-                    let (i, d) = &forwarded[k];
-                    &bufs.bytes(*i)[d.clone()]
-                },
-                &mut scratch,
-            );
-            for (to, reply) in replies.drain(..) {
-                socket.send_to(&reply, to);
-            }
+            batch.forward(socket, forwarder, now);
         }
         if now >= next_tick {
             next_tick = now + TICK;
@@ -360,6 +323,64 @@ fn forward_loop(
             for (addr, datagram) in out {
                 socket.send_to(&datagram, addr);
             }
+        }
+    }
+}
+
+/// The forwarding thread's buffers, allocated once.
+#[derive(Default)]
+struct Batch {
+    bufs: udp::RecvBuffers,
+    scratch: udp::SendScratch,
+    /// Per forwarded datagram: its receive buffer and its bytes there.
+    forwarded: Vec<(usize, std::ops::Range<usize>)>,
+    /// Per forwarded datagram: its length and destination.
+    routes: Vec<(usize, SocketAddr)>,
+    replies: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Batch {
+    /// Does what the forwarder decides for every datagram of the last receive: forwarded ones
+    /// leave in GSO runs per destination, the relay's own replies one by one.
+    fn forward(&mut self, socket: &udp::RelaySocket, forwarder: &SharedForwarder, now: Instant) {
+        let Batch {
+            bufs,
+            scratch,
+            forwarded,
+            routes,
+            replies,
+        } = self;
+        forwarded.clear();
+        routes.clear();
+        {
+            let mut f = forwarder.lock().expect("forwarder");
+            for (i, r) in bufs.received().iter().enumerate() {
+                let bytes = bufs.bytes(i);
+                // A GRO buffer is one source's run: every datagram is routed on its own.
+                for d in batch::datagrams(r.len, r.stride) {
+                    match f.handle(r.src, &bytes[d.clone()], now) {
+                        Action::Forward(to) => {
+                            routes.push((d.len(), to));
+                            forwarded.push((i, d));
+                        }
+                        Action::Reply(out) => replies.extend(out.into_iter().map(|o| (r.src, o))),
+                        Action::Consumed | Action::Drop(_) => {}
+                    }
+                }
+            }
+        }
+        let (order, runs) = batch::plan(routes);
+        socket.send_runs(
+            &runs,
+            &order,
+            |k| {
+                let (i, d) = &forwarded[k];
+                &bufs.bytes(*i)[d.clone()]
+            },
+            scratch,
+        );
+        for (to, reply) in replies.drain(..) {
+            socket.send_to(&reply, to);
         }
     }
 }
@@ -456,41 +477,20 @@ mod tests {
         assert!(parse_interval("0ms").is_err());
     }
 
-    /// The forwarding thread over real sockets on loopback: gateway aa sends one UDP GSO
-    /// buffer holding data for two sessions (to bb and to cc) and one datagram with an index
-    /// no handshake taught; the relay takes it as one GRO buffer, routes every datagram on
-    /// its own and forwards each member's share as a GSO run: bb and cc receive exactly
-    /// their datagrams, in order, and the counters count each datagram.
-    #[test]
-    fn a_gro_buffer_is_routed_per_datagram_and_forwarded_in_gso_runs() {
-        use forward::tests::{End, ipv4_packet, out};
-        use gotatun::noise::TunnResult;
-        use gotatun::x25519;
-        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
-        use std::io::IoSlice;
-        use std::net::UdpSocket as StdSocket;
-        use std::os::fd::AsRawFd;
+    use forward::tests::{End, ipv4_packet, out};
+    use gotatun::noise::TunnResult;
+    use gotatun::x25519;
+    use std::net::UdpSocket as StdSocket;
 
-        let relay_secret = x25519::StaticSecret::random();
-        let forwarder: SharedForwarder =
-            Arc::new(Mutex::new(Forwarder::new(relay_secret.to_bytes())));
-        let relay_key = forwarder.lock().unwrap().public_key();
-        let socket = StdSocket::bind("127.0.0.1:0").unwrap();
-        let relay_addr = socket.local_addr().unwrap();
-        let socket = Arc::new(udp::RelaySocket::new(socket, WAKE).unwrap());
-        assert!(socket.gro(), "this kernel has UDP GRO");
-        let (stop, stopped) = watch::channel(false);
-        let thread = {
-            let (socket, forwarder) = (socket.clone(), forwarder.clone());
-            std::thread::spawn(move || forward_loop(&socket, &forwarder, &stopped))
-        };
+    /// A member gateway on a loopback socket, its WireGuard sessions made by hand.
+    struct Gw {
+        secret: x25519::StaticSecret,
+        key: [u8; 32],
+        socket: StdSocket,
+    }
 
-        struct Gw {
-            secret: x25519::StaticSecret,
-            key: [u8; 32],
-            socket: StdSocket,
-        }
-        let gw = || {
+    impl Gw {
+        fn new() -> Gw {
             let secret = x25519::StaticSecret::random();
             let socket = StdSocket::bind("127.0.0.1:0").unwrap();
             socket
@@ -501,47 +501,98 @@ mod tests {
                 secret,
                 socket,
             }
-        };
-        let (aa, bb, cc) = (gw(), gw(), gw());
-        forwarder
-            .lock()
-            .unwrap()
-            .set_members(
-                &[("aa", &aa), ("bb", &bb), ("cc", &cc)].map(|(id, g)| MemberSpec {
-                    id: id.into(),
-                    public_key: g.key,
-                }),
-            );
-        let recv = |g: &Gw| {
+        }
+
+        /// The next datagram from the relay.
+        fn recv(&self, relay: SocketAddr) -> Vec<u8> {
             let mut buf = [0u8; 2048];
-            let (n, from) = g.socket.recv_from(&mut buf).expect("a datagram within 5 s");
-            assert_eq!(from, relay_addr);
+            let (n, from) = self
+                .socket
+                .recv_from(&mut buf)
+                .expect("a datagram within 5 s");
+            assert_eq!(from, relay);
             buf[..n].to_vec()
+        }
+    }
+
+    /// A relay socket on loopback and its forwarder with these members.
+    fn relay_on_loopback(members: &[(&str, &Gw)]) -> (Arc<udp::RelaySocket>, SharedForwarder) {
+        let forwarder: SharedForwarder = Arc::new(Mutex::new(Forwarder::new(
+            x25519::StaticSecret::random().to_bytes(),
+        )));
+        let specs: Vec<MemberSpec> = members
+            .iter()
+            .map(|(id, g)| MemberSpec {
+                id: (*id).into(),
+                public_key: g.key,
+            })
+            .collect();
+        forwarder.lock().unwrap().set_members(&specs);
+        let socket = StdSocket::bind("127.0.0.1:0").unwrap();
+        (
+            Arc::new(udp::RelaySocket::new(socket, WAKE).unwrap()),
+            forwarder,
+        )
+    }
+
+    /// `g` registers with the relay (initiation, the relay's response, a keepalive); `step`
+    /// lets the relay take what was sent (nothing when its thread runs).
+    fn register(g: &Gw, relay_key: [u8; 32], relay: SocketAddr, step: &mut dyn FnMut()) {
+        let mut session = End::new(&g.secret, relay_key);
+        g.socket.send_to(&session.initiation(), relay).unwrap();
+        step();
+        let keepalive = out(session.receive(&g.recv(relay)));
+        g.socket.send_to(&keepalive, relay).unwrap();
+        step();
+    }
+
+    /// `a` and `b` do a handshake through the relay: their two ends of the session.
+    fn handshake(a: &Gw, b: &Gw, relay: SocketAddr, step: &mut dyn FnMut()) -> (End, End) {
+        let mut a_end = End::new(&a.secret, b.key);
+        let mut b_end = End::new(&b.secret, a.key);
+        a.socket.send_to(&a_end.initiation(), relay).unwrap();
+        step();
+        let response = out(b_end.receive(&b.recv(relay)));
+        b.socket.send_to(&response, relay).unwrap();
+        step();
+        let confirm = out(a_end.receive(&a.recv(relay)));
+        a.socket.send_to(&confirm, relay).unwrap();
+        step();
+        assert!(
+            matches!(b_end.receive(&b.recv(relay)), TunnResult::WriteToTunnel(p) if p.is_empty())
+        );
+        (a_end, b_end)
+    }
+
+    /// The forwarding thread over real sockets on loopback: gateway aa sends one UDP GSO
+    /// buffer holding data for two sessions (to bb and to cc) and one datagram with an index
+    /// no handshake taught; the relay takes it as one GRO buffer, routes every datagram on
+    /// its own and forwards each member's share as a GSO run: bb and cc receive exactly
+    /// their datagrams, in order, and the counters count each datagram.
+    #[test]
+    fn a_gro_buffer_is_routed_per_datagram_and_forwarded_in_gso_runs() {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+
+        let (aa, bb, cc) = (Gw::new(), Gw::new(), Gw::new());
+        let (socket, forwarder) = relay_on_loopback(&[("aa", &aa), ("bb", &bb), ("cc", &cc)]);
+        let relay_key = forwarder.lock().unwrap().public_key();
+        let relay = socket.socket().local_addr().unwrap();
+        assert!(socket.gro(), "this kernel has UDP GRO");
+        let (stop, stopped) = watch::channel(false);
+        let thread = {
+            let (socket, forwarder) = (socket.clone(), forwarder.clone());
+            std::thread::spawn(move || forward_loop(&socket, &forwarder, &stopped))
         };
-        // Each registers with the relay: initiation, the relay's response, a keepalive.
+        // The relay takes datagrams in order: each registration comes before what follows.
         for g in [&aa, &bb, &cc] {
-            let mut session = End::new(&g.secret, relay_key);
-            g.socket.send_to(&session.initiation(), relay_addr).unwrap();
-            let keepalive = out(session.receive(&recv(g)));
-            g.socket.send_to(&keepalive, relay_addr).unwrap();
+            register(g, relay_key, relay, &mut || {});
         }
-        // aa handshakes with bb and with cc through the relay.
-        let mut sessions = Vec::new();
-        for peer in [&bb, &cc] {
-            let mut a_end = End::new(&aa.secret, peer.key);
-            let mut p_end = End::new(&peer.secret, aa.key);
-            // The relay takes datagrams in order: aa's and the peer's registration come first.
-            let init = a_end.initiation();
-            aa.socket.send_to(&init, relay_addr).unwrap();
-            let response = out(p_end.receive(&recv(peer)));
-            peer.socket.send_to(&response, relay_addr).unwrap();
-            let confirm = out(a_end.receive(&recv(&aa)));
-            aa.socket.send_to(&confirm, relay_addr).unwrap();
-            assert!(
-                matches!(p_end.receive(&recv(peer)), TunnResult::WriteToTunnel(p) if p.is_empty())
-            );
-            sessions.push((a_end, p_end));
-        }
+        let mut sessions = [
+            handshake(&aa, &bb, relay, &mut || {}),
+            handshake(&aa, &cc, relay, &mut || {}),
+        ];
 
         // One GSO send from aa: 12 same-sized datagrams, alternately for bb and cc, and one
         // (the 7th) whose receiver index no handshake taught.
@@ -566,15 +617,17 @@ mod tests {
             &iov,
             &[ControlMessage::UdpGsoSegments(&segment)],
             MsgFlags::empty(),
-            Some(&SockaddrStorage::from(relay_addr)),
+            Some(&SockaddrStorage::from(relay)),
         )
         .expect("a UDP GSO send on loopback");
         for (k, peer) in [&bb, &cc].into_iter().enumerate() {
-            let got: Vec<Vec<u8>> = (0..expected[k].len()).map(|_| recv(peer)).collect();
+            let got: Vec<Vec<u8>> = (0..expected[k].len()).map(|_| peer.recv(relay)).collect();
             assert_eq!(got, expected[k], "member {k}: the same datagrams, in order");
             for (d, i) in got.iter().zip((k as u8..12).step_by(2).filter(|i| *i != 6)) {
                 match sessions[k].1.receive(d) {
-                    TunnResult::WriteToTunnel(p) => assert_eq!(&p[..], &ipv4_packet(&[i; 100])[..]),
+                    TunnResult::WriteToTunnel(p) => {
+                        assert_eq!(&p[..], &ipv4_packet(&[i; 100])[..])
+                    }
                     other => panic!("{other:?}"),
                 }
             }
@@ -600,6 +653,68 @@ mod tests {
 
         stop.send(true).unwrap();
         thread.join().unwrap();
+    }
+
+    /// A path whose MTU is below the datagrams (here: loopback at 1280 in a network namespace
+    /// of the test's own; a 1400-byte internet link in `e2e/tests/path_mtu.rs`): the kernel
+    /// refuses a GSO run (EINVAL), so the run leaves datagram by datagram, each fragmented
+    /// as before batching; the receiver gets every datagram whole and in order, and the next
+    /// run to that member is not tried as GSO again (one send call, not a failed one first).
+    /// Needs root.
+    #[test]
+    fn runs_above_the_path_mtu_leave_datagram_by_datagram() {
+        use std::sync::atomic::Ordering::Relaxed;
+        std::thread::spawn(|| {
+            // Only this thread (and what it starts) enters the new netns; it ends with it.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a network namespace of the test's own (run as root)");
+            let ip = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up", "mtu", "1280"])
+                .status()
+                .expect("ip");
+            assert!(ip.success(), "ip link set lo up mtu 1280");
+
+            let (aa, bb) = (Gw::new(), Gw::new());
+            let (socket, forwarder) = relay_on_loopback(&[("aa", &aa), ("bb", &bb)]);
+            let relay_key = forwarder.lock().unwrap().public_key();
+            let relay = socket.socket().local_addr().unwrap();
+            // No thread: each step takes whatever is queued, so a run is certain.
+            let mut batch = Batch::default();
+            let mut step = || {
+                assert!(socket.recv_batch(&mut batch.bufs).unwrap() > 0);
+                batch.forward(&socket, &forwarder, Instant::now());
+            };
+            register(&aa, relay_key, relay, &mut step);
+            register(&bb, relay_key, relay, &mut step);
+            let (mut ab, mut ba) = handshake(&aa, &bb, relay, &mut step);
+            for round in 0..2u8 {
+                let inner: Vec<Vec<u8>> = (0..10u8)
+                    .map(|i| ipv4_packet(&[round * 10 + i; 1400]))
+                    .collect();
+                let sent: Vec<Vec<u8>> = inner.iter().map(|p| ab.send(p)).collect();
+                assert!(sent[0].len() + 28 > 1280, "datagrams above the path MTU");
+                for d in &sent {
+                    aa.socket.send_to(d, relay).unwrap();
+                }
+                let calls = socket.counters.send_calls.load(Relaxed);
+                step();
+                let calls = socket.counters.send_calls.load(Relaxed) - calls;
+                for (d, p) in sent.iter().zip(&inner) {
+                    let got = bb.recv(relay);
+                    assert_eq!(&got, d, "round {round}: whole and in order");
+                    match ba.receive(&got) {
+                        TunnResult::WriteToTunnel(q) => assert_eq!(&q[..], &p[..]),
+                        other => panic!("{other:?}"),
+                    }
+                }
+                // Round 0: the refused GSO call, then 10 single sends; round 1: one sendmmsg.
+                assert_eq!(calls, if round == 0 { 11 } else { 1 }, "round {round}");
+            }
+            assert_eq!(socket.counters.gso_datagrams.load(Relaxed), 0);
+            assert_eq!(forwarder.lock().unwrap().totals().forwarded[3], 1 + 20);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -10,13 +10,14 @@
 //! non-blocking socket plus a readiness wait per batch, where this socket blocks in one
 //! `recvmmsg(MSG_WAITFORONE)` on its own thread.
 
+use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::libc;
 
@@ -85,9 +86,17 @@ impl RecvBuffers {
     }
 }
 
-/// Scratch space for one `sendmmsg`, reused across batches.
+/// How long a destination that refused a GSO run of some segment size gets no GSO run of
+/// that size or larger (its path MTU may grow again).
+const GSO_REFUSAL_MEMORY: Duration = Duration::from_secs(10);
+
+/// Scratch space for one `sendmmsg`, reused across batches, and what the kernel refused.
 #[derive(Default)]
 pub struct SendScratch {
+    /// Destinations whose route refused a GSO run (EINVAL: segments larger than its MTU): the
+    /// smallest refused segment size and when; such runs go datagram by datagram meanwhile,
+    /// without a failing call first.
+    refused: HashMap<SocketAddr, (usize, Instant)>,
     iovs: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_storage>,
     cmsgs: Vec<[u64; CMSG_BYTES / 8]>,
@@ -228,7 +237,9 @@ impl RelaySocket {
         scratch: &mut SendScratch,
     ) {
         let gso = self.gso();
+        let now = Instant::now();
         let SendScratch {
+            refused,
             iovs,
             names,
             cmsgs,
@@ -248,8 +259,15 @@ impl RelaySocket {
             });
         }
         // Message layout first (iovs, names and control buffers must not move afterwards).
+        if !refused.is_empty() {
+            refused.retain(|_, (_, at)| now.duration_since(*at) < GSO_REFUSAL_MEMORY);
+        }
         for (r, run) in runs.iter().enumerate() {
-            let segmented = gso && run.range.len() > 1;
+            let segmented = gso
+                && run.range.len() > 1
+                && refused
+                    .get(&run.to)
+                    .is_none_or(|(smallest, _)| run.segment < *smallest);
             if segmented {
                 messages.push((r, true));
             } else {
@@ -314,10 +332,14 @@ impl RelaySocket {
             let run = &runs[r];
             match e.raw_os_error() {
                 Some(libc::EINVAL | libc::EIO | libc::EMSGSIZE) if segmented => {
-                    if e.raw_os_error() == Some(libc::EIO)
-                        && self.gso.swap(false, Ordering::Relaxed)
-                    {
-                        tracing::info!(error = %e, "relay socket: the kernel refuses UDP GSO here; sending datagram by datagram");
+                    if e.raw_os_error() == Some(libc::EIO) {
+                        if self.gso.swap(false, Ordering::Relaxed) {
+                            tracing::info!(error = %e, "relay socket: the kernel refuses UDP GSO here; sending datagram by datagram");
+                        }
+                    } else {
+                        let entry = refused.entry(run.to).or_insert((run.segment, now));
+                        *entry = (entry.0.min(run.segment), now);
+                        tracing::debug!(error = %e, to = %run.to, segment = run.segment, "relay: a GSO run refused (segments above the path MTU); sending datagram by datagram");
                     }
                     for &i in &order[run.range.clone()] {
                         self.send_to(datagram(i), run.to);
