@@ -639,6 +639,27 @@ mod tests {
             totals.dropped.get(&forward::DropReason::UnknownIndex),
             Some(&1)
         );
+        // Bytes per member count each forwarded datagram (the GRO buffer held 12 x segment).
+        let members: std::collections::HashMap<String, forward::MemberCounters> = forwarder
+            .lock()
+            .unwrap()
+            .members()
+            .into_iter()
+            .map(|m| (m.id, m.counters))
+            .collect();
+        let data_bytes = |n: u64| n * u64::from(segment);
+        // An initiation and a confirmation each, then the data: 5 to bb (one was the
+        // stranger), 6 to cc.
+        assert_eq!(members["bb"].tx_datagrams, 2 + 5);
+        assert_eq!(members["cc"].tx_datagrams, 2 + 6);
+        assert_eq!(members["aa"].rx_datagrams, 2 * 2 + 11);
+        assert_eq!(
+            members["bb"].tx_bytes + members["cc"].tx_bytes,
+            members["aa"].rx_bytes,
+            "what left aa arrived at bb and cc"
+        );
+        assert!(members["bb"].tx_bytes >= data_bytes(5));
+        assert!(members["cc"].tx_bytes >= data_bytes(6));
         let io = &socket.counters;
         assert_eq!(
             io.gro_datagrams.load(std::sync::atomic::Ordering::Relaxed),
@@ -648,7 +669,7 @@ mod tests {
         assert_eq!(
             io.gso_datagrams.load(std::sync::atomic::Ordering::Relaxed),
             11,
-            "two GSO runs, 6 to bb and 5 to cc"
+            "two GSO runs, 5 to bb and 6 to cc"
         );
 
         stop.send(true).unwrap();
