@@ -851,6 +851,31 @@ async fn members_reach_each_other_through_the_relay_until_one_is_removed() {
         )
     };
     assert!(forwarded("initiation")[0] >= 1.0 && forwarded("data")[0] >= 2.0);
+    // The batched socket's counters: each counted receive call took at least one datagram,
+    // so there are no more of them than datagrams handled (forwarded, own, dropped).
+    let calls = |c| relay_value("fleetboard_relay_socket_calls_total", Some(("call", c)));
+    let handled: f64 = [
+        "fleetboard_relay_forwarded_datagrams_total",
+        "fleetboard_relay_own_session_datagrams_total",
+        "fleetboard_relay_dropped_datagrams_total",
+    ]
+    .into_iter()
+    .flat_map(|name| relay_value(name, None))
+    .sum();
+    let received = calls("receive")[0];
+    assert!(
+        received >= 1.0 && received <= handled,
+        "{received} receive calls for {handled} datagrams"
+    );
+    assert!(calls("send")[0] >= 1.0, "{:?}", calls("send"));
+    assert_eq!(
+        relay_value("fleetboard_relay_gro_datagrams_total", None).len(),
+        1
+    );
+    assert_eq!(
+        relay_value("fleetboard_relay_gso_datagrams_total", None).len(),
+        1
+    );
 
     // The API process killed: the relay is its own process and keeps relaying.
     let relay_pid = hub.relay_pid().expect("relay.pid");

@@ -597,15 +597,15 @@ impl Forwarder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use gotatun::packet::WgKind;
 
     /// One side of a WireGuard session, as a member gateway runs it.
-    struct End(Tunn);
+    pub(crate) struct End(Tunn);
 
     impl End {
-        fn new(own: &x25519::StaticSecret, peer: Key) -> End {
+        pub(crate) fn new(own: &x25519::StaticSecret, peer: Key) -> End {
             let public = x25519::PublicKey::from(own);
             End(Tunn::new(
                 own.clone(),
@@ -617,7 +617,7 @@ mod tests {
             ))
         }
 
-        fn initiation(&mut self) -> Vec<u8> {
+        pub(crate) fn initiation(&mut self) -> Vec<u8> {
             Packet::from(WgKind::from(
                 self.0.format_handshake_initiation(true).unwrap(),
             ))
@@ -625,14 +625,14 @@ mod tests {
         }
 
         /// What the session answers to `datagram` (a response, a keepalive) or decrypts.
-        fn receive(&mut self, datagram: &[u8]) -> TunnResult {
+        pub(crate) fn receive(&mut self, datagram: &[u8]) -> TunnResult {
             let kind = Packet::from_bytes(BytesMut::from(datagram))
                 .try_into_wg()
                 .unwrap();
             self.0.handle_incoming_packet(kind)
         }
 
-        fn send(&mut self, payload: &[u8]) -> Vec<u8> {
+        pub(crate) fn send(&mut self, payload: &[u8]) -> Vec<u8> {
             let packet = Packet::from_bytes(BytesMut::from(payload));
             match self.0.handle_outgoing_packet(packet, None) {
                 Some(WgKind::Data(d)) => Packet::from(WgKind::Data(d)).to_vec(),
@@ -641,7 +641,7 @@ mod tests {
         }
     }
 
-    fn out(r: TunnResult) -> Vec<u8> {
+    pub(crate) fn out(r: TunnResult) -> Vec<u8> {
         match r {
             TunnResult::WriteToNetwork(p) => Packet::from(p).to_vec(),
             other => panic!("expected a datagram to send, got {other:?}"),
@@ -697,7 +697,7 @@ mod tests {
         (f, relay_secret, a, b)
     }
 
-    fn ipv4_packet(marker: &[u8]) -> Vec<u8> {
+    pub(crate) fn ipv4_packet(marker: &[u8]) -> Vec<u8> {
         let total = 20 + marker.len();
         let mut p = vec![
             0x45,

@@ -1,8 +1,10 @@
 //! The relay process's Prometheus metrics (`--relay-metrics-address`), read from the
 //! forwarder at each scrape: per member (labelled by its WireGuard public key) the age of its
 //! session with the relay and the bytes forwarded from and to it; datagrams forwarded by
-//! WireGuard message type and dropped by reason.
+//! WireGuard message type and dropped by reason; and how well the socket's I/O batches.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -13,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::SharedForwarder;
 use super::forward::{DropReason, MemberStatus};
+use super::udp::RelaySocket;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
@@ -25,13 +28,18 @@ struct TypeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabel {
+    call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
 
-/// The forwarder's state, read at each scrape.
+/// The forwarder's state and the socket's counters, read at each scrape.
 #[derive(Clone)]
-pub struct RelayMetrics(SharedForwarder);
+pub struct RelayMetrics(SharedForwarder, Arc<RelaySocket>);
 
 impl std::fmt::Debug for RelayMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,8 +48,8 @@ impl std::fmt::Debug for RelayMetrics {
 }
 
 impl RelayMetrics {
-    pub fn new(forwarder: SharedForwarder) -> Self {
-        RelayMetrics(forwarder)
+    pub fn new(forwarder: SharedForwarder, socket: Arc<RelaySocket>) -> Self {
+        RelayMetrics(forwarder, socket)
     }
 }
 
@@ -124,6 +132,35 @@ impl Collector for RelayMetrics {
             None,
             MetricType::Counter,
         )?)?;
+        let io = &self.1.counters;
+        {
+            let mut family = encoder.encode_descriptor(
+                "fleetboard_relay_socket_calls",
+                "Batched calls on the relay's socket: receive (recvmmsg that returned datagrams), send (sendmmsg or sendto)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (call, n) in [("receive", &io.recv_calls), ("send", &io.send_calls)] {
+                ConstCounter::new(n.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&CallLabel { call })?)?;
+            }
+        }
+        ConstCounter::new(io.gro_datagrams.load(Ordering::Relaxed)).encode(
+            encoder.encode_descriptor(
+                "fleetboard_relay_gro_datagrams",
+                "Datagrams received coalesced with others of their source (UDP GRO)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        ConstCounter::new(io.gso_datagrams.load(Ordering::Relaxed)).encode(
+            encoder.encode_descriptor(
+                "fleetboard_relay_gso_datagrams",
+                "Datagrams sent in one UDP GSO send with others to the same member",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         let mut family = encoder.encode_descriptor(
             "fleetboard_relay_dropped_datagrams",
             "Datagrams the relay did not forward, by reason",
