@@ -41,9 +41,8 @@ pub const MAX_READS_PER_WAKE: usize = 8;
 /// Packets queued between gotatun's writer and ours.
 const WRITE_QUEUE: usize = 1024;
 
-/// Which offloads the device uses: the TUN levers by default; UDP GSO only when asked for
-/// (`FLEET_GATEWAY_OFFLOADS=all` or `gso`): with it, TCP across a WAN path below 1430 bytes
-/// stalls (`e2e/tests/path_mtu.rs` fails; cause not found yet), see gateway/README.md.
+/// Which offloads the device uses: all of them by default; `FLEET_GATEWAY_OFFLOADS` turns
+/// levers off for measurement (see gateway/README.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offloads {
     /// `IFF_VNET_HDR` + TSO/USO on the TUN: super-packets split on read, GRO on write.
@@ -52,6 +51,9 @@ pub struct Offloads {
     pub batch: bool,
     /// UDP GSO: runs of datagrams to one peer leave in one `sendmsg` (`src/udp_gso.rs`).
     pub gso: bool,
+    /// UDP GRO on the socket (gotatun turns it on and splits what arrives coalesced): a peer's
+    /// GSO run arrives as one read. Off only to measure it.
+    pub gro: bool,
 }
 
 impl Default for Offloads {
@@ -59,7 +61,8 @@ impl Default for Offloads {
         Offloads {
             tun: true,
             batch: true,
-            gso: false,
+            gso: true,
+            gro: true,
         }
     }
 }
@@ -71,10 +74,11 @@ impl Offloads {
         tun: false,
         batch: false,
         gso: false,
+        gro: false,
     };
 
     /// The default, or what `FLEET_GATEWAY_OFFLOADS` says: a comma-separated subset of `tun`,
-    /// `batch`, `gso`, or `all` / `none` — a switch for measuring each lever alone (bench/README.md), read by
+    /// `batch`, `gso`, `gro`, or `all` / `none` — a switch for measuring each lever alone (bench/README.md), read by
     /// every process that creates a userspace device. Unknown words are an error.
     pub fn from_env() -> Result<Offloads, String> {
         match std::env::var("FLEET_GATEWAY_OFFLOADS") {
@@ -90,16 +94,12 @@ impl Offloads {
                 "tun" => o.tun = true,
                 "batch" => o.batch = true,
                 "gso" => o.gso = true,
+                "gro" => o.gro = true,
                 "none" => {}
-                "all" => {
-                    o = Offloads {
-                        gso: true,
-                        ..Offloads::default()
-                    }
-                }
+                "all" => o = Offloads::default(),
                 other => {
                     return Err(format!(
-                        "FLEET_GATEWAY_OFFLOADS: unknown offload {other:?} (tun, batch, gso, all, none)"
+                        "FLEET_GATEWAY_OFFLOADS: unknown offload {other:?} (tun, batch, gso, gro, all, none)"
                     ));
                 }
             }
@@ -330,25 +330,26 @@ mod tests {
     fn offloads_parse_from_words() {
         assert_eq!(Offloads::parse("").unwrap(), Offloads::NONE);
         assert_eq!(Offloads::parse("none").unwrap(), Offloads::NONE);
-        assert_eq!(
-            Offloads::parse("all").unwrap(),
-            Offloads {
-                gso: true,
-                ..Offloads::default()
-            }
-        );
-        assert_eq!(Offloads::parse("tun,batch").unwrap(), Offloads::default());
+        assert_eq!(Offloads::parse("all").unwrap(), Offloads::default());
         assert_eq!(
             Offloads::parse("tun").unwrap(),
             Offloads {
                 tun: true,
                 batch: false,
-                gso: false
+                gso: false,
+                gro: false,
             }
         );
         assert_eq!(
-            Offloads::parse(" batch , tun,gso ").unwrap(),
+            Offloads::parse(" batch , tun,gso,gro ").unwrap(),
             Offloads::parse("all").unwrap()
+        );
+        assert_eq!(
+            Offloads::parse("tun,batch,gso").unwrap(),
+            Offloads {
+                gro: false,
+                ..Offloads::default()
+            }
         );
         assert!(Offloads::parse("tso").is_err());
     }

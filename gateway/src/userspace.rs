@@ -161,18 +161,19 @@ pub const UDP_BUFFER_BYTES: usize = 1 << 20;
 /// capped by `net.core.rmem_max`/`wmem_max`; else with `SO_RCVBUF`/`SO_SNDBUF` (capped). No
 /// host sysctl is changed. A buffer that cannot be set is logged, not fatal: the tunnel works
 /// with the default, only slower under load.
-/// Sends with UDP GSO when `gso` is set (`crate::udp_gso`).
-#[derive(Debug, Default)]
+/// Sends with UDP GSO when `offloads.gso` is set (`crate::udp_gso`); receives with UDP GRO
+/// (gotatun's default) unless `offloads.gro` is unset.
+#[derive(Debug)]
 pub struct BufferedUdp {
     inner: UdpSocketFactory,
-    gso: bool,
+    offloads: Offloads,
 }
 
 impl BufferedUdp {
-    pub fn new(gso: bool) -> Self {
+    pub fn new(offloads: Offloads) -> Self {
         BufferedUdp {
             inner: UdpSocketFactory::default(),
-            gso,
+            offloads,
         }
     }
 }
@@ -186,10 +187,19 @@ impl UdpTransportFactory for BufferedUdp {
         params: &UdpTransportFactoryParams,
     ) -> std::io::Result<(GsoUdp, UdpSocket)> {
         let (send, recv) = self.inner.bind(params).await?;
-        let send = GsoUdp::new(send, self.gso);
+        let send = GsoUdp::new(send, self.offloads.gso);
         // `send` and `recv` are clones of one socket.
         grow_buffers(&send, UDP_BUFFER_BYTES);
         allow_fragmentation(&send);
+        if !self.offloads.gro
+            && let Err(e) = nix::sys::socket::setsockopt(
+                &send.as_fd(),
+                nix::sys::socket::sockopt::UdpGroSegment,
+                &false,
+            )
+        {
+            tracing::warn!(error = %e, "cannot turn UDP GRO off on the WireGuard socket");
+        }
         Ok((send, recv))
     }
 }
@@ -280,7 +290,7 @@ impl Setup {
                 .map_err(|e| fail(name, "create the TUN device", e))?;
             tracing::debug!(device = %name, ?offloads, "TUN device created");
             let builder = DeviceBuilder::new()
-                .with_udp(BufferedUdp::new(offloads.gso))
+                .with_udp(BufferedUdp::new(offloads))
                 .with_ip_pair(send, recv);
             (h, builder)
         };

@@ -42,14 +42,22 @@ struct Args {
     #[arg(long)]
     candidates: bool,
     /// Also measure our device with each offload lever alone (`FLEET_GATEWAY_OFFLOADS` =
-    /// none, batch, tun, gso) and with all (the TUN levers and UDP GSO); ours is the default
-    /// (the TUN levers, not GSO: see gateway/README.md).
+    /// none, batch, tun, gso, gro), with all but UDP GRO and with all but UDP GSO; ours is the
+    /// default, all of them (see gateway/README.md).
     #[arg(long)]
     levers: bool,
 }
 
 /// `FLEET_GATEWAY_OFFLOADS` of the `--levers` modes.
-const LEVERS: [&str; 5] = ["none", "batch", "tun", "gso", "all"];
+const LEVERS: [&str; 7] = [
+    "none",
+    "batch",
+    "tun",
+    "gso",
+    "gro",
+    "tun,batch,gso",
+    "tun,batch,gro",
+];
 
 const PORT: u16 = 51820;
 const MTU: u32 = 1420;
@@ -76,7 +84,9 @@ impl Mode {
             Mode::OursLever(1) => "fleet-gateway, offloads batch",
             Mode::OursLever(2) => "fleet-gateway, offloads tun",
             Mode::OursLever(3) => "fleet-gateway, offloads gso",
-            Mode::OursLever(_) => "fleet-gateway, offloads all (+gso)",
+            Mode::OursLever(4) => "fleet-gateway, offloads gro",
+            Mode::OursLever(5) => "fleet-gateway, offloads all but gro",
+            Mode::OursLever(_) => "fleet-gateway, offloads all but gso",
             Mode::WireguardGo(0) => "wireguard-go 0.0.20231211",
             Mode::WireguardGo(_) => "wireguard-go 0.0.20220316",
             Mode::Boringtun => "boringtun 0.7 (1 thread)",
@@ -90,7 +100,9 @@ impl Mode {
             Mode::OursLever(1) => "y",
             Mode::OursLever(2) => "z",
             Mode::OursLever(3) => "u",
-            Mode::OursLever(_) => "v",
+            Mode::OursLever(4) => "v",
+            Mode::OursLever(5) => "w",
+            Mode::OursLever(_) => "q",
             Mode::WireguardGo(0) => "g",
             Mode::WireguardGo(_) => "h",
             Mode::Boringtun => "b",
@@ -276,7 +288,7 @@ impl Setup {
             Mode::Ours | Mode::OursLever(_) => {
                 let offloads = match mode {
                     Mode::OursLever(i) => LEVERS[i],
-                    _ => "tun,batch",
+                    _ => "all",
                 };
                 // SAFETY: read by the device thread `create_device` starts; the setups are
                 // made one after another and no other thread reads the environment meanwhile.
