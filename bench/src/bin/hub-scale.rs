@@ -374,9 +374,8 @@ async fn run(flags: &Flags) -> anyhow::Result<()> {
             let value = value.clone();
             async move {
                 let owner = ClusterId::new(cluster_name(m))?;
-                client
-                    .publish(&owner, &format!("export/bench/svc-{r:03}"), &value)
-                    .await?;
+                let name = format!("export/bench/svc-{r:03}");
+                retried(|| client.publish(&owner, &name, &value)).await?;
                 anyhow::Ok(())
             }
         })
