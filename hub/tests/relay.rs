@@ -655,6 +655,52 @@ fn udp_payloads(raw: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
     out
 }
 
+/// The datagrams of one captured UDP payload. Members and the relay send runs of same-size
+/// datagrams with UDP GSO, and the hub's bridge (where the capture is taken) passes such a
+/// run on unsegmented — one payload holding back-to-back messages of one size, the last maybe
+/// shorter — where a wire would carry them one by one. Handshake and cookie messages have fixed
+/// sizes; for transport data the smallest size at which every piece starts as a data message
+/// (ciphertext makes a false match a 2^-32 chance per piece).
+fn gso_segments(d: &[u8]) -> Vec<&[u8]> {
+    let starts_data = |c: &[u8]| c.len() >= 32 && c[..4] == [4, 0, 0, 0];
+    let size = match d.first() {
+        Some(1) => 148,
+        Some(2) => 92,
+        Some(3) => 64,
+        Some(4) => (32..d.len())
+            .step_by(16)
+            .find(|s| d.len() > *s && d.chunks(*s).all(starts_data))
+            .unwrap_or(d.len()),
+        _ => d.len(),
+    };
+    d.chunks(size.max(1)).collect()
+}
+
+#[test]
+fn captured_gso_runs_are_cut_into_their_datagrams() {
+    let init = |n: u8| {
+        let mut m = vec![1, 0, 0, 0];
+        m.resize(148, n);
+        m
+    };
+    let data = |len: usize, n: u8| {
+        let mut m = vec![4, 0, 0, 0];
+        m.resize(len, n | 0x80);
+        m
+    };
+    let two_inits = [init(1), init(2)].concat();
+    assert_eq!(gso_segments(&two_inits), [&init(1)[..], &init(2)[..]]);
+    let run = [data(1440, 1), data(1440, 2), data(96, 3)].concat();
+    assert_eq!(
+        gso_segments(&run),
+        [&data(1440, 1)[..], &data(1440, 2)[..], &data(96, 3)[..]]
+    );
+    let one = data(1440, 1);
+    assert_eq!(gso_segments(&one), [&one[..]]);
+    let keepalive = data(32, 0);
+    assert_eq!(gso_segments(&keepalive), [&keepalive[..]]);
+}
+
 /// Every datagram to or from the relay is a WireGuard message; every handshake message is
 /// addressed (mac1) to a member or to the relay; every member-to-member initiation is sealed
 /// against the relay's key. Returns the number of member-to-member initiations and of
@@ -670,7 +716,7 @@ fn assert_only_wireguard_between_member_keys(
     let member_macs: Vec<[u8; 32]> = members.iter().map(mac1_key).collect();
     let relay_mac = mac1_key(relay_public.as_bytes());
     let (mut between_members, mut data) = (0, 0);
-    for (_, _, d) in datagrams {
+    for d in datagrams.iter().flat_map(|(_, _, d)| gso_segments(d)) {
         assert!(d.len() >= 4 && d[1..4] == [0, 0, 0], "not WireGuard: {d:?}");
         match (d[0], d.len()) {
             (1, 148) => {
@@ -679,7 +725,7 @@ fn assert_only_wireguard_between_member_keys(
                 assert!(to_member ^ to_relay, "an initiation to no known key");
                 if to_member {
                     between_members += 1;
-                    let packet = gotatun::packet::Packet::from_bytes(bytes::BytesMut::from(&d[..]))
+                    let packet = gotatun::packet::Packet::from_bytes(bytes::BytesMut::from(d))
                         .try_into_wg()
                         .unwrap();
                     let gotatun::packet::WgKind::HandshakeInit(init) = packet else {
