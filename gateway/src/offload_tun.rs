@@ -40,6 +40,11 @@ const SUPER_PACKET_BYTES: usize = VIRTIO_NET_HDR_LEN + 65535;
 pub const MAX_READS_PER_WAKE: usize = 8;
 /// Packets queued between gotatun's writer and ours.
 const WRITE_QUEUE: usize = 1024;
+/// Capacity of each write buffer. tun-rs coalesces a packet into the flow's first buffer only
+/// if that buffer's *capacity* already holds the result and both offsets (it never grows it), so
+/// a buffer sized for one packet capped every write at 2-3 segments; sized like
+/// wireguard-go's, a write carries up to 64 KiB.
+const WRITE_BUFFER_BYTES: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
 
 /// Which offloads the device uses: all of them by default; `FLEET_GATEWAY_OFFLOADS` turns
 /// levers off for measurement (see gateway/README.md).
@@ -239,7 +244,8 @@ async fn write_batches(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>
     let mut gro = GROTable::default();
     let mut queued: Vec<Packet<Ip>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     // Each buffer: room for the virtio-net header, then the packet; coalescing appends to the
-    // first packet of a flow, so buffers grow to a super-packet and are kept for reuse.
+    // first packet of a flow within the buffer's capacity, which must therefore be a
+    // super-packet's (pages are touched only as far as a buffer is filled).
     let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     loop {
         queued.clear();
@@ -248,7 +254,7 @@ async fn write_batches(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>
         }
         let n = queued.len();
         while bufs.len() < n {
-            bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + SEGMENT_BYTES));
+            bufs.push(Vec::with_capacity(WRITE_BUFFER_BYTES));
         }
         for (buf, packet) in bufs.iter_mut().zip(queued.drain(..)) {
             let bytes = packet.into_bytes();

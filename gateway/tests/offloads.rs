@@ -16,7 +16,12 @@ const BULK: usize = 32 << 20;
 async fn pair(
     net: &Underlay,
     tag: &str,
-) -> (String, Box<dyn WireguardDevice>, Box<dyn WireguardDevice>) {
+) -> (
+    String,
+    String,
+    Box<dyn WireguardDevice>,
+    Box<dyn WireguardDevice>,
+) {
     let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
     let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
     let (name_a, name_b) = (wg_name(&format!("{tag}a")), wg_name(&format!("{tag}b")));
@@ -42,7 +47,7 @@ async fn pair(
         eventually(Duration::from_secs(10), || net.a.ping("198.51.100.2")),
         "no ping through the tunnel ({tag})"
     );
-    (name_a, a, b)
+    (name_a, name_b, a, b)
 }
 
 fn bulk_both_ways(net: &Underlay, what: &str) {
@@ -68,11 +73,28 @@ async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() 
     );
     let net = Underlay::new("t5");
 
-    let (name, a, b) = pair(&net, "o").await;
+    let (name, name_b, a, b) = pair(&net, "o").await;
     assert_eq!(
         offload_feature(&net.a, &name, "tcp-segmentation-offload"),
         "on",
         "the default device's TUN takes TSO"
+    );
+    // Each write to the TUN counts as one received packet of the interface: while b only
+    // receives the bulk (and sends ACKs), its TUN's rx bytes per packet is the size of what the
+    // device writes. With write buffers that could not hold a super-packet it was at most
+    // 3 segments (< 4,100 bytes; gateway/README.md, "TUN offloads").
+    let before = rx_counters(&net.b, &name_b);
+    let (sent, got, sent_hash, got_hash) = tcp_bulk(&net.b, &net.a, "198.51.100.2", BULK);
+    assert_eq!((got, got_hash), (sent, sent_hash), "bulk transfer to b");
+    let after = rx_counters(&net.b, &name_b);
+    let (bytes, writes) = (after.0 - before.0, after.1 - before.1);
+    println!(
+        "b's TUN: {bytes} bytes in {writes} writes, {} per write",
+        bytes / writes.max(1)
+    );
+    assert!(
+        bytes / writes.max(1) > 8192,
+        "decrypted segments coalesced into super-packets: {bytes} bytes in {writes} TUN writes"
     );
     bulk_both_ways(&net, "offloads on");
     a.delete().await.unwrap();
@@ -80,7 +102,7 @@ async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() 
 
     // SAFETY: this process's only test; no other thread reads the environment now.
     unsafe { std::env::set_var("FLEET_GATEWAY_OFFLOADS", "none") };
-    let (name, a, b) = pair(&net, "n").await;
+    let (name, _, a, b) = pair(&net, "n").await;
     assert_eq!(
         offload_feature(&net.a, &name, "tcp-segmentation-offload"),
         "off",
@@ -89,4 +111,15 @@ async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() 
     bulk_both_ways(&net, "offloads off");
     a.delete().await.unwrap();
     b.delete().await.unwrap();
+}
+
+/// The interface's received (bytes, packets) in `ns`.
+fn rx_counters(ns: &Netns, dev: &str) -> (u64, u64) {
+    let read = |what: &str| {
+        ns.exec(&["cat", &format!("/sys/class/net/{dev}/statistics/rx_{what}")])
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    (read("bytes"), read("packets"))
 }
