@@ -11,10 +11,10 @@
 //! - anything else (leases, tokens, blocks, credentials, usage): no event, no watcher wakes.
 //!
 //! A watcher wakes only when one of its rings grows. Rings are bounded (the fleet-wide ring by
-//! count and bytes, a member's ring by count); a watcher whose `after` is below a ring's floor,
-//! or below the revision the follower (re)started at, gets [`StoreError::Compacted`] and
-//! relists, exactly as from a store watch. All-scope watches (admin, the board) stay on the
-//! store.
+//! count and bytes, a member's ring by count and bytes); a watcher whose `after` is below a
+//! ring's floor, or below the revision the follower (re)started at, gets
+//! [`StoreError::Compacted`] and relists, exactly as from a store watch. All-scope watches
+//! (admin, the board) stay on the store.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -32,8 +32,12 @@ pub const SHARED_RING_EVENTS: usize = 100_000;
 /// fleet-wide ring keeps.
 pub const SHARED_RING_BYTES: usize = 64 << 20;
 /// Most events one member's ring keeps: its own non-export records change rarely (the
-/// controller's `gateway` record every status interval), so this is minutes of history.
-pub const MEMBER_RING_EVENTS: usize = 128;
+/// controller's `gateway` record every 5 s status interval: 80 s of history), and a watch
+/// that reconnects does so within seconds. Kept small because there is one ring per member:
+/// 16 gateway records of ~600 bytes are ~10 KB, ~100 MB at 10,000 clusters.
+pub const MEMBER_RING_EVENTS: usize = 16;
+/// Most bytes one member's ring keeps (its newest event is always kept).
+pub const MEMBER_RING_BYTES: usize = 32 << 10;
 /// How long the follower waits before following the store again after its watch failed.
 const RESTART_AFTER: Duration = Duration::from_millis(500);
 
@@ -362,7 +366,13 @@ fn file(inner: &Inner, change: Change) {
                     floor,
                     ..Ring::default()
                 })
-                .push(revision, bytes, entry, MEMBER_RING_EVENTS, usize::MAX);
+                .push(
+                    revision,
+                    bytes,
+                    entry,
+                    MEMBER_RING_EVENTS,
+                    MEMBER_RING_BYTES,
+                );
             drop(state);
             inner.bump_member(&owner);
         }
