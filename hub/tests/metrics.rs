@@ -97,14 +97,29 @@ fn start() -> Hub {
     hub
 }
 
-#[tokio::test]
-async fn hub_calls_watches_members_and_revision_show_in_metrics() {
-    let hub = start();
+/// A client of the test hub without a credential, and the same client as its admin.
+fn clients(hub: &Hub) -> (HubClient, HubClient) {
     let data = hub.dir.path().join("data");
     let ca = CaHash::of_pem(&std::fs::read_to_string(data.join("ca.pem")).unwrap()).unwrap();
     let client = HubClient::new([hub.api.to_string()], ca, ClientOptions::default()).unwrap();
     let admin_secret = std::fs::read_to_string(data.join("admin.credential")).unwrap();
     let admin = client.with_credential(Credential::parse(&admin_secret).expect("admin credential"));
+    (client, admin)
+}
+
+/// Cluster `aa` joining with key `[key; 32]`.
+fn aa_request(key: u8) -> JoinRequest {
+    JoinRequest {
+        cluster: ClusterId::new("aa").unwrap(),
+        public_key: PublicKey::from_bytes([key; 32]),
+        endpoint: None,
+    }
+}
+
+#[tokio::test]
+async fn hub_calls_watches_members_and_revision_show_in_metrics() {
+    let hub = start();
+    let (client, admin) = clients(&hub);
 
     let s = scrape(hub.metrics);
     assert_eq!(
@@ -118,31 +133,9 @@ async fn hub_calls_watches_members_and_revision_show_in_metrics() {
         .create_token(Duration::from_secs(3600), "metrics test")
         .await
         .unwrap();
-    let joined = client
-        .join(
-            &join,
-            JoinRequest {
-                cluster: ClusterId::new("aa").unwrap(),
-                public_key: PublicKey::from_bytes([7; 32]),
-                endpoint: None,
-            },
-        )
-        .await
-        .unwrap();
+    let joined = client.join(&join, aa_request(7)).await.unwrap();
     // Joining aa again is an error reply (already joined).
-    assert!(
-        client
-            .join(
-                &join,
-                JoinRequest {
-                    cluster: ClusterId::new("aa").unwrap(),
-                    public_key: PublicKey::from_bytes([8; 32]),
-                    endpoint: None,
-                },
-            )
-            .await
-            .is_err()
-    );
+    assert!(client.join(&join, aa_request(8),).await.is_err());
     let aa = client.with_credential(joined.credential);
     let view = aa.list().await.unwrap();
     let mut watch = Box::pin(aa.watch(view.revision));
@@ -196,26 +189,12 @@ async fn hub_calls_watches_members_and_revision_show_in_metrics() {
 #[tokio::test]
 async fn a_member_calling_every_6_s_keeps_its_connection() {
     let hub = start();
-    let data = hub.dir.path().join("data");
-    let ca = CaHash::of_pem(&std::fs::read_to_string(data.join("ca.pem")).unwrap()).unwrap();
-    let client = HubClient::new([hub.api.to_string()], ca, ClientOptions::default()).unwrap();
-    let admin_secret = std::fs::read_to_string(data.join("admin.credential")).unwrap();
-    let admin = client.with_credential(Credential::parse(&admin_secret).expect("admin credential"));
+    let (client, admin) = clients(&hub);
     let (join, _) = admin
         .create_token(Duration::from_secs(3600), "reuse test")
         .await
         .unwrap();
-    let joined = client
-        .join(
-            &join,
-            JoinRequest {
-                cluster: ClusterId::new("aa").unwrap(),
-                public_key: PublicKey::from_bytes([7; 32]),
-                endpoint: None,
-            },
-        )
-        .await
-        .unwrap();
+    let joined = client.join(&join, aa_request(7)).await.unwrap();
     let aa = client.with_credential(joined.credential);
     let owner = ClusterId::new("aa").unwrap();
     aa.publish(&owner, "gateway", b"0").await.unwrap();

@@ -420,6 +420,29 @@ async fn briefs_until(
     }
 }
 
+/// A member watch of `own` from `after` answers first with "relist" (`Compacted`).
+async fn assert_member_watch_relists(reg: &Registry, after: u64, own: &ClusterId) {
+    use fleet_hub::registry::FleetScope;
+    let mut events = Box::pin(
+        reg.watch_scoped(after, FleetScope::Member, Some(own))
+            .await
+            .unwrap(),
+    );
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("stream open");
+    assert!(
+        matches!(
+            first,
+            Err(RegistryError::Store(
+                fleet_hub::store::StoreError::Compacted { .. }
+            ))
+        ),
+        "{first:?}"
+    );
+}
+
 pub async fn scoped_watches_show_each_member_its_part_in_order(
     store: Arc<dyn Store>,
     _: Arc<dyn Store>,
@@ -498,24 +521,7 @@ pub async fn scoped_watches_show_each_member_its_part_in_order(
 
     // A watch from before the replica began following (or far behind a member's bounded
     // history) is told to relist, as from a store watch.
-    let mut ancient = Box::pin(
-        reg.watch_scoped(0, FleetScope::Member, Some(&aa))
-            .await
-            .unwrap(),
-    );
-    let first = tokio::time::timeout(Duration::from_secs(10), ancient.next())
-        .await
-        .expect("an answer within 10 s")
-        .expect("stream open");
-    assert!(
-        matches!(
-            first,
-            Err(RegistryError::Store(
-                fleet_hub::store::StoreError::Compacted { .. }
-            ))
-        ),
-        "{first:?}"
-    );
+    assert_member_watch_relists(&reg, 0, &aa).await;
     let behind = reg
         .view_scoped(FleetScope::Member, Some(&aa))
         .await
@@ -525,24 +531,7 @@ pub async fn scoped_watches_show_each_member_its_part_in_order(
             .await
             .unwrap();
     }
-    let mut lagging = Box::pin(
-        reg.watch_scoped(behind.revision, FleetScope::Member, Some(&aa))
-            .await
-            .unwrap(),
-    );
-    let first = tokio::time::timeout(Duration::from_secs(10), lagging.next())
-        .await
-        .expect("an answer within 10 s")
-        .expect("stream open");
-    assert!(
-        matches!(
-            first,
-            Err(RegistryError::Store(
-                fleet_hub::store::StoreError::Compacted { .. }
-            ))
-        ),
-        "{first:?}"
-    );
+    assert_member_watch_relists(&reg, behind.revision, &aa).await;
     // bb, whose ring did not move, resumes from the same revision without relisting.
     let mut bb_resumed = Box::pin(
         reg.watch_scoped(behind.revision, FleetScope::Member, Some(&bb))
