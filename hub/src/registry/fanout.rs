@@ -24,12 +24,12 @@ use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::{ClusterId, FleetScope, RECORDS, RegistryError, RegistryEvent, in_scope, to_event};
-use crate::store::{Change, Revision, Store, StoreError};
+use crate::store::{Change, Revision, Store, StoreError, change_bytes};
 
 /// Most events the fleet-wide ring keeps (a watcher further behind relists).
 pub const SHARED_RING_EVENTS: usize = 100_000;
-/// Most bytes (keys, values and [`crate::store::CHANGE_OVERHEAD`] each) the
-/// fleet-wide ring keeps.
+/// Most bytes (keys, values and a fixed overhead each, as the embedded store's history
+/// counts them) the fleet-wide ring keeps.
 pub const SHARED_RING_BYTES: usize = 64 << 20;
 /// Most events one member's ring keeps: its own non-export records change rarely (the
 /// controller's `gateway` record every 5 s status interval: 80 s of history), and a watch
@@ -305,15 +305,6 @@ fn collect(
         }
     }
     Ok(out)
-}
-
-fn change_bytes(change: &Change) -> usize {
-    crate::store::CHANGE_OVERHEAD
-        + change.key().len()
-        + match change {
-            Change::Put(kv) => kv.value.len(),
-            Change::Delete { .. } => 0,
-        }
 }
 
 /// Files what one store change means for watchers, and wakes those whose ring grew.

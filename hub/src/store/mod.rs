@@ -22,7 +22,8 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures::Stream;
 
-pub use embedded::{CHANGE_OVERHEAD, EmbeddedOptions, EmbeddedStore};
+pub(crate) use embedded::change_bytes;
+pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use etcd::{EtcdOptions, EtcdStore};
 
 /// A store revision. 0 means "before the first write".

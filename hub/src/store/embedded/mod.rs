@@ -75,7 +75,8 @@ pub struct EmbeddedOptions {
 /// counted so that many empty values are bounded too.
 pub const CHANGE_OVERHEAD: usize = 64;
 
-fn change_bytes(change: &Change) -> usize {
+/// What one change costs in a bounded history: key, value and [`CHANGE_OVERHEAD`].
+pub(crate) fn change_bytes(change: &Change) -> usize {
     CHANGE_OVERHEAD
         + change.key().len()
         + match change {
