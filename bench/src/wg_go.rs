@@ -94,6 +94,14 @@ pub fn own_threads_cpu(prefix: &str) -> Vec<(String, f64)> {
                 .then(|| (comm, cpu_seconds_at(&path.display().to_string())))
         })
         .collect();
+    // A device on several threads (`FLEET_GATEWAY_THREADS`) names them all alike: one sum each.
     v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.dedup_by(|later, first| {
+        let same = later.0 == first.0;
+        if same {
+            first.1 += later.1;
+        }
+        same
+    });
     v
 }

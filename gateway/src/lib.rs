@@ -3,7 +3,8 @@
 //! - [`kernel`]: kernel WireGuard, the link created over rtnetlink and configured over the
 //!   `wireguard` generic netlink family (what `wg` speaks).
 //! - [`userspace`]: gotatun in-process, a TUN device in the target netns, driven by its own
-//!   thread and single-threaded tokio runtime; it serves the standard UAPI socket so
+//!   thread and tokio runtime (2 worker threads by default, `FLEET_GATEWAY_THREADS`); it
+//!   serves the standard UAPI socket so
 //!   `wg show <name>` works.
 //!
 //! Either way the interface lives in [`DeviceConfig::netns`] and the encrypted UDP socket in

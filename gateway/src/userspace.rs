@@ -2,9 +2,10 @@
 //!
 //! Each device owns one OS thread that enters the netns (so the TUN device and its netlink
 //! socket live there), then moves to the underlay netns (`DeviceConfig::underlay_netns`, the
-//! same netns when unset) where gotatun binds the encrypted UDP socket, and runs a
-//! single-threaded tokio runtime: on two cores one thread doing crypto and I/O beats a pool
-//! (see `bench/src/bin/tunnel-throughput.rs`). The rest of the process talks to it over a
+//! same netns when unset) where gotatun binds the encrypted UDP socket, and runs the device's
+//! tokio runtime: 2 worker threads by default, which move to the underlay netns before they
+//! run anything ([`device_threads_from_env`]; gateway/README.md, "Threads per device"). The
+//! rest of the process talks to it over a
 //! command channel. It serves the standard UAPI socket `/var/run/wireguard/<name>.sock`, so
 //! `wg show <name>` works from any netns.
 
@@ -251,6 +252,31 @@ pub fn grow_buffers(socket: &impl AsFd, bytes: usize) -> (usize, usize) {
     (rcv, snd)
 }
 
+/// Threads that run one userspace device: `FLEET_GATEWAY_THREADS` (1 to 8), else 2 (1 where
+/// the process may use only one CPU).
+///
+/// 1 is a current-thread tokio runtime on the device thread: every task of the device (UDP
+/// receive, decryption, TUN writes, TUN reads, encryption, UDP sends) on one OS thread. N > 1
+/// is a multi-thread runtime with N workers, which spread those tasks over cores. Why 2:
+/// gateway/README.md, "Threads per device". Anything but 1 to 8 is an error naming the
+/// variable.
+pub fn device_threads_from_env() -> std::result::Result<usize, String> {
+    match std::env::var("FLEET_GATEWAY_THREADS") {
+        Err(_) => Ok(DEFAULT_THREADS.min(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        )),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n @ 1..=8) => Ok(n),
+            _ => Err(format!(
+                "FLEET_GATEWAY_THREADS: {v:?} is not a thread count from 1 to 8"
+            )),
+        },
+    }
+}
+
+/// Threads per device unless `FLEET_GATEWAY_THREADS` says otherwise.
+pub const DEFAULT_THREADS: usize = 2;
+
 /// What the device thread makes before its runtime runs: the runtime, a netlink handle in
 /// `netns` and the TUN device in `netns`; the thread itself is left in the underlay netns.
 struct Setup {
@@ -274,10 +300,37 @@ impl Setup {
         };
         enter(&netns, &config.netns)?;
         drop(netns);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| fail(name, "build its runtime", e))?;
+        let threads = device_threads_from_env().map_err(|e| fail(name, "read its threads", e))?;
+        let rt = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            // Worker threads are created now, in `netns`; each moves to the underlay netns
+            // before it runs a task, so a UDP socket gotatun (re)binds on one of them is bound
+            // where the device thread's own is.
+            let underlay = match &underlay {
+                Some(file) => Some(
+                    file.try_clone()
+                        .map_err(|e| fail(name, "share the underlay netns", e))?,
+                ),
+                None => None,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name(format!("wg-{name}"))
+                .on_thread_start(move || {
+                    if let Some(file) = &underlay
+                        && let Err(e) = setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    {
+                        // The worker would bind UDP in the TUN's netns: stop it loudly.
+                        panic!("device worker cannot enter the underlay netns: {e}");
+                    }
+                })
+                .enable_all()
+                .build()
+        }
+        .map_err(|e| fail(name, "build its runtime", e))?;
         let (h, builder) = {
             let _in_runtime = rt.enter();
             let (conn, h, _) =

@@ -1,5 +1,6 @@
 //! `tunnel-throughput`: pod-to-pod-like TCP throughput through fleetboard's userspace tunnel
-//! (fleet-gateway, gotatun on one current-thread runtime per device) against `wireguard-go`
+//! (fleet-gateway, gotatun on its own runtime per device: 2 worker threads by default; with
+//! `--threads` also 1) against `wireguard-go`
 //! in the same topology — trixie's 0.0.20231211 (the baseline: TUN and UDP offloads) and
 //! bookworm's 0.0.20220316 (second column) — and against plain routing over the veth. Each
 //! run also prints the CPU seconds per GB of each tunnel process (or device thread, for ours).
@@ -46,6 +47,10 @@ struct Args {
     /// default, all of them (see gateway/README.md).
     #[arg(long)]
     levers: bool,
+    /// Also measure our device run by one thread each (`FLEET_GATEWAY_THREADS=1`: a
+    /// current-thread runtime) beside the default of 2 workers.
+    #[arg(long)]
+    threads: bool,
 }
 
 /// `FLEET_GATEWAY_OFFLOADS` of the `--levers` modes.
@@ -70,6 +75,8 @@ enum Mode {
     Ours,
     /// Ours with only the offloads `LEVERS[i]`.
     OursLever(usize),
+    /// Ours with all offloads, each device run by one thread.
+    OursOneThread,
     /// The wireguard-go build at this index of `fleet_bench::wg_go::builds` (0: baseline).
     WireguardGo(usize),
     Boringtun,
@@ -79,7 +86,7 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Plain => "plain-veth",
-            Mode::Ours => "fleet-gateway (gotatun, 1 thread)",
+            Mode::Ours => "fleet-gateway (gotatun, default threads)",
             Mode::OursLever(0) => "fleet-gateway, offloads none",
             Mode::OursLever(1) => "fleet-gateway, offloads batch",
             Mode::OursLever(2) => "fleet-gateway, offloads tun",
@@ -87,6 +94,7 @@ impl Mode {
             Mode::OursLever(4) => "fleet-gateway, offloads gro",
             Mode::OursLever(5) => "fleet-gateway, offloads all but gro",
             Mode::OursLever(_) => "fleet-gateway, offloads all but gso",
+            Mode::OursOneThread => "fleet-gateway (gotatun, 1 thread)",
             Mode::WireguardGo(0) => "wireguard-go 0.0.20231211",
             Mode::WireguardGo(_) => "wireguard-go 0.0.20220316",
             Mode::Boringtun => "boringtun 0.7 (1 thread)",
@@ -103,6 +111,7 @@ impl Mode {
             Mode::OursLever(4) => "v",
             Mode::OursLever(5) => "w",
             Mode::OursLever(_) => "q",
+            Mode::OursOneThread => "t",
             Mode::WireguardGo(0) => "g",
             Mode::WireguardGo(_) => "h",
             Mode::Boringtun => "b",
@@ -134,6 +143,9 @@ fn main() -> Result<()> {
     }
     if args.levers {
         modes.extend((0..LEVERS.len()).map(Mode::OursLever));
+    }
+    if args.threads {
+        modes.push(Mode::OursOneThread);
     }
     let mut setups = Vec::new();
     for &mode in &modes {
@@ -285,14 +297,22 @@ impl Setup {
         ];
         let (tunnel, target) = match mode {
             Mode::Plain => (Tunnel::None, "192.0.2.2"),
-            Mode::Ours | Mode::OursLever(_) => {
+            Mode::Ours | Mode::OursLever(_) | Mode::OursOneThread => {
                 let offloads = match mode {
                     Mode::OursLever(i) => LEVERS[i],
                     _ => "all",
                 };
                 // SAFETY: read by the device thread `create_device` starts; the setups are
                 // made one after another and no other thread reads the environment meanwhile.
-                unsafe { std::env::set_var("FLEET_GATEWAY_OFFLOADS", offloads) };
+                unsafe {
+                    std::env::set_var("FLEET_GATEWAY_OFFLOADS", offloads);
+                    if mode == Mode::OursOneThread {
+                        std::env::set_var("FLEET_GATEWAY_THREADS", "1");
+                    } else {
+                        // The product's default (2 workers; 1 on a one-CPU machine).
+                        std::env::remove_var("FLEET_GATEWAY_THREADS");
+                    }
+                }
                 let mut devs = Vec::new();
                 for (ns, name, key, addr, peer_key, peer_ip, peer_tun) in ends {
                     let dev = fleet_gateway::create_device(
