@@ -262,9 +262,8 @@ pub fn grow_buffers(socket: &impl AsFd, bytes: usize) -> (usize, usize) {
 /// variable.
 pub fn device_threads_from_env() -> std::result::Result<usize, String> {
     match std::env::var("FLEET_GATEWAY_THREADS") {
-        Err(_) => Ok(DEFAULT_THREADS.min(
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        )),
+        Err(_) => Ok(DEFAULT_THREADS
+            .min(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))),
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n @ 1..=8) => Ok(n),
             _ => Err(format!(

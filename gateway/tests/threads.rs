@@ -22,9 +22,7 @@ fn device_threads(name: &str) -> Vec<u64> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
-        })
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
         .map(|e| std::fs::metadata(e.path().join("ns/net")).unwrap().ino())
         .collect()
 }
@@ -122,7 +120,8 @@ async fn a_device_on_two_threads_keeps_its_workers_in_the_underlay_and_carries_b
     a.delete().await.unwrap();
     b.delete().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || device_threads(&name_a).is_empty()),
+        eventually(Duration::from_secs(5), || device_threads(&name_a)
+            .is_empty()),
         "the device's threads end with it"
     );
     assert!(!inner_a.ip(&["-o", "link", "show"]).contains(&name_a));
