@@ -138,7 +138,7 @@ pub fn open(name: &str, mtu: u16, offloads: Offloads) -> io::Result<(OffloadSend
         dev,
         batch: offloads.batch,
         original: vec![0; SUPER_PACKET_BYTES],
-        bufs: vec![vec![0; SEGMENT_BYTES]; IDEAL_BATCH_SIZE],
+        bufs: Vec::with_capacity(IDEAL_BATCH_SIZE),
         sizes: vec![0; IDEAL_BATCH_SIZE],
         out: Vec::with_capacity(IDEAL_BATCH_SIZE),
         mtu: MtuWatcher::new(mtu),
@@ -156,23 +156,48 @@ pub struct OffloadRecv {
     batch: bool,
     /// The raw read: virtio-net header + (super-)packet.
     original: Vec<u8>,
-    /// Its segments, and their lengths.
-    bufs: Vec<Vec<u8>>,
+    /// gotatun pool packets tun-rs splits the segments of a read into (so they are handed on
+    /// without another copy), and the segments' lengths.
+    bufs: Vec<Segment>,
     sizes: Vec<usize>,
     out: Vec<Packet<Ip>>,
     mtu: MtuWatcher,
 }
 
+/// A gotatun pool packet (its full [`SEGMENT_BYTES`]) as a buffer tun-rs writes a segment into.
+struct Segment(Packet);
+
+impl AsRef<[u8]> for Segment {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for Segment {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
 impl OffloadRecv {
-    /// Moves the `n` segments of the last read into pool packets.
+    /// Gives every segment slot a pool packet (those the last read used were handed on).
+    fn refill(&mut self, pool: &mut PacketBufPool) {
+        while self.bufs.len() < IDEAL_BATCH_SIZE {
+            let packet = pool.get();
+            debug_assert_eq!(packet.len(), SEGMENT_BYTES);
+            self.bufs.push(Segment(packet));
+        }
+    }
+
+    /// Hands on the `n` segments of the last read: each slot's packet is taken, cut to its
+    /// segment's length, and replaced by a fresh pool packet.
     fn take(&mut self, n: usize, pool: &mut PacketBufPool) {
-        for (buf, &size) in self.bufs.iter().zip(&self.sizes).take(n) {
-            let mut packet = pool.get();
+        for (slot, &size) in self.bufs.iter_mut().zip(&self.sizes).take(n) {
+            let Segment(mut packet) = std::mem::replace(slot, Segment(pool.get()));
             if size > packet.len() {
                 tracing::warn!(size, "TUN segment larger than a packet buffer: dropped");
                 continue;
             }
-            packet[..size].copy_from_slice(&buf[..size]);
             packet.truncate(size);
             match packet.try_into_ip() {
                 Ok(p) => self.out.push(p),
@@ -188,6 +213,7 @@ impl IpRecv for OffloadRecv {
         pool: &mut PacketBufPool,
     ) -> io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
         self.out.clear();
+        self.refill(pool);
         let n = self
             .dev
             .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)
