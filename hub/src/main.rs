@@ -112,8 +112,15 @@ enum Command {
         store_quiet_after: std::time::Duration,
         /// Most API connections at once (each member holds ~3); further ones are closed at
         /// accept. Default: the open-file limit (raised to its hard limit) less 1,024.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        max_connections: Option<u64>,
+        // Negative numbers reach the range check (a clear "not in 1.." error), not clap's
+        // "unexpected argument".
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(i64).range(1..)
+        )]
+        max_connections: Option<i64>,
         #[command(flatten)]
         relay: RelayFlags,
     },
@@ -304,6 +311,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         };
         let max_connections = max_connections.map_or_else(
             || fleet_hub::limits::connection_budget(nofile),
+            // ≥ 1 by the range check.
             |n| usize::try_from(n).unwrap_or(usize::MAX),
         );
         tracing::info!(max_connections, "API connections accepted at once");

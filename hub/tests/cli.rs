@@ -246,8 +246,8 @@ async fn cluster_commands_through_a_serving_hub() {
 }
 
 /// `serve` accepts as many connections as its open-file limit allows less a reserve (a fixed
-/// 16,384 refused members past ~5,000 clusters, each holding ~3); `--max-connections 0` is a
-/// clear error.
+/// 16,384 refused members past ~5,000 clusters, each holding ~3); `--max-connections` 0, -5 or a
+/// word is a clear error.
 #[tokio::test]
 async fn serve_sizes_its_connection_budget_from_the_open_file_limit() {
     let hub = common::hub::HubProcess::start(&[]).await;
@@ -269,11 +269,13 @@ async fn serve_sizes_its_connection_budget_from_the_open_file_limit() {
         }
     }
     assert!(log.contains(&want), "{want} in:\n{log}");
-    let refused = fleet_hub(&["serve", "--max-connections", "0"]);
-    assert!(!refused.status.success());
-    assert!(
-        stderr(&refused).contains("--max-connections"),
-        "{}",
-        stderr(&refused)
-    );
+    for bad in ["0", "-5", "many"] {
+        let refused = fleet_hub(&["serve", "--max-connections", bad]);
+        assert!(!refused.status.success(), "{bad}");
+        let err = stderr(&refused);
+        assert!(
+            err.contains("invalid value") && err.contains("--max-connections"),
+            "{bad}: {err}"
+        );
+    }
 }

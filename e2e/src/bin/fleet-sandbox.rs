@@ -134,17 +134,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         String::from_utf8_lossy(&status.stdout),
         String::from_utf8_lossy(&status.stderr)
     );
-    println!(
-        "   hub log: {}",
-        fleet.hub.replicas[0].process.log_path().display()
-    );
-    for m in &fleet.members {
-        for c in &m.controllers {
-            println!("   {} log: {}", c.holder, c.process.log_path().display());
-        }
-    }
-
     if !once {
+        // The logs live in the sandbox's directory, which the teardown removes: shown only
+        // while they can be read.
+        println!(
+            "   hub log: {}",
+            fleet.hub.replicas[0].process.log_path().display()
+        );
+        for m in &fleet.members {
+            for c in &m.controllers {
+                println!("   {} log: {}", c.holder, c.process.log_path().display());
+            }
+        }
         println!("\n== up; press Ctrl-C to tear everything down");
         println!("== operator commands (paste into a root shell on this machine):");
         println!("{}", indent(&fleet.operator_commands("aa")?));
