@@ -9,59 +9,19 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fleet_gateway::{BackendKind, PrivateKey, WireguardDevice, create_device};
+use fleet_gateway::PrivateKey;
 
 const BULK: usize = 32 << 20;
 
-async fn pair(
-    net: &Underlay,
-    tag: &str,
-) -> (
-    String,
-    String,
-    Box<dyn WireguardDevice>,
-    Box<dyn WireguardDevice>,
-) {
-    let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
-    let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
-    let (name_a, name_b) = (wg_name(&format!("{tag}a")), wg_name(&format!("{tag}b")));
-    let a = create_device(
-        BackendKind::Userspace,
-        config(&name_a, &net.a, key_a, "198.51.100.1/32"),
-    )
-    .await
-    .unwrap();
-    let b = create_device(
-        BackendKind::Userspace,
-        config(&name_b, &net.b, key_b, "198.51.100.2/32"),
-    )
-    .await
-    .unwrap();
-    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
-        .await
-        .unwrap();
-    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
-        .await
-        .unwrap();
+/// The pair of devices in `net.a` / `net.b`, once `a` pings `b` through the tunnel.
+async fn pair(net: &Underlay, tag: &str) -> Pair {
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+    let pair = peered_pair(net, (&net.a, &net.b), tag, keys).await;
     assert!(
         eventually(Duration::from_secs(10), || net.a.ping("198.51.100.2")),
         "no ping through the tunnel ({tag})"
     );
-    (name_a, name_b, a, b)
-}
-
-fn bulk_both_ways(net: &Underlay, what: &str) {
-    for (server, client, addr) in [
-        (&net.b, &net.a, "198.51.100.2"),
-        (&net.a, &net.b, "198.51.100.1"),
-    ] {
-        let (sent, got, sent_hash, got_hash) = tcp_bulk(server, client, addr, BULK);
-        assert_eq!(
-            (got, got_hash),
-            (sent, sent_hash),
-            "{what}: bulk transfer to {addr}"
-        );
-    }
+    pair
 }
 
 #[tokio::test]
@@ -73,7 +33,12 @@ async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() 
     );
     let net = Underlay::new("t5");
 
-    let (name, name_b, a, b) = pair(&net, "o").await;
+    let Pair {
+        a,
+        b,
+        name_a: name,
+        name_b,
+    } = pair(&net, "o").await;
     assert_eq!(
         offload_feature(&net.a, &name, "tcp-segmentation-offload"),
         "on",
@@ -96,19 +61,21 @@ async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() 
         bytes / writes.max(1) > 8192,
         "decrypted segments coalesced into super-packets: {bytes} bytes in {writes} TUN writes"
     );
-    bulk_both_ways(&net, "offloads on");
+    bulk_both_ways((&net.a, &net.b), BULK, "offloads on");
     a.delete().await.unwrap();
     b.delete().await.unwrap();
 
     // SAFETY: this process's only test; no other thread reads the environment now.
     unsafe { std::env::set_var("FLEET_GATEWAY_OFFLOADS", "none") };
-    let (name, _, a, b) = pair(&net, "n").await;
+    let Pair {
+        a, b, name_a: name, ..
+    } = pair(&net, "n").await;
     assert_eq!(
         offload_feature(&net.a, &name, "tcp-segmentation-offload"),
         "off",
         "FLEET_GATEWAY_OFFLOADS=none: gotatun's own TUN, no TSO"
     );
-    bulk_both_ways(&net, "offloads off");
+    bulk_both_ways((&net.a, &net.b), BULK, "offloads off");
     a.delete().await.unwrap();
     b.delete().await.unwrap();
 }

@@ -41,48 +41,28 @@ async fn a_device_on_two_threads_keeps_its_workers_in_the_underlay_and_carries_b
     let net = Underlay::new("th");
     let (inner_a, inner_b) = (Netns::new("thai"), Netns::new("thbi"));
     let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
-    let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
-    let (name_a, name_b) = (wg_name("tha"), wg_name("thb"));
-    let inner = |name: &str, ns: &Netns, node: &Netns, key: PrivateKey, addr: &str| {
-        let mut cfg = config(name, ns, key, addr);
-        cfg.underlay_netns = Some(node.path());
-        cfg
-    };
-
+    let name_a = wg_name("tha");
     // SAFETY: this process's only test; no other thread reads the environment now.
     for bad in ["0", "9", "two", ""] {
         unsafe { std::env::set_var("FLEET_GATEWAY_THREADS", bad) };
-        let err = create_device(
-            BackendKind::Userspace,
-            inner(&name_a, &inner_a, &net.a, key_a.clone(), "198.51.100.1/32"),
-        )
-        .await
-        .expect_err(&format!("FLEET_GATEWAY_THREADS={bad:?} refused"))
-        .to_string();
+        let mut cfg = config(&name_a, &inner_a, key_a.clone(), "198.51.100.1/32");
+        cfg.underlay_netns = Some(net.a.path());
+        let err = create_device(BackendKind::Userspace, cfg)
+            .await
+            .expect_err(&format!("FLEET_GATEWAY_THREADS={bad:?} refused"))
+            .to_string();
         assert!(err.contains("FLEET_GATEWAY_THREADS"), "{bad:?}: {err}");
         let links = inner_a.ip(&["-o", "link", "show"]);
         assert!(!links.contains(&name_a), "{bad:?} left a link: {links}");
     }
 
     unsafe { std::env::set_var("FLEET_GATEWAY_THREADS", "2") };
-    let a = create_device(
-        BackendKind::Userspace,
-        inner(&name_a, &inner_a, &net.a, key_a, "198.51.100.1/32"),
-    )
-    .await
-    .unwrap();
-    let b = create_device(
-        BackendKind::Userspace,
-        inner(&name_b, &inner_b, &net.b, key_b, "198.51.100.2/32"),
-    )
-    .await
-    .unwrap();
-    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
-        .await
-        .unwrap();
-    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
-        .await
-        .unwrap();
+    let Pair {
+        a,
+        b,
+        name_a,
+        name_b,
+    } = peered_pair(&net, (&inner_a, &inner_b), "th", (key_a, key_b)).await;
     assert!(
         eventually(Duration::from_secs(10), || inner_a.ping("198.51.100.2")),
         "no ping through the tunnel"
@@ -97,17 +77,7 @@ async fn a_device_on_two_threads_keeps_its_workers_in_the_underlay_and_carries_b
             "{name}: every thread in the underlay netns"
         );
     }
-    for (server, client, addr) in [
-        (&inner_b, &inner_a, "198.51.100.2"),
-        (&inner_a, &inner_b, "198.51.100.1"),
-    ] {
-        let (sent, got, sent_hash, got_hash) = tcp_bulk(server, client, addr, BULK);
-        assert_eq!(
-            (got, got_hash),
-            (sent, sent_hash),
-            "bulk to {addr} on 2 threads"
-        );
-    }
+    bulk_both_ways((&inner_a, &inner_b), BULK, "2 threads per device");
     // The UDP socket is on the node, nothing of it in the inner netns.
     assert!(
         net.a.exec(&["ss", "-H", "-uan"]).contains(":51820"),

@@ -11,9 +11,9 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
+use fleet_gateway::PrivateKey;
 use fleet_gateway::offload_tun::Offloads;
 use fleet_gateway::userspace::BufferedUdp;
-use fleet_gateway::{BackendKind, PrivateKey, create_device};
 use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use nix::sys::socket::{
@@ -177,41 +177,13 @@ async fn tcp_through_a_tunnel_whose_underlay_mtu_is_below_its_datagrams() {
     for ns in [&net.a, &net.b] {
         ns.ip(&["link", "set", "ul0", "mtu", UNDERLAY_MTU]);
     }
-    let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
-    let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
-    let a = create_device(
-        BackendKind::Userspace,
-        config(&wg_name("ga"), &net.a, key_a, "198.51.100.1/32"),
-    )
-    .await
-    .unwrap();
-    let b = create_device(
-        BackendKind::Userspace,
-        config(&wg_name("gb"), &net.b, key_b, "198.51.100.2/32"),
-    )
-    .await
-    .unwrap();
-    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
-        .await
-        .unwrap();
-    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
-        .await
-        .unwrap();
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+    let Pair { a, b, .. } = peered_pair(&net, (&net.a, &net.b), "g", keys).await;
     assert!(
         eventually(Duration::from_secs(10), || net.a.ping("198.51.100.2")),
         "no ping through the tunnel"
     );
-    for (server, client, addr) in [
-        (&net.b, &net.a, "198.51.100.2"),
-        (&net.a, &net.b, "198.51.100.1"),
-    ] {
-        let (sent, got, sent_hash, got_hash) = tcp_bulk(server, client, addr, 8 << 20);
-        assert_eq!(
-            (got, got_hash),
-            (sent, sent_hash),
-            "bulk transfer to {addr} over a 1400-byte underlay"
-        );
-    }
+    bulk_both_ways((&net.a, &net.b), 8 << 20, "over a 1400-byte underlay");
     for ns in [&net.a, &net.b] {
         let snmp = ns.exec(&["cat", "/proc/net/snmp"]);
         let ip: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Ip:")).collect();

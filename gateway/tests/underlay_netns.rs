@@ -101,21 +101,14 @@ async fn userspace_device_keeps_its_interface_inner_and_its_udp_on_the_node() {
     require_root();
     let net = Underlay::new("u1");
     let (inner_a, inner_b) = (Netns::new("u1ai"), Netns::new("u1bi"));
-    let (name_a, name_b) = (wg_name("ua"), wg_name("ub"));
-    let cfg_a = inner_config(&name_a, &inner_a, &net.a, "198.51.100.1/32");
-    let cfg_b = inner_config(&name_b, &inner_b, &net.b, "198.51.100.2/32");
-    let (pub_a, pub_b) = (
-        cfg_a.private_key.public_key(),
-        cfg_b.private_key.public_key(),
-    );
-    let a = create_device(BackendKind::Userspace, cfg_a).await.unwrap();
-    let b = create_device(BackendKind::Userspace, cfg_b).await.unwrap();
-    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
-        .await
-        .unwrap();
-    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
-        .await
-        .unwrap();
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+    let pub_b = keys.1.public_key();
+    let Pair {
+        a,
+        b,
+        name_a,
+        name_b,
+    } = peered_pair(&net, (&inner_a, &inner_b), "u", keys).await;
 
     // The interface, its address, MTU and peer routes are in the inner netns, nothing of it
     // on the node.

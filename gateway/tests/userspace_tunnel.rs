@@ -26,25 +26,12 @@ async fn userspace_tunnel_carries_ping_and_tcp_encrypted_and_forgets_removed_pee
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
     let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
-    let (name_a, name_b) = (wg_name("a"), wg_name("b"));
-    let a = create_device(
-        BackendKind::Userspace,
-        config(&name_a, &net.a, key_a, "198.51.100.1/32"),
-    )
-    .await
-    .unwrap();
-    let b = create_device(
-        BackendKind::Userspace,
-        config(&name_b, &net.b, key_b, "198.51.100.2/32"),
-    )
-    .await
-    .unwrap();
-    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
-        .await
-        .unwrap();
-    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
-        .await
-        .unwrap();
+    let Pair {
+        a,
+        b,
+        name_a,
+        name_b,
+    } = peered_pair(&net, (&net.a, &net.b), "", (key_a, key_b)).await;
 
     // Routes for the peers' allowed IPs, in the devices' netns.
     assert!(

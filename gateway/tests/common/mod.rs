@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleet_gateway::{DeviceConfig, Peer, PrivateKey, PublicKey};
+use fleet_gateway::{
+    BackendKind, DeviceConfig, Peer, PrivateKey, PublicKey, WireguardDevice, create_device,
+};
 
 pub const PORT: u16 = 51820;
 pub const MTU: u32 = 1420;
@@ -109,6 +111,69 @@ impl Underlay {
             ns.ip(&["link", "set", "ul0", "up"]);
         }
         Self { a, b }
+    }
+}
+
+/// Two userspace devices made by [`peered_pair`], and their interface names.
+pub struct Pair {
+    pub a: Box<dyn WireguardDevice>,
+    pub b: Box<dyn WireguardDevice>,
+    pub name_a: String,
+    pub name_b: String,
+}
+
+/// Two userspace devices, peers of each other over `net`: `a` (198.51.100.1/32, key `keys.0`)
+/// in `ends.0`, `b` (198.51.100.2/32) in `ends.1`, their UDP on `net.a` / `net.b`
+/// (192.0.2.1 / .2, port [`PORT`]) — the underlay netns set where a device's netns is not its
+/// node's. Interfaces `wg_name("<tag>a")` and `wg_name("<tag>b")`. Nothing is sent yet.
+pub async fn peered_pair(
+    net: &Underlay,
+    ends: (&Netns, &Netns),
+    tag: &str,
+    keys: (PrivateKey, PrivateKey),
+) -> Pair {
+    let (pub_a, pub_b) = (keys.0.public_key(), keys.1.public_key());
+    let (name_a, name_b) = (wg_name(&format!("{tag}a")), wg_name(&format!("{tag}b")));
+    let make = |name: &str, ns: &Netns, node: &Netns, key: PrivateKey, address: &str| {
+        let mut cfg = config(name, ns, key, address);
+        if ns.name != node.name {
+            cfg.underlay_netns = Some(node.path());
+        }
+        create_device(BackendKind::Userspace, cfg)
+    };
+    let a = make(&name_a, ends.0, &net.a, keys.0, "198.51.100.1/32")
+        .await
+        .unwrap();
+    let b = make(&name_b, ends.1, &net.b, keys.1, "198.51.100.2/32")
+        .await
+        .unwrap();
+    a.set_peers(&[peer(pub_b, "192.0.2.2:51820", "198.51.100.2/32")])
+        .await
+        .unwrap();
+    b.set_peers(&[peer(pub_a, "192.0.2.1:51820", "198.51.100.1/32")])
+        .await
+        .unwrap();
+    Pair {
+        a,
+        b,
+        name_a,
+        name_b,
+    }
+}
+
+/// A [`tcp_bulk`] of `bytes` from `a`'s end to `b`'s (198.51.100.2) and one back, each
+/// arriving whole and in order; `what` names the case in a failure.
+pub fn bulk_both_ways(ends: (&Netns, &Netns), bytes: usize, what: &str) {
+    for (server, client, addr) in [
+        (ends.1, ends.0, "198.51.100.2"),
+        (ends.0, ends.1, "198.51.100.1"),
+    ] {
+        let (sent, got, sent_hash, got_hash) = tcp_bulk(server, client, addr, bytes);
+        assert_eq!(
+            (got, got_hash),
+            (sent, sent_hash),
+            "{what}: bulk transfer to {addr}"
+        );
     }
 }
 
