@@ -3,9 +3,9 @@
 //! Each device owns one OS thread that enters the netns (so the TUN device and its netlink
 //! socket live there), then moves to the underlay netns (`DeviceConfig::underlay_netns`, the
 //! same netns when unset) where gotatun binds the encrypted UDP socket, and runs the device's
-//! tokio runtime: 2 worker threads by default, which move to the underlay netns before they
-//! run anything ([`device_threads_from_env`]; gateway/README.md, "Threads per device"). The
-//! rest of the process talks to it over a
+//! tokio runtime: 2 worker threads by default, started in the underlay netns
+//! ([`device_threads_from_env`]; gateway/README.md, "Threads per device"). The rest of the
+//! process talks to it over a
 //! command channel. It serves the standard UAPI socket `/var/run/wireguard/<name>.sock`, so
 //! `wg show <name>` works from any netns.
 
@@ -297,39 +297,30 @@ impl Setup {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
                 .map_err(|e| fail(name, format!("enter netns {}", path.display()), e))
         };
-        enter(&netns, &config.netns)?;
-        drop(netns);
         let threads = device_threads_from_env().map_err(|e| fail(name, "read its threads", e))?;
         let rt = if threads == 1 {
+            enter(&netns, &config.netns)?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
         } else {
-            // Worker threads are created now, in `netns`; each moves to the underlay netns
-            // before it runs a task, so a UDP socket gotatun (re)binds on one of them is bound
-            // where the device thread's own is.
-            let underlay = match &underlay {
-                Some(file) => Some(
-                    file.try_clone()
-                        .map_err(|e| fail(name, "share the underlay netns", e))?,
-                ),
-                None => None,
-            };
-            tokio::runtime::Builder::new_multi_thread()
+            // The workers start at `build` and stay in the netns of the thread that builds
+            // the runtime: build it in the underlay netns, where gotatun binds (and rebinds,
+            // on whichever worker) its UDP socket; the TUN is opened in `netns` after.
+            match (&underlay, &config.underlay_netns) {
+                (Some(file), Some(path)) => enter(file, path)?,
+                _ => enter(&netns, &config.netns)?,
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .thread_name(format!("wg-{name}"))
-                .on_thread_start(move || {
-                    if let Some(file) = &underlay
-                        && let Err(e) = setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    {
-                        // The worker would bind UDP in the TUN's netns: stop it loudly.
-                        panic!("device worker cannot enter the underlay netns: {e}");
-                    }
-                })
                 .enable_all()
-                .build()
+                .build();
+            enter(&netns, &config.netns)?;
+            rt
         }
         .map_err(|e| fail(name, "build its runtime", e))?;
+        drop(netns);
         let (h, builder) = {
             let _in_runtime = rt.enter();
             let (conn, h, _) =
@@ -346,9 +337,9 @@ impl Setup {
                 .with_ip_pair(send, recv);
             (h, builder)
         };
-        if let (Some(file), Some(path)) = (underlay, &config.underlay_netns) {
+        if let (Some(file), Some(path)) = (&underlay, &config.underlay_netns) {
             // On failure the TUN device is closed with `builder`, which removes its link.
-            enter(&file, path)?;
+            enter(file, path)?;
         }
         Ok(Self { rt, h, builder })
     }
