@@ -84,10 +84,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 pod.primary_ip,
                 pod.fleet_ip
             );
-            println!(
-                "   look inside: nsenter --net={} ip addr",
-                pod.netns.display()
-            );
+            if !once {
+                // The netns goes with the teardown: shown only while the fleet stays up.
+                println!(
+                    "   look inside: nsenter --net={} ip addr",
+                    pod.netns.display()
+                );
+            }
             running.push(pod);
         }
     }
@@ -153,6 +156,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("== tearing down");
     drop(fleet);
+    println!("== torn down: the sandbox's netns, processes and files are gone");
     reached?;
     discovered?;
     Ok(())
