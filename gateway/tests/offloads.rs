@@ -27,10 +27,7 @@ async fn pair(net: &Underlay, tag: &str) -> Pair {
 #[tokio::test]
 async fn offloaded_tun_segments_and_carries_bulk_intact_and_none_turns_it_off() {
     require_root();
-    assert!(
-        std::env::var_os("FLEET_GATEWAY_OFFLOADS").is_none(),
-        "run without FLEET_GATEWAY_OFFLOADS: this test sets it itself"
-    );
+    require_unset("FLEET_GATEWAY_OFFLOADS", "sets it itself");
     let net = Underlay::new("t5");
 
     let Pair {

@@ -34,10 +34,7 @@ fn netns_inode(path: &Path) -> u64 {
 #[tokio::test]
 async fn a_device_on_two_threads_keeps_its_workers_in_the_underlay_and_carries_bulk_intact() {
     require_root();
-    assert!(
-        std::env::var_os("FLEET_GATEWAY_THREADS").is_none(),
-        "run without FLEET_GATEWAY_THREADS: this test sets it itself"
-    );
+    require_unset("FLEET_GATEWAY_THREADS", "sets it itself");
     let net = Underlay::new("th");
     let (inner_a, inner_b) = (Netns::new("thai"), Netns::new("thbi"));
     let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());

@@ -169,10 +169,7 @@ fn a_run_the_route_refuses_to_segment_is_sent_datagram_by_datagram_and_remembere
 #[tokio::test]
 async fn tcp_through_a_tunnel_whose_underlay_mtu_is_below_its_datagrams() {
     require_root();
-    assert!(
-        std::env::var_os("FLEET_GATEWAY_OFFLOADS").is_none(),
-        "run without FLEET_GATEWAY_OFFLOADS: this test checks the default"
-    );
+    require_unset("FLEET_GATEWAY_OFFLOADS", "checks the default");
     let net = Underlay::new("g2");
     for ns in [&net.a, &net.b] {
         ns.ip(&["link", "set", "ul0", "mtu", UNDERLAY_MTU]);

@@ -24,6 +24,15 @@ pub fn require_root() {
     );
 }
 
+/// Fails when the environment already sets `var` (a `FLEET_GATEWAY_*` lever read when a
+/// device is created): the calling test sets it itself, or checks the default.
+pub fn require_unset(var: &str, why: &str) {
+    assert!(
+        std::env::var_os(var).is_none(),
+        "run without {var}: this test {why}"
+    );
+}
+
 /// A named netns, deleted on drop.
 pub struct Netns {
     pub name: String,
