@@ -8,6 +8,7 @@
 //! - [`daemon`]: a `fleet-nri` process with its own dirs and CNF netns, stopped by PID;
 //! - [`node`]: a private containerd with or without fleetboard chained (`pod-start`, `nri-memory`);
 //! - [`bins`]: the release binaries under test;
+//! - [`ceiling`]: the most a userspace WireGuard device could reach here, from a run's costs;
 //! - [`xcluster`]: the sandbox fleet and pods of the cross-cluster benchmarks;
 //! - [`tunnel_modes`]: their datapaths side by side (ours, each wireguard-go build, plain);
 //! - [`wg_go`]: the wireguard-go builds compared against, per-process CPU time;
@@ -17,6 +18,7 @@
 //! processes it started (by PID) and remove its directories, also when a run fails or panics.
 
 pub mod bins;
+pub mod ceiling;
 pub mod cni;
 pub mod cni_bench;
 pub mod daemon;

@@ -89,6 +89,17 @@ impl Samples {
     }
 }
 
+/// The median of `v` (the mean of the middle two for an even count; 0 for none).
+pub fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// The last line every benchmark prints: `bench <name> ours=<x> baseline=<y> ratio=<r> target=<t>`.
 pub fn last_line(name: &str, ours: &str, baseline: &str, ratio: f64, target: &str) -> String {
     format!("bench {name} ours={ours} baseline={baseline} ratio={ratio:.3} target={target}")

@@ -36,7 +36,7 @@ use fleet_e2e::TestNetns;
 use fleet_e2e::fleet::RELAY_PORT;
 
 use crate::Proc;
-use crate::wg_go::{GoBuild, cpu_seconds};
+use crate::wg_go::{CpuTimes, GoBuild, cpu_times};
 use crate::xcluster::CrossClusterPods;
 
 /// UDP port of the first wireguard-go build's processes (ours use 51820); the next build +1.
@@ -70,6 +70,8 @@ struct Gateway {
     ours_dev: String,
     /// The remote pod whose /32 the mode table steers.
     remote_ip: String,
+    /// The MTU of `ours_dev` (bytes): the largest packet a gateway seals or opens.
+    mtu: u32,
 }
 
 /// The wireguard-go processes of one build: relay, aa gateway, bb gateway.
@@ -417,6 +419,7 @@ impl TunnelModes {
                 cnf: cnf.clone(),
                 ours_dev: m.ours_dev.clone(),
                 remote_ip: m.remote_ip.clone(),
+                mtu: m.mtu,
             });
         }
         Ok(bench)
@@ -486,21 +489,27 @@ impl TunnelModes {
         v
     }
 
-    /// CPU seconds used so far by each process running `mode`'s tunnels, named (relay, aa
+    /// The smallest MTU of our gateways' WireGuard interfaces (bytes): the size of a
+    /// full-size packet they seal and open.
+    pub fn ours_mtu(&self) -> u32 {
+        self.gateways.iter().map(|g| g.mtu).min().unwrap_or(1420)
+    }
+
+    /// CPU time used so far by each process running `mode`'s tunnels, named (relay, aa
     /// gateway, bb gateway; none for plain). Ours may list several relay processes (every
     /// process naming the relay interface).
-    pub fn tunnel_cpu(&self, mode: Mode) -> Vec<(String, f64)> {
+    pub fn tunnel_cpu(&self, mode: Mode) -> Vec<(String, CpuTimes)> {
         match mode {
             Mode::Ours => self
                 .ours_pids
                 .iter()
-                .map(|(n, p)| (n.clone(), cpu_seconds(*p)))
+                .map(|(n, p)| (n.clone(), cpu_times(*p)))
                 .collect(),
             Mode::WireguardGo(j) => self.go[j]
                 .devs
                 .iter()
                 .zip(["relay", "aa gateway", "bb gateway"])
-                .map(|(d, n)| (n.to_string(), cpu_seconds(d.proc.0.id())))
+                .map(|(d, n)| (n.to_string(), cpu_times(d.proc.0.id())))
                 .collect(),
             Mode::Plain => Vec::new(),
         }

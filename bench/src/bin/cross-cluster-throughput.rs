@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fleet_bench::stats::last_line;
+use fleet_bench::ceiling::{self, AeadCost, Ceiling, RunCost, busy_cpu_seconds};
+use fleet_bench::stats::{last_line, median_of};
 use fleet_bench::tunnel_modes::{Mode, TunnelModes};
+use fleet_bench::wg_go::CpuTimes;
 use fleet_bench::xcluster::CrossClusterPods;
 
 const NAME: &str = "cross-cluster-throughput";
@@ -62,7 +64,7 @@ fn main() -> Result<()> {
     let modes = bench.modes();
     let labels: Vec<String> = modes.iter().map(|m| bench.label(*m)).collect();
     drop(bench);
-    let med = result?;
+    let (med, ceilings, aead) = result?;
     println!("{NAME}: {} after the runs", fleet_bench::load_line());
     drop(x);
     let at = |mode: Mode| {
@@ -89,6 +91,15 @@ fn main() -> Result<()> {
         ours / go_old,
         ours / plain
     );
+    let (seal, open) = aead.seconds_per_gb();
+    let ceiling = median_of(&ceilings.iter().map(|c| c.gbps).collect::<Vec<_>>());
+    println!(
+        "{NAME} ceiling of userspace gateways that spent no CPU but ChaCha20-Poly1305 (seal \
+         {seal:.2}, open {open:.2} cpu-s/GB here; bench/README.md \"Ceiling\"): median \
+         {ceiling:.3} Gbit/s, ratio {:.3} to {} (target {TARGET})",
+        ceiling / go,
+        labels[1]
+    );
     println!(
         "{}",
         last_line(
@@ -102,9 +113,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Interleaved iperf3 runs; the median Gbit/s of each of `modes()`, in that order.
-fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f64>> {
+/// Interleaved iperf3 runs: the median Gbit/s of each of `modes()`, in that order; the
+/// ceiling of each run of ours; and the AEAD cost those were computed with.
+fn measure(
+    b: &TunnelModes,
+    x: &CrossClusterPods,
+    flags: &Flags,
+) -> Result<(Vec<f64>, Vec<Ceiling>, AeadCost)> {
     let modes = b.modes();
+    let aead = AeadCost::measure(b.ours_mtu() as usize)?;
+    let mut ceilings = Vec::new();
     let server = Proc::spawn(
         x.in_pod(&x.p1, "iperf3")
             .args(["-s", "-B", &x.p1.fleet_ip])
@@ -132,7 +150,7 @@ fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f
                 bail!("{}: P3 does not reach P1", b.label(mode));
             }
         }
-        let (gbps, _) = iperf(b, x, mode, 1)?;
+        let (gbps, _, _) = iperf(b, x, mode, 1, &aead)?;
         println!("{NAME}: warm-up {:<32} {gbps:.3} Gbit/s", b.label(mode));
     }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
@@ -145,7 +163,8 @@ fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f
         }
         for k in 0..modes.len() {
             let i = (k + run) % modes.len();
-            let (gbps, carried) = iperf(b, x, modes[i], flags.seconds)?;
+            let (gbps, carried, ceiling) = iperf(b, x, modes[i], flags.seconds, &aead)?;
+            ceilings.extend(ceiling);
             println!(
                 "run {run} {:<32} {gbps:.3} Gbit/s  ({carried})",
                 b.label(modes[i])
@@ -155,7 +174,7 @@ fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f
     }
     b.select(Mode::Ours)?;
     drop(server);
-    let med: Vec<f64> = results.iter().map(|r| median(r)).collect();
+    let med: Vec<f64> = results.iter().map(|r| median_of(r)).collect();
     for (i, mode) in modes.iter().enumerate() {
         println!(
             "{NAME} {:<32} median {:.3} Gbit/s (runs {})",
@@ -168,15 +187,23 @@ fn measure(b: &TunnelModes, x: &CrossClusterPods, flags: &Flags) -> Result<Vec<f
                 .join(" ")
         );
     }
-    Ok(med)
+    Ok((med, ceilings, aead))
 }
 
-/// One iperf3 run P3 -> P1 in `mode`; received Gbit/s, and the bytes each mode's
-/// interface in aa's gateway CNF netns carried (the mode's own must carry them).
-fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Result<(f64, String)> {
+/// One iperf3 run P3 -> P1 in `mode`: received Gbit/s; what it cost and the bytes each
+/// mode's interface in aa's gateway CNF netns carried (the mode's own must carry them), as
+/// text; for ours, the run's ceiling with `aead` (fleet_bench::ceiling).
+fn iperf(
+    b: &TunnelModes,
+    x: &CrossClusterPods,
+    mode: Mode,
+    seconds: u32,
+    aead: &AeadCost,
+) -> Result<(f64, String, Option<Ceiling>)> {
     b.select(mode)?;
     let before = b.aa_bytes()?;
     let cpu_before = b.tunnel_cpu(mode);
+    let busy_before = busy_cpu_seconds()?;
     let udp_drops_before = b.udp_rcvbuf_errors();
     let relayed_before = x.relay_forwarded_data()?;
     let out = x
@@ -192,6 +219,7 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
         ])
         .output()
         .context("iperf3 -c in P3")?;
+    let busy = busy_cpu_seconds()? - busy_before;
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: iperf3 -J output: {text}", b.label(mode)))?;
@@ -210,18 +238,36 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
     let after = b.aa_bytes()?;
     let relayed = x.relay_forwarded_data()?.saturating_sub(relayed_before);
     let gb = (bytes / 1e9).max(1e-9);
-    let per_process: Vec<(String, f64)> = b
+    let per_process: Vec<(String, CpuTimes)> = b
         .tunnel_cpu(mode)
         .into_iter()
         .zip(&cpu_before)
-        .map(|((name, after), (_, before))| (name, after - before))
+        .map(|((name, after), (_, before))| (name, after - *before))
         .collect();
-    let tunnel_cpu: f64 = per_process.iter().map(|(_, c)| c).sum();
+    let tunnel_cpu: f64 = per_process.iter().map(|(_, c)| c.total()).sum();
+    // The gateways run the WireGuard devices; the hub's relay forwards ciphertext.
+    let devices_user: f64 = per_process
+        .iter()
+        .filter(|(n, _)| n.ends_with("gateway"))
+        .map(|(_, c)| c.user)
+        .sum();
     let per_process = per_process
         .iter()
-        .map(|(n, c)| format!("{n} {:.1}", c / gb))
+        .map(|(n, c)| format!("{n} {:.1} ({:.0}% user)", c.total() / gb, c.user_percent()))
         .collect::<Vec<_>>()
         .join(", ");
+    let ceiling = (mode == Mode::Ours)
+        .then(|| {
+            let run = RunCost {
+                busy,
+                devices_user,
+                payload_bytes: bytes,
+                mtu: b.ours_mtu() as usize,
+            };
+            Ceiling::of(&run, aead, ceiling::cpus())
+        })
+        .flatten();
+    let ceiling_text = ceiling.map_or(String::new(), |c| format!(", ceiling {:.3} Gbit/s", c.gbps));
     let udp_drops = b
         .udp_rcvbuf_errors()
         .iter()
@@ -270,20 +316,12 @@ fn iperf(b: &TunnelModes, x: &CrossClusterPods, mode: Mode, seconds: u32) -> Res
     Ok((
         gbps,
         format!(
-            "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB; per process cpu-s/GB: {per_process}), retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, hub relay forwarded {relayed} data datagrams, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
-            tunnel_cpu / gb
+            "tunnel processes {tunnel_cpu:.2} cpu-s ({:.2} cpu-s/GB; per process cpu-s/GB: {per_process}), machine busy {:.1} cpu-s/GB{ceiling_text}, retransmits {retransmits}, UDP rcvbuf drops {udp_drops}, hub relay forwarded {relayed} data datagrams, iperf3 cpu client {cpu_client:.0}% server {cpu_server:.0}%; aa gateway CNF bytes: {carried}",
+            tunnel_cpu / gb,
+            busy / gb
         ),
+        ceiling,
     ))
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn which(tool: &str) -> Option<std::path::PathBuf> {

@@ -188,23 +188,7 @@ impl HubGuard {
 
     /// CPU seconds (user + system) the hub process has used so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ") ".
-        let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .map_or(100.0, |hz| hz as f64);
-        (ticks(11) + ticks(12)) / hz
+        fleet_bench::wg_go::cpu_times(self.child.id()).total()
     }
 
     /// Open file descriptors of the hub.

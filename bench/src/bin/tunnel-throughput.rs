@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fleet_bench::wg_go::{GoBuild, cpu_seconds, own_threads_cpu};
+use fleet_bench::ceiling::{self, AeadCost, Ceiling, RunCost, busy_cpu_seconds};
+use fleet_bench::stats::median_of;
+use fleet_bench::wg_go::{CpuTimes, GoBuild, cpu_times, own_threads_cpu};
 use fleet_gateway::{BackendKind, DeviceConfig, Peer, PrivateKey, WireguardDevice};
 
 #[derive(Parser)]
@@ -155,6 +157,9 @@ fn main() -> Result<()> {
         );
     }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    // The ceiling of a userspace device here (fleet_bench::ceiling): ours' runs, and the AEAD.
+    let aead = AeadCost::measure(MTU as usize)?;
+    let mut ceilings: Vec<Ceiling> = Vec::new();
     // Warm-up (handshakes, caches), not counted.
     for s in &setups {
         s.iperf(1)?;
@@ -164,24 +169,52 @@ fn main() -> Result<()> {
         for k in 0..setups.len() {
             let i = (k + run) % setups.len();
             let cpu_before = setups[i].cpu();
+            let busy_before = busy_cpu_seconds()?;
             let (gbps, bytes) = setups[i].iperf(args.seconds)?;
+            let busy = busy_cpu_seconds()? - busy_before;
             let gb = (bytes / 1e9).max(1e-9);
-            let cpu: Vec<String> = setups[i]
+            let used: Vec<(String, CpuTimes)> = setups[i]
                 .cpu()
                 .into_iter()
                 .zip(cpu_before)
-                .map(|((name, after), (_, before))| format!("{name} {:.1}", (after - before) / gb))
+                .map(|((name, after), (_, before))| (name, after - before))
                 .collect();
-            let cpu = if cpu.is_empty() {
+            let mut cpu = if used.is_empty() {
                 String::new()
             } else {
-                format!("  (cpu-s/GB: {})", cpu.join(", "))
+                let each: Vec<String> = used
+                    .iter()
+                    .map(|(name, t)| {
+                        format!(
+                            "{name} {:.1} ({:.0}% user)",
+                            t.total() / gb,
+                            t.user_percent()
+                        )
+                    })
+                    .collect();
+                format!("  (cpu-s/GB: {})", each.join(", "))
             };
+            if modes[i] == Mode::Ours {
+                let run_cost = RunCost {
+                    busy,
+                    devices_user: used.iter().map(|(_, t)| t.user).sum(),
+                    payload_bytes: bytes,
+                    mtu: MTU as usize,
+                };
+                if let Some(c) = Ceiling::of(&run_cost, &aead, ceiling::cpus()) {
+                    cpu += &format!(
+                        "  machine busy {:.1} cpu-s/GB, ceiling {:.2} Gbit/s",
+                        busy / gb,
+                        c.gbps
+                    );
+                    ceilings.push(c);
+                }
+            }
             println!("run {run} {:<34} {gbps:.2} Gbit/s{cpu}", modes[i].label());
             results[i].push(gbps);
         }
     }
-    let median = |i: usize| median(&mut results[i].clone());
+    let median = |i: usize| median_of(&results[i]);
     for (i, m) in modes.iter().enumerate() {
         println!(
             "tunnel-throughput {:<34} median {:.2} Gbit/s (runs {:?})",
@@ -205,6 +238,15 @@ fn main() -> Result<()> {
         fleet_bench::load_line()
     );
     let (ours, baseline) = (median(1), median(2));
+    let (seal, open) = aead.seconds_per_gb();
+    let ceiling_gbps = median_of(&ceilings.iter().map(|c| c.gbps).collect::<Vec<_>>());
+    println!(
+        "tunnel-throughput ceiling of a userspace device that spent no CPU but ChaCha20-Poly1305 \
+         (seal {seal:.2}, open {open:.2} cpu-s/GB here; bench/README.md \"Ceiling\"): median \
+         {ceiling_gbps:.2} Gbit/s, ratio {:.3} to {} (target 1.5)",
+        ceiling_gbps / baseline,
+        Mode::WireguardGo(0).label(),
+    );
     for s in &setups {
         if let Tunnel::Ours { devices } = &s.tunnel {
             for d in devices {
@@ -224,18 +266,6 @@ fn main() -> Result<()> {
         )
     );
     Ok(())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// One client/server netns pair with its tunnel (fields drop in order: tunnel, server, netns).
@@ -415,14 +445,14 @@ impl Setup {
     }
 
     /// CPU seconds so far of each process (or, for ours, device thread) of the tunnel.
-    fn cpu(&self) -> Vec<(String, f64)> {
+    fn cpu(&self) -> Vec<(String, CpuTimes)> {
         match &self.tunnel {
             // The device threads are named `wg-<device>`, the devices `ftb<tag><end><pid>`.
             Tunnel::Ours { .. } => own_threads_cpu(&format!("wg-ftb{}", self.mode.tag())),
             Tunnel::Procs { procs } => procs
                 .iter()
                 .zip(["client", "server"])
-                .map(|(p, end)| (end.to_string(), cpu_seconds(p.0.id())))
+                .map(|(p, end)| (end.to_string(), cpu_times(p.0.id())))
                 .collect(),
             Tunnel::None | Tunnel::Boringtun { .. } => Vec::new(),
         }
