@@ -9,7 +9,9 @@
 //! (`nsenter --net=<netns from CRI>`): server in P1 (aa node 2), client in P3 (bb node 2).
 //! The datapaths exist side by side (`fleet_bench::tunnel_modes`) and the gateways' CNF
 //! netns pick one per run. Each run checks that the mode's interface in aa's gateway CNF
-//! netns carried the bytes, and prints the CPU seconds per GB of each tunnel process.
+//! netns carried the bytes, and prints the CPU seconds per GB of each tunnel process with its
+//! user share; runs of ours also the machine's busy CPU per GB and the ceiling of userspace
+//! gateways (`fleet_bench::ceiling`), whose median is printed before the last line.
 //! Last line: `bench cross-cluster-throughput ours=<Gbit/s> baseline=<wireguard-go
 //! 0.0.20231211 Gbit/s> ratio=.. target=2.0`; the lines before it have the 2022 build and
 //! plain.

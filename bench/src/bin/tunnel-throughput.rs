@@ -3,7 +3,9 @@
 //! `--threads` also 1) against `wireguard-go`
 //! in the same topology — trixie's 0.0.20231211 (the baseline: TUN and UDP offloads) and
 //! bookworm's 0.0.20220316 (second column) — and against plain routing over the veth. Each
-//! run also prints the CPU seconds per GB of each tunnel process (or device thread, for ours).
+//! run also prints the CPU seconds per GB of each tunnel process (or device thread, for ours)
+//! with its user share; runs of ours also the machine's busy CPU per GB and the ceiling of a
+//! userspace device (`fleet_bench::ceiling`), whose median is printed before the last line.
 //!
 //! Topology, one pair per mode (all built up front, runs interleaved):
 //! ```text
