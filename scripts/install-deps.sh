@@ -35,4 +35,4 @@ apt-get install -y -qq --no-install-recommends \
   >/dev/null
 # trixie's wireguard-go beside bookworm's (the interop tests and tunnel benchmarks run both).
 "$(dirname "$0")"/install-wireguard-go-trixie.sh
-containerd --version
+echo "containerd from trixie (NRI needs >= 1.7; bookworm has 1.6): $(containerd --version)"

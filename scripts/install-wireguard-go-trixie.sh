@@ -20,4 +20,4 @@ if [ ! -x "$WG_GO_TRIXIE_DIR/usr/bin/wireguard-go" ] ||
   dpkg -x "$tmp"/wireguard-go_*.deb "$WG_GO_TRIXIE_DIR"
   echo "$WG_GO_TRIXIE_VERSION" >"$WG_GO_TRIXIE_DIR/VERSION"
 fi
-echo "wireguard-go (trixie) $WG_GO_TRIXIE_VERSION: $WG_GO_TRIXIE_DIR/usr/bin/wireguard-go"
+echo "wireguard-go (trixie) $WG_GO_TRIXIE_VERSION for the interop tests and benchmarks, beside bookworm's: $WG_GO_TRIXIE_DIR/usr/bin/wireguard-go"

@@ -190,6 +190,20 @@ impl Ceiling {
     }
 }
 
+/// What a target ratio means against the ceiling's ratio (both to the same baseline): a line
+/// end for the benchmarks' ceiling line.
+pub fn verdict(ceiling_ratio: f64, target: f64) -> String {
+    if target > ceiling_ratio {
+        format!(
+            "the target {target:.1} is above it: no userspace device reaches it on this machine"
+        )
+    } else {
+        format!(
+            "the target {target:.1} is below it: reachable only by a device this close to the AEAD's cost alone"
+        )
+    }
+}
+
 /// CPUs this process may run on (`sched_getaffinity`, so `taskset` counts), at least 1.
 pub fn cpus() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
@@ -240,6 +254,12 @@ mod tests {
         assert!(Ceiling::of(&all_user, &aead, 2.0).is_none());
         let tiny = RunCost { mtu: 40, ..run };
         assert!(Ceiling::of(&tiny, &aead, 2.0).is_none());
+    }
+
+    #[test]
+    fn verdict_says_which_side_of_the_ceiling_the_target_is() {
+        assert!(verdict(1.8, 2.0).contains("above it"));
+        assert!(verdict(2.2, 2.0).contains("below it"));
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut fleet = SandboxFleet::standard()?;
     println!("== starting fleet-controller in aa and bb (join with a token from fleet-hub)");
     fleet.start_controllers(false)?;
-    println!("   every node has its plan after {:?}", t0.elapsed());
+    println!("   every node has its plan after {}", human(t0.elapsed()));
     println!(
         "== starting fleet-dns in aa and bb (in each gateway node's CNF netns, behind the DNS VIP {DNS_VIP})"
     );
@@ -94,6 +94,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             running.push(pod);
         }
     }
+    println!(
+        "\n   (eth0 is the primary CNI's, and every node here hands out the same pod range on \
+         purpose — overlapping pod CIDRs; eth-fleet addresses are unique across the fleet)"
+    );
     let client = running
         .iter()
         .find(|p| p.member == "bb")
@@ -106,8 +110,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let reached = fleet.time_until_ping(client, server, t, Duration::from_secs(45));
     match &reached {
         Ok(took) => println!(
-            "\n== {} (bb) -> {} (aa) {} over eth-fleet: reachable (first ping after {took:?})",
-            client.name, server.name, server.fleet_ip
+            "\n== {} (bb) -> {} (aa) {} over eth-fleet: reachable (first ping after {})",
+            client.name,
+            server.name,
+            server.fleet_ip,
+            human(*took)
         ),
         Err(e) => println!(
             "\n== {} -> {}: NOT reachable: {e}",
@@ -169,7 +176,11 @@ fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn s
     for (node, name) in [(0, "web-1"), (1, "web-2")] {
         let pod =
             fleet.run_http_pod("aa", node, name, "web", &format!("hello from {name} in aa"))?;
-        println!("   {name} on aa node {node}: eth-fleet {}", pod.fleet_ip);
+        println!(
+            "   {name} on {}: eth-fleet {}",
+            fleet.member("aa").nodes[node].name,
+            pod.fleet_ip
+        );
     }
     let export = [
         "export",
@@ -199,9 +210,9 @@ fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn s
         },
     )?;
     println!(
-        "== {} (bb) fetched {url} {:?} after the export: {}",
+        "== {} (bb) fetched {url} {} after the export: {}",
         client.name,
-        t.elapsed(),
+        human(t.elapsed()),
         body.trim()
     );
     let lookup = fleet.exec(client, &["nslookup", "web.default.svc.clusterset.local"])?;
@@ -212,7 +223,10 @@ fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn s
             seen.insert(b.trim().to_string());
         }
     }
-    println!("   20 more requests were answered by: {seen:?}");
+    println!(
+        "   20 more requests were answered by: {}",
+        seen.iter().cloned().collect::<Vec<_>>().join("; ")
+    );
     if seen.len() < 2 {
         return Err("the requests did not reach both of aa's pods".into());
     }
@@ -224,11 +238,23 @@ fn service_discovery(fleet: &SandboxFleet, client: &Pod) -> Result<(), Box<dyn s
     Ok(())
 }
 
+/// `text` indented for the demo's output, without its blank lines.
 fn indent(text: &str) -> String {
     text.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
         .map(|l| format!("     {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A duration as a person reads it: "3 ms", "1.1 s".
+fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// Delivers SIGINT/SIGTERM to a channel (blocking the signals in this thread and waiting).
