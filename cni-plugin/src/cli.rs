@@ -53,36 +53,61 @@ fn parse(args: Vec<OsString>) -> Result<Cli, String> {
         Some("conflist") => {}
         Some(other) => return Err(format!("unknown command {other:?}")),
     }
-    let verb = it.next().ok_or("conflist needs add or remove")?;
+    // The verb first: a wrong one is named before any flag is looked at.
+    let verb = match it.next() {
+        None => return Err("conflist needs a command: add or remove".into()),
+        Some(v @ ("add" | "remove")) => v,
+        Some(other) if other.starts_with('-') => {
+            return Err(format!(
+                "conflist needs add or remove before its flags, got {other:?}"
+            ));
+        }
+        Some(other) => {
+            return Err(format!(
+                "unknown conflist command {other:?}; expected add or remove"
+            ));
+        }
+    };
     let (mut file, mut dir, mut socket) = (None, None, None);
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .map(str::to_string)
-                .ok_or(format!("{flag} needs a value"))
+    while let Some(arg) = it.next() {
+        let slot = match arg {
+            "--file" => &mut file,
+            "--conf-dir" => &mut dir,
+            "--socket" => &mut socket,
+            other if other.starts_with('-') => {
+                return Err(format!("unknown flag {other:?} for conflist {verb}"));
+            }
+            other => {
+                return Err(format!(
+                    "unexpected argument {other:?}: conflist {verb} takes only flags"
+                ));
+            }
         };
-        match flag {
-            "--file" => file = Some(PathBuf::from(value()?)),
-            "--conf-dir" => dir = Some(PathBuf::from(value()?)),
-            "--socket" => socket = Some(value()?),
-            other => return Err(format!("unknown flag {other:?}")),
+        if slot.is_some() {
+            return Err(format!("{arg} is given twice; give it once"));
+        }
+        // A flag in a value's place means the value was forgotten.
+        match it.next() {
+            Some(v) if !v.starts_with("--") => *slot = Some(v.to_string()),
+            _ => return Err(format!("{arg} needs a value")),
         }
     }
     let target = match (file, dir) {
-        (Some(f), None) => Target::File(f),
-        (None, Some(d)) => Target::Dir(d),
-        _ => return Err("give exactly one of --file and --conf-dir".into()),
+        (Some(f), None) => Target::File(f.into()),
+        (None, Some(d)) => Target::Dir(d.into()),
+        _ => {
+            return Err(format!(
+                "conflist {verb} needs exactly one of --file and --conf-dir"
+            ));
+        }
     };
     match verb {
         "add" => Ok(Cli::Add {
             target,
             socket: socket.unwrap_or_else(|| fleet_proto::node::DEFAULT_SOCKET.to_string()),
         }),
-        "remove" if socket.is_none() => Ok(Cli::Remove { target }),
-        "remove" => Err("remove takes no --socket".into()),
-        other => Err(format!(
-            "unknown conflist command {other:?}; expected add or remove"
-        )),
+        _ if socket.is_none() => Ok(Cli::Remove { target }),
+        _ => Err("remove takes no --socket".into()),
     }
 }
 
@@ -181,5 +206,52 @@ mod tests {
         assert!(p(&["conflist", "add", "--file", "/f", "--conf-dir", "/d"]).is_err());
         assert!(p(&["conflist", "add", "--file"]).is_err());
         assert!(p(&["frob"]).is_err());
+    }
+
+    /// Each mistake is named: the unknown word, the flag, the missing value.
+    #[test]
+    fn mistakes_are_named() {
+        let err = |args: &[&str]| p(args).unwrap_err();
+        assert_eq!(
+            err(&["conflist", "frob"]),
+            "unknown conflist command \"frob\"; expected add or remove"
+        );
+        assert_eq!(
+            err(&["conflist", "frob", "--file", "/f"]),
+            "unknown conflist command \"frob\"; expected add or remove"
+        );
+        assert_eq!(
+            err(&["conflist"]),
+            "conflist needs a command: add or remove"
+        );
+        assert_eq!(
+            err(&["conflist", "--file", "/f", "add"]),
+            "conflist needs add or remove before its flags, got \"--file\""
+        );
+        assert_eq!(err(&["frob"]), "unknown command \"frob\"");
+        assert_eq!(
+            err(&["conflist", "add", "extra", "--file", "/f"]),
+            "unexpected argument \"extra\": conflist add takes only flags"
+        );
+        assert_eq!(
+            err(&["conflist", "add", "--file=/f"]),
+            "unknown flag \"--file=/f\" for conflist add"
+        );
+        assert_eq!(
+            err(&["conflist", "add", "--file", "--socket", "/s"]),
+            "--file needs a value"
+        );
+        assert_eq!(
+            err(&["conflist", "add", "--file", "/f", "--file", "/g"]),
+            "--file is given twice; give it once"
+        );
+        assert_eq!(
+            err(&["conflist", "add"]),
+            "conflist add needs exactly one of --file and --conf-dir"
+        );
+        assert_eq!(
+            err(&["conflist", "remove", "--file", "/f", "--socket", "/s"]),
+            "remove takes no --socket"
+        );
     }
 }

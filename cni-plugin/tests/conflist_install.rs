@@ -114,6 +114,44 @@ fn malformed_file_is_a_clear_error_and_untouched() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// An unknown subcommand or argument is named, with the usage, and nothing is touched.
+#[test]
+fn unknown_subcommand_or_argument_is_named_with_the_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("10-containerd-net.conflist");
+    fs::write(&f, text(&bridge_conflist())).unwrap();
+    let f_str = f.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["conflist", "frob"],
+            "unknown conflist command \"frob\"; expected add or remove",
+        ),
+        (
+            vec!["conflist", "frob", "--file", f_str],
+            "unknown conflist command \"frob\"",
+        ),
+        (
+            vec!["conflist", "add", "frob", "--file", f_str],
+            "unexpected argument \"frob\"",
+        ),
+        (
+            vec!["conflist", "add", "--frob", "--file", f_str],
+            "unknown flag \"--frob\"",
+        ),
+    ] {
+        let out = fleet_cni(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            err.contains("fleet-cni conflist add"),
+            "usage missing: {err}"
+        );
+        assert!(!err.contains("exactly one of"), "{args:?}: {err}");
+    }
+    assert_eq!(text(&read(&f)), text(&bridge_conflist()));
+}
+
 #[test]
 fn conf_dir_picks_the_lexically_first_and_converts_a_conf() {
     let dir = tempfile::tempdir().unwrap();
