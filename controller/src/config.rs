@@ -327,13 +327,26 @@ impl std::str::FromStr for DnsBackend {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid duration {0:?}: use a number with ms, s or m (e.g. 500ms, 3s, 1m)")]
-pub struct DurationError(String);
+/// The longest duration a flag accepts: longer is a typo (and would overflow timers).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
-/// Parses `500ms`, `3s`, `1m` (a bare number is seconds).
+/// Why [`parse_duration`] refused a text (the text is in the error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("invalid duration {0:?}: use a whole number with ms, s or m (e.g. 500ms, 3s, 1m)")]
+    Malformed(String),
+    #[error("duration {0:?} must be positive (e.g. 500ms, 3s, 1m)")]
+    NotPositive(String),
+    #[error("duration {0:?} is too long: at most 24h (1440m)")]
+    TooLong(String),
+}
+
+/// Parses `500ms`, `3s`, `1m` (a bare number is seconds) into a duration from 1 ms to
+/// [`MAX_DURATION`].
+///
+/// Errors: [`DurationError::Malformed`] (not a whole number with a unit),
+/// [`DurationError::NotPositive`] (zero), [`DurationError::TooLong`] (over [`MAX_DURATION`]).
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let bad = || DurationError(text.to_string());
     let t = text.trim();
     let (number, scale_ms) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1)
@@ -344,12 +357,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     } else {
         (t, 1000)
     };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let ms = n
-        .checked_mul(scale_ms)
-        .filter(|ms| *ms > 0)
-        .ok_or_else(bad)?;
-    Ok(Duration::from_millis(ms))
+    let n: u64 = match number.parse() {
+        Ok(n) => n,
+        // All digits but past u64: a number, just far too long.
+        Err(_) if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(DurationError::TooLong(text.to_string()));
+        }
+        Err(_) => return Err(DurationError::Malformed(text.to_string())),
+    };
+    if n == 0 {
+        return Err(DurationError::NotPositive(text.to_string()));
+    }
+    n.checked_mul(scale_ms)
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| DurationError::TooLong(text.to_string()))
 }
 
 #[cfg(test)]
@@ -536,9 +558,42 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        for bad in ["", "0s", "s", "-1s", "3h", "x"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        assert_eq!(parse_duration("1440m").unwrap(), MAX_DURATION);
+        for bad in ["", "s", "-1s", "3h", "x", "1.5s"] {
+            assert_eq!(
+                parse_duration(bad),
+                Err(DurationError::Malformed(bad.into())),
+                "{bad:?}"
+            );
         }
+        for zero in ["0s", "0", "0ms", "0m"] {
+            assert_eq!(
+                parse_duration(zero),
+                Err(DurationError::NotPositive(zero.into()))
+            );
+        }
+        for long in [
+            "1441m",
+            "86401s",
+            "18446744073709551615m",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(
+                parse_duration(long),
+                Err(DurationError::TooLong(long.into()))
+            );
+        }
+    }
+
+    #[test]
+    fn duration_errors_say_what_is_wrong() {
+        let e = parse_duration("0s").unwrap_err().to_string();
+        assert!(e.contains("must be positive"), "{e}");
+        assert!(!e.contains("use a whole number"), "{e}");
+        let e = parse_duration("3x").unwrap_err().to_string();
+        assert!(e.contains("\"3x\"") && e.contains("ms, s or m"), "{e}");
+        let e = parse_duration("9999m").unwrap_err().to_string();
+        assert!(e.contains("too long") && e.contains("24h"), "{e}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Gateway {
                 Ok(k) => return Ok(Some(k)),
                 Err(e) if e.code == code::TRY_AGAIN_LATER => {
                     if !logged {
-                        tracing::warn!(node = %self.config.node, error = %e, "the gateway node's fleet-nri is not reachable: waiting for it (the WireGuard key lives there)");
+                        tracing::warn!(node = %self.config.node, error = %e, "the gateway node's fleet-nri is not reachable: waiting for it (the WireGuard key lives there; joining the hub waits for it)");
                         logged = true;
                     }
                 }

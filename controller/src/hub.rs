@@ -11,7 +11,8 @@ use fleet_hub_api::mirror::Fleet;
 use fleet_hub_api::model::{
     ClusterId, ClusterRecord, ClusterUpdate, GatewayState, PublicKey, RelayRecord,
 };
-use fleet_hub_api::wire::ErrorCode;
+use fleet_hub_api::tls::HUB_SERVER_NAME;
+use fleet_hub_api::wire::{CaHash, ErrorCode};
 
 use crate::plan::{ClusterInfo, FleetState, RelayInfo};
 
@@ -109,6 +110,45 @@ pub fn is_unavailable(e: &HubError) -> bool {
     }
 }
 
+/// One TLS handshake with each of the hub's addresses (`host:port`) in turn, each within
+/// `timeout`, accepting only a hub whose CA has the hash `ca` (the member's pin). Sends no
+/// request, so it needs no credential and consumes no join token.
+///
+/// Returns the first address that passed; else every address's failure (refused, timed out,
+/// or the TLS error, e.g. the CA not matching the pin), `"; "`-separated.
+pub async fn check_hub_tls(
+    hubs: &[String],
+    ca: CaHash,
+    timeout: Duration,
+) -> Result<String, String> {
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let config = fleet_hub_api::tls::pinned_client_config(ca).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from(HUB_SERVER_NAME).map_err(|e| e.to_string())?;
+    let mut failures = Vec::new();
+    for hub in hubs {
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect(hub.as_str())
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(())) => return Ok(hub.clone()),
+            Ok(Err(e)) => failures.push(format!("{hub}: {e}")),
+            Err(_) => failures.push(format!("{hub}: no TLS handshake within {timeout:?}")),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("no hub address given".into());
+    }
+    Err(failures.join("; "))
+}
+
 /// The fleet as the controller follows it: the planning view plus its own cluster's records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetSnapshot {
@@ -193,6 +233,71 @@ impl FleetSnapshot {
 mod tests {
     use super::*;
     use fleet_hub_api::model::{FleetView, MemberRecord, RegistryEvent};
+
+    /// A TLS server on 127.0.0.1 presenting a `fleet-hub` certificate and its CA (as the hub
+    /// does); its address and the CA's hash. Serves handshakes until the test ends.
+    async fn tls_hub() -> (String, CaHash) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use tokio_rustls::rustls;
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![HUB_SERVER_NAME.to_string()])
+            .unwrap()
+            .signed_by(&key, &Issuer::new(ca, &ca_key))
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(fleet_hub_api::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone(), ca_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        (addr, CaHash::of_der(ca_cert.der()))
+    }
+
+    #[tokio::test]
+    async fn the_hub_check_names_a_wrong_ca_and_an_unreachable_hub() {
+        let (hub, ca) = tls_hub().await;
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            check_hub_tls(std::slice::from_ref(&hub), ca, t).await,
+            Ok(hub.clone())
+        );
+
+        let wrong = CaHash([7; 32]);
+        let e = check_hub_tls(std::slice::from_ref(&hub), wrong, t)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(&format!("{hub}: TLS")), "{e}");
+        assert!(e.contains("does not match the pinned hash"), "{e}");
+
+        // A closed port first: named, and the next address is tried.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let e = check_hub_tls(std::slice::from_ref(&closed), ca, t)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(&format!("{closed}: connect")), "{e}");
+        assert_eq!(check_hub_tls(&[closed, hub.clone()], ca, t).await, Ok(hub));
+    }
 
     fn record(id: &str, block: &str, k: u8) -> ClusterRecord {
         ClusterRecord {

@@ -38,8 +38,13 @@ struct CertsFlags {
     /// A directory to create (existing files are never replaced).
     #[arg(long)]
     out: PathBuf,
-    /// Validity in years, from 1 January of this year.
-    #[arg(long, default_value_t = 5)]
+    /// Validity in years (1 to 100), from now (backdated an hour for clock skew).
+    #[arg(
+        long,
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u16)
+            .range(1..=i64::from(fleet_controller::node_api_certs::MAX_YEARS))
+    )]
     years: u16,
 }
 
@@ -240,6 +245,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,gotatun=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: log files and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let metrics_address = flags.metrics_address;
     let cfg = config(flags)?;

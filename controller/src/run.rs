@@ -18,7 +18,9 @@ use tokio::sync::watch;
 
 use crate::config::{GATEWAY_MTU, LeaderElection, RunConfig};
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::hub::{EventEffect, FleetSnapshot, Hub, MemberHub, is_removed, is_unavailable};
+use crate::hub::{
+    EventEffect, FleetSnapshot, Hub, MemberHub, check_hub_tls, is_removed, is_unavailable,
+};
 use crate::identity::{IdentityError, load_credential, store_credential, wait_for_credential};
 use crate::kube_lease::{KubeLease, KubeLeaseError};
 use crate::kube_mcs::{KubeMcs, KubeMcsError};
@@ -98,9 +100,68 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// How the identity will be had, as far as [`check_identity`] can tell at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityStart {
+    /// This cluster's credential file is there, or a Secret will be read (`--credential-secret`).
+    Ready,
+    /// No credential file yet; the join string joins.
+    Join,
+    /// No credential file and no join string: a standby replica, waiting for the replica that
+    /// joins to write the file (logged as a WARN, since a lone replica would wait forever).
+    WaitForAnotherReplica,
+}
+
+/// Checks what can be checked of the cluster's identity before waiting for anything: with a
+/// credential file (no `--credential-secret`), the hub CA's hash is known (`--ca` or the join
+/// string) and the file, if present, is readable, this cluster's and well-formed. (A
+/// credential Secret is read from the Kubernetes API later.)
+///
+/// Errors: [`ControllerError::NoCa`], [`ControllerError::Identity`] (unreadable, malformed,
+/// another cluster's, readable by others).
+pub fn check_identity(cfg: &RunConfig) -> Result<IdentityStart, ControllerError> {
+    if cfg.credential_secret.is_some() {
+        return Ok(IdentityStart::Ready);
+    }
+    if cfg.ca.is_none() && cfg.join.is_none() {
+        return Err(ControllerError::NoCa);
+    }
+    Ok(
+        match (
+            load_credential(&cfg.credential_file, &cfg.cluster)?,
+            &cfg.join,
+        ) {
+            (Some(_), _) => IdentityStart::Ready,
+            (None, Some(_)) => IdentityStart::Join,
+            (None, None) => IdentityStart::WaitForAnotherReplica,
+        },
+    )
+}
+
+/// Probes the hub once in the background (a TLS handshake against the pinned CA, see
+/// [`check_hub_tls`]) so that a wrong CA hash or an unreachable hub is logged at start, not
+/// hidden behind the wait for the gateway node. Logs only; the run goes on either way.
+fn spawn_hub_check(cfg: &RunConfig) {
+    let Some(ca) = cfg.ca.or_else(|| cfg.join.as_ref().map(|j| j.ca_hash)) else {
+        return;
+    };
+    let hubs = cfg.hubs.clone();
+    let timeout = client_options(cfg.lease_ttl).call_timeout;
+    tokio::spawn(async move {
+        match check_hub_tls(&hubs, ca, timeout).await {
+            Ok(hub) => tracing::info!(%hub, "hub reachable; its CA matches the pinned hash"),
+            Err(problem) => tracing::warn!(
+                %problem,
+                "no hub address passed a TLS handshake with the pinned CA: check --hub, and \
+                 --ca or the join string's CA hash (retrying when the hub is needed)"
+            ),
+        }
+    });
+}
+
 /// The cluster's hub client with its credential: read from the credential file (or the
-/// credential Secret, `--credential-secret`), or obtained by joining (and written), or —
-/// without a join string — waited for. `None` when stopped.
+/// credential Secret, `--credential-secret`), or obtained by joining (and written), or — when
+/// another replica joined first, or without a join string — waited for. `None` when stopped.
 async fn identity(
     cfg: &RunConfig,
     key: &PublicKey,
@@ -252,6 +313,15 @@ pub async fn run_with_metrics(
     mut stop: watch::Receiver<bool>,
     metrics: ControllerMetrics,
 ) -> Result<(), ControllerError> {
+    if check_identity(&cfg)? == IdentityStart::WaitForAnotherReplica {
+        tracing::warn!(
+            credential_file = %cfg.credential_file.display(),
+            "no credential file and no join string: waiting for another replica of this \
+             cluster to join and write it (to join from this one, give --join \
+             <token id>.<token secret>.<CA sha256> or FLEET_JOIN)"
+        );
+    }
+    spawn_hub_check(&cfg);
     let node_tls = match &cfg.node_api_tls {
         Some(dir) => Some(fleet_core::node_tls::client_config(dir)?),
         None => None,
@@ -933,6 +1003,83 @@ mod tests {
             nodes_from_api: None,
             credential_secret: None,
         }
+    }
+
+    #[test]
+    fn what_can_be_checked_of_the_identity_is_checked_before_waiting() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let ca = Some(fleet_hub_api::wire::CaHash([1; 32]));
+        let join = fleet_hub_api::wire::JoinString::parse(&format!(
+            "{}.{}.{}",
+            "a".repeat(12),
+            "b".repeat(64),
+            "01".repeat(32)
+        ))
+        .unwrap();
+        use std::path::PathBuf;
+        let cfg = |credential_file: PathBuf, join: Option<_>, ca| RunConfig {
+            credential_file,
+            join,
+            ca,
+            ..config()
+        };
+        let absent = PathBuf::from("/nonexistent/credential");
+        let good = file(
+            "aa.credential",
+            &format!("m.aa.{}\n", "c".repeat(64)),
+            0o600,
+        );
+
+        // Fine: a join string to join by, this cluster's credential, a Secret, or — a standby
+        // replica — neither file nor join string yet.
+        let start = |c: RunConfig| check_identity(&c).unwrap();
+        assert_eq!(
+            start(cfg(absent.clone(), Some(join.clone()), None)),
+            IdentityStart::Join
+        );
+        assert_eq!(start(cfg(good.clone(), None, ca)), IdentityStart::Ready);
+        assert_eq!(
+            start(RunConfig {
+                credential_secret: Some(("ns".into(), "c".into())),
+                ..cfg(absent.clone(), None, None)
+            }),
+            IdentityStart::Ready
+        );
+        assert_eq!(
+            start(cfg(absent.clone(), None, ca)),
+            IdentityStart::WaitForAnotherReplica
+        );
+
+        let refused = |c: RunConfig| check_identity(&c).unwrap_err().to_string();
+        let e = refused(cfg(good.clone(), None, None));
+        assert!(e.contains("no hub CA hash") && e.contains("--ca"), "{e}");
+        let e = refused(cfg(file("bad", "not a credential", 0o600), None, ca));
+        assert!(e.contains("is not a member credential"), "{e}");
+        // Refused even with a join string: the file is there, and wrong.
+        let e = refused(cfg(
+            file("bb", &format!("m.bb.{}", "c".repeat(64)), 0o600),
+            Some(join),
+            None,
+        ));
+        assert!(e.contains("belongs to cluster bb"), "{e}");
+        let e = refused(cfg(
+            file("open", &format!("m.aa.{}", "c".repeat(64)), 0o644),
+            None,
+            ca,
+        ));
+        assert!(e.contains("chmod 600"), "{e}");
+        let unreadable = dir.path().join("a-directory");
+        std::fs::create_dir(&unreadable).unwrap();
+        std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = refused(cfg(unreadable, None, ca));
+        assert!(e.contains("cannot read the credential file"), "{e}");
     }
 
     struct World {
