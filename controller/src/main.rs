@@ -56,8 +56,14 @@ struct RunFlags {
     /// This cluster's id (a DNS label).
     #[arg(long)]
     cluster: String,
-    /// The hub's API addresses, host:port, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// The hub's API addresses, host[:port] (7443 when none is given), comma-separated; checked
+    /// before anything dials them (fleet_hub_api::address).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_parser = fleet_hub_api::address::hub_address
+    )]
     hub: Vec<String>,
     /// The cluster's credential (0600), shared by its replicas; written at the first join.
     #[arg(long, required_unless_present = "credential_secret")]

@@ -184,3 +184,24 @@ fn zero_and_malformed_durations_say_which_and_why() {
         );
     }
 }
+
+#[test]
+fn a_malformed_hub_address_is_refused_before_anything_dials_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (credential, data) = (dir.path().join("c"), dir.path().join("d"));
+    for (hub, expected) in [
+        ("127.0.0.1:99999", "1 to 65535"),
+        ("http://127.0.0.1:7443", "not a URL"),
+        ("", "empty"),
+    ] {
+        let mut args = run_args(path(&credential), path(&data), &[]);
+        let at = args.iter().position(|a| *a == "--hub").unwrap();
+        args[at + 1] = hub;
+        let (code, err) = run_to_exit(&args);
+        assert_eq!(code, Some(2), "--hub {hub:?}: {err}");
+        assert!(
+            err.contains("--hub") && err.contains(expected),
+            "--hub {hub:?}: {err}"
+        );
+    }
+}

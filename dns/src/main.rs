@@ -18,8 +18,14 @@ use fleet_hub_api::wire::CaHash;
              cluster's service imports, followed from the hub"
 )]
 struct Flags {
-    /// The hub's API addresses, host:port; repeat the flag or separate with commas.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// The hub's API addresses, host[:port] (7443 when none is given); repeat the flag or
+    /// separate with commas. Checked before anything dials them (fleet_hub_api::address).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_parser = fleet_hub_api::address::hub_address
+    )]
     hub: Vec<String>,
     /// The hub CA's SHA-256 (hex), as given to the controller.
     #[arg(long)]

@@ -3,31 +3,11 @@
 
 use std::time::Duration;
 
-/// The hub API's port when `--hub` names none (`fleet-hub serve --listen`'s default).
-pub const DEFAULT_HUB_PORT: u16 = 7443;
+pub use fleet_hub_api::address::{DEFAULT_HUB_PORT, hub_address};
 
 /// The longest join token lifetime `fleetctl token create --ttl` accepts: a join string is a
 /// secret that admits a cluster; one that outlives a year is better made again.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 86_400);
-
-/// `host` → `host:7443`; `host:port`, `[v6]:port` kept; `[v6]` and a bare IPv6 address get
-/// brackets and the port.
-pub fn hub_address(text: &str) -> String {
-    let text = text.trim();
-    if text.starts_with('[') {
-        return if text.ends_with(']') {
-            format!("{text}:{DEFAULT_HUB_PORT}")
-        } else {
-            text.to_string()
-        };
-    }
-    match text.matches(':').count() {
-        0 => format!("{text}:{DEFAULT_HUB_PORT}"),
-        1 => text.to_string(),
-        // More than one colon without brackets: an IPv6 address, no port.
-        _ => format!("[{text}]:{DEFAULT_HUB_PORT}"),
-    }
-}
 
 /// `--ttl`: a positive lifetime with s, m, h or d, at most [`MAX_TOKEN_TTL`].
 pub fn token_ttl(text: &str) -> Result<Duration, String> {
@@ -81,16 +61,6 @@ pub fn rfc3339(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_hub_address_without_a_port_gets_7443() {
-        assert_eq!(hub_address("hub.example"), "hub.example:7443");
-        assert_eq!(hub_address("10.0.0.1"), "10.0.0.1:7443");
-        assert_eq!(hub_address("10.0.0.1:8443"), "10.0.0.1:8443");
-        assert_eq!(hub_address("[2001:db8::1]:8443"), "[2001:db8::1]:8443");
-        assert_eq!(hub_address("[2001:db8::1]"), "[2001:db8::1]:7443");
-        assert_eq!(hub_address("2001:db8::1"), "[2001:db8::1]:7443");
-    }
 
     #[test]
     fn a_token_ttl_is_positive_and_at_most_a_year() {

@@ -1,12 +1,13 @@
-//! Gathers the facts `fleetctl doctor` checks ([`crate::doctor::Facts`]): one probe of the hub
-//! (its answer, its `Date`, its certificate chain), the pinned CA's notAfter (parsed with
+//! Gathers the facts `fleetctl doctor` checks ([`crate::doctor::Facts`]): a probe of each hub
+//! address (its answer, its `Date`, its certificate chain), the pinned CA's notAfter (parsed with
 //! `x509-parser`), and on a node the MTUs of its fleet devices and of its underlay (`ip -j`).
 
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleet_hub_api::client::{HubClient, HubError, Probe};
+use fleet_hub_api::client::{ClientOptions, HubClient, HubError, Probe};
 use fleet_hub_api::tls::CaHash;
+use fleet_hub_api::wire::Credential;
 use serde_json::Value;
 
 use crate::doctor::{ClockSample, HubFacts, LocalNode, MtuFacts, Refusal};
@@ -36,6 +37,56 @@ pub async fn hub_facts(client: &HubClient, ca: CaHash) -> HubFacts {
         },
         Ok(probe) => from_probe(probe, ca),
     }
+}
+
+/// Each hub address probed on its own, all at once, so a dead replica is seen even when
+/// another answers: the facts of the first address (in `--hub` order) that answered, else
+/// `Down` with every address's error; and the addresses that did not answer, with why.
+pub async fn hub_facts_per_address(
+    endpoints: &[String],
+    ca: CaHash,
+    credential: &Credential,
+    options: ClientOptions,
+) -> Result<(HubFacts, Vec<(String, String)>), HubError> {
+    let mut probes = Vec::new();
+    for endpoint in endpoints {
+        let client = HubClient::new([endpoint.clone()], ca, options.clone())?
+            .with_credential(credential.clone());
+        probes.push((
+            endpoint.clone(),
+            tokio::spawn(async move { hub_facts(&client, ca).await }),
+        ));
+    }
+    let mut reached = None;
+    let mut down = Vec::new();
+    for (endpoint, probe) in probes {
+        let facts = probe.await.unwrap_or_else(|e| HubFacts::Down {
+            error: format!("probe task failed: {e}"),
+        });
+        match facts {
+            HubFacts::Down { error } => {
+                // A one-address probe's error starts with its address.
+                let why = error
+                    .strip_prefix(&format!("{endpoint}: "))
+                    .unwrap_or(&error)
+                    .to_string();
+                down.push((endpoint, why));
+            }
+            up if reached.is_none() => reached = Some(up),
+            _ => {}
+        }
+    }
+    Ok(match reached {
+        Some(facts) => (facts, down),
+        None => {
+            let error = down
+                .iter()
+                .map(|(endpoint, why)| format!("{endpoint}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            (HubFacts::Down { error }, Vec::new())
+        }
+    })
 }
 
 fn from_probe(probe: Probe, ca: CaHash) -> HubFacts {

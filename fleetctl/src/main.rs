@@ -28,8 +28,10 @@ struct Flags {
 /// Where the hub is and who we are to it.
 #[derive(clap::Args, Debug)]
 struct HubArgs {
-    /// The hub's API addresses, host[:port] (port 7443 when none is given), comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// The hub's API addresses, host[:port] or [IPv6]:port (port 7443 when none is given),
+    /// comma-separated; an `https://` prefix is dropped, any other URL refused. Checked before
+    /// any connection.
+    #[arg(long, value_delimiter = ',', required = true, value_parser = fleetctl::cli::hub_address)]
     hub: Vec<String>,
     /// The SHA-256 of the hub CA certificate's DER form, in hex (what the hub logs as
     /// `ca_sha256` and what a join string ends with; not `sha256sum ca.pem`); default: from
@@ -285,11 +287,8 @@ fn client(args: &HubArgs) -> anyhow::Result<Hub> {
         )
     })?;
     let ca = ca_hash(args.ca.as_deref(), &args.credential_file)?;
-    let endpoints: Vec<String> = args
-        .hub
-        .iter()
-        .map(|h| fleetctl::cli::hub_address(h))
-        .collect();
+    // Already `host:port`, checked by `cli::hub_address` when the flags were parsed.
+    let endpoints = args.hub.clone();
     let client = HubClient::new(endpoints.clone(), ca, ClientOptions::default())?
         .with_credential(credential.clone());
     let cx = CallContext {
@@ -661,15 +660,22 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             cnf_netns,
             out,
         } => {
+            let addresses = hub.hub.clone();
             let hub = client(&hub)?;
-            let hub_facts = gather::with_progress(
-                &format!("the hub at {} (probing it)", hub.cx.endpoints),
+            // Every address on its own: a dead replica shows even when another answers.
+            let (hub_facts, unreachable) = gather::with_progress(
+                &format!("the hub at {} (probing each address)", hub.cx.endpoints),
                 PROGRESS_AFTER,
                 PROGRESS_EVERY,
                 &mut std::io::stderr(),
-                gather::hub_facts(&hub.client, hub.ca),
+                gather::hub_facts_per_address(
+                    &addresses,
+                    hub.ca,
+                    &hub.credential,
+                    ClientOptions::default(),
+                ),
             )
-            .await;
+            .await?;
             let node = node_socket
                 .or_else(|| {
                     let default = PathBuf::from(DEFAULT_NODE_SOCKET);
@@ -703,6 +709,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             let facts = Facts {
                 now: unix_now(),
                 endpoints: hub.cx.endpoints.clone(),
+                unreachable,
                 credential_file: hub.cx.credential_file.clone(),
                 credential: match &hub.cx.caller {
                     Caller::Admin => CredentialKind::Admin,
@@ -733,6 +740,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: `> hub.log` and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let command = Flags::parse().command;
     let doctor = matches!(command, Command::Doctor { .. });

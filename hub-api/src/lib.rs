@@ -3,6 +3,7 @@
 //! storage or data plane. Split like hickory-dns's `proto` from its `server`, or kube-rs's
 //! `kube-core`/`kube-client` from `kube-runtime`.
 //!
+//! - [`address`]: a hub address as operators type it (`--hub`), checked before any dial;
 //! - [`model`]: the fleet as members see it (cluster id, WireGuard public key, cluster and relay
 //!   records, gateway state, leases, join tokens, the fleet view, watch events, revisions);
 //! - [`records`]: the schemas of the records members publish (`node/<name>`, `gateway`,
@@ -15,6 +16,7 @@
 //! - [`mirror`]: the one fleet mirror (list → watch → relist, like kube-runtime's watcher +
 //!   reflector) that every consumer of the fleet view reads.
 
+pub mod address;
 pub mod client;
 pub mod credential;
 pub mod mirror;

@@ -33,8 +33,30 @@ pub async fn open_registry(
     Registry::open(store, layout, Arc::new(SystemClock)).await
 }
 
+/// Opens the store of a hub that `serve` started, and the registry on it, for the operator
+/// commands: a data dir without a store is refused and left untouched (only `serve` creates
+/// one; a store made here would hold tokens no running hub knows).
+pub async fn open_existing_registry(
+    location: &StoreLocation,
+    layout: FleetLayout,
+) -> Result<Registry, AdminError> {
+    if let StoreLocation::Embedded(dir) = location
+        && !EmbeddedStore::exists_in(dir).map_err(RegistryError::from)?
+    {
+        return Err(AdminError::NoStore {
+            dir: dir.display().to_string(),
+        });
+    }
+    Ok(open_registry(location, layout).await?)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    #[error(
+        "no hub store in {dir}: start the hub there first (`fleet-hub serve --data-dir {dir}`), \
+         or pass the running hub's data dir as --data-dir; nothing was created"
+    )]
+    NoStore { dir: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]

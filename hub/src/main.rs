@@ -1,8 +1,8 @@
 //! fleet-hub: parses flags, opens the hub's store, runs an operator command.
 //!
 //! `serve` runs the TLS API (see `fleet_hub::api`); the other commands manage join tokens and
-//! list clusters directly on the store (with the embedded store, only while no hub holds the
-//! data dir; against a serving hub use the API's admin calls).
+//! list clusters directly on the store (with the embedded store, only on a data dir `serve`
+//! made and only while no hub holds it; against a serving hub use the API's admin calls).
 
 use std::path::PathBuf;
 
@@ -21,7 +21,8 @@ use fleet_hub::store::EtcdOptions;
     about = "fleetboard hub: registry of member clusters"
 )]
 struct Flags {
-    /// Data dir of the embedded store (ignored with --etcd).
+    /// Data dir of the embedded store (ignored with --etcd): `serve` creates it; the other
+    /// commands refuse a dir without the store `serve` made.
     #[arg(long, default_value = "/var/lib/fleetboard/hub")]
     data_dir: PathBuf,
     /// etcd client URLs (comma-separated) for a replicated hub, instead of the embedded store.
@@ -54,8 +55,9 @@ struct Flags {
     fleet_cidr: ipnetwork::Ipv4Network,
     /// Operator commands (token, clusters, cluster) go through this serving hub's API
     /// (host:port), with the admin credential and CA from --data-dir, instead of opening the
-    /// store.
-    #[arg(long)]
+    /// store. Port 7443 when none is given; an `https://` prefix is dropped; any other URL, or
+    /// a port outside 1–65535, is refused before any connection.
+    #[arg(long, value_parser = fleet_hub_api::address::hub_address)]
     hub: Option<String>,
     /// Prefix length of each cluster's block.
     #[arg(long, default_value_t = DEFAULT_BLOCK_PREFIX)]
@@ -195,6 +197,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: `> hub.log` and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -283,9 +287,17 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         return Ok(());
     }
     let layout = FleetLayout::new(flags.fleet_cidr, flags.block_prefix)?;
-    let registry = admin::open_registry(&location, layout)
-        .await
-        .with_context(|| format!("opening the hub store ({location:?})"))?;
+    // Only `serve` starts a new store; the operator commands need the one it made.
+    let registry = if matches!(flags.command, Command::Serve { .. }) {
+        admin::open_registry(&location, layout)
+            .await
+            .map_err(anyhow::Error::from)
+    } else {
+        admin::open_existing_registry(&location, layout)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("opening the hub store ({location:?})"))?;
     if let Command::Serve {
         listen,
         relay_sweep_interval,

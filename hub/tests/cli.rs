@@ -30,8 +30,10 @@ fn token_lifecycle(store_args: &[&str]) {
     };
     let created = with(&["token", "create", "--ttl", "2h", "--description", "for aa"]);
     assert!(created.status.success(), "{}", stderr(&created));
+    // `<id>.<secret>`, followed by `.<CA hash>` where the hub's CA is known.
     let token = stdout(&created).trim().to_string();
-    let (id, secret) = token.split_once('.').expect("token is <id>.<secret>");
+    let mut parts = token.split('.');
+    let (id, secret) = (parts.next().unwrap(), parts.next().expect("<id>.<secret>"));
     assert_eq!(secret.len(), 64);
     assert!(
         !stderr(&created).contains(secret),
@@ -92,20 +94,80 @@ fn token_lifecycle(store_args: &[&str]) {
     );
 }
 
-#[test]
-fn tokens_on_the_embedded_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().to_str().unwrap().to_string();
-    token_lifecycle(&["--data-dir", &data_dir]);
+/// The offline commands on the data dir of a hub that served once and stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_on_the_embedded_store() {
+    let mut hub = common::hub::HubProcess::start(&[]).await;
+    hub.stop();
+    let data_dir = hub.data_dir().to_str().unwrap().to_string();
+    let ca_hash = hub.ca_hash().to_string();
+    tokio::task::spawn_blocking(move || {
+        token_lifecycle(&["--data-dir", &data_dir]);
 
-    // A fleet's layout is fixed: another block size on the same data dir is refused.
-    let other = fleet_hub(&["--data-dir", &data_dir, "--block-prefix", "22", "clusters"]);
-    assert!(!other.status.success());
-    assert!(
-        stderr(&other).contains("layout of a fleet cannot change"),
-        "{}",
-        stderr(&other)
-    );
+        // The hub's CA is in the data dir: the token comes as a join string a member can use.
+        let created = fleet_hub(&["--data-dir", &data_dir, "token", "create"]);
+        assert!(created.status.success(), "{}", stderr(&created));
+        assert!(
+            stdout(&created).trim().ends_with(&format!(".{ca_hash}")),
+            "{}",
+            stdout(&created)
+        );
+
+        // A fleet's layout is fixed: another block size on the same data dir is refused.
+        let other = fleet_hub(&["--data-dir", &data_dir, "--block-prefix", "22", "clusters"]);
+        assert!(!other.status.success());
+        assert!(
+            stderr(&other).contains("layout of a fleet cannot change"),
+            "{}",
+            stderr(&other)
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Every command that opens the store without serving refuses a data dir `serve` never made
+/// (missing, or empty) and creates nothing there: a store made there would hand out tokens no
+/// running hub knows.
+#[test]
+fn operator_commands_refuse_a_data_dir_without_a_hub_store() {
+    let commands: &[&[&str]] = &[
+        &["token", "create"],
+        &["token", "list"],
+        &["token", "revoke", "ffffffffffff"],
+        &["clusters"],
+        &["cluster", "remove", "aa"],
+    ];
+    let parent = tempfile::tempdir().unwrap();
+    let missing = parent.path().join("missing").join("x");
+    let empty = parent.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for dir in [&missing, &empty] {
+        let dir_text = dir.to_str().unwrap();
+        for command in commands {
+            let mut args = vec!["--data-dir", dir_text];
+            args.extend_from_slice(command);
+            let refused = fleet_hub(&args);
+            let err = stderr(&refused);
+            assert!(
+                !refused.status.success(),
+                "{command:?} in {dir_text}: {err}"
+            );
+            assert!(
+                refused.stdout.is_empty(),
+                "{command:?}: {}",
+                stdout(&refused)
+            );
+            assert!(
+                err.contains(&format!("no hub store in {dir_text}"))
+                    && err.contains(&format!("fleet-hub serve --data-dir {dir_text}")),
+                "{command:?}: {err}"
+            );
+        }
+    }
+    assert!(!missing.exists() && !missing.parent().unwrap().exists());
+    let left: Vec<_> = std::fs::read_dir(&empty).unwrap().collect();
+    assert!(left.is_empty(), "created in the empty dir: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,17 +319,7 @@ async fn serve_sizes_its_connection_budget_from_the_open_file_limit() {
         "max_connections={}",
         fleet_hub::limits::connection_budget(hard)
     );
-    // The log is coloured: drop the escape sequences.
-    let mut log = String::new();
-    let mut in_escape = false;
-    for c in hub.log().chars() {
-        match (in_escape, c) {
-            (false, '\x1b') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (false, c) => log.push(c),
-            (true, _) => {}
-        }
-    }
+    let log = hub.log();
     assert!(log.contains(&want), "{want} in:\n{log}");
     for bad in ["0", "-5", "many"] {
         let refused = fleet_hub(&["serve", "--max-connections", bad]);
@@ -278,4 +330,13 @@ async fn serve_sizes_its_connection_budget_from_the_open_file_limit() {
             "{bad}: {err}"
         );
     }
+}
+
+/// A log written to a file (not a terminal) is plain text: no colour escape sequences.
+#[tokio::test]
+async fn serve_logs_plain_text_to_a_file() {
+    let hub = common::hub::HubProcess::start(&[]).await;
+    let log = hub.log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "escape sequences in:\n{log:?}");
 }

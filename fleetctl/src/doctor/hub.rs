@@ -12,7 +12,23 @@ use super::{
 pub fn check_hub(facts: &Facts) -> CheckOutcome {
     let error = match &facts.hub {
         HubFacts::Reached { endpoint, .. } => {
-            return CheckOutcome::new("hub", format!("{endpoint} answers"), Vec::new());
+            // Members fail over to the others: a replica down is no outage yet, but one less.
+            let dead = facts
+                .unreachable
+                .iter()
+                .map(|(address, why)| {
+                    finding(
+                        format!("hub {address}"),
+                        format!("this hub address does not answer ({endpoint} does): {why}"),
+                        format!(
+                            "check that `fleet-hub serve` runs at {address} and that this \
+                             machine reaches it (routes, firewall: TCP); if that replica is \
+                             gone for good, drop it from --hub and from the members' hub lists"
+                        ),
+                    )
+                })
+                .collect();
+            return CheckOutcome::new("hub", format!("{endpoint} answers"), dead);
         }
         HubFacts::Down { error } => error,
     };

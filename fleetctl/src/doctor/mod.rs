@@ -43,6 +43,8 @@ pub struct Facts {
     pub now: u64,
     /// The hub addresses asked, comma-separated.
     pub endpoints: String,
+    /// Hub addresses that did not answer while another did (a dead replica), with why.
+    pub unreachable: Vec<(String, String)>,
     /// The credential file used, and whose it is.
     pub credential_file: String,
     pub credential: CredentialKind,

@@ -89,6 +89,7 @@ fn facts(hub: HubFacts) -> Facts {
     Facts {
         now: NOW,
         endpoints: "203.0.113.10:7443".into(),
+        unreachable: Vec::new(),
         credential_file: "/var/lib/fleetboard/hub/admin.credential".into(),
         credential: CredentialKind::Admin,
         hub,
@@ -637,4 +638,24 @@ fn the_report_is_stable_json_and_a_table_with_fixes() {
     );
     assert!(text.contains("fix: check that node aa-1"), "{text}");
     assert!(text.contains("1 problem found"), "{text}");
+}
+
+#[test]
+fn a_dead_replica_is_a_problem_even_when_another_answers() {
+    let mut f = facts(reached(Ok(healthy())));
+    f.endpoints = "192.0.2.1:7443,203.0.113.10:7443".into();
+    f.unreachable = vec![("192.0.2.1:7443".into(), "connect timed out".into())];
+    let r = diagnose(&f);
+    assert_eq!(r.problems, 1, "{r:#?}");
+    let hub = r.checks.iter().find(|c| c.check == "hub").unwrap();
+    assert_eq!(hub.state, CheckState::Problem);
+    assert_eq!(subjects(hub), ["hub 192.0.2.1:7443"]);
+    assert!(
+        hub.findings[0].problem.contains("connect timed out")
+            && hub.findings[0].problem.contains("203.0.113.10:7443 does"),
+        "{hub:?}"
+    );
+    // The answering replica is still read: the other checks run.
+    let credential = r.checks.iter().find(|c| c.check == "credential").unwrap();
+    assert_eq!(credential.state, CheckState::Ok);
 }

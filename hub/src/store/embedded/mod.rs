@@ -665,6 +665,18 @@ impl EmbeddedStore {
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join(DB_FILE)
     }
+
+    /// Whether `dir` holds a store (its database, or the former log still to import), without
+    /// creating anything: operator commands may only open one that `serve` started.
+    pub fn exists_in(dir: &Path) -> Result<bool, StoreError> {
+        for file in [dir.join(DB_FILE), dir.join(LEGACY_FILE)] {
+            // Not found is `false`; an unreadable dir is an error, not "no store".
+            if file.try_exists().map_err(|e| io_err(&file, e))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// Imports the former log format once: when `store.log` exists and `store.redb` does not, the
