@@ -9,16 +9,22 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleet-controller");
 
-/// Runs the binary to its exit (killed and failed after 20 s: it must not wait); (code, stderr).
-fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
+/// The binary with `args`, no join string in its environment and outside Kubernetes, its
+/// stderr piped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
         .args(args)
         .env("FLEET_JOIN", "")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the binary to its exit (killed and failed after 20 s: it must not wait); (code, stderr).
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = spawn(args);
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -42,14 +48,7 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
 /// it exits first), then kills it by its PID; the stderr read so far.
 fn run_until(args: &[&str], needle: &str) -> String {
     use std::io::BufRead;
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("FLEET_JOIN", "")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(args);
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
