@@ -260,7 +260,7 @@ pub(crate) mod fakes {
             if *self.down.lock().unwrap() {
                 return Err(HubError::Unreachable {
                     endpoints: "fake".into(),
-                    last_error: "down".into(),
+                    errors: "down".into(),
                 });
             }
             Ok(())

@@ -601,7 +601,7 @@ impl Controller {
                     .map_or("no listing in time".to_string(), |e| e.to_string());
                 return Err(ControllerError::Client(HubError::Unreachable {
                     endpoints: "the hub (fleet listing)".into(),
-                    last_error: reason,
+                    errors: reason,
                 }));
             }
         }

@@ -25,7 +25,7 @@ pub struct CallContext {
 /// `doing` failed with `e`: one message with the next step.
 pub fn explain(doing: &str, e: &HubError, cx: &CallContext) -> String {
     let next = match e {
-        HubError::Unreachable { last_error, .. } if last_error.contains("pinned") => format!(
+        HubError::Unreachable { errors, .. } if errors.contains("pinned") => format!(
             "the server at {} is not the hub the CA pin names (wrong hub, or the credential of \
              another hub): pass --ca <the hub's ca_sha256, as it logs it> or the credential \
              file from that hub's data dir, with its ca.pem beside it",
@@ -93,7 +93,7 @@ mod tests {
     fn an_unreachable_hub_names_the_address_and_what_to_check() {
         let e = HubError::Unreachable {
             endpoints: "203.0.113.10:7443".into(),
-            last_error: "203.0.113.10:7443: Connection refused (os error 111)".into(),
+            errors: "203.0.113.10:7443: Connection refused (os error 111)".into(),
         };
         let m = explain("listing the fleet", &e, &cx(Caller::Admin));
         assert!(
@@ -112,7 +112,7 @@ mod tests {
     fn a_wrong_ca_pin_says_which_flag_fixes_it() {
         let e = HubError::Unreachable {
             endpoints: "h:7443".into(),
-            last_error: "h:7443: TLS: the hub's CA does not match the pinned hash".into(),
+            errors: "h:7443: TLS: the hub's CA does not match the pinned hash".into(),
         };
         let m = explain("listing the fleet", &e, &cx(Caller::Admin));
         assert!(m.contains("--ca"), "{m}");

@@ -31,7 +31,7 @@ pub async fn hub_facts(client: &HubClient, ca: CaHash) -> HubFacts {
     match client.probe().await {
         Err(e) => HubFacts::Down {
             error: match e {
-                HubError::Unreachable { last_error, .. } => last_error,
+                HubError::Unreachable { errors, .. } => errors,
                 other => other.to_string(),
             },
         },

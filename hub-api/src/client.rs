@@ -50,11 +50,10 @@ pub enum HubError {
     /// the listing's revision.
     #[error("the hub no longer has the changes after revision {after}: relist and watch again")]
     Relist { after: Revision },
-    #[error("no hub reachable at {endpoints}: {last_error}")]
-    Unreachable {
-        endpoints: String,
-        last_error: String,
-    },
+    /// No endpoint answered: `errors` has each endpoint's reason, `"<endpoint>: <reason>"`,
+    /// `; `-separated, in the order they were tried.
+    #[error("no hub reachable at {endpoints}: {errors}")]
+    Unreachable { endpoints: String, errors: String },
     #[error("hub call {call} failed in transit: {reason}")]
     Transport { call: &'static str, reason: String },
     #[error("hub call {call} did not answer within {timeout_ms} ms")]
@@ -209,25 +208,27 @@ impl HubClient {
     async fn connect(&self) -> Result<Sender, HubError> {
         let n = self.inner.endpoints.len();
         let start = self.inner.current.load(Ordering::Relaxed);
-        let mut last_error = String::new();
+        let mut errors = Vec::new();
         for i in 0..n {
             let index = (start + i) % n;
             let endpoint = &self.inner.endpoints[index];
-            match tokio::time::timeout(self.inner.options.connect_timeout, self.dial(endpoint))
-                .await
-            {
-                Ok(Ok(sender)) => {
-                    self.inner.current.store(index, Ordering::Relaxed);
-                    return Ok(sender);
-                }
-                Ok(Err(e)) => last_error = format!("{endpoint}: {e}"),
-                Err(_) => last_error = format!("{endpoint}: connect timed out"),
-            }
-            tracing::debug!(%endpoint, error = %last_error, "hub endpoint unusable");
+            let error =
+                match tokio::time::timeout(self.inner.options.connect_timeout, self.dial(endpoint))
+                    .await
+                {
+                    Ok(Ok(sender)) => {
+                        self.inner.current.store(index, Ordering::Relaxed);
+                        return Ok(sender);
+                    }
+                    Ok(Err(e)) => format!("{endpoint}: {e}"),
+                    Err(_) => format!("{endpoint}: connect timed out"),
+                };
+            tracing::debug!(%endpoint, %error, "hub endpoint unusable");
+            errors.push(error);
         }
         Err(HubError::Unreachable {
             endpoints: self.endpoints_text(),
-            last_error,
+            errors: errors.join("; "),
         })
     }
 

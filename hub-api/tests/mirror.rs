@@ -89,7 +89,7 @@ impl FleetSource for FakeFleetSource {
         let result = if s.down {
             Err(HubError::Unreachable {
                 endpoints: "fake".into(),
-                last_error: "connection refused".into(),
+                errors: "connection refused".into(),
             })
         } else {
             Ok(FleetView {

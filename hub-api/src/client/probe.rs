@@ -34,18 +34,18 @@ impl HubClient {
     /// Probes the hub's addresses in turn; the first one that completes a TLS handshake and
     /// answers (even with a refusal) is the probe. [`HubError::Unreachable`] when none does.
     pub async fn probe(&self) -> Result<Probe, HubError> {
-        let mut last_error = String::new();
+        let mut errors = Vec::new();
         for endpoint in &self.inner.endpoints {
             let limit = self.inner.options.connect_timeout + self.inner.options.call_timeout;
             match tokio::time::timeout(limit, self.probe_one(endpoint)).await {
                 Ok(Ok(probe)) => return Ok(probe),
-                Ok(Err(e)) => last_error = format!("{endpoint}: {e}"),
-                Err(_) => last_error = format!("{endpoint}: no answer within {limit:?}"),
+                Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+                Err(_) => errors.push(format!("{endpoint}: no answer within {limit:?}")),
             }
         }
         Err(HubError::Unreachable {
             endpoints: self.endpoints_text(),
-            last_error,
+            errors: errors.join("; "),
         })
     }
 
