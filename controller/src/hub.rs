@@ -11,7 +11,6 @@ use fleet_hub_api::mirror::Fleet;
 use fleet_hub_api::model::{
     ClusterId, ClusterRecord, ClusterUpdate, GatewayState, PublicKey, RelayRecord,
 };
-use fleet_hub_api::tls::HUB_SERVER_NAME;
 use fleet_hub_api::wire::{CaHash, ErrorCode};
 
 use crate::plan::{ClusterInfo, FleetState, RelayInfo};
@@ -111,8 +110,9 @@ pub fn is_unavailable(e: &HubError) -> bool {
 }
 
 /// One TLS handshake with each of the hub's addresses (`host:port`) in turn, each within
-/// `timeout`, accepting only a hub whose CA has the hash `ca` (the member's pin). Sends no
-/// request, so it needs no credential and consumes no join token.
+/// `timeout`, accepting only a hub whose CA has the hash `ca` (the member's pin): see
+/// [`fleet_hub_api::HubClient::check_tls`]. Sends no request, so it needs no credential and
+/// consumes no join token.
 ///
 /// Returns the first address that passed; else every address's failure (refused, timed out,
 /// or the TLS error, e.g. the CA not matching the pin), `"; "`-separated.
@@ -121,32 +121,17 @@ pub async fn check_hub_tls(
     ca: CaHash,
     timeout: Duration,
 ) -> Result<String, String> {
-    use tokio_rustls::rustls::pki_types::ServerName;
-    let config = fleet_hub_api::tls::pinned_client_config(ca).map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(config);
-    let name = ServerName::try_from(HUB_SERVER_NAME).map_err(|e| e.to_string())?;
-    let mut failures = Vec::new();
-    for hub in hubs {
-        let handshake = async {
-            let tcp = tokio::net::TcpStream::connect(hub.as_str())
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            connector
-                .connect(name.clone(), tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            Ok::<_, String>(())
-        };
-        match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(())) => return Ok(hub.clone()),
-            Ok(Err(e)) => failures.push(format!("{hub}: {e}")),
-            Err(_) => failures.push(format!("{hub}: no TLS handshake within {timeout:?}")),
-        }
+    let options = fleet_hub_api::ClientOptions {
+        connect_timeout: timeout,
+        ..Default::default()
+    };
+    let client = fleet_hub_api::HubClient::new(hubs.iter().cloned(), ca, options)
+        .map_err(|e| e.to_string())?;
+    match client.check_tls().await {
+        Ok(hub) => Ok(hub),
+        Err(fleet_hub_api::HubError::Unreachable { errors, .. }) => Err(errors),
+        Err(other) => Err(other.to_string()),
     }
-    if failures.is_empty() {
-        failures.push("no hub address given".into());
-    }
-    Err(failures.join("; "))
 }
 
 /// The fleet as the controller follows it: the planning view plus its own cluster's records.
@@ -233,6 +218,7 @@ impl FleetSnapshot {
 mod tests {
     use super::*;
     use fleet_hub_api::model::{FleetView, MemberRecord, RegistryEvent};
+    use fleet_hub_api::tls::HUB_SERVER_NAME;
 
     /// A TLS server on 127.0.0.1 presenting a `fleet-hub` certificate and its CA (as the hub
     /// does); its address and the CA's hash. Serves handshakes until the test ends.

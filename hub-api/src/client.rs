@@ -232,18 +232,47 @@ impl HubClient {
         })
     }
 
-    async fn dial(&self, endpoint: &str) -> Result<Sender, String> {
+    /// TCP to `endpoint` (`host:port`, no delay), then a TLS handshake accepting only the
+    /// pinned CA. Errors: `connect: <reason>`, or `TLS: <reason>` (e.g. a CA not matching the
+    /// pin).
+    async fn tls_connect(
+        &self,
+        endpoint: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
         let tcp = tokio::net::TcpStream::connect(endpoint)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::try_from(HUB_SERVER_NAME).expect("valid name");
-        let tls = self
-            .inner
+        self.inner
             .tls
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| format!("TLS: {e}"))
+    }
+
+    /// One TLS handshake with each hub address in turn, each within the connect timeout,
+    /// accepting only the pinned CA; sends no request, so it needs no credential and consumes
+    /// no join token. The first address that passes; else [`HubError::Unreachable`] with every
+    /// address's failure (refused, timed out, or the TLS error).
+    pub async fn check_tls(&self) -> Result<String, HubError> {
+        let limit = self.inner.options.connect_timeout;
+        let mut errors = Vec::new();
+        for endpoint in &self.inner.endpoints {
+            match tokio::time::timeout(limit, self.tls_connect(endpoint)).await {
+                Ok(Ok(_)) => return Ok(endpoint.clone()),
+                Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+                Err(_) => errors.push(format!("{endpoint}: no TLS handshake within {limit:?}")),
+            }
+        }
+        Err(HubError::Unreachable {
+            endpoints: self.endpoints_text(),
+            errors: errors.join("; "),
+        })
+    }
+
+    async fn dial(&self, endpoint: &str) -> Result<Sender, String> {
+        let tls = self.tls_connect(endpoint).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| e.to_string())?;

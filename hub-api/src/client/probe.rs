@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 
 use super::{HubClient, HubError, decode_reply, fleet_view};
 use crate::model::FleetView;
-use crate::tls::HUB_SERVER_NAME;
 use crate::wire::ListReply;
 
 /// What one probe of the hub saw.
@@ -50,20 +49,12 @@ impl HubClient {
     }
 
     async fn probe_one(&self, endpoint: &str) -> Result<Probe, String> {
-        let tcp = tokio::time::timeout(
+        let tls = tokio::time::timeout(
             self.inner.options.connect_timeout,
-            tokio::net::TcpStream::connect(endpoint),
+            self.tls_connect(endpoint),
         )
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-        let name = rustls::pki_types::ServerName::try_from(HUB_SERVER_NAME).expect("valid name");
-        let tls = self
-            .inner
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|_| "connect timed out".to_string())??;
         let chain = tls
             .get_ref()
             .1
